@@ -1,0 +1,59 @@
+"""Shared pieces of every command: the error boundary, option aliases, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+
+from slicer.errors import ElasticError
+
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="Checkpoint directory. Default: $ELASTIC_CHECKPOINT, the current "
+                 "directory if it is an elastic checkpoint, else the bundled demo.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of text.")]
+
+
+def debug() -> bool:
+    return os.environ.get("ELASTIC_DEBUG", "") not in ("", "0")
+
+
+@contextmanager
+def boundary() -> Iterator[None]:
+    """Map an ElasticError to one message on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
+    try:
+        yield
+    except ElasticError as e:
+        if debug():
+            raise
+        typer.echo(f"error: {e.render()}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(n)

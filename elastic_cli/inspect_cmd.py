@@ -1,0 +1,53 @@
+"""``elastic inspect``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import JsonOpt, boundary, human_bytes, human_count, print_json
+
+
+def inspect(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: see --help).",
+                                                         show_default=False)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a checkpoint's layer pattern, sizes, parameters per layer kind, dtype and size on disk.
+
+    Works from config.json alone, before downloading the weights.
+
+    Examples:
+
+      elastic inspect                      # the bundled demo checkpoint
+
+      elastic inspect ./Nemotron-Elastic-12B --json | jq .parameters.total
+    """
+    from slicer.describe import describe
+
+    with boundary():
+        info = describe(checkpoint)
+    if json_out:
+        print_json(info)
+        return
+    p = info["parameters"]
+    lines = [
+        f"checkpoint   {info['path']}",
+        f"elastic      {'yes' if info['elastic'] else 'no'}",
+        f"layers       {info['num_hidden_layers']}  {info['layer_pattern']}",
+        "             " + ", ".join(f"{n} {k}" for k, n in info["layers"].items()),
+        "sizes        " + ", ".join(f"{k}={v}" for k, v in info["sizes"].items()),
+        f"parameters   {human_count(p['total'])} ({p['total']:,})",
+    ]
+    for key, n in p.items():
+        if key != "total":
+            lines.append(f"  {key:<11}{n:>16,}")
+    if info["weights_present"]:
+        lines.append(f"dtype        {info['dtype']}")
+        lines.append(f"on disk      {human_bytes(info['bytes_on_disk'])} ({info['shards']} shard(s))")
+    else:
+        lines.append(f"dtype        {info['dtype'] or 'unknown'} (from config.json)")
+        lines.append("weights      not present: parameter counts come from config.json")
+    typer.echo("\n".join(lines))

@@ -1,0 +1,43 @@
+"""The ``elastic`` console script. Commands import their libraries lazily: ``--help`` stays fast
+and never imports torch."""
+
+from __future__ import annotations
+
+import typer
+
+from .inspect_cmd import inspect
+
+app = typer.Typer(
+    name="elastic",
+    help="Deploy elastic Nemotron-H models to edge GPUs: inspect a checkpoint, cut the nested model "
+    "that fits your GPU, export it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """Deploy elastic Nemotron-H models to edge GPUs.
+
+    Set ELASTIC_DEBUG=1 to see tracebacks instead of one-line errors.
+    """
+    if version:
+        from importlib.metadata import version as v
+
+        typer.echo(f"elastic {v('elastic')}")
+        raise typer.Exit()
+
+
+app.command(name="inspect")(inspect)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""The architecture of a Nemotron-H checkpoint, parsed from its config.json. No torch here.
+
+Reads every config form found in the wild (DESIGN.md section 3):
+- NVIDIA's: ``hybrid_override_pattern`` ("M-M*-"), ``num_hidden_layers``, bare ``Infinity``;
+- transformers 5.x: ``layers_block_type`` (``mamba``/``attention`` or, from 5.13,
+  ``linear_attention``/``full_attention``, plus ``mlp``/``moe``) and ``{"__float__": "Infinity"}``;
+- per-layer sizes in ``block_configs`` (heterogeneous "Puzzle" models).
+Writes the legacy string pattern plus ``num_hidden_layers``, which every runtime reads.
+
+Example:
+    >>> arch = Arch.from_config({"hybrid_override_pattern": "M-*", "hidden_size": 64, ...})
+    >>> arch.layer_pattern, arch.param_counts()["total"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# layer kinds, in the order inspect reports them
+KINDS = ("mamba", "attention", "mlp", "moe")
+PATTERN_CHAR = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+_FROM_CHAR = {c: k for k, c in PATTERN_CHAR.items()}
+# every block-type name written by some version of transformers or NVIDIA's code
+_FROM_NAME = {
+    "mamba": "mamba",
+    "linear_attention": "mamba",
+    "m": "mamba",
+    "attention": "attention",
+    "full_attention": "attention",
+    "*": "attention",
+    "mlp": "mlp",
+    "-": "mlp",
+    "moe": "moe",
+    "e": "moe",
+}
+# per-layer fields that block_configs may override, by layer kind
+LAYER_FIELDS = {
+    "mamba": ("mamba_num_heads", "mamba_head_dim"),
+    "attention": ("num_attention_heads", "num_key_value_heads"),
+    "mlp": ("intermediate_size",),
+    "moe": (),
+}
+
+
+@dataclass(frozen=True)
+class LayerArch:
+    """One layer: its kind and the sizes that may differ from layer to layer."""
+
+    kind: str  # "mamba" | "attention" | "mlp" | "moe"
+    mamba_num_heads: int = 0  # H: Mamba-2 heads (a multiple of n_groups)
+    mamba_head_dim: int = 0  # P: channels per Mamba head
+    num_attention_heads: int = 0  # query heads
+    num_key_value_heads: int = 0  # KV heads (GQA groups)
+    intermediate_size: int = 0  # F: MLP width
+
+    @property
+    def mamba_intermediate(self) -> int:
+        """I = H * P, the width of the Mamba x and z streams."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    def sizes(self) -> dict[str, int]:
+        """The per-layer size fields that matter for this layer's kind."""
+        return {f: getattr(self, f) for f in LAYER_FIELDS[self.kind]}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything needed to build the model or count its parameters, with HF key names."""
+
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[LayerArch, ...]
+    n_groups: int  # G: B/C groups of every Mamba layer
+    ssm_state_size: int  # N
+    conv_kernel: int  # K
+    use_conv_bias: bool
+    use_bias: bool  # bias of the Mamba in_proj/out_proj
+    head_dim: int  # attention head size
+    mlp_bias: bool
+    layer_norm_epsilon: float
+    chunk_size: int  # SSD chunk length for prefill
+    time_step_limit: tuple[float, float]  # clamp of dt after softplus
+    tie_word_embeddings: bool
+    residual_in_fp32: bool
+    # MoE fields, used only when a layer is "moe" (for counting; the reference model refuses MoE)
+    n_routed_experts: int = 0
+    moe_intermediate_size: int = 0
+    moe_shared_expert_intermediate_size: int = 0
+    moe_latent_size: int | None = None
+    raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_pattern(self) -> str:
+        """The legacy pattern string, e.g. "M-M*-"."""
+        return "".join(PATTERN_CHAR[layer.kind] for layer in self.layers)
+
+    def is_homogeneous(self) -> bool:
+        """True when every layer of a kind has the same sizes (a stock config can describe it)."""
+        seen: dict[str, dict[str, int]] = {}
+        for layer in self.layers:
+            if seen.setdefault(layer.kind, layer.sizes()) != layer.sizes():
+                return False
+        return True
+
+    # ---- tensors and parameters ----------------------------------------------------------
+    def layer_tensor_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of layer i's tensors, keyed by their name under ``backbone.layers.{i}.``."""
+        layer, d = self.layers[i], self.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {"norm.weight": (d,)}
+        if layer.kind == "mamba":
+            H, I, G, N = layer.mamba_num_heads, layer.mamba_intermediate, self.n_groups, self.ssm_state_size
+            conv_dim = I + 2 * G * N  # conv runs over [x | B | C]
+            shapes["mixer.in_proj.weight"] = (2 * I + 2 * G * N + H, d)  # rows [z | x | B | C | dt]
+            if self.use_bias:
+                shapes["mixer.in_proj.bias"] = (2 * I + 2 * G * N + H,)
+            shapes["mixer.conv1d.weight"] = (conv_dim, 1, self.conv_kernel)
+            if self.use_conv_bias:
+                shapes["mixer.conv1d.bias"] = (conv_dim,)
+            shapes["mixer.A_log"] = (H,)
+            shapes["mixer.D"] = (H,)
+            shapes["mixer.dt_bias"] = (H,)
+            shapes["mixer.norm.weight"] = (I,)
+            shapes["mixer.out_proj.weight"] = (d, I)
+            if self.use_bias:
+                shapes["mixer.out_proj.bias"] = (d,)
+        elif layer.kind == "attention":
+            q, kv = layer.num_attention_heads * self.head_dim, layer.num_key_value_heads * self.head_dim
+            shapes["mixer.q_proj.weight"] = (q, d)
+            shapes["mixer.k_proj.weight"] = (kv, d)
+            shapes["mixer.v_proj.weight"] = (kv, d)
+            shapes["mixer.o_proj.weight"] = (d, q)
+        elif layer.kind == "mlp":
+            F = layer.intermediate_size
+            shapes["mixer.up_proj.weight"] = (F, d)
+            shapes["mixer.down_proj.weight"] = (d, F)
+            if self.mlp_bias:
+                shapes["mixer.up_proj.bias"] = (F,)
+                shapes["mixer.down_proj.bias"] = (d,)
+        else:  # moe
+            E, Fe, Fs = self.n_routed_experts, self.moe_intermediate_size, self.moe_shared_expert_intermediate_size
+            inner = self.moe_latent_size or d
+            shapes["mixer.gate.weight"] = (E, d)
+            shapes["mixer.gate.e_score_correction_bias"] = (E,)
+            shapes["mixer.experts.up_proj"] = (E, Fe, inner)
+            shapes["mixer.experts.down_proj"] = (E, inner, Fe)
+            shapes["mixer.shared_experts.up_proj.weight"] = (Fs, d)
+            shapes["mixer.shared_experts.down_proj.weight"] = (d, Fs)
+            if self.moe_latent_size:
+                shapes["mixer.fc1_latent_proj.weight"] = (inner, d)
+                shapes["mixer.fc2_latent_proj.weight"] = (d, inner)
+        return shapes
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the checkpoint must hold, with its on-disk (``backbone.``) name."""
+        shapes = {"backbone.embeddings.weight": (self.vocab_size, self.hidden_size)}
+        for i in range(len(self.layers)):
+            for name, shape in self.layer_tensor_shapes(i).items():
+                shapes[f"backbone.layers.{i}.{name}"] = shape
+        shapes["backbone.norm_f.weight"] = (self.hidden_size,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per layer kind plus embeddings, final norm and LM head; ``total`` sums them."""
+        counts = {k: 0 for k in KINDS if any(layer.kind == k for layer in self.layers)}
+        for i, layer in enumerate(self.layers):
+            counts[layer.kind] += sum(math.prod(s) for s in self.layer_tensor_shapes(i).values())
+        counts["embeddings"] = self.vocab_size * self.hidden_size
+        counts["norm_f"] = self.hidden_size
+        counts["lm_head"] = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # ---- config.json I/O -----------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str | None = None) -> "Arch":
+        """Parse and validate a ``nemotron_h`` config dict; every violation is reported at once.
+
+        Raises:
+            ConfigError: listing each problem found.
+        """
+        return _parse(config, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Arch":
+        """Read ``config.json`` (or a directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_config(read_config(path), source=str(path))
+
+    def to_config(self) -> dict[str, Any]:
+        """The config dict to write: the source's other keys kept, sizes and layout rewritten.
+
+        Layout is written in NVIDIA's form (``hybrid_override_pattern`` + ``num_hidden_layers``),
+        which transformers 4.x/5.x, vLLM and llama.cpp's converter all read. Heterogeneous sizes go
+        to ``block_configs`` (one dict of overriding fields per layer).
+        """
+        cfg = {k: v for k, v in self.raw.items() if k not in ("layers_block_type", "block_configs")}
+        cfg.update(
+            model_type="nemotron_h",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            hybrid_override_pattern=self.layer_pattern,
+            num_hidden_layers=self.num_hidden_layers,
+            n_groups=self.n_groups,
+            ssm_state_size=self.ssm_state_size,
+            conv_kernel=self.conv_kernel,
+            head_dim=self.head_dim,
+            chunk_size=self.chunk_size,
+            time_step_limit=list(self.time_step_limit),  # json writes inf as bare Infinity
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        for old in ("mamba_n_groups", "mamba_d_conv", "mamba_chunk_size", "mamba_dt_limit"):
+            cfg.pop(old, None)  # aliases of keys written above; a stale alias would win on load
+        # global sizes: the first layer of each kind (all of them when homogeneous)
+        for kind, fields in LAYER_FIELDS.items():
+            first = next((layer for layer in self.layers if layer.kind == kind), None)
+            if first is not None:
+                cfg.update(first.sizes())
+        if not self.is_homogeneous():
+            cfg["block_configs"] = [{"block_type": layer.kind, **layer.sizes()} for layer in self.layers]
+        return cfg
+
+    def with_layers(self, layers: tuple[LayerArch, ...], hidden_size: int | None = None) -> "Arch":
+        """A copy with other layers (and hidden size): the shape of a slice."""
+        return replace(self, layers=tuple(layers), hidden_size=hidden_size or self.hidden_size)
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Load a config.json, accepting bare ``Infinity``/``NaN`` (NVIDIA) as Python's json does."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config.json not found; a checkpoint directory must contain one", path=str(path))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not valid JSON ({e})", path=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a JSON object at the top level", path=str(path))
+    return data
+
+
+def _as_float(v: Any) -> float:
+    """A float from a number, "Infinity"/"inf" or transformers 5's ``{"__float__": "Infinity"}``."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)  # float("Infinity") and float("inf") both work
+
+
+def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
+    problems: list[str] = []
+
+    def get(key: str, default: Any = None, *aliases: str) -> Any:
+        for k in (key, *aliases):
+            if k in cfg and cfg[k] is not None:
+                return cfg[k]
+        return default
+
+    def positive_int(key: str, default: Any = None, *aliases: str) -> int:
+        v = get(key, default, *aliases)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            problems.append(f"{key} must be a positive integer, found {v!r}")
+            return 0
+        return v
+
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type not in ("nemotron_h", "nemotron_h_puzzle"):
+        problems.append(f"model_type is {model_type!r}; elastic reads nemotron_h checkpoints only")
+
+    # ---- layer layout ----
+    kinds: list[str] = []
+    if cfg.get("layers_block_type") is not None:
+        names = cfg["layers_block_type"]
+        if not isinstance(names, list):
+            problems.append(f"layers_block_type must be a list of names, found {type(names).__name__}")
+            names = []
+        for i, name in enumerate(names):
+            kind = _FROM_NAME.get(str(name).lower())
+            if kind is None:
+                problems.append(
+                    f"layers_block_type[{i}] is {name!r}; known types: "
+                    "mamba/linear_attention, attention/full_attention, mlp, moe"
+                )
+            kinds.append(kind or "?")
+    elif cfg.get("hybrid_override_pattern") is not None:
+        pattern = cfg["hybrid_override_pattern"]
+        for i, ch in enumerate(str(pattern)):
+            kind = _FROM_CHAR.get(ch)
+            if kind is None:
+                problems.append(
+                    f"hybrid_override_pattern[{i}] is {ch!r}; known: 'M' Mamba-2, '*' attention, '-' MLP, 'E' MoE"
+                )
+            kinds.append(kind or "?")
+    else:
+        problems.append("no layer layout: expected hybrid_override_pattern or layers_block_type")
+    if not kinds and not problems:
+        problems.append("the layer layout is empty")
+    n_declared = cfg.get("num_hidden_layers")
+    if n_declared is not None and kinds and n_declared != len(kinds):
+        problems.append(f"num_hidden_layers is {n_declared} but the layer layout has {len(kinds)} layers")
+
+    present = set(kinds)
+    hidden = positive_int("hidden_size")
+    vocab = positive_int("vocab_size")
+    # Mamba fields matter only when there is a Mamba layer; same for attention, MLP and MoE
+    z = 0
+    n_groups = positive_int("n_groups", 8, "mamba_n_groups") if "mamba" in present else get("n_groups", 8)
+    state = positive_int("ssm_state_size", 128) if "mamba" in present else get("ssm_state_size", 128)
+    conv_k = positive_int("conv_kernel", 4, "mamba_d_conv") if "mamba" in present else get("conv_kernel", 4)
+    m_heads = positive_int("mamba_num_heads", 128) if "mamba" in present else z
+    m_dim = positive_int("mamba_head_dim", 64) if "mamba" in present else z
+    a_heads = positive_int("num_attention_heads", 32) if "attention" in present else z
+    kv_default = get("num_attention_heads", 32)
+    kv_heads = positive_int("num_key_value_heads", kv_default) if "attention" in present else z
+    head_dim = get("head_dim", None, "attention_head_dim")
+    if head_dim is None and a_heads:
+        head_dim = hidden // a_heads if hidden else 0
+    if "attention" in present and (not isinstance(head_dim, int) or head_dim <= 0):
+        problems.append(f"head_dim must be a positive integer, found {head_dim!r}")
+    ffn = positive_int("intermediate_size", 21504) if "mlp" in present else z
+    chunk = positive_int("chunk_size", 128, "mamba_chunk_size")
+
+    try:
+        limit = get("time_step_limit", [0.0, math.inf], "mamba_dt_limit")
+        time_step_limit = (_as_float(limit[0]), _as_float(limit[1]))
+    except (TypeError, ValueError, IndexError, KeyError):
+        problems.append(f"time_step_limit must be two numbers, found {cfg.get('time_step_limit')!r}")
+        time_step_limit = (0.0, math.inf)
+
+    act = get("mlp_hidden_act", "relu2")
+    if "mlp" in present and act != "relu2":
+        problems.append(f"mlp_hidden_act is {act!r}; Nemotron-H MLPs are squared ReLU ('relu2')")
+    m_act = get("mamba_hidden_act", "silu")
+    if "mamba" in present and m_act != "silu":
+        problems.append(f"mamba_hidden_act is {m_act!r}; the Mamba-2 mixer uses 'silu'")
+
+    defaults = LayerArch(
+        kind="?",
+        mamba_num_heads=m_heads,
+        mamba_head_dim=m_dim,
+        num_attention_heads=a_heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+    )
+    # each layer carries only the sizes of its own kind (others stay 0), so equal layers compare equal
+    layers = [LayerArch(kind=k, **{f: getattr(defaults, f) for f in LAYER_FIELDS.get(k, ())}) for k in kinds]
+
+    # ---- per-layer overrides (heterogeneous models) ----
+    blocks = cfg.get("block_configs")
+    if blocks is not None:
+        if not isinstance(blocks, list) or len(blocks) != len(layers):
+            n = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+            problems.append(f"block_configs must be a list with one entry per layer ({len(layers)}), found {n}")
+        else:
+            for i, (block, layer) in enumerate(zip(blocks, layers)):
+                if not isinstance(block, dict):
+                    problems.append(f"block_configs[{i}] must be an object")
+                    continue
+                btype = block.get("block_type")
+                if btype is not None and _FROM_NAME.get(str(btype).lower()) != layer.kind:
+                    problems.append(f"block_configs[{i}].block_type is {btype!r} but layer {i} is {layer.kind}")
+                over = {}
+                for f in LAYER_FIELDS.get(layer.kind, ()):
+                    if f in block:
+                        v = block[f]
+                        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                            problems.append(f"block_configs[{i}].{f} must be a positive integer, found {v!r}")
+                        else:
+                            over[f] = v
+                layers[i] = replace(layer, **over)
+
+    # ---- invariants per layer ----
+    for i, layer in enumerate(layers):
+        if layer.kind == "mamba" and n_groups and layer.mamba_num_heads % n_groups:
+            problems.append(
+                f"layer {i}: mamba_num_heads ({layer.mamba_num_heads}) is not a multiple of n_groups ({n_groups})"
+            )
+        if layer.kind == "attention" and layer.num_key_value_heads and layer.num_attention_heads % layer.num_key_value_heads:
+            problems.append(
+                f"layer {i}: num_attention_heads ({layer.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({layer.num_key_value_heads})"
+            )
+
+    moe = {}
+    if "moe" in present:
+        moe = dict(
+            n_routed_experts=positive_int("n_routed_experts", 8),
+            moe_intermediate_size=positive_int("moe_intermediate_size", 7688),
+            moe_shared_expert_intermediate_size=positive_int("moe_shared_expert_intermediate_size", 7688),
+            moe_latent_size=get("moe_latent_size"),
+        )
+
+    if problems:
+        # de-duplicate (a per-layer problem repeats on every layer) but keep the order
+        raise ConfigError(
+            f"invalid nemotron_h config ({len(problems)} problem{'s' * (len(problems) > 1)})",
+            problems=list(dict.fromkeys(problems)),
+            path=source,
+        )
+    return Arch(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        layers=tuple(layers),
+        n_groups=n_groups,
+        ssm_state_size=state,
+        conv_kernel=conv_k,
+        use_conv_bias=bool(get("use_conv_bias", True, "mamba_conv_bias")),
+        use_bias=bool(get("use_bias", False)),
+        head_dim=head_dim or 0,
+        mlp_bias=bool(get("mlp_bias", False)),
+        layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-5, "rms_norm_eps")),
+        chunk_size=chunk,
+        time_step_limit=time_step_limit,
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        residual_in_fp32=bool(get("residual_in_fp32", False)),
+        raw=dict(cfg),
+        **moe,
+    )

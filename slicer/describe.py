@@ -1,0 +1,75 @@
+"""What a checkpoint holds: the facts behind ``elastic inspect``. No torch import."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .arch import KINDS
+from .checkpoint import ELASTIC_CONFIG_NAME, Checkpoint
+from .errors import CheckpointError
+
+DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
+
+
+def default_checkpoint() -> Path:
+    """Where a command looks when no ``--checkpoint`` is given (DESIGN.md section 1):
+    ``$ELASTIC_CHECKPOINT``, the current directory if it is an elastic checkpoint, the bundled demo."""
+    env = os.environ.get("ELASTIC_CHECKPOINT")
+    if env:
+        return Path(env)
+    if (Path.cwd() / ELASTIC_CONFIG_NAME).is_file():
+        return Path.cwd()
+    if not (DEMO_CHECKPOINT / "config.json").is_file():
+        raise CheckpointError("the bundled demo checkpoint is missing from this installation; pass --checkpoint DIR",
+                              path=str(DEMO_CHECKPOINT))
+    return DEMO_CHECKPOINT
+
+
+def describe(path: str | Path | None = None) -> dict[str, Any]:
+    """Layer pattern, sizes, parameters per layer kind and in total, dtype, bytes on disk.
+
+    Works from config.json alone when the weights are absent (``weights_present`` is then false
+    and parameter counts come from the config).
+
+    Returns:
+        a JSON-ready dict with the stable keys ``path``, ``layer_pattern``, ``parameters``
+        (``total`` plus one entry per layer kind, embeddings, norm_f, lm_head), ``dtype``,
+        ``bytes_on_disk``, ``elastic``; and more.
+    """
+    root = Path(path) if path is not None else default_checkpoint()
+    ckpt = Checkpoint.open(root)
+    arch = ckpt.arch
+    params = arch.param_counts()
+    sizes: dict[str, Any] = {"vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size}
+    kinds = {k: sum(1 for layer in arch.layers if layer.kind == k) for k in KINDS}
+    if kinds["mamba"]:
+        sizes.update(n_groups=arch.n_groups, ssm_state_size=arch.ssm_state_size, conv_kernel=arch.conv_kernel)
+    if kinds["attention"]:
+        sizes["head_dim"] = arch.head_dim
+    for kind in KINDS:
+        values = sorted({tuple(layer.sizes().items()) for layer in arch.layers if layer.kind == kind})
+        if len(values) == 1:
+            sizes.update(dict(values[0]))
+        elif values:  # heterogeneous: the range of each field
+            for field in dict(values[0]):
+                vs = [dict(v)[field] for v in values]
+                sizes[field] = {"min": min(vs), "max": max(vs)}
+    return {
+        "path": str(ckpt.root.resolve()),
+        "layer_pattern": arch.layer_pattern,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "layers": {k: n for k, n in kinds.items() if n},
+        "homogeneous": arch.is_homogeneous(),
+        "sizes": sizes,
+        "parameters": params,
+        "dtype": ckpt.dtype,
+        "weights_present": ckpt.has_weights,
+        # what the shards hold: equals parameters.total unless they carry extra tensors (mtp.*)
+        "parameters_stored": sum(t.numel for t in ckpt.tensors.values()) if ckpt.has_weights else None,
+        "bytes_on_disk": ckpt.bytes_on_disk,
+        "weights_bytes": ckpt.weights_bytes,
+        "shards": len(ckpt.weight_files),
+        "elastic": ckpt.is_elastic,
+    }

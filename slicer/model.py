@@ -1,0 +1,388 @@
+"""The reference Nemotron-H model in plain PyTorch, shared by slicer tests, trainer and export.
+
+Module and parameter names are the on-disk names (``backbone.layers.3.mixer.in_proj.weight``,
+``lm_head.weight``), so a checkpoint loads with no key mapping. Every layer may have its own sizes
+(heterogeneous "Puzzle" models): sizes come from ``Arch.layers[i]``.
+
+It computes what transformers' ``NemotronHForCausalLM`` computes (tests compare logits), with
+two deliberate differences, both matching NVIDIA's kernels: dt is clamped to the config's
+``time_step_limit`` in prefill *and* decode (transformers clamps to ``time_step_min`` in prefill
+only), and MoE layers are refused (the Elastic family has none).
+
+Example:
+    >>> model = load_model("./model", dtype=torch.float32)
+    >>> cache = model.new_cache()
+    >>> logits = model(input_ids, cache=cache)          # prefill, (b, l, vocab)
+    >>> logits = model(next_ids[:, None], cache=cache)   # one decode step, (b, 1, vocab)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .arch import Arch, LayerArch
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, ConfigError
+from .ssd import ssd_chunked, ssd_step
+
+
+# ---- recurrent state ------------------------------------------------------------------------
+
+
+@dataclass
+class MambaState:
+    conv: torch.Tensor  # (b, conv_dim, K-1): the last K-1 inputs of the conv over [x | B | C]
+    ssm: torch.Tensor  # (b, h, p, n) float32
+
+
+@dataclass
+class KVState:
+    k: torch.Tensor  # (b, kv_heads, t, head_dim)
+    v: torch.Tensor  # (b, kv_heads, t, head_dim)
+
+
+class Cache:
+    """Per-layer decode state; MLP layers keep none. ``seen`` counts the tokens consumed."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[MambaState | KVState | None] = [None] * num_layers
+        self.seen = 0
+
+
+# ---- norms ----------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """y * silu(z), then RMS-normalised separately over each group of ``size // n_groups`` channels."""
+
+    def __init__(self, size: int, n_groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.n_groups, self.eps = n_groups, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())
+        g = y.unflatten(-1, (self.n_groups, -1))  # (..., G, I/G)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.flatten(-2).to(dtype)
+
+
+# ---- mixers ---------------------------------------------------------------------------------
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__()
+        d, H, P = arch.hidden_size, layer.mamba_num_heads, layer.mamba_head_dim
+        G, N, K = arch.n_groups, arch.ssm_state_size, arch.conv_kernel
+        self.H, self.P, self.G, self.N, self.K = H, P, G, N, K
+        self.I = H * P
+        self.conv_dim = self.I + 2 * G * N
+        self.chunk_size = arch.chunk_size
+        self.dt_limit = arch.time_step_limit
+        # in_proj rows: [z (I) | x (I) | B (G*N) | C (G*N) | dt (H)]
+        self.in_proj = nn.Linear(d, 2 * self.I + 2 * G * N + H, bias=arch.use_bias)
+        # depthwise causal conv over [x | B | C] only
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, K, groups=self.conv_dim, bias=arch.use_conv_bias)
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.D = nn.Parameter(torch.ones(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.norm = GatedRMSNorm(self.I, G, arch.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.I, d, bias=arch.use_bias)
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        return dt.clamp(self.dt_limit[0], self.dt_limit[1])
+
+    def forward(self, u: torch.Tensor, cache: Cache | None = None, idx: int = 0) -> torch.Tensor:
+        b, l, _ = u.shape
+        state = cache.layers[idx] if cache is not None else None
+        z, xBC, dt = self.in_proj(u).split([self.I, self.conv_dim, self.H], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        w = self.conv1d.weight.squeeze(1)  # (conv_dim, K)
+
+        if state is not None and l == 1:  # decode: one token, recurrent form
+            window = torch.cat([state.conv, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K)
+            conv = (window * w).sum(-1)
+            if self.conv1d.bias is not None:
+                conv = conv + self.conv1d.bias
+            x, B, C = F.silu(conv).split([self.I, self.G * self.N, self.G * self.N], dim=-1)
+            y, ssm = self._step(state.ssm, x.view(b, self.H, self.P), dt[:, 0], A, B.view(b, self.G, self.N), C.view(b, self.G, self.N))
+            cache.layers[idx] = MambaState(window[..., 1:], ssm)
+            y = y.reshape(b, 1, self.I)
+        else:  # prefill (or a multi-token continuation): causal conv, then the chunked scan
+            prev = state.conv if state is not None else xBC.new_zeros(b, self.conv_dim, self.K - 1)
+            seq = torch.cat([prev, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+l)
+            ck = kernels.conv_kernels(u) if state is None else None
+            if ck is not None:
+                conv = ck[0](xBC.transpose(1, 2).contiguous(), w, self.conv1d.bias, activation="silu")
+            else:
+                conv = F.silu(F.conv1d(seq, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+            x, B, C = conv.transpose(1, 2).split([self.I, self.G * self.N, self.G * self.N], dim=-1)
+            y, ssm = self._scan(
+                x.reshape(b, l, self.H, self.P), dt, A,
+                B.reshape(b, l, self.G, self.N), C.reshape(b, l, self.G, self.N),
+                state.ssm if state is not None else None,
+            )
+            if cache is not None:
+                cache.layers[idx] = MambaState(seq[..., seq.shape[-1] - (self.K - 1):], ssm)
+            y = y.reshape(b, l, self.I)
+        y = self.norm(y, z)
+        return self.out_proj(y.to(u.dtype))
+
+    def _scan(self, x, dt, A, B, C, initial):
+        k = kernels.ssm_kernels(x)
+        if k is not None and self.dt_limit == (0.0, math.inf):
+            return k[0](
+                x, dt, A, B, C, self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(),
+                dt_softplus=True, initial_states=initial, return_final_states=True,
+            )
+        return ssd_chunked(x, self._dt(dt), A, B, C, self.chunk_size, D=self.D, initial_state=initial)
+
+    def _step(self, ssm, x, dt, A, B, C):
+        k = kernels.ssm_kernels(x)
+        if k is not None and self.dt_limit == (0.0, math.inf):
+            ssm = ssm.clone()
+            P, N = self.P, self.N
+            y = k[1](  # updates ssm in place; per-channel expansions as the kernel wants them
+                ssm, x, dt[..., None].expand(-1, -1, P), A[:, None, None].expand(-1, P, N), B, C,
+                D=self.D.float()[:, None].expand(-1, P), dt_bias=self.dt_bias.float()[:, None].expand(-1, P),
+                dt_softplus=True,
+            )
+            return y, ssm
+        return ssd_step(ssm, x, self._dt(dt), A, B, C, self.D)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with a KV cache. No rotary embedding: Mamba layers carry position."""
+
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__()
+        d, hd = arch.hidden_size, arch.head_dim
+        self.heads, self.kv_heads, self.head_dim = layer.num_attention_heads, layer.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, idx: int = 0) -> torch.Tensor:
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)  # (b, heads, l, hd)
+        k = self.k_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv, l, hd)
+        v = self.v_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            past = cache.layers[idx]
+            if past is not None:
+                k, v = torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2)
+            cache.layers[idx] = KVState(k, v)
+        t = k.shape[2]
+        rep = self.heads // self.kv_heads  # query heads per KV head, contiguous
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # query i (absolute position t - l + i) sees keys 0 .. t - l + i
+        mask = None if l == 1 else torch.ones(l, t, dtype=torch.bool, device=x.device).tril(t - l)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Squared-ReLU MLP, no gate."""
+
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__()
+        self.up_proj = nn.Linear(arch.hidden_size, layer.intermediate_size, bias=arch.mlp_bias)
+        self.down_proj = nn.Linear(layer.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, idx: int = 0) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x))."""
+
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__()
+        self.kind = layer.kind
+        self.norm = RMSNorm(arch.hidden_size, arch.layer_norm_epsilon)
+        self.mixer = MIXERS[layer.kind](arch, layer)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None, idx: int) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), cache, idx)
+
+
+class Backbone(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.embeddings = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(Block(arch, layer) for layer in arch.layers)
+        self.norm_f = RMSNorm(arch.hidden_size, arch.layer_norm_epsilon)
+
+
+class NemotronH(nn.Module):
+    """Causal LM: embeddings -> blocks -> final RMSNorm -> untied LM head."""
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        moe = [i for i, layer in enumerate(arch.layers) if layer.kind == "moe"]
+        if moe:
+            raise ConfigError(f"MoE layers ({moe}) are not supported by the reference model; Nemotron Elastic has none")
+        self.arch = arch
+        self.backbone = Backbone(arch)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def new_cache(self) -> Cache:
+        return Cache(len(self.backbone.layers))
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (b, l, vocab) in float32 (or (b, 1, vocab) with ``last_only``).
+
+        With a ``cache``, continues from its state and updates it in place; a one-token input then
+        takes the recurrent decode path.
+        """
+        h = self.backbone.embeddings(input_ids)  # (b, l, d)
+        for i, block in enumerate(self.backbone.layers):
+            h = block(h, cache, i)
+        if cache is not None:
+            cache.seen += input_ids.shape[1]
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.backbone.norm_f(h)).float()
+
+
+# ---- building and loading -------------------------------------------------------------------
+
+
+def init_weights(model: NemotronH, seed: int = 0, std: float = 0.02) -> NemotronH:
+    """Random initialisation in the Nemotron-H style (for demos and tests, not for training runs).
+
+    Linear/embedding weights ~ N(0, std); A = 1..H; D = 1; dt_bias such that softplus(dt_bias)
+    lies in [1e-2, 1e-1] (well above ``time_step_min``); norms 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=torch.float32)))
+            elif leaf == "D":
+                p.fill_(1.0)
+            elif leaf == "dt_bias":
+                dt = torch.exp(torch.rand(p.shape, generator=g) * (math.log(0.1) - math.log(0.01)) + math.log(0.01))
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def build_model(arch: Arch, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int | None = 0) -> NemotronH:
+    """A model with random weights (``seed``), or uninitialised on ``meta`` when ``device='meta'``."""
+    with torch.device(device):
+        model = NemotronH(arch)
+    if device != "meta":
+        if seed is not None:
+            init_weights(model, seed)
+        model.to(dtype)
+    return model
+
+
+def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, device: str = "cpu") -> NemotronH:
+    """Load a checkpoint directory into the reference model.
+
+    The model is built on the ``meta`` device and each tensor, read from its shard, becomes the
+    parameter itself (``assign``), so there is never a second copy of the weights in memory.
+
+    Args:
+        path: checkpoint directory (config.json + safetensors) or an opened :class:`Checkpoint`.
+        dtype: cast every tensor to this dtype (default: as stored).
+        device: where the parameters go.
+
+    Raises:
+        ConfigError / CheckpointError: the checkpoint is invalid (see ``Checkpoint.open``).
+    """
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, require_weights=True)
+    if not ckpt.has_weights:
+        raise CheckpointError("no weights to load (config.json only)", path=str(ckpt.root))
+    with torch.device("meta"):
+        model = NemotronH(ckpt.arch)
+    expected = dict(model.named_parameters())
+    for name, tensor in ckpt.iter_tensors([n for n in ckpt.tensors if n in expected]):
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        module_name, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(device), requires_grad=False))
+    if ckpt.arch.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # Checkpoint.open checked shapes; this guards the loader itself
+        raise CheckpointError("weights not loaded", problems=left, path=str(ckpt.root))
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(model: NemotronH, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding with the cache: one prefill, then one recurrent step per token.
+
+    Returns:
+        (b, prompt + generated) token ids; stops early when every row has produced ``eos_token_id``.
+    """
+    cache = model.new_cache()
+    logits = model(input_ids, cache=cache, last_only=True)
+    out = [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)  # (b,)
+        out.append(nxt[:, None])
+        if eos_token_id is not None:
+            done |= nxt == eos_token_id
+            if bool(done.all()):
+                break
+        logits = model(nxt[:, None], cache=cache)
+    return torch.cat(out, dim=1)
+
+
+def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False,
+               extra_config: dict | None = None) -> Path:
+    """Write ``model`` as a Hugging Face ``nemotron_h`` checkpoint (config.json + safetensors).
+
+    Written atomically (see ``ShardedWriter``); tied LM heads are stored once, as transformers does.
+    """
+    from .checkpoint import ShardedWriter
+
+    config = model.arch.to_config()
+    config.setdefault("architectures", ["NemotronHForCausalLM"])
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config.update(extra_config or {})
+    with ShardedWriter(out, max_shard_bytes=max_shard_bytes, force=force) as w:
+        w.add_json("config.json", config)
+        for name, p in model.state_dict().items():
+            if not (model.arch.tie_word_embeddings and name == "lm_head.weight"):
+                w.add(name, p.detach().cpu())
+    return Path(out)

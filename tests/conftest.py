@@ -1,0 +1,81 @@
+"""Shared test helpers: tiny random Nemotron-H checkpoints written by transformers (the oracle)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("ELASTIC_KERNELS", "0")
+
+
+def tiny_config(**over) -> dict:
+    """A small but complete nemotron_h config; every size distinct so a mix-up changes shapes."""
+    cfg = dict(
+        vocab_size=97,
+        hidden_size=32,
+        hybrid_override_pattern="M-M*-M",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        mamba_num_heads=8,
+        mamba_head_dim=6,
+        n_groups=2,
+        ssm_state_size=5,
+        conv_kernel=4,
+        chunk_size=4,
+        layer_norm_epsilon=1e-5,
+        # transformers clamps dt to time_step_min in its chunked path only (DESIGN.md section 3);
+        # with input-dependent dt that clamp bites at random. Turn it off so both compute the
+        # model as NVIDIA's kernels do (time_step_limit (0, inf)).
+        time_step_min=1e-9,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that every term matters (init-scale weights hide mistakes).
+
+    dt_bias puts softplus(dt_bias) in [0.02, 0.3]; the input-dependent part of dt varies around it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                p.copy_(torch.log(torch.empty(p.shape).uniform_(0.5, 8.0, generator=g)))
+            elif leaf == "dt_bias":
+                dt = torch.empty(p.shape).uniform_(0.02, 0.3, generator=g)
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))
+            elif leaf == "D":
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, max_shard_size: str | None = None, **over):
+    """Write a random transformers NemotronHForCausalLM to ``path``; return the (eval) model."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(NemotronHConfig(**tiny_config(**over))).eval()
+    randomize_(model, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+@pytest.fixture
+def hf_ckpt(tmp_path):
+    """A default tiny checkpoint directory and the transformers model that wrote it."""
+    path = tmp_path / "ckpt"
+    model = make_hf_checkpoint(path)
+    return path, model

@@ -1,0 +1,125 @@
+"""Broken checkpoints give one clear error naming the file; the writer is atomic and deterministic."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slicer.checkpoint import Checkpoint, ShardedWriter
+from slicer.errors import CheckpointError, ConfigError
+from slicer.model import load_model
+
+from conftest import make_hf_checkpoint
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    path = tmp_path / "ckpt"
+    make_hf_checkpoint(path, max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return path
+
+
+def test_missing_shard(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"missing shard {victim.name}") as e:
+        Checkpoint.open(sharded)
+    assert "model.safetensors.index.json" in str(e.value)
+
+
+def test_truncated_shard(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        Checkpoint.open(sharded)
+    assert victim.name in str(e.value)
+
+
+def test_truncated_inside_header(hf_ckpt):
+    f = hf_ckpt[0] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        Checkpoint.open(hf_ckpt[0])
+
+
+def test_shard_outside_directory_refused(sharded, tmp_path):
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    outside = tmp_path / "evil.safetensors"
+    shutil.copy(sorted(sharded.glob("model-*.safetensors"))[0], outside)
+    index["weight_map"][name] = "../evil.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        Checkpoint.open(sharded)
+
+
+def test_config_disagrees_with_weights(hf_ckpt):
+    path = hf_ckpt[0]
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    cfg["layers_block_type"].append("mlp")  # one layer more than the weights hold
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="disagree with config.json") as e:
+        Checkpoint.open(path)
+    text = str(e.value)
+    assert "backbone.layers.1.mixer.up_proj.weight: config implies shape [64, 32]" in text
+    assert "missing tensor backbone.layers.6.norm.weight" in text
+
+
+def test_unknown_layer_type(hf_ckpt):
+    path = hf_ckpt[0]
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["layers_block_type"][2] = "hyena"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'hyena'") as e:
+        load_model(path)
+    assert "config.json" in str(e.value)
+
+
+def test_config_only_mode(hf_ckpt):
+    (hf_ckpt[0] / "model.safetensors").unlink()
+    ckpt = Checkpoint.open(hf_ckpt[0])
+    assert not ckpt.has_weights and ckpt.arch.num_hidden_layers == 6
+    with pytest.raises(CheckpointError, match="no weights"):
+        Checkpoint.open(hf_ckpt[0], require_weights=True)
+
+
+def test_writer_failure_leaves_nothing(tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with ShardedWriter(out) as w:
+            w.add("a", torch.ones(3))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_never_overwrites_without_force(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    with pytest.raises(CheckpointError, match="already exists"):
+        ShardedWriter(out)
+    assert (out / "precious.txt").read_text() == "user data"
+    with ShardedWriter(out, force=True) as w:
+        w.add("a", torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert not (out / "precious.txt").exists()
+
+
+def test_writer_is_deterministic_and_shards(tmp_path):
+    tensors = {f"t{i}": torch.arange(100, dtype=torch.float32) * i for i in range(5)}
+    for name in ("a", "b"):
+        with ShardedWriter(tmp_path / name, max_shard_bytes=900) as w:
+            for k, t in tensors.items():
+                w.add(k, t)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "model.safetensors.index.json" in files and len(files) == 4  # 3 shards + index
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    ckpt_tensors = Checkpoint._scan_weights(tmp_path / "a")
+    assert sorted(ckpt_tensors) == sorted(tensors)

@@ -1,0 +1,84 @@
+"""The CLI is a thin adapter: JSON keys, exit codes, no traceback, no torch for --help."""
+
+import json
+import os
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from elastic_cli.main import app
+from slicer.describe import DEMO_CHECKPOINT, describe
+
+runner = CliRunner()
+
+
+def test_inspect_json_on_the_bundled_demo(monkeypatch, tmp_path):
+    monkeypatch.delenv("ELASTIC_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)  # not an elastic checkpoint: falls back to the demo
+    r = runner.invoke(app, ["inspect", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    for key in ("path", "layer_pattern", "parameters", "dtype", "bytes_on_disk", "elastic"):
+        assert key in info
+    assert info["path"] == str(DEMO_CHECKPOINT.resolve())
+    assert info["layer_pattern"] == "M-M*-M-"
+    p = info["parameters"]
+    assert p["total"] == sum(v for k, v in p.items() if k != "total")
+    assert {"mamba", "attention", "mlp"} <= set(p)
+    assert info["parameters_stored"] == p["total"]
+    assert info["dtype"] == "float32" and info["elastic"] is False
+    assert info == describe(DEMO_CHECKPOINT)  # the CLI adds nothing of its own
+
+
+def test_inspect_counts_equal_transformers(hf_ckpt):
+    r = runner.invoke(app, ["inspect", str(hf_ckpt[0]), "--json"])
+    info = json.loads(r.stdout)
+    assert info["parameters"]["total"] == sum(p.numel() for p in hf_ckpt[1].parameters())
+    assert info["bytes_on_disk"] == sum(f.stat().st_size for f in hf_ckpt[0].iterdir())
+
+
+def test_inspect_config_only(hf_ckpt):
+    (hf_ckpt[0] / "model.safetensors").unlink()
+    r = runner.invoke(app, ["inspect", str(hf_ckpt[0])])
+    assert r.exit_code == 0
+    assert "not present: parameter counts come from config.json" in r.stdout
+    info = json.loads(runner.invoke(app, ["inspect", str(hf_ckpt[0]), "--json"]).stdout)
+    assert info["weights_present"] is False
+    assert info["parameters"]["total"] == sum(p.numel() for p in hf_ckpt[1].parameters())
+
+
+def test_env_var_selects_checkpoint(hf_ckpt, monkeypatch):
+    monkeypatch.setenv("ELASTIC_CHECKPOINT", str(hf_ckpt[0]))
+    info = json.loads(runner.invoke(app, ["inspect", "--json"]).stdout)
+    assert info["path"] == str(hf_ckpt[0].resolve())
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "elastic_cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_broken_checkpoint_exit_2_without_traceback(hf_ckpt):
+    f = hf_ckpt[0] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    r = run_cli("inspect", str(hf_ckpt[0]), env={"ELASTIC_DEBUG": "0"})
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "model.safetensors" in r.stderr and "truncated" in r.stderr
+    r = run_cli("inspect", str(hf_ckpt[0]), env={"ELASTIC_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_missing_directory(tmp_path):
+    r = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no such checkpoint directory" in r.stderr
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from elastic_cli.main import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['inspect', '--json']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # neither --help nor inspect needs torch

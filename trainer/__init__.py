@@ -1,0 +1,2 @@
+"""Building the elastic parent from a dense Nemotron-H model (importance, permutation, router,
+curriculum, distillation). Depends on ``slicer``; nothing here yet."""
