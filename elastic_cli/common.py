@@ -57,3 +57,23 @@ def human_count(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{suffix}"
     return str(n)
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator:
+    """A rich progress bar on stderr, driven by the ``progress(done, total)`` callbacks the library
+    calls. Disabled (a no-op callback) for --json output or when stderr is not a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance

@@ -50,4 +50,9 @@ def inspect(
     else:
         lines.append(f"dtype        {info['dtype'] or 'unknown'} (from config.json)")
         lines.append("weights      not present: parameter counts come from config.json")
+    if info["budgets"]:
+        lines.append("budgets      name        parameters   of full  layers")
+        for b in info["budgets"]:
+            share = b["parameters"] / p["total"]
+            lines.append(f"             {b['name']:<10}{b['parameters']:>12,}   {share:>6.1%}  {b['layer_pattern']}")
     typer.echo("\n".join(lines))

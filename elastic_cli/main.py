@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from .inspect_cmd import inspect
+from .slice_cmd import slice_
 
 app = typer.Typer(
     name="elastic",
@@ -33,6 +34,7 @@ def _root(
 
 
 app.command(name="inspect")(inspect)
+app.command(name="slice")(slice_)
 
 
 def main() -> None:

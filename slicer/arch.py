@@ -39,6 +39,12 @@ _FROM_NAME = {
     "moe": "moe",
     "e": "moe",
 }
+# keys that only describe MoE layers (and multi-token prediction with MoE blocks)
+MOE_KEYS = (
+    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+    "moe_latent_size", "moe_shared_expert_overlap", "n_shared_experts", "routed_scaling_factor", "n_group",
+    "topk_group", "norm_topk_prob", "output_router_logits", "mtp_layers_block_type",
+)
 # per-layer fields that block_configs may override, by layer kind
 LAYER_FIELDS = {
     "mamba": ("mamba_num_heads", "mamba_head_dim"),
@@ -225,6 +231,10 @@ class Arch:
         )
         for old in ("mamba_n_groups", "mamba_d_conv", "mamba_chunk_size", "mamba_dt_limit"):
             cfg.pop(old, None)  # aliases of keys written above; a stale alias would win on load
+        if not any(layer.kind == "moe" for layer in self.layers):
+            # llama.cpp's converter takes MoE keys (transformers 5 writes defaults) as a MoE model
+            for key in MOE_KEYS:
+                cfg.pop(key, None)
         # global sizes: the first layer of each kind (all of them when homogeneous)
         for kind, fields in LAYER_FIELDS.items():
             first = next((layer for layer in self.layers if layer.kind == kind), None)

@@ -18,7 +18,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .arch import Arch, read_config
 from .errors import CheckpointError
@@ -55,6 +55,12 @@ class TensorInfo:
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
     offsets: tuple[int, int]  # byte range inside the data section
+    data_start: int = 0  # where the data section starts in the file
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along axis 0 (the whole tensor for a scalar)."""
+        return math.prod(self.shape[1:]) * DTYPES[self.dtype][1]
 
     @property
     def numel(self) -> int:
@@ -187,13 +193,17 @@ class Checkpoint:
             return {}
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            header, _ = read_header(file)
+            header, data_start = read_header(file)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if weight_map is not None and weight_map.get(name) != file.name:
                     continue  # the index is the authority on where a tensor lives
-                tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), tuple(meta["data_offsets"]))
+                if meta.get("dtype") not in DTYPES:
+                    raise CheckpointError(f"tensor {name} has unsupported dtype {meta.get('dtype')!r}", path=str(file))
+                tensors[name] = TensorInfo(
+                    name, file, meta["dtype"], tuple(meta["shape"]), tuple(meta["data_offsets"]), data_start
+                )
         if weight_map is not None:
             lost = [n for n in weight_map if n not in tensors]
             if lost:
@@ -252,32 +262,43 @@ class Checkpoint:
         return self.config.get("dtype") or self.config.get("torch_dtype")
 
     # ---- reading data (torch) -----------------------------------------------------------
-    def read(self, name: str, index: tuple | None = None):
-        """Read one tensor (or ``index``, a tuple of slices, of it) without loading its shard.
+    def read(self, name: str, rows: tuple[int, int] | None = None):
+        """Read one tensor, or rows ``[r0, r1)`` of its first axis, with plain file reads.
+
+        No memory map: a file truncated or replaced while we read gives a clear error, not a
+        crash (a mapped page past the end of a file kills the process with SIGBUS).
 
         Returns:
-            a CPU ``torch.Tensor`` in the dtype on disk.
+            a CPU ``torch.Tensor`` in the dtype on disk, owning its memory.
         """
-        from safetensors import safe_open
+        import torch
 
         info = self.tensors[name]
-        with safe_open(str(info.file), framework="pt", device="cpu") as f:
-            if index is None:
-                return f.get_tensor(name)
-            return f.get_slice(name)[index]
+        dtype = getattr(torch, DTYPES[info.dtype][0])
+        r0, r1 = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        nbytes = (r1 - r0) * info.row_bytes
+        shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(nbytes)
+        try:
+            with open(info.file, "rb") as f:
+                f.seek(info.data_start + info.offsets[0] + r0 * info.row_bytes)
+                got = f.readinto(buf)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {name} ({e.strerror})", path=str(info.file)) from None
+        if got != nbytes:
+            raise CheckpointError(
+                f"truncated while reading {name}: the file ended {nbytes - got} bytes early "
+                "(was it modified during the run?)", path=str(info.file)
+            )
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
-        """Yield (name, tensor) one at a time, opening each shard once."""
-        from safetensors import safe_open
-
-        wanted = set(names) if names is not None else set(self.tensors)
-        for file in self.weight_files:
-            here = [n for n, t in self.tensors.items() if t.file == file and n in wanted]
-            if not here:
-                continue
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in here:
-                    yield name, f.get_tensor(name)
+        """Yield (name, tensor) one at a time, in file order."""
+        wanted = names if names is not None else list(self.tensors)
+        for name in sorted(wanted, key=lambda n: (self.tensors[n].file, self.tensors[n].offsets)):
+            yield name, self.read(name)
 
 
 def _cap(problems: list[str], n: int = 20) -> list[str]:
@@ -288,33 +309,99 @@ def _cap(problems: list[str], n: int = 20) -> list[str]:
 # ---- writing ----------------------------------------------------------------------------------
 
 
+def st_dtype(torch_dtype) -> str:
+    """safetensors' code for a torch dtype: torch.bfloat16 -> "BF16"."""
+    name = str(torch_dtype).removeprefix("torch.")
+    for code, (n, _) in DTYPES.items():
+        if n == name:
+            return code
+    raise ValueError(f"no safetensors dtype for {torch_dtype}")
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: its name, dtype code, shape, and a producer of its data.
+
+    ``blocks()`` yields tensors of that dtype whose concatenation along axis 0 is the tensor, so a
+    large tensor can be written a few rows at a time.
+    """
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterable[Any]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[[int], None] | None) -> tuple[int, str]:
+    """Stream tensors into one safetensors file: header first (all shapes are known), then data.
+
+    Tensors are written in name order, so the same inputs give byte-identical files. Returns
+    (data bytes written, sha256 of the whole file), the hash taken on the way out.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+
+    tensors = sorted(tensors, key=lambda t: t.name)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for t in tensors:
+            written = 0
+            for block in t.blocks():
+                if st_dtype(block.dtype) != t.dtype:
+                    raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
+                data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                digest.update(memoryview(data))
+                written += data.nbytes
+                if progress:
+                    progress(data.nbytes)
+            if written != t.nbytes:
+                raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+    return offset, digest.hexdigest()
+
+
 class ShardedWriter:
     """Write a checkpoint atomically: into a temporary directory beside ``out``, renamed at the end.
 
-    Tensors are buffered until a shard reaches ``max_shard_bytes`` and then written, so memory
-    holds at most one shard. On any exception inside the ``with`` block the temporary directory
-    is removed and ``out`` is untouched. An existing ``out`` is replaced only with ``force``.
+    On any exception inside the ``with`` block (a failed read, a full disk, Ctrl-C) the temporary
+    directory is removed and ``out`` is untouched. An existing ``out`` is replaced only with
+    ``force``, and then swapped in only once the new one is complete.
 
     Example:
-        >>> with ShardedWriter("./model", max_shard_bytes=2**30) as w:
+        >>> with ShardedWriter("./model") as w:
         ...     w.add_json("config.json", config)
-        ...     for name, t in tensors: w.add(name, t)
+        ...     w.write_tensors([OutTensor(name, "F32", tuple(t.shape), lambda t=t: [t]) for name, t in sd.items()])
     """
 
-    def __init__(self, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False):
+    def __init__(self, out: str | Path, force: bool = False):
         import tempfile
 
         self.out = Path(out)
         if self.out.exists() and not force:
             raise CheckpointError("already exists; pass --force to replace it", path=str(self.out))
+        if self.out.exists() and not self.out.is_dir():
+            raise CheckpointError("exists and is not a directory", path=str(self.out))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        self.force = force
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []  # tensor names of each written shard
         self.bytes_written = 0
+        self.shards: list[str] = []
+        self.sha256: dict[str, str] = {}  # shard file name -> sha256 of the file
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -323,16 +410,13 @@ class ShardedWriter:
         import shutil
 
         if exc_type is None:
-            self.commit()
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def add(self, name: str, tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
+            try:
+                self.commit()
+                return
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add_json(self, filename: str, data: dict) -> None:
         self.add_text(filename, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -345,35 +429,38 @@ class ShardedWriter:
 
         shutil.copyfile(src, self.tmp / (filename or src.name))
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def write_tensors(self, tensors: list[OutTensor], max_shard_bytes: int = 2 * 2**30,
+                      progress: Callable[[int], None] | None = None) -> None:
+        """Write all tensors, split into shards of at most ``max_shard_bytes`` (one tensor may exceed it).
 
-        k = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{k:05d}.tmp"), metadata={"format": "pt"})
-        self._shards.append(sorted(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        One shard is ``model.safetensors``; several are ``model-0000k-of-0000n.safetensors`` with
+        ``model.safetensors.index.json``. Memory holds one block of one tensor at a time.
+        """
+        groups: list[list[OutTensor]] = [[]]
+        size = 0
+        for t in sorted(tensors, key=lambda t: t.name):
+            if groups[-1] and size + t.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        total = 0
+        for name, group in zip(names, groups):
+            nbytes, self.sha256[name] = _write_safetensors(self.tmp / name, group, progress)
+            total += nbytes
+        if n > 1:
+            weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
+            self.add_json(INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        self.shards = names
 
     def commit(self) -> Path:
         import shutil
 
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            (self.tmp / "shard-00000.tmp").rename(self.tmp / SINGLE_NAME)
-        else:
-            weight_map, total = {}, 0
-            for k, names in enumerate(self._shards):
-                final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-                (self.tmp / f"shard-{k:05d}.tmp").rename(self.tmp / final)
-                weight_map.update({name: final for name in names})
-                header, start = read_header(self.tmp / final)
-                total += sum(v["data_offsets"][1] - v["data_offsets"][0] for key, v in header.items() if key != "__metadata__")
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            self.add_json(INDEX_NAME, index)
         umask = os.umask(0)
         os.umask(umask)
-        for p in self.tmp.iterdir():  # mkdtemp and some writers use 0600; give normal modes
+        for p in self.tmp.iterdir():  # mkdtemp uses 0700; give the modes any new file would get
             p.chmod(0o666 & ~umask)
         self.tmp.chmod(0o777 & ~umask)
         self.bytes_written = sum(p.stat().st_size for p in self.tmp.iterdir())
@@ -381,7 +468,7 @@ class ShardedWriter:
             old = self.tmp.with_name(self.tmp.name.replace(".partial-", ".old-"))
             self.out.rename(old)
             self.tmp.rename(self.out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old)
         else:
             self.tmp.rename(self.out)
         return self.out

@@ -8,6 +8,7 @@ from typing import Any
 
 from .arch import KINDS
 from .checkpoint import ELASTIC_CONFIG_NAME, Checkpoint
+from .elastic_format import ElasticConfig, resolve_budget
 from .errors import CheckpointError
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
@@ -56,6 +57,21 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
             for field in dict(values[0]):
                 vs = [dict(v)[field] for v in values]
                 sizes[field] = {"min": min(vs), "max": max(vs)}
+    budgets = []
+    if ckpt.is_elastic:
+        ec = ElasticConfig.read(ckpt.root, arch)
+        for b in ec.budgets:
+            spec, source = resolve_budget(ckpt.root, ec, arch, b.name)
+            child = spec.child_arch(arch)
+            budgets.append({
+                "name": b.name,
+                "parameters": child.param_counts()["total"],
+                "target_parameters": b.target_parameters,
+                "layer_pattern": child.layer_pattern,
+                "hidden_size": child.hidden_size,
+                "homogeneous": child.is_homogeneous(),
+                "resolved_by": source,
+            })
     return {
         "path": str(ckpt.root.resolve()),
         "layer_pattern": arch.layer_pattern,
@@ -72,4 +88,5 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
         "weights_bytes": ckpt.weights_bytes,
         "shards": len(ckpt.weight_files),
         "elastic": ckpt.is_elastic,
+        "budgets": budgets,
     }

@@ -374,15 +374,18 @@ def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**
 
     Written atomically (see ``ShardedWriter``); tied LM heads are stored once, as transformers does.
     """
-    from .checkpoint import ShardedWriter
+    from .checkpoint import OutTensor, ShardedWriter, st_dtype
 
     config = model.arch.to_config()
     config.setdefault("architectures", ["NemotronHForCausalLM"])
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.update(extra_config or {})
-    with ShardedWriter(out, max_shard_bytes=max_shard_bytes, force=force) as w:
+    tensors = [
+        OutTensor(name, st_dtype(p.dtype), tuple(p.shape), lambda p=p: [p.detach().cpu()])
+        for name, p in model.state_dict().items()
+        if not (model.arch.tie_word_embeddings and name == "lm_head.weight")
+    ]
+    with ShardedWriter(out, force=force) as w:
         w.add_json("config.json", config)
-        for name, p in model.state_dict().items():
-            if not (model.arch.tie_word_embeddings and name == "lm_head.weight"):
-                w.add(name, p.detach().cpu())
+        w.write_tensors(tensors, max_shard_bytes)
     return Path(out)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from slicer.checkpoint import Checkpoint, ShardedWriter
+from slicer.checkpoint import Checkpoint, OutTensor, ShardedWriter
 from slicer.errors import CheckpointError, ConfigError
 from slicer.model import load_model
 
@@ -89,12 +89,20 @@ def test_config_only_mode(hf_ckpt):
         Checkpoint.open(hf_ckpt[0], require_weights=True)
 
 
+def ones(name, n, blocks=None):
+    return OutTensor(name, "F32", (n,), blocks or (lambda: [torch.ones(n)]))
+
+
 def test_writer_failure_leaves_nothing(tmp_path):
     out = tmp_path / "model"
+    def failing_blocks():
+        yield torch.ones(2)
+        raise RuntimeError("boom")  # e.g. a source shard that fails mid-read
+
     with pytest.raises(RuntimeError):
         with ShardedWriter(out) as w:
-            w.add("a", torch.ones(3))
-            raise RuntimeError("boom")
+            w.add_json("config.json", {})
+            w.write_tensors([ones("a", 4, failing_blocks)])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -106,7 +114,7 @@ def test_writer_never_overwrites_without_force(tmp_path):
         ShardedWriter(out)
     assert (out / "precious.txt").read_text() == "user data"
     with ShardedWriter(out, force=True) as w:
-        w.add("a", torch.ones(3))
+        w.write_tensors([ones("a", 3)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert not (out / "precious.txt").exists()
 
@@ -114,12 +122,22 @@ def test_writer_never_overwrites_without_force(tmp_path):
 def test_writer_is_deterministic_and_shards(tmp_path):
     tensors = {f"t{i}": torch.arange(100, dtype=torch.float32) * i for i in range(5)}
     for name in ("a", "b"):
-        with ShardedWriter(tmp_path / name, max_shard_bytes=900) as w:
-            for k, t in tensors.items():
-                w.add(k, t)
+        with ShardedWriter(tmp_path / name) as w:
+            w.write_tensors([OutTensor(k, "F32", (100,), lambda t=t: [t[:30], t[30:]]) for k, t in tensors.items()],
+                            max_shard_bytes=900)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert "model.safetensors.index.json" in files and len(files) == 4  # 3 shards + index
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     ckpt_tensors = Checkpoint._scan_weights(tmp_path / "a")
     assert sorted(ckpt_tensors) == sorted(tensors)
+
+
+def test_streamed_file_reads_back_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    t = torch.randn(7, 5).to(torch.bfloat16)
+    with ShardedWriter(tmp_path / "m") as w:
+        w.write_tensors([OutTensor("x", "BF16", (7, 5), lambda: [t[:3], t[3:]]), ones("y", 2)])
+    back = load_file(tmp_path / "m" / "model.safetensors")
+    assert torch.equal(back["x"], t) and torch.equal(back["y"], torch.ones(2))

@@ -1,0 +1,73 @@
+"""``elastic slice``: cut a nested model out of a checkpoint into a dense checkpoint."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import CheckpointOpt, JsonOpt, boundary, human_bytes, human_count, print_json, progress_bar
+
+
+class DType(str, Enum):
+    keep = "keep"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def slice_(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --force).")],
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="A budget of the elastic checkpoint "
+                                                  "(see `elastic inspect`).", show_default=False)] = None,
+    spec: Annotated[Optional[Path], typer.Option("--spec", help="A slice spec JSON file instead of a budget "
+                                                 "(works on any nemotron_h checkpoint).", show_default=False)] = None,
+    checkpoint: CheckpointOpt = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Cast the weights (e.g. float16 for GPUs without bf16).")]
+    = DType.keep,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Physically slice a checkpoint along a budget (or a spec) into dense safetensors.
+
+    The result is a standard nemotron_h checkpoint with a slice_manifest.json saying what it is
+    and which runtimes load it. It is written to a temporary directory and renamed when complete:
+    a failed or interrupted run leaves nothing under --out.
+
+    Examples:
+
+      elastic slice --budget 50% --out ./model-50
+
+      elastic slice -c ./Nemotron-Elastic-12B --budget 6B --dtype float16 --out ./model-6B
+
+      elastic slice -c ./dense-model --spec spec.json --out ./pruned --json
+    """
+    from slicer.checkpoint import Checkpoint
+    from slicer.describe import default_checkpoint
+    from slicer.slice import slice_checkpoint
+
+    with boundary():
+        ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
+        with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
+            result = slice_checkpoint(ckpt, out, budget=budget, spec=spec,
+                                      dtype=None if dtype == DType.keep else dtype.value,
+                                      force=force, progress=advance)
+    m = result.manifest
+    if json_out:
+        print_json({"out": str(result.out), "parameters": result.parameters, "bytes_written": result.bytes_written,
+                    "budget": m["budget"], "dtype": m["dtype"], "layer_pattern": m["layer_pattern"],
+                    "homogeneous": m["homogeneous"], "runtimes": m["runtimes"]})
+        return
+    what = f"budget {budget}" if budget else f"spec {spec}"
+    lines = [
+        f"wrote {result.out}  ({what}, {human_count(result.parameters)} parameters, {m['dtype']}, "
+        f"{human_bytes(result.bytes_written)})",
+        f"layers  {m['layer_pattern']}",
+        "loads in:",
+    ]
+    for name, r in m["runtimes"].items():
+        lines.append(f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}")
+    lines.append(f"next:   elastic inspect {result.out}")
+    typer.echo("\n".join(lines))

@@ -1,0 +1,341 @@
+"""The elastic checkpoint format, version 1: ``elastic_config.json`` + ``router.safetensors``.
+
+An elastic checkpoint is a normal ``nemotron_h`` directory (it loads and runs as the full model)
+whose weights are ordered so every nested model keeps a prefix of each dimension, plus:
+
+- ``elastic_config.json``: format name and version, the budgets, the search space of every
+  elastic dimension, the router's shape, and the resolved slice spec of every budget;
+- ``router.safetensors`` (optional): the router that produced those choices, float32.
+
+The full description, for anyone who wants to produce one, is ``docs/elastic-format.md``.
+Resolving a budget needs numpy at most (the router is a two-layer MLP), never torch.
+
+Example:
+    >>> ec = ElasticConfig.read(ckpt_dir, parent_arch)
+    >>> spec = resolve_budget(ckpt_dir, ec, parent_arch, "6B")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .arch import Arch
+from .errors import ConfigError
+from .spec import SPEC_FIELDS, SliceSpec
+
+FORMAT = "nemotron-elastic"
+VERSION = 1
+CONFIG_NAME = "elastic_config.json"
+ROUTER_NAME = "router.safetensors"
+# elastic dimensions: hidden size is global; the others are per layer of one kind
+DIMENSIONS = {
+    "hidden_size": None,
+    "mamba_num_heads": "mamba",
+    "mamba_head_dim": "mamba",
+    "num_attention_heads": "attention",
+    "intermediate_size": "mlp",
+    "depth": None,  # choices ["keep", "drop"] per droppable layer, of any kind
+}
+HEAD_ORDER = "group_prefix"  # Mamba heads kept as a prefix inside each group (DESIGN.md section 3)
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str  # what users type: "12B", "6B", "50%"
+    target_parameters: int  # the parameter count the router was trained toward
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One elastic dimension: its choices and the layers it applies to (None: the whole model)."""
+
+    name: str
+    choices: tuple
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def router_outputs(self) -> int:
+        return len(self.choices) * (len(self.layers) if self.layers is not None else 1)
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    budgets: tuple[Budget, ...]
+    dimensions: tuple[Dimension, ...]
+    resolved: dict[str, dict] = field(compare=False)  # budget name -> spec JSON
+    router_hidden: int = 256
+    head_order: str = HEAD_ORDER
+
+    def budget(self, name: str) -> Budget:
+        for b in self.budgets:
+            if b.name == name:
+                return b
+        raise ConfigError(f"unknown budget {name!r}; this checkpoint has: {', '.join(b.name for b in self.budgets)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "budgets": [{"name": b.name, "target_parameters": b.target_parameters} for b in self.budgets],
+            "search_space": [
+                {"dimension": d.name, "choices": list(d.choices), "layers": None if d.layers is None else list(d.layers)}
+                for d in self.dimensions
+            ],
+            "router": {
+                "file": ROUTER_NAME,
+                "input": "budget one-hot, in the order of budgets",
+                "hidden": self.router_hidden,
+                "activation": "leaky_relu(0.1)",
+                "outputs": {d.name: [len(d.layers) if d.layers is not None else 1, len(d.choices)] for d in self.dimensions},
+            },
+            "head_order": self.head_order,
+            "resolved": self.resolved,
+        }
+
+    # ---- reading with validation ---------------------------------------------------------
+    @classmethod
+    def from_json(cls, data: Any, parent: Arch, source: str | None = None) -> "ElasticConfig":
+        """Parse and validate against the parent's architecture; every problem reported at once."""
+        problems: list[str] = []
+        if not isinstance(data, dict):
+            raise ConfigError("elastic_config.json must be a JSON object", path=source)
+        if data.get("format") != FORMAT:
+            problems.append(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("version") != VERSION:
+            problems.append(f"version {data.get('version')!r} is not supported (this elastic reads version {VERSION})")
+        if data.get("head_order", HEAD_ORDER) != HEAD_ORDER:
+            problems.append(
+                f"head_order {data.get('head_order')!r}: only {HEAD_ORDER!r} (a prefix of heads inside each group) "
+                "can be sliced; a global prefix of Mamba heads (Megatron 'Flextron' order) must be re-permuted first"
+            )
+        budgets = []
+        for k, b in enumerate(data.get("budgets") or []):
+            if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not b["name"]:
+                problems.append(f"budgets[{k}] needs a non-empty name")
+                continue
+            t = b.get("target_parameters")
+            if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+                problems.append(f"budget {b['name']!r}: target_parameters must be a positive integer, found {t!r}")
+                t = 0
+            budgets.append(Budget(b["name"], t))
+        if not budgets:
+            problems.append("no budgets: expected a non-empty 'budgets' list")
+        names = [b.name for b in budgets]
+        if len(set(names)) != len(names):
+            problems.append(f"budget names repeat: {names}")
+
+        dims = []
+        for k, d in enumerate(data.get("search_space") or []):
+            name = d.get("dimension") if isinstance(d, dict) else None
+            if name not in DIMENSIONS:
+                problems.append(f"search_space[{k}]: unknown dimension {name!r}; known: {', '.join(DIMENSIONS)}")
+                continue
+            choices, layers = d.get("choices"), d.get("layers")
+            if not isinstance(choices, list) or not choices:
+                problems.append(f"search_space[{k}] ({name}): choices must be a non-empty list")
+                continue
+            kind = DIMENSIONS[name]
+            if name == "hidden_size":
+                layers = None
+            elif not isinstance(layers, list) or not layers:
+                problems.append(f"search_space[{k}] ({name}): layers must list the layer indices it applies to")
+                continue
+            else:
+                for i in layers:
+                    if not isinstance(i, int) or not 0 <= i < parent.num_hidden_layers:
+                        problems.append(f"search_space[{k}] ({name}): unknown layer index {i!r}")
+                    elif kind is not None and parent.layers[i].kind != kind:
+                        problems.append(f"search_space[{k}] ({name}): layer {i} is {parent.layers[i].kind}, not {kind}")
+            if name == "depth" and sorted(choices) != ["drop", "keep"]:
+                problems.append(f"search_space[{k}] (depth): choices must be ['keep', 'drop'], found {choices}")
+            dims.append(Dimension(name, tuple(choices), None if layers is None else tuple(layers)))
+
+        resolved = data.get("resolved") or {}
+        if not isinstance(resolved, dict):
+            problems.append("resolved must map each budget name to a slice spec")
+            resolved = {}
+        for name in names:
+            if name not in resolved:
+                problems.append(f"resolved: no slice spec for budget {name!r}")
+                continue
+            try:
+                SliceSpec.from_json(resolved[name], parent)
+            except ConfigError as e:
+                problems += [f"resolved[{name!r}]: {p}" for p in e.problems] or [f"resolved[{name!r}]: {e.message}"]
+        router = data.get("router") or {}
+        hidden = router.get("hidden", 256) if isinstance(router, dict) else 256
+        if problems:
+            raise ConfigError(
+                f"invalid elastic config ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                problems=list(dict.fromkeys(problems)),
+                path=source,
+            )
+        ec = cls(tuple(budgets), tuple(dims), dict(resolved), hidden, data.get("head_order", HEAD_ORDER))
+        problems = check_choices(ec, parent)
+        if problems:
+            raise ConfigError("the resolved budgets leave the search space", problems=problems, path=source)
+        return ec
+
+    @classmethod
+    def read(cls, root: str | Path, parent: Arch) -> "ElasticConfig":
+        path = Path(root) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(
+                f"not an elastic checkpoint (no {CONFIG_NAME}); use --spec FILE to cut a slice from a dense "
+                "checkpoint", path=str(root)
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"not valid JSON ({e})", path=str(path)) from None
+        return cls.from_json(data, parent, source=str(path))
+
+
+# ---- the router -------------------------------------------------------------------------------
+
+
+def router_shapes(ec: ElasticConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the router: per dimension, Linear(budgets -> hidden), Linear(hidden -> outputs)."""
+    nb, h = len(ec.budgets), ec.router_hidden
+    shapes = {}
+    for d in ec.dimensions:
+        shapes[f"{d.name}.0.weight"] = (h, nb)
+        shapes[f"{d.name}.0.bias"] = (h,)
+        shapes[f"{d.name}.2.weight"] = (d.router_outputs, h)
+        shapes[f"{d.name}.2.bias"] = (d.router_outputs,)
+    return shapes
+
+
+def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
+    """The router weights as numpy arrays, or None when ``router.safetensors`` is absent."""
+    path = Path(root) / ROUTER_NAME
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .checkpoint import read_header
+
+    header, _ = read_header(path)  # truncation and corruption give a clear CheckpointError
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, TypeError, ValueError) as e:
+        raise ConfigError(f"cannot read the router ({e}); it must be float32", path=str(path)) from None
+    problems = []
+    for name, shape in router_shapes(ec).items():
+        if name not in weights:
+            problems.append(f"missing router tensor {name} {list(shape)}")
+        elif tuple(weights[name].shape) != shape:
+            problems.append(f"{name}: elastic_config.json implies {list(shape)}, found {list(weights[name].shape)}")
+    if problems:
+        raise ConfigError("the router disagrees with elastic_config.json", problems=problems, path=str(path))
+    return weights
+
+
+def route(weights: dict, ec: ElasticConfig, budget: str) -> dict[str, list]:
+    """The router's choice for ``budget``: per dimension, one choice per layer (or one, if global)."""
+    import numpy as np
+
+    names = [b.name for b in ec.budgets]
+    x = np.zeros(len(names), dtype=np.float32)
+    x[names.index(budget)] = 1.0
+    out = {}
+    for d in ec.dimensions:
+        h = weights[f"{d.name}.0.weight"] @ x + weights[f"{d.name}.0.bias"]
+        h = np.where(h > 0, h, 0.1 * h)  # LeakyReLU(0.1)
+        logits = (weights[f"{d.name}.2.weight"] @ h + weights[f"{d.name}.2.bias"]).reshape(-1, len(d.choices))
+        out[d.name] = [d.choices[int(k)] for k in logits.argmax(-1)]
+    return out
+
+
+def spec_from_choices(choices: dict[str, list], ec: ElasticConfig, parent: Arch) -> dict:
+    """Spec JSON from per-dimension choices (as :func:`route` returns them)."""
+    per_layer: dict[int, dict] = {}
+    hidden = parent.hidden_size
+    for d in ec.dimensions:
+        picks = choices[d.name]
+        if d.layers is None:
+            hidden = picks[0]
+            continue
+        for i, v in zip(d.layers, picks):
+            entry = per_layer.setdefault(i, {"index": i})
+            if d.name == "depth":
+                if v == "drop":
+                    entry["keep"] = False
+            else:
+                entry[d.name] = v
+    layers = []
+    for i in sorted(per_layer):
+        e = per_layer[i]
+        if e.get("keep") is False:
+            e = {"index": i, "keep": False}
+        layers.append(e)
+    return {"hidden_size": hidden, "layers": layers}
+
+
+def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: str) -> tuple[SliceSpec, str]:
+    """The slice spec of a budget: from the router when ``router.safetensors`` is present, else
+    from the resolved choices in elastic_config.json. Returns (spec, where it came from)."""
+    ec.budget(budget)  # unknown name -> error listing the budgets
+    weights = read_router(root, ec)
+    if weights is not None:
+        data, source = spec_from_choices(route(weights, ec, budget), ec, parent), "router"
+    else:
+        data, source = ec.resolved[budget], "elastic_config.json"
+    return SliceSpec.from_json(data, parent, source=f"budget {budget!r} ({source})"), source
+
+
+def synthetic_router(ec: ElasticConfig, parent: Arch, scale: float = 10.0) -> dict:
+    """Router weights whose argmax reproduces ``ec.resolved`` exactly (for synthetic checkpoints
+    made before training; the trainer learns a real one). Returns float32 numpy arrays."""
+    import numpy as np
+
+    nb, h = len(ec.budgets), ec.router_hidden
+    weights = {}
+    for d in ec.dimensions:
+        w0 = np.zeros((h, nb), dtype=np.float32)
+        w0[np.arange(nb), np.arange(nb)] = 1.0  # hidden unit b fires for budget b
+        w2 = np.zeros((d.router_outputs, h), dtype=np.float32)
+        for b, budget in enumerate(ec.budgets):
+            spec = SliceSpec.from_json(ec.resolved[budget.name], parent)
+            for row, value in enumerate(_dimension_values(d, spec, parent)):
+                w2[row * len(d.choices) + d.choices.index(value), b] = scale
+        weights.update({
+            f"{d.name}.0.weight": w0, f"{d.name}.0.bias": np.zeros(h, dtype=np.float32),
+            f"{d.name}.2.weight": w2, f"{d.name}.2.bias": np.zeros(d.router_outputs, dtype=np.float32),
+        })
+    return weights
+
+
+def _dimension_values(d: Dimension, spec: SliceSpec, parent: Arch) -> list:
+    """What a spec chose along one dimension (one value per layer, or one for hidden size)."""
+    if d.layers is None:
+        return [spec.hidden_size]
+    if d.name == "depth":
+        return ["drop" if spec.layers[i] is None else "keep" for i in d.layers]
+    return [getattr(spec.layers[i] or parent.layers[i], d.name) for i in d.layers]
+
+
+def check_choices(ec: ElasticConfig, parent: Arch) -> list[str]:
+    """Resolved specs must only use values from the search space (else the router cannot say them)."""
+    problems = []
+    for b in ec.budgets:
+        spec = SliceSpec.from_json(ec.resolved[b.name], parent)
+        for d in ec.dimensions:
+            for v in _dimension_values(d, spec, parent):
+                if v not in d.choices:
+                    problems.append(f"budget {b.name!r}: {d.name} = {v!r} is not among the choices {list(d.choices)}")
+        if spec.hidden_size != parent.hidden_size and not any(d.name == "hidden_size" for d in ec.dimensions):
+            problems.append(f"budget {b.name!r}: trims hidden_size, which is not in the search space")
+        for i, layer in enumerate(spec.layers):
+            covered = {d.name for d in ec.dimensions if d.layers is not None and i in d.layers}
+            if layer is None and "depth" not in covered:
+                problems.append(f"budget {b.name!r}: drops layer {i}, which is not in the depth search space")
+            elif layer is not None:
+                for f in SPEC_FIELDS[layer.kind]:
+                    if getattr(layer, f) != getattr(parent.layers[i], f) and f not in covered:
+                        problems.append(f"budget {b.name!r}: trims {f} of layer {i}, which is not in the search space")
+    return problems

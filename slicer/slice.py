@@ -1,0 +1,239 @@
+"""Physical slicing: cut a nested model out of a checkpoint into a dense, standard checkpoint.
+
+Streams tensor by tensor with partial reads (``get_slice``) of only the kept ranges, writes the
+output through :class:`ShardedWriter` (temporary directory, renamed when complete), and never
+holds more than one block of one tensor in memory.
+
+Example:
+    >>> result = slice_checkpoint("./Nemotron-Elastic-12B", "./model-6B", budget="6B", dtype="float16")
+    >>> result.parameters, result.bytes_written
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import remote_code
+from .arch import Arch
+from .checkpoint import DTYPES, Checkpoint, OutTensor, ShardedWriter
+from .elastic_format import ElasticConfig, resolve_budget
+from .errors import CheckpointError, ConfigError, ElasticError
+from .rules import TensorRule, tensor_rules
+from .spec import SliceSpec
+
+MANIFEST_NAME = "slice_manifest.json"
+# files a runtime needs beside the weights; copied as they are
+PASSTHROUGH_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+DTYPE_ALIASES = {
+    "float32": "F32", "fp32": "F32", "f32": "F32",
+    "float16": "F16", "fp16": "F16", "half": "F16", "f16": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+BLOCK_BYTES = 64 * 2**20  # rows read and written at a time
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    out: Path
+    parameters: int
+    bytes_written: int
+    manifest: dict[str, Any]
+
+
+def parse_dtype(name: str | None) -> str | None:
+    """safetensors code for a user-given dtype name ("bf16", "float16", ...), None for "keep"."""
+    if name is None or name in ("auto", "keep"):
+        return None
+    code = DTYPE_ALIASES.get(name.lower())
+    if code is None:
+        raise ConfigError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    return code
+
+
+def choose_spec(ckpt: Checkpoint, budget: str | None, spec: SliceSpec | str | Path | None) -> tuple[SliceSpec, str]:
+    """The spec to cut: from a budget of an elastic checkpoint, or an explicit spec (file)."""
+    if (budget is None) == (spec is None):
+        raise ConfigError("give exactly one of a budget name (--budget) or a spec file (--spec)")
+    if budget is not None:
+        ec = ElasticConfig.read(ckpt.root, ckpt.arch)
+        return resolve_budget(ckpt.root, ec, ckpt.arch, budget)
+    if isinstance(spec, SliceSpec):
+        bad = spec.problems(ckpt.arch)
+        if bad:
+            raise ConfigError("invalid slice spec", problems=bad)
+        return spec, "spec"
+    return SliceSpec.from_file(spec, ckpt.arch), str(spec)
+
+
+def _blocks(ckpt: Checkpoint, rule: TensorRule, dtype):
+    """Yield the kept part of one tensor, a block of rows at a time.
+
+    Whole rows of the kept axis-0 ranges are read (contiguous on disk), then the kept ranges of
+    the other axes are cut out in memory.
+    """
+    info = ckpt.tensors[rule.source]
+    step = max(1, BLOCK_BYTES // max(1, info.row_bytes))
+    for a, b in rule.axes[0]:
+        for r0 in range(a, b, step):
+            t = select(ckpt.read(rule.source, (r0, min(b, r0 + step))), rule.axes[1:], info.shape[1:])
+            yield t if dtype is None else t.to(dtype)
+
+
+def select(t, axes, full_shape):
+    """Keep ``axes[k]`` ranges of dimension k+1 of ``t`` (dimension 0 is already cut)."""
+    import torch
+
+    for k, (ranges, size) in enumerate(zip(axes, full_shape), start=1):
+        if ranges != ((0, size),):
+            t = torch.cat([t.narrow(k, a, b - a) for a, b in ranges], dim=k)
+    return t.contiguous()
+
+
+def runtime_support(arch: Arch, config: dict) -> dict[str, dict[str, Any]]:
+    """Which serving runtimes load the result, and why not (DESIGN.md sections 3 and 5)."""
+    homogeneous = arch.is_homogeneous()
+
+    def uniform(kind: str) -> bool:
+        return len({tuple(layer.sizes().items()) for layer in arch.layers if layer.kind == kind}) <= 1
+
+    out: dict[str, dict[str, Any]] = {}
+    if homogeneous:
+        out["transformers"] = {"loads": True, "how": "NemotronHForCausalLM (stock nemotron_h config)"}
+    else:
+        out["transformers"] = {"loads": True, "how": "AutoModelForCausalLM with trust_remote_code=True "
+                               "(per-layer sizes in block_configs, modeling file included)"}
+    if homogeneous or uniform("mamba"):
+        out["vllm"] = {"loads": True, "how": "nemotron_h; per-layer FFN/attention sizes from block_configs"
+                       if not homogeneous else "nemotron_h"}
+    else:
+        out["vllm"] = {"loads": False, "why": "vLLM sizes every Mamba layer from the global mamba_num_heads / "
+                       "mamba_head_dim; this slice has per-layer Mamba sizes"}
+    if homogeneous or (uniform("mamba") and uniform("mlp")):
+        out["sglang"] = {"loads": True, "how": "nemotron_h"}
+    else:
+        out["sglang"] = {"loads": False, "why": "sglang takes one global Mamba size and one global FFN width"}
+    reasons = []
+    if not homogeneous:
+        reasons.append("llama.cpp's converter reads global sizes only; this slice has per-layer sizes")
+    for layer in arch.layers:
+        if layer.kind == "mamba" and layer.mamba_intermediate % 64 and "mamba_d_head" not in config:
+            reasons.append(f"mamba_num_heads * mamba_head_dim = {layer.mamba_intermediate} is not a multiple of 64 "
+                           "(llama.cpp's converter assumes it)")
+            break
+    if config.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
+        reasons.append(f"tokenizer_class {config.get('tokenizer_class')!r} is not one transformers 4.x knows")
+    out["llama.cpp"] = {"loads": not reasons, **({"why": "; ".join(reasons)} if reasons else {"how": "convert_hf_to_gguf.py"})}
+    return out
+
+
+def slice_checkpoint(
+    source: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    budget: str | None = None,
+    spec: SliceSpec | str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: Callable[[int, int], None] | None = None,
+) -> SliceResult:
+    """Slice ``source`` along a budget (elastic checkpoints) or a spec (any nemotron_h checkpoint).
+
+    Args:
+        source: checkpoint directory (or an opened Checkpoint) with weights.
+        out: output directory; must not exist unless ``force``.
+        budget: a budget name from elastic_config.json.
+        spec: a SliceSpec or the path of a spec JSON file.
+        dtype: cast every tensor ("float16", "bf16", ...); default keeps the stored dtype.
+        progress: called as ``progress(bytes_done, bytes_total)`` while tensors are written.
+
+    Raises:
+        ConfigError: not elastic, unknown budget, invalid spec or dtype.
+        CheckpointError: broken source, output exists, a read failed mid-run.
+        ElasticError: the disk filled up. In every failure the output directory is left as it was.
+    """
+    import torch
+
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
+    if not ckpt.has_weights:
+        raise CheckpointError("no weights to slice (config.json only)", path=str(ckpt.root))
+    chosen, spec_source = choose_spec(ckpt, budget, spec)
+    code = parse_dtype(dtype)
+    parent, child = ckpt.arch, chosen.child_arch(ckpt.arch)
+    rules = tensor_rules(parent, chosen)
+    assert {r.name: r.shape for r in rules} == child.tensor_shapes(), "slicing rules disagree with the child layout"
+    torch_dtype = getattr(torch, DTYPES[code][0]) if code else None
+
+    config = child.to_config()
+    out_dtype = DTYPES[code][0] if code else ckpt.dtype
+    config["dtype"] = out_dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = out_dtype
+    if not child.is_homogeneous():
+        config = remote_code.puzzle_config(config)
+
+    total = sum(_nbytes(r, ckpt, code) for r in rules)
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    out_tensors = [
+        OutTensor(r.name, code or ckpt.tensors[r.source].dtype, r.shape, lambda r=r: _blocks(ckpt, r, torch_dtype))
+        for r in rules
+    ]
+    try:
+        with ShardedWriter(out, force=force) as w:
+            w.add_json("config.json", config)
+            for name in PASSTHROUGH_FILES:
+                if (ckpt.root / name).is_file():
+                    w.add_file(ckpt.root / name)
+            if not child.is_homogeneous():
+                for f in remote_code.FILES:
+                    w.add_file(f)
+            w.write_tensors(out_tensors, max_shard_bytes, progress=advance)
+            manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, code)
+            w.add_json(MANIFEST_NAME, manifest)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ElasticError(f"no space left on the device while writing {out}; nothing was written there "
+                               f"(the slice needs about {total / 2**30:.2f} GiB)") from None
+        raise
+    return SliceResult(Path(out), manifest["parameters"]["total"], w.bytes_written, manifest)
+
+
+def _nbytes(rule: TensorRule, ckpt: Checkpoint, code: str | None) -> int:
+    return math.prod(rule.shape) * DTYPES[code or ckpt.tensors[rule.source].dtype][1]
+
+
+def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> dict[str, Any]:
+    cfg_bytes = (ckpt.root / "config.json").read_bytes()
+    return {
+        "format": "elastic-slice",
+        "version": 1,
+        "source": {
+            "path": str(ckpt.root.resolve()),
+            "config_sha256": hashlib.sha256(cfg_bytes).hexdigest(),
+            "elastic": ckpt.is_elastic,
+            "parameters": ckpt.arch.param_counts()["total"],
+        },
+        "budget": budget,
+        "spec_source": spec_source,
+        "spec": spec.to_json(ckpt.arch),
+        "parameters": child.param_counts(),
+        "layer_pattern": child.layer_pattern,
+        "homogeneous": child.is_homogeneous(),
+        "dtype": DTYPES[code][0] if code else ckpt.dtype,
+        "shards": [{"file": name, "sha256": writer.sha256[name]} for name in writer.shards],
+        "runtimes": runtime_support(child, config),
+    }
