@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("ELASTIC_KERNELS", "0")
+# remote-code loads copy modeling files into HF_HOME; keep them out of the user's cache
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="elastic-tests-hf-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_config(**over) -> dict:

@@ -27,7 +27,10 @@ def test_inspect_json_on_the_bundled_demo(monkeypatch, tmp_path):
     assert p["total"] == sum(v for k, v in p.items() if k != "total")
     assert {"mamba", "attention", "mlp"} <= set(p)
     assert info["parameters_stored"] == p["total"]
-    assert info["dtype"] == "float32" and info["elastic"] is False
+    assert info["dtype"] == "float32" and info["elastic"] is True
+    budgets = {b["name"]: b["parameters"] for b in info["budgets"]}
+    assert list(budgets) == ["100%", "75%", "50%"] and budgets["100%"] == p["total"]
+    assert abs(budgets["75%"] / p["total"] - 0.75) < 0.01 and abs(budgets["50%"] / p["total"] - 0.5) < 0.01
     assert info == describe(DEMO_CHECKPOINT)  # the CLI adds nothing of its own
 
 

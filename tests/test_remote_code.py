@@ -128,6 +128,8 @@ def test_fresh_model_initialises_each_mamba_layer_at_its_size(tmp_path):
 
 
 def test_layer_config_and_validation(tmp_path):
+    from huggingface_hub.errors import StrictDataclassClassValidationError as Invalid
+
     from slicer.remote_code.configuration_nemotron_h_puzzle import NemotronHPuzzleConfig
 
     cfg = NemotronHPuzzleConfig(**tiny_config(hybrid_override_pattern="M-", block_configs=[_m(4), _f(96)]))
@@ -137,9 +139,9 @@ def test_layer_config_and_validation(tmp_path):
     cfg.save_pretrained(tmp_path)
     assert NemotronHPuzzleConfig.from_pretrained(tmp_path).block_configs == [_m(4), _f(96)]
     both = r"block_configs\[0\]\.block_type is 'mlp'.*block_configs\[1\]\.intermediate_size"  # all problems at once
-    with pytest.raises(Exception, match=both):
+    with pytest.raises(Invalid, match=both):
         NemotronHPuzzleConfig(**tiny_config(hybrid_override_pattern="M-", block_configs=[_f(9), _f(0)]))
-    with pytest.raises(Exception, match="1 entries for 2 layers"):
+    with pytest.raises(Invalid, match="1 entries for 2 layers"):
         NemotronHPuzzleConfig(**tiny_config(hybrid_override_pattern="M-", block_configs=[_m(4)]))
 
 
