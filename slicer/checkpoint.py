@@ -336,17 +336,49 @@ class OutTensor:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
+class _Sink:
+    """Writes and hashes blocks on a background thread, so reading the next block overlaps with
+    writing this one (file writes and sha256 both release the GIL). At most ``depth`` blocks wait."""
+
+    def __init__(self, f, depth: int = 3):
+        import hashlib
+        import queue
+        import threading
+
+        self.f, self.digest, self.error = f, hashlib.sha256(), None
+        self.q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (data := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.f.write(data)
+                    self.digest.update(data)
+                except BaseException as e:  # reported to the producer at its next put / close
+                    self.error = e
+
+    def put(self, data) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(data)
+
+    def close(self) -> str:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+
 def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[[int], None] | None) -> tuple[int, str]:
     """Stream tensors into one safetensors file: header first (all shapes are known), then data.
 
     Tensors are written in name order, so the same inputs give byte-identical files. Returns
     (data bytes written, sha256 of the whole file), the hash taken on the way out.
     """
-    import hashlib
-
     import torch
-
-    digest = hashlib.sha256()
 
     tensors = sorted(tensors, key=lambda t: t.name)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -357,23 +389,26 @@ def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(raw)), raw):
-            f.write(chunk)
-            digest.update(chunk)
-        for t in tensors:
-            written = 0
-            for block in t.blocks():
-                if st_dtype(block.dtype) != t.dtype:
-                    raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
-                data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(data))
-                digest.update(memoryview(data))
-                written += data.nbytes
-                if progress:
-                    progress(data.nbytes)
-            if written != t.nbytes:
-                raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
-    return offset, digest.hexdigest()
+        sink = _Sink(f)
+        try:
+            sink.put(struct.pack("<Q", len(raw)) + raw)
+            for t in tensors:
+                written = 0
+                for block in t.blocks():
+                    if st_dtype(block.dtype) != t.dtype:
+                        raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
+                    data = memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    sink.put(data)  # the view keeps the block alive until written
+                    written += data.nbytes
+                    if progress:
+                        progress(data.nbytes)
+                if written != t.nbytes:
+                    raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+        finally:
+            sha = sink.close()
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the directory is renamed into place
+    return offset, sha
 
 
 class ShardedWriter:
@@ -471,4 +506,19 @@ class ShardedWriter:
             shutil.rmtree(old)
         else:
             self.tmp.rename(self.out)
+        _fsync_dir(self.out.parent)
         return self.out
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
