@@ -85,3 +85,25 @@ def test_help_does_not_import_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # neither --help nor inspect needs torch
+
+
+def test_slice_json_on_the_demo(tmp_path, monkeypatch):
+    monkeypatch.delenv("ELASTIC_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["slice", "--budget", "50%", "--out", "m50", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["out"] == "m50" and info["bytes_written"] == sum(f.stat().st_size for f in (tmp_path / "m50").iterdir())
+    demo = {b["name"]: b["parameters"] for b in describe(DEMO_CHECKPOINT)["budgets"]}
+    assert info["parameters"] == demo["50%"]
+    assert json.loads(runner.invoke(app, ["inspect", "m50", "--json"]).stdout)["parameters"]["total"] == demo["50%"]
+
+
+def test_slice_errors_exit_2(tmp_path, hf_ckpt):
+    r = runner.invoke(app, ["slice", "--budget", "6B", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown budget '6B'; this checkpoint has: 100%, 75%, 50%" in r.stderr
+    r = runner.invoke(app, ["slice", "-c", str(hf_ckpt[0]), "--budget", "6B", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not an elastic checkpoint" in r.stderr
+    r = runner.invoke(app, ["slice", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "exactly one of" in r.stderr
+    assert not (tmp_path / "x").exists()
