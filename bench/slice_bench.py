@@ -8,7 +8,8 @@ each measurement:
 - the slice itself (a subprocess: wall time, peak RSS, bytes read and written from /proc/self/io);
 - the baseline: read every source shard once and write as many bytes as the slice wrote, with
   plain file I/O (64 MiB blocks, fsync like the slicer);
-and prints the ratio. The last line is one JSON object (``ratio``, ``peak_rss_bytes``, ...).
+and prints the ratio of the medians over ``--repeat`` alternating runs (the disk of a shared
+machine is noisy). The last line is one JSON object (``ratio``, ``peak_rss_bytes``, ...).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ BLOCK = 64 * 2**20
 
 
 def drop_cache(paths) -> None:
-    """Evict the files' pages (clean pages need no root), so every measurement reads from disk."""
+    """Evict the page cache so every measurement reads from disk: all of it where we may (root),
+    else the files' own pages (clean pages need no root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return
+    except OSError:
+        pass
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -159,6 +167,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/elastic-bench"))
     ap.add_argument("--reuse", action="store_true", help="reuse a source written by an earlier run")
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    ap.add_argument("--repeat", type=int, default=3, help="measure slice and baseline N times each; report medians")
     args = ap.parse_args()
     src, out, base_out = args.dir / "source", args.dir / "sliced", args.dir / "baseline.bin"
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -169,14 +178,21 @@ def main() -> None:
     src_files = sorted(src.glob("*.safetensors"))
     src_bytes = sum(p.stat().st_size for p in src_files)
 
-    drop_cache(src_files)
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), src=str(src), out=str(out))],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(proc.stderr)
-    s = json.loads(proc.stdout.strip().splitlines()[-1])
-    drop_cache(src_files)
-    base = baseline(src_files, s["bytes_written"], base_out)
+    runs, bases = [], []
+    for _ in range(args.repeat):  # alternate, so both see the same disk and cache conditions
+        shutil.rmtree(out, ignore_errors=True)  # replacing an old output would be timed too
+        base_out.unlink(missing_ok=True)
+        drop_cache(src_files)
+        proc = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), src=str(src), out=str(out))],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(proc.stderr)
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        drop_cache(src_files)
+        bases.append(baseline(src_files, runs[-1]["bytes_written"], base_out))
+    s = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run
+    s["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    base = sorted(bases)[len(bases) // 2]
     result = {
         "layers": args.layers,
         "source_bytes": src_bytes,
@@ -187,6 +203,9 @@ def main() -> None:
         "baseline_s": round(base, 2),
         "ratio": round(s["wall_s"] / base, 3),
         "peak_rss_bytes": s["peak_rss_bytes"],
+        "repeat": args.repeat,
+        "slice_s_all": [round(r["wall_s"], 2) for r in runs],
+        "baseline_s_all": [round(b, 2) for b in bases],
     }
     print(f"source        {src_bytes / 2**30:.2f} GiB in {len(src_files)} shards ({args.layers} layers)")
     print(f"slice         {s['wall_s']:.1f}s, read {s['rchar'] / 2**30:.2f} GiB, wrote {s['bytes_written'] / 2**30:.2f} GiB, "

@@ -262,6 +262,21 @@ class Checkpoint:
         return self.config.get("dtype") or self.config.get("torch_dtype")
 
     # ---- reading data (torch) -----------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        """One descriptor per shard, kept open: the kernel's read-ahead follows sequential reads
+        only within one open file."""
+        fds = self.__dict__.setdefault("_fds", {})
+        if file not in fds:
+            fds[file] = os.open(file, os.O_RDONLY)
+        return fds[file]
+
+    def close(self) -> None:
+        for fd in self.__dict__.pop("_fds", {}).values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
     def read(self, name: str, rows: tuple[int, int] | None = None):
         """Read one tensor, or rows ``[r0, r1)`` of its first axis, with plain file reads.
 
@@ -280,11 +295,9 @@ class Checkpoint:
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = bytearray(nbytes)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: the read overwrites it
         try:
-            with open(info.file, "rb") as f:
-                f.seek(info.data_start + info.offsets[0] + r0 * info.row_bytes)
-                got = f.readinto(buf)
+            got = _pread_fully(self._fd(info.file), buf.numpy(), info.data_start + info.offsets[0] + r0 * info.row_bytes)
         except OSError as e:
             raise CheckpointError(f"cannot read {name} ({e.strerror})", path=str(info.file)) from None
         if got != nbytes:
@@ -292,13 +305,24 @@ class Checkpoint:
                 f"truncated while reading {name}: the file ended {nbytes - got} bytes early "
                 "(was it modified during the run?)", path=str(info.file)
             )
-        return torch.frombuffer(buf, dtype=dtype).view(shape)
+        return buf.view(dtype).view(shape)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
         """Yield (name, tensor) one at a time, in file order."""
         wanted = names if names is not None else list(self.tensors)
         for name in sorted(wanted, key=lambda n: (self.tensors[n].file, self.tensors[n].offsets)):
             yield name, self.read(name)
+
+
+def _pread_fully(fd: int, view, offset: int) -> int:
+    """pread until the buffer is full or the file ends (reads may return short)."""
+    mv, got = memoryview(view), 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _cap(problems: list[str], n: int = 20) -> list[str]:
@@ -351,9 +375,14 @@ class _Sink:
         self.thread.start()
 
     def _run(self) -> None:
-        while (data := self.q.get()) is not None:
+        import torch
+
+        while (item := self.q.get()) is not None:
             if self.error is None:
                 try:
+                    # a tensor (maybe a strided view) becomes bytes here, off the reading thread
+                    data = item if isinstance(item, bytes) else \
+                        memoryview(item.contiguous().reshape(-1).view(torch.uint8).numpy())
                     self.f.write(data)
                     self.digest.update(data)
                 except BaseException as e:  # reported to the producer at its next put / close
@@ -378,8 +407,6 @@ def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[
     Tensors are written in name order, so the same inputs give byte-identical files. Returns
     (data bytes written, sha256 of the whole file), the hash taken on the way out.
     """
-    import torch
-
     tensors = sorted(tensors, key=lambda t: t.name)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -397,11 +424,11 @@ def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[
                 for block in t.blocks():
                     if st_dtype(block.dtype) != t.dtype:
                         raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
-                    data = memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
-                    sink.put(data)  # the view keeps the block alive until written
-                    written += data.nbytes
+                    nbytes = block.numel() * block.element_size()
+                    sink.put(block)  # written (and made contiguous) on the sink's thread
+                    written += nbytes
                     if progress:
-                        progress(data.nbytes)
+                        progress(nbytes)
                 if written != t.nbytes:
                     raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
         finally:

@@ -37,7 +37,7 @@ DTYPE_ALIASES = {
     "float16": "F16", "fp16": "F16", "half": "F16", "f16": "F16",
     "bfloat16": "BF16", "bf16": "BF16",
 }
-BLOCK_BYTES = 64 * 2**20  # rows read and written at a time
+BLOCK_BYTES = 16 * 2**20  # rows read and written at a time (under glibc's 32 MiB mmap cap: buffers get reused)
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,38 @@ def choose_spec(ckpt: Checkpoint, budget: str | None, spec: SliceSpec | str | Pa
 def _blocks(ckpt: Checkpoint, rule: TensorRule, dtype):
     """Yield the kept part of one tensor, a block of rows at a time.
 
-    Whole rows of the kept axis-0 ranges are read (contiguous on disk), then the kept ranges of
-    the other axes are cut out in memory.
+    Kept axis-0 ranges separated by small gaps are read as one contiguous span (the disk reads
+    ahead only when reads are sequential), in blocks of at most BLOCK_BYTES; the kept rows and
+    the kept ranges of the other axes are then cut out in memory.
     """
+    import torch
+
     info = ckpt.tensors[rule.source]
     step = max(1, BLOCK_BYTES // max(1, info.row_bytes))
-    for a, b in rule.axes[0]:
-        for r0 in range(a, b, step):
-            t = select(ckpt.read(rule.source, (r0, min(b, r0 + step))), rule.axes[1:], info.shape[1:])
+    for span_start, span_end, ranges in _spans(rule.axes[0], info.row_bytes):
+        for r0 in range(span_start, span_end, step):
+            r1 = min(span_end, r0 + step)
+            here = [(max(a, r0), min(b, r1)) for a, b in ranges if a < r1 and b > r0]
+            if not here:
+                continue
+            lo, hi = here[0][0], here[-1][1]
+            t = ckpt.read(rule.source, (lo, hi))
+            if len(here) > 1:  # drop the gap rows read along with the kept ones
+                t = torch.cat([t.narrow(0, a - lo, b - a) for a, b in here], dim=0)
+            t = select(t, rule.axes[1:], info.shape[1:])
             yield t if dtype is None else t.to(dtype)
+
+
+def _spans(ranges, row_bytes: int, max_gap_bytes: int = 4 * 2**20):
+    """Group kept ranges into read spans: neighbours closer than ``max_gap_bytes`` share one."""
+    spans: list[list] = []
+    for a, b in ranges:
+        if spans and (a - spans[-1][1]) * row_bytes <= max_gap_bytes:
+            spans[-1][1] = b
+            spans[-1][2].append((a, b))
+        else:
+            spans.append([a, b, [(a, b)]])
+    return spans
 
 
 def select(t, axes, full_shape):
@@ -92,9 +115,12 @@ def select(t, axes, full_shape):
     import torch
 
     for k, (ranges, size) in enumerate(zip(axes, full_shape), start=1):
-        if ranges != ((0, size),):
+        if len(ranges) == 1:
+            if ranges[0] != (0, size):
+                t = t.narrow(k, ranges[0][0], ranges[0][1] - ranges[0][0])  # a view; copied by the writer
+        else:
             t = torch.cat([t.narrow(k, a, b - a) for a, b in ranges], dim=k)
-    return t.contiguous()
+    return t
 
 
 def runtime_support(arch: Arch, config: dict) -> dict[str, dict[str, Any]]:
