@@ -196,11 +196,11 @@ class Attention(nn.Module):
                 k, v = torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2)
             cache.layers[idx] = KVState(k, v)
         t = k.shape[2]
-        rep = self.heads // self.kv_heads  # query heads per KV head, contiguous
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # query i (absolute position t - l + i) sees keys 0 .. t - l + i
         mask = None if l == 1 else torch.ones(l, t, dtype=torch.bool, device=x.device).tril(t - l)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        # GQA without materialising repeated K/V: query heads j*rep .. (j+1)*rep-1 share KV head j
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5,
+                                             enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.heads * self.head_dim))
 
 
