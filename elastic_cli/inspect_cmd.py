@@ -51,8 +51,8 @@ def inspect(
         lines.append(f"dtype        {info['dtype'] or 'unknown'} (from config.json)")
         lines.append("weights      not present: parameter counts come from config.json")
     if info["budgets"]:
-        lines.append("budgets      name        parameters   of full  layers")
+        lines.append("budgets      name            parameters  of full  layers")
         for b in info["budgets"]:
             share = b["parameters"] / p["total"]
-            lines.append(f"             {b['name']:<10}{b['parameters']:>12,}   {share:>6.1%}  {b['layer_pattern']}")
+            lines.append(f"             {b['name']:<8}{b['parameters']:>18,}  {share:>7.1%}  {b['layer_pattern']}")
     typer.echo("\n".join(lines))

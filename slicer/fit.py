@@ -1,0 +1,154 @@
+"""The fit decision: for each budget of a checkpoint, the memory it needs on a target and whether
+it fits; the largest that fits is chosen. No torch here (planning works from config.json alone).
+
+Example:
+    >>> target = target_from_profile(get_profile("orin-nano-8gb"))
+    >>> p = plan("./Nemotron-Elastic-12B", target, Workload(context=8192))
+    >>> p["chosen"], [(b["name"], b["fits"]) for b in p["budgets"]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .elastic_format import ElasticConfig, resolve_budget
+from .errors import ConfigError
+from .memory import Workload, footprint, max_context
+from .spec import SliceSpec
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device a plan is for: detected here, or a profile for a device you do not have."""
+
+    name: str
+    kind: str  # "gpu" | "jetson" | "cpu"
+    usable_bytes: int  # what the model may use (after the OS/driver reserve, or free now)
+    overhead_bytes: int  # runtime overhead: CUDA context + workspace, or the CPU runtime
+    bf16: bool
+    fp16: bool
+    fp8: bool
+    unified: bool  # GPU memory is the system RAM (Jetson)
+    source: str  # "detected" or "profile"
+    notes: tuple[str, ...] = ()
+
+
+def target_from_profile(profile) -> Target:
+    """Plan for a device profile (``profiles.devices.DeviceProfile``): usable = memory - reserve."""
+    return Target(
+        name=profile.display_name, kind=profile.kind,
+        usable_bytes=max(0, profile.memory_bytes - profile.reserve_bytes),
+        overhead_bytes=profile.runtime_overhead_bytes, bf16=profile.bf16, fp16=profile.fp16, fp8=profile.fp8,
+        unified=profile.unified, source="profile",
+        notes=(f"profile {profile.name}: {profile.memory_bytes / 2**30:.1f} GiB, "
+               f"{profile.reserve_bytes / 2**30:.1f} GiB kept for the OS/driver",),
+    )
+
+
+def target_from_device(device) -> Target:
+    """Plan for a detected device (``profiles.detect.Device``)."""
+    return Target(
+        name=device.name, kind=device.kind, usable_bytes=device.usable_bytes,
+        overhead_bytes=device.runtime_overhead_bytes, bf16=device.bf16, fp16=device.fp16, fp8=device.fp8,
+        unified=device.unified, source="detected", notes=tuple(device.notes),
+    )
+
+
+def choose_dtype(requested: str | None, target: Target) -> tuple[str, str | None]:
+    """The dtype to plan and slice with, and a note when it differs from what was asked.
+
+    ``None``/"auto": bfloat16 where the device has it, else float16, else float32.
+    """
+    if requested in (None, "auto"):
+        if target.bf16:
+            return "bfloat16", None
+        if target.fp16:
+            return "float16", f"{target.name} has no bfloat16: using float16"
+        return "float32", f"{target.name} has neither bfloat16 nor float16: using float32"
+    if requested == "bfloat16" and not target.bf16:
+        return "float16", f"{target.name} has no bfloat16 support: falling back to float16"
+    if requested not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"unknown dtype {requested!r}; use auto, bfloat16, float16 or float32")
+    return requested, None
+
+
+def budget_specs(ckpt: Checkpoint) -> list[tuple[str, SliceSpec, str]]:
+    """(name, spec, where the spec came from) for every budget; a dense checkpoint has one, "full"."""
+    if not ckpt.is_elastic:
+        return [("full", SliceSpec.full(ckpt.arch), "dense checkpoint")]
+    ec = ElasticConfig.read(ckpt.root, ckpt.arch)
+    out = []
+    for b in ec.budgets:
+        spec, source = resolve_budget(ckpt.root, ec, ckpt.arch, b.name)
+        out.append((b.name, spec, source))
+    return out
+
+
+def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload) -> dict[str, Any]:
+    """The memory table of every budget on ``target`` and the budget chosen.
+
+    Returns a JSON-ready dict with the stable keys ``device`` (``name``, ``usable_bytes``, ...),
+    ``budgets`` (each: ``name``, ``parameters``, ``dtype``, ``fits``, ``headroom_bytes`` and
+    ``terms``: ``weights``, ``kv_cache``, ``ssm_state``, ``activations``, ``overhead``, ``margin``,
+    ``total``), ``chosen`` (a budget name or None) and ``suggestions`` (what would fit instead,
+    when nothing does).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    dtype, dtype_note = choose_dtype(workload.dtype, target)
+    w = replace(workload, dtype=dtype)
+    rows = []
+    for name, spec, source in budget_specs(ckpt):
+        child = spec.child_arch(ckpt.arch)
+        terms = footprint(child, w, target.overhead_bytes)
+        rows.append({
+            "name": name,
+            "parameters": child.param_counts()["total"],
+            "dtype": dtype,
+            "fits": terms["total"] <= target.usable_bytes,
+            "headroom_bytes": target.usable_bytes - terms["total"],
+            "terms": terms,
+            "layer_pattern": child.layer_pattern,
+            "resolved_by": source,
+        })
+    fitting = [r for r in rows if r["fits"]]
+    chosen = max(fitting, key=lambda r: r["parameters"])["name"] if fitting else None
+    notes = [n for n in (dtype_note,) if n]
+    result = {
+        "checkpoint": str(ckpt.root.resolve()),
+        "weights_present": ckpt.has_weights,
+        "device": {**asdict(target), "notes": list(target.notes)},
+        "workload": asdict(w),
+        "budgets": rows,
+        "chosen": chosen,
+        "notes": notes,
+        "suggestions": [] if chosen else suggestions(ckpt, rows, target, w),
+    }
+    return result
+
+
+def suggestions(ckpt: Checkpoint, rows: list[dict], target: Target, w: Workload) -> list[str]:
+    """What would fit when nothing does: a shorter context, a smaller batch, another dtype, a bigger device."""
+    name, spec, _ = min(budget_specs(ckpt), key=lambda b: b[1].parameters(ckpt.arch))
+    child = spec.child_arch(ckpt.arch)
+    smallest = next(r for r in rows if r["name"] == name)
+    out = []
+    ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
+    if ctx >= 256:
+        out.append(f"budget {name} fits with --context {ctx} (instead of {w.context})")
+    if w.batch > 1:
+        for b in range(w.batch - 1, 0, -1):
+            if footprint(child, replace(w, batch=b), target.overhead_bytes)["total"] <= target.usable_bytes:
+                out.append(f"budget {name} fits with --batch {b} (instead of {w.batch})")
+                break
+    if w.dtype == "float32":
+        half = "bfloat16" if target.bf16 else "float16"
+        if footprint(child, replace(w, dtype=half), target.overhead_bytes)["total"] <= target.usable_bytes:
+            out.append(f"budget {name} fits with --dtype {half}")
+    need = smallest["terms"]["total"]
+    out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
+               f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "
+               "GiB more would run it")
+    return out
