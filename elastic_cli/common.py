@@ -28,9 +28,11 @@ def debug() -> bool:
 @contextmanager
 def boundary() -> Iterator[None]:
     """Map an ElasticError to one message on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
+    from profiles.errors import ProfileError
+
     try:
         yield
-    except ElasticError as e:
+    except (ElasticError, ProfileError) as e:
         if debug():
             raise
         typer.echo(f"error: {e.render()}", err=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from .inspect_cmd import inspect
+from .plan_cmd import fit_my_gpu, plan, profiles_
 from .slice_cmd import slice_
 
 app = typer.Typer(
@@ -33,8 +34,11 @@ def _root(
         raise typer.Exit()
 
 
-app.command(name="inspect")(inspect)
+app.command(name="fit-my-gpu")(fit_my_gpu)
+app.command(name="plan")(plan)
 app.command(name="slice")(slice_)
+app.command(name="inspect")(inspect)
+app.command(name="profiles")(profiles_)
 
 
 def main() -> None:

@@ -1,0 +1,226 @@
+"""``elastic plan``, ``elastic profiles`` and ``elastic fit-my-gpu``: which budget fits a device."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .common import CheckpointOpt, JsonOpt, boundary, human_bytes, human_count, print_json, progress_bar
+
+
+class PlanDType(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+TargetOpt = Annotated[Optional[str], typer.Option(
+    "--target", "-t", help="Plan for a device profile instead of this machine (see `elastic profiles`).",
+    show_default=False)]
+GpuOpt = Annotated[Optional[int], typer.Option("--gpu", help="Which GPU when there are several (default: most free memory).",
+                                               show_default=False)]
+ContextOpt = Annotated[int, typer.Option("--context", help="Tokens per sequence (prompt + output).", min=1)]
+BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences decoded together.", min=1)]
+DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", help="auto: bfloat16 where supported, else float16.")]
+ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
+
+
+def _target(target: str | None, gpu: int | None):
+    """A planning target from a profile name, or from detecting this machine."""
+    from slicer.fit import target_from_device, target_from_profile
+
+    if target:
+        from profiles.devices import get_profile
+
+        return target_from_profile(get_profile(target)), None
+    from profiles.detect import detect
+
+    detection = detect(gpu=gpu)
+    return target_from_device(detection.chosen), detection
+
+
+def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk) -> tuple[dict, Any]:
+    from slicer.describe import default_checkpoint
+    from slicer.fit import plan
+    from slicer.memory import Workload
+
+    tgt, detection = _target(target, gpu)
+    w = Workload(context=context, batch=batch, dtype=dtype.value, prefill_chunk=prefill_chunk)
+    result = plan(checkpoint or default_checkpoint(), tgt, w)
+    if detection is not None:
+        result["detection"] = {
+            "devices": [d.name for d in detection.devices],
+            "reasons": list(detection.reasons),
+        }
+    return result, detection
+
+
+def render_plan(p: dict) -> str:
+    dev, w = p["device"], p["workload"]
+    lines = [
+        f"device      {dev['name']} ({dev['kind']}, {dev['source']}): {human_bytes(dev['usable_bytes'])} usable"
+        + (", shares system RAM" if dev["unified"] else ""),
+    ]
+    lines += [f"            {n}" for n in dev["notes"]]
+    lines.append(f"workload    context {w['context']:,} x batch {w['batch']}, {w['dtype']}, "
+                 f"prefill chunks of {w['prefill_chunk']}, margin {w['margin']:.0%}")
+    lines += [f"note        {n}" for n in p["notes"]]
+    big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
+    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
+    gib = lambda n: f"{n / div:8.2f}"  # noqa: E731
+    lines.append("")
+    lines.append(f"{'budget':<8}{'params':>9} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} {'overhd':>8} "
+                 f"{'margin':>8} {'total':>8} {'headroom':>9}  fits   ({unit})")
+    for b in p["budgets"]:
+        t = b["terms"]
+        mark = "yes" if b["fits"] else "no"
+        if b["name"] == p["chosen"]:
+            mark += "  <- chosen"
+        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {gib(t['weights'])} {gib(t['kv_cache'])} "
+                     f"{gib(t['ssm_state'])} {gib(t['activations'])} {gib(t['overhead'])} {gib(t['margin'])} "
+                     f"{gib(t['total'])} {gib(b['headroom_bytes']):>9}  {mark}")
+    lines.append("")
+    if p["chosen"]:
+        lines.append(f"chosen      {p['chosen']}: the largest budget that fits")
+    else:
+        lines.append("chosen      none: no budget fits")
+        lines += [f"try         {s}" for s in p["suggestions"]]
+    return "\n".join(lines)
+
+
+def plan(
+    checkpoint: CheckpointOpt = None,
+    target: TargetOpt = None,
+    gpu: GpuOpt = None,
+    context: ContextOpt = 8192,
+    batch: BatchOpt = 1,
+    dtype: DTypeOpt = PlanDType.auto,
+    prefill_chunk: ChunkOpt = 512,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the memory every budget needs on this machine (or --target) and which one fits.
+
+    Works from config.json (+ elastic_config.json) alone: plan before downloading the weights.
+
+    Examples:
+
+      elastic plan
+
+      elastic plan -c examples/nemotron-elastic-12b --target orin-nano-8gb --context 32768
+
+      elastic plan --target rtx-4090 --json | jq .chosen
+    """
+    with boundary():
+        p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+    if json_out:
+        print_json(p)
+    else:
+        typer.echo(render_plan(p))
+
+
+def profiles_(json_out: JsonOpt = False) -> None:
+    """List the known device profiles (use a name with --target).
+
+    Examples:
+
+      elastic profiles
+
+      elastic plan --target agx-orin-64gb
+    """
+    from dataclasses import asdict
+
+    from profiles.devices import load_profiles
+
+    with boundary():
+        profs = load_profiles()
+    if json_out:
+        print_json([asdict(p) for p in profs.values()])
+        return
+    typer.echo(f"{'name':<18}{'device':<34}{'memory':>9}{'reserve':>9}  {'bf16':<5}{'fp8':<4} unified")
+    for p in profs.values():
+        typer.echo(f"{p.name:<18}{p.display_name:<34}{p.memory_bytes / 2**30:>8.0f}G{p.reserve_bytes / 2**30:>8.1f}G  "
+                   f"{'yes' if p.bf16 else 'no':<5}{'yes' if p.fp8 else 'no':<4} {'yes' if p.unified else 'no'}")
+
+
+def fit_my_gpu(
+    checkpoint: CheckpointOpt = None,
+    target: TargetOpt = None,
+    gpu: GpuOpt = None,
+    context: ContextOpt = 8192,
+    batch: BatchOpt = 1,
+    dtype: DTypeOpt = PlanDType.auto,
+    prefill_chunk: ChunkOpt = 512,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the model "
+                                                "(default: ./elastic-model-<budget>).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and choose, write nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Detect the GPU, pick the largest budget that fits, slice it, and check that it runs.
+
+    Examples:
+
+      elastic fit-my-gpu                                   # the bundled demo, this machine
+
+      elastic fit-my-gpu -c ./Nemotron-Elastic-12B --context 32768 --out ./model
+
+      elastic fit-my-gpu -c ./Nemotron-Elastic-12B --target orin-nano-8gb --dry-run
+    """
+    from slicer.errors import ElasticError
+
+    with boundary():
+        p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+        if not json_out:
+            typer.echo(render_plan(p))
+        if p["chosen"] is None:
+            if json_out:
+                print_json(p | {"out": None})
+            raise ElasticError("no budget fits this device; see the suggestions above")
+        chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
+        dest = out or Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', p['chosen']) or 'budget'}")
+        if dry_run:
+            p["out"] = None
+            if json_out:
+                print_json(p)
+            else:
+                typer.echo(f"\ndry run: would write budget {p['chosen']} ({chosen['dtype']}) to {dest}")
+            return
+        if not p["weights_present"]:
+            raise ElasticError("the checkpoint holds config.json only; download the weights to slice it "
+                               "(planning works without them)", path=p["checkpoint"])
+        from slicer.slice import slice_checkpoint
+        from slicer.smoke import smoke_test
+
+        is_elastic = p["budgets"][0]["resolved_by"] != "dense checkpoint"
+        with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
+            result = slice_checkpoint(p["checkpoint"], dest, budget=p["chosen"] if is_elastic else None,
+                                      spec=None if is_elastic else _full_spec(p["checkpoint"]),
+                                      dtype=chosen["dtype"], force=force, progress=advance)
+        smoke = smoke_test(dest, dtype="float32" if p["device"]["kind"] == "cpu" else None)
+    p |= {"out": str(dest), "slice": {"parameters": result.parameters, "bytes_written": result.bytes_written,
+                                      "runtimes": result.manifest["runtimes"]}, "smoke": smoke}
+    if json_out:
+        print_json(p)
+        return
+    text = f" -> {smoke['text']!r}" if smoke["text"] is not None else ""
+    typer.echo("\n".join([
+        "",
+        f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, {chosen['dtype']}, "
+        f"{human_bytes(result.bytes_written)})",
+        f"smoke test  {smoke['new_tokens']} tokens from {smoke['prompt']!r}{text}, "
+        f"{smoke['decode_tokens_per_s']} tokens/s (PyTorch reference, CPU)" if p["device"]["kind"] == "cpu" else
+        f"smoke test  {smoke['new_tokens']} tokens from {smoke['prompt']!r}{text}, {smoke['decode_tokens_per_s']} tokens/s",
+        f"next        elastic inspect {dest}",
+    ]))
+
+
+def _full_spec(path: str):
+    from slicer.arch import Arch
+    from slicer.spec import SliceSpec
+
+    return SliceSpec.full(Arch.from_file(path))

@@ -1,0 +1,116 @@
+"""The memory model and the fit decision."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from elastic_cli.main import app
+from profiles.devices import get_profile
+from slicer.arch import Arch
+from slicer.checkpoint import Checkpoint
+from slicer.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
+from slicer.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
+from slicer.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+E12B = ROOT / "examples" / "nemotron-elastic-12b"
+runner = CliRunner()
+
+
+def test_weight_terms_are_two_bytes_per_parameter_in_bf16():
+    ckpt = Checkpoint.open(E12B)
+    assert not ckpt.has_weights and ckpt.is_elastic
+    w = Workload(context=8192, dtype="bfloat16")
+    params = {}
+    for name, spec, _ in budget_specs(ckpt):
+        child = spec.child_arch(ckpt.arch)
+        params[name] = child.param_counts()["total"]
+        assert footprint(child, w, 0)["weights"] == 2 * params[name]
+    assert params["12B"] == 12_310_001_152  # the parent's count (DESIGN.md section 3)
+    assert 8.9e9 < params["9B"] < 9.1e9 and 5.9e9 < params["6B"] < 6.1e9
+
+
+def test_state_terms_equal_the_real_cache(hf_ckpt):
+    """KV cache and Mamba state predicted from the config = the tensors the model really keeps."""
+    model = load_model(hf_ckpt[0])
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (3, 40)), cache=cache)
+    kv = sum(t.numel() * t.element_size() for s in cache.layers if s is not None and hasattr(s, "k") for t in (s.k, s.v))
+    ssm = sum(t.numel() * t.element_size() for s in cache.layers if s is not None and hasattr(s, "ssm") for t in (s.conv, s.ssm))
+    assert kv == kv_cache_bytes(model.arch, context=40, batch=3, dtype="float32")
+    assert ssm == ssm_state_bytes(model.arch, batch=3, dtype="float32")
+
+
+def cpu_target(gib: float, **kw) -> Target:
+    return Target("test", "gpu", int(gib * 2**30), 2**29, kw.get("bf16", True), True, False, False, "profile")
+
+
+def test_largest_fitting_budget_is_chosen():
+    p = plan(E12B, cpu_target(20), Workload(context=8192))
+    fits = {b["name"]: b["fits"] for b in p["budgets"]}
+    assert fits == {"12B": False, "9B": True, "6B": True} and p["chosen"] == "9B"
+    for b in p["budgets"]:
+        t = b["terms"]
+        assert t["total"] == sum(v for k, v in t.items() if k != "total")
+        assert b["headroom_bytes"] == 20 * 2**30 - t["total"]
+
+
+def test_longer_context_needs_more_kv_and_can_change_the_choice():
+    short = plan(E12B, cpu_target(20), Workload(context=8192))
+    long = plan(E12B, cpu_target(20), Workload(context=262144))
+    assert short["chosen"] == "9B"
+    kv = lambda p: {b["name"]: b["terms"]["kv_cache"] for b in p["budgets"]}  # noqa: E731
+    assert kv(long)["6B"] == 32 * kv(short)["6B"]
+    assert long["chosen"] == "6B"
+
+
+def test_bf16_falls_back_to_fp16():
+    t = cpu_target(24, bf16=False)
+    assert choose_dtype("bfloat16", t)[0] == "float16" and choose_dtype(None, t)[0] == "float16"
+    p = plan(E12B, t, Workload(dtype="bfloat16"))
+    assert {b["dtype"] for b in p["budgets"]} == {"float16"} and "no bfloat16" in p["notes"][0]
+
+
+def test_nothing_fits_says_what_would():
+    p = plan(E12B, target_from_profile(get_profile("orin-nano-4gb")), Workload(context=8192))
+    assert p["chosen"] is None
+    text = " ".join(p["suggestions"])
+    assert "budget 6B needs" in text and "more would run it" in text
+
+
+def test_plan_json_keys_stable():
+    r = runner.invoke(app, ["plan", "-c", str(E12B), "--target", "agx-orin-64gb", "--context", "32768", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert {"name", "usable_bytes"} <= set(p["device"])
+    for b in p["budgets"]:
+        assert {"name", "parameters", "dtype", "fits", "terms"} <= set(b)
+        assert {"weights", "kv_cache", "ssm_state", "activations", "overhead", "total"} <= set(b["terms"])
+    assert p["chosen"] == "12B"
+
+
+def test_unknown_target_exit_2():
+    r = runner.invoke(app, ["plan", "--target", "rtx-409"])
+    assert r.exit_code == 2 and "rtx-4090" in r.stderr
+
+
+def test_fit_my_gpu_on_the_demo(tmp_path, monkeypatch):
+    monkeypatch.delenv("ELASTIC_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["fit-my-gpu", "--out", "model", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert p["chosen"] == "100%" and p["out"] == "model" and (tmp_path / "model" / "config.json").is_file()
+    assert p["smoke"]["new_tokens"] == 16 and p["smoke"]["decode_tokens_per_s"] > 0
+    dry = runner.invoke(app, ["fit-my-gpu", "--target", "cpu", "--dry-run", "--json"])
+    assert json.loads(dry.stdout)["out"] is None and not (tmp_path / "elastic-model-100").exists()
+
+
+def test_fit_my_gpu_needs_weights(tmp_path):
+    r = runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "h100-80gb", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "config.json only" in r.stderr and not (tmp_path / "m").exists()
