@@ -31,7 +31,7 @@ GENERATED = {  # ~133M parameters: ~530 MB in float32
 }
 
 CHILD = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {root!r})
 import torch
 from slicer.model import load_model
@@ -46,7 +46,8 @@ with torch.no_grad():
         logits = model(ids[:, s:s + {chunk}], cache=cache)  # full logits of the chunk
     for _ in range({decode}):
         logits = model(logits[:, -1:].argmax(-1), cache=cache)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process image's own peak (ru_maxrss would carry the forking parent's over exec)
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 print(json.dumps({{"measured": peak - base}}))
 """
 

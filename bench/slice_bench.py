@@ -133,7 +133,7 @@ def write_source(path: Path, layers: int) -> dict:
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 from slicer.slice import slice_checkpoint
 t = time.perf_counter()
@@ -142,7 +142,7 @@ wall = time.perf_counter() - t
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print(json.dumps({{"wall_s": wall, "parameters": r.parameters, "bytes_written": r.bytes_written,
                   "rchar": int(io["rchar"]), "wchar": int(io["wchar"]),
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                  "peak_rss_bytes": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024}}))
 """
 
 
