@@ -1,0 +1,53 @@
+"""Importance, permutation and the elastic (router) forward."""
+
+import torch
+
+from slicer.model import load_model
+from trainer.importance import depth_order, width_importance
+from trainer.permute import orders, permute_
+
+from conftest import make_hf_checkpoint
+
+
+def batches(n=3, b=2, l=12, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (b, l), generator=g) for _ in range(n)]
+
+
+def test_permutation_preserves_logits_and_sorts_importance(tmp_path):
+    make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M", n_groups=2, mamba_num_heads=8)
+    model = load_model(tmp_path / "p")
+    data = batches()
+    with torch.no_grad():
+        before = [model(x) for x in data]
+    scores = width_importance(model, data)
+    assert set(scores) >= {"hidden", "layers.0.heads", "layers.0.channels", "layers.3.attention_heads", "layers.1.ffn"}
+    permute_(model, orders(model, scores))
+    with torch.no_grad():
+        for x, ref in zip(data, before):
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    # recomputed on the permuted model, scores are sorted: descending, heads inside their group
+    again = width_importance(model, data)
+    assert torch.all(again["hidden"][:-1] >= again["hidden"][1:] - 1e-3)
+    assert torch.all(again["layers.1.ffn"][:-1] >= again["layers.1.ffn"][1:] - 1e-3)
+    heads = again["layers.0.heads"].view(2, 4)  # 2 groups of 4 heads
+    assert torch.all(heads[:, :-1] >= heads[:, 1:] - 1e-3)
+
+
+def test_hooks_are_removed_even_on_error(tmp_path):
+    make_hf_checkpoint(tmp_path / "p")
+    model = load_model(tmp_path / "p")
+    try:
+        width_importance(model, [torch.full((1, 4), 10_000)])  # out of vocabulary: fails inside
+    except (IndexError, RuntimeError):
+        pass
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_depth_order_removes_least_harmful_first(tmp_path):
+    make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M")
+    model = load_model(tmp_path / "p")
+    order = depth_order(model, batches(2), candidates=range(6), steps=3)
+    assert len(order) == 3 and len({j for j, _ in order}) == 3
+    assert all(err >= 0 for _, err in order)
+    assert all(type(b).__name__ == "Block" for b in model.backbone.layers)  # layers restored
