@@ -8,6 +8,8 @@ import typer
 from .inspect_cmd import inspect
 from .plan_cmd import fit_my_gpu, plan, profiles_
 from .slice_cmd import slice_
+from .tui import tui
+from .train_cmd import train
 
 app = typer.Typer(
     name="elastic",
@@ -39,6 +41,8 @@ app.command(name="plan")(plan)
 app.command(name="slice")(slice_)
 app.command(name="inspect")(inspect)
 app.command(name="profiles")(profiles_)
+app.command(name="tui")(tui)
+app.command(name="train")(train)
 
 
 def main() -> None:

@@ -90,9 +90,9 @@ def ssd_chunked(
     pad = (chunk_size - l % chunk_size) % chunk_size
     xf, dtf = x.float(), dt.float()
     Bh, Ch = _heads(B.float(), h), _heads(C.float(), h)  # (b, l, h, n)
-    if pad:
-        xf, dtf = F.pad(xf, (0, 0, 0, 0, 0, pad)), F.pad(dtf, (0, 0, 0, pad))
-        Bh, Ch = F.pad(Bh, (0, 0, 0, 0, 0, pad)), F.pad(Ch, (0, 0, 0, 0, 0, pad))
+    # padded even when pad == 0: no branch on the length, so one exported (ONNX) graph serves every length
+    xf, dtf = F.pad(xf, (0, 0, 0, 0, 0, pad)), F.pad(dtf, (0, 0, 0, pad))
+    Bh, Ch = F.pad(Bh, (0, 0, 0, 0, 0, pad)), F.pad(Ch, (0, 0, 0, 0, 0, pad))
     c, T = (l + pad) // chunk_size, chunk_size
     n = Bh.shape[-1]
     xdt = (xf * dtf[..., None]).reshape(b, c, T, h, p)  # discretised input, (b, c, T, h, p)

@@ -51,3 +51,34 @@ def test_depth_order_removes_least_harmful_first(tmp_path):
     assert len(order) == 3 and len({j for j, _ in order}) == 3
     assert all(err >= 0 for _, err in order)
     assert all(type(b).__name__ == "Block" for b in model.backbone.layers)  # layers restored
+
+
+def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_path):
+    from slicer.elastic_format import Budget, ElasticConfig
+    from slicer.masked import masked_forward
+    from slicer.spec import SliceSpec
+    from trainer.elastic import Router, default_search_space, elastic_forward, expected_params, sample
+
+    make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M", n_groups=2, mamba_num_heads=8)
+    model = load_model(tmp_path / "p")
+    arch = model.arch
+    dims = default_search_space(arch, droppable=[1, 4])
+    full = SliceSpec.full(arch).to_json(arch)
+    ec = ElasticConfig((Budget("a", 10), Budget("b", 5)), dims, {"a": full, "b": full})
+    router = Router(dims, 2)
+    gen = torch.Generator().manual_seed(0)
+    x = batches(1)[0]
+    seen = set()
+    for k in range(6):
+        choice = sample(router, ec, arch, k % 2, tau=1.0, scale=1.0, gen=gen)
+        hard = {d.name: torch.nn.functional.one_hot(
+            torch.tensor([d.choices.index(v) for v in choice.picks[d.name]]), len(d.choices)).float() for d in dims}
+        assert float(expected_params(arch, ec, hard)) == choice.spec.parameters(arch)
+        logits = elastic_forward(model, ec, choice, x)
+        with torch.no_grad():  # the straight-through scalars are exactly 1: same as the plain nested model
+            torch.testing.assert_close(logits, masked_forward(model, choice.spec, x))
+        router.zero_grad()
+        logits.square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters() if p.dim() == 2)
+        seen.add(choice.spec.parameters(arch))
+    assert len(seen) > 1  # the sampler explores different nested models

@@ -1,0 +1,192 @@
+"""``elastic tui``: the budget chooser. One screen: device, controls, the budget table, a progress
+bar and a log. Slicing runs in a thread worker that reports by message and can be cancelled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.widgets import Checkbox, Footer, Input, Label, ProgressBar, RichLog, Static
+from textual.worker import Worker, get_current_worker
+
+from profiles.errors import ProfileError
+from slicer.errors import ElasticError
+
+from . import planner as pl
+from .widgets import BudgetTable, Controls
+
+
+@dataclass
+class JobProgress(Message):
+    done: int  # bytes written so far
+    total: int  # bytes the job writes
+
+
+@dataclass
+class JobDone(Message):
+    outcome: str  # "done" | "cancelled" | "error"
+    lines: list[str]  # the report, for the log
+
+
+class Cancelled(Exception):
+    """Raised inside the library's progress callback to stop a cancelled job."""
+
+
+class ElasticApp(App):
+    """The budget chooser for ``planner``'s checkpoint, starting from ``choice``."""
+
+    TITLE = "elastic tui"
+    ENABLE_COMMAND_PALETTE = False
+    CSS = """
+    #title { text-style: bold; }
+    #outrow { height: 1; margin-bottom: 1; }
+    #outrow Label { width: auto; margin-right: 1; }
+    #out { width: 1fr; }
+    #force { width: auto; margin-left: 1; }
+    #summary, #selected { height: auto; }
+    #bar { height: 1; }
+    #log { height: 1fr; min-height: 3; border-top: solid $secondary; }
+    """
+    BINDINGS = [
+        Binding("s", "run('slice')", "slice"),
+        Binding("e", "run('export')", "export n/a"),
+        Binding("b", "run('both')", "both n/a"),
+        Binding("c", "cancel", "cancel"),
+        Binding("plus", "context(2)", "ctx x2", key_display="+"),
+        Binding("minus", "context(-2)", "ctx /2", key_display="-"),
+        Binding("q", "quit", "quit"),
+        Binding("escape", "focus_table", "table", show=False),
+    ]
+
+    def __init__(self, planner: pl.Planner, choice: pl.Choice, profiles: list[str]):
+        super().__init__()
+        self.planner, self.choice, self.profiles = planner, choice, profiles
+        self.plan: dict | None = None
+        self.budget: str | None = None  # the row under the cursor
+        self.job: Worker | None = None  # the running slice/export, until its JobDone arrives
+        self._target_shown: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(pl.checkpoint_line(self.planner), id="title")
+        yield Static(id="device")
+        yield Controls(self.choice, self.profiles)
+        with Horizontal(id="outrow"):
+            yield Label("out")
+            yield Input(placeholder="elastic-model-<budget>", compact=True, id="out")
+            yield Checkbox("replace if it exists", compact=True, id="force")
+        yield BudgetTable(id="budgets")
+        yield Static(id="summary")
+        yield Static(id="selected")
+        yield ProgressBar(show_eta=False, id="bar")
+        yield RichLog(wrap=True, id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.replan(self.choice)
+        self.say(pl.EXPORT_MISSING)
+        self.query_one(BudgetTable).focus()
+
+    # ---- planning ------------------------------------------------------------------------------
+
+    def replan(self, choice: pl.Choice) -> None:
+        try:
+            p = self.planner.plan(choice)
+        except (ElasticError, ProfileError) as e:
+            self.query_one("#summary", Static).update(f"error: {e.render()}")
+            return
+        self.choice, self.plan = choice, p
+        self.query_one("#device", Static).update(pl.device_line(p))
+        unit = self.query_one(BudgetTable).show(p)
+        self.query_one("#summary", Static).update("\n".join(pl.summary_lines(p, unit)))
+        if choice.target != self._target_shown:  # the target's notes once, not on every keystroke
+            self._target_shown = choice.target
+            self.say(*(f"target: {n}" for n in p["device"]["notes"]))
+
+    def on_controls_changed(self, event: Controls.Changed) -> None:
+        if event.choice is None:
+            self.query_one("#summary", Static).update(f"{event.problem}; the table shows the last valid plan")
+        elif event.choice != self.choice or self.plan is None:
+            self.replan(event.choice)
+
+    def on_budget_table_selected(self, event: BudgetTable.Selected) -> None:
+        self.budget = event.budget
+        self.show_selected()
+
+    @on(Input.Changed, "#out")
+    def show_selected(self) -> None:
+        if self.budget is not None:
+            self.query_one("#selected", Static).update(
+                f"selected {self.budget} -> {self.out_path()}   s: slice it")
+
+    def out_path(self) -> Path:
+        text = self.query_one("#out", Input).value.strip()
+        return Path(text).expanduser() if text else pl.default_out(self.budget or "")
+
+    # ---- actions -------------------------------------------------------------------------------
+
+    def action_context(self, factor: int) -> None:
+        tokens = self.choice.context * factor if factor > 0 else max(1, self.choice.context // -factor)
+        self.query_one(Controls).set_context(tokens)
+
+    def action_focus_table(self) -> None:
+        self.query_one(BudgetTable).focus()
+
+    def action_run(self, action: str) -> None:
+        why = pl.unavailable(action)
+        if why:
+            self.notify(why, severity="warning")
+            self.say(why)
+        elif self.job is not None:
+            self.notify("a job is running: press c to cancel it first", severity="warning")
+        elif self.plan is None or self.budget is None:
+            self.notify("no valid plan to act on", severity="warning")
+        else:
+            out, force = self.out_path(), self.query_one("#force", Checkbox).value
+            self.say(f"{action} {self.budget} -> {out}")
+            self.query_one("#bar", ProgressBar).update(total=None, progress=0)
+            self.job = self.run_job(action, self.plan, self.budget, out, force)
+
+    def action_cancel(self) -> None:
+        if self.job is None:
+            self.notify("nothing to cancel")
+            return
+        self.job.cancel()
+        self.say("cancelling ...")
+
+    @work(thread=True, exit_on_error=False, group="job")
+    def run_job(self, action: str, p: dict, budget: str, out: Path, force: bool) -> None:
+        worker = get_current_worker()
+
+        def progress(done: int, total: int) -> None:
+            if worker.is_cancelled:
+                raise Cancelled
+            self.post_message(JobProgress(done, total))
+
+        try:
+            done = JobDone("done", pl.run_action(action, p, budget, out, force, progress))
+        except Cancelled:
+            done = JobDone("cancelled", [f"cancelled: nothing was written to {out}"])
+        except (ElasticError, ProfileError) as e:
+            done = JobDone("error", [f"error: {e.render()}"])
+        except Exception as e:  # a bug: say so rather than leave the job hanging
+            done = JobDone("error", [f"error: unexpected {type(e).__name__}: {e} (please report it)"])
+        self.post_message(done)
+
+    def on_job_progress(self, event: JobProgress) -> None:
+        self.query_one("#bar", ProgressBar).update(total=event.total, progress=event.done)
+
+    def on_job_done(self, event: JobDone) -> None:
+        self.job = None
+        self.say(*event.lines)
+        head = event.lines[0] if event.lines else event.outcome
+        self.notify(head, severity="error" if event.outcome == "error" else "information")
+
+    def say(self, *lines: str) -> None:
+        log = self.query_one("#log", RichLog)
+        for line in lines:
+            log.write(line)

@@ -1,0 +1,168 @@
+"""What the TUI shows and does, without Textual: the same library calls as ``elastic plan`` and
+``elastic fit-my-gpu`` (``slicer.fit.plan``, ``slicer.slice.slice_checkpoint``), plus the text
+they are shown as. No torch at import; slicing imports it in the worker thread.
+
+Example:
+    >>> planner = Planner(None)                       # the default checkpoint, opened once
+    >>> p = planner.plan(Choice(target="orin-nx-16gb", context=32768))
+    >>> p["chosen"], budget_rows(p)[1][0]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from slicer.errors import MissingDependencyError
+
+from ..common import human_bytes, human_count
+
+HERE = "this machine"  # the target choice that detects this machine instead of naming a profile
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # `elastic plan --dtype`
+ACTIONS = ("slice", "export", "both")
+EXPORT_MISSING = "export: not available in this version (the export library has no entry point yet)"
+COLUMNS = ("budget", "params", "weights", "kv", "state", "total", "headroom", "fits")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What to plan for: the values of the TUI's controls (defaults: those of `elastic plan`)."""
+
+    target: str = HERE  # a profile name (`elastic profiles`), or HERE
+    context: int = 8192  # tokens per sequence
+    batch: int = 1  # sequences decoded together
+    dtype: str = "auto"  # one of DTYPES
+
+
+class Planner:
+    """One checkpoint, opened and validated once, planned for many choices.
+
+    Raises (at construction) the errors ``elastic plan`` would: a missing or broken checkpoint.
+    """
+
+    def __init__(self, checkpoint: str | Path | None):
+        from slicer.checkpoint import Checkpoint
+        from slicer.describe import default_checkpoint
+
+        self.ckpt = Checkpoint.open(checkpoint or default_checkpoint())
+        self._targets: dict[str, Any] = {}  # choice.target -> (Target, Detection | None)
+
+    @property
+    def name(self) -> str:
+        return self.ckpt.root.resolve().name
+
+    def target(self, name: str):
+        """(Target, Detection or None) exactly as `elastic plan --target` / no --target builds it."""
+        from ..plan_cmd import _target
+
+        if name not in self._targets:  # detection probes the machine: once per session
+            self._targets[name] = _target(None if name == HERE else name, None)
+        return self._targets[name]
+
+    def plan(self, choice: Choice) -> dict[str, Any]:
+        """``slicer.fit.plan`` for ``choice`` (raises ProfileError for an unknown profile)."""
+        from slicer.fit import plan
+        from slicer.memory import Workload
+
+        tgt, detection = self.target(choice.target)
+        p = plan(self.ckpt, tgt, Workload(context=choice.context, batch=choice.batch, dtype=choice.dtype))
+        if detection is not None:
+            p["detection"] = {"devices": [d.name for d in detection.devices], "reasons": list(detection.reasons)}
+        return p
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+def checkpoint_line(planner: Planner) -> str:
+    ckpt = planner.ckpt
+    kind = "elastic" if ckpt.is_elastic else "dense"
+    weights = "weights present" if ckpt.has_weights else "config.json only: plan only, slicing needs the weights"
+    return f"checkpoint  {planner.name} ({kind}, {weights})"
+
+
+def device_line(p: dict) -> str:
+    """The first line of `elastic plan`'s text."""
+    dev = p["device"]
+    return (f"device      {dev['name']} ({dev['kind']}, {dev['source']}): {human_bytes(dev['usable_bytes'])} usable"
+            + (", shares system RAM" if dev["unified"] else ""))
+
+
+def budget_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
+    """The unit and one row per budget, in COLUMNS order: the numbers of `elastic plan`'s table."""
+    big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
+    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
+    rows = []
+    for b in p["budgets"]:
+        t = b["terms"]
+        rows.append((b["name"], human_count(b["parameters"]),
+                     *(f"{n / div:.2f}" for n in (t["weights"], t["kv_cache"], t["ssm_state"], t["total"],
+                                                   b["headroom_bytes"])),
+                     "yes" if b["fits"] else "no"))
+    return unit, rows
+
+
+def summary_lines(p: dict, unit: str) -> list[str]:
+    w = p["workload"]
+    lines = [f"memory in {unit} at context {w['context']:,} x batch {w['batch']}, {w['dtype']}, margin {w['margin']:.0%}"]
+    lines += [f"note: {n}" for n in p["notes"]]
+    if p["chosen"]:
+        lines.append(f"chosen {p['chosen']}: the largest budget that fits")
+    else:
+        lines.append("chosen none: no budget fits")
+        lines += [f"try: {s}" for s in p["suggestions"]]
+    return lines
+
+
+# ---- actions ------------------------------------------------------------------------------------
+
+def default_out(budget: str) -> Path:
+    """Where `elastic fit-my-gpu` writes a budget when no --out is given."""
+    return Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', budget) or 'budget'}")
+
+
+def unavailable(action: str) -> str | None:
+    """Why ``action`` cannot run in this version, or None. Export needs the `export` library: when
+    it lands, implement ``export_model`` and return None here."""
+    return EXPORT_MISSING if action in ("export", "both") else None
+
+
+def run_action(action: str, p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
+    """Run one action for ``budget`` of plan ``p``; the lines that report it. Raises what the CLI
+    would (ElasticError, ProfileError) and whatever ``progress`` raises (cancellation)."""
+    lines: list[str] = []
+    if action in ("slice", "both"):
+        lines += slice_budget(p, budget, out, force, progress)
+    if action in ("export", "both"):
+        lines += export_model(out, progress)
+    return lines
+
+
+def slice_budget(p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
+    """Slice as `elastic fit-my-gpu` does: the plan's dtype, a full spec for a dense checkpoint."""
+    from slicer.slice import slice_checkpoint
+
+    from ..plan_cmd import _full_spec
+
+    row = next(b for b in p["budgets"] if b["name"] == budget)
+    elastic = row["resolved_by"] != "dense checkpoint"
+    result = slice_checkpoint(p["checkpoint"], out, budget=budget if elastic else None,
+                              spec=None if elastic else _full_spec(p["checkpoint"]),
+                              dtype=row["dtype"], force=force, progress=progress)
+    m = result.manifest
+    lines = [f"wrote {Path(out).resolve()}",
+             f"  budget {budget}, {human_count(result.parameters)} parameters, {m['dtype']}, "
+             f"{human_bytes(result.bytes_written)}",
+             "loads in:"]
+    lines += [f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}"
+              for name, r in m["runtimes"].items()]
+    lines.append(f"next: elastic inspect {out}")
+    return lines
+
+
+def export_model(model_dir: Path, progress: Progress) -> list[str]:
+    """ONNX (+ TensorRT engine or trtexec script) of a sliced model: the drop-in point for `export`."""
+    raise MissingDependencyError(EXPORT_MISSING)

@@ -1,0 +1,74 @@
+"""End to end: a tiny dense parent becomes an elastic checkpoint that the slicer reads."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from slicer.arch import Arch
+from slicer.checkpoint import Checkpoint
+from slicer.model import build_model, load_model, save_model
+from slicer.slice import slice_checkpoint
+from trainer.data import build_token_shards, stdlib_corpus
+from trainer.tokenizer import load_tokenizer
+from trainer.train import Stage, TrainConfig, train
+
+TINY = {"model_type": "nemotron_h", "vocab_size": 256, "hidden_size": 32, "hybrid_override_pattern": "M-M*-",
+        "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "chunk_size": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64}
+CFG = TrainConfig(stage1=Stage(6, 16), stage2=Stage(4, 24, (0.5, 0.3, 0.2)), batch_size=2, warmup=2,
+                  importance_batches=2, drop_layers=1, save_every=3, eval_batches=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_model(build_model(Arch.from_config(TINY), seed=0), root / "parent")
+    build_token_shards(stdlib_corpus(max_bytes=200_000), load_tokenizer(root / "parent"), root / "tokens")
+    return root
+
+
+def test_train_writes_an_elastic_checkpoint_the_slicer_reads(setup, tmp_path):
+    summary = train(setup / "parent", setup / "tokens", tmp_path / "elastic", CFG)
+    assert summary["steps"] == 10 and summary["tokens"] == 2 * (6 * 16 + 4 * 24)
+    ckpt = Checkpoint.open(tmp_path / "elastic")
+    assert ckpt.is_elastic and (tmp_path / "elastic" / "router.safetensors").is_file()
+    assert (tmp_path / "elastic" / "importance.safetensors").is_file()
+    for name in ("100%", "75%", "50%"):
+        r = slice_checkpoint(tmp_path / "elastic", tmp_path / name, budget=name)
+        assert r.manifest["spec_source"] == "router"
+        assert r.parameters == summary["budgets"][name]["parameters"]
+        load_model(tmp_path / name)
+    assert json.loads((tmp_path / "elastic" / "training.json").read_text())["steps"] == 10
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    full = train(setup / "parent", setup / "tokens", tmp_path / "a", CFG, work_dir=tmp_path / "wa")
+    train(setup / "parent", setup / "tokens", tmp_path / "b", CFG, work_dir=tmp_path / "wb", stop_after=6)
+    assert not (tmp_path / "b").exists()  # stopped: state saved, no checkpoint yet
+    resumed = train(setup / "parent", setup / "tokens", tmp_path / "b", CFG, work_dir=tmp_path / "wb", resume=True)
+    state_a = torch.load(tmp_path / "wa" / "train_state.pt", weights_only=False)
+    state_b = torch.load(tmp_path / "wb" / "train_state.pt", weights_only=False)
+    assert [h["kd"] for h in state_a["history"]] == [h["kd"] for h in state_b["history"]]
+    assert resumed["budgets"] == full["budgets"]
+    for k, v in state_a["student"].items():
+        assert torch.equal(v, state_b["student"][k]), k
+
+
+def test_two_gloo_processes_under_torchrun(setup, tmp_path):
+    """DDP with two CPU processes (gloo): completes and writes the same checkpoint format."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "elastic_cli.main", "train", "--parent", str(setup / "parent"), "--data", str(setup / "tokens"),
+           "--out", str(tmp_path / "ddp"), "--stage1-steps", "4", "--stage1-context", "16", "--stage2-steps", "2",
+           "--stage2-context", "16", "--batch-size", "2", "--warmup", "2", "--drop-layers", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["tokens"] == 2 * 2 * 6 * 16
+    ckpt = Checkpoint.open(tmp_path / "ddp")
+    assert ckpt.is_elastic
+    slice_checkpoint(tmp_path / "ddp", tmp_path / "s", budget="50%")

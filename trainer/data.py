@@ -1,0 +1,455 @@
+"""Training text on disk -> memory-mapped token shards -> random (x, y) batches. No downloads.
+
+A corpus is files or directories of ``*.txt``/``*.md``/``*.py`` (one document per file) and
+``*.jsonl``/``*.json`` (JSON lines, one document per line's ``"text"``). ``build_token_shards``
+streams it through a tokenizer into raw little-endian shards that ``TokenDataset`` memory-maps.
+
+Example:
+    >>> tok = load_tokenizer("./tok")                      # trainer.tokenizer
+    >>> meta = build_token_shards(stdlib_corpus(), tok, Path("./shards"))
+    >>> ds = TokenDataset("./shards", "train")
+    >>> x, y = ds.batch(torch.Generator().manual_seed(0), batch_size=8, seq_len=256)  # (8, 256) each
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sysconfig
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from slicer.errors import ElasticError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+JSONL_SUFFIXES = (".jsonl", ".json")
+META_NAME = "meta.json"
+SHARDS_FORMAT = "elastic-token-shards"
+SPLIT_RULE = ("document goes to val when int.from_bytes(sha256(seed as 8-byte little-endian + "
+              "utf-8 text)[:8], 'big') / 2**64 < val_fraction; identical documents share a split")
+# Directories that are never corpus: installed packages (a venv or the base install's site-packages)
+# and test suites full of deliberately broken or odd files.
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# Standard-library packages of ordinary, well-written code; the top-level modules come with them.
+_STDLIB_PACKAGES = (
+    "asyncio", "collections", "concurrent", "email", "html", "http", "importlib", "json", "logging",
+    "multiprocessing", "re", "sqlite3", "tomllib", "unittest", "urllib", "wsgiref", "xml", "zoneinfo",
+)
+
+Source = str | Path | Sequence[str | Path]  # a file, a directory, or a list of them (corpus_files)
+Progress = Callable[[int, int], None]  # (bytes read so far, bytes in the corpus)
+
+
+class TokenizerLike(Protocol):
+    """What the shard builder needs from a tokenizer (``trainer.tokenizer.Tok`` is one)."""
+
+    vocab_size: int
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+# ---------------------------------------------------------------- corpus files and documents
+
+
+def corpus_files(source: Source) -> list[Path]:
+    """The files a corpus is made of, in a deterministic order.
+
+    Args:
+        source: a file, a directory (searched recursively, sorted by relative path, skipping
+            ``site-packages``, ``__pycache__`` and test directories), or a list of those (kept in
+            the given order, each directory expanded in sorted order).
+    Returns:
+        The files, without duplicates.
+    Raises:
+        ElasticError: a path does not exist, or no corpus file was found.
+    """
+    roots = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
+    if not roots:
+        raise ElasticError("no corpus given: pass text/jsonl files or directories")
+    missing = [str(p) for p in roots if not p.exists()]
+    if missing:
+        raise ElasticError("corpus path does not exist; check the path", problems=missing)
+    files: list[Path] = []
+    for root in roots:
+        if root.is_file():
+            files.append(root)
+            continue
+        found = sorted((p for p in root.rglob("*") if _is_corpus_file(p, root)), key=lambda p: p.relative_to(root).as_posix())
+        files.extend(found)
+    files = list(dict.fromkeys(files))
+    if not files:
+        kinds = ", ".join(f"*{s}" for s in TEXT_SUFFIXES + JSONL_SUFFIXES)
+        raise ElasticError(f"no corpus files found (looked for {kinds})", path=", ".join(map(str, roots)))
+    return files
+
+
+def _is_corpus_file(path: Path, root: Path) -> bool:
+    if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES or not path.is_file():
+        return False
+    return not any(part in _SKIP_DIRS for part in path.relative_to(root).parts[:-1])
+
+
+def iter_texts(source: Source) -> Iterator[str]:
+    """Every non-empty document of the corpus, in ``corpus_files`` order, one at a time.
+
+    Raises:
+        ElasticError: a missing path, no corpus files, no non-empty document, a file that is not
+            UTF-8, or a JSON line that is not an object with a string ``"text"`` (file and line named).
+    """
+    empty = True
+    for path in corpus_files(source):
+        for text in _file_documents(path, hashlib.sha256()):
+            empty = False
+            yield text
+    if empty:
+        raise ElasticError("the corpus has no non-empty document", path=str(source))
+
+
+def _file_documents(path: Path, hasher: Any) -> Iterator[str]:
+    """The non-empty documents of one file; feeds every byte read to ``hasher``."""
+    if path.suffix not in JSONL_SUFFIXES:
+        data = path.read_bytes()
+        hasher.update(data)
+        text = _decode(data, path, None)
+        if text:
+            yield text
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            hasher.update(raw)
+            text = _jsonl_text(raw, path, lineno)
+            if text:
+                yield text
+
+
+def _decode(data: bytes, path: Path, lineno: int | None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{lineno}" if lineno else str(path)
+        raise ElasticError(f"not UTF-8 text (bad byte at offset {e.start}); convert or remove the file",
+                           path=where) from None
+
+
+def _jsonl_text(raw: bytes, path: Path, lineno: int) -> str:
+    line = _decode(raw, path, lineno).strip()
+    if not line:
+        return ""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ElasticError(f"not valid JSON ({e.msg}); each line of a .jsonl/.json corpus file must be "
+                           'one object like {"text": "..."}', path=f"{path}:{lineno}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        found = f"keys {sorted(obj)[:5]}" if isinstance(obj, dict) else type(obj).__name__
+        raise ElasticError(f'line has no string "text" field (found {found}); each line must be '
+                           'one object like {"text": "..."}', path=f"{path}:{lineno}")
+    return obj["text"]
+
+
+def stdlib_corpus(max_bytes: int = 5_000_000) -> list[Path]:
+    """Python standard-library source files: a corpus every machine has without a download.
+
+    Top-level modules plus a fixed set of packages (``json``, ``email``, ``asyncio``, ...) of this
+    interpreter's stdlib, never ``site-packages`` or test suites. Sorted by path relative to the
+    stdlib and taken in that order, skipping any file that would take the total past ``max_bytes``.
+    Deterministic for a given Python build.
+
+    Raises:
+        ElasticError: this Python ships no ``.py`` sources (some embedded builds) or none fits
+            in ``max_bytes``.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    candidates = [p for p in root.glob("*.py") if p.is_file()]
+    for pkg in _STDLIB_PACKAGES:
+        if (root / pkg).is_dir():
+            candidates += [p for p in (root / pkg).rglob("*.py") if _is_corpus_file(p, root)]
+    candidates.sort(key=lambda p: p.relative_to(root).as_posix())
+    chosen, total = [], 0
+    for path in candidates:
+        size = path.stat().st_size
+        if total + size > max_bytes:
+            continue
+        chosen.append(path)
+        total += size
+    if not chosen:
+        raise ElasticError(f"no standard-library sources within max_bytes={max_bytes} "
+                           f"({len(candidates)} .py files found); raise max_bytes or pass a corpus", path=str(root))
+    return chosen
+
+
+# ---------------------------------------------------------------- shards
+
+
+def is_val_document(text: str, val_fraction: float, seed: int) -> bool:
+    """The train/validation rule (``SPLIT_RULE``): a hash of the content, so order-independent."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.sha256(struct.pack("<q", seed) + text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab_size <= 65536), else uint32; always little-endian."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+class _ShardWriter:
+    """Appends token ids to ``{prefix}_000.bin``, ``{prefix}_001.bin``, ... of ``shard_tokens`` each."""
+
+    def __init__(self, out_dir: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []  # {"file": name, "tokens": n}
+        self.documents = 0
+        self._f: BinaryIO | None = None
+
+    def add(self, ids: np.ndarray) -> None:
+        self.documents += 1
+        while len(ids):
+            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            self._f.write(ids[:room].tobytes())
+            self.shards[-1]["tokens"] += len(ids[:room])
+            ids = ids[room:]
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.prefix}_{len(self.shards):03d}.bin"
+        self._f = open(self.out_dir / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents,
+                "shards": self.shards}
+
+
+def build_token_shards(
+    source: Source,
+    tokenizer: TokenizerLike,
+    out_dir: str | Path,
+    shard_tokens: int = 2**26,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Tokenize a corpus into memory-mappable train/validation shards.
+
+    Documents are streamed one at a time (only one document's tokens are in memory); each is
+    followed by the tokenizer's eos when it has one. A document goes to validation by a hash of its
+    content (``SPLIT_RULE``), so validation text is held out of training. Shards are raw
+    little-endian ``shard_dtype(vocab_size)`` arrays, ``train_000.bin``, ..., ``val_000.bin``, ...;
+    a document may continue into the next shard. Everything is written to a temporary directory
+    beside ``out_dir`` and renamed into place at the end.
+
+    Args:
+        source: see ``corpus_files``.
+        tokenizer: ``encode(str) -> list[int]``, ``vocab_size``, ``eos_id`` (e.g. ``load_tokenizer``).
+        out_dir: the shard directory to create.
+        shard_tokens: tokens per shard file (the last of each split may hold fewer).
+        val_fraction: expected fraction of documents held out for validation (0 disables it).
+        seed: salts the split hash; another seed gives another split.
+        overwrite: replace an existing ``out_dir``.
+        progress: called after each file with (bytes read, corpus bytes).
+    Returns:
+        The contents of ``meta.json``: format, dtype, tokenizer, split rule, per-split shard token
+        counts and document counts, and the source files with their sha256.
+    Raises:
+        ElasticError: bad input (see ``iter_texts``), ``out_dir`` exists, an id outside the
+            vocabulary, or a split that ends up empty.
+    """
+    out_dir = Path(out_dir)
+    if shard_tokens < 1 or not 0 <= val_fraction < 1:
+        raise ElasticError(f"need shard_tokens >= 1 and 0 <= val_fraction < 1, got {shard_tokens}, {val_fraction}")
+    if out_dir.exists() and not overwrite:
+        raise ElasticError("shard directory already exists; remove it or pass overwrite", path=str(out_dir))
+    files = corpus_files(source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _write_shards(files, tokenizer, tmp, shard_tokens, val_fraction, seed, progress)
+        _check_splits(meta, val_fraction, files)
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _write_shards(files: list[Path], tok: TokenizerLike, out: Path, shard_tokens: int,
+                  val_fraction: float, seed: int, progress: Progress | None) -> dict[str, Any]:
+    dtype = shard_dtype(tok.vocab_size)
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    eos = [] if tok.eos_id is None else [tok.eos_id]
+    sources, done, total = [], 0, sum(p.stat().st_size for p in files)
+    try:
+        for path in files:
+            hasher = hashlib.sha256()
+            for text in _file_documents(path, hasher):
+                ids = _checked_ids(tok.encode(text) + eos, tok.vocab_size, path)
+                writers["val" if is_val_document(text, val_fraction, seed) else "train"].add(ids.astype(dtype))
+            size = path.stat().st_size
+            sources.append({"path": str(path.resolve()), "bytes": size, "sha256": hasher.hexdigest()})
+            done += size
+            if progress:
+                progress(done, total)
+    finally:
+        for w in writers.values():
+            w.close()
+    return {
+        "format": SHARDS_FORMAT,
+        "version": 1,
+        "dtype": dtype.name,  # little-endian on disk whatever the machine
+        "shard_tokens": shard_tokens,
+        "tokenizer": _tokenizer_info(tok),
+        "eos_after_each_document": bool(eos),
+        "split": {"rule": SPLIT_RULE, "val_fraction": val_fraction, "seed": seed},
+        "splits": {s: w.summary() for s, w in writers.items()},
+        "sources": sources,
+    }
+
+
+def _checked_ids(ids: list[int], vocab_size: int, path: Path) -> np.ndarray:
+    arr = np.asarray(ids, dtype=np.int64)
+    if len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ElasticError(f"the tokenizer produced id {int(arr.max()) if arr.max() >= vocab_size else int(arr.min())} "
+                           f"outside its vocabulary of {vocab_size}; the tokenizer is inconsistent", path=str(path))
+    return arr
+
+
+def _tokenizer_info(tok: TokenizerLike) -> dict[str, Any]:
+    describe = getattr(tok, "describe", None)
+    if callable(describe):
+        return describe()
+    return {"kind": type(tok).__name__, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "bos_id": getattr(tok, "bos_id", None)}
+
+
+def _check_splits(meta: dict[str, Any], val_fraction: float, files: list[Path]) -> None:
+    splits = meta["splits"]
+    docs = splits["train"]["documents"] + splits["val"]["documents"]
+    if docs == 0:
+        raise ElasticError("the corpus has no non-empty document", path=", ".join(map(str, files[:3])))
+    if splits["train"]["tokens"] == 0:
+        raise ElasticError(f"all {docs} documents went to validation; lower val_fraction or add documents")
+    if val_fraction > 0 and splits["val"]["tokens"] == 0:
+        raise ElasticError(f"val_fraction={val_fraction} put none of the {docs} documents in validation; "
+                           "add documents, raise val_fraction, or pass val_fraction=0 to train without one")
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Rename ``new`` to ``dest``; an existing ``dest`` is removed only after the rename succeeds."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading shards
+
+
+class TokenDataset:
+    """One split of a shard directory, memory-mapped read-only.
+
+    ``len(ds)`` is the number of tokens. ``batch`` draws training windows, ``iter_eval`` walks
+    fixed validation windows. A window of ``seq_len + 1`` tokens never crosses a shard boundary.
+
+    Raises:
+        ElasticError: no ``meta.json``, an unknown split, a shard file whose size disagrees with it.
+    """
+
+    def __init__(self, shard_dir: str | Path, split: str = "train"):
+        self.dir = Path(shard_dir)
+        meta_path = self.dir / META_NAME
+        if not meta_path.is_file():
+            raise ElasticError(f"no {META_NAME}: not a token shard directory; build one with "
+                               "build_token_shards", path=str(self.dir))
+        self.meta = json.loads(meta_path.read_text())
+        if split not in self.meta["splits"]:
+            raise ElasticError(f"unknown split {split!r}; have {sorted(self.meta['splits'])}", path=str(meta_path))
+        self.split = split
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.shards = [self._open(s) for s in self.meta["splits"][split]["shards"] if s["tokens"]]
+        self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+
+    def _open(self, shard: dict[str, Any]) -> np.memmap:
+        path = self.dir / shard["file"]
+        want = shard["tokens"] * self.dtype.itemsize
+        have = path.stat().st_size if path.is_file() else None
+        if have != want:
+            raise ElasticError(f"shard has {have} bytes, meta.json says {want}; rebuild the shards", path=str(path))
+        return np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],))
+
+    def __len__(self) -> int:
+        return int(self.lengths.sum())
+
+    def _starts(self, seq_len: int) -> np.ndarray:
+        """Number of valid window starts in each shard (a window holds seq_len + 1 tokens)."""
+        starts = np.maximum(self.lengths - seq_len, 0)
+        if starts.sum() == 0:
+            longest = int(self.lengths.max()) if len(self.lengths) else 0
+            raise ElasticError(f"no {self.split} shard holds seq_len + 1 = {seq_len + 1} tokens (longest: "
+                               f"{longest}); lower seq_len or add data", path=str(self.dir))
+        return starts
+
+    def _window(self, shard: int, offset: int, seq_len: int) -> np.ndarray:
+        return np.asarray(self.shards[shard][offset:offset + seq_len + 1], dtype=np.int64)
+
+    def batch(self, generator: torch.Generator, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch: windows start uniformly over every valid position of every shard.
+
+        Only ``generator`` is consumed (one ``torch.randint`` call), so restoring its state
+        (``generator.set_state``) replays the same batches.
+
+        Returns:
+            (x, y): int64 tensors of shape (batch_size, seq_len); y[:, t] = x[:, t + 1] in the stream.
+        """
+        starts = self._starts(seq_len)
+        cum = np.cumsum(starts)  # window k lies in shard searchsorted(cum, k, "right")
+        picks = torch.randint(int(cum[-1]), (batch_size,), generator=generator).numpy()
+        shard_of = np.searchsorted(cum, picks, side="right")
+        offsets = picks - (cum[shard_of] - starts[shard_of])
+        w = torch.from_numpy(np.stack([self._window(s, o, seq_len) for s, o in zip(shard_of, offsets)]))  # (B, L+1)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def iter_eval(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed validation batches: consecutive windows (stride ``seq_len``, so every token after
+        the first of a shard is predicted once), shard by shard, ``batch_size`` per batch (the last
+        may be smaller), at most ``max_batches``. Same (x, y) layout as ``batch``."""
+        self._starts(seq_len)
+        if max_batches is not None and max_batches <= 0:
+            return
+        rows, made = [], 0
+        for s, n in enumerate(self.lengths):
+            for offset in range(0, int(n) - seq_len, seq_len):
+                rows.append(self._window(s, offset, seq_len))
+                if len(rows) == batch_size:
+                    yield _pair(rows)
+                    rows, made = [], made + 1
+                    if max_batches is not None and made >= max_batches:
+                        return
+        if rows:
+            yield _pair(rows)
+
+
+def _pair(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.from_numpy(np.stack(rows))  # (B, L+1)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
