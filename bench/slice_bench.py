@@ -67,7 +67,6 @@ def drop_cache(paths) -> None:
 
 
 def write_source(path: Path, layers: int) -> dict:
-    import numpy as np
     import torch
     from safetensors.numpy import save_file
 

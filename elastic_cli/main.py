@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from .export_cmd import export, generate
 from .inspect_cmd import inspect
 from .plan_cmd import fit_my_gpu, plan, profiles_
 from .slice_cmd import slice_
@@ -41,6 +42,8 @@ app.command(name="plan")(plan)
 app.command(name="slice")(slice_)
 app.command(name="inspect")(inspect)
 app.command(name="profiles")(profiles_)
+app.command(name="export")(export)
+app.command(name="generate")(generate)
 app.command(name="tui")(tui)
 app.command(name="train")(train)
 

@@ -236,7 +236,7 @@ class Arch:
             for key in MOE_KEYS:
                 cfg.pop(key, None)
         # global sizes: the first layer of each kind (all of them when homogeneous)
-        for kind, fields in LAYER_FIELDS.items():
+        for kind in LAYER_FIELDS:
             first = next((layer for layer in self.layers if layer.kind == kind), None)
             if first is not None:
                 cfg.update(first.sizes())

@@ -1,16 +1,13 @@
 """The memory model and the fit decision."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
 from elastic_cli.main import app
 from profiles.devices import get_profile
-from slicer.arch import Arch
 from slicer.checkpoint import Checkpoint
 from slicer.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
 from slicer.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes

@@ -41,7 +41,7 @@ SPECS = {  # id: (parent overrides, spec)
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory):
     out = {}
-    for name, (over, _) in SPECS.items():
+    for over, _ in SPECS.values():
         key = json.dumps(over, sort_keys=True)
         if key not in out:
             path = tmp_path_factory.mktemp("parent") / "ckpt"

@@ -119,8 +119,9 @@ def test_directory_walk_is_sorted_and_skips_other_files(tmp_path):
     (tmp_path / "b" / "z.md").write_text("zz")
     (tmp_path / "a.txt").write_text("aa")
     (tmp_path / "c.bin").write_bytes(b"\xff")
-    (tmp_path / "__pycache__").mkdir()
-    (tmp_path / "__pycache__" / "x.py").write_text("no")
+    for skipped in ("__pycache__", ".venv/lib/site-packages", "site-packages"):
+        (tmp_path / skipped).mkdir(parents=True)
+        (tmp_path / skipped / "x.py").write_text("no")
     write_jsonl(tmp_path / "b" / "y.jsonl", ["y1", "", "y2"])
     assert [p.relative_to(tmp_path).as_posix() for p in corpus_files(tmp_path)] == ["a.txt", "b/y.jsonl", "b/z.md"]
     assert list(iter_texts(tmp_path)) == ["aa", "y1", "y2", "zz"]
@@ -221,7 +222,7 @@ def test_out_dir_is_not_clobbered_unless_asked(tmp_path, docs):
 
 def test_uint32_shards_for_large_vocab(tmp_path, docs):
     path, texts = docs
-    tok = FakeTok(vocab_size=70_000, offset=65_000)
+    tok = FakeTok(vocab_size=70_000, offset=65_500)
     meta = build_token_shards(path, tok, tmp_path / "sh", val_fraction=0)
     assert meta["dtype"] == "uint32"
     f = tmp_path / "sh" / "train_000.bin"
@@ -253,13 +254,14 @@ def shards(tmp_path, docs, tok_dir):
     meta = json.loads((tmp_path / "sh" / "meta.json").read_text())
     expected = {}
     for split in ("train", "val"):  # the oracle: tokens of the source text, cut into shards
-        texts = [t for t in docs[1] if (t in iter_split_texts(tmp_path / "sh", meta, split, tok))]
+        members = split_texts(tmp_path / "sh", meta, split, tok)
+        texts = [t for t in docs[1] if t in members]
         stream = np.array([i for t in texts for i in tok.encode(t) + [2]], dtype=np.int64)
         expected[split] = [stream[k:k + 300] for k in range(0, len(stream), 300)]
     return tmp_path / "sh", expected
 
 
-def iter_split_texts(shard_dir, meta, split, tok):
+def split_texts(shard_dir, meta, split, tok):
     stream = np.concatenate(read_split(shard_dir, meta, split)).tolist()
     return set(tok.decode(stream).split("</s>"))
 
@@ -296,13 +298,20 @@ def test_batch_is_deterministic_given_generator_state(shards):
 
 
 def test_window_starts_are_uniform_over_shards(tmp_path):
-    write_jsonl(tmp_path / "c.jsonl", ["a" * 1000, "b" * 300])  # shard 0: all 'a', shard 1: all 'b'
-    build_token_shards(tmp_path / "c.jsonl", FakeTok(), tmp_path / "sh", shard_tokens=1000, val_fraction=0)
-    x, _ = TokenDataset(tmp_path / "sh").batch(torch.Generator().manual_seed(0), 4000, 10)
-    assert set(x[:, 0].tolist()) == {ord("a"), ord("b")}
-    assert bool((x == x[:, :1]).all())  # no window crosses the shard boundary
-    share_b = float((x[:, 0] == ord("b")).float().mean())
-    assert abs(share_b - 290 / (990 + 290)) < 0.03
+    # token id = 256 + position in the stream, so a window's first id says where it starts
+    write_jsonl(tmp_path / "c.jsonl", ["".join(chr(256 + i) for i in range(2000))])
+    build_token_shards(tmp_path / "c.jsonl", FakeTok(vocab_size=3000), tmp_path / "sh", shard_tokens=700,
+                       val_fraction=0)
+    x, y = TokenDataset(tmp_path / "sh").batch(torch.Generator().manual_seed(0), 5000, 10)
+    pos = x[:, 0].numpy() - 256
+    assert np.array_equal(y.numpy() - 256, pos[:, None] + np.arange(1, 11))  # contiguous, shifted by one
+    shard, offset = pos // 700, pos % 700
+    starts = np.array([690, 690, 590])  # shards of 700, 700, 600 tokens; a window holds 11
+    assert (offset < starts[shard]).all()  # no window crosses a shard boundary
+    share = np.bincount(shard, minlength=3) / len(pos)
+    assert np.abs(share - starts / starts.sum()).max() < 0.03
+    assert len(np.unique(pos)) > 0.85 * starts.sum()  # ~92% of the 1970 starts hit by 5000 draws
+    assert offset[shard == 2].max() == 589
 
 
 def test_eval_windows_are_fixed_and_consecutive(shards):

@@ -1,7 +1,6 @@
 """End to end: a tiny dense parent becomes an elastic checkpoint that the slicer reads."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch

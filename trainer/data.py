@@ -33,9 +33,11 @@ META_NAME = "meta.json"
 SHARDS_FORMAT = "elastic-token-shards"
 SPLIT_RULE = ("document goes to val when int.from_bytes(sha256(seed as 8-byte little-endian + "
               "utf-8 text)[:8], 'big') / 2**64 < val_fraction; identical documents share a split")
-# Directories that are never corpus: installed packages (a venv or the base install's site-packages)
-# and test suites full of deliberately broken or odd files.
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# Directories a corpus walk never enters: installed packages (a venv or the base install's
+# site-packages), caches, and hidden directories (.git, .venv). The stdlib corpus also skips test
+# suites, which are full of deliberately broken or odd files.
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_STDLIB_SKIP_DIRS = _SKIP_DIRS | {"test", "tests", "idle_test"}
 # Standard-library packages of ordinary, well-written code; the top-level modules come with them.
 _STDLIB_PACKAGES = (
     "asyncio", "collections", "concurrent", "email", "html", "http", "importlib", "json", "logging",
@@ -63,8 +65,8 @@ def corpus_files(source: Source) -> list[Path]:
 
     Args:
         source: a file, a directory (searched recursively, sorted by relative path, skipping
-            ``site-packages``, ``__pycache__`` and test directories), or a list of those (kept in
-            the given order, each directory expanded in sorted order).
+            ``site-packages``, ``__pycache__`` and hidden directories), or a list of those (kept
+            in the given order, each directory expanded in sorted order).
     Returns:
         The files, without duplicates.
     Raises:
@@ -90,10 +92,10 @@ def corpus_files(source: Source) -> list[Path]:
     return files
 
 
-def _is_corpus_file(path: Path, root: Path) -> bool:
+def _is_corpus_file(path: Path, root: Path, skip: frozenset[str] = _SKIP_DIRS) -> bool:
     if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES or not path.is_file():
         return False
-    return not any(part in _SKIP_DIRS for part in path.relative_to(root).parts[:-1])
+    return not any(part in skip or part.startswith(".") for part in path.relative_to(root).parts[:-1])
 
 
 def iter_texts(source: Source) -> Iterator[str]:
@@ -170,7 +172,7 @@ def stdlib_corpus(max_bytes: int = 5_000_000) -> list[Path]:
     candidates = [p for p in root.glob("*.py") if p.is_file()]
     for pkg in _STDLIB_PACKAGES:
         if (root / pkg).is_dir():
-            candidates += [p for p in (root / pkg).rglob("*.py") if _is_corpus_file(p, root)]
+            candidates += [p for p in (root / pkg).rglob("*.py") if _is_corpus_file(p, root, _STDLIB_SKIP_DIRS)]
     candidates.sort(key=lambda p: p.relative_to(root).as_posix())
     chosen, total = [], 0
     for path in candidates:

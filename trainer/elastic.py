@@ -95,13 +95,21 @@ class Choice:
 
 
 def sample(router: Router, ec: ElasticConfig, parent: Arch, budget: int, tau: float, scale: float,
-           gen: torch.Generator | None) -> Choice:
-    """Gumbel-softmax sample of a nested model for ``budget`` (argmax, no noise, when ``gen`` is None)."""
+           gen: torch.Generator | None, full: bool = False) -> Choice:
+    """Gumbel-softmax sample of a nested model for ``budget`` (argmax, no noise, when ``gen`` is None).
+
+    ``full`` pins the choice to the parent itself (the largest choice everywhere, every layer kept):
+    a budget of 100% is the parent, not whatever the router happens to prefer.
+    """
     picks, st, probs = {}, {}, {}
     for d, (name, logits) in zip(ec.dimensions, router.logits(budget).items()):
         z = logits * scale
         probs[name] = z.softmax(-1)
-        if gen is None:
+        if full:
+            idx = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)  # choices are largest first
+            probs[name] = F.one_hot(idx, z.shape[-1]).to(z.dtype)
+            st[name] = torch.ones(z.shape[0], device=z.device)
+        elif gen is None:
             idx = z.argmax(-1)
             st[name] = torch.ones(z.shape[0], device=z.device)
         else:

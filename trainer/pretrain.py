@@ -48,7 +48,7 @@ def fit(model: NemotronH, ds: TokenDataset, steps: int, *, batch_size: int = 8, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
             progress(step + 1, steps, losses[-1])
     return {"steps": steps, "tokens": steps * batch_size * context, "losses": losses}

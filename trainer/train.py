@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,7 +78,8 @@ class ElasticModule(nn.Module):
         self.student, self.router, self.ec = student, router, ec
 
     def forward(self, ids, budget: int, tau: float, scale: float, gen):
-        choice = sample(self.router, self.ec, self.student.arch, budget, tau, scale, gen)
+        choice = sample(self.router, self.ec, self.student.arch, budget, tau, scale, gen,
+                        full=self.ec.budgets[budget].target_parameters >= self.student.arch.param_counts()["total"])
         logits = elastic_forward(self.student, self.ec, choice, ids)
         return logits, expected_params(self.student.arch, self.ec, choice.probs), choice
 
@@ -261,7 +262,8 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     resolved = {}
     with torch.no_grad():
         for i, b in enumerate(budgets):
-            resolved[b.name] = sample(router, ec, arch, i, 1.0, cfg.logit_scale[1], None).spec.to_json(arch)
+            resolved[b.name] = sample(router, ec, arch, i, 1.0, cfg.logit_scale[1], None,
+                                      full=b.target_parameters >= total_params).spec.to_json(arch)
     ec = replace(ec, resolved=resolved)
     ElasticConfig.from_json(ec.to_json(), arch)  # what we write must read back
     tokens_per_step = cfg.batch_size * world

@@ -3,20 +3,23 @@ bar and a log. Slicing runs in a thread worker that reports by message and can b
 
 from __future__ import annotations
 
+import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import Checkbox, Footer, Input, Label, ProgressBar, RichLog, Static
-from textual.worker import Worker, get_current_worker
+from textual.widgets import Footer, Input, Label, ProgressBar, RichLog, Select, Static
 
 from profiles.errors import ProfileError
 from slicer.errors import ElasticError
 
+from ..common import debug
 from . import planner as pl
 from .widgets import BudgetTable, Controls
 
@@ -34,7 +37,8 @@ class JobDone(Message):
 
 
 class Cancelled(Exception):
-    """Raised inside the library's progress callback to stop a cancelled job."""
+    """Raised inside the library's progress callback to stop a cancelled job (the library then
+    removes what it had written)."""
 
 
 class ElasticApp(App):
@@ -46,13 +50,14 @@ class ElasticApp(App):
     #title { text-style: bold; }
     #outrow { height: 1; margin-bottom: 1; }
     #outrow Label { width: auto; margin-right: 1; }
-    #out { width: 1fr; }
-    #force { width: auto; margin-left: 1; }
+    #out { width: 1fr; margin-right: 1; }
+    #force { width: 11; }
     #summary, #selected { height: auto; }
-    #bar { height: 1; }
+    #jobrow { height: 1; }
+    #state { width: auto; margin-right: 1; }
     #log { height: 1fr; min-height: 3; border-top: solid $secondary; }
     """
-    BINDINGS = [
+    BINDINGS: ClassVar = [
         Binding("s", "run('slice')", "slice"),
         Binding("e", "run('export')", "export n/a"),
         Binding("b", "run('both')", "both n/a"),
@@ -68,8 +73,12 @@ class ElasticApp(App):
         self.planner, self.choice, self.profiles = planner, choice, profiles
         self.plan: dict | None = None
         self.budget: str | None = None  # the row under the cursor
-        self.job: Worker | None = None  # the running slice/export, until its JobDone arrives
+        # the running job's cancel flag, until its JobDone arrives. A flag rather than
+        # Worker.cancel: that ends the worker at once while its thread runs on, and cancels a
+        # thread that has not started yet without a word
+        self.job: threading.Event | None = None
         self._target_shown: str | None = None
+        self.logged: list[str] = []  # every line written to the log, as plain text
 
     def compose(self) -> ComposeResult:
         yield Static(pl.checkpoint_line(self.planner), id="title")
@@ -78,12 +87,16 @@ class ElasticApp(App):
         with Horizontal(id="outrow"):
             yield Label("out")
             yield Input(placeholder="elastic-model-<budget>", compact=True, id="out")
-            yield Checkbox("replace if it exists", compact=True, id="force")
+            yield Label("if it exists")
+            yield Select([("refuse", False), ("replace", True)], value=False, allow_blank=False, compact=True,
+                         id="force")
         yield BudgetTable(id="budgets")
         yield Static(id="summary")
         yield Static(id="selected")
-        yield ProgressBar(show_eta=False, id="bar")
-        yield RichLog(wrap=True, id="log")
+        with Horizontal(id="jobrow"):
+            yield Label("job: idle", id="state")
+            yield ProgressBar(total=1, show_eta=False, id="bar")
+        yield RichLog(wrap=True, min_width=20, id="log")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -146,35 +159,41 @@ class ElasticApp(App):
         elif self.plan is None or self.budget is None:
             self.notify("no valid plan to act on", severity="warning")
         else:
-            out, force = self.out_path(), self.query_one("#force", Checkbox).value
+            out, force = self.out_path(), self.query_one("#force", Select).value
             self.say(f"{action} {self.budget} -> {out}")
+            self.set_state(f"{action} {self.budget}")
             self.query_one("#bar", ProgressBar).update(total=None, progress=0)
-            self.job = self.run_job(action, self.plan, self.budget, out, force)
+            self.job = threading.Event()
+            self.run_job(action, self.plan, self.budget, out, force, self.job)
 
     def action_cancel(self) -> None:
         if self.job is None:
             self.notify("nothing to cancel")
             return
-        self.job.cancel()
+        self.job.set()
+        self.set_state("cancelling")
         self.say("cancelling ...")
 
-    @work(thread=True, exit_on_error=False, group="job")
-    def run_job(self, action: str, p: dict, budget: str, out: Path, force: bool) -> None:
-        worker = get_current_worker()
+    def on_unmount(self) -> None:
+        if self.job is not None:  # quitting mid-job: stop the thread at its next progress report
+            self.job.set()
 
+    @work(thread=True, exit_on_error=False, group="job")
+    def run_job(self, action: str, p: dict, budget: str, out: Path, force: bool, cancel: threading.Event) -> None:
         def progress(done: int, total: int) -> None:
-            if worker.is_cancelled:
+            if cancel.is_set():
                 raise Cancelled
             self.post_message(JobProgress(done, total))
 
         try:
-            done = JobDone("done", pl.run_action(action, p, budget, out, force, progress))
+            done = JobDone("done", pl.run_action(action, self.planner.ckpt.root, p, budget, out, force, progress))
         except Cancelled:
             done = JobDone("cancelled", [f"cancelled: nothing was written to {out}"])
         except (ElasticError, ProfileError) as e:
             done = JobDone("error", [f"error: {e.render()}"])
-        except Exception as e:  # a bug: say so rather than leave the job hanging
-            done = JobDone("error", [f"error: unexpected {type(e).__name__}: {e} (please report it)"])
+        except Exception as e:  # noqa: BLE001 (a bug: say so rather than leave the job hanging)
+            done = JobDone("error", [f"error: unexpected {type(e).__name__}: {e} (a bug; please report it)",
+                                     *(traceback.format_exc().splitlines() if debug() else [])])
         self.post_message(done)
 
     def on_job_progress(self, event: JobProgress) -> None:
@@ -182,11 +201,16 @@ class ElasticApp(App):
 
     def on_job_done(self, event: JobDone) -> None:
         self.job = None
+        self.set_state(event.outcome)
         self.say(*event.lines)
         head = event.lines[0] if event.lines else event.outcome
         self.notify(head, severity="error" if event.outcome == "error" else "information")
 
+    def set_state(self, text: str) -> None:
+        self.query_one("#state", Label).update(f"job: {text}")
+
     def say(self, *lines: str) -> None:
         log = self.query_one("#log", RichLog)
         for line in lines:
+            self.logged.append(line)
             log.write(line)

@@ -11,9 +11,10 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from slicer.errors import MissingDependencyError
 
@@ -22,7 +23,7 @@ from ..common import human_bytes, human_count
 HERE = "this machine"  # the target choice that detects this machine instead of naming a profile
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # `elastic plan --dtype`
 ACTIONS = ("slice", "export", "both")
-EXPORT_MISSING = "export: not available in this version (the export library has no entry point yet)"
+EXPORT_MISSING = "export: not available in this version (the export library is not written yet)"
 COLUMNS = ("budget", "params", "weights", "kv", "state", "total", "headroom", "fits")
 
 Progress = Callable[[int, int], None]
@@ -80,14 +81,14 @@ class Planner:
 def checkpoint_line(planner: Planner) -> str:
     ckpt = planner.ckpt
     kind = "elastic" if ckpt.is_elastic else "dense"
-    weights = "weights present" if ckpt.has_weights else "config.json only: plan only, slicing needs the weights"
-    return f"checkpoint  {planner.name} ({kind}, {weights})"
+    weights = "weights present" if ckpt.has_weights else "config.json only: plan, no slicing"
+    return f"checkpoint: {planner.name} ({kind}, {weights})"
 
 
 def device_line(p: dict) -> str:
-    """The first line of `elastic plan`'s text."""
+    """The first line of `elastic plan`'s text, a little shorter (80 columns)."""
     dev = p["device"]
-    return (f"device      {dev['name']} ({dev['kind']}, {dev['source']}): {human_bytes(dev['usable_bytes'])} usable"
+    return (f"device: {dev['name']}, {dev['kind']} {dev['source']}: {human_bytes(dev['usable_bytes'])} usable"
             + (", shares system RAM" if dev["unified"] else ""))
 
 
@@ -107,7 +108,8 @@ def budget_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
 
 def summary_lines(p: dict, unit: str) -> list[str]:
     w = p["workload"]
-    lines = [f"memory in {unit} at context {w['context']:,} x batch {w['batch']}, {w['dtype']}, margin {w['margin']:.0%}"]
+    workload = f"context {w['context']:,} x batch {w['batch']}, {w['dtype']}, margin {w['margin']:.0%}"
+    lines = [f"memory in {unit} at {workload}"]
     lines += [f"note: {n}" for n in p["notes"]]
     if p["chosen"]:
         lines.append(f"chosen {p['chosen']}: the largest budget that fits")
@@ -130,33 +132,33 @@ def unavailable(action: str) -> str | None:
     return EXPORT_MISSING if action in ("export", "both") else None
 
 
-def run_action(action: str, p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
-    """Run one action for ``budget`` of plan ``p``; the lines that report it. Raises what the CLI
-    would (ElasticError, ProfileError) and whatever ``progress`` raises (cancellation)."""
+def run_action(action: str, source: Path, p: dict, budget: str, out: Path, force: bool,
+               progress: Progress) -> list[str]:
+    """Run one action for ``budget`` of plan ``p`` of checkpoint ``source``; the lines that report
+    it. Raises what the CLI would (ElasticError, ProfileError) and whatever ``progress`` raises."""
     lines: list[str] = []
     if action in ("slice", "both"):
-        lines += slice_budget(p, budget, out, force, progress)
+        lines += slice_budget(source, p, budget, out, force, progress)
     if action in ("export", "both"):
         lines += export_model(out, progress)
     return lines
 
 
-def slice_budget(p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
-    """Slice as `elastic fit-my-gpu` does: the plan's dtype, a full spec for a dense checkpoint."""
+def slice_budget(source: Path, p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
+    """Slice as `elastic fit-my-gpu` does (the plan's dtype, a full spec for a dense checkpoint);
+    ``source`` is the directory as the user gave it, so errors name it as `elastic slice` would."""
     from slicer.slice import slice_checkpoint
 
     from ..plan_cmd import _full_spec
 
     row = next(b for b in p["budgets"] if b["name"] == budget)
     elastic = row["resolved_by"] != "dense checkpoint"
-    result = slice_checkpoint(p["checkpoint"], out, budget=budget if elastic else None,
-                              spec=None if elastic else _full_spec(p["checkpoint"]),
+    result = slice_checkpoint(source, out, budget=budget if elastic else None,
+                              spec=None if elastic else _full_spec(source),
                               dtype=row["dtype"], force=force, progress=progress)
     m = result.manifest
-    lines = [f"wrote {Path(out).resolve()}",
-             f"  budget {budget}, {human_count(result.parameters)} parameters, {m['dtype']}, "
-             f"{human_bytes(result.bytes_written)}",
-             "loads in:"]
+    size = f"{human_count(result.parameters)} parameters, {m['dtype']}, {human_bytes(result.bytes_written)}"
+    lines = [f"wrote {Path(out).resolve()}", f"  budget {budget}, {size}", "loads in:"]
     lines += [f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}"
               for name, r in m["runtimes"].items()]
     lines.append(f"next: elastic inspect {out}")

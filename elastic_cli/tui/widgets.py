@@ -19,8 +19,8 @@ class Controls(Horizontal):
 
     DEFAULT_CSS = """
     Controls { height: 1; }
-    Controls Label { width: auto; margin: 0 1 0 1; }
-    Controls Label:first-of-type { margin-left: 0; }
+    Controls Label { width: auto; margin-right: 1; }
+    Controls Select, Controls Input { margin-right: 1; }
     Controls #target { width: 22; }
     Controls #context { width: 9; }
     Controls #batch { width: 5; }

@@ -1,0 +1,139 @@
+"""The Nemotron Elastic paper's comparison, in miniature, on a real corpus with no download.
+
+    python bench/paper_table.py [--scale small|medium] [--dir /tmp/elastic-paper]
+
+Corpus: the Python standard library's own source files (a few MB; 5% of the documents held out
+for validation). Tokenizer: byte-level BPE trained on it. Rows (validation loss, tokens used):
+  (a) the dense parent, trained from scratch;
+  (b) every budget after one elastic run (importance, permutation, router, two-stage distillation);
+  (c) every smaller budget pruned by importance, no training;
+  (d) every smaller budget pruned, then distilled on its own with as many tokens as the whole
+      elastic run (so (d) costs that many tokens per budget);
+  (e) the smallest budget's architecture trained from scratch with those tokens.
+Expected (the paper's claim): (b) far better than (c), close to (d) at a fraction of (d)'s total
+tokens, and the full budget within a few percent of the parent. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCALES = {
+    # parent size, steps: (a) pretraining, (b) elastic stage 1 / stage 2
+    "small": dict(hidden=128, mamba_heads=8, head_dim=16, ffn=384, attn_heads=4, vocab=1024, corpus=2_000_000,
+                  pretrain=600, stage1=240, stage2=80, batch=16, ctx1=128, ctx2=256),
+    "medium": dict(hidden=256, mamba_heads=16, head_dim=32, ffn=1024, attn_heads=8, vocab=4096, corpus=6_000_000,
+                   pretrain=1500, stage1=600, stage2=200, batch=16, ctx1=256, ctx2=512),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=SCALES, default="small")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/elastic-paper"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    s = SCALES[args.scale]
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from slicer.arch import Arch
+    from slicer.model import build_model, load_model, save_model
+    from slicer.spec import SliceSpec
+    from trainer.data import TokenDataset, build_token_shards, stdlib_corpus
+    from trainer.importance import width_importance
+    from trainer.permute import orders, permute_
+    from trainer.pretrain import fit
+    from trainer.tokenizer import load_tokenizer, train_tokenizer
+    from trainer.train import Stage, TrainConfig, eval_loss, train
+
+    d = args.dir
+    d.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    files = stdlib_corpus(max_bytes=s["corpus"])
+    tok = train_tokenizer(files, s["vocab"], d / "tokenizer")
+    build_token_shards(files, load_tokenizer(d / "tokenizer"), d / "tokens", overwrite=True)
+    train_ds, val_ds = TokenDataset(d / "tokens", "train"), TokenDataset(d / "tokens", "val")
+    print(f"corpus: {len(files)} files, {len(train_ds):,} train / {len(val_ds):,} val tokens, vocab {tok.vocab_size}",
+          flush=True)
+
+    config = {
+        "model_type": "nemotron_h", "vocab_size": tok.vocab_size, "hidden_size": s["hidden"],
+        "hybrid_override_pattern": "M-M*-M-M-", "mamba_num_heads": s["mamba_heads"], "mamba_head_dim": s["head_dim"],
+        "n_groups": 2, "ssm_state_size": 16, "chunk_size": 64, "num_attention_heads": s["attn_heads"],
+        "num_key_value_heads": 2, "head_dim": s["hidden"] // s["attn_heads"], "intermediate_size": s["ffn"],
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+    }
+    arch = Arch.from_config(config)
+    ctx_eval, eval_batches = s["ctx2"], 16
+    rows: list[dict] = []
+
+    def row(name: str, budget: str, params: int, loss: float, tokens: int) -> None:
+        rows.append({"row": name, "budget": budget, "parameters": params, "val_loss": round(loss, 4), "tokens": tokens})
+        print(f"  ({name}) {budget:<6} {params:>10,} params  val loss {loss:.4f}  tokens {tokens:,}", flush=True)
+
+    # (a) the dense parent from scratch
+    parent = build_model(arch, seed=0)
+    a = fit(parent, train_ds, s["pretrain"], batch_size=s["batch"], context=s["ctx1"], lr=3e-3, warmup=50, seed=1)
+    save_model(parent, d / "parent", force=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / "parent" / f).write_bytes((d / "tokenizer" / f).read_bytes())
+    parent = load_model(d / "parent")
+    parent_loss = eval_loss(parent, val_ds, ctx_eval, eval_batches)
+    row("a", "parent", arch.param_counts()["total"], parent_loss, a["tokens"])
+
+    # (b) one elastic run for all budgets
+    cfg = TrainConfig(stage1=Stage(s["stage1"], s["ctx1"]), stage2=Stage(s["stage2"], s["ctx2"], (0.5, 0.3, 0.2)),
+                      batch_size=s["batch"], lr=1e-3, warmup=20, drop_layers=2, save_every=10**9, eval_batches=eval_batches)
+    summary = train(d / "parent", d / "tokens", d / "elastic", cfg, work_dir=d / "elastic.work", force=True)
+    elastic_tokens = summary["tokens"]
+    ec = json.loads((d / "elastic" / "elastic_config.json").read_text())
+    specs = {name: SliceSpec.from_json(spec, arch) for name, spec in ec["resolved"].items()}
+    for name, r in summary["budgets"].items():
+        row("b", name, r["parameters"], r["val_loss"], elastic_tokens)
+
+    # (c) pruned by importance, no training: the permuted parent cut to (b)'s sizes
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0] for _ in range(cfg.importance_batches)]
+    pruned = load_model(d / "parent")
+    permute_(pruned, orders(pruned, width_importance(pruned, calib)))
+    smaller = [name for name in specs if not specs[name].is_full(arch)]
+    for name in smaller:
+        row("c", name, specs[name].parameters(arch), eval_loss(pruned, val_ds, ctx_eval, eval_batches, spec=specs[name]), 0)
+
+    # (d) each smaller budget pruned, then distilled alone with the elastic run's tokens
+    steps_d = elastic_tokens // (s["batch"] * s["ctx1"])
+    for name in smaller:
+        m = load_model(d / "parent")
+        permute_(m, orders(m, width_importance(m, calib)))
+        fit(m, train_ds, steps_d, batch_size=s["batch"], context=s["ctx1"], lr=1e-3, warmup=20, seed=2,
+            teacher=parent, spec=specs[name])
+        row("d", name, specs[name].parameters(arch), eval_loss(m, val_ds, ctx_eval, eval_batches, spec=specs[name]),
+            steps_d * s["batch"] * s["ctx1"])
+
+    # (e) the smallest budget's architecture from scratch, same tokens
+    smallest = min(smaller, key=lambda n: specs[n].parameters(arch)) if smaller else None
+    if smallest:
+        child = build_model(specs[smallest].child_arch(arch), seed=3)
+        e = fit(child, train_ds, steps_d, batch_size=s["batch"], context=s["ctx1"], lr=3e-3, warmup=50, seed=4)
+        row("e", smallest, specs[smallest].parameters(arch), eval_loss(child, val_ds, ctx_eval, eval_batches), e["tokens"])
+
+    total_d = (steps_d * s["batch"] * s["ctx1"]) * len(smaller)
+    print(f"\nelastic run: {elastic_tokens:,} tokens for all {len(specs)} budgets; separate distillation (d): "
+          f"{total_d:,} tokens for {len(smaller)} budgets ({total_d / max(1, elastic_tokens):.1f}x); "
+          f"{time.perf_counter() - t_start:.0f}s in all")
+    print(json.dumps({"scale": args.scale, "parent_val_loss": round(parent_loss, 4), "elastic_tokens": elastic_tokens,
+                      "separate_tokens_total": total_d, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""``elastic export`` (ONNX graphs, TensorRT engines or their build script) and ``elastic generate``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import JsonOpt, boundary, human_bytes, print_json
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+    all = "all"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class GraphDType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+def _stage(enabled: bool):
+    return (lambda msg: typer.echo(f"  {msg} ...", err=True)) if enabled else None
+
+
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="A dense model directory (e.g. from `elastic slice`), or an "
+                                              "export directory with --check-only.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (must not exist unless "
+                                                "--force).", show_default=False)] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="onnx: graphs only; tensorrt: graphs + engines "
+                                        "(or build_engines.sh where TensorRT is absent); all: both, and the "
+                                        "script even when engines were built.")] = Format.onnx,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Device profile for the engine build "
+                                                  "(see `elastic profiles`). Default: this machine.",
+                                                  show_default=False)] = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="TensorRT precision; auto: bf16 where the "
+                                                 "device has it, else fp16.")] = Precision.auto,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.", min=1)] = 1,
+    context: Annotated[int, typer.Option("--context", help="Longest sequence (prompt + output) the engines "
+                                         "accept.", min=2)] = 4096,
+    dtype: Annotated[GraphDType, typer.Option("--dtype", help="Weights of the ONNX graphs (float16 halves the files; "
+                                              "no parity check then). TensorRT builds fp16/bf16 engines from "
+                                              "float32 graphs too (--precision).")]
+    = GraphDType.float32,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18..20 (default 18: see the README "
+                                                 "written beside the graphs).", show_default=False)] = None,
+    parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Compare ONNX Runtime with PyTorch "
+                                         "(logits, state, greedy tokens) before writing.")] = True,
+    check_only: Annotated[bool, typer.Option("--check-only", help="Only check the graphs' operators against "
+                                             "TensorRT's ONNX parser; write nothing. Exit code 1 when an "
+                                             "operator is unsupported.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a dense model for an edge runtime: ONNX prefill/decode graphs with explicit state, a
+    TensorRT operator check, parity with PyTorch, and TensorRT engines (or a trtexec script).
+
+    Written to a temporary directory and renamed when complete: a failed run leaves nothing under --out.
+
+    Examples:
+
+      elastic export ./model-50 --out ./model-50-onnx
+
+      elastic export ./model-50 --out ./model-50-trt --format all --target orin-nano-8gb
+
+      elastic export ./model-50 --check-only --json
+    """
+    with boundary():
+        if check_only:
+            from export.pipeline import check_only as run_check
+
+            report = run_check(model_dir, dtype=dtype.value, opset=opset, progress=_stage(not json_out))
+        else:
+            if out is None:
+                from slicer.errors import ElasticError
+
+                raise ElasticError("--out is required (or pass --check-only)")
+            from export.pipeline import export_model
+
+            summary = export_model(model_dir, out, format=fmt.value, target=target, precision=precision.value,
+                                   max_batch=max_batch, max_context=context, dtype=dtype.value, opset=opset,
+                                   parity=parity, force=force, progress=_stage(not json_out))
+    if check_only:
+        if json_out:
+            print_json(report)
+        else:
+            typer.echo("\n".join(_check_lines(report)))
+        if not report["ok"]:
+            raise typer.Exit(1)
+        return
+    if json_out:
+        print_json(summary)
+        return
+    typer.echo("\n".join(_summary_lines(summary)))
+
+
+def _check_lines(report: dict) -> list[str]:
+    t = report["tensorrt"]
+    lines = [f"TensorRT {t['target']} operator check (support matrix of TensorRT {t['table']}, opsets "
+             f"{t['opsets'][0]}-{t['opsets'][1]}): {report.get('path', '')}"]
+    for name, r in report["graphs"].items():
+        lines.append(f"  {name:<13} opset {r['opset']}, {r['nodes']} nodes, {len(r['ops'])} op types: "
+                     + ("ok" if r["ok"] else "NOT OK"))
+        if not r["opset_supported"]:
+            lines.append(f"    opset {r['opset']} is outside {t['opsets'][0]}..{t['opsets'][1]}")
+        for u in r["unsupported"]:
+            lines.append(f"    {u['op']} x{u['count']}: {u['reason']} (e.g. {', '.join(u['nodes'])})")
+        for n in r["notes"]:
+            lines.append(f"    note {n['op']}: {n['note']}")
+    lines.append("unsupported: " + (", ".join(report["unsupported_ops"]) or "none"))
+    return lines
+
+
+def _summary_lines(s: dict) -> list[str]:
+    out = Path(s["out"])
+    size = sum((out / f).stat().st_size for f in s["files"] if (out / f).is_file())
+    lines = [
+        f"wrote {out}  ({s['format']}, opset {s['opset']}, torch.onnx {s['exporter']}, {s['dtype']}, {human_bytes(size)})",
+        f"files     {' '.join(s['files'])}",
+    ]
+    if s["exporter_fallback_reason"]:
+        lines.append(f"note      dynamo export failed, used the TorchScript exporter: {s['exporter_fallback_reason']}")
+    p = s["parity"]
+    if p:
+        lines.append(f"parity    max |logit diff| prefill {p['prefill_max_abs_diff']:.1e}, decode "
+                     f"{p['decode_max_abs_diff']:.1e} (tolerance {p['tolerance']:g}); greedy tokens "
+                     f"{'identical' if p['greedy_tokens_equal'] else 'DIFFERENT'}")
+    else:
+        lines.append(f"parity    not checked ({s['parity_skipped']})")
+    lines += _check_lines(s["tensorrt_check"])[1:-1]
+    t = s["tensorrt_check"]["tensorrt"]
+    bad = s["unsupported_ops"]
+    lines.append(f"tensorrt  {'UNSUPPORTED operators: ' + ', '.join(bad) if bad else 'every operator is supported'} "
+                 f"(TensorRT {t['target']}, checked against the {t['table']} support matrix)")
+    e = s["tensorrt"]
+    if e is not None:
+        st = e["settings"]
+        if e["built"]:
+            lines.append(f"engines   built with TensorRT {e['tensorrt']} on {e['device']['name']}: {', '.join(e['engines'])}")
+        else:
+            lines.append(f"engines   NOT built: {e['reason'].removeprefix('not built here: ').split('. Run')[0]}")
+        if e["script"]:
+            lines.append(f"script    {e['script']}: run it on {st['device']} ({st['precision']}, "
+                         f"{st['workspace_bytes'] >> 20} MiB workspace, batch <= {st['max_batch']}, "
+                         f"context <= {st['max_context']})")
+    lines.append(f'next:     elastic generate {out} "Hello" --backend onnx')
+    return lines
+
+
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (torch) or an export directory (onnx).",
+                                              show_default=False)],
+    prompt: Annotated[str, typer.Argument(help="The prompt.")] = "Hello",
+    backend: Annotated[Optional[Backend], typer.Option("--backend", "-b", help="torch: the PyTorch reference "
+                                                       "model; onnx: ONNX Runtime. Default: onnx for an export "
+                                                       "directory, else torch.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate (stops "
+                                                "early at the end-of-sequence token).", min=1)] = 32,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: the runtime's "
+                                                   "choice).", min=1, show_default=False)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a model greedily and print the text and the decode speed.
+
+    Examples:
+
+      elastic generate ./model-50 "The capital of France is"
+
+      elastic generate ./model-50-onnx "The capital of France is" --backend onnx --json
+    """
+    from export.runtime import generate_text
+
+    with boundary():
+        r = generate_text(model_dir, prompt, backend=backend.value if backend else None,
+                          max_new_tokens=max_new_tokens, threads=threads)
+    if json_out:
+        print_json(r)
+        return
+    text = r["text"] if r["text"] is not None else " ".join(str(t) for t in r["tokens"])
+    typer.echo(f"{prompt}{text}")
+    typer.echo(f"[{r['backend']}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
+               f"prefill {r['prefill_s'] * 1000:.1f} ms, decode {r['tokens_per_s']} tokens/s", err=True)

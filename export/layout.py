@@ -1,0 +1,9 @@
+"""File and tensor names of an export directory (no torch import: runtimes read these too)."""
+
+PREFILL, DECODE = "prefill.onnx", "decode.onnx"
+WEIGHTS = "weights.bin"  # external data shared by both graphs (large models only)
+README, MANIFEST = "README.md", "export_manifest.json"
+ENGINE_META, SCRIPT = "engine_meta.json", "build_engines.sh"
+ENGINES = {PREFILL: "prefill.engine", DECODE: "decode.engine"}
+PAST, PRESENT = "past_", "present_"  # graph input / output prefixes of the state tensors
+DYNAMIC_DIMS = ("batch", "seq", "past")  # names of the dynamic axes in both graphs

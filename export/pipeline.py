@@ -1,0 +1,200 @@
+"""``elastic export`` as one library call: graphs, checks, parity, engines, README — written atomically.
+
+Example:
+    >>> summary = export_model("./model-50", "./model-50-onnx", format="all", target="orin-nano-8gb")
+    >>> summary["files"], summary["unsupported_ops"], summary["parity"]["ok"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from slicer.errors import ElasticError
+
+from .layout import MANIFEST, README, SCRIPT
+
+FORMATS = ("onnx", "tensorrt", "all")
+# files a runtime needs beside the graphs: the tokenizer (``elastic generate``) and the config (eos)
+PASSTHROUGH = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def _load(model_dir: str | Path, dtype: str):
+    import torch  # noqa: F401  (load_model needs it; imported here to keep `elastic --help` light)
+
+    from slicer.checkpoint import Checkpoint
+    from slicer.model import load_model
+
+    from .onnx_export import EXPORT_DTYPES, require_onnx
+
+    require_onnx()
+    if dtype not in EXPORT_DTYPES:
+        raise ElasticError(f"unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    ckpt = Checkpoint.open(model_dir, require_weights=True)
+    return ckpt, load_model(ckpt, dtype=EXPORT_DTYPES[dtype])
+
+
+def export_model(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    format: str = "onnx",
+    target: str | None = None,
+    precision: str = "auto",
+    max_batch: int = 1,
+    max_context: int = 4096,
+    dtype: str = "float32",
+    opset: int | None = None,
+    parity: bool = True,
+    external_data: bool | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export a dense model directory for an edge runtime.
+
+    Writes ``prefill.onnx`` / ``decode.onnx`` (+ ``weights.bin`` for large models), checks them
+    with ``onnx.checker`` and against TensorRT's operator matrix, compares ONNX Runtime with the
+    PyTorch reference, and for ``format`` "tensorrt"/"all" builds the engines (TensorRT + GPU
+    present) or writes ``build_engines.sh``. Everything goes to a temporary directory beside
+    ``out``, renamed into place at the end: a failure leaves ``out`` as it was.
+
+    Args:
+        model_dir: a dense nemotron_h checkpoint (e.g. from ``elastic slice``).
+        out: the export directory; must not exist unless ``force``.
+        format: "onnx" (graphs only), "tensorrt" (graphs + engines or the script), "all" (both,
+            and the script even when the engines were built, to rebuild on another device).
+        target: device profile for the engine settings (``elastic profiles``); None: this machine.
+        precision: TensorRT precision: "auto", "fp32", "fp16", "bf16".
+        max_batch, max_context: the largest shapes the engines accept.
+        dtype: dtype of the graphs' weights: "float32", or "float16" (half the files; the parity
+            check is for float32 only: float16 rounds differently in each runtime).
+        opset: ONNX opset (default 18).
+        parity: compare ONNX Runtime with PyTorch (float32 only); a mismatch refuses the export.
+        external_data: force weights into ``weights.bin`` (True) or inside the graphs (False).
+        progress: called with a short message before each stage.
+
+    Returns:
+        ``out``, ``files``, ``opset``, ``exporter``, ``external_data``, ``unsupported_ops``,
+        ``tensorrt_check`` (per-graph reports), ``parity`` (max abs diffs; None when skipped),
+        ``tensorrt`` (engine metadata; None for format "onnx"), and the model's description.
+
+    Raises:
+        CheckpointError / ConfigError: ``model_dir`` is not a loadable checkpoint.
+        MissingDependencyError: onnx / onnxscript / onnxruntime are not installed.
+        ProfileError: unknown ``target``.
+        ElasticError: ``out`` exists, bad options, or the graphs disagree with PyTorch.
+    """
+    from slicer.checkpoint import ShardedWriter
+
+    from .graphs import state_tensors
+    from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
+    from .parity import check_parity
+    from .readme import render
+    from .trt import build_or_script, check_export, engine_settings
+
+    if format not in FORMATS:
+        raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    say = progress or (lambda msg: None)
+    if Path(out).exists() and not force:  # fail before the slow part (the writer checks again)
+        raise ElasticError("already exists; pass --force to replace it", path=str(out))
+    settings = engine_settings(target, precision, max_batch, max_context) if format != "onnx" else None
+    say(f"loading {model_dir}")
+    ckpt, model = _load(model_dir, dtype)
+    with ShardedWriter(out, force=force) as w:
+        tmp = w.tmp
+        info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, external_data=external_data, progress=say)
+        say("onnx.checker")
+        check_onnx(tmp)
+        say("checking operators against TensorRT's ONNX parser")
+        compat = check_export(tmp)
+        result = None
+        if parity and dtype == "float32":
+            say("comparing ONNX Runtime with PyTorch")
+            result = check_parity(model, tmp)
+            if not result["ok"]:
+                raise ElasticError(
+                    "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
+                    f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}, "
+                    f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "
+                    f"(tolerance {result['tolerance']:g}); this is a bug, please report it; --no-parity skips the check")
+        trt = build_or_script(tmp, settings, always_script=format == "all", progress=say) if settings else None
+        for name in PASSTHROUGH:
+            if (ckpt.root / name).is_file():
+                w.add_file(ckpt.root / name)
+        arch = model.arch
+        summary = {
+            "out": str(Path(out)),
+            "model_dir": str(ckpt.root),
+            "format": format,
+            "dtype": dtype,
+            "parameters": arch.param_counts()["total"],
+            "layer_pattern": arch.layer_pattern,
+            "opset": info["opset"],
+            "exporter": info["exporter"],
+            "exporter_fallback_reason": info["fallback_reason"],
+            "external_data": info["external_data"],
+            "io": info["io"],
+            "unsupported_ops": compat["unsupported_ops"],
+            "tensorrt_check": compat,
+            "parity": result,
+            "parity_skipped": None if result else ("--no-parity" if not parity else
+                                                   f"{dtype} graphs: parity is checked on float32 graphs only"),
+            "tensorrt": trt,
+        }
+        w.add_text(README, render(summary, state_tensors(arch), dtype))
+        summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
+        w.add_json(MANIFEST, summary)
+    if (Path(out) / SCRIPT).is_file():  # the writer gives every file 0666 & ~umask; the script runs
+        umask = os.umask(0)
+        os.umask(umask)
+        (Path(out) / SCRIPT).chmod(0o777 & ~umask)
+    return summary
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, **kwargs) -> dict[str, Any]:
+    """:func:`export_model` with ``format="onnx"``: the graphs, checked, with a README."""
+    return export_model(model_dir, out_dir, format="onnx", **kwargs)
+
+
+def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The TensorRT operator check alone, writing nothing.
+
+    Args:
+        path: an export directory (its graphs are checked as they are) or a model directory
+            (exported to a temporary directory first, which is then removed).
+
+    Returns:
+        :func:`export.trt.check_export`'s report plus ``path`` and ``opset``.
+    """
+    from .runtime import is_export_dir
+    from .trt import check_export
+
+    path = Path(path)
+    if is_export_dir(path):
+        report = check_export(path)
+        opsets = {r["opset"] for r in report["graphs"].values()}
+        return {"path": str(path), "opset": opsets.pop() if len(opsets) == 1 else sorted(opsets), **report}
+    from .onnx_export import DEFAULT_OPSET, write_graphs
+
+    _, model = _load(path, dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=".elastic-check-"))
+    try:
+        info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, progress=progress)
+        return {"path": str(path), "opset": info["opset"], **check_export(tmp)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(export_dir: str | Path) -> dict[str, Any]:
+    """The ``export_manifest.json`` of an export directory."""
+    p = Path(export_dir) / MANIFEST
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ElasticError(f"no readable {MANIFEST} ({e})", path=str(export_dir)) from None

@@ -1,0 +1,127 @@
+"""README.md of an export directory: what each file is, the graphs' inputs and outputs, the opset
+and why, the TensorRT check, and how to build the engines on the target."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .layout import DECODE, ENGINE_META, ENGINES, MANIFEST, PAST, PREFILL, PRESENT, SCRIPT, WEIGHTS
+
+OPSET_WHY = (
+    "TensorRT 10.x's ONNX parser (10.3 ships with JetPack 6 on Orin) takes opsets 9 to 20 "
+    "(onnx-tensorrt docs/operators.md). 18 is the opset torch's dynamo exporter emits natively, so no "
+    "version conversion rewrites the graph, and it is older than the ops TensorRT 10.3 cannot parse "
+    "(RMSNormalization and Attention arrive in opset 23). The reductions take their axes as "
+    "constant inputs (opset 18 form), which TensorRT 10 requires to be initializers: they are."
+)
+
+
+def _shape(s) -> str:
+    return "(" + ", ".join(str(d) for d in s.shape) + ")"
+
+
+def render(summary: dict[str, Any], states: list, dtype: str) -> str:
+    """The README text for an export described by ``summary`` (see ``export.pipeline.export_model``)."""
+    ext = summary["external_data"]
+    files = [
+        (PREFILL, "prompt -> logits of every position + the state of every layer"),
+        (DECODE, "one token per sequence + the state -> logits + the new state"),
+    ]
+    if ext:
+        files.append((WEIGHTS, "the weights of both graphs (ONNX external data; keep it beside the graphs)"))
+    trt = summary.get("tensorrt")
+    if trt:
+        if trt["built"]:
+            files += [(e, "TensorRT engine") for e in ENGINES.values()]
+        if trt["script"]:
+            files.append((SCRIPT, "builds the TensorRT engines with trtexec on the target device"))
+        files.append((ENGINE_META, "what was built (or why not): TensorRT version, device, shapes"))
+    files.append((MANIFEST, "everything `elastic export` reported, as JSON"))
+    state_name = {"conv_state": "causal-conv window: the last K-1 inputs of the conv over [x | B | C]",
+                  "ssm_state": "SSM state, always float32", "key": "attention keys so far",
+                  "value": "attention values so far"}
+    lines = [
+        "# ONNX export",
+        "",
+        f"Written by `elastic export` from `{summary['model_dir']}` ({summary['parameters']:,} parameters, "
+        f"layers `{summary['layer_pattern']}`). Graphs in {dtype}, opset {summary['opset']}, "
+        f"exporter: torch.onnx ({summary['exporter']}).",
+        "",
+        "| file | what |",
+        "|---|---|",
+        *[f"| `{f}` | {w} |" for f, w in files],
+        "",
+        "## Graphs",
+        "",
+        "Dynamic axes: `batch` (sequences), `seq` (prompt tokens), `past` (tokens already in the KV cache).",
+        "",
+        f"**{PREFILL}**: input `input_ids` int64 (batch, seq); outputs `logits` float32 (batch, seq, vocab), "
+        f"then `{PRESENT}<state>` for every state below.",
+        "",
+        f"**{DECODE}**: inputs `input_ids` int64 (batch, 1) and `{PAST}<state>` for every state below; "
+        f"outputs `logits` float32 (batch, 1, vocab) and `{PRESENT}<state>`. Feed each `{PRESENT}X` back "
+        f"as `{PAST}X` at the next step. Keys and values grow by one position per step "
+        "(`present_key.i` has past + 1 positions); Mamba states keep their size.",
+        "",
+        "| state | shape | dtype | what |",
+        "|---|---|---|---|",
+        *[f"| `{s.name}` | {_shape(s)} | {'float32' if s.float32 else dtype} | {state_name[s.kind]} |"
+          for s in states],
+        "",
+        "The suffix is the layer index; MLP layers keep no state. Greedy decoding: prefill the prompt, "
+        "take `argmax(logits[:, -1])`, then one decode call per token.",
+        "",
+        "```python",
+        "from export.runtime import OnnxGenerator",
+        "gen = OnnxGenerator('.')                      # onnxruntime sessions over both graphs",
+        "ids = gen.generate(prompt_ids, max_new_tokens=32)",
+        "```",
+        "",
+        "or `elastic generate . \"prompt\" --backend onnx`.",
+        "",
+        "## Opset",
+        "",
+        f"Opset {summary['opset']}. {OPSET_WHY}",
+        "",
+    ]
+    if ext:
+        lines += [f"The weights live in `{WEIGHTS}` (a protobuf cannot exceed 2 GiB); both graphs point into "
+                  "the same file, so they are stored once. Keep the three files together.", ""]
+    parity = summary.get("parity")
+    if parity:
+        lines += [
+            "## Parity with PyTorch",
+            "",
+            f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
+            f"decode ({parity['decode_steps']} steps) {parity['decode_max_abs_diff']:.2e}, state "
+            f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}); greedy tokens "
+            f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}.",
+            "",
+        ]
+    check = summary["tensorrt_check"]
+    lines += [
+        "## TensorRT",
+        "",
+        f"Every node was checked against TensorRT {check['tensorrt']['table']}'s ONNX-parser support matrix "
+        f"({check['tensorrt']['source']}), for TensorRT {check['tensorrt']['target']}: "
+        + ("no unsupported operator." if check["ok"] else
+           f"**unsupported: {', '.join(check['unsupported_ops'])}** (see `{MANIFEST}`)."),
+        "",
+    ]
+    if trt and trt["built"]:
+        lines += [f"Engines built here with TensorRT {trt['tensorrt']} on {trt['device']['name']}. An engine "
+                  "only runs on the GPU model and TensorRT version that built it.", ""]
+    elif trt:
+        s = trt["settings"]
+        lines += [
+            f"No engine was built here ({trt['reason'].split('. ')[0].removeprefix('not built here: ')}). "
+            f"On the target device run `sh {SCRIPT}` (trtexec from TensorRT 10; on JetPack "
+            "`/usr/src/tensorrt/bin/trtexec`). It builds `prefill.engine` and `decode.engine` with "
+            f"precision {s['precision']}, a {s['workspace_bytes'] >> 20} MiB workspace, batch 1..{s['max_batch']} "
+            f"and up to {s['max_context']} tokens per sequence ({s['source']}).",
+            "",
+        ]
+    else:
+        lines += ["Build engines with `elastic export MODEL_DIR --format tensorrt --target DEVICE`, which writes "
+                  f"`{SCRIPT}` where TensorRT is absent.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,422 @@
+"""TensorRT: an operator check that needs no TensorRT, and the engine build (or a ``trtexec`` script).
+
+- :func:`check_graph` walks every node of an ONNX graph against ``tensorrt_ops.toml`` (TensorRT's
+  ONNX-parser support matrix, as data): unknown or unsupported operators, data types outside the
+  operator's list, inputs that must be initializers, attribute values, the opset range.
+- :func:`build_or_script` builds ``prefill.engine`` / ``decode.engine`` with the TensorRT 10
+  Python API where ``tensorrt`` imports and a CUDA GPU is present; elsewhere it writes
+  ``build_engines.sh`` (the same build with ``trtexec``) to run on the target device. Either way
+  ``engine_meta.json`` records what was (or was not) built, for which device and shapes.
+
+Example:
+    >>> report = check_export("./model-50-onnx")
+    >>> report["unsupported_ops"]
+    []
+    >>> build_or_script("./model-50-onnx", engine_settings("orin-nano-8gb"))["built"]
+    False
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shlex
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from slicer.errors import ElasticError
+
+from .layout import DECODE, ENGINE_META, ENGINES, PREFILL, SCRIPT
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+TABLE = Path(__file__).with_name("tensorrt_ops.toml")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+GENERIC_WORKSPACE = 1 << 30  # no device profile: 1 GiB
+MIN_WORKSPACE = 256 << 20
+
+# onnx TensorProto.DataType -> the type names of TensorRT's matrix
+_TYPE_NAMES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE",
+               16: "BF16", 17: "FP8", 18: "FP8", 19: "FP8", 20: "FP8", 22: "INT4"}
+# which tensors carry "the op's type" (default: input 0); ONNX signatures, not TensorRT facts
+_TYPED_INPUTS = {"Where": (1, 2), "Range": (0,)}
+_TYPED_OUTPUTS = {"Constant": (0,), "ConstantOfShape": (0,), "Cast": (0,), "CastLike": (0,), "EyeLike": (0,),
+                  "RandomNormal": (0,), "RandomUniform": (0,)}
+_NO_TYPED_INPUT = {"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform", "Shape", "Size"}
+
+
+@functools.cache
+def load_op_table(path: Path | None = None) -> dict[str, Any]:
+    """The operator table (``[meta]`` and ``[ops]``) from ``tensorrt_ops.toml`` (or ``path``)."""
+    path = Path(path) if path is not None else TABLE
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ElasticError(f"the TensorRT operator table is unreadable ({e}); reinstall elastic", path=str(path))
+
+
+def _walk(graph):
+    """Every node of a graph and its subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _walk(sub)
+
+
+def _attr_value(attr):
+    import onnx
+
+    return onnx.helper.get_attribute_value(attr)
+
+
+def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every node of an ONNX model against TensorRT's ONNX-parser support matrix.
+
+    Args:
+        model: a path to a .onnx file (external data is not read) or an ``onnx.ModelProto``.
+        table: the operator table (default: :func:`load_op_table`).
+
+    Returns:
+        ``opset``, ``opset_supported``, ``nodes``, ``ops`` (op -> count), ``unsupported`` (one entry
+        per op and reason: ``op``, ``count``, ``reason``, ``nodes`` (up to three names)),
+        ``notes`` (restrictions of the ops used that only a real build can check), ``ok``.
+    """
+    import onnx
+
+    table = table or load_op_table()
+    meta, ops = table["meta"], table["ops"]
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    types: dict[str, int] = {}
+    for v in [*g.input, *g.output, *g.value_info]:
+        types[v.name] = v.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    constants = {t.name for t in g.initializer}
+    nodes = list(_walk(g))
+    for node in nodes:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            constants.update(node.output)
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+
+    problems: dict[tuple[str, str], list[str]] = {}
+
+    def refuse(node, reason: str) -> None:
+        problems.setdefault((node.op_type, reason), []).append(node.name or node.output[0])
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset_ok = opset is not None and meta["min_opset"] <= opset <= meta["max_opset"]
+    for node in nodes:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            refuse(node, f"custom domain {node.domain!r}: TensorRT needs a plugin for it")
+            continue
+        row = ops.get(op)
+        if row is None:
+            refuse(node, f"not in TensorRT {meta['table_version']}'s operator matrix")
+            continue
+        if not row["supported"]:
+            refuse(node, f"not supported by TensorRT {meta['table_version']}'s ONNX parser")
+            continue
+        allowed = set(row.get("types", []))
+        typed = [] if op in _NO_TYPED_INPUT else [node.input[i] for i in _TYPED_INPUTS.get(op, (0,))
+                                                    if i < len(node.input) and node.input[i]]
+        typed += [node.output[i] for i in _TYPED_OUTPUTS.get(op, ()) if i < len(node.output)]
+        for name in typed:
+            code = types.get(name, 0)
+            tname = _TYPE_NAMES.get(code, onnx.TensorProto.DataType.Name(code) if code else None)
+            if tname is not None and allowed and tname not in allowed:
+                refuse(node, f"type {tname} (supported: {', '.join(row['types'])})")
+        for i in row.get("const_inputs", []):
+            if i < len(node.input) and node.input[i] and node.input[i] not in constants:
+                refuse(node, f"input {i} must be an initializer ({row.get('notes', '')})")
+        attrs = {a.name: _attr_value(a) for a in node.attribute}
+        for name, want in row.get("attrs", {}).items():
+            got = attrs.get(name)
+            got = got.decode() if isinstance(got, bytes) else got
+            if got is not None and got != want:
+                refuse(node, f"attribute {name}={got!r} (TensorRT needs {want!r})")
+        for name in row.get("forbidden_attrs", []):
+            if name in attrs:
+                refuse(node, f"attribute {name} is unsupported")
+        if "max_outputs" in row and sum(1 for o in node.output[row["max_outputs"]:] if o):
+            refuse(node, f"only the first {row['max_outputs']} output(s) are supported")
+    for v in [*g.input, *g.output]:
+        tname = _TYPE_NAMES.get(v.type.tensor_type.elem_type)
+        if tname is None or tname not in meta["types"]:
+            problems.setdefault(("graph I/O", f"{v.name}: type not supported by TensorRT"), []).append(v.name)
+
+    counts = Counter(n.op_type for n in nodes)
+    checked = ("const_inputs", "attrs", "forbidden_attrs", "max_outputs")
+    notes = [{"op": op, "note": ops[op]["notes"]} for op in sorted(counts)
+             if op in ops and ops[op].get("notes") and not any(k in ops[op] for k in checked)]
+    unsupported = [{"op": op, "count": len(names), "reason": reason, "nodes": names[:3]}
+                   for (op, reason), names in sorted(problems.items())]
+    return {
+        "opset": opset,
+        "opset_supported": opset_ok,
+        "nodes": len(nodes),
+        "ops": dict(sorted(counts.items())),
+        "unsupported": unsupported,
+        "notes": notes,
+        "ok": opset_ok and not unsupported,
+    }
+
+
+def check_export(export_dir: str | Path, table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`check_graph` on ``prefill.onnx`` and ``decode.onnx`` of an export directory.
+
+    Returns:
+        ``tensorrt`` (the table's versions and source), ``graphs`` (file -> report),
+        ``unsupported_ops`` (sorted op names that fail anywhere; empty when TensorRT can parse
+        both graphs), ``ok``.
+    """
+    table = table or load_op_table()
+    export_dir = Path(export_dir)
+    graphs = {name: check_graph(export_dir / name, table) for name in (PREFILL, DECODE)}
+    bad = sorted({u["op"] for r in graphs.values() for u in r["unsupported"]}
+                 | ({"opset"} if not all(r["opset_supported"] for r in graphs.values()) else set()))
+    meta = table["meta"]
+    return {
+        "tensorrt": {"table": meta["table_version"], "target": meta["target_version"], "source": meta["source"],
+                     "opsets": [meta["min_opset"], meta["max_opset"]]},
+        "graphs": graphs,
+        "unsupported_ops": bad,
+        "ok": not bad,
+    }
+
+
+# ---- engines ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to build the engines: for which device, in which precision, for which shapes."""
+
+    device: str  # the device profile name, or "generic" / the detected GPU's name
+    precision: str  # "fp32" | "fp16" | "bf16": TensorRT builder flag (the graphs are float32)
+    workspace_bytes: int  # TensorRT's workspace memory-pool limit
+    max_batch: int  # sequences per call
+    max_context: int  # tokens per sequence: longest prefill, and decode's past length + 1
+    opt_batch: int  # the shapes TensorRT tunes kernels for
+    opt_seq: int
+    source: str  # where the settings came from, for people
+
+    def shapes(self, dims: dict[str, list[int | str]]) -> dict[str, tuple[list[int], list[int], list[int]]]:
+        """(min, opt, max) per input of a graph whose input shapes are ``dims`` (names of dynamic axes)."""
+        ranges = {"batch": (1, self.opt_batch, self.max_batch), "seq": (1, self.opt_seq, self.max_context),
+                  "past": (1, self.opt_seq, self.max_context - 1)}
+        out = {}
+        for name, shape in dims.items():
+            cols = [ranges[d] if isinstance(d, str) else (d, d, d) for d in shape]
+            unknown = [d for d in shape if isinstance(d, str) and d not in ranges]
+            if unknown:
+                raise ElasticError(f"input {name} has a dynamic axis {unknown[0]!r} that no engine setting bounds")
+            out[name] = tuple([c[k] for c in cols] for k in range(3))
+        return out
+
+
+def engine_settings(target: str | None = None, precision: str = "auto", max_batch: int = 1,
+                    max_context: int = 4096) -> EngineSettings:
+    """Settings from a device profile (``--target``), else from the GPU detected here, else generic.
+
+    Workspace: half the profile's runtime-overhead allowance (the rest is the CUDA context),
+    at least 256 MiB; 1 GiB when nothing is known. ``precision="auto"``: bf16 where the device has
+    it (Ampere and newer, Jetson Orin), else fp16 (as ``elastic plan`` chooses its dtype).
+
+    Raises:
+        ProfileError: unknown ``target`` (the message lists the known devices).
+        ElasticError: a precision the device lacks, or a bad size.
+    """
+    if precision not in PRECISIONS:
+        raise ElasticError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if max_batch < 1 or max_context < 2:
+        raise ElasticError(f"engine shapes need max_batch >= 1 and max_context >= 2 (got {max_batch}, {max_context})")
+    bf16, fp16, overhead, name, source = None, True, None, "generic", "no --target and no GPU here: generic settings"
+    if target:
+        from profiles.devices import get_profile
+
+        p = get_profile(target)
+        if p.kind == "cpu":
+            raise ElasticError(f"{target!r} is a CPU host: TensorRT needs an NVIDIA GPU; pick a GPU or Jetson "
+                               "profile (see `elastic profiles`)")
+        bf16, fp16, overhead, name, source = p.bf16, p.fp16, p.runtime_overhead_bytes, p.name, f"profile {p.name}"
+    else:
+        from profiles.detect import detect
+
+        d = detect().chosen
+        if d.kind != "cpu":
+            bf16, fp16, overhead = d.bf16, d.fp16, d.runtime_overhead_bytes
+            name, source = d.name, f"detected {d.name}"
+    if precision == "auto":
+        precision = "bf16" if bf16 else "fp16"
+    if (precision == "bf16" and bf16 is False) or (precision == "fp16" and not fp16):
+        raise ElasticError(f"{name} has no {precision} support; use --precision "
+                           f"{'fp16' if fp16 else 'fp32'}")
+    workspace = max(MIN_WORKSPACE, overhead // 2) if overhead else GENERIC_WORKSPACE
+    return EngineSettings(device=name, precision=precision, workspace_bytes=workspace, max_batch=max_batch,
+                          max_context=max_context, opt_batch=max(1, max_batch // 2) if max_batch > 2 else max_batch,
+                          opt_seq=min(512, max_context // 2), source=source)
+
+
+def input_dims(path: str | Path) -> dict[str, list[int | str]]:
+    """Input name -> shape, dynamic axes by name, of an ONNX file (external data not read)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in g.initializer}
+    return {i.name: [d.dim_param if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in g.input if i.name not in init}
+
+
+def _dims(shape: list[int]) -> str:
+    return "x".join(str(v) for v in shape)  # trtexec's form: 1x2x512x16
+
+
+def _shape_arg(shapes: dict, k: int) -> str:
+    return ",".join(f"{name}:{_dims(s[k])}" for name, s in shapes.items())
+
+
+def _shape_table(shapes: dict) -> dict[str, dict[str, str]]:
+    return {name: {"min": _dims(lo), "opt": _dims(opt), "max": _dims(hi)} for name, (lo, opt, hi) in shapes.items()}
+
+
+def trtexec_script(export_dir: str | Path, settings: EngineSettings) -> str:
+    """A POSIX shell script that builds both engines with ``trtexec`` (TensorRT 10), beside the graphs."""
+    export_dir = Path(export_dir)
+    flag = {"fp16": " --fp16", "bf16": " --bf16", "fp32": ""}[settings.precision]
+    lines = [
+        "#!/bin/sh",
+        "# Build the TensorRT engines of this export on the device that will run them: an engine only runs",
+        "# on the GPU model and TensorRT version that built it. Written by `elastic export`.",
+        f"# Settings: {settings.source}; precision {settings.precision}; workspace "
+        f"{settings.workspace_bytes >> 20} MiB; batch <= {settings.max_batch}; context <= {settings.max_context} tokens.",
+        "# Needs TensorRT 10 (JetPack 6 ships 10.3). Set TRTEXEC to trtexec's path if it is not on PATH.",
+        "set -eu",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+    ]
+    for graph in (PREFILL, DECODE):
+        shapes = settings.shapes(input_dims(export_dir / graph))
+        lines += [
+            f'echo "building {ENGINES[graph]} from {graph}"',
+            f'"$TRTEXEC" --onnx={graph} --saveEngine={ENGINES[graph]}{flag} \\',
+            f"  --memPoolSize=workspace:{settings.workspace_bytes >> 20}M \\",
+            f"  --minShapes={shlex.quote(_shape_arg(shapes, 0))} \\",
+            f"  --optShapes={shlex.quote(_shape_arg(shapes, 1))} \\",
+            f"  --maxShapes={shlex.quote(_shape_arg(shapes, 2))}",
+        ]
+    lines.append('echo "done: prefill.engine, decode.engine"')
+    return "\n".join(lines) + "\n"
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, version) when ``tensorrt`` imports and a CUDA GPU is present, else (False, why not)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt Python package is not installed"
+    try:
+        import tensorrt as trt
+    except Exception as e:  # a broken install (missing libnvinfer) raises at import
+        return False, f"tensorrt does not import ({type(e).__name__}: {e})"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible"
+    except ImportError:
+        return False, "torch is not installed"
+    return True, trt.__version__
+
+
+def build_engines(export_dir: str | Path, settings: EngineSettings,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build ``prefill.engine`` and ``decode.engine`` with the TensorRT 10 Python API.
+
+    ONNX parser (external data is found beside the graph), builder config with the workspace pool
+    limit and the precision flag, one optimization profile spanning :meth:`EngineSettings.shapes`.
+
+    Raises:
+        ElasticError: the parser refuses a graph (every parser error listed) or the build fails.
+    """
+    import tensorrt as trt
+
+    export_dir = Path(export_dir)
+    say = progress or (lambda msg: None)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    built = {}
+    for graph in (PREFILL, DECODE):
+        say(f"building {ENGINES[graph]} with TensorRT {trt.__version__}")
+        network = builder.create_network(0)  # TensorRT 10: every network is explicit-batch
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(export_dir / graph)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise ElasticError(f"TensorRT's ONNX parser refused {graph}", problems=errors, path=str(export_dir))
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+        if settings.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif settings.precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        profile = builder.create_optimization_profile()
+        shapes = settings.shapes(input_dims(export_dir / graph))
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise ElasticError(f"TensorRT could not build an engine from {graph} (see the TensorRT log above); "
+                               "try a smaller --max-context or --max-batch", path=str(export_dir))
+        (export_dir / ENGINES[graph]).write_bytes(bytes(blob))
+        built[ENGINES[graph]] = _shape_table(shapes)
+    return built
+
+
+def _device_info() -> dict[str, Any]:
+    import torch
+
+    i = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(i)
+    return {"name": torch.cuda.get_device_name(i), "compute_capability": f"{major}.{minor}"}
+
+
+def build_or_script(export_dir: str | Path, settings: EngineSettings, *, always_script: bool = False,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the engines here when TensorRT and a GPU are present, else write ``build_engines.sh``.
+
+    Writes ``engine_meta.json`` in both cases (``built`` false, with the reason, when not built).
+
+    Returns:
+        the engine metadata: ``built``, ``reason`` (why not built, or None), ``tensorrt`` (version or
+        None), ``device``, ``settings``, ``shapes`` (engine -> input -> min/opt/max as "1x2x512x16"), ``engines``
+        (files), ``script`` (file name or None).
+    """
+    export_dir = Path(export_dir)
+    ok, detail = tensorrt_available()
+    shapes = {ENGINES[g]: _shape_table(settings.shapes(input_dims(export_dir / g))) for g in (PREFILL, DECODE)}
+    meta: dict[str, Any] = {"built": False, "reason": None, "tensorrt": None, "device": None,
+                            "settings": asdict(settings), "shapes": shapes, "engines": [], "script": None}
+    if ok:
+        build_engines(export_dir, settings, progress)
+        meta.update(built=True, tensorrt=detail, device=_device_info(), engines=list(ENGINES.values()))
+    else:
+        meta["reason"] = (f"not built here: {detail}. Run {SCRIPT} on the target device "
+                          f"({settings.device}) to build the engines with trtexec")
+    if always_script or not ok:
+        script = export_dir / SCRIPT
+        script.write_text(trtexec_script(export_dir, settings))
+        script.chmod(0o755)
+        meta["script"] = SCRIPT
+    (export_dir / ENGINE_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
