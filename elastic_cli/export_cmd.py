@@ -134,8 +134,6 @@ def _summary_lines(s: dict) -> list[str]:
         f"wrote {out}  ({s['format']}, opset {s['opset']}, torch.onnx {s['exporter']}, {s['dtype']}, {human_bytes(size)})",
         f"files     {' '.join(s['files'])}",
     ]
-    if s["exporter_fallback_reason"]:
-        lines.append(f"note      dynamo export failed, used the TorchScript exporter: {s['exporter_fallback_reason']}")
     p = s["parity"]
     if p:
         lines.append(f"parity    max |logit diff| prefill {p['prefill_max_abs_diff']:.1e}, decode "
@@ -156,7 +154,8 @@ def _summary_lines(s: dict) -> list[str]:
         else:
             lines.append(f"engines   NOT built: {e['reason'].removeprefix('not built here: ').split('. Run')[0]}")
         if e["script"]:
-            lines.append(f"script    {e['script']}: run it on {st['device']} ({st['precision']}, "
+            where = "the target device" if st["device"] == "generic" else st["device"]
+            lines.append(f"script    {e['script']}: run it on {where} ({st['precision']}, "
                          f"{st['workspace_bytes'] >> 20} MiB workspace, batch <= {st['max_batch']}, "
                          f"context <= {st['max_context']})")
     lines.append(f'next:     elastic generate {out} "Hello" --backend onnx')

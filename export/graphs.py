@@ -4,8 +4,7 @@
 tensors. :class:`PrefillGraph` (token ids -> logits + the state of every layer) and
 :class:`DecodeGraph` (one token per sequence + that state -> logits + the new state) build a
 ``Cache`` from their tensor inputs, call the reference model's own layers, and return the cache's
-tensors in a fixed order. Attention is restated with explicit ops (:func:`_attention`, same math);
-the parity checks compare the graphs with ``NemotronH.forward`` itself.
+tensors in a fixed order: the graphs compute what ``NemotronH.forward`` computes, with the same code.
 
 State tensors, per layer i (MLP layers keep none):
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from slicer.arch import Arch
-from slicer.model import Attention, Cache, KVState, MambaState, NemotronH
+from slicer.model import Cache, KVState, MambaState, NemotronH
 
 
 @dataclass(frozen=True)
@@ -64,42 +63,6 @@ def state_tensors(arch: Arch) -> list[StateTensor]:
     return out
 
 
-def _attention(attn: Attention, x: torch.Tensor, past: KVState | None) -> tuple[torch.Tensor, KVState]:
-    """``slicer.model.Attention`` restated with explicit ops (same math, no SDPA call): the
-    TorchScript exporter, our fallback, cannot convert SDPA with ``enable_gqa``, and TensorRT sees
-    plain MatMul/Softmax it fuses itself. Query heads j*rep .. (j+1)*rep-1 read KV head j."""
-    b, l, _ = x.shape
-    kv, hd = attn.kv_heads, attn.head_dim
-    rep = attn.heads // kv
-    q = attn.q_proj(x).view(b, l, kv, rep, hd).permute(0, 2, 3, 1, 4)  # (b, kv, rep, l, hd)
-    k = attn.k_proj(x).view(b, l, kv, hd).transpose(1, 2)  # (b, kv, l, hd)
-    v = attn.v_proj(x).view(b, l, kv, hd).transpose(1, 2)
-    if past is not None:
-        k, v = torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2)  # (b, kv, t, hd)
-    scores = (q @ k[:, :, None].transpose(-1, -2)) * hd**-0.5  # (b, kv, rep, l, t)
-    if past is None:  # prefill: causal mask; decode (one token) sees every key
-        t = k.shape[2]
-        # query i sits at absolute position t - l + i and sees keys 0 .. t - l + i
-        seen = torch.arange(t, device=x.device)[None, :] <= torch.arange(l, device=x.device)[:, None] + (t - l)
-        scores = scores.masked_fill(~seen, float("-inf"))
-    out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v[:, :, None]  # (b, kv, rep, l, hd)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, l, attn.heads * hd)
-    return attn.o_proj(out), KVState(k, v)
-
-
-def _forward(model: NemotronH, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """``NemotronH.forward`` with ``cache``, attention by :func:`_attention`; Mamba and MLP layers are
-    the reference modules (a one-token input with a Mamba state takes their recurrent path)."""
-    h = model.backbone.embeddings(input_ids)  # (b, l, d)
-    for i, block in enumerate(model.backbone.layers):
-        if block.kind == "attention":
-            out, cache.layers[i] = _attention(block.mixer, block.norm(h), cache.layers[i])
-            h = h + out
-        else:
-            h = block(h, cache, i)
-    return model.lm_head(model.backbone.norm_f(h)).float()
-
-
 _FIELD = {"conv_state": "conv", "ssm_state": "ssm", "key": "k", "value": "v"}  # MambaState / KVState fields
 
 
@@ -130,7 +93,7 @@ class PrefillGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = self.model.new_cache()
-        logits = _forward(self.model, input_ids, cache)
+        logits = self.model(input_ids, cache=cache)
         return (logits, *cache_tensors(cache, self.states))
 
 
@@ -144,5 +107,5 @@ class DecodeGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = _unflatten(self.model, self.states, past)
-        logits = _forward(self.model, input_ids, cache)
+        logits = self.model(input_ids, cache=cache)
         return (logits, *cache_tensors(cache, self.states))

@@ -1,6 +1,6 @@
 """ONNX graphs of a dense model: ``prefill.onnx`` and ``decode.onnx`` (see ``export.graphs``).
 
-Exported with ``torch.onnx.export(dynamo=True)`` at opset 18 (why 18: ``README_OPSET`` below),
+Exported with ``torch.onnx.export(dynamo=True)`` at opset 18 (why: see :data:`DEFAULT_OPSET`),
 with dynamic batch, sequence and past length. Weights stay inside each graph while they are small;
 above :data:`INLINE_LIMIT` both graphs reference one shared ``weights.bin`` (ONNX external data:
 a protobuf cannot exceed 2 GiB, and the two graphs hold the same weights, so one copy on disk).
@@ -79,28 +79,22 @@ def _quiet():
         logger.setLevel(level)
 
 
-def _export_one(module: torch.nn.Module, args: tuple, names: dict[str, list[str]], dynamo_shapes: dict,
-                axes: dict[str, dict[int, str]], opset: int) -> tuple[Any, str, str | None]:
-    """(onnx_ir.Model, exporter, fallback reason): dynamo first, the TorchScript exporter if it fails."""
-    kw = dict(input_names=names["inputs"], output_names=names["outputs"], opset_version=opset)
+def _export_one(module: torch.nn.Module, args: tuple, names: dict[str, list[str]], dynamic_shapes: dict,
+                opset: int) -> Any:
+    """One graph with torch.onnx's dynamo exporter, as an onnx_ir model.
+
+    No TorchScript fallback: torch 2.13's TorchScript exporter cannot convert SDPA with
+    ``enable_gqa`` and traces the GQA reshapes of a restated attention into a wrong decode graph.
+    """
     try:
         with _quiet(), torch.no_grad():
-            prog = torch.onnx.export(module, args, None, dynamo=True, dynamic_shapes=dynamo_shapes, **kw)
-        return prog.model, "dynamo", None
+            prog = torch.onnx.export(module, args, None, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     input_names=names["inputs"], output_names=names["outputs"], opset_version=opset)
     except Exception as e:  # torch.export or the ONNX translation refused something
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    import onnx_ir as ir
-
-    buf = io.BytesIO()
-    try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(module, args, buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kw)
-    except Exception as e:
-        raise ElasticError(f"ONNX export failed with both exporters: dynamo ({reason}); "
-                           f"TorchScript ({type(e).__name__}: {e})") from e
-    import onnx
-
-    return ir.serde.deserialize_model(onnx.load_from_string(buf.getvalue())), "torchscript", reason
+        raise ElasticError(f"torch.onnx.export (dynamo) failed on {type(module).__name__}: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} (ELASTIC_DEBUG=1 shows the "
+                           "traceback)") from e
+    return prog.model
 
 
 def _example_inputs(model: NemotronH, batch: int = 3) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -124,8 +118,7 @@ def write_graphs(model: NemotronH, out_dir: Path, *, opset: int = DEFAULT_OPSET,
 
     Returns:
         ``files`` (written, relative to out_dir), ``opset``, ``external_data``, ``exporter``
-        ("dynamo" or "torchscript"), ``fallback_reason`` (why dynamo failed, or None), ``io``
-        (names of each graph's inputs and outputs).
+        ("dynamo"), ``io`` (names of each graph's inputs and outputs), ``weight_bytes``.
     """
     from torch.export import Dim
 
@@ -140,19 +133,11 @@ def write_graphs(model: NemotronH, out_dir: Path, *, opset: int = DEFAULT_OPSET,
     batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
 
     say("exporting prefill graph")
-    prefill, exporter, reason = _export_one(
-        PrefillGraph(model), (ids,), io_names["prefill"], {"input_ids": {0: batch, 1: seq}},
-        {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"},
-         **{PRESENT + s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in states}},
-        opset)
+    prefill = _export_one(PrefillGraph(model), (ids,), io_names["prefill"], {"input_ids": {0: batch, 1: seq}}, opset)
     say("exporting decode graph")
     state_dims = tuple({0: batch, 2: past_len} if s.kind in ("key", "value") else {0: batch} for s in states)
-    decode, exporter2, reason2 = _export_one(
-        DecodeGraph(model), (ids[:, :1], *past), io_names["decode"], {"input_ids": {0: batch}, "past": state_dims},
-        {"input_ids": {0: "batch"}, "logits": {0: "batch"},
-         **{PAST + s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in states},
-         **{PRESENT + s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in states}},
-        opset)
+    decode = _export_one(DecodeGraph(model), (ids[:, :1], *past), io_names["decode"],
+                         {"input_ids": {0: batch}, "past": state_dims}, opset)
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > INLINE_LIMIT if external_data is None else external_data
@@ -165,8 +150,7 @@ def write_graphs(model: NemotronH, out_dir: Path, *, opset: int = DEFAULT_OPSET,
         "files": files,
         "opset": opset,
         "external_data": external,
-        "exporter": exporter if exporter == exporter2 else f"{exporter} (prefill), {exporter2} (decode)",
-        "fallback_reason": reason or reason2,
+        "exporter": "dynamo",
         "io": io_names,
         "weight_bytes": weight_bytes,
     }

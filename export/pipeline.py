@@ -136,7 +136,6 @@ def export_model(
             "layer_pattern": arch.layer_pattern,
             "opset": info["opset"],
             "exporter": info["exporter"],
-            "exporter_fallback_reason": info["fallback_reason"],
             "external_data": info["external_data"],
             "io": info["io"],
             "unsupported_ops": compat["unsupported_ops"],

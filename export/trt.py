@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 TABLE = Path(__file__).with_name("tensorrt_ops.toml")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-GENERIC_WORKSPACE = 1 << 30  # no device profile: 1 GiB
+GENERIC, GENERIC_WORKSPACE = "generic", 1 << 30  # no device known: generic settings, a 1 GiB workspace
 MIN_WORKSPACE = 256 << 20
 
 # onnx TensorProto.DataType -> the type names of TensorRT's matrix
@@ -204,7 +204,7 @@ def check_export(export_dir: str | Path, table: dict[str, Any] | None = None) ->
 class EngineSettings:
     """How to build the engines: for which device, in which precision, for which shapes."""
 
-    device: str  # the device profile name, or "generic" / the detected GPU's name
+    device: str  # the device profile name, the detected GPU's name, or GENERIC
     precision: str  # "fp32" | "fp16" | "bf16": TensorRT builder flag (the graphs are float32)
     workspace_bytes: int  # TensorRT's workspace memory-pool limit
     max_batch: int  # sequences per call
@@ -243,7 +243,7 @@ def engine_settings(target: str | None = None, precision: str = "auto", max_batc
         raise ElasticError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if max_batch < 1 or max_context < 2:
         raise ElasticError(f"engine shapes need max_batch >= 1 and max_context >= 2 (got {max_batch}, {max_context})")
-    bf16, fp16, overhead, name, source = None, True, None, "generic", "no --target and no GPU here: generic settings"
+    bf16, fp16, overhead, name, source = None, True, None, GENERIC, "no --target and no GPU here: generic settings"
     if target:
         from profiles.devices import get_profile
 
@@ -411,8 +411,8 @@ def build_or_script(export_dir: str | Path, settings: EngineSettings, *, always_
         build_engines(export_dir, settings, progress)
         meta.update(built=True, tensorrt=detail, device=_device_info(), engines=list(ENGINES.values()))
     else:
-        meta["reason"] = (f"not built here: {detail}. Run {SCRIPT} on the target device "
-                          f"({settings.device}) to build the engines with trtexec")
+        where = "the target device" + (f" ({settings.device})" if settings.device != GENERIC else "")
+        meta["reason"] = f"not built here: {detail}. Run {SCRIPT} on {where} to build the engines with trtexec"
     if always_script or not ok:
         script = export_dir / SCRIPT
         script.write_text(trtexec_script(export_dir, settings))

@@ -277,9 +277,12 @@ def spec_from_choices(choices: dict[str, list], ec: ElasticConfig, parent: Arch)
 
 
 def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: str) -> tuple[SliceSpec, str]:
-    """The slice spec of a budget: from the router when ``router.safetensors`` is present, else
-    from the resolved choices in elastic_config.json. Returns (spec, where it came from)."""
-    ec.budget(budget)  # unknown name -> error listing the budgets
+    """The slice spec of a budget: the parent itself when the budget's target is the parent's
+    size; else from the router when ``router.safetensors`` is present, else from the resolved
+    choices in elastic_config.json. Returns (spec, where it came from)."""
+    b = ec.budget(budget)  # unknown name -> error listing the budgets
+    if b.target_parameters >= parent.param_counts()["total"]:  # the full budget is the parent itself
+        return SliceSpec.full(parent), "full model"
     weights = read_router(root, ec)
     if weights is not None:
         data, source = spec_from_choices(route(weights, ec, budget), ec, parent), "router"
