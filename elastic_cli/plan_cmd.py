@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -30,26 +29,12 @@ DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", help="auto: bfloat16 whe
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
 
 
-def _target(target: str | None, gpu: int | None):
-    """A planning target from a profile name, or from detecting this machine."""
-    from slicer.fit import target_from_device, target_from_profile
-
-    if target:
-        from profiles.devices import get_profile
-
-        return target_from_profile(get_profile(target)), None
-    from profiles.detect import detect
-
-    detection = detect(gpu=gpu)
-    return target_from_device(detection.chosen), detection
-
-
 def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk) -> tuple[dict, Any]:
     from slicer.describe import default_checkpoint
-    from slicer.fit import plan
+    from slicer.fit import plan, resolve_target
     from slicer.memory import Workload
 
-    tgt, detection = _target(target, gpu)
+    tgt, detection = resolve_target(target, gpu)
     w = Workload(context=context, batch=batch, dtype=dtype.value, prefill_chunk=prefill_chunk)
     result = plan(checkpoint or default_checkpoint(), tgt, w)
     if detection is not None:
@@ -172,6 +157,7 @@ def fit_my_gpu(
       elastic fit-my-gpu -c ./Nemotron-Elastic-12B --target orin-nano-8gb --dry-run
     """
     from slicer.errors import ElasticError
+    from slicer.fit import default_out, slice_budget
 
     with boundary():
         p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
@@ -182,7 +168,7 @@ def fit_my_gpu(
                 print_json(p | {"out": None})
             raise ElasticError("no budget fits this device; see the suggestions above")
         chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
-        dest = out or Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', p['chosen']) or 'budget'}")
+        dest = out or default_out(p["chosen"])
         if dry_run:
             p["out"] = None
             if json_out:
@@ -193,14 +179,11 @@ def fit_my_gpu(
         if not p["weights_present"]:
             raise ElasticError("the checkpoint holds config.json only; download the weights to slice it "
                                "(planning works without them)", path=p["checkpoint"])
-        from slicer.slice import slice_checkpoint
         from slicer.smoke import smoke_test
 
-        is_elastic = p["budgets"][0]["resolved_by"] != "dense checkpoint"
         with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
-            result = slice_checkpoint(p["checkpoint"], dest, budget=p["chosen"] if is_elastic else None,
-                                      spec=None if is_elastic else _full_spec(p["checkpoint"]),
-                                      dtype=chosen["dtype"], force=force, progress=advance)
+            result = slice_budget(p["checkpoint"], p["chosen"], dest, dtype=chosen["dtype"], force=force,
+                                  progress=advance)
         smoke = smoke_test(dest, dtype="float32" if p["device"]["kind"] == "cpu" else None)
     p |= {"out": str(dest), "slice": {"parameters": result.parameters, "bytes_written": result.bytes_written,
                                       "runtimes": result.manifest["runtimes"]}, "smoke": smoke}
@@ -217,10 +200,3 @@ def fit_my_gpu(
         f"smoke test  {smoke['new_tokens']} tokens from {smoke['prompt']!r}{text}, {smoke['decode_tokens_per_s']} tokens/s",
         f"next        elastic inspect {dest}",
     ]))
-
-
-def _full_spec(path: str):
-    from slicer.arch import Arch
-    from slicer.spec import SliceSpec
-
-    return SliceSpec.full(Arch.from_file(path))

@@ -152,3 +152,37 @@ def suggestions(ckpt: Checkpoint, rows: list[dict], target: Target, w: Workload)
                f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "
                "GiB more would run it")
     return out
+
+
+def resolve_target(target: str | None, gpu: int | None = None):
+    """The planning target: the profile named ``target``, or this machine (detected; ``gpu``
+    picks among several). Returns (Target, the Detection or None for a profile)."""
+    if target:
+        from profiles.devices import get_profile
+
+        return target_from_profile(get_profile(target)), None
+    from profiles.detect import detect
+
+    detection = detect(gpu=gpu)
+    return target_from_device(detection.chosen), detection
+
+
+def default_out(budget: str) -> Path:
+    """Where ``fit-my-gpu`` writes a budget when no --out is given: ./elastic-model-<budget>."""
+    import re
+
+    return Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', budget) or 'budget'}")
+
+
+def slice_budget(checkpoint: str | Path, budget: str, out: str | Path, dtype: str | None = None, force: bool = False,
+                 progress=None):
+    """Slice one budget of a plan: by name from an elastic checkpoint; "full" of a dense one is the
+    whole model (a copy, cast to ``dtype``). Returns ``slicer.slice.SliceResult``."""
+    from .slice import slice_checkpoint
+
+    ckpt = Checkpoint.open(checkpoint, require_weights=True)
+    if ckpt.is_elastic:
+        return slice_checkpoint(ckpt, out, budget=budget, dtype=dtype, force=force, progress=progress)
+    if budget != "full":
+        raise ConfigError(f"unknown budget {budget!r}; a dense checkpoint has one budget, 'full'")
+    return slice_checkpoint(ckpt, out, spec=SliceSpec.full(ckpt.arch), dtype=dtype, force=force, progress=progress)

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +57,10 @@ class Planner:
 
     def target(self, name: str):
         """(Target, Detection or None) exactly as `elastic plan --target` / no --target builds it."""
-        from ..plan_cmd import _target
+        from slicer.fit import resolve_target
 
         if name not in self._targets:  # detection probes the machine: once per session
-            self._targets[name] = _target(None if name == HERE else name, None)
+            self._targets[name] = resolve_target(None if name == HERE else name, None)
         return self._targets[name]
 
     def plan(self, choice: Choice) -> dict[str, Any]:
@@ -123,7 +122,9 @@ def summary_lines(p: dict, unit: str) -> list[str]:
 
 def default_out(budget: str) -> Path:
     """Where `elastic fit-my-gpu` writes a budget when no --out is given."""
-    return Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', budget) or 'budget'}")
+    from slicer.fit import default_out as library_default_out
+
+    return library_default_out(budget)
 
 
 def unavailable(action: str) -> str | None:
@@ -147,15 +148,10 @@ def run_action(action: str, source: Path, p: dict, budget: str, out: Path, force
 def slice_budget(source: Path, p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
     """Slice as `elastic fit-my-gpu` does (the plan's dtype, a full spec for a dense checkpoint);
     ``source`` is the directory as the user gave it, so errors name it as `elastic slice` would."""
-    from slicer.slice import slice_checkpoint
-
-    from ..plan_cmd import _full_spec
+    from slicer.fit import slice_budget as library_slice_budget
 
     row = next(b for b in p["budgets"] if b["name"] == budget)
-    elastic = row["resolved_by"] != "dense checkpoint"
-    result = slice_checkpoint(source, out, budget=budget if elastic else None,
-                              spec=None if elastic else _full_spec(source),
-                              dtype=row["dtype"], force=force, progress=progress)
+    result = library_slice_budget(source, budget, out, dtype=row["dtype"], force=force, progress=progress)
     m = result.manifest
     size = f"{human_count(result.parameters)} parameters, {m['dtype']}, {human_bytes(result.bytes_written)}"
     lines = [f"wrote {Path(out).resolve()}", f"  budget {budget}, {size}", "loads in:"]

@@ -1,0 +1,344 @@
+"""ONNX export: ONNX Runtime against the PyTorch reference (DESIGN.md section 8), the TensorRT
+operator check, the trtexec script, the CLI. The demo checkpoint is sliced to each budget first."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from elastic_cli.main import app  # noqa: E402
+from export import trt  # noqa: E402
+from export.graphs import state_tensors  # noqa: E402
+from export.pipeline import export_model  # noqa: E402
+from export.runtime import OnnxGenerator  # noqa: E402
+from slicer.describe import DEMO_CHECKPOINT  # noqa: E402
+from slicer.model import generate, load_model  # noqa: E402
+from slicer.slice import slice_checkpoint  # noqa: E402
+
+runner = CliRunner()
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["100%", "75%", "50%"])
+def exported(request, tmp_path_factory):
+    """(model dir, export dir, summary, reference model) for one budget of the demo checkpoint."""
+    root = tmp_path_factory.mktemp("export")
+    model_dir = slice_checkpoint(DEMO_CHECKPOINT, root / "model", budget=request.param).out
+    summary = export_model(model_dir, root / "onnx")
+    return model_dir, root / "onnx", summary, load_model(model_dir)
+
+
+def _ids(b, l, vocab, seed):
+    return torch.randint(0, vocab, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("b,l", [(1, 1), (2, 16), (3, 37)])  # one token; exactly one chunk; several + padding
+def test_prefill_matches_pytorch(exported, b, l):
+    _, out, _, model = exported
+    gen = OnnxGenerator(out)
+    ids = _ids(b, l, model.arch.vocab_size, seed=l)
+    cache = model.new_cache()
+    with torch.no_grad():
+        ref = model(ids, cache=cache)
+    logits, state = gen.prefill(ids.numpy())
+    assert logits.shape == (b, l, model.arch.vocab_size)
+    np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=TOL)
+    for s in state_tensors(model.arch):
+        want = getattr(cache.layers[s.layer], {"conv_state": "conv", "ssm_state": "ssm", "key": "k", "value": "v"}[s.kind])
+        assert state[s.name].shape == tuple(want.shape) == s.dims(b, l)
+        np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
+
+
+def test_decode_matches_pytorch_over_several_steps(exported):
+    _, out, _, model = exported
+    gen = OnnxGenerator(out)
+    ids = _ids(2, 21, model.arch.vocab_size, seed=1)
+    cache = model.new_cache()
+    with torch.no_grad():
+        ref = model(ids, cache=cache)
+        _, state = gen.prefill(ids.numpy())
+        for step in range(6):
+            nxt = _ids(2, 1, model.arch.vocab_size, seed=100 + step)[:, 0]  # not greedy: any token must work
+            ref = model(nxt[:, None], cache=cache)
+            logits, state = gen.step(nxt.numpy(), state)
+            assert logits.shape == (2, 1, model.arch.vocab_size)
+            np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=TOL)
+    keys = [s.name for s in state_tensors(model.arch) if s.kind == "key"]
+    assert all(state[k].shape[2] == 21 + 6 for k in keys)  # the KV cache grew by one per step
+
+
+def test_greedy_tokens_equal_pytorch(exported):
+    _, out, _, model = exported
+    ids = _ids(2, 9, model.arch.vocab_size, seed=2)
+    want = generate(model, ids, max_new_tokens=12)
+    got = OnnxGenerator(out).generate(ids.numpy(), max_new_tokens=12)
+    assert got.tolist() == want.tolist()
+
+
+def test_summary_parity_checker_and_operators(exported):
+    _, out, summary, model = exported
+    p = summary["parity"]
+    assert p["ok"] and p["greedy_tokens_equal"]
+    assert max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"], p["state_max_abs_diff"]) <= TOL
+    assert summary["opset"] == 18 and summary["external_data"] is False
+    assert summary["unsupported_ops"] == []  # every node parses in TensorRT 10.x (see the check tests below)
+    for name in ("prefill.onnx", "decode.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+    assert sorted(summary["files"]) == sorted(p.name for p in out.iterdir())
+    readme = (out / "README.md").read_text()
+    assert "Opset 18" in readme and all(f"`{s.name}`" in readme for s in state_tensors(model.arch))
+
+
+def test_graph_inputs_and_outputs(exported):
+    _, out, summary, model = exported
+    vocab, states = model.arch.vocab_size, state_tensors(model.arch)
+
+    def io(vs):
+        return {v.name: (v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in vs}
+
+    pre = onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph
+    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
+    assert io(pre.input) == {"input_ids": (TensorProto.INT64, ["batch", "seq"])}
+    assert [o.name for o in pre.output] == ["logits"] + ["present_" + s.name for s in states]
+    assert io(pre.output)["logits"] == (TensorProto.FLOAT, ["batch", "seq", vocab])
+    assert [i.name for i in dec.input] == ["input_ids"] + ["past_" + s.name for s in states]
+    assert io(dec.input)["input_ids"] == (TensorProto.INT64, ["batch", 1])
+    assert io(dec.output)["logits"] == (TensorProto.FLOAT, ["batch", 1, vocab])
+    for s in states:
+        elem, shape = io(dec.input)["past_" + s.name]
+        assert elem == TensorProto.FLOAT and shape == list(s.shape)
+        if s.kind == "ssm_state":
+            assert shape[1:] == [model.arch.layers[s.layer].mamba_num_heads, model.arch.layers[s.layer].mamba_head_dim,
+                                 model.arch.ssm_state_size]
+    assert io(dec.output)[f"present_{next(s.name for s in states if s.kind == 'key')}"][1][2] == "past + 1"
+
+
+# ---- TensorRT operator check --------------------------------------------------------------------
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=18):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("custom", 1)])
+
+
+def test_check_graph_reports_what_tensorrt_refuses():
+    f = lambda n, t=TensorProto.FLOAT, s=(2, 3): helper.make_tensor_value_info(n, t, list(s))  # noqa: E731
+    nodes = [
+        helper.make_node("Unique", ["x"], ["u"], name="unique"),  # "N" in the matrix
+        helper.make_node("CumSum", ["x", "axis"], ["c"], name="cumsum"),  # axis is a graph input, not an initializer
+        helper.make_node("CumSum", ["x", "axis_init"], ["c2"], name="cumsum_ok"),
+        helper.make_node("TopK", ["x", "k"], ["tv", "ti"], name="topk", sorted=0),
+        helper.make_node("Add", ["d", "d"], ["dd"], name="add_double"),  # DOUBLE is not in Add's types
+        helper.make_node("Frobnicate", ["x"], ["fz"], name="fro", domain="custom"),
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+    ]
+    inits = [helper.make_tensor("axis_init", TensorProto.INT64, [], [1]), helper.make_tensor("k", TensorProto.INT64, [1], [2])]
+    model = _graph(nodes, [f("x"), f("axis", TensorProto.INT64, ()), f("d", TensorProto.DOUBLE)],
+                   [f("u", s=(None,)), f("c"), f("c2"), f("tv", s=(2, 2)), f("ti", TensorProto.INT64, (2, 2)),
+                    f("dd", TensorProto.DOUBLE), f("fz"), f("r")], inits)
+    report = trt.check_graph(model)
+    by_op = {}
+    for u in report["unsupported"]:
+        by_op.setdefault(u["op"], []).append(u)
+    assert set(by_op) == {"Unique", "CumSum", "TopK", "Add", "Frobnicate", "graph I/O"}
+    assert by_op["CumSum"][0]["nodes"] == ["cumsum"] and "initializer" in by_op["CumSum"][0]["reason"]
+    assert "sorted" in by_op["TopK"][0]["reason"]
+    assert "DOUBLE" in by_op["Add"][0]["reason"]
+    assert "custom domain" in by_op["Frobnicate"][0]["reason"]
+    assert report["ok"] is False and report["opset_supported"] is True
+    assert report["ops"]["CumSum"] == 2 and report["nodes"] == len(nodes)
+
+
+def test_check_graph_refuses_an_opset_beyond_tensorrt_10():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    report = trt.check_graph(_graph([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=21))
+    assert report["opset"] == 21 and not report["opset_supported"] and not report["ok"]
+    ok = trt.check_graph(_graph([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=18))
+    assert ok["ok"] and ok["unsupported"] == []
+
+
+def test_op_table_is_the_tensorrt_10_matrix():
+    table = trt.load_op_table()
+    assert table["meta"]["max_opset"] == 20 and "onnx-tensorrt" in table["meta"]["source"]
+    ops = table["ops"]
+    assert len(ops) > 150 and ops["Unique"]["supported"] is False and ops["CumSum"]["const_inputs"] == [1]
+    assert all(set(row) <= {"supported", "types", "notes", "const_inputs", "attrs", "forbidden_attrs", "max_outputs"}
+               for row in ops.values())
+
+
+# ---- engines: the trtexec script where TensorRT is absent, the real build where it is not --------
+
+
+def test_trtexec_script_and_engine_meta(exported, tmp_path, monkeypatch):
+    _, out, _, model = exported
+    work = tmp_path / "e"
+    work.mkdir()
+    for name in ("prefill.onnx", "decode.onnx"):
+        (work / name).write_bytes((out / name).read_bytes())
+    monkeypatch.setattr(trt, "tensorrt_available", lambda: (False, "the tensorrt Python package is not installed"))
+    settings = trt.engine_settings("orin-nano-8gb", max_batch=4, max_context=2048)
+    meta = trt.build_or_script(work, settings)
+    script = (work / "build_engines.sh").read_text()
+    assert meta["built"] is False and "not installed" in meta["reason"] and meta["script"] == "build_engines.sh"
+    assert json.loads((work / "engine_meta.json").read_text()) == meta
+    from profiles.devices import get_profile
+
+    ws = max(256 << 20, get_profile("orin-nano-8gb").runtime_overhead_bytes // 2)
+    assert settings.precision == "bf16" and settings.workspace_bytes == ws
+    assert script.count(f"--memPoolSize=workspace:{ws >> 20}M") == 2 and script.count("--bf16") == 2
+    commands = script.split('"$TRTEXEC"')[1:]
+    assert len(commands) == 2
+    for graph, cmd in zip(("prefill.onnx", "decode.onnx"), commands):
+        assert f"--onnx={graph}" in cmd
+        dims = trt.input_dims(work / graph)
+        for flag, k in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
+            spec = re.search(rf"--{flag}=(\S+)", cmd).group(1).strip("'")
+            shapes = dict(item.split(":") for item in spec.split(","))
+            assert set(shapes) == set(dims)  # every input (all are dynamic: batch at least)
+            for name, shape in dims.items():
+                got = [int(v) for v in shapes[name].split("x")]
+                assert len(got) == len(shape)
+                for d, v in zip(shape, got):
+                    if d == "batch":
+                        assert v == (1, settings.opt_batch, 4)[k]
+                    elif d == "seq":
+                        assert v == (1, settings.opt_seq, 2048)[k]
+                    elif d == "past":
+                        assert v == (1, settings.opt_seq, 2047)[k]
+                    else:
+                        assert v == d
+    assert meta["shapes"]["decode.engine"]["input_ids"] == {"min": "1x1", "opt": f"{settings.opt_batch}x1", "max": "4x1"}
+
+
+def test_engine_settings():
+    assert trt.engine_settings("orin-nano-8gb", precision="fp16").precision == "fp16"
+    assert trt.engine_settings("rtx-4090").precision == "bf16"
+    from profiles.errors import ProfileError
+    from slicer.errors import ElasticError
+
+    with pytest.raises(ProfileError, match="unknown device"):
+        trt.engine_settings("no-such-gpu")
+    with pytest.raises(ElasticError, match="CPU host"):
+        trt.engine_settings("cpu")
+    with pytest.raises(ElasticError, match="precision"):
+        trt.engine_settings("rtx-4090", precision="int3")
+
+
+def _has_tensorrt():
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not _has_tensorrt(), reason="needs the tensorrt Python package")
+def test_tensorrt_engine_build(tmp_path):
+    import tensorrt
+
+    model_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "model", budget="50%").out
+    s = export_model(model_dir, tmp_path / "out", format="tensorrt", precision="fp16", max_context=256)
+    meta = s["tensorrt"]
+    assert meta["built"] is True and meta["tensorrt"] == tensorrt.__version__ and meta["script"] is None
+    runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
+    for name in ("prefill.engine", "decode.engine"):
+        engine = runtime.deserialize_cuda_engine((tmp_path / "out" / name).read_bytes())
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        assert "input_ids" in names and "logits" in names
+
+
+# ---- external data -------------------------------------------------------------------------------
+
+
+def test_external_data_is_shared_by_both_graphs(tmp_path):
+    model_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "model", budget="50%").out
+    s = export_model(model_dir, tmp_path / "out", external_data=True)
+    out = tmp_path / "out"
+    assert s["external_data"] is True and "weights.bin" in s["files"] and s["parity"]["ok"]
+    params = sum(p.numel() * 4 for p in load_model(model_dir).parameters())
+    assert (out / "weights.bin").stat().st_size < 1.2 * params  # stored once, not once per graph
+    for name in ("prefill.onnx", "decode.onnx"):
+        assert (out / name).stat().st_size < 0.2 * params
+        locations = {e.value for t in onnx.load(str(out / name), load_external_data=False).graph.initializer
+                     for e in t.external_data if e.key == "location"}
+        assert locations == {"weights.bin"}
+
+
+@pytest.mark.slow
+def test_export_beyond_the_2gb_protobuf_limit(tmp_path):
+    """A model whose float32 weights exceed 2 GiB: graphs with external data, checked and compared."""
+    from slicer.arch import Arch
+    from slicer.model import build_model, init_weights, save_model
+
+    arch = Arch.from_config(dict(
+        vocab_size=70_000, hidden_size=4096, hybrid_override_pattern="M*-", num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, intermediate_size=1024, mamba_num_heads=8, mamba_head_dim=64,
+        n_groups=1, ssm_state_size=16, conv_kernel=4, chunk_size=16, layer_norm_epsilon=1e-5))
+    model = init_weights(build_model(arch, seed=None), seed=0)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert nbytes > 2**31
+    save_model(model, tmp_path / "big")
+    del model
+    s = export_model(tmp_path / "big", tmp_path / "out")
+    assert s["external_data"] is True and s["parity"]["ok"] and s["unsupported_ops"] == []
+    assert (tmp_path / "out" / "weights.bin").stat().st_size >= nbytes
+    assert math.isfinite(s["parity"]["prefill_max_abs_diff"])
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_export_json_and_generate(tmp_path):
+    model_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "model", budget="50%").out
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["export", str(model_dir), "--out", str(out), "--format", "all", "--target",
+                            "orin-nano-8gb", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    for key in ("out", "files", "opset", "unsupported_ops", "parity", "tensorrt", "tensorrt_check"):
+        assert key in info
+    assert info["opset"] == 18 and info["unsupported_ops"] == [] and info["parity"]["prefill_max_abs_diff"] <= TOL
+    assert {"prefill.onnx", "decode.onnx", "README.md", "engine_meta.json", "build_engines.sh"} <= set(info["files"])
+    assert all((out / f).is_file() for f in info["files"])
+    assert info["tensorrt"]["script"] == "build_engines.sh"  # format "all": the script even when engines are built
+    assert json.loads((out / "export_manifest.json").read_text()) == info
+
+    r = runner.invoke(app, ["export", str(out), "--check-only", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["unsupported_ops"] == []
+
+    runs = {}
+    for backend, path in (("torch", model_dir), ("onnx", out)):
+        r = runner.invoke(app, ["generate", str(path), "Hello", "--backend", backend, "-n", "6", "--json"])
+        assert r.exit_code == 0, r.output
+        runs[backend] = json.loads(r.stdout)
+        assert runs[backend]["tokens_per_s"] > 0
+    assert runs["torch"]["tokens"] == runs["onnx"]["tokens"] and runs["onnx"]["prompt_tokens"] == 5
+
+    r = runner.invoke(app, ["export", str(model_dir), "--out", str(out)])  # exists, no --force
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_cli_errors_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["export", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "config.json" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["empty"]
+    r = runner.invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["generate", str(tmp_path / "empty"), "hi", "--backend", "onnx"])
+    assert r.exit_code == 2 and "not an ONNX export" in r.output
+    r = runner.invoke(app, ["export", str(DEMO_CHECKPOINT)])
+    assert r.exit_code == 2 and "--out" in r.output
