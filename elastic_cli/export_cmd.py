@@ -113,7 +113,7 @@ def export(
 def _check_lines(report: dict) -> list[str]:
     t = report["tensorrt"]
     lines = [f"TensorRT {t['target']} operator check (support matrix of TensorRT {t['table']}, opsets "
-             f"{t['opsets'][0]}-{t['opsets'][1]}): {report.get('path', '')}"]
+             + f"{t['opsets'][0]}-{t['opsets'][1]}): {report.get('path', '')}"]
     for name, r in report["graphs"].items():
         lines.append(f"  {name:<13} opset {r['opset']}, {r['nodes']} nodes, {len(r['ops'])} op types: "
                      + ("ok" if r["ok"] else "NOT OK"))

@@ -144,9 +144,11 @@ def fit_my_gpu(
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and choose, write nothing.")] = False,
+    export: Annotated[bool, typer.Option("--export/--no-export", help="Export ONNX graphs (and a TensorRT engine "
+                                         "or its build script) into OUT/export after slicing.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """Detect the GPU, pick the largest budget that fits, slice it, and check that it runs.
+    """Detect the GPU, pick the largest budget that fits, slice it, export it, and check that it runs.
 
     Examples:
 
@@ -184,19 +186,53 @@ def fit_my_gpu(
         with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
             result = slice_budget(p["checkpoint"], p["chosen"], dest, dtype=chosen["dtype"], force=force,
                                   progress=advance)
-        smoke = smoke_test(dest, dtype="float32" if p["device"]["kind"] == "cpu" else None)
+        exported = _export(dest, target, context, batch, json_out) if export else {"skipped": "--no-export"}
+        if "out" in exported:  # the smoke test runs what was exported
+            from export.runtime import generate_text
+
+            smoke = generate_text(exported["out"], "Hello", backend="onnx", max_new_tokens=16)
+        else:
+            smoke = smoke_test(dest, dtype="float32" if p["device"]["kind"] == "cpu" else None)
+            smoke["backend"] = "torch"
     p |= {"out": str(dest), "slice": {"parameters": result.parameters, "bytes_written": result.bytes_written,
-                                      "runtimes": result.manifest["runtimes"]}, "smoke": smoke}
+                                      "runtimes": result.manifest["runtimes"]}, "export": exported, "smoke": smoke}
     if json_out:
         print_json(p)
         return
-    text = f" -> {smoke['text']!r}" if smoke["text"] is not None else ""
-    typer.echo("\n".join([
+    text = f" -> {smoke['text']!r}" if smoke.get("text") is not None else ""
+    speed = smoke.get("tokens_per_s") or smoke.get("decode_tokens_per_s")
+    runner = "ONNX Runtime" if smoke["backend"] == "onnx" else "PyTorch reference"
+    lines = [
         "",
         f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, {chosen['dtype']}, "
         f"{human_bytes(result.bytes_written)})",
-        f"smoke test  {smoke['new_tokens']} tokens from {smoke['prompt']!r}{text}, "
-        f"{smoke['decode_tokens_per_s']} tokens/s (PyTorch reference, CPU)" if p["device"]["kind"] == "cpu" else
-        f"smoke test  {smoke['new_tokens']} tokens from {smoke['prompt']!r}{text}, {smoke['decode_tokens_per_s']} tokens/s",
-        f"next        elastic inspect {dest}",
-    ]))
+    ]
+    if "out" in exported:
+        trt = exported.get("tensorrt") or {}
+        lines.append(f"exported    {exported['out']}  (ONNX opset {exported.get('opset')}; TensorRT engine "
+                     + ("built)" if trt.get("built") else "not built here: run build_engines.sh on the device)"))
+    else:
+        lines.append(f"export      skipped: {exported['skipped']}")
+    lines.append(f"smoke test  {smoke['new_tokens']} tokens{text}, {speed} tokens/s ({runner})")
+    lines.append(f"next        elastic generate {exported.get('out', dest)} \"Hello\"")
+    typer.echo("\n".join(lines))
+
+
+def _export(dest: Path, target: str | None, context: int, batch: int, quiet: bool) -> dict:
+    """Export the slice into DEST/export, or say why not (the onnx extra missing)."""
+    from slicer.errors import MissingDependencyError
+
+    try:
+        from export.deps import require
+
+        require("onnx", "onnxruntime", "onnxscript")
+    except MissingDependencyError as e:
+        return {"skipped": e.message}
+    from export.pipeline import export_model
+
+    def progress(stage: str) -> None:
+        if not quiet:
+            typer.echo(f"export      {stage}", err=True)
+
+    return export_model(dest, dest / "export", format="all", target=target, max_batch=batch,
+                        max_context=context, force=True, progress=progress)

@@ -19,12 +19,13 @@ import hashlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from slicer.errors import ElasticError, MissingDependencyError
+from slicer.errors import ElasticError
 from slicer.model import NemotronH
 
 from .graphs import DecodeGraph, PrefillGraph, state_tensors
@@ -40,19 +41,6 @@ SMALL_TENSOR = 1024  # tensors below this stay inside the graph even with extern
 # bfloat16 graphs are not offered: ONNX Conv takes bfloat16 only from opset 22, beyond TensorRT 10.3's
 # parser; TensorRT builds bf16 engines from float32 graphs (--bf16) instead
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def require_onnx() -> None:
-    """Raise MissingDependencyError unless onnx, onnxscript and onnxruntime import."""
-    missing = []
-    for mod in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
-    if missing:
-        raise MissingDependencyError(f"ONNX export needs {', '.join(missing)}; install them with "
-                                     "pip install 'elastic[onnx]'")
 
 
 def graph_io(model: NemotronH) -> dict[str, dict[str, list[str]]]:
@@ -145,6 +133,9 @@ def write_graphs(model: NemotronH, out_dir: Path, *, opset: int = DEFAULT_OPSET,
     graphs = {PREFILL: prefill, DECODE: decode}
     for g in graphs.values():
         g.producer_name, g.producer_version = "elastic", _version()
+        for node in g.graph.all_nodes():  # the exporter's stack traces and FX dumps: 1.5 kB a node, local paths
+            for key in [k for k in node.metadata_props if k != "namespace"]:
+                del node.metadata_props[key]
     files = _save(graphs, out_dir, external)
     return {
         "files": files,

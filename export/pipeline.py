@@ -7,12 +7,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from slicer.errors import ElasticError
 
@@ -25,14 +25,13 @@ PASSTHROUGH = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 
 def _load(model_dir: str | Path, dtype: str):
-    import torch  # noqa: F401  (load_model needs it; imported here to keep `elastic --help` light)
-
     from slicer.checkpoint import Checkpoint
     from slicer.model import load_model
 
-    from .onnx_export import EXPORT_DTYPES, require_onnx
+    from .deps import EXPORTER, require
+    from .onnx_export import EXPORT_DTYPES
 
-    require_onnx()
+    require(*EXPORTER)
     if dtype not in EXPORT_DTYPES:
         raise ElasticError(f"unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     ckpt = Checkpoint.open(model_dir, require_weights=True)
@@ -171,9 +170,11 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
     Returns:
         :func:`export.trt.check_export`'s report plus ``path`` and ``opset``.
     """
+    from .deps import require
     from .runtime import is_export_dir
     from .trt import check_export
 
+    require("onnx")
     path = Path(path)
     if is_export_dir(path):
         report = check_export(path)
@@ -189,11 +190,3 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def read_manifest(export_dir: str | Path) -> dict[str, Any]:
-    """The ``export_manifest.json`` of an export directory."""
-    p = Path(export_dir) / MANIFEST
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ElasticError(f"no readable {MANIFEST} ({e})", path=str(export_dir)) from None

@@ -11,8 +11,8 @@ OPSET_WHY = (
     "TensorRT 10.x's ONNX parser (10.3 ships with JetPack 6 on Orin) takes opsets 9 to 20 "
     "(onnx-tensorrt docs/operators.md). 18 is the opset torch's dynamo exporter emits natively, so no "
     "version conversion rewrites the graph, and it is older than the ops TensorRT 10.3 cannot parse "
-    "(RMSNormalization and Attention arrive in opset 23). The reductions take their axes as "
-    "constant inputs (opset 18 form), which TensorRT 10 requires to be initializers: they are."
+    "(RMSNormalization and Attention arrive in opset 23). From opset 18 the reductions take their axes "
+    "as an input, which TensorRT 10 requires to be an initializer; the operator check below verifies it."
 )
 
 
@@ -43,9 +43,9 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
     lines = [
         "# ONNX export",
         "",
-        f"Written by `elastic export` from `{summary['model_dir']}` ({summary['parameters']:,} parameters, "
+        (f"Written by `elastic export` from `{summary['model_dir']}` ({summary['parameters']:,} parameters, "
         f"layers `{summary['layer_pattern']}`). Graphs in {dtype}, opset {summary['opset']}, "
-        f"exporter: torch.onnx ({summary['exporter']}).",
+        f"exporter: torch.onnx ({summary['exporter']})."),
         "",
         "| file | what |",
         "|---|---|",
@@ -55,21 +55,21 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "",
         "Dynamic axes: `batch` (sequences), `seq` (prompt tokens), `past` (tokens already in the KV cache).",
         "",
-        f"**{PREFILL}**: input `input_ids` int64 (batch, seq); outputs `logits` float32 (batch, seq, vocab), "
-        f"then `{PRESENT}<state>` for every state below.",
+        (f"**{PREFILL}**: input `input_ids` int64 (batch, seq); outputs `logits` float32 (batch, seq, vocab), "
+        f"then `{PRESENT}<state>` for every state below."),
         "",
-        f"**{DECODE}**: inputs `input_ids` int64 (batch, 1) and `{PAST}<state>` for every state below; "
+        (f"**{DECODE}**: inputs `input_ids` int64 (batch, 1) and `{PAST}<state>` for every state below; "
         f"outputs `logits` float32 (batch, 1, vocab) and `{PRESENT}<state>`. Feed each `{PRESENT}X` back "
         f"as `{PAST}X` at the next step. Keys and values grow by one position per step "
-        "(`present_key.i` has past + 1 positions); Mamba states keep their size.",
+        "(`present_key.i` has past + 1 positions); Mamba states keep their size."),
         "",
         "| state | shape | dtype | what |",
         "|---|---|---|---|",
         *[f"| `{s.name}` | {_shape(s)} | {'float32' if s.float32 else dtype} | {state_name[s.kind]} |"
           for s in states],
         "",
-        "The suffix is the layer index; MLP layers keep no state. Greedy decoding: prefill the prompt, "
-        "take `argmax(logits[:, -1])`, then one decode call per token.",
+        ("The suffix is the layer index; MLP layers keep no state. Greedy decoding: prefill the prompt, "
+        "take `argmax(logits[:, -1])`, then one decode call per token."),
         "",
         "```python",
         "from export.runtime import OnnxGenerator",
@@ -85,17 +85,17 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "",
     ]
     if ext:
-        lines += [f"The weights live in `{WEIGHTS}` (a protobuf cannot exceed 2 GiB); both graphs point into "
-                  "the same file, so they are stored once. Keep the three files together.", ""]
+        lines += [(f"The weights live in `{WEIGHTS}` (a protobuf cannot exceed 2 GiB); both graphs point into "
+                  "the same file, so they are stored once. Keep the three files together."), ""]
     parity = summary.get("parity")
     if parity:
         lines += [
             "## Parity with PyTorch",
             "",
-            f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
+            (f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
             f"decode ({parity['decode_steps']} steps) {parity['decode_max_abs_diff']:.2e}, state "
             f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}); greedy tokens "
-            f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}.",
+            f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}."),
             "",
         ]
     check = summary["tensorrt_check"]
@@ -109,19 +109,19 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "",
     ]
     if trt and trt["built"]:
-        lines += [f"Engines built here with TensorRT {trt['tensorrt']} on {trt['device']['name']}. An engine "
-                  "only runs on the GPU model and TensorRT version that built it.", ""]
+        lines += [(f"Engines built here with TensorRT {trt['tensorrt']} on {trt['device']['name']}. An engine "
+                  "only runs on the GPU model and TensorRT version that built it."), ""]
     elif trt:
         s = trt["settings"]
         lines += [
-            f"No engine was built here ({trt['reason'].split('. ')[0].removeprefix('not built here: ')}). "
+            (f"No engine was built here ({trt['reason'].split('. ')[0].removeprefix('not built here: ')}). "
             f"On the target device run `sh {SCRIPT}` (trtexec from TensorRT 10; on JetPack "
             "`/usr/src/tensorrt/bin/trtexec`). It builds `prefill.engine` and `decode.engine` with "
             f"precision {s['precision']}, a {s['workspace_bytes'] >> 20} MiB workspace, batch 1..{s['max_batch']} "
-            f"and up to {s['max_context']} tokens per sequence ({s['source']}).",
+            f"and up to {s['max_context']} tokens per sequence ({s['source']})."),
             "",
         ]
     else:
-        lines += ["Build engines with `elastic export MODEL_DIR --format tensorrt --target DEVICE`, which writes "
-                  f"`{SCRIPT}` where TensorRT is absent.", ""]
+        lines += [("Build engines with `elastic export MODEL_DIR --format tensorrt --target DEVICE`, which writes "
+                  f"`{SCRIPT}` where TensorRT is absent."), ""]
     return "\n".join(lines)

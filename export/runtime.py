@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from slicer.errors import ElasticError, MissingDependencyError
+from slicer.errors import ElasticError
 
+from .deps import require
 from .layout import DECODE, PAST, PREFILL, PRESENT
 
 BACKENDS = ("torch", "onnx")
@@ -36,13 +37,15 @@ class OnnxGenerator:
         export_dir: a directory written by ``elastic export`` (prefill.onnx + decode.onnx).
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads (default: ONNX Runtime's choice).
+        session_config: ONNX Runtime session config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` on a machine shared with other work.
     """
 
-    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependencyError("running ONNX graphs needs onnxruntime; pip install 'elastic[onnx]'") from None
+    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
+        require("onnxruntime")
+        import onnxruntime as ort
+
         self.dir = Path(export_dir)
         if not is_export_dir(self.dir):
             raise ElasticError(f"not an ONNX export: {PREFILL} and {DECODE} are expected here "
@@ -51,6 +54,8 @@ class OnnxGenerator:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(key, value)
         providers = providers or ["CPUExecutionProvider"]
         try:
             self.prefill_session = ort.InferenceSession(str(self.dir / PREFILL), opts, providers=providers)

@@ -23,9 +23,10 @@ import importlib.util
 import json
 import shlex
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from slicer.errors import ElasticError
 
@@ -300,8 +301,8 @@ def trtexec_script(export_dir: str | Path, settings: EngineSettings) -> str:
         "#!/bin/sh",
         "# Build the TensorRT engines of this export on the device that will run them: an engine only runs",
         "# on the GPU model and TensorRT version that built it. Written by `elastic export`.",
-        f"# Settings: {settings.source}; precision {settings.precision}; workspace "
-        f"{settings.workspace_bytes >> 20} MiB; batch <= {settings.max_batch}; context <= {settings.max_context} tokens.",
+        (f"# Settings: {settings.source}; precision {settings.precision}; workspace "
+         f"{settings.workspace_bytes >> 20} MiB; batch <= {settings.max_batch}; context <= {settings.max_context} tokens."),
         "# Needs TensorRT 10 (JetPack 6 ships 10.3). Set TRTEXEC to trtexec's path if it is not on PATH.",
         "set -eu",
         'cd "$(dirname "$0")"',
@@ -312,7 +313,7 @@ def trtexec_script(export_dir: str | Path, settings: EngineSettings) -> str:
         lines += [
             f'echo "building {ENGINES[graph]} from {graph}"',
             f'"$TRTEXEC" --onnx={graph} --saveEngine={ENGINES[graph]}{flag} \\',
-            f"  --memPoolSize=workspace:{settings.workspace_bytes >> 20}M \\",
+            f"  --memPoolSize=workspace:{settings.workspace_bytes >> 20} \\",  # MiB
             f"  --minShapes={shlex.quote(_shape_arg(shapes, 0))} \\",
             f"  --optShapes={shlex.quote(_shape_arg(shapes, 1))} \\",
             f"  --maxShapes={shlex.quote(_shape_arg(shapes, 2))}",
@@ -377,8 +378,9 @@ def build_engines(export_dir: str | Path, settings: EngineSettings,
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise ElasticError(f"TensorRT could not build an engine from {graph} (see the TensorRT log above); "
-                               "try a smaller --max-context or --max-batch", path=str(export_dir))
-        (export_dir / ENGINES[graph]).write_bytes(bytes(blob))
+                               "try a smaller --context or --max-batch", path=str(export_dir))
+        with open(export_dir / ENGINES[graph], "wb") as f:
+            f.write(blob)  # IHostMemory exposes the buffer protocol
         built[ENGINES[graph]] = _shape_table(shapes)
     return built
 

@@ -201,7 +201,10 @@ def test_existing_out_is_refused_unless_replace(tmp_path):
     assert not (out / "keep.txt").exists() and (out / "slice_manifest.json").is_file()
 
 
-def test_export_is_unavailable_and_starts_nothing(tmp_path):
+def test_export_without_the_onnx_extra_starts_nothing(tmp_path, monkeypatch):
+    import elastic_cli.tui.planner as planner
+
+    monkeypatch.setattr(planner, "unavailable", lambda action: EXPORT_MISSING if action != "slice" else None)
     app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
 
     async def script(p):
@@ -214,6 +217,23 @@ def test_export_is_unavailable_and_starts_nothing(tmp_path):
 
     pilot(app, script)
     assert not (tmp_path / "x").exists()
+
+
+def test_slice_and_export(tmp_path):
+    app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
+
+    async def script(p):
+        app.query_one("#out", Input).value = str(tmp_path / "m")
+        app.query_one(BudgetTable).focus()
+        await p.press("b")
+        for _ in range(600):  # the export runs in a worker thread; the screen keeps answering
+            await p.pause(0.1)
+            if app.job is None:
+                break
+
+    pilot(app, script)
+    assert (tmp_path / "m" / "export" / "prefill.onnx").is_file()
+    assert any("exported" in line for line in app.logged), app.logged
 
 
 def test_cancel(tmp_path, monkeypatch):

@@ -59,8 +59,8 @@ class ElasticApp(App):
     """
     BINDINGS: ClassVar = [
         Binding("s", "run('slice')", "slice"),
-        Binding("e", "run('export')", "export n/a"),
-        Binding("b", "run('both')", "both n/a"),
+        Binding("e", "run('export')", "export"),
+        Binding("b", "run('both')", "both"),
         Binding("c", "cancel", "cancel"),
         Binding("plus", "context(2)", "ctx x2", key_display="+"),
         Binding("minus", "context(-2)", "ctx /2", key_display="-"),
@@ -101,7 +101,8 @@ class ElasticApp(App):
 
     def on_mount(self) -> None:
         self.replan(self.choice)
-        self.say(pl.EXPORT_MISSING)
+        if pl.unavailable("export"):
+            self.say(pl.EXPORT_MISSING)
         self.query_one(BudgetTable).focus()
 
     # ---- planning ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..common import human_bytes, human_count
 HERE = "this machine"  # the target choice that detects this machine instead of naming a profile
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # `elastic plan --dtype`
 ACTIONS = ("slice", "export", "both")
-EXPORT_MISSING = "export: not available in this version (the export library is not written yet)"
+EXPORT_MISSING = 'export: needs the onnx extra (pip install -e ".[onnx]")'
 COLUMNS = ("budget", "params", "weights", "kv", "state", "total", "headroom", "fits")
 
 Progress = Callable[[int, int], None]
@@ -128,9 +128,16 @@ def default_out(budget: str) -> Path:
 
 
 def unavailable(action: str) -> str | None:
-    """Why ``action`` cannot run in this version, or None. Export needs the `export` library: when
-    it lands, implement ``export_model`` and return None here."""
-    return EXPORT_MISSING if action in ("export", "both") else None
+    """Why ``action`` cannot run here, or None: export needs the onnx extra."""
+    if action not in ("export", "both"):
+        return None
+    try:
+        from export.deps import require
+
+        require("onnx", "onnxruntime", "onnxscript")
+    except MissingDependencyError:
+        return EXPORT_MISSING
+    return None
 
 
 def run_action(action: str, source: Path, p: dict, budget: str, out: Path, force: bool,
@@ -161,6 +168,19 @@ def slice_budget(source: Path, p: dict, budget: str, out: Path, force: bool, pro
     return lines
 
 
-def export_model(model_dir: Path, progress: Progress) -> list[str]:
-    """ONNX (+ TensorRT engine or trtexec script) of a sliced model: the drop-in point for `export`."""
-    raise MissingDependencyError(EXPORT_MISSING)
+def export_model(model_dir: Path, progress: Progress, target: str | None = None) -> list[str]:
+    """ONNX graphs + a TensorRT engine (or its trtexec script) of a sliced model, into MODEL_DIR/export,
+    as `elastic fit-my-gpu` does. Progress goes by stage (7 of them); cancel raises from it."""
+    from export.pipeline import export_model as library_export
+
+    stages = iter(range(1, 100))
+
+    def stage(_name: str) -> None:
+        progress(min(next(stages), 7), 7)
+
+    info = library_export(model_dir, Path(model_dir) / "export", format="all", target=target, force=True,
+                          progress=stage)
+    trt = info.get("tensorrt") or {}
+    return [f"exported {info['out']} (ONNX opset {info.get('opset')})",
+            "  TensorRT engine " + ("built" if trt.get("built") else "not built here: run build_engines.sh on the device"),
+            f"next: elastic generate {info['out']} \"Hello\""]
