@@ -26,25 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NANO_12B_V2 = {
-    "model_type": "nemotron_h",
-    "architectures": ["NemotronHForCausalLM"],
-    "vocab_size": 131072,
-    "hidden_size": 5120,
-    "hybrid_override_pattern": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
-    "intermediate_size": 20480,
-    "mamba_num_heads": 128,
-    "mamba_head_dim": 80,
-    "n_groups": 8,
-    "ssm_state_size": 128,
-    "conv_kernel": 4,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "mlp_hidden_act": "relu2",
-    "time_step_limit": [0.0, float("inf")],
-    "dtype": "bfloat16",
-}
+# Nemotron Nano 12B v2's config (the Elastic parent), shipped as the config-only example
+NANO_12B_V2 = json.loads((ROOT / "examples" / "nemotron-elastic-12b" / "config.json").read_text())
 BLOCK = 64 * 2**20
 
 

@@ -193,14 +193,13 @@ def fit_my_gpu(
             smoke = generate_text(exported["out"], "Hello", backend="onnx", max_new_tokens=16)
         else:
             smoke = smoke_test(dest, dtype="float32" if p["device"]["kind"] == "cpu" else None)
-            smoke["backend"] = "torch"
     p |= {"out": str(dest), "slice": {"parameters": result.parameters, "bytes_written": result.bytes_written,
                                       "runtimes": result.manifest["runtimes"]}, "export": exported, "smoke": smoke}
     if json_out:
         print_json(p)
         return
     text = f" -> {smoke['text']!r}" if smoke.get("text") is not None else ""
-    speed = smoke.get("tokens_per_s") or smoke.get("decode_tokens_per_s")
+    speed = smoke["tokens_per_s"]
     runner = "ONNX Runtime" if smoke["backend"] == "onnx" else "PyTorch reference"
     lines = [
         "",

@@ -145,28 +145,13 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
             logits, state = gen.step(nxt, state)
         t2 = time.perf_counter()
     else:
-        import torch
-
-        from slicer.model import load_model
+        from slicer.smoke import smoke_test
 
         if threads:
+            import torch
+
             torch.set_num_threads(threads)
-        model = load_model(path)
-        ids, decode = encode_prompt(path, prompt, model.arch.vocab_size)
-        x = torch.tensor([ids or [0]])
-        with torch.no_grad():
-            cache = model.new_cache()
-            t0 = time.perf_counter()
-            logits = model(x, cache=cache, last_only=True)
-            t1 = time.perf_counter()
-            tokens = []
-            for _ in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1)
-                tokens.append(int(nxt[0]))
-                if eos is not None and tokens[-1] == eos:
-                    break
-                logits = model(nxt[:, None], cache=cache)
-            t2 = time.perf_counter()
+        return smoke_test(path, prompt, max_new_tokens, eos_token_id=eos)
     return {
         "backend": backend,
         "path": str(path),

@@ -25,12 +25,14 @@ def encode_prompt(model_dir: Path, prompt: str, vocab_size: int) -> tuple[list[i
     return ids, None
 
 
-def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 16, dtype: str | None = None) -> dict[str, Any]:
-    """Load ``model_dir`` with the reference model, generate greedily, time it.
+def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 16, dtype: str | None = None,
+               eos_token_id: int | None = None) -> dict[str, Any]:
+    """Load ``model_dir`` with the reference model, generate greedily (stopping at
+    ``eos_token_id``), time it.
 
     Returns:
-        ``prompt_tokens``, ``new_tokens``, ``tokens`` (generated ids), ``text`` (when decodable),
-        ``load_s``, ``prefill_s``, ``decode_tokens_per_s``.
+        ``backend`` ("torch"), ``prompt``, ``prompt_tokens``, ``new_tokens``, ``tokens`` (generated
+        ids), ``text`` (when decodable), ``load_s``, ``prefill_s``, ``decode_s``, ``tokens_per_s``.
     """
     import torch
 
@@ -51,6 +53,8 @@ def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 1
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1)
             out.append(int(nxt))
+            if eos_token_id is not None and out[-1] == eos_token_id:
+                break
             logits = model(nxt[:, None], cache=cache)
         t3 = time.perf_counter()
     if not bool(torch.isfinite(logits).all()):
@@ -59,6 +63,8 @@ def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 1
         raise ElasticError("the model produced non-finite logits (NaN/inf): the slice does not run correctly",
                            path=str(model_dir))
     return {
+        "backend": "torch",
+        "path": str(model_dir),
         "prompt": prompt,
         "prompt_tokens": len(ids),
         "new_tokens": len(out),
@@ -66,5 +72,6 @@ def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 1
         "text": decode(out) if decode else None,
         "load_s": round(load_s, 3),
         "prefill_s": round(t2 - t1, 4),
-        "decode_tokens_per_s": round(len(out) / (t3 - t2), 1) if out else None,
+        "decode_s": round(t3 - t2, 4),
+        "tokens_per_s": round(len(out) / (t3 - t2), 1) if out and t3 > t2 else None,
     }

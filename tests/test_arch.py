@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -10,28 +11,10 @@ from slicer.errors import ConfigError
 
 from conftest import tiny_config
 
-NANO_12B_V2 = {  # NVIDIA's config.json form: legacy pattern, num_hidden_layers, bare Infinity
-    "architectures": ["NemotronHForCausalLM"],
-    "model_type": "nemotron_h",
-    "vocab_size": 131072,
-    "hidden_size": 5120,
-    "hybrid_override_pattern": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
-    "num_hidden_layers": 62,
-    "intermediate_size": 20480,
-    "mamba_num_heads": 128,
-    "mamba_head_dim": 80,
-    "n_groups": 8,
-    "ssm_state_size": 128,
-    "conv_kernel": 4,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "mlp_hidden_act": "relu2",
-    "use_bias": False,
-    "use_conv_bias": True,
-    "tie_word_embeddings": False,
-    "time_step_limit": [0.0, float("inf")],
-}
+# Nemotron Nano 12B v2 (the Elastic parent) in NVIDIA's config.json form: legacy pattern,
+# num_hidden_layers, bare Infinity in time_step_limit
+NANO_12B_V2 = json.loads((Path(__file__).resolve().parent.parent / "examples" / "nemotron-elastic-12b"
+                          / "config.json").read_text())
 
 
 def write(tmp_path, text: str):

@@ -103,7 +103,7 @@ def test_fit_my_gpu_on_the_demo(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     assert p["chosen"] == "100%" and p["out"] == "model" and (tmp_path / "model" / "config.json").is_file()
-    assert p["smoke"]["new_tokens"] == 16 and p["smoke"]["decode_tokens_per_s"] > 0
+    assert 1 <= p["smoke"]["new_tokens"] <= 16 and p["smoke"]["tokens_per_s"] > 0
     dry = runner.invoke(app, ["fit-my-gpu", "--target", "cpu", "--dry-run", "--json"])
     assert json.loads(dry.stdout)["out"] is None and not (tmp_path / "elastic-model-100").exists()
 
