@@ -98,10 +98,14 @@ def train(
             _wait_for(tokens / "meta.json")
         show = rank0 and not json_out
 
+        last: dict[str, float] = {}  # the latest distillation loss of every budget
+
         def progress(step: int, total: int, rec: dict) -> None:
+            last[rec["budget"]] = rec["kd"]
             if show and (step % max(1, total // 20) == 0 or step == total):
-                typer.echo(f"step {step:>5}/{total}  budget {rec['budget']:<6} kd {rec['kd']:.4f}  "
-                           f"cost {rec['cost']:.4f}  params {human_count(rec['params'])}", err=True)
+                per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last.items())
+                typer.echo(f"step {step:>5}/{total}  kd per budget: {per_budget}  (this step: {rec['budget']}, "
+                           f"{human_count(rec['params'])} params, cost {rec['cost']:.4f})", err=True)
 
         summary = run(parent, tokens, out, cfg, work_dir=work, resume=resume, force=force, progress=progress)
     if not rank0:

@@ -121,7 +121,9 @@ def eval_loss(model: NemotronH, ds: TokenDataset, context: int, batches: int, ba
     was = model.training
     model.eval()
     total, n = 0.0, 0
+    device = next(model.parameters()).device
     for x, y in ds.iter_eval(batch_size, context, batches):
+        x, y = x.to(device), y.to(device)
         logits = model(x) if spec is None else masked_forward(model, spec, x)
         total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
         n += y.numel()
@@ -156,8 +158,9 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         if stage.weights is not None and len(stage.weights) != len(cfg.budgets):
             raise ConfigError(f"stage weights {stage.weights} need one weight per budget ({len(cfg.budgets)})")
     ckpt = Checkpoint.open(parent_dir, require_weights=True)
-    teacher = load_model(ckpt, dtype=torch.float32).requires_grad_(False).eval()
-    student = load_model(ckpt, dtype=torch.float32).requires_grad_(True).train()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    teacher = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(False).eval()
+    student = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(True).train()
     arch = ckpt.arch
     total_params = arch.param_counts()["total"]
     train_ds, val_ds = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
@@ -173,7 +176,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     budgets = tuple(Budget(name, round(f * total_params)) for name, f in cfg.budgets)
     if state is None:  # importance, permutation, search space
         g = torch.Generator().manual_seed(cfg.seed + 7)
-        calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0] for _ in range(cfg.importance_batches)]
+        calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0].to(device) for _ in range(cfg.importance_batches)]
         scores = width_importance(student, calib)
         permute_(student, orders(student, scores))
         depth = depth_order(student, calib[:2], candidates=range(arch.num_hidden_layers), steps=cfg.drop_layers)
@@ -188,10 +191,11 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         importance, start = state["importance"], state["step"]
     with torch.random.fork_rng(devices=[]):  # the same router for the same seed, whatever ran before
         torch.manual_seed(cfg.seed)
-        router = Router(ec.dimensions, len(budgets))
+        router = Router(ec.dimensions, len(budgets)).to(device)
     module: nn.Module = ElasticModule(student, router, ec)
     if world > 1:
-        module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+        module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True,
+                                                     device_ids=[torch.device(device).index] if device != "cpu" else None)
     opt = torch.optim.AdamW([
         {"params": list(student.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": list(router.parameters()), "lr": cfg.router_lr, "weight_decay": 0.0},
@@ -229,7 +233,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
         weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
         b = int(torch.multinomial(weights, 1, generator=g_budget))
-        x, _ = train_ds.batch(g_data, cfg.batch_size, stage.context)
+        x = train_ds.batch(g_data, cfg.batch_size, stage.context)[0].to(device)
         tau = anneal(step, cfg.total_steps, *cfg.tau)
         scale = anneal(step, cfg.total_steps, *cfg.logit_scale)
         with torch.no_grad():
