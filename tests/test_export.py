@@ -422,7 +422,8 @@ def test_cli_export_json_and_generate(tmp_path):
         assert r.exit_code == 0, r.output
         runs[backend] = json.loads(r.stdout)
         assert runs[backend]["tokens_per_s"] > 0
-    assert runs["torch"]["tokens"] == runs["onnx"]["tokens"] and runs["onnx"]["prompt_tokens"] == 5
+    assert runs["torch"]["tokens"] == runs["onnx"]["tokens"]
+    assert runs["onnx"]["prompt_tokens"] == runs["torch"]["prompt_tokens"] > 0
 
     r = runner.invoke(app, ["export", str(model_dir), "--out", str(out)])  # exists, no --force
     assert r.exit_code == 2 and "already exists" in r.output
