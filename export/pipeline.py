@@ -122,9 +122,7 @@ def export_model(
                     f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "
                     f"(tolerance {result['tolerance']:g}); this is a bug, please report it; --no-parity skips the check")
         trt = build_or_script(tmp, settings, always_script=format == "all", progress=say) if settings else None
-        for name in PASSTHROUGH:
-            if (ckpt.root / name).is_file():
-                w.add_file(ckpt.root / name)
+        w.add_files_from(ckpt.root, PASSTHROUGH)
         arch = model.arch
         summary = {
             "out": str(Path(out)),

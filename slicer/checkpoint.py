@@ -491,6 +491,12 @@ class ShardedWriter:
 
         shutil.copyfile(src, self.tmp / (filename or src.name))
 
+    def add_files_from(self, root: Path, names) -> None:
+        """Copy those of ``names`` that exist in ``root`` (tokenizer and generation files)."""
+        for name in names:
+            if (root / name).is_file():
+                self.add_file(root / name)
+
     def write_tensors(self, tensors: list[OutTensor], max_shard_bytes: int = 2 * 2**30,
                       progress: Callable[[int], None] | None = None) -> None:
         """Write all tensors, split into shards of at most ``max_shard_bytes`` (one tensor may exceed it).

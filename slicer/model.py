@@ -368,13 +368,10 @@ def generate(model: NemotronH, input_ids: torch.Tensor, max_new_tokens: int, eos
     return torch.cat(out, dim=1)
 
 
-def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False,
-               extra_config: dict | None = None) -> Path:
-    """Write ``model`` as a Hugging Face ``nemotron_h`` checkpoint (config.json + safetensors).
-
-    Written atomically (see ``ShardedWriter``); tied LM heads are stored once, as transformers does.
-    """
-    from .checkpoint import OutTensor, ShardedWriter, st_dtype
+def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_config: dict | None = None) -> None:
+    """Write ``model``'s config.json and weights into an open ``ShardedWriter`` (tied LM heads are
+    stored once, as transformers does)."""
+    from .checkpoint import OutTensor, st_dtype
 
     config = model.arch.to_config()
     config.setdefault("architectures", ["NemotronHForCausalLM"])
@@ -385,7 +382,15 @@ def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**
         for name, p in model.state_dict().items()
         if not (model.arch.tie_word_embeddings and name == "lm_head.weight")
     ]
+    w.add_json("config.json", config)
+    w.write_tensors(tensors, max_shard_bytes)
+
+
+def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False,
+               extra_config: dict | None = None) -> Path:
+    """Write ``model`` as a Hugging Face ``nemotron_h`` checkpoint (config.json + safetensors), atomically."""
+    from .checkpoint import ShardedWriter
+
     with ShardedWriter(out, force=force) as w:
-        w.add_json("config.json", config)
-        w.write_tensors(tensors, max_shard_bytes)
+        write_model(w, model, max_shard_bytes, extra_config)
     return Path(out)

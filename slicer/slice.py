@@ -221,9 +221,7 @@ def slice_checkpoint(
     try:
         with ShardedWriter(out, force=force) as w:
             w.add_json("config.json", config)
-            for name in PASSTHROUGH_FILES:
-                if (ckpt.root / name).is_file():
-                    w.add_file(ckpt.root / name)
+            w.add_files_from(ckpt.root, PASSTHROUGH_FILES)
             if not child.is_homogeneous():
                 for f in remote_code.FILES:
                     w.add_file(f)

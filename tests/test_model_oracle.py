@@ -5,7 +5,7 @@ import torch
 
 from slicer.model import generate, load_model
 
-from conftest import make_hf_checkpoint
+from conftest import assert_same_logits, make_hf_checkpoint
 
 CASES = [
     # (id, overrides): n_groups 1/2/4; with and without attention and MLP layers
@@ -23,13 +23,7 @@ CASES = [
 @pytest.mark.parametrize("seq", [8, 11])  # chunk_size 4 (or 8): a multiple and not a multiple
 def test_logits_match_transformers(tmp_path, case, over, seq):
     hf = make_hf_checkpoint(tmp_path / "ckpt", seed=len(case) + seq, **over)
-    ours = load_model(tmp_path / "ckpt")
-    ids = torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(seq))
-    with torch.no_grad():
-        ref = hf(ids, use_cache=False).logits
-        got = ours(ids)
-    assert ref.abs().max() > 1.0  # the weights are large enough for every term to matter
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert_same_logits(hf, load_model(tmp_path / "ckpt"), seq)
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path):

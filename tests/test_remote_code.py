@@ -17,7 +17,7 @@ from slicer.arch import Arch
 from slicer.model import build_model, generate, load_model, save_model
 from slicer.remote_code import FILES, puzzle_config
 
-from conftest import randomize_, tiny_config
+from conftest import assert_same_logits, randomize_, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,15 +65,6 @@ def load_hf(path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert not info["error_msgs"], info
     return model.eval()
-
-
-def assert_same_logits(hf, ours, seq=11):  # 11: not a multiple of chunk_size 4
-    ids = torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(seq))
-    with torch.no_grad():
-        ref = hf(ids, use_cache=False).logits
-        got = ours(ids)
-    assert ref.abs().max() > 1.0  # the weights are large enough for every term to matter
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case,pattern,blocks", CASES, ids=[c[0] for c in CASES])

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slicer.checkpoint import Checkpoint, OutTensor, ShardedWriter, st_dtype
+from slicer.checkpoint import Checkpoint, ShardedWriter
 from slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
 from slicer.errors import ConfigError
 from slicer.masked import masked_forward
-from slicer.model import NemotronH, load_model
+from slicer.model import NemotronH, load_model, write_model
 from slicer.slice import PASSTHROUGH_FILES
 from slicer.spec import SliceSpec
 
@@ -299,23 +299,14 @@ def write_elastic_checkpoint(model: NemotronH, ec: ElasticConfig, router: Router
     importance scores, the source's tokenizer files, and a training summary."""
     from safetensors.numpy import save as st_save
 
-    config = model.arch.to_config()
-    config["dtype"] = "float32"
-    config.setdefault("architectures", ["NemotronHForCausalLM"])
-    tensors = [OutTensor(n, st_dtype(p.dtype), tuple(p.shape), lambda p=p: [p.detach().cpu()])
-               for n, p in model.state_dict().items()
-               if not (model.arch.tie_word_embeddings and n == "lm_head.weight")]
     scores = {k: v.float().numpy() for k, v in importance["scores"].items()}
     with ShardedWriter(out, force=force) as w:
-        w.add_json("config.json", config)
+        write_model(w, model)
         w.add_json(CONFIG_NAME, ec.to_json())
-        w.write_tensors(tensors)
         (w.tmp / ROUTER_NAME).write_bytes(st_save(router.numpy_state(), metadata={"format": "np"}))
         (w.tmp / "importance.safetensors").write_bytes(st_save(scores, metadata={
             "depth_order": json.dumps(importance["depth"])}))
-        for name in PASSTHROUGH_FILES:
-            if (source / name).is_file():
-                w.add_file(source / name)
+        w.add_files_from(source, PASSTHROUGH_FILES)
         if training is not None:
             w.add_json("training.json", training)
     return out
