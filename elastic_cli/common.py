@@ -27,7 +27,8 @@ def debug() -> bool:
 
 @contextmanager
 def boundary() -> Iterator[None]:
-    """Map an ElasticError to one message on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
+    """Map an ElasticError (or an OSError: a full disk, a path that cannot be read) to one message
+    on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
     from profiles.errors import ProfileError
 
     try:
@@ -40,6 +41,12 @@ def boundary() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except OSError as e:  # a full disk, a busy or unreadable path: the system's words, with the path
+        if debug():
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def print_json(data: Any) -> None:

@@ -65,7 +65,7 @@ def export(
     check_only: Annotated[bool, typer.Option("--check-only", help="Only check the graphs' operators against "
                                              "TensorRT's ONNX parser; write nothing. Exit code 1 when an "
                                              "operator is unsupported.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a dense model for an edge runtime: ONNX prefill/decode graphs with explicit state, a

@@ -22,19 +22,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as v
+
+        typer.echo(f"elastic {v('elastic')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_version, expose_value=True),
 ) -> None:
     """Deploy elastic Nemotron-H models to edge GPUs.
 
     Set ELASTIC_DEBUG=1 to see tracebacks instead of one-line errors.
     """
-    if version:
-        from importlib.metadata import version as v
-
-        typer.echo(f"elastic {v('elastic')}")
-        raise typer.Exit()
 
 
 app.command(name="fit-my-gpu")(fit_my_gpu)

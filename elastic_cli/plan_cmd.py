@@ -142,7 +142,7 @@ def fit_my_gpu(
     prefill_chunk: ChunkOpt = 512,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the model "
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and choose, write nothing.")] = False,
     export: Annotated[bool, typer.Option("--export/--no-export", help="Export ONNX graphs (and a TensorRT engine "
                                          "or its build script) into OUT/export after slicing.")] = True,

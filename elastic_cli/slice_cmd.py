@@ -27,7 +27,7 @@ def slice_(
     checkpoint: CheckpointOpt = None,
     dtype: Annotated[DType, typer.Option("--dtype", help="Cast the weights (e.g. float16 for GPUs without bf16).")]
     = DType.keep,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Physically slice a checkpoint along a budget (or a spec) into dense safetensors.

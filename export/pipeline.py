@@ -99,12 +99,14 @@ def export_model(
     if format not in FORMATS:
         raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     say = progress or (lambda msg: None)
-    if Path(out).exists() and not force:  # fail before the slow part (the writer checks again)
-        raise ElasticError("already exists; pass --force to replace it", path=str(out))
+    from slicer.outputs import check_output
+
+    model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
+    check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
     settings = engine_settings(target, precision, max_batch, max_context) if format != "onnx" else None
     say(f"loading {model_dir}")
     ckpt, model = _load(model_dir, dtype)
-    with ShardedWriter(out, force=force) as w:
+    with ShardedWriter(out, force=force, source_files=model_files, kind="export") as w:
         tmp = w.tmp
         info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, external_data=external_data, progress=say)
         say("onnx.checker")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
+MAX_SIZE = 2**31 - 1  # any size above this is a corrupt config, not a model
 # layer kinds, in the order inspect reports them
 KINDS = ("mamba", "attention", "mlp", "moe")
 PATTERN_CHAR = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
@@ -255,21 +257,32 @@ class Arch:
 def read_config(path: str | Path) -> dict[str, Any]:
     """Load a config.json, accepting bare ``Infinity``/``NaN`` (NVIDIA) as Python's json does."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"is a link to {os.readlink(path)}, which is missing (an interrupted download?)",
+                          path=str(path))
     if not path.is_file():
         raise ConfigError("config.json not found; a checkpoint directory must contain one", path=str(path))
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"not valid JSON ({e})", path=str(path)) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"not valid JSON ({str(e)[:80]})", path=str(path)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read ({e.strerror})", path=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("expected a JSON object at the top level", path=str(path))
     return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _as_float(v: Any) -> float:
     """A float from a number, "Infinity"/"inf" or transformers 5's ``{"__float__": "Infinity"}``."""
     if isinstance(v, dict) and "__float__" in v:
         v = v["__float__"]
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError(v)
     return float(v)  # float("Infinity") and float("inf") both work
 
 
@@ -284,10 +297,33 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
 
     def positive_int(key: str, default: Any = None, *aliases: str) -> int:
         v = get(key, default, *aliases)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            problems.append(f"{key} must be a positive integer, found {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
+            problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, found {v!r:.40}")
             return 0
         return v
+
+    def flag(key: str, default: bool, *aliases: str) -> bool:
+        v = get(key, default, *aliases)
+        if not isinstance(v, bool):
+            problems.append(f"{key} must be true or false, found {v!r:.40}")
+            return default
+        return v
+
+    def number(key: str, default: float, lo: float, hi: float, *aliases: str) -> float:
+        """A finite number in (lo, hi)."""
+        v = get(key, default, *aliases)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo < v < hi):
+            problems.append(f"{key} must be a finite number between {lo:g} and {hi:g} (exclusive), found {v!r:.40}")
+            return default
+        return float(v)
+
+    for key in ("model_type", "mlp_hidden_act", "mamba_hidden_act", "hybrid_override_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            problems.append(f"{key} must be a string, found {cfg[key]!r:.40}")
+    for key in ("n_groups", "ssm_state_size", "conv_kernel", "num_hidden_layers", "moe_latent_size"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE):
+            problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, found {v!r:.40}")
 
     model_type = cfg.get("model_type")
     if model_type is not None and model_type not in ("nemotron_h", "nemotron_h_puzzle"):
@@ -301,7 +337,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             problems.append(f"layers_block_type must be a list of names, found {type(names).__name__}")
             names = []
         for i, name in enumerate(names):
-            kind = _FROM_NAME.get(str(name).lower())
+            kind = _FROM_NAME.get(name.lower()) if isinstance(name, str) else None
             if kind is None:
                 problems.append(
                     f"layers_block_type[{i}] is {name!r}; known types: "
@@ -310,7 +346,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             kinds.append(kind or "?")
     elif cfg.get("hybrid_override_pattern") is not None:
         pattern = cfg["hybrid_override_pattern"]
-        for i, ch in enumerate(str(pattern)):
+        for i, ch in enumerate(pattern if isinstance(pattern, str) else ""):
             kind = _FROM_CHAR.get(ch)
             if kind is None:
                 problems.append(
@@ -322,7 +358,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     if not kinds and not problems:
         problems.append("the layer layout is empty")
     n_declared = cfg.get("num_hidden_layers")
-    if n_declared is not None and kinds and n_declared != len(kinds):
+    if _is_int(n_declared) and kinds and n_declared != len(kinds):
         problems.append(f"num_hidden_layers is {n_declared} but the layer layout has {len(kinds)} layers")
 
     present = set(kinds)
@@ -341,17 +377,32 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     head_dim = get("head_dim", None, "attention_head_dim")
     if head_dim is None and a_heads:
         head_dim = hidden // a_heads if hidden else 0
-    if "attention" in present and (not isinstance(head_dim, int) or head_dim <= 0):
-        problems.append(f"head_dim must be a positive integer, found {head_dim!r}")
+    if "attention" in present and (not _is_int(head_dim) or not 0 < head_dim <= MAX_SIZE):
+        problems.append(f"head_dim must be an integer in 1..{MAX_SIZE}, found {head_dim!r:.40}")
+        head_dim = 0
     ffn = positive_int("intermediate_size", 21504) if "mlp" in present else z
     chunk = positive_int("chunk_size", 128, "mamba_chunk_size")
 
+    limit = get("time_step_limit", [0.0, math.inf], "mamba_dt_limit")
     try:
-        limit = get("time_step_limit", [0.0, math.inf], "mamba_dt_limit")
+        if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+            raise ValueError
         time_step_limit = (_as_float(limit[0]), _as_float(limit[1]))
-    except (TypeError, ValueError, IndexError, KeyError):
-        problems.append(f"time_step_limit must be two numbers, found {cfg.get('time_step_limit')!r}")
+        lo, hi = time_step_limit
+        if not (math.isfinite(lo) and 0 <= lo <= hi) or math.isnan(hi):
+            raise ValueError
+    except (TypeError, ValueError, KeyError, OverflowError):
+        problems.append(f"time_step_limit must be [low, high] with 0 <= low <= high, low finite (high may be "
+                        f"Infinity), found {limit!r:.60}")
         time_step_limit = (0.0, math.inf)
+    for key in ("time_step_min", "time_step_max", "time_step_floor"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            problems.append(f"{key} must be a finite number >= 0, found {v!r:.40}")
+    eps = number("layer_norm_epsilon", 1e-5, 0.0, 1.0, "rms_norm_eps")
+    bools = {k: flag(k, d, *a) for k, d, *a in (("use_conv_bias", True, "mamba_conv_bias"), ("use_bias", False),
+                                                 ("mlp_bias", False), ("tie_word_embeddings", False),
+                                                 ("residual_in_fp32", False))}
 
     act = get("mlp_hidden_act", "relu2")
     if "mlp" in present and act != "relu2":
@@ -389,7 +440,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
                 for f in LAYER_FIELDS.get(layer.kind, ()):
                     if f in block:
                         v = block[f]
-                        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                        if not _is_int(v) or not 0 < v <= MAX_SIZE:
                             problems.append(f"block_configs[{i}].{f} must be a positive integer, found {v!r}")
                         else:
                             over[f] = v
@@ -413,7 +464,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             n_routed_experts=positive_int("n_routed_experts", 8),
             moe_intermediate_size=positive_int("moe_intermediate_size", 7688),
             moe_shared_expert_intermediate_size=positive_int("moe_shared_expert_intermediate_size", 7688),
-            moe_latent_size=get("moe_latent_size"),
+            moe_latent_size=get("moe_latent_size") if _is_int(get("moe_latent_size")) else None,
         )
 
     if problems:
@@ -430,15 +481,15 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
         n_groups=n_groups,
         ssm_state_size=state,
         conv_kernel=conv_k,
-        use_conv_bias=bool(get("use_conv_bias", True, "mamba_conv_bias")),
-        use_bias=bool(get("use_bias", False)),
+        use_conv_bias=bools["use_conv_bias"],
+        use_bias=bools["use_bias"],
         head_dim=head_dim or 0,
-        mlp_bias=bool(get("mlp_bias", False)),
-        layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-5, "rms_norm_eps")),
+        mlp_bias=bools["mlp_bias"],
+        layer_norm_epsilon=eps,
         chunk_size=chunk,
         time_step_limit=time_step_limit,
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        residual_in_fp32=bool(get("residual_in_fp32", False)),
+        tie_word_embeddings=bools["tie_word_embeddings"],
+        residual_in_fp32=bools["residual_in_fp32"],
         raw=dict(cfg),
         **moe,
     )

@@ -26,6 +26,8 @@ from .errors import CheckpointError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 ELASTIC_CONFIG_NAME = "elastic_config.json"
+# safetensors files beside the weights that are not weights (elastic format sidecars)
+SIDECAR_FILES = ("router.safetensors", "importance.safetensors")
 # safetensors dtype code -> (name, bytes per element)
 DTYPES = {
     "F64": ("float64", 8),
@@ -41,9 +43,10 @@ DTYPES = {
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
 }
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE in its Rust crate)
 # Tensors that transformers itself ignores on load (multi-token-prediction heads).
 IGNORED_PREFIXES = ("mtp.",)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,26 @@ class TensorInfo:
         return DTYPES.get(self.dtype, (self.dtype.lower(), 0))[0]
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"repeated keys {dup[:3]}")
+    return dict(pairs)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header. Returns (header dict, byte offset where data starts).
+    """Parse and validate a safetensors header. Returns (header dict, byte offset where data starts).
+
+    Checks what the safetensors library itself checks, every problem at once: a header length
+    within its 100 MB limit, a JSON object without repeated keys, ``__metadata__`` a map of
+    strings, and for every tensor a known dtype, a shape of non-negative integers and
+    ``data_offsets`` ``[start, end]`` covering exactly shape x element size, the tensors laid out
+    one after another from 0 with no gap or overlap, ending exactly at the end of the file.
 
     Raises:
         CheckpointError: the file is missing, truncated, or its header is not valid.
@@ -88,29 +109,73 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                 raise CheckpointError(
                     f"truncated or corrupt safetensors file (header says {n} bytes, file has {size})", path=str(path)
                 )
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
     except OSError as e:
         raise CheckpointError(f"cannot read ({e.strerror})", path=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError("corrupt safetensors header (not JSON)", path=str(path)) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = str(e) if str(e).startswith("repeated keys") else "not JSON"
+        raise CheckpointError(f"corrupt safetensors header ({why})", path=str(path)) from None
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header (not an object)", path=str(path))
     data_start = 8 + n
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if data_start + end > size:
+    problems: list[str] = []
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        problems.append("__metadata__ must map names to strings")
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            problems.append(f"{name}: expected an object with dtype, shape and data_offsets, found {info!r:.40}")
+            continue
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        bad = []
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            bad.append(f"dtype {dtype!r:.20} is not one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            bad.append(f"shape {shape!r:.40} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
+                and offs[0] <= offs[1]):
+            bad.append(f"data_offsets {offs!r:.40} is not [start, end] with 0 <= start <= end")
+        if bad:
+            problems.append(f"{name}: {'; '.join(bad)}")
+            continue
+        want = math.prod(shape) * DTYPES[dtype][1]
+        if offs[1] - offs[0] != want:
+            problems.append(f"{name}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but {dtype} {shape} "
+                            f"needs {want}")
+        spans.append((offs[0], offs[1], name))
+    if problems:
+        raise CheckpointError("corrupt safetensors header", problems=_cap(problems), path=str(path))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            what = "overlaps the previous tensor" if start < at else f"leaves a gap of {start - at} bytes"
+            problems.append(f"{name}: data_offsets start at {start}, where the tensor before ends at {at}: {what}")
+        at = max(at, end)
+    if problems:
+        raise CheckpointError("corrupt safetensors header (tensor data not laid out one after another)",
+                              problems=_cap(problems), path=str(path))
+    if data_start + at > size:
         raise CheckpointError(
-            f"truncated safetensors file: tensors need {data_start + end} bytes, the file has {size}; "
+            f"truncated safetensors file: tensors need {data_start + at} bytes, the file has {size}; "
             "download or copy it again",
             path=str(path),
         )
+    if data_start + at < size:
+        raise CheckpointError(
+            f"corrupt safetensors file: {size - data_start - at} bytes follow the last tensor (the header "
+            f"describes {data_start + at} bytes); download or copy it again", path=str(path))
     return header, data_start
 
 
-def _inside(root: Path, name: str) -> bool:
-    """True when shard ``name`` is a plain file name that stays inside ``root``."""
-    if not name or os.path.isabs(name) or Path(name).name != name:
-        return False
-    return (root / name).resolve().parent == root.resolve()
+def _plain_name(name: Any) -> bool:
+    """True when a shard name is a plain file name in the checkpoint directory (no directory part,
+    not absolute, not "." or ".."). Where the file's symlink points is not our business: a Hugging
+    Face cache snapshot links every file to ``../../blobs/HASH``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name and Path(name).name == name
 
 
 class Checkpoint:
@@ -168,24 +233,40 @@ class Checkpoint:
         if index_path.is_file():
             try:
                 index = json.loads(index_path.read_text())
-                weight_map = index["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-                raise CheckpointError("not a valid shard index (needs a 'weight_map' object)", path=str(index_path)) from None
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise CheckpointError("not a valid shard index (not JSON)", path=str(index_path)) from None
+            except OSError as e:
+                raise CheckpointError(f"cannot read ({e.strerror})", path=str(index_path)) from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError("not a valid shard index (needs a non-empty 'weight_map' object of "
+                                      "tensor name -> shard file name)", path=str(index_path))
             problems = []
-            for shard in sorted(set(weight_map.values())):
-                if not isinstance(shard, str) or not _inside(root, shard):
-                    problems.append(f"shard name {shard!r} points outside the checkpoint directory; refused")
+            if "metadata" in index and not isinstance(index["metadata"], (dict, type(None))):
+                problems.append(f"metadata must be an object, found {index['metadata']!r:.40}")
+            shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    problems.append(f"weight_map[{name!r}] must be a shard file name, found {shard!r:.40}")
+            for shard in shards:
+                n = sum(1 for s in weight_map.values() if s == shard)
+                if not _plain_name(shard):
+                    problems.append(f"shard name {shard!r} is not a plain file name in the checkpoint directory; refused")
+                elif (root / shard).is_symlink() and not (root / shard).exists():
+                    problems.append(f"shard {shard} is a link to {os.readlink(root / shard)}, which is missing "
+                                    f"(holds {n} tensors; an interrupted download?)")
                 elif not (root / shard).is_file():
-                    n = sum(1 for s in weight_map.values() if s == shard)
                     problems.append(f"missing shard {shard} (holds {n} tensors)")
             if problems:
                 raise CheckpointError("broken shard index", problems=_cap(problems), path=str(index_path))
-            files = sorted({root / s for s in weight_map.values()})
+            files = [root / s for s in shards]
         elif (root / SINGLE_NAME).is_file():
             weight_map, files = None, [root / SINGLE_NAME]
+        elif (root / SINGLE_NAME).is_symlink():
+            raise CheckpointError(f"{SINGLE_NAME} is a link to {os.readlink(root / SINGLE_NAME)}, which is missing "
+                                  "(an interrupted download?)", path=str(root))
         else:
-            stray = sorted(p.name for p in root.glob("*.safetensors"))
+            stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in SIDECAR_FILES)
             if stray:
                 raise CheckpointError(
                     f"found {', '.join(stray[:3])} but no {INDEX_NAME} saying which tensor is where", path=str(root)
@@ -199,8 +280,6 @@ class Checkpoint:
                     continue
                 if weight_map is not None and weight_map.get(name) != file.name:
                     continue  # the index is the authority on where a tensor lives
-                if meta.get("dtype") not in DTYPES:
-                    raise CheckpointError(f"tensor {name} has unsupported dtype {meta.get('dtype')!r}", path=str(file))
                 tensors[name] = TensorInfo(
                     name, file, meta["dtype"], tuple(meta["shape"]), tuple(meta["data_offsets"]), data_start
                 )
@@ -224,6 +303,8 @@ class Checkpoint:
                 problems.append(f"missing tensor {name} {list(shape)}")
             elif info.shape != shape:
                 problems.append(f"{name}: config implies shape {list(shape)}, {info.file.name} has {list(info.shape)}")
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"{name} is {info.dtype_name} in {info.file.name}; model weights are floating point")
         for name in self.tensors:
             if name not in expected and not name.startswith(IGNORED_PREFIXES):
                 problems.append(f"unexpected tensor {name} in {self.tensors[name].file.name} (not in config.json's layout)")
@@ -442,8 +523,8 @@ class ShardedWriter:
     """Write a checkpoint atomically: into a temporary directory beside ``out``, renamed at the end.
 
     On any exception inside the ``with`` block (a failed read, a full disk, Ctrl-C) the temporary
-    directory is removed and ``out`` is untouched. An existing ``out`` is replaced only with
-    ``force``, and then swapped in only once the new one is complete.
+    directory is removed and ``out`` is untouched. The output rules (never a source, replace only
+    what elastic wrote, atomic publish, one writer at a time) live in :mod:`slicer.outputs`.
 
     Example:
         >>> with ShardedWriter("./model") as w:
@@ -451,16 +532,23 @@ class ShardedWriter:
         ...     w.write_tensors([OutTensor(name, "F32", tuple(t.shape), lambda t=t: [t]) for name, t in sd.items()])
     """
 
-    def __init__(self, out: str | Path, force: bool = False):
+    def __init__(self, out: str | Path, force: bool = False, *, sources=(), source_files=(), kind: str = "checkpoint"):
         import tempfile
 
+        from .outputs import OutputLock, check_output
+
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise CheckpointError("already exists; pass --force to replace it", path=str(self.out))
-        if self.out.exists() and not self.out.is_dir():
-            raise CheckpointError("exists and is not a directory", path=str(self.out))
+        self.force, self.kind = force, kind
+        check_output(self.out, force=force, sources=sources, source_files=source_files)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.lock = OutputLock(self.out)
+        self.lock.acquire()
+        try:
+            check_output(self.out, force=force, sources=sources, source_files=source_files)  # again, under the lock
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        except BaseException:
+            self.lock.release()
+            raise
         self.bytes_written = 0
         self.shards: list[str] = []
         self.sha256: dict[str, str] = {}  # shard file name -> sha256 of the file
@@ -471,14 +559,17 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         import shutil
 
-        if exc_type is None:
-            try:
-                self.commit()
-                return
-            except BaseException:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is None:
+                try:
+                    self.commit()
+                    return
+                except BaseException:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                    raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self.lock.release()
 
     def add_json(self, filename: str, data: dict) -> None:
         self.add_text(filename, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -524,21 +615,17 @@ class ShardedWriter:
         self.shards = names
 
     def commit(self) -> Path:
-        import shutil
+        """Publish the finished directory at ``out`` (see :func:`slicer.outputs.publish`)."""
+        from .outputs import publish, write_marker
 
+        write_marker(self.tmp, self.kind)
         umask = os.umask(0)
         os.umask(umask)
-        for p in self.tmp.iterdir():  # mkdtemp uses 0700; give the modes any new file would get
-            p.chmod(0o666 & ~umask)
+        for p in self.tmp.rglob("*"):  # mkdtemp uses 0700; give the modes any new file would get
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
         self.tmp.chmod(0o777 & ~umask)
-        self.bytes_written = sum(p.stat().st_size for p in self.tmp.iterdir())
-        if self.out.exists():  # force was checked in __init__; swap so `out` is never half there
-            old = self.tmp.with_name(self.tmp.name.replace(".partial-", ".old-"))
-            self.out.rename(old)
-            self.tmp.rename(self.out)
-            shutil.rmtree(old)
-        else:
-            self.tmp.rename(self.out)
+        self.bytes_written = sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())
+        publish(self.tmp, self.out, replace=self.force)
         _fsync_dir(self.out.parent)
         return self.out
 

@@ -39,6 +39,9 @@ DIMENSIONS = {
     "intermediate_size": "mlp",
     "depth": None,  # choices ["keep", "drop"] per droppable layer, of any kind
 }
+# A resolved budget may miss its target by this fraction (per budget: "tolerance" in budgets[]);
+# further off, the router or the resolved spec is broken and slicing it would mislabel the model.
+BUDGET_TOLERANCE = 0.10
 HEAD_ORDER = "group_prefix"  # Mamba heads kept as a prefix inside each group (DESIGN.md section 3)
 
 
@@ -46,6 +49,7 @@ HEAD_ORDER = "group_prefix"  # Mamba heads kept as a prefix inside each group (D
 class Budget:
     name: str  # what users type: "12B", "6B", "50%"
     target_parameters: int  # the parameter count the router was trained toward
+    tolerance: float = 0.10  # how far (a fraction of the target) a resolved budget may miss it
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,9 @@ class ElasticConfig:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "budgets": [{"name": b.name, "target_parameters": b.target_parameters} for b in self.budgets],
+            "budgets": [{"name": b.name, "target_parameters": b.target_parameters,
+                         **({"tolerance": b.tolerance} if b.tolerance != BUDGET_TOLERANCE else {})}
+                        for b in self.budgets],
             "search_space": [
                 {"dimension": d.name, "choices": list(d.choices), "layers": None if d.layers is None else list(d.layers)}
                 for d in self.dimensions
@@ -112,15 +118,25 @@ class ElasticConfig:
                 "can be sliced; a global prefix of Mamba heads (Megatron 'Flextron' order) must be re-permuted first"
             )
         budgets = []
-        for k, b in enumerate(data.get("budgets") or []):
+        parent_total = parent.param_counts()["total"]
+        raw_budgets = data.get("budgets")
+        if raw_budgets is not None and not isinstance(raw_budgets, list):
+            problems.append(f"budgets must be a list of {{name, target_parameters}} objects, found {raw_budgets!r:.40}")
+            raw_budgets = []
+        for k, b in enumerate(raw_budgets or []):
             if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not b["name"]:
                 problems.append(f"budgets[{k}] needs a non-empty name")
                 continue
             t = b.get("target_parameters")
-            if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
-                problems.append(f"budget {b['name']!r}: target_parameters must be a positive integer, found {t!r}")
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= parent_total:
+                problems.append(f"budget {b['name']!r}: target_parameters must be an integer in 1..{parent_total} "
+                                f"(the parent's parameters), found {t!r:.40}")
                 t = 0
-            budgets.append(Budget(b["name"], t))
+            tol = b.get("tolerance", BUDGET_TOLERANCE)
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1:
+                problems.append(f"budget {b['name']!r}: tolerance must be a fraction in (0, 1], found {tol!r:.40}")
+                tol = BUDGET_TOLERANCE
+            budgets.append(Budget(b["name"], t, float(tol)))
         if not budgets:
             problems.append("no budgets: expected a non-empty 'budgets' list")
         names = [b.name for b in budgets]
@@ -128,28 +144,45 @@ class ElasticConfig:
             problems.append(f"budget names repeat: {names}")
 
         dims = []
-        for k, d in enumerate(data.get("search_space") or []):
+        space = data.get("search_space")
+        if space is not None and not isinstance(space, list):
+            problems.append(f"search_space must be a list of dimensions, found {space!r:.40}")
+            space = []
+        seen_dims: set[str] = set()
+        for k, d in enumerate(space or []):
             name = d.get("dimension") if isinstance(d, dict) else None
-            if name not in DIMENSIONS:
+            if not isinstance(name, str) or name not in DIMENSIONS:
                 problems.append(f"search_space[{k}]: unknown dimension {name!r}; known: {', '.join(DIMENSIONS)}")
                 continue
             choices, layers = d.get("choices"), d.get("layers")
             if not isinstance(choices, list) or not choices:
                 problems.append(f"search_space[{k}] ({name}): choices must be a non-empty list")
                 continue
+            if name in seen_dims:
+                problems.append(f"search_space[{k}]: dimension {name} is listed twice")
+                continue
+            seen_dims.add(name)
             kind = DIMENSIONS[name]
+            if name != "depth":
+                for c in choices:
+                    if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
+                        problems.append(f"search_space[{k}] ({name}): choices must be positive integers, found {c!r:.40}")
+                if len(set(map(repr, choices))) != len(choices):
+                    problems.append(f"search_space[{k}] ({name}): choices repeat: {choices}")
             if name == "hidden_size":
                 layers = None
             elif not isinstance(layers, list) or not layers:
                 problems.append(f"search_space[{k}] ({name}): layers must list the layer indices it applies to")
                 continue
             else:
+                if len(set(map(repr, layers))) != len(layers):
+                    problems.append(f"search_space[{k}] ({name}): layer indices repeat")
                 for i in layers:
-                    if not isinstance(i, int) or not 0 <= i < parent.num_hidden_layers:
+                    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < parent.num_hidden_layers:
                         problems.append(f"search_space[{k}] ({name}): unknown layer index {i!r}")
                     elif kind is not None and parent.layers[i].kind != kind:
                         problems.append(f"search_space[{k}] ({name}): layer {i} is {parent.layers[i].kind}, not {kind}")
-            if name == "depth" and sorted(choices) != ["drop", "keep"]:
+            if name == "depth" and sorted(map(repr, choices)) != ["'drop'", "'keep'"]:
                 problems.append(f"search_space[{k}] (depth): choices must be ['keep', 'drop'], found {choices}")
             dims.append(Dimension(name, tuple(choices), None if layers is None else tuple(layers)))
 
@@ -166,7 +199,12 @@ class ElasticConfig:
             except ConfigError as e:
                 problems += [f"resolved[{name!r}]: {p}" for p in e.problems] or [f"resolved[{name!r}]: {e.message}"]
         router = data.get("router") or {}
-        hidden = router.get("hidden", 256) if isinstance(router, dict) else 256
+        if not isinstance(router, dict):
+            problems.append(f"router must be an object, found {router!r:.40}")
+            router = {}
+        hidden = router.get("hidden", 256)
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or not 0 < hidden <= 65536:
+            problems.append(f"router.hidden must be an integer in 1..65536, found {hidden!r:.40}")
         if problems:
             raise ConfigError(
                 f"invalid elastic config ({len(problems)} problem{'s' * (len(problems) > 1)})",
@@ -184,13 +222,17 @@ class ElasticConfig:
         path = Path(root) / CONFIG_NAME
         try:
             data = json.loads(path.read_text())
+        except RecursionError:
+            raise ConfigError("not valid JSON (nested too deeply)", path=str(path)) from None
         except FileNotFoundError:
             raise ConfigError(
                 f"not an elastic checkpoint (no {CONFIG_NAME}); use --spec FILE to cut a slice from a dense "
                 "checkpoint", path=str(root)
             ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"not valid JSON ({e})", path=str(path)) from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"not valid JSON ({str(e)[:80]})", path=str(path)) from None
+        except OSError as e:
+            raise ConfigError(f"cannot read ({e.strerror})", path=str(path)) from None
         return cls.from_json(data, parent, source=str(path))
 
 
@@ -224,14 +266,20 @@ def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
         weights = load_file(str(path))
     except (SafetensorError, TypeError, ValueError) as e:
         raise ConfigError(f"cannot read the router ({e}); it must be float32", path=str(path)) from None
-    problems = []
+    import numpy as np
+
+    problems = [f"{name} holds {int((~np.isfinite(w)).sum())} NaN or infinite values"
+                for name, w in sorted(weights.items()) if w.dtype.kind == "f" and not np.isfinite(w).all()]
+    problems += [f"{name} is {w.dtype}; the router is float32" for name, w in sorted(weights.items())
+                 if w.dtype != np.float32]
     for name, shape in router_shapes(ec).items():
         if name not in weights:
             problems.append(f"missing router tensor {name} {list(shape)}")
         elif tuple(weights[name].shape) != shape:
             problems.append(f"{name}: elastic_config.json implies {list(shape)}, found {list(weights[name].shape)}")
     if problems:
-        raise ConfigError("the router disagrees with elastic_config.json", problems=problems, path=str(path))
+        raise ConfigError("the router is broken or disagrees with elastic_config.json", problems=problems,
+                          path=str(path))
     return weights
 
 
@@ -247,6 +295,9 @@ def route(weights: dict, ec: ElasticConfig, budget: str) -> dict[str, list]:
         h = weights[f"{d.name}.0.weight"] @ x + weights[f"{d.name}.0.bias"]
         h = np.where(h > 0, h, 0.1 * h)  # LeakyReLU(0.1)
         logits = (weights[f"{d.name}.2.weight"] @ h + weights[f"{d.name}.2.bias"]).reshape(-1, len(d.choices))
+        if not np.isfinite(logits).all():  # finite weights can still overflow float32
+            raise ConfigError(f"the router's output for budget {budget!r} is not finite ({d.name}); the router "
+                              "weights are broken", path=ROUTER_NAME)
         out[d.name] = [d.choices[int(k)] for k in logits.argmax(-1)]
     return out
 
@@ -281,14 +332,24 @@ def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: st
     size; else from the router when ``router.safetensors`` is present, else from the resolved
     choices in elastic_config.json. Returns (spec, where it came from)."""
     b = ec.budget(budget)  # unknown name -> error listing the budgets
-    if b.target_parameters >= parent.param_counts()["total"]:  # the full budget is the parent itself
+    total = parent.param_counts()["total"]
+    if b.target_parameters >= total:  # the full budget is the parent itself
         return SliceSpec.full(parent), "full model"
     weights = read_router(root, ec)
     if weights is not None:
         data, source = spec_from_choices(route(weights, ec, budget), ec, parent), "router"
     else:
         data, source = ec.resolved[budget], "elastic_config.json"
-    return SliceSpec.from_json(data, parent, source=f"budget {budget!r} ({source})"), source
+    spec = SliceSpec.from_json(data, parent, source=f"budget {budget!r} ({source})")
+    got = spec.parameters(parent)
+    miss = got / b.target_parameters - 1
+    if abs(miss) > b.tolerance:
+        raise ConfigError(
+            f"budget {budget!r} resolves ({source}) to {got:,} parameters, {miss:+.1%} off its target of "
+            f"{b.target_parameters:,} (tolerance {b.tolerance:.0%}); the {source} does not deliver this budget, so "
+            "slicing it would mislabel the model. Retrain the router, or slice a spec file (--spec) instead",
+            path=str(root))
+    return spec, source
 
 
 def synthetic_router(ec: ElasticConfig, parent: Arch, scale: float = 10.0) -> dict:

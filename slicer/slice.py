@@ -219,7 +219,8 @@ def slice_checkpoint(
         for r in rules
     ]
     try:
-        with ShardedWriter(out, force=force) as w:
+        sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
+        with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
             w.add_json("config.json", config)
             w.add_files_from(ckpt.root, PASSTHROUGH_FILES)
             if not child.is_homogeneous():

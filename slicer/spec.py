@@ -85,6 +85,9 @@ class SliceSpec:
                 problems.append(f"layer {i} is {kind}: {', '.join(bad)} do not apply (allowed: {', '.join(SPEC_FIELDS[kind]) or 'keep'})")
             if "kind" in entry and entry["kind"] != kind:
                 problems.append(f"layer {i}: spec says kind {entry['kind']!r}, the parent's layer {i} is {kind}")
+            if not isinstance(entry.get("keep", True), bool):
+                problems.append(f"layer {i}: keep must be true or false, found {entry['keep']!r:.40}")
+                continue
             if entry.get("keep", True) is False:
                 layers[i] = None
                 continue
@@ -107,8 +110,10 @@ class SliceSpec:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError("spec file not found", path=str(path)) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"spec is not valid JSON ({e})", path=str(path)) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"spec is not valid JSON ({str(e)[:80]})", path=str(path)) from None
+        except OSError as e:
+            raise ConfigError(f"cannot read the spec ({e.strerror})", path=str(path)) from None
         return cls.from_json(data, parent, source=str(path))
 
     def to_json(self, parent: Arch) -> dict[str, Any]:

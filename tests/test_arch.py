@@ -81,7 +81,7 @@ def test_every_violation_reported_at_once():
     with pytest.raises(ConfigError) as e:
         Arch.from_config(bad, source="cfg.json")
     text = str(e.value)
-    for needle in ["'X'", "num_hidden_layers is 7", "hidden_size must be a positive integer",
+    for needle in ["'X'", "num_hidden_layers is 7", "hidden_size must be an integer in 1..",
                    "mamba_num_heads (7) is not a multiple of n_groups (2)",
                    "num_attention_heads (5) is not a multiple of num_key_value_heads (2)", "cfg.json"]:
         assert needle in text, needle

@@ -54,7 +54,7 @@ def test_shard_outside_directory_refused(sharded, tmp_path):
     shutil.copy(sorted(sharded.glob("model-*.safetensors"))[0], outside)
     index["weight_map"][name] = "../evil.safetensors"
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+    with pytest.raises(CheckpointError, match="is not a plain file name in the checkpoint directory"):
         Checkpoint.open(sharded)
 
 
@@ -107,16 +107,23 @@ def test_writer_failure_leaves_nothing(tmp_path):
 
 
 def test_writer_never_overwrites_without_force(tmp_path):
+    from slicer.outputs import MARKER, OutputError
+
     out = tmp_path / "model"
     out.mkdir()
     (out / "precious.txt").write_text("user data")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         ShardedWriter(out)
+    with pytest.raises(OutputError, match="not written by elastic"):
+        ShardedWriter(out, force=True)  # force replaces only what elastic wrote
     assert (out / "precious.txt").read_text() == "user data"
-    with ShardedWriter(out, force=True) as w:
+    (out / "precious.txt").unlink()
+    with ShardedWriter(out, force=True) as w:  # an empty directory may be replaced
         w.write_tensors([ones("a", 3)])
+    with ShardedWriter(out, force=True) as w:  # and so may one elastic wrote
+        w.write_tensors([ones("b", 3)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    assert not (out / "precious.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model.safetensors"]
 
 
 def test_writer_is_deterministic_and_shards(tmp_path):
@@ -126,7 +133,7 @@ def test_writer_is_deterministic_and_shards(tmp_path):
             w.write_tensors([OutTensor(k, "F32", (100,), lambda t=t: [t[:30], t[30:]]) for k, t in tensors.items()],
                             max_shard_bytes=900)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert "model.safetensors.index.json" in files and len(files) == 4  # 3 shards + index
+    assert "model.safetensors.index.json" in files and len(files) == 5  # 3 shards + index + marker
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     ckpt_tensors = Checkpoint._scan_weights(tmp_path / "a")

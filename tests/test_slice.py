@@ -194,15 +194,22 @@ def test_invalid_spec_reports_everything(hf_ckpt, tmp_path):
 
 
 def test_existing_output_is_kept(hf_ckpt, tmp_path):
+    from slicer.outputs import OutputError
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     spec = SliceSpec.full(load_model(hf_ckpt[0]).arch)
-    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+    with pytest.raises(OutputError, match="already exists"):
         slice_checkpoint(hf_ckpt[0], out, spec=spec)
-    assert (out / "mine.txt").read_text() == "keep me"
-    slice_checkpoint(hf_ckpt[0], out, spec=spec, force=True)
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(OutputError, match="not written by elastic"):
+        slice_checkpoint(hf_ckpt[0], out, spec=spec, force=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    slice_checkpoint(hf_ckpt[0], out, spec=spec, force=True)  # empty: replaced
+    first = (out / "model.safetensors").read_bytes()
+    slice_checkpoint(hf_ckpt[0], out, spec=spec, force=True)  # elastic's own output: replaced
+    assert (out / "model.safetensors").read_bytes() == first
 
 
 def test_source_truncated_mid_run(parents, tmp_path):

@@ -36,7 +36,8 @@ def tui(checkpoint: CheckpointOpt = None, target: TargetOpt = None) -> None:
     """Choose a budget interactively: the memory table, live, for this machine or any profile.
 
     Change target, context, batch and dtype and the table follows; the largest budget that fits is
-    preselected; slice the one you pick. Needs textual (pip install -e ".[tui]").
+    preselected; slice the one you pick. Needs the tui extra, which installs textual:
+    pip install -e ".\\[tui]" in a clone, pip install "elastic\\[tui]" otherwise.
 
     Keys: s slice, c cancel, +/- context, tab between controls, q quit.
 
