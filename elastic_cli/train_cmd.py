@@ -11,32 +11,72 @@ import typer
 
 from .common import JsonOpt, boundary, human_count, print_json
 
+# what trainer.data really reads (corpus_files, _file_documents) and what TokenDataset opens
+DATA_HELP = ("Training text, UTF-8: a directory, searched recursively (hidden directories, site-packages and "
+             "__pycache__ skipped), for *.txt, *.md, *.py files (each file one document) and *.jsonl, *.json "
+             "files (JSON lines: one {\"text\": \"...\"} object per line, not a single JSON document); or one "
+             "such file (a file with any other suffix is read as one text document); or a token-shard "
+             "directory holding meta.json (e.g. OUT.work/tokens from an earlier run), used as is.")
+
 
 def _budgets(text: str) -> tuple[tuple[str, float], ...]:
-    """ "100%=1.0,75%=0.75,50%=0.5" or "100%,75%,50%" (shares from the names)."""
+    """ "100%=1.0,75%=0.75,50%=0.5" or "100%,75%,50%" (shares from the names), largest first.
+
+    Raises ConfigError listing every part that is neither NAME=SHARE nor a percentage; the values
+    themselves (finite, in (0, 1], unique names) are checked by ``TrainConfig.validate``."""
     from slicer.errors import ConfigError
 
-    out = []
+    problems: list[str] = []
+    out = _parse_budgets(text, problems)
+    if problems:
+        raise ConfigError("invalid --budgets", problems=problems)
+    return out
+
+
+def _parse_budgets(text: str, problems: list[str]) -> tuple[tuple[str, float], ...]:
+    """``_budgets`` that appends what it cannot parse to ``problems`` instead of raising."""
+    out, found = [], []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, share = part.partition("=")
+        name, sep, share = part.partition("=")
+        name, share = name.strip(), share.strip()
         try:
-            value = float(share) if share else float(name.rstrip("%")) / 100
+            value = float(share) if sep else float(name.rstrip("%")) / 100
         except ValueError:
-            raise ConfigError(f"budget {part!r}: write NAME=SHARE (e.g. 6B=0.5) or a percentage (50%)") from None
+            found.append(f"--budgets: {part!r} is not NAME=SHARE (e.g. 6B=0.5) or a percentage (50%)")
+            continue
         out.append((name, value))
-    if not out:
-        raise ConfigError("--budgets is empty")
-    return tuple(sorted(out, key=lambda b: -b[1]))
+    if not found and not out:
+        found.append("--budgets is empty; give NAME=SHARE pairs, comma separated (e.g. 100%=1.0,50%=0.5)")
+    problems.extend(found)
+    return tuple(sorted(out, key=lambda b: -b[1] if b[1] == b[1] else 0.0))  # NaN (refused later) sorts anywhere
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    return tuple(float(x) for x in text.split(",")) if text else None
+def _floats(text: str | None, option: str = "--stage2-weights", problems: list[str] | None = None
+            ) -> tuple[float, ...] | None:
+    """ "0.5,0.3,0.2" -> (0.5, 0.3, 0.2); None stays None. Text that is not comma-separated numbers
+    is a ConfigError (or, with ``problems``, appended there)."""
+    from slicer.errors import ConfigError
+
+    if text is None:
+        return None
+    values, bad = [], []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(float(part))
+        except ValueError:
+            bad.append(part)
+    if bad or not values:
+        what = "is not a number" if len(bad) == 1 else "are not numbers"
+        msg = f"{option}: {', '.join(map(repr, bad))} {what}; write comma-separated numbers, e.g. 0.5,0.3,0.2"
+        if problems is None:
+            raise ConfigError(msg)
+        problems.append(msg)
+    return tuple(values)
 
 
 def train(
     parent: Annotated[Path, typer.Option("--parent", help="Dense nemotron_h checkpoint to make elastic.")],
-    data: Annotated[Path, typer.Option("--data", help="Text (a file or a directory of .txt/.md/.py/.jsonl) or "
-                                       "token shards from an earlier run.")],
+    data: Annotated[Path, typer.Option("--data", help=DATA_HELP)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The elastic checkpoint to write.")],
     budgets: Annotated[str, typer.Option("--budgets", help="NAME=SHARE of the parent's parameters, comma separated.")]
     = "100%=1.0,75%=0.75,50%=0.5",
@@ -56,7 +96,7 @@ def train(
     work_dir: Annotated[Optional[Path], typer.Option(help="Training state and tokens (default: OUT.work).",
                                                      show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the work directory's state.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Make a dense Nemotron-H parent elastic: importance, permutation, router, two-stage distillation.
@@ -73,18 +113,22 @@ def train(
       elastic train --parent ./dense --data ./corpus --out ./elastic --resume
     """
     from slicer.errors import ConfigError
-    from trainer.train import Stage, TrainConfig
+    from trainer.train import Stage, TrainConfig, check_train_args
     from trainer.train import train as run
 
     with boundary():
-        b = _budgets(budgets)
-        weights = _floats(stage2_weights)
+        problems: list[str] = []
+        b = _parse_budgets(budgets, problems)
+        weights = _floats(stage2_weights, "--stage2-weights", problems)
+        if problems:
+            raise ConfigError("invalid training settings; nothing was written", problems=problems)
         if weights is None:
             weights = (0.5, 0.3, 0.2) if len(b) == 3 else tuple(1.0 / len(b) for _ in b)
         cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
                           stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
                           router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, save_every=save_every, seed=seed)
-        work = work_dir or out.with_name(out.name + ".work")
+        # every setting and the output directory, before tokenizing anything
+        work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)
         tokens = data if (data / "meta.json").is_file() else work / "tokens"
         rank0 = int(os.environ.get("RANK", "0")) == 0
         if tokens != data and not (tokens / "meta.json").is_file():
@@ -115,9 +159,14 @@ def train(
         return
     lines = [f"wrote {out}  ({summary['steps']} steps, {summary['tokens']:,} tokens, {summary['world_size']} process(es))",
              f"parent val loss {summary['parent_val_loss']:.4f}"]
+    from slicer.elastic_format import BUDGET_TOLERANCE
+
     for name, r in summary["budgets"].items():
+        miss = r["parameters"] / r["target_parameters"] - 1
+        note = (f"  ({miss:+.0%} off target, beyond {BUDGET_TOLERANCE:.0%}: `elastic slice` will refuse it; "
+                "train longer)" if abs(miss) > BUDGET_TOLERANCE else "")
         lines.append(f"  {name:<8} {human_count(r['parameters']):>9} params (target {human_count(r['target_parameters'])})"
-                     f"  val loss {r['val_loss']:.4f}")
+                     f"  val loss {r['val_loss']:.4f}{note}")
     lines.append(f"next: elastic inspect {out}")
     typer.echo("\n".join(lines))
 

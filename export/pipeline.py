@@ -99,7 +99,7 @@ def export_model(
     if format not in FORMATS:
         raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     say = progress or (lambda msg: None)
-    from slicer.outputs import check_output
+    from slicer.outputs import MARKER, check_output
 
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
@@ -145,7 +145,7 @@ def export_model(
             "tensorrt": trt,
         }
         w.add_text(README, render(summary, state_tensors(arch), dtype))
-        summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
+        summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST, MARKER])
         w.add_json(MANIFEST, summary)
     if (Path(out) / SCRIPT).is_file():  # the writer gives every file 0666 & ~umask; the script runs
         umask = os.umask(0)

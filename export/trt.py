@@ -94,8 +94,11 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
     table = table or load_op_table()
     meta, ops = table["meta"], table["ops"]
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    model = onnx.shape_inference.infer_shapes(model)
+        model = load_graph(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        raise ElasticError(f"not a valid ONNX graph ({str(e).strip().splitlines()[0][:200]})") from None
     g = model.graph
     types: dict[str, int] = {}
     for v in [*g.input, *g.output, *g.value_info]:
@@ -271,11 +274,25 @@ def engine_settings(target: str | None = None, precision: str = "auto", max_batc
                           opt_seq=min(512, max_context // 2), source=source)
 
 
+def load_graph(path: str | Path):
+    """``onnx.load`` without external data; a truncated or corrupt file is an ElasticError naming it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:  # protobuf's parse errors, onnx's own
+        raise ElasticError(f"not a valid ONNX file ({type(e).__name__}: {str(e)[:160]}); export it again",
+                           path=str(path)) from None
+    except OSError as e:
+        raise ElasticError(f"cannot read ({e.strerror})", path=str(path)) from None
+
+
 def input_dims(path: str | Path) -> dict[str, list[int | str]]:
     """Input name -> shape, dynamic axes by name, of an ONNX file (external data not read)."""
     import onnx
 
-    g = onnx.load(str(path), load_external_data=False).graph
+    g = load_graph(path).graph
     init = {t.name for t in g.initializer}
     return {i.name: [d.dim_param if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in g.input if i.name not in init}

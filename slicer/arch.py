@@ -230,7 +230,18 @@ class Arch:
             chunk_size=self.chunk_size,
             time_step_limit=list(self.time_step_limit),  # json writes inf as bare Infinity
             tie_word_embeddings=self.tie_word_embeddings,
+            # what the model computes with, stated even where the source left it to a default
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            use_conv_bias=self.use_conv_bias,
+            use_bias=self.use_bias,
+            mlp_bias=self.mlp_bias,
+            residual_in_fp32=self.residual_in_fp32,
+            mlp_hidden_act="relu2",  # the only ones the reference model (and the parser) accept
+            mamba_hidden_act="silu",
         )
+        for alias, key in (("rms_norm_eps", "layer_norm_epsilon"), ("mamba_conv_bias", "use_conv_bias")):
+            if alias in cfg:
+                cfg[alias] = cfg[key]  # an alias kept from the source says the same
         for old in ("mamba_n_groups", "mamba_d_conv", "mamba_chunk_size", "mamba_dt_limit"):
             cfg.pop(old, None)  # aliases of keys written above; a stale alias would win on load
         if not any(layer.kind == "moe" for layer in self.layers):
@@ -290,15 +301,18 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     problems: list[str] = []
 
     def get(key: str, default: Any = None, *aliases: str) -> Any:
+        """The first of key/aliases present. An explicit null is returned as None (and refused by
+        the typed readers below): transformers keeps it as None and fails later."""
         for k in (key, *aliases):
-            if k in cfg and cfg[k] is not None:
+            if k in cfg:
                 return cfg[k]
         return default
 
     def positive_int(key: str, default: Any = None, *aliases: str) -> int:
         v = get(key, default, *aliases)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
-            problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, found {v!r:.40}")
+            found = "it is missing" if v is None and not any(k in cfg for k in (key, *aliases)) else f"found {v!r:.40}"
+            problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, {found}")
             return 0
         return v
 
@@ -317,6 +331,12 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             return default
         return float(v)
 
+    vocab_for_ids = cfg["vocab_size"] if _is_int(cfg.get("vocab_size")) and cfg["vocab_size"] > 0 else MAX_SIZE
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = cfg.get(key)
+        ids = v if key == "eos_token_id" and isinstance(v, list) and v else [v]
+        if v is not None and not all(_is_int(t) and 0 <= t < vocab_for_ids for t in ids):
+            problems.append(f"{key} must be a token id in 0..{vocab_for_ids - 1} or null, found {v!r:.40}")
     for key in ("model_type", "mlp_hidden_act", "mamba_hidden_act", "hybrid_override_pattern"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             problems.append(f"{key} must be a string, found {cfg[key]!r:.40}")
@@ -372,11 +392,11 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     m_heads = positive_int("mamba_num_heads", 128) if "mamba" in present else z
     m_dim = positive_int("mamba_head_dim", 64) if "mamba" in present else z
     a_heads = positive_int("num_attention_heads", 32) if "attention" in present else z
-    kv_default = get("num_attention_heads", 32)
+    # transformers' NemotronHConfig: num_key_value_heads absent -> 8, null -> num_attention_heads;
+    # head_dim absent -> 128 (its attention reads config.head_dim, never hidden // heads)
+    kv_default = a_heads if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None else 8
     kv_heads = positive_int("num_key_value_heads", kv_default) if "attention" in present else z
-    head_dim = get("head_dim", None, "attention_head_dim")
-    if head_dim is None and a_heads:
-        head_dim = hidden // a_heads if hidden else 0
+    head_dim = get("head_dim", 128, "attention_head_dim")
     if "attention" in present and (not _is_int(head_dim) or not 0 < head_dim <= MAX_SIZE):
         problems.append(f"head_dim must be an integer in 1..{MAX_SIZE}, found {head_dim!r:.40}")
         head_dim = 0

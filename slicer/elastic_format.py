@@ -198,7 +198,8 @@ class ElasticConfig:
                 SliceSpec.from_json(resolved[name], parent)
             except ConfigError as e:
                 problems += [f"resolved[{name!r}]: {p}" for p in e.problems] or [f"resolved[{name!r}]: {e.message}"]
-        router = data.get("router") or {}
+        router = data.get("router")
+        router = {} if router is None else router
         if not isinstance(router, dict):
             problems.append(f"router must be an object, found {router!r:.40}")
             router = {}
@@ -347,7 +348,8 @@ def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: st
         raise ConfigError(
             f"budget {budget!r} resolves ({source}) to {got:,} parameters, {miss:+.1%} off its target of "
             f"{b.target_parameters:,} (tolerance {b.tolerance:.0%}); the {source} does not deliver this budget, so "
-            "slicing it would mislabel the model. Retrain the router, or slice a spec file (--spec) instead",
+            "slicing it would mislabel the model. Retrain the router, or cut the sizes you want with "
+            "`elastic slice --spec FILE`",
             path=str(root))
     return spec, source
 

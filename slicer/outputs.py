@@ -103,7 +103,10 @@ def _entries(root: Path) -> list[str]:
 
 
 def _not_replaceable(p: Path) -> str | None:
-    """Why ``p`` (an existing directory) may not be replaced, or None when it may."""
+    """Why ``p`` (an existing directory) may not be replaced, or None when it may.
+
+    A subdirectory that is itself an output elastic wrote (an export inside the model directory
+    fit-my-gpu wrote) counts as elastic's too."""
     entries = _entries(p)
     if not entries:
         return None
@@ -117,7 +120,10 @@ def _not_replaceable(p: Path) -> str | None:
         listed = None
     if listed is None:
         return f"{MARKER} is not elastic's"
-    foreign = [e for e in entries if e != MARKER and e not in listed]
+    nested = [e for e in entries if e not in listed and (p / e).is_dir() and not (p / e).is_symlink()
+              and (p / e / MARKER).is_file() and _not_replaceable(p / e) is None]
+    foreign = [e for e in entries if e != MARKER and e not in listed
+               and not any(e == n or e.startswith(n + os.sep) for n in nested)]
     if foreign:
         return f"it also holds files elastic did not write: {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
     return None

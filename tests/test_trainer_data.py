@@ -240,7 +240,7 @@ def test_ids_outside_the_vocabulary_are_refused(tmp_path, docs):
 
 def test_too_few_documents_for_validation(tmp_path):
     write_jsonl(tmp_path / "one.jsonl", ["only one"])
-    with pytest.raises(ElasticError, match="val_fraction"):
+    with pytest.raises(ElasticError, match="none of the 1 document.s. went to validation"):
         build_token_shards(tmp_path, FakeTok(), tmp_path / "sh", val_fraction=0.01, seed=0)
 
 

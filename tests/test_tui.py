@@ -192,13 +192,18 @@ def test_existing_out_is_refused_unless_replace(tmp_path):
         await until(p, lambda: app.job is None and app.logged[-1].startswith("error"))
         assert (out / "keep.txt").is_file()
         app.query_one("#force", Select).value = True
+        await p.press("s")  # replace refuses a directory elastic did not write, too
+        await until(p, lambda: app.job is None and app.logged[-1].startswith("error")
+                    and "not written by elastic" in app.logged[-1])
+        assert (out / "keep.txt").read_text() == "mine"
+        (out / "keep.txt").unlink()  # empty now: replace may take it
         await p.press("s")
         await until(p, lambda: app.job is None and app.logged[-1].startswith("next:"))
 
     pilot(app, script)
     expected = cli_error("slice", "-c", str(DEMO_CHECKPOINT), "--budget", "100%", "--out", str(out))
     assert "already exists" in expected and expected in app.logged
-    assert not (out / "keep.txt").exists() and (out / "slice_manifest.json").is_file()
+    assert (out / "slice_manifest.json").is_file()
 
 
 def test_export_without_the_onnx_extra_starts_nothing(tmp_path, monkeypatch):

@@ -347,11 +347,14 @@ def _check_splits(meta: dict[str, Any], val_fraction: float, files: list[Path]) 
     docs = splits["train"]["documents"] + splits["val"]["documents"]
     if docs == 0:
         raise ElasticError("the corpus has no non-empty document", path=", ".join(map(str, files[:3])))
+    # (`elastic train` has no option for the fraction: the remedy it can offer is more documents)
     if splits["train"]["tokens"] == 0:
-        raise ElasticError(f"all {docs} documents went to validation; lower val_fraction or add documents")
+        raise ElasticError(f"all {docs} document(s) went to validation (held-out fraction {val_fraction}), none "
+                           "to training; add documents (more files, or more JSON lines)")
     if val_fraction > 0 and splits["val"]["tokens"] == 0:
-        raise ElasticError(f"val_fraction={val_fraction} put none of the {docs} documents in validation; "
-                           "add documents, raise val_fraction, or pass val_fraction=0 to train without one")
+        raise ElasticError(f"none of the {docs} document(s) went to validation (held-out fraction {val_fraction}); "
+                           "training needs held-out text to measure its loss: add documents (more files, "
+                           "or more JSON lines)")
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -409,7 +412,7 @@ class TokenDataset:
         if starts.sum() == 0:
             longest = int(self.lengths.max()) if len(self.lengths) else 0
             raise ElasticError(f"no {self.split} shard holds seq_len + 1 = {seq_len + 1} tokens (longest: "
-                               f"{longest}); lower seq_len or add data", path=str(self.dir))
+                               f"{longest}); use shorter sequences or add data", path=str(self.dir))
         return starts
 
     def _window(self, shard: int, offset: int, seq_len: int) -> np.ndarray:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfi
 from slicer.errors import ConfigError
 from slicer.masked import masked_forward
 from slicer.model import NemotronH, load_model, write_model
+from slicer.outputs import check_output
 from slicer.slice import PASSTHROUGH_FILES
 from slicer.spec import SliceSpec
 
@@ -68,6 +70,159 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.stage1.steps + self.stage2.steps
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, one line each (empty when the configuration can be trained)."""
+        return _config_problems(self)
+
+    def validate(self) -> None:
+        """Raise one :class:`ConfigError` listing every invalid setting."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid training settings; nothing was written", problems=problems)
+
+
+# TrainConfig fields (dotted for the stages) -> the `elastic train` option that sets them
+CLI_OPTIONS = {
+    "budgets": "--budgets", "stage1.steps": "--stage1-steps", "stage1.context": "--stage1-context",
+    "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
+    "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
+    "drop_layers": "--drop-layers", "save_every": "--save-every", "seed": "--seed",
+}
+# settings a resume may change: they do not alter the trajectory of training
+RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches"})
+
+
+def _label(field: str) -> str:
+    flag = CLI_OPTIONS.get(field)
+    return f"{field} ({flag})" if flag else field
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _config_problems(cfg: TrainConfig) -> list[str]:
+    problems: list[str] = []
+
+    def need_int(field: str, value: Any, low: int) -> None:
+        if not _is_int(value) or value < low:
+            problems.append(f"{_label(field)} is {value!r}; need an integer >= {low}")
+
+    def need_real(field: str, value: Any, positive: bool) -> None:
+        if not _is_real(value) or (value <= 0 if positive else value < 0):
+            problems.append(f"{_label(field)} is {value!r}; need a finite number {'> 0' if positive else '>= 0'}")
+
+    budgets = cfg.budgets if isinstance(cfg.budgets, (tuple, list)) else ()
+    if not budgets:
+        problems.append(f"{_label('budgets')} is empty; give at least one NAME=SHARE")
+    names = []
+    for b in budgets:
+        if not isinstance(b, (tuple, list)) or len(b) != 2:
+            problems.append(f"budget {b!r}: need a (name, share) pair")
+            continue
+        name, share = b
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"budget {b!r}: needs a non-empty name")
+        names.append(name)
+        if not _is_real(share) or not 0 < share <= 1:
+            problems.append(f"budget {name!r}: share {share!r} of the parent's parameters must be a finite number "
+                            "in (0, 1]")
+    dups = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if dups:
+        problems.append(f"budget names must be unique; repeated: {', '.join(map(str, dups))}")
+
+    for key, stage in (("stage1", cfg.stage1), ("stage2", cfg.stage2)):
+        need_int(f"{key}.steps", stage.steps, 0)
+        need_int(f"{key}.context", stage.context, 1)
+        w = stage.weights
+        if w is None:
+            continue
+        if not isinstance(w, (tuple, list)):
+            problems.append(f"{_label(key + '.weights')} is {w!r}; need one weight per budget")
+            continue
+        if len(w) != len(budgets):
+            problems.append(f"{_label(key + '.weights')} {tuple(w)} has {len(w)} weight(s); need one per budget "
+                            f"({len(budgets)}), largest budget first")
+        if not all(_is_real(x) and x >= 0 for x in w):
+            problems.append(f"{_label(key + '.weights')} {tuple(w)}: every weight must be a finite number >= 0")
+        elif sum(w) <= 0:
+            problems.append(f"{_label(key + '.weights')} {tuple(w)}: the weights must sum to more than 0")
+    if _is_int(cfg.stage1.steps) and _is_int(cfg.stage2.steps) and cfg.stage1.steps >= 0 and cfg.stage2.steps >= 0 \
+            and cfg.stage1.steps + cfg.stage2.steps < 1:
+        problems.append("no training steps: stage1.steps (--stage1-steps) + stage2.steps (--stage2-steps) must be >= 1")
+
+    need_int("batch_size", cfg.batch_size, 1)
+    need_real("lr", cfg.lr, positive=True)
+    need_real("router_lr", cfg.router_lr, positive=True)
+    need_int("warmup", cfg.warmup, 0)
+    need_real("weight_decay", cfg.weight_decay, positive=False)
+    need_real("grad_clip", cfg.grad_clip, positive=True)
+    need_real("router_weight", cfg.router_weight, positive=False)
+    for field in ("tau", "logit_scale"):
+        pair = getattr(cfg, field)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_real(x) and x > 0 for x in pair):
+            problems.append(f"{field} is {pair!r}; need (start, end), both finite numbers > 0")
+    need_int("importance_batches", cfg.importance_batches, 1)
+    need_int("drop_layers", cfg.drop_layers, 0)
+    need_int("save_every", cfg.save_every, 1)
+    need_int("eval_batches", cfg.eval_batches, 1)
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**62:
+        problems.append(f"{_label('seed')} is {cfg.seed!r}; need an integer in [0, 2**62)")
+    return problems
+
+
+def check_train_args(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
+                     work_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Everything that can be refused before any slow work: the settings (one :class:`ConfigError`
+    listing every problem) and the output (``slicer.outputs.check_output``: never a source, replace
+    only what elastic wrote). Returns the work directory."""
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    cfg.validate()
+    check_output(out, force=force, sources=[parent_dir, data_dir, work])
+    return work
+
+
+def _fmt_budgets(budgets: Any) -> str:
+    try:
+        return ",".join(f"{name}={share}" for name, share in budgets)
+    except (TypeError, ValueError):
+        return repr(budgets)
+
+
+def _flat(cfg: dict) -> dict[str, Any]:
+    """asdict(TrainConfig) with the stages flattened (stage1.steps, ...), tuples as lists."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return json.loads(json.dumps(out, default=str))
+
+
+def resume_problems(saved: dict, cfg: TrainConfig) -> list[str]:
+    """How the settings of a saved training state differ from ``cfg`` (empty: safe to resume).
+
+    A resume restores the router (one input per budget), the optimizer (its learning rates) and
+    every random stream, so any difference would either fail to load or be silently ignored or
+    mixed in; only ``save_every`` and ``eval_batches`` may change.
+    """
+    was, now = _flat(saved), _flat(asdict(cfg))
+    problems = []
+    for key, value in now.items():
+        if key in RESUME_MAY_CHANGE or key not in was or was[key] == value:
+            continue
+        if key == "budgets":
+            problems.append(f"{_label(key)}: saved {_fmt_budgets(was[key])}, requested {_fmt_budgets(value)}")
+        else:
+            problems.append(f"{_label(key)}: saved {was[key]!r}, requested {value!r}")
+    return problems
 
 
 class ElasticModule(nn.Module):
@@ -131,6 +286,61 @@ def eval_loss(model: NemotronH, ds: TokenDataset, context: int, batches: int, ba
     return total / max(1, n)
 
 
+def _check_data(cfg: TrainConfig, arch: Any, train_ds: TokenDataset, val_ds: TokenDataset,
+                data_dir: str | Path) -> None:
+    """Refuse, before any training, data the run would fail on later (at the last step's evaluation)."""
+    problems = []
+    data_vocab = train_ds.meta.get("tokenizer", {}).get("vocab_size", 0)
+    if data_vocab > arch.vocab_size:
+        problems.append(f"the data's tokenizer has {data_vocab} tokens, the parent's vocabulary only "
+                        f"{arch.vocab_size}: tokenize with the parent's tokenizer")
+    if cfg.drop_layers >= arch.num_hidden_layers:
+        problems.append(f"drop_layers (--drop-layers) is {cfg.drop_layers}; the parent has {arch.num_hidden_layers} "
+                        f"layers and at least one must stay: at most {arch.num_hidden_layers - 1}")
+    longest = lambda ds: int(ds.lengths.max()) if len(ds.lengths) else 0  # noqa: E731
+    needs = [("train", train_ds, "stage1.context", cfg.stage1.context)]  # importance batches use it too
+    if cfg.stage2.steps:
+        needs.append(("train", train_ds, "stage2.context", cfg.stage2.context))
+    val_key = "stage2.context" if cfg.stage2.steps else "stage1.context"
+    needs.append(("val", val_ds, val_key, cfg.stage2.context if cfg.stage2.steps else cfg.stage1.context))
+    for split, ds, key, ctx in needs:
+        if longest(ds) < ctx + 1:
+            problems.append(f"{_label(key)} is {ctx}: needs a {split} shard of {ctx + 1} tokens, the longest has "
+                            f"{longest(ds)}; lower it or give more text")
+    if problems:
+        raise ConfigError("the data does not fit these settings; nothing was trained", problems=problems,
+                          path=str(data_dir))
+
+
+def _check_resume(state: dict, cfg: TrainConfig, budgets: tuple[Budget, ...], world: int, state_path: Path) -> None:
+    """Refuse a resume whose settings differ from the saved run's (they would not load, or load wrong)."""
+    problems = resume_problems(state.get("config") or {}, cfg)
+    saved = [(b.get("name"), b.get("target_parameters")) for b in state.get("elastic_config", {}).get("budgets", [])]
+    if not any(p.startswith("budgets") for p in problems) and saved != [(b.name, b.target_parameters) for b in budgets]:
+        problems.append("budgets (--budgets): saved " + ",".join(f"{n}={t} params" for n, t in saved) +
+                        ", requested " + ",".join(f"{b.name}={b.target_parameters} params" for b in budgets))
+    saved_world = state.get("world_size") or (len(state["g_data"]) if isinstance(state.get("g_data"), list) else 1)
+    if saved_world != world:
+        problems.append(f"processes: saved with {saved_world}, resumed with {world} (each process has its own data "
+                        "stream); resume with the same number of processes")
+    done = state.get("step", 0)
+    if isinstance(done, int) and done > cfg.total_steps:
+        problems.append(f"the saved state is at step {done}, past the {cfg.total_steps} steps requested")
+    if problems:
+        raise ConfigError("cannot resume: these settings differ from the saved training state; pass the same "
+                          "options as the run that saved it, or start over with another --work-dir",
+                          problems=problems, path=str(state_path))
+
+
+def _check_state_shapes(saved: dict, current: dict, what: str, state_path: Path) -> None:
+    diff = [f"{k}: saved {tuple(saved[k].shape) if k in saved else 'missing'}, "
+            f"now {tuple(v.shape)}" for k, v in current.items() if k not in saved or saved[k].shape != v.shape]
+    diff += [f"{k}: saved, not in {what}" for k in saved if k not in current]
+    if diff:
+        raise ConfigError(f"cannot resume: the saved training state does not fit {what} (another parent or other "
+                          "settings?); start over with another --work-dir", problems=diff[:10], path=str(state_path))
+
+
 def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
           work_dir: str | Path | None = None, resume: bool = False, force: bool = False,
           progress: Callable[[int, int, dict], None] | None = None, stop_after: int | None = None) -> dict:
@@ -139,41 +349,36 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     Args:
         parent_dir: a nemotron_h checkpoint with weights (its tokenizer files are carried over).
         data_dir: token shards from ``trainer.data.build_token_shards`` (train and val splits).
-        out: the elastic checkpoint to write (must not exist unless ``force``).
-        work_dir: where training state goes (default ``<out>.work``); ``resume`` continues from it.
+        out: the elastic checkpoint to write: not a source (parent, data, work directory), not inside or
+            around one; an existing one is replaced only with ``force`` and only if elastic wrote it.
+        cfg: the settings; every invalid one is reported in one :class:`ConfigError` before any work.
+        work_dir: where training state goes (default ``<out>.work``); ``resume`` continues from it, and
+            refuses (ConfigError) when ``cfg`` differs from the saved run's settings.
         progress: called as ``progress(step, total, {"loss": ..., "budget": name, ...})``.
         stop_after: stop (state saved) after this many steps, for tests of resuming.
 
     Returns:
         a summary: steps, tokens, validation loss per budget and of the parent, resolved sizes.
     """
-    rank, world = _dist()
     out = Path(out)
-    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
-    if out.exists() and not force:
-        raise ConfigError("already exists; pass --force to replace it", path=str(out))
-    if len(cfg.budgets) < 1 or any(not 0 < f <= 1 for _, f in cfg.budgets):
-        raise ConfigError("budgets need a share of the parent's parameters in (0, 1]")
-    for stage in (cfg.stage1, cfg.stage2):
-        if stage.weights is not None and len(stage.weights) != len(cfg.budgets):
-            raise ConfigError(f"stage weights {stage.weights} need one weight per budget ({len(cfg.budgets)})")
+    work = check_train_args(parent_dir, data_dir, out, cfg, work_dir=work_dir, force=force)
+    rank, world = _dist()
     ckpt = Checkpoint.open(parent_dir, require_weights=True)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(False).eval()
-    student = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(True).train()
     arch = ckpt.arch
     total_params = arch.param_counts()["total"]
     train_ds, val_ds = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
-    data_vocab = train_ds.meta.get("tokenizer", {}).get("vocab_size", 0)
-    if data_vocab > arch.vocab_size:
-        raise ConfigError(f"the data's tokenizer has {data_vocab} tokens, the parent's vocabulary only "
-                          f"{arch.vocab_size}: tokenize with the parent's tokenizer", path=str(data_dir))
+    _check_data(cfg, arch, train_ds, val_ds, data_dir)
     state_path = work / STATE_NAME
     state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
     if resume and state is None:
         raise ConfigError(f"nothing to resume: no {STATE_NAME}", path=str(work))
-
     budgets = tuple(Budget(name, round(f * total_params)) for name, f in cfg.budgets)
+    if state is not None:
+        _check_resume(state, cfg, budgets, world, state_path)
+
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    teacher = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(False).eval()
+    student = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(True).train()
     if state is None:  # importance, permutation, search space
         g = torch.Generator().manual_seed(cfg.seed + 7)
         calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0].to(device) for _ in range(cfg.importance_batches)]
@@ -186,6 +391,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         importance = {"scores": {k: v.clone() for k, v in scores.items()}, "depth": depth}
         start = 0
     else:
+        _check_state_shapes(state["student"], student.state_dict(), "the parent", state_path)
         student.load_state_dict(state["student"])
         ec = ElasticConfig.from_json(state["elastic_config"], arch)
         importance, start = state["importance"], state["step"]
@@ -205,6 +411,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     g_budget, g_gumbel = torch.Generator().manual_seed(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 2)
     history: list[dict] = []
     if state is not None:
+        _check_state_shapes(state["router"], router.state_dict(), "the router of these budgets", state_path)
         router.load_state_dict(state["router"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -225,6 +432,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "g_data": gd if world > 1 else gd[0], "g_budget": g_budget.get_state(), "g_gumbel": g_gumbel.get_state(),
                 "elastic_config": ec.to_json(), "importance": importance, "history": history, "config": asdict(cfg),
+                "world_size": world,
             }, state_path)
 
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
@@ -287,20 +495,25 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         }
     if rank == 0:
         write_elastic_checkpoint(student, ec, router, importance, ckpt.root, out, force=force,
-                                 training={"config": asdict(cfg), **summary})
+                                 training={"config": asdict(cfg), **summary}, sources=[parent_dir, data_dir, work])
     if world > 1:
         torch.distributed.barrier()
     return summary
 
 
 def write_elastic_checkpoint(model: NemotronH, ec: ElasticConfig, router: Router, importance: dict,
-                             source: Path, out: Path, force: bool = False, training: dict | None = None) -> Path:
+                             source: Path, out: Path, force: bool = False, training: dict | None = None,
+                             sources: Sequence[str | Path] = ()) -> Path:
     """Write an elastic checkpoint v1 atomically: weights, config, elastic_config, router,
-    importance scores, the source's tokenizer files, and a training summary."""
+    importance scores, the source's tokenizer files, and a training summary.
+
+    ``out`` is checked by ``slicer.outputs.check_output``: it may not be, lie inside or contain
+    ``source`` or any of ``sources`` (the training data, the work directory), and with ``force``
+    only a directory elastic wrote is replaced."""
     from safetensors.numpy import save as st_save
 
     scores = {k: v.float().numpy() for k, v in importance["scores"].items()}
-    with ShardedWriter(out, force=force) as w:
+    with ShardedWriter(out, force=force, sources=[source, *sources], kind="train") as w:
         write_model(w, model)
         w.add_json(CONFIG_NAME, ec.to_json())
         (w.tmp / ROUTER_NAME).write_bytes(st_save(router.numpy_state(), metadata={"format": "np"}))
