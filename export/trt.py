@@ -290,8 +290,6 @@ def load_graph(path: str | Path):
 
 def input_dims(path: str | Path) -> dict[str, list[int | str]]:
     """Input name -> shape, dynamic axes by name, of an ONNX file (external data not read)."""
-    import onnx
-
     g = load_graph(path).graph
     init = {t.name for t in g.initializer}
     return {i.name: [d.dim_param if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]

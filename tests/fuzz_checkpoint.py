@@ -19,7 +19,6 @@ Run longer: ``python tests/fuzz_checkpoint.py --cases 3000 [--seed 1]`` (or set
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import struct

@@ -5,19 +5,14 @@ import json
 import pytest
 import torch
 
-from slicer.arch import Arch
 from slicer.checkpoint import Checkpoint
 from slicer.elastic_format import BUDGET_TOLERANCE
 from slicer.errors import ConfigError
-from slicer.model import build_model, load_model, save_model
+from slicer.model import load_model
 from slicer.slice import slice_checkpoint
-from trainer.data import build_token_shards, stdlib_corpus
-from trainer.tokenizer import load_tokenizer
+from trainer_fixtures import make_parent_and_tokens
 from trainer.train import Stage, TrainConfig, train
 
-TINY = {"model_type": "nemotron_h", "vocab_size": 256, "hidden_size": 32, "hybrid_override_pattern": "M-M*-",
-        "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "chunk_size": 8,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64}
 # long enough (under a second) for the router to deliver every budget within the slicer's tolerance
 CFG = TrainConfig(stage1=Stage(30, 16), stage2=Stage(20, 24, (0.5, 0.3, 0.2)), batch_size=2, warmup=2,
                   router_lr=3e-3, importance_batches=2, drop_layers=1, save_every=15, eval_batches=2)
@@ -38,10 +33,7 @@ def slice_or_refused(elastic, out, name, summary):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    save_model(build_model(Arch.from_config(TINY), seed=0), root / "parent")
-    build_token_shards(stdlib_corpus(max_bytes=200_000), load_tokenizer(root / "parent"), root / "tokens")
-    return root
+    return make_parent_and_tokens(tmp_path_factory.mktemp("train"), max_bytes=200_000)
 
 
 def test_train_writes_an_elastic_checkpoint_the_slicer_reads(setup, tmp_path):

@@ -10,18 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from elastic_cli.main import app
-from slicer.arch import Arch
 from slicer.errors import ConfigError
-from slicer.model import build_model, save_model
-from trainer.data import build_token_shards, stdlib_corpus
-from trainer.tokenizer import load_tokenizer
+from trainer_fixtures import make_parent_and_tokens
 from trainer.train import Stage, TrainConfig, train
 
 runner = CliRunner()
 
-TINY = {"model_type": "nemotron_h", "vocab_size": 256, "hidden_size": 32, "hybrid_override_pattern": "M-M*-",
-        "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "chunk_size": 8,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64}
 # the same run as CLI options (FAST) and as a library config (what the CLI builds from them)
 FAST = ["--stage1-steps", "2", "--stage1-context", "16", "--stage2-steps", "1", "--stage2-context", "16",
         "--batch-size", "2", "--warmup", "0", "--drop-layers", "1", "--save-every", "1"]
@@ -31,10 +25,7 @@ FAST_CFG = TrainConfig(stage1=Stage(2, 16), stage2=Stage(1, 16, (0.5, 0.3, 0.2))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainval")
-    save_model(build_model(Arch.from_config(TINY), seed=0), root / "parent")
-    build_token_shards(stdlib_corpus(max_bytes=100_000), load_tokenizer(root / "parent"), root / "tokens")
-    return root
+    return make_parent_and_tokens(tmp_path_factory.mktemp("trainval"), max_bytes=100_000)
 
 
 def invoke(setup, out, *extra, parent=None):
