@@ -2,7 +2,7 @@
 
     python bench/decode_bench.py [--dir /tmp/elastic-decode-bench] [--tokens 64] [--repeat 5] [--threads 1]
 
-Builds a random parent (Mamba, attention and MLP layers; weights from ``slicer.model.init_weights``),
+Builds a random parent (Mamba, attention and MLP layers; weights from ``elastic.slicer.model.init_weights``),
 slices it with a ~50% spec (hidden, Mamba heads, attention heads, FFN: see ``HALF``), exports both with
 ``elastic export``'s library call, then measures in one run, greedy, batch 1, a 32-token prompt, the
 median of ``--repeat`` rounds that take every measurement once, in turn (a shared machine's load then
@@ -55,10 +55,10 @@ HALF_HIDDEN = 576
 
 
 def build(root: Path) -> tuple[Path, Path, dict]:
-    from slicer.arch import Arch
-    from slicer.model import build_model, save_model
-    from slicer.slice import slice_checkpoint
-    from slicer.spec import SPEC_FIELDS
+    from elastic.slicer.arch import Arch
+    from elastic.slicer.model import build_model, save_model
+    from elastic.slicer.slice import slice_checkpoint
+    from elastic.slicer.spec import SPEC_FIELDS
 
     arch = Arch.from_config(PARENT)
     full, half = root / "full", root / "half"
@@ -73,7 +73,7 @@ def build(root: Path) -> tuple[Path, Path, dict]:
 
 
 def export(model_dir: Path, out: Path) -> None:
-    from export.pipeline import export_model
+    from elastic.export.pipeline import export_model
 
     if not (out / "decode.onnx").is_file():
         export_model(model_dir, out, force=True)
@@ -82,7 +82,7 @@ def export(model_dir: Path, out: Path) -> None:
 def ort_decode(export_dir: Path, prompt, tokens: int, threads: int):
     """A function timing ONNX Runtime's decode loop; returns tokens/s. Pool threads do not spin after a
     run: spinning threads would steal the cores from the measurement that runs next."""
-    from export.runtime import OnnxGenerator
+    from elastic.export.runtime import OnnxGenerator
 
     gen = OnnxGenerator(export_dir, threads=threads, session_config={"session.intra_op.allow_spinning": "0"})
 
@@ -141,7 +141,7 @@ def main() -> None:
     os.environ.setdefault("ELASTIC_KERNELS", "0")
     import torch
 
-    from slicer.model import generate, load_model
+    from elastic.slicer.model import generate, load_model
 
     torch.set_num_threads(args.threads)
     if args.clean:

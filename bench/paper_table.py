@@ -46,15 +46,15 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from slicer.arch import Arch
-    from slicer.model import build_model, load_model, save_model
-    from slicer.spec import SliceSpec
-    from trainer.data import TokenDataset, build_token_shards, stdlib_corpus
-    from trainer.importance import width_importance
-    from trainer.permute import orders, permute_
-    from trainer.pretrain import fit
-    from trainer.tokenizer import load_tokenizer, train_tokenizer
-    from trainer.train import Stage, TrainConfig, eval_loss, train
+    from elastic.slicer.arch import Arch
+    from elastic.slicer.model import build_model, load_model, save_model
+    from elastic.slicer.spec import SliceSpec
+    from elastic.trainer.data import TokenDataset, build_token_shards, stdlib_corpus
+    from elastic.trainer.importance import width_importance
+    from elastic.trainer.permute import orders, permute_
+    from elastic.trainer.pretrain import fit
+    from elastic.trainer.tokenizer import load_tokenizer, train_tokenizer
+    from elastic.trainer.train import Stage, TrainConfig, eval_loss, train
 
     d = args.dir
     d.mkdir(parents=True, exist_ok=True)

@@ -53,10 +53,10 @@ def write_source(path: Path, layers: int) -> dict:
     import torch
     from safetensors.numpy import save_file
 
-    from slicer.arch import Arch
-    from slicer.checkpoint import OutTensor, ShardedWriter
-    from slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, Dimension, ElasticConfig, synthetic_router
-    from slicer.spec import SliceSpec
+    from elastic.slicer.arch import Arch
+    from elastic.slicer.checkpoint import OutTensor, ShardedWriter
+    from elastic.slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, Dimension, ElasticConfig, synthetic_router
+    from elastic.slicer.spec import SliceSpec
 
     cfg = dict(NANO_12B_V2)
     cfg["hybrid_override_pattern"] = cfg["hybrid_override_pattern"][:layers]
@@ -117,7 +117,7 @@ def write_source(path: Path, layers: int) -> dict:
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from slicer.slice import slice_checkpoint
+from elastic.slicer.slice import slice_checkpoint
 t = time.perf_counter()
 r = slice_checkpoint({src!r}, {out!r}, budget="half", force=True)
 wall = time.perf_counter() - t

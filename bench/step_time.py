@@ -31,12 +31,12 @@ def main() -> None:
 
     import torch
 
-    from slicer.arch import Arch
-    from slicer.elastic_format import Budget, ElasticConfig
-    from slicer.model import build_model
-    from slicer.spec import SliceSpec
-    from trainer.elastic import Router, default_search_space, elastic_forward, sample
-    from trainer.train import forward_kl
+    from elastic.slicer.arch import Arch
+    from elastic.slicer.elastic_format import Budget, ElasticConfig
+    from elastic.slicer.model import build_model
+    from elastic.slicer.spec import SliceSpec
+    from elastic.trainer.elastic import Router, default_search_space, elastic_forward, sample
+    from elastic.trainer.train import forward_kl
 
     d = args.hidden
     arch = Arch.from_config({
@@ -59,7 +59,7 @@ def main() -> None:
         """The uniform point of the search space closest to 50% of the parameters."""
         import itertools
 
-        from slicer.elastic_format import spec_from_choices
+        from elastic.slicer.elastic_format import spec_from_choices
 
         best = None
         for values in itertools.product(*(dd.choices for dd in dims)):

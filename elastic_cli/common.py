@@ -11,7 +11,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError
 
 CheckpointOpt = Annotated[
     Optional[Path],
@@ -29,7 +29,7 @@ def debug() -> bool:
 def boundary() -> Iterator[None]:
     """Map an ElasticError (or an OSError: a full disk, a path that cannot be read) to one message
     on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
-    from profiles.errors import ProfileError
+    from elastic.profiles.errors import ProfileError
 
     try:
         yield

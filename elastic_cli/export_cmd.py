@@ -83,15 +83,15 @@ def export(
     """
     with boundary():
         if check_only:
-            from export.pipeline import check_only as run_check
+            from elastic.export.pipeline import check_only as run_check
 
             report = run_check(model_dir, dtype=dtype.value, opset=opset, progress=_stage(not json_out))
         else:
             if out is None:
-                from slicer.errors import ElasticError
+                from elastic.slicer.errors import ElasticError
 
                 raise ElasticError("--out is required (or pass --check-only)")
-            from export.pipeline import export_model
+            from elastic.export.pipeline import export_model
 
             summary = export_model(model_dir, out, format=fmt.value, target=target, precision=precision.value,
                                    max_batch=max_batch, max_context=context, dtype=dtype.value, opset=opset,
@@ -183,7 +183,7 @@ def generate(
 
       elastic generate ./model-50-onnx "The capital of France is" --backend onnx --json
     """
-    from export.runtime import generate_text
+    from elastic.export.runtime import generate_text
 
     with boundary():
         r = generate_text(model_dir, prompt, backend=backend.value if backend else None,

@@ -30,9 +30,9 @@ ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens pe
 
 
 def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk) -> tuple[dict, Any]:
-    from slicer.describe import default_checkpoint
-    from slicer.fit import plan, resolve_target
-    from slicer.memory import Workload
+    from elastic.slicer.describe import default_checkpoint
+    from elastic.slicer.fit import plan, resolve_target
+    from elastic.slicer.memory import Workload
 
     tgt, detection = resolve_target(target, gpu)
     w = Workload(context=context, batch=batch, dtype=dtype.value, prefill_chunk=prefill_chunk)
@@ -119,7 +119,7 @@ def profiles_(json_out: JsonOpt = False) -> None:
     """
     from dataclasses import asdict
 
-    from profiles.devices import load_profiles
+    from elastic.profiles.devices import load_profiles
 
     with boundary():
         profs = load_profiles()
@@ -158,8 +158,8 @@ def fit_my_gpu(
 
       elastic fit-my-gpu -c ./Nemotron-Elastic-12B --target orin-nano-8gb --dry-run
     """
-    from slicer.errors import ElasticError
-    from slicer.fit import default_out, slice_budget
+    from elastic.slicer.errors import ElasticError
+    from elastic.slicer.fit import default_out, slice_budget
 
     with boundary():
         p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
@@ -181,14 +181,14 @@ def fit_my_gpu(
         if not p["weights_present"]:
             raise ElasticError("the checkpoint holds config.json only; download the weights to slice it "
                                "(planning works without them)", path=p["checkpoint"])
-        from slicer.smoke import smoke_test
+        from elastic.slicer.smoke import smoke_test
 
         with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
             result = slice_budget(p["checkpoint"], p["chosen"], dest, dtype=chosen["dtype"], force=force,
                                   progress=advance)
         exported = _export(dest, target, context, batch, json_out) if export else {"skipped": "--no-export"}
         if "out" in exported:  # the smoke test runs what was exported
-            from export.runtime import generate_text
+            from elastic.export.runtime import generate_text
 
             smoke = generate_text(exported["out"], "Hello", backend="onnx", max_new_tokens=16)
         else:
@@ -219,15 +219,15 @@ def fit_my_gpu(
 
 def _export(dest: Path, target: str | None, context: int, batch: int, quiet: bool) -> dict:
     """Export the slice into DEST/export, or say why not (the onnx extra missing)."""
-    from slicer.errors import MissingDependencyError
+    from elastic.slicer.errors import MissingDependencyError
 
     try:
-        from export.deps import require
+        from elastic.export.deps import require
 
         require("onnx", "onnxruntime", "onnxscript")
     except MissingDependencyError as e:
         return {"skipped": e.message}
-    from export.pipeline import export_model
+    from elastic.export.pipeline import export_model
 
     def progress(stage: str) -> None:
         if not quiet:

@@ -44,9 +44,9 @@ def slice_(
 
       elastic slice -c ./dense-model --spec spec.json --out ./pruned --json
     """
-    from slicer.checkpoint import Checkpoint
-    from slicer.describe import default_checkpoint
-    from slicer.slice import slice_checkpoint
+    from elastic.slicer.checkpoint import Checkpoint
+    from elastic.slicer.describe import default_checkpoint
+    from elastic.slicer.slice import slice_checkpoint
 
     with boundary():
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)

@@ -24,7 +24,7 @@ def _budgets(text: str) -> tuple[tuple[str, float], ...]:
 
     Raises ConfigError listing every part that is neither NAME=SHARE nor a percentage; the values
     themselves (finite, in (0, 1], unique names) are checked by ``TrainConfig.validate``."""
-    from slicer.errors import ConfigError
+    from elastic.slicer.errors import ConfigError
 
     problems: list[str] = []
     out = _parse_budgets(text, problems)
@@ -55,7 +55,7 @@ def _floats(text: str | None, option: str = "--stage2-weights", problems: list[s
             ) -> tuple[float, ...] | None:
     """ "0.5,0.3,0.2" -> (0.5, 0.3, 0.2); None stays None. Text that is not comma-separated numbers
     is a ConfigError (or, with ``problems``, appended there)."""
-    from slicer.errors import ConfigError
+    from elastic.slicer.errors import ConfigError
 
     if text is None:
         return None
@@ -102,7 +102,7 @@ def train(
     """Make a dense Nemotron-H parent elastic: importance, permutation, router, two-stage distillation.
 
     The output is an elastic checkpoint v1: `elastic slice --budget NAME` reads it directly.
-    Runs on CPU, one GPU, or several processes: `torchrun --nproc_per_node N -m elastic_cli.main train ...`.
+    Runs on CPU, one GPU, or several processes: `torchrun --nproc_per_node N -m elastic.cli.main train ...`.
 
     Examples:
 
@@ -112,9 +112,9 @@ def train(
 
       elastic train --parent ./dense --data ./corpus --out ./elastic --resume
     """
-    from slicer.errors import ConfigError
-    from trainer.train import Stage, TrainConfig, check_train_args
-    from trainer.train import train as run
+    from elastic.slicer.errors import ConfigError
+    from elastic.trainer.train import Stage, TrainConfig, check_train_args
+    from elastic.trainer.train import train as run
 
     with boundary():
         problems: list[str] = []
@@ -135,8 +135,8 @@ def train(
             if not data.exists():
                 raise ConfigError("no such file or directory", path=str(data))
             if rank0:
-                from trainer.data import build_token_shards
-                from trainer.tokenizer import load_tokenizer
+                from elastic.trainer.data import build_token_shards
+                from elastic.trainer.tokenizer import load_tokenizer
 
                 build_token_shards(data, load_tokenizer(parent), tokens)
             _wait_for(tokens / "meta.json")
@@ -159,7 +159,7 @@ def train(
         return
     lines = [f"wrote {out}  ({summary['steps']} steps, {summary['tokens']:,} tokens, {summary['world_size']} process(es))",
              f"parent val loss {summary['parent_val_loss']:.4f}"]
-    from slicer.elastic_format import BUDGET_TOLERANCE
+    from elastic.slicer.elastic_format import BUDGET_TOLERANCE
 
     for name, r in summary["budgets"].items():
         miss = r["parameters"] / r["target_parameters"] - 1

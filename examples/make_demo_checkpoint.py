@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from slicer.arch import Arch
-from slicer.model import build_model, save_model
-from trainer.data import TokenDataset, build_token_shards, stdlib_corpus
-from trainer.pretrain import fit
-from trainer.tokenizer import load_tokenizer, train_tokenizer
+from elastic.slicer.arch import Arch
+from elastic.slicer.model import build_model, save_model
+from elastic.trainer.data import TokenDataset, build_token_shards, stdlib_corpus
+from elastic.trainer.pretrain import fit
+from elastic.trainer.tokenizer import load_tokenizer, train_tokenizer
 
 PARENT = {
     "model_type": "nemotron_h",
@@ -54,7 +54,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def train_command(work: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "elastic_cli.main", "train", "--parent", str(work / "parent"),
+    return [sys.executable, "-m", "elastic.cli.main", "train", "--parent", str(work / "parent"),
             "--data", str(work / "tokens"), "--out", str(out), "--budgets", "100%=1.0,75%=0.75,50%=0.5",
             "--stage1-steps", "300", "--stage1-context", "128", "--stage2-steps", "100", "--stage2-context", "256",
             "--batch-size", "16", "--force"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from slicer.errors import MissingDependencyError
+from elastic.slicer.errors import MissingDependencyError
 
 EXPORTER = ("onnx", "onnxscript", "onnx_ir", "onnxruntime")  # torch.onnx.export(dynamo=True) + parity
 

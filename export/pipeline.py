@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError
 
 from .layout import MANIFEST, README, SCRIPT
 
@@ -25,8 +25,8 @@ PASSTHROUGH = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 
 def _load(model_dir: str | Path, dtype: str):
-    from slicer.checkpoint import Checkpoint
-    from slicer.model import load_model
+    from elastic.slicer.checkpoint import Checkpoint
+    from elastic.slicer.model import load_model
 
     from .deps import EXPORTER, require
     from .onnx_export import EXPORT_DTYPES
@@ -88,7 +88,7 @@ def export_model(
         ProfileError: unknown ``target``.
         ElasticError: ``out`` exists, bad options, or the graphs disagree with PyTorch.
     """
-    from slicer.checkpoint import ShardedWriter
+    from elastic.slicer.checkpoint import ShardedWriter
 
     from .graphs import state_tensors
     from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
@@ -99,7 +99,7 @@ def export_model(
     if format not in FORMATS:
         raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     say = progress or (lambda msg: None)
-    from slicer.outputs import MARKER, check_output
+    from elastic.slicer.outputs import MARKER, check_output
 
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
@@ -168,7 +168,7 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
             (exported to a temporary directory first, which is then removed).
 
     Returns:
-        :func:`export.trt.check_export`'s report plus ``path`` and ``opset``.
+        :func:`elastic.export.trt.check_export`'s report plus ``path`` and ``opset``.
     """
     from .deps import require
     from .runtime import is_export_dir

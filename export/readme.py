@@ -21,7 +21,7 @@ def _shape(s) -> str:
 
 
 def render(summary: dict[str, Any], states: list, dtype: str) -> str:
-    """The README text for an export described by ``summary`` (see ``export.pipeline.export_model``)."""
+    """The README text for an export described by ``summary`` (see ``elastic.export.pipeline.export_model``)."""
     ext = summary["external_data"]
     files = [
         (PREFILL, "prompt -> logits of every position + the state of every layer"),
@@ -72,7 +72,7 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "take `argmax(logits[:, -1])`, then one decode call per token."),
         "",
         "```python",
-        "from export.runtime import OnnxGenerator",
+        "from elastic.export.runtime import OnnxGenerator",
         "gen = OnnxGenerator('.')                      # onnxruntime sessions over both graphs",
         "ids = gen.generate(prompt_ids, max_new_tokens=32)",
         "```",

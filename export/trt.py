@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError
 
 from .layout import DECODE, ENGINE_META, ENGINES, PREFILL, SCRIPT
 
@@ -249,7 +249,7 @@ def engine_settings(target: str | None = None, precision: str = "auto", max_batc
         raise ElasticError(f"engine shapes need max_batch >= 1 and max_context >= 2 (got {max_batch}, {max_context})")
     bf16, fp16, overhead, name, source = None, True, None, GENERIC, "no --target and no GPU here: generic settings"
     if target:
-        from profiles.devices import get_profile
+        from elastic.profiles.devices import get_profile
 
         p = get_profile(target)
         if p.kind == "cpu":
@@ -257,7 +257,7 @@ def engine_settings(target: str | None = None, precision: str = "auto", max_batc
                                "profile (see `elastic profiles`)")
         bf16, fp16, overhead, name, source = p.bf16, p.fp16, p.runtime_overhead_bytes, p.name, f"profile {p.name}"
     else:
-        from profiles.detect import detect
+        from elastic.profiles.detect import detect
 
         d = detect().chosen
         if d.kind != "cpu":

@@ -1,7 +1,7 @@
 """Device knowledge: device tables as TOML data (profiles/data), GPU/Jetson/host detection, the
 usable memory of a device. No torch; nothing is read until a function is called.
 
-Import from the modules: `profiles.devices` (DeviceProfile, load_profiles, get_profile,
-match_profile), `profiles.detect` (detect, Detection, Device, Roots), `profiles.errors`
+Import from the modules: `elastic.profiles.devices` (DeviceProfile, load_profiles, get_profile,
+match_profile), `elastic.profiles.detect` (detect, Detection, Device, Roots), `elastic.profiles.errors`
 (ProfileError). Nothing is re-exported here: a `detect` function would hide the `detect` module.
 """

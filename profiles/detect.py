@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from profiles.devices import GIB, DeviceProfile, capability_flags, fallback_allowance, get_profile
-from profiles.devices import match_profile
-from profiles.errors import ProfileError
+from elastic.profiles.devices import GIB, DeviceProfile, capability_flags, fallback_allowance, get_profile
+from elastic.profiles.devices import match_profile
+from elastic.profiles.errors import ProfileError
 
 
 @dataclass(frozen=True)

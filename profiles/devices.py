@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from profiles.errors import ProfileError
+from elastic.profiles.errors import ProfileError
 
 GIB = 1 << 30
 DATA_DIR = Path(__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""The one error type of `profiles`. It does not derive from slicer's ElasticError (slicer imports
+"""The one error type of `elastic.profiles`. It does not derive from slicer's ElasticError (slicer imports
 profiles, not the other way round); the CLI maps it to one line and an exit code."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The core of elastic: architecture, checkpoint I/O, the reference model, slicing.
 
-Importing ``slicer`` (or ``slicer.arch``, ``slicer.checkpoint``, ``slicer.describe``) does not import
-torch; ``slicer.model`` and ``slicer.ssd`` do.
+Importing ``elastic.slicer`` (or ``elastic.slicer.arch``, ``elastic.slicer.checkpoint``, ``elastic.slicer.describe``) does not import
+torch; ``elastic.slicer.model`` and ``elastic.slicer.ssd`` do.
 """

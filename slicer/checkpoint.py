@@ -524,7 +524,7 @@ class ShardedWriter:
 
     On any exception inside the ``with`` block (a failed read, a full disk, Ctrl-C) the temporary
     directory is removed and ``out`` is untouched. The output rules (never a source, replace only
-    what elastic wrote, atomic publish, one writer at a time) live in :mod:`slicer.outputs`.
+    what elastic wrote, atomic publish, one writer at a time) live in :mod:`elastic.slicer.outputs`.
 
     Example:
         >>> with ShardedWriter("./model") as w:
@@ -615,7 +615,7 @@ class ShardedWriter:
         self.shards = names
 
     def commit(self) -> Path:
-        """Publish the finished directory at ``out`` (see :func:`slicer.outputs.publish`)."""
+        """Publish the finished directory at ``out`` (see :func:`elastic.slicer.outputs.publish`)."""
         from .outputs import publish, write_marker
 
         write_marker(self.tmp, self.kind)

@@ -37,7 +37,7 @@ class Target:
 
 
 def target_from_profile(profile) -> Target:
-    """Plan for a device profile (``profiles.devices.DeviceProfile``): usable = memory - reserve."""
+    """Plan for a device profile (``elastic.profiles.devices.DeviceProfile``): usable = memory - reserve."""
     return Target(
         name=profile.display_name, kind=profile.kind,
         usable_bytes=max(0, profile.memory_bytes - profile.reserve_bytes),
@@ -49,7 +49,7 @@ def target_from_profile(profile) -> Target:
 
 
 def target_from_device(device) -> Target:
-    """Plan for a detected device (``profiles.detect.Device``)."""
+    """Plan for a detected device (``elastic.profiles.detect.Device``)."""
     return Target(
         name=device.name, kind=device.kind, usable_bytes=device.usable_bytes,
         overhead_bytes=device.runtime_overhead_bytes, bf16=device.bf16, fp16=device.fp16, fp8=device.fp8,
@@ -158,10 +158,10 @@ def resolve_target(target: str | None, gpu: int | None = None):
     """The planning target: the profile named ``target``, or this machine (detected; ``gpu``
     picks among several). Returns (Target, the Detection or None for a profile)."""
     if target:
-        from profiles.devices import get_profile
+        from elastic.profiles.devices import get_profile
 
         return target_from_profile(get_profile(target)), None
-    from profiles.detect import detect
+    from elastic.profiles.detect import detect
 
     detection = detect(gpu=gpu)
     return target_from_device(detection.chosen), detection
@@ -177,7 +177,7 @@ def default_out(budget: str) -> Path:
 def slice_budget(checkpoint: str | Path, budget: str, out: str | Path, dtype: str | None = None, force: bool = False,
                  progress=None):
     """Slice one budget of a plan: by name from an elastic checkpoint; "full" of a dense one is the
-    whole model (a copy, cast to ``dtype``). Returns ``slicer.slice.SliceResult``."""
+    whole model (a copy, cast to ``dtype``). Returns ``elastic.slicer.slice.SliceResult``."""
     from .slice import slice_checkpoint
 
     ckpt = Checkpoint.open(checkpoint, require_weights=True)

@@ -12,7 +12,7 @@ Every term is a byte count that ``elastic plan`` shows:
   the torch runtime on a CPU), from the device profile;
 - ``margin``: a safety fraction of everything above.
 
-The activation term follows the tensors the reference implementation (``slicer.model``) keeps
+The activation term follows the tensors the reference implementation (``elastic.slicer.model``) keeps
 alive at its peak; ``bench/plan_accuracy.py`` checks the total against a measured run.
 """
 

@@ -47,8 +47,8 @@ def make_source(root: Path) -> Path:
     code run too). Returns the directory."""
     from safetensors.numpy import load_file
 
-    from slicer.checkpoint import OutTensor, ShardedWriter
-    from slicer.describe import DEMO_CHECKPOINT
+    from elastic.slicer.checkpoint import OutTensor, ShardedWriter
+    from elastic.slicer.describe import DEMO_CHECKPOINT
     import torch
 
     src = root / "source"
@@ -309,7 +309,7 @@ def run(cases: int, seed: int, workdir: Path, progress: bool = False) -> tuple[C
     """Returns (counts by outcome, descriptions of the failures)."""
     from typer.testing import CliRunner
 
-    from elastic_cli.main import app
+    from elastic.cli.main import app
 
     runner = CliRunner()
     src = make_source(workdir)

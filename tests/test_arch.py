@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from slicer.arch import Arch, read_config
-from slicer.errors import ConfigError
+from elastic.slicer.arch import Arch, read_config
+from elastic.slicer.errors import ConfigError
 
 from conftest import tiny_config
 

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from slicer.checkpoint import Checkpoint, OutTensor, ShardedWriter
-from slicer.errors import CheckpointError, ConfigError
-from slicer.model import load_model
+from elastic.slicer.checkpoint import Checkpoint, OutTensor, ShardedWriter
+from elastic.slicer.errors import CheckpointError, ConfigError
+from elastic.slicer.model import load_model
 
 from conftest import make_hf_checkpoint
 
@@ -107,7 +107,7 @@ def test_writer_failure_leaves_nothing(tmp_path):
 
 
 def test_writer_never_overwrites_without_force(tmp_path):
-    from slicer.outputs import MARKER, OutputError
+    from elastic.slicer.outputs import MARKER, OutputError
 
     out = tmp_path / "model"
     out.mkdir()

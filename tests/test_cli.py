@@ -7,8 +7,8 @@ import sys
 
 from typer.testing import CliRunner
 
-from elastic_cli.main import app
-from slicer.describe import DEMO_CHECKPOINT, describe
+from elastic.cli.main import app
+from elastic.slicer.describe import DEMO_CHECKPOINT, describe
 
 runner = CliRunner()
 
@@ -58,7 +58,7 @@ def test_env_var_selects_checkpoint(hf_ckpt, monkeypatch):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "elastic_cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "elastic.cli.main", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
 
 
@@ -79,7 +79,7 @@ def test_missing_directory(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from typer.testing import CliRunner; from elastic_cli.main import app; "
+    code = ("import sys; from typer.testing import CliRunner; from elastic.cli.main import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "r = CliRunner().invoke(app, ['inspect', '--json']); assert r.exit_code == 0, r.output; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")

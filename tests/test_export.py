@@ -18,14 +18,14 @@ import onnx
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from elastic_cli.main import app
-from export import trt
-from export.graphs import state_tensors
-from export.pipeline import export_model
-from export.runtime import OnnxGenerator
-from slicer.describe import DEMO_CHECKPOINT
-from slicer.model import generate, load_model
-from slicer.slice import slice_checkpoint
+from elastic.cli.main import app
+from elastic.export import trt
+from elastic.export.graphs import state_tensors
+from elastic.export.pipeline import export_model
+from elastic.export.runtime import OnnxGenerator
+from elastic.slicer.describe import DEMO_CHECKPOINT
+from elastic.slicer.model import generate, load_model
+from elastic.slicer.slice import slice_checkpoint
 
 runner = CliRunner()
 TOL = 1e-4
@@ -210,7 +210,7 @@ def test_trtexec_script_and_engine_meta(exported, tmp_path, monkeypatch):
     script = (work / "build_engines.sh").read_text()
     assert meta["built"] is False and "not installed" in meta["reason"] and meta["script"] == "build_engines.sh"
     assert json.loads((work / "engine_meta.json").read_text()) == meta
-    from profiles.devices import get_profile
+    from elastic.profiles.devices import get_profile
 
     ws = max(256 << 20, get_profile("orin-nano-8gb").runtime_overhead_bytes // 2)
     assert settings.precision == "bf16" and settings.workspace_bytes == ws
@@ -242,8 +242,8 @@ def test_trtexec_script_and_engine_meta(exported, tmp_path, monkeypatch):
 def test_engine_settings():
     assert trt.engine_settings("orin-nano-8gb", precision="fp16").precision == "fp16"
     assert trt.engine_settings("rtx-4090").precision == "bf16"
-    from profiles.errors import ProfileError
-    from slicer.errors import ElasticError
+    from elastic.profiles.errors import ProfileError
+    from elastic.slicer.errors import ElasticError
 
     with pytest.raises(ProfileError, match="unknown device"):
         trt.engine_settings("no-such-gpu")
@@ -376,8 +376,8 @@ def test_external_data_is_shared_by_both_graphs(tmp_path):
 @pytest.mark.slow
 def test_export_beyond_the_2gb_protobuf_limit(tmp_path):
     """A model whose float32 weights exceed 2 GiB: graphs with external data, checked and compared."""
-    from slicer.arch import Arch
-    from slicer.model import build_model, init_weights, save_model
+    from elastic.slicer.arch import Arch
+    from elastic.slicer.model import build_model, init_weights, save_model
 
     arch = Arch.from_config({  # embeddings + LM head alone: 2 x 70,000 x 4096 float32 = 2.29 GB
         "vocab_size": 70_000, "hidden_size": 4096, "hybrid_override_pattern": "M*-", "num_attention_heads": 8,

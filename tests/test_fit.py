@@ -6,12 +6,12 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from elastic_cli.main import app
-from profiles.devices import get_profile
-from slicer.checkpoint import Checkpoint
-from slicer.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
-from slicer.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
-from slicer.model import load_model
+from elastic.cli.main import app
+from elastic.profiles.devices import get_profile
+from elastic.slicer.checkpoint import Checkpoint
+from elastic.slicer.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
+from elastic.slicer.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
+from elastic.slicer.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 E12B = ROOT / "examples" / "nemotron-elastic-12b"

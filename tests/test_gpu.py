@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from slicer import kernels
-from slicer.model import load_model
+from elastic.slicer import kernels
+from elastic.slicer.model import load_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from elastic_cli.main import app
-from slicer.describe import DEMO_CHECKPOINT
-from slicer.outputs import MARKER
+from elastic.cli.main import app
+from elastic.slicer.describe import DEMO_CHECKPOINT
+from elastic.slicer.outputs import MARKER
 
 runner = CliRunner()
 
@@ -106,7 +106,7 @@ def test_force_replaces_only_what_elastic_wrote(user_tree, tmp_path):
 _RACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from slicer.slice import slice_checkpoint
+    from elastic.slicer.slice import slice_checkpoint
     src, out, started, go, action = sys.argv[1:6]
     def progress(done, total, _first=[True]):
         if _first[0]:
@@ -143,7 +143,7 @@ def test_two_concurrent_slices_exactly_one_wins(user_tree, tmp_path):
     """Run A is held mid-write while run B (the CLI, another process) targets the same output."""
     out = tmp_path / "same"
     a, go = _start_racer(tmp_path, user_tree / "ckpt", out)
-    b = subprocess.run([sys.executable, "-m", "elastic_cli.main", "slice", "-c", str(user_tree / "ckpt"),
+    b = subprocess.run([sys.executable, "-m", "elastic.cli.main", "slice", "-c", str(user_tree / "ckpt"),
                         "--budget", "75%", "--out", str(out)], capture_output=True, text=True)
     go.touch()
     a_out, a_err = a.communicate(timeout=300)

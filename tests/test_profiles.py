@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from profiles.detect import Roots, detect
-from profiles.devices import GIB, get_profile, load_profiles, match_profile
-from profiles.errors import ProfileError
+from elastic.profiles.detect import Roots, detect
+from elastic.profiles.devices import GIB, get_profile, load_profiles, match_profile
+from elastic.profiles.errors import ProfileError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "devices"
 KB = 1024
@@ -317,7 +317,7 @@ def test_this_machine():
 
 def test_detection_does_not_import_torch():
     code = (
-        "import sys, profiles.detect as m; m.detect(); "
+        "import sys, elastic.profiles.detect as m; m.detect(); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

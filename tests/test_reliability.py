@@ -15,8 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from elastic_cli.main import app
-from slicer.describe import DEMO_CHECKPOINT
+from elastic.cli.main import app
+from elastic.slicer.describe import DEMO_CHECKPOINT
 
 runner = CliRunner()
 
@@ -164,7 +164,7 @@ def test_truncated_graph_in_check_only(tmp_path):
 
 def test_export_onto_a_full_disk(demo, tmp_path, monkeypatch):
     pytest.importorskip("onnx")
-    import export.onnx_export as ox
+    import elastic.export.onnx_export as ox
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.onnx"))
@@ -229,8 +229,8 @@ def test_plan_from_the_small_files_alone(tmp_path):
 
 def test_force_rerun_of_fit_my_gpu_layout_replaces_the_nested_export(tmp_path):
     """OUT (a slice) holding OUT/export (an export), both elastic's: replaceable as one."""
-    from slicer.checkpoint import ShardedWriter
-    from slicer.outputs import OutputError, check_output
+    from elastic.slicer.checkpoint import ShardedWriter
+    from elastic.slicer.outputs import OutputError, check_output
 
     out = tmp_path / "model"
     with ShardedWriter(out) as w:

@@ -1,6 +1,6 @@
 """The remote code for heterogeneous checkpoints, against our reference model on the same weights.
 
-Oracle: ``slicer.model`` builds every layer at its own size from ``Arch``; transformers builds the
+Oracle: ``elastic.slicer.model`` builds every layer at its own size from ``Arch``; transformers builds the
 same checkpoint through ``slicer/remote_code`` with ``trust_remote_code=True``. Both must load
 every tensor at its own shape and compute the same logits.
 """
@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from slicer.arch import Arch
-from slicer.model import build_model, generate, load_model, save_model
-from slicer.remote_code import FILES, puzzle_config
+from elastic.slicer.arch import Arch
+from elastic.slicer.model import build_model, generate, load_model, save_model
+from elastic.slicer.remote_code import FILES, puzzle_config
 
 from conftest import assert_same_logits, randomize_, tiny_config
 
@@ -121,7 +121,7 @@ def test_fresh_model_initialises_each_mamba_layer_at_its_size(tmp_path):
 def test_layer_config_and_validation(tmp_path):
     from huggingface_hub.errors import StrictDataclassClassValidationError as Invalid
 
-    from slicer.remote_code.configuration_nemotron_h_puzzle import NemotronHPuzzleConfig
+    from elastic.slicer.remote_code.configuration_nemotron_h_puzzle import NemotronHPuzzleConfig
 
     cfg = NemotronHPuzzleConfig(**tiny_config(hybrid_override_pattern="M-", block_configs=[_m(4), _f(96)]))
     layer = cfg.get_nemotron_h_config_for_layer(1)
@@ -142,5 +142,5 @@ def test_puzzle_config_copies_and_imports_no_torch():
     assert src["model_type"] == "nemotron_h" and out["block_configs"] is not src["block_configs"]
     assert out["architectures"] == ["NemotronHPuzzleForCausalLM"]
     assert {f.name for f in FILES} == {v.split(".")[0] + ".py" for v in out["auto_map"].values()}
-    code = "import sys, slicer.remote_code; assert not {'torch', 'transformers'} & set(sys.modules)"
+    code = "import sys, elastic.slicer.remote_code; assert not {'torch', 'transformers'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

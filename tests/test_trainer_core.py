@@ -2,9 +2,9 @@
 
 import torch
 
-from slicer.model import load_model
-from trainer.importance import depth_order, width_importance
-from trainer.permute import orders, permute_
+from elastic.slicer.model import load_model
+from elastic.trainer.importance import depth_order, width_importance
+from elastic.trainer.permute import orders, permute_
 
 from conftest import make_hf_checkpoint
 
@@ -54,10 +54,10 @@ def test_depth_order_removes_least_harmful_first(tmp_path):
 
 
 def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_path):
-    from slicer.elastic_format import Budget, ElasticConfig
-    from slicer.masked import masked_forward
-    from slicer.spec import SliceSpec
-    from trainer.elastic import Router, default_search_space, elastic_forward, expected_params, sample
+    from elastic.slicer.elastic_format import Budget, ElasticConfig
+    from elastic.slicer.masked import masked_forward
+    from elastic.slicer.spec import SliceSpec
+    from elastic.trainer.elastic import Router, default_search_space, elastic_forward, expected_params, sample
 
     make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M", n_groups=2, mamba_num_heads=8)
     model = load_model(tmp_path / "p")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from slicer.errors import ElasticError
-from trainer.data import TokenDataset, build_token_shards, corpus_files, iter_texts, stdlib_corpus
-from trainer.tokenizer import ByteTok, load_tokenizer, train_tokenizer
+from elastic.slicer.errors import ElasticError
+from elastic.trainer.data import TokenDataset, build_token_shards, corpus_files, iter_texts, stdlib_corpus
+from elastic.trainer.tokenizer import ByteTok, load_tokenizer, train_tokenizer
 
 TEXTS = [
     "plain ASCII: def f(x):\n    return x + 1\r\n",

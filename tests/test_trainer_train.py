@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from slicer.checkpoint import Checkpoint
-from slicer.elastic_format import BUDGET_TOLERANCE
-from slicer.errors import ConfigError
-from slicer.model import load_model
-from slicer.slice import slice_checkpoint
+from elastic.slicer.checkpoint import Checkpoint
+from elastic.slicer.elastic_format import BUDGET_TOLERANCE
+from elastic.slicer.errors import ConfigError
+from elastic.slicer.model import load_model
+from elastic.slicer.slice import slice_checkpoint
 from trainer_fixtures import make_parent_and_tokens
-from trainer.train import Stage, TrainConfig, train
+from elastic.trainer.train import Stage, TrainConfig, train
 
 # long enough (under a second) for the router to deliver every budget within the slicer's tolerance
 CFG = TrainConfig(stage1=Stage(30, 16), stage2=Stage(20, 24, (0.5, 0.3, 0.2)), batch_size=2, warmup=2,
@@ -72,7 +72,7 @@ def test_two_gloo_processes_under_torchrun(setup, tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "elastic_cli.main", "train", "--parent", str(setup / "parent"), "--data", str(setup / "tokens"),
+           "-m", "elastic.cli.main", "train", "--parent", str(setup / "parent"), "--data", str(setup / "tokens"),
            "--out", str(tmp_path / "ddp"), "--stage1-steps", "4", "--stage1-context", "16", "--stage2-steps", "2",
            "--stage2-context", "16", "--batch-size", "2", "--warmup", "2", "--drop-layers", "1", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})

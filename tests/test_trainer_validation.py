@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from elastic_cli.main import app
-from slicer.errors import ConfigError
+from elastic.cli.main import app
+from elastic.slicer.errors import ConfigError
 from trainer_fixtures import make_parent_and_tokens
-from trainer.train import Stage, TrainConfig, train
+from elastic.trainer.train import Stage, TrainConfig, train
 
 runner = CliRunner()
 

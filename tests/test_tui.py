@@ -17,14 +17,14 @@ pytest.importorskip("textual")
 from textual.widgets import Input, ProgressBar, Select, Static
 from typer.testing import CliRunner
 
-from elastic_cli.main import app as cli
-from elastic_cli.tui import build_app
-from elastic_cli.tui.planner import EXPORT_MISSING, HERE
-from elastic_cli.tui.widgets import BudgetTable
-from profiles.devices import get_profile
-from slicer.describe import DEMO_CHECKPOINT
-from slicer.fit import plan, target_from_profile
-from slicer.memory import Workload
+from elastic.cli.main import app as cli
+from elastic.cli.tui import build_app
+from elastic.cli.tui.planner import EXPORT_MISSING, HERE
+from elastic.cli.tui.widgets import BudgetTable
+from elastic.profiles.devices import get_profile
+from elastic.slicer.describe import DEMO_CHECKPOINT
+from elastic.slicer.fit import plan, target_from_profile
+from elastic.slicer.memory import Workload
 
 EXAMPLE_12B = Path(__file__).resolve().parent.parent / "examples" / "nemotron-elastic-12b"
 runner = CliRunner()
@@ -207,7 +207,7 @@ def test_existing_out_is_refused_unless_replace(tmp_path):
 
 
 def test_export_without_the_onnx_extra_starts_nothing(tmp_path, monkeypatch):
-    import elastic_cli.tui.planner as planner
+    import elastic.cli.tui.planner as planner
 
     monkeypatch.setattr(planner, "unavailable", lambda action: EXPORT_MISSING if action != "slice" else None)
     app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
@@ -242,7 +242,7 @@ def test_slice_and_export(tmp_path):
 
 
 def test_cancel(tmp_path, monkeypatch):
-    import slicer.slice
+    import elastic.slicer.slice
 
     def slow_slice(source, out, *, progress, **kw):  # stands in for a big checkpoint
         for i in range(3000):
@@ -256,7 +256,7 @@ def test_cancel(tmp_path, monkeypatch):
     async def script(p):
         await p.press("c")  # nothing runs: a notice, no crash
         assert app.job is None
-        monkeypatch.setattr(slicer.slice, "slice_checkpoint", slow_slice)
+        monkeypatch.setattr(elastic.slicer.slice, "slice_checkpoint", slow_slice)
         app.query_one("#out", Input).value = str(out)
         await p.press("s")
         await until(p, lambda: (app.query_one("#bar", ProgressBar).progress or 0) > 5)
@@ -274,7 +274,7 @@ def test_cancel(tmp_path, monkeypatch):
 def test_quit_mid_job_stops_the_thread(tmp_path, monkeypatch):
     import threading
 
-    import slicer.slice
+    import elastic.slicer.slice
 
     stopped = threading.Event()
 
@@ -286,7 +286,7 @@ def test_quit_mid_job_stops_the_thread(tmp_path, monkeypatch):
         finally:
             stopped.set()
 
-    monkeypatch.setattr(slicer.slice, "slice_checkpoint", slow_slice)
+    monkeypatch.setattr(elastic.slicer.slice, "slice_checkpoint", slow_slice)
     app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
 
     async def script(p):
@@ -321,7 +321,7 @@ def test_cli_errors_before_the_app_starts(monkeypatch):
 
 
 def test_help_imports_neither_textual_nor_torch():
-    code = ("import sys; from typer.testing import CliRunner; from elastic_cli.main import app; "
+    code = ("import sys; from typer.testing import CliRunner; from elastic.cli.main import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'tui' in r.output, r.output; "
             "r = CliRunner().invoke(app, ['tui', '--help']); assert r.exit_code == 0, r.output; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'torch'}))")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slicer.arch import Arch
-from slicer.model import build_model, save_model
-from trainer.data import build_token_shards, stdlib_corpus
-from trainer.tokenizer import load_tokenizer
+from elastic.slicer.arch import Arch
+from elastic.slicer.model import build_model, save_model
+from elastic.trainer.data import build_token_shards, stdlib_corpus
+from elastic.trainer.tokenizer import load_tokenizer
 
 TINY = {"model_type": "nemotron_h", "vocab_size": 256, "hidden_size": 32, "hybrid_override_pattern": "M-M*-",
         "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "chunk_size": 8,

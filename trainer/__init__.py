@@ -1,2 +1,2 @@
 """Building the elastic parent from a dense Nemotron-H model (importance, permutation, router,
-curriculum, distillation). Depends on ``slicer``; nothing here yet."""
+curriculum, distillation). Depends on ``elastic.slicer``; nothing here yet."""

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -49,7 +49,7 @@ Progress = Callable[[int, int], None]  # (bytes read so far, bytes in the corpus
 
 
 class TokenizerLike(Protocol):
-    """What the shard builder needs from a tokenizer (``trainer.tokenizer.Tok`` is one)."""
+    """What the shard builder needs from a tokenizer (``elastic.trainer.tokenizer.Tok`` is one)."""
 
     vocab_size: int
     eos_id: int | None

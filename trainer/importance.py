@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from slicer.model import NemotronH
+from elastic.slicer.model import NemotronH
 
 
 @contextmanager

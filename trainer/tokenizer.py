@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from slicer.errors import ElasticError, MissingDependencyError
+from elastic.slicer.errors import ElasticError, MissingDependencyError
 
 from .data import iter_texts
 
@@ -61,7 +61,7 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str |
     """Train a byte-level BPE on local files and save it in Hugging Face form.
 
     Args:
-        files: corpus files or directories (``trainer.data.corpus_files``: text, or JSON lines
+        files: corpus files or directories (``elastic.trainer.data.corpus_files``: text, or JSON lines
             with ``"text"``); read locally, nothing is downloaded.
         vocab_size: target vocabulary including the 4 special tokens and 256 bytes (>= 260).
         out_dir: directory to write ``tokenizer.json``, ``tokenizer_config.json`` and

@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slicer.checkpoint import Checkpoint, ShardedWriter
-from slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
-from slicer.errors import ConfigError
-from slicer.masked import masked_forward
-from slicer.model import NemotronH, load_model, write_model
-from slicer.outputs import check_output
-from slicer.slice import PASSTHROUGH_FILES
-from slicer.spec import SliceSpec
+from elastic.slicer.checkpoint import Checkpoint, ShardedWriter
+from elastic.slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
+from elastic.slicer.errors import ConfigError
+from elastic.slicer.masked import masked_forward
+from elastic.slicer.model import NemotronH, load_model, write_model
+from elastic.slicer.outputs import check_output
+from elastic.slicer.slice import PASSTHROUGH_FILES
+from elastic.slicer.spec import SliceSpec
 
 from .data import TokenDataset
 from .elastic import Router, anneal, default_search_space, elastic_forward, expected_params, sample
@@ -179,7 +179,7 @@ def _config_problems(cfg: TrainConfig) -> list[str]:
 def check_train_args(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
                      work_dir: str | Path | None = None, force: bool = False) -> Path:
     """Everything that can be refused before any slow work: the settings (one :class:`ConfigError`
-    listing every problem) and the output (``slicer.outputs.check_output``: never a source, replace
+    listing every problem) and the output (``elastic.slicer.outputs.check_output``: never a source, replace
     only what elastic wrote). Returns the work directory."""
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
@@ -348,7 +348,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
 
     Args:
         parent_dir: a nemotron_h checkpoint with weights (its tokenizer files are carried over).
-        data_dir: token shards from ``trainer.data.build_token_shards`` (train and val splits).
+        data_dir: token shards from ``elastic.trainer.data.build_token_shards`` (train and val splits).
         out: the elastic checkpoint to write: not a source (parent, data, work directory), not inside or
             around one; an existing one is replaced only with ``force`` and only if elastic wrote it.
         cfg: the settings; every invalid one is reported in one :class:`ConfigError` before any work.
@@ -507,7 +507,7 @@ def write_elastic_checkpoint(model: NemotronH, ec: ElasticConfig, router: Router
     """Write an elastic checkpoint v1 atomically: weights, config, elastic_config, router,
     importance scores, the source's tokenizer files, and a training summary.
 
-    ``out`` is checked by ``slicer.outputs.check_output``: it may not be, lie inside or contain
+    ``out`` is checked by ``elastic.slicer.outputs.check_output``: it may not be, lie inside or contain
     ``source`` or any of ``sources`` (the training data, the work directory), and with ``force``
     only a directory elastic wrote is replaced."""
     from safetensors.numpy import save as st_save

@@ -18,10 +18,10 @@ def build_app(checkpoint=None, target: str | None = None):
     try:
         import textual  # noqa: F401
     except ImportError:
-        from slicer.errors import MissingDependencyError
+        from elastic.slicer.errors import MissingDependencyError
 
         raise MissingDependencyError('the TUI needs textual: pip install -e ".[tui]"') from None
-    from profiles.devices import load_profiles
+    from elastic.profiles.devices import load_profiles
 
     from .app import ElasticApp
     from .planner import HERE, Choice, Planner

@@ -16,8 +16,8 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Footer, Input, Label, ProgressBar, RichLog, Select, Static
 
-from profiles.errors import ProfileError
-from slicer.errors import ElasticError
+from elastic.profiles.errors import ProfileError
+from elastic.slicer.errors import ElasticError
 
 from ..common import debug
 from . import planner as pl
