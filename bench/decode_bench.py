@@ -2,7 +2,7 @@
 
     python bench/decode_bench.py [--dir /tmp/elastic-decode-bench] [--tokens 64] [--repeat 5] [--threads 1]
 
-Builds a random parent (Mamba, attention and MLP layers; weights from ``elastic.slicer.model.init_weights``),
+Builds a random parent (Mamba, attention and MLP layers; weights from ``elastic.slicer.nn.model.init_weights``),
 slices it with a ~50% spec (hidden, Mamba heads, attention heads, FFN: see ``HALF``), exports both with
 ``elastic export``'s library call, then measures in one run, greedy, batch 1, a 32-token prompt, the
 median of ``--repeat`` rounds that take every measurement once, in turn (a shared machine's load then
@@ -55,10 +55,10 @@ HALF_HIDDEN = 576
 
 
 def build(root: Path) -> tuple[Path, Path, dict]:
-    from elastic.slicer.arch import Arch
-    from elastic.slicer.model import build_model, save_model
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.nn.model import build_model, save_model
     from elastic.slicer.slice import slice_checkpoint
-    from elastic.slicer.spec import SPEC_FIELDS
+    from elastic.slicer.formats.spec import SPEC_FIELDS
 
     arch = Arch.from_config(PARENT)
     full, half = root / "full", root / "half"
@@ -141,7 +141,7 @@ def main() -> None:
     os.environ.setdefault("ELASTIC_KERNELS", "0")
     import torch
 
-    from elastic.slicer.model import generate, load_model
+    from elastic.slicer.nn.model import generate, load_model
 
     torch.set_num_threads(args.threads)
     if args.clean:

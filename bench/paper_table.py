@@ -46,9 +46,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from elastic.slicer.arch import Arch
-    from elastic.slicer.model import build_model, load_model, save_model
-    from elastic.slicer.spec import SliceSpec
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.nn.model import build_model, load_model, save_model
+    from elastic.slicer.formats.spec import SliceSpec
     from elastic.trainer.data import TokenDataset, build_token_shards, stdlib_corpus
     from elastic.trainer.importance import width_importance
     from elastic.trainer.permute import orders, permute_

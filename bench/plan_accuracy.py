@@ -5,7 +5,7 @@
 For the bundled demo model and a generated model of a few hundred MB (written to a temporary
 directory), a fresh process imports torch, notes its RSS, loads the model in float32, runs a
 chunked prefill (full logits per chunk, like the ONNX prefill graph) and a greedy decode, and
-reports its peak RSS increase. The prediction is ``elastic.slicer.memory.footprint`` for the same
+reports its peak RSS increase. The prediction is ``elastic.slicer.planning.memory.footprint`` for the same
 workload with the host profile's runtime overhead and no safety margin (the margin is headroom,
 not an estimate). Last line: one JSON object with ``worst_error`` = max |predicted - measured| /
 measured over the two models.
@@ -34,7 +34,7 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
 import torch
-from elastic.slicer.model import load_model
+from elastic.slicer.nn.model import load_model
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 base = rss()
@@ -68,10 +68,10 @@ def main() -> None:
     import torch
 
     from elastic.profiles.devices import get_profile
-    from elastic.slicer.arch import Arch
-    from elastic.slicer.describe import DEMO_CHECKPOINT
-    from elastic.slicer.memory import Workload, footprint
-    from elastic.slicer.model import build_model, save_model
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.planning.describe import DEMO_CHECKPOINT
+    from elastic.slicer.planning.memory import Workload, footprint
+    from elastic.slicer.nn.model import build_model, save_model
 
     overhead = get_profile("cpu").runtime_overhead_bytes
     w = Workload(context=args.prompt + args.decode, batch=1, dtype="float32", prefill_chunk=args.chunk, margin=0.0)

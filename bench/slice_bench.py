@@ -53,10 +53,10 @@ def write_source(path: Path, layers: int) -> dict:
     import torch
     from safetensors.numpy import save_file
 
-    from elastic.slicer.arch import Arch
-    from elastic.slicer.checkpoint import OutTensor, ShardedWriter
-    from elastic.slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, Dimension, ElasticConfig, synthetic_router
-    from elastic.slicer.spec import SliceSpec
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.storage.writer import OutTensor, ShardedWriter
+    from elastic.slicer.formats.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, Dimension, ElasticConfig, synthetic_router
+    from elastic.slicer.formats.spec import SliceSpec
 
     cfg = dict(NANO_12B_V2)
     cfg["hybrid_override_pattern"] = cfg["hybrid_override_pattern"][:layers]

@@ -31,10 +31,10 @@ def main() -> None:
 
     import torch
 
-    from elastic.slicer.arch import Arch
-    from elastic.slicer.elastic_format import Budget, ElasticConfig
-    from elastic.slicer.model import build_model
-    from elastic.slicer.spec import SliceSpec
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.formats.elastic_format import Budget, ElasticConfig
+    from elastic.slicer.nn.model import build_model
+    from elastic.slicer.formats.spec import SliceSpec
     from elastic.trainer.elastic import Router, default_search_space, elastic_forward, sample
     from elastic.trainer.train import forward_kl
 
@@ -59,7 +59,7 @@ def main() -> None:
         """The uniform point of the search space closest to 50% of the parameters."""
         import itertools
 
-        from elastic.slicer.elastic_format import spec_from_choices
+        from elastic.slicer.formats.elastic_format import spec_from_choices
 
         best = None
         for values in itertools.product(*(dd.choices for dd in dims)):

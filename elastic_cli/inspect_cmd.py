@@ -25,7 +25,7 @@ def inspect(
 
       elastic inspect ./Nemotron-Elastic-12B --json | jq .parameters.total
     """
-    from elastic.slicer.describe import describe
+    from elastic.slicer.planning.describe import describe
 
     with boundary():
         info = describe(checkpoint)

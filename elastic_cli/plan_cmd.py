@@ -30,9 +30,9 @@ ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens pe
 
 
 def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk) -> tuple[dict, Any]:
-    from elastic.slicer.describe import default_checkpoint
-    from elastic.slicer.fit import plan, resolve_target
-    from elastic.slicer.memory import Workload
+    from elastic.slicer.planning.describe import default_checkpoint
+    from elastic.slicer.planning.fit import plan, resolve_target
+    from elastic.slicer.planning.memory import Workload
 
     tgt, detection = resolve_target(target, gpu)
     w = Workload(context=context, batch=batch, dtype=dtype.value, prefill_chunk=prefill_chunk)
@@ -159,7 +159,7 @@ def fit_my_gpu(
       elastic fit-my-gpu -c ./Nemotron-Elastic-12B --target orin-nano-8gb --dry-run
     """
     from elastic.slicer.errors import ElasticError
-    from elastic.slicer.fit import default_out, slice_budget
+    from elastic.slicer.planning.fit import default_out, slice_budget
 
     with boundary():
         p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
@@ -181,7 +181,7 @@ def fit_my_gpu(
         if not p["weights_present"]:
             raise ElasticError("the checkpoint holds config.json only; download the weights to slice it "
                                "(planning works without them)", path=p["checkpoint"])
-        from elastic.slicer.smoke import smoke_test
+        from elastic.slicer.nn.smoke import smoke_test
 
         with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
             result = slice_budget(p["checkpoint"], p["chosen"], dest, dtype=chosen["dtype"], force=force,

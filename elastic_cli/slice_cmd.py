@@ -44,8 +44,8 @@ def slice_(
 
       elastic slice -c ./dense-model --spec spec.json --out ./pruned --json
     """
-    from elastic.slicer.checkpoint import Checkpoint
-    from elastic.slicer.describe import default_checkpoint
+    from elastic.slicer.storage.reader import Checkpoint
+    from elastic.slicer.planning.describe import default_checkpoint
     from elastic.slicer.slice import slice_checkpoint
 
     with boundary():

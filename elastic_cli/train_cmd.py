@@ -159,7 +159,7 @@ def train(
         return
     lines = [f"wrote {out}  ({summary['steps']} steps, {summary['tokens']:,} tokens, {summary['world_size']} process(es))",
              f"parent val loss {summary['parent_val_loss']:.4f}"]
-    from elastic.slicer.elastic_format import BUDGET_TOLERANCE
+    from elastic.slicer.formats.elastic_format import BUDGET_TOLERANCE
 
     for name, r in summary["budgets"].items():
         miss = r["parameters"] / r["target_parameters"] - 1

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from elastic.slicer.arch import Arch
-from elastic.slicer.model import build_model, save_model
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.nn.model import build_model, save_model
 from elastic.trainer.data import TokenDataset, build_token_shards, stdlib_corpus
 from elastic.trainer.pretrain import fit
 from elastic.trainer.tokenizer import load_tokenizer, train_tokenizer

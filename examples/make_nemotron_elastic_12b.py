@@ -16,9 +16,9 @@ import itertools
 import json
 from pathlib import Path
 
-from elastic.slicer.arch import Arch
-from elastic.slicer.elastic_format import Budget, Dimension, ElasticConfig
-from elastic.slicer.spec import SliceSpec
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.elastic_format import Budget, Dimension, ElasticConfig
+from elastic.slicer.formats.spec import SliceSpec
 
 OUT = Path(__file__).parent / "nemotron-elastic-12b"
 CONFIG = {  # Nemotron Nano 12B v2, NVIDIA's config form (DESIGN.md section 3)

@@ -1,6 +1,6 @@
 """The two graphs an edge runtime runs, as flat-tensor wrappers around the reference model.
 
-``elastic.slicer.model`` keeps decode state in a Python ``Cache``; an exported graph needs it as named
+``elastic.slicer.nn.model`` keeps decode state in a Python ``Cache``; an exported graph needs it as named
 tensors. :class:`PrefillGraph` (token ids -> logits + the state of every layer) and
 :class:`DecodeGraph` (one token per sequence + that state -> logits + the new state) build a
 ``Cache`` from their tensor inputs, call the reference model's own layers, and return the cache's
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from elastic.slicer.arch import Arch
-from elastic.slicer.model import Cache, KVState, MambaState, NemotronH
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.nn.model import Cache, KVState, MambaState, NemotronH
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from elastic.slicer.errors import ElasticError
-from elastic.slicer.model import NemotronH
+from elastic.slicer.nn.model import NemotronH
 
 from .graphs import DecodeGraph, PrefillGraph, state_tensors
 from .layout import DECODE, PAST, PREFILL, PRESENT, WEIGHTS
@@ -99,7 +99,7 @@ def write_graphs(model: NemotronH, out_dir: Path, *, opset: int = DEFAULT_OPSET,
     """Export ``model`` as ``prefill.onnx`` and ``decode.onnx`` into the existing directory ``out_dir``.
 
     Args:
-        model: the reference model (``elastic.slicer.model.load_model``), in the dtype the graphs should have.
+        model: the reference model (``elastic.slicer.nn.model.load_model``), in the dtype the graphs should have.
         opset: ONNX opset, within :data:`OPSET_RANGE`.
         external_data: put weights in a shared ``weights.bin``; None decides by size (:data:`INLINE_LIMIT`).
         progress: called with a short message before each stage.

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from elastic.slicer.model import NemotronH, generate
+from elastic.slicer.nn.model import NemotronH, generate
 
 from .graphs import cache_tensors, state_tensors
 from .runtime import OnnxGenerator
@@ -28,7 +28,7 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
 
     Prefill logits and every state tensor, then ``decode_steps`` decode steps fed the reference's
     greedy tokens (so a near-tie cannot make the two diverge and hide a real difference), then
-    ``elastic.slicer.model.generate`` against :meth:`OnnxGenerator.generate` for ``new_tokens`` tokens.
+    ``elastic.slicer.nn.model.generate`` against :meth:`OnnxGenerator.generate` for ``new_tokens`` tokens.
 
     Args:
         prompt_len: default 2 chunks + 3 tokens, so the chunked scan crosses chunks and pads.

@@ -25,8 +25,8 @@ PASSTHROUGH = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 
 def _load(model_dir: str | Path, dtype: str):
-    from elastic.slicer.checkpoint import Checkpoint
-    from elastic.slicer.model import load_model
+    from elastic.slicer.storage.reader import Checkpoint
+    from elastic.slicer.nn.model import load_model
 
     from .deps import EXPORTER, require
     from .onnx_export import EXPORT_DTYPES
@@ -88,7 +88,7 @@ def export_model(
         ProfileError: unknown ``target``.
         ElasticError: ``out`` exists, bad options, or the graphs disagree with PyTorch.
     """
-    from elastic.slicer.checkpoint import ShardedWriter
+    from elastic.slicer.storage.writer import ShardedWriter
 
     from .graphs import state_tensors
     from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
@@ -99,7 +99,7 @@ def export_model(
     if format not in FORMATS:
         raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     say = progress or (lambda msg: None)
-    from elastic.slicer.outputs import MARKER, check_output
+    from elastic.slicer.storage.outputs import MARKER, check_output
 
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)

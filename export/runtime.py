@@ -84,7 +84,7 @@ class OnnxGenerator:
         return outs[0], self._state(self.decode_outputs, outs)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
-        """Same contract as ``elastic.slicer.model.generate``: (b, prompt + generated) ids, greedy, stops
+        """Same contract as ``elastic.slicer.nn.model.generate``: (b, prompt + generated) ids, greedy, stops
         early once every row has produced ``eos_token_id``."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         logits, state = self.prefill(input_ids)
@@ -122,7 +122,7 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
         ``backend``, ``prompt_tokens``, ``tokens`` (generated ids), ``text`` (None when the ids
         cannot be decoded), ``new_tokens``, ``prefill_s``, ``decode_s``, ``tokens_per_s`` (decode).
     """
-    from elastic.slicer.smoke import encode_prompt
+    from elastic.slicer.nn.smoke import encode_prompt
 
     path = Path(path)
     backend = backend or ("onnx" if is_export_dir(path) else "torch")
@@ -145,7 +145,7 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
             logits, state = gen.step(nxt, state)
         t2 = time.perf_counter()
     else:
-        from elastic.slicer.smoke import smoke_test
+        from elastic.slicer.nn.smoke import smoke_test
 
         if threads:
             import torch

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import remote_code
-from .arch import Arch
-from .checkpoint import DTYPES, Checkpoint, OutTensor, ShardedWriter
-from .elastic_format import ElasticConfig, resolve_budget
-from .errors import CheckpointError, ConfigError, ElasticError
-from .rules import TensorRule, tensor_rules
-from .spec import SliceSpec
+from elastic.slicer import remote_code
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.safetensors import DTYPES
+from elastic.slicer.storage.reader import Checkpoint
+from elastic.slicer.storage.writer import OutTensor, ShardedWriter
+from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
+from elastic.slicer.errors import CheckpointError, ConfigError, ElasticError
+from elastic.slicer.formats.rules import TensorRule, tensor_rules
+from elastic.slicer.formats.spec import SliceSpec
 
 MANIFEST_NAME = "slice_manifest.json"
 # files a runtime needs beside the weights; copied as they are

@@ -47,8 +47,8 @@ def make_source(root: Path) -> Path:
     code run too). Returns the directory."""
     from safetensors.numpy import load_file
 
-    from elastic.slicer.checkpoint import OutTensor, ShardedWriter
-    from elastic.slicer.describe import DEMO_CHECKPOINT
+    from elastic.slicer.storage.writer import OutTensor, ShardedWriter
+    from elastic.slicer.planning.describe import DEMO_CHECKPOINT
     import torch
 
     src = root / "source"

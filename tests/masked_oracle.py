@@ -8,7 +8,7 @@ slicing rules keep the wrong entries anywhere, this disagrees with the sliced ch
 import torch
 import torch.nn.functional as F
 
-from elastic.slicer.ssd import ssd_naive
+from elastic.slicer.nn.ssd import ssd_naive
 
 
 def _mask(n, keep):

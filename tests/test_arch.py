@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.slicer.arch import Arch, read_config
+from elastic.slicer.formats.arch import Arch, read_config
 from elastic.slicer.errors import ConfigError
 
 from conftest import tiny_config

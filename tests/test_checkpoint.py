@@ -6,9 +6,11 @@ import shutil
 import pytest
 import torch
 
-from elastic.slicer.checkpoint import Checkpoint, OutTensor, ShardedWriter
+from elastic.slicer.storage.reader import Checkpoint
+
+from elastic.slicer.storage.writer import OutTensor, ShardedWriter
 from elastic.slicer.errors import CheckpointError, ConfigError
-from elastic.slicer.model import load_model
+from elastic.slicer.nn.model import load_model
 
 from conftest import make_hf_checkpoint
 
@@ -107,7 +109,7 @@ def test_writer_failure_leaves_nothing(tmp_path):
 
 
 def test_writer_never_overwrites_without_force(tmp_path):
-    from elastic.slicer.outputs import MARKER, OutputError
+    from elastic.slicer.storage.outputs import MARKER, OutputError
 
     out = tmp_path / "model"
     out.mkdir()

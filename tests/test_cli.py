@@ -8,7 +8,7 @@ import sys
 from typer.testing import CliRunner
 
 from elastic.cli.main import app
-from elastic.slicer.describe import DEMO_CHECKPOINT, describe
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT, describe
 
 runner = CliRunner()
 

@@ -23,8 +23,8 @@ from elastic.export import trt
 from elastic.export.graphs import state_tensors
 from elastic.export.pipeline import export_model
 from elastic.export.runtime import OnnxGenerator
-from elastic.slicer.describe import DEMO_CHECKPOINT
-from elastic.slicer.model import generate, load_model
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT
+from elastic.slicer.nn.model import generate, load_model
 from elastic.slicer.slice import slice_checkpoint
 
 runner = CliRunner()
@@ -376,8 +376,8 @@ def test_external_data_is_shared_by_both_graphs(tmp_path):
 @pytest.mark.slow
 def test_export_beyond_the_2gb_protobuf_limit(tmp_path):
     """A model whose float32 weights exceed 2 GiB: graphs with external data, checked and compared."""
-    from elastic.slicer.arch import Arch
-    from elastic.slicer.model import build_model, init_weights, save_model
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.nn.model import build_model, init_weights, save_model
 
     arch = Arch.from_config({  # embeddings + LM head alone: 2 x 70,000 x 4096 float32 = 2.29 GB
         "vocab_size": 70_000, "hidden_size": 4096, "hybrid_override_pattern": "M*-", "num_attention_heads": 8,

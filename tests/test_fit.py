@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from elastic.cli.main import app
 from elastic.profiles.devices import get_profile
-from elastic.slicer.checkpoint import Checkpoint
-from elastic.slicer.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
-from elastic.slicer.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
-from elastic.slicer.model import load_model
+from elastic.slicer.storage.reader import Checkpoint
+from elastic.slicer.planning.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
+from elastic.slicer.planning.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
+from elastic.slicer.nn.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 E12B = ROOT / "examples" / "nemotron-elastic-12b"

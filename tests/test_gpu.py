@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from elastic.slicer import kernels
-from elastic.slicer.model import load_model
+from elastic.slicer.nn import kernels
+from elastic.slicer.nn.model import load_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

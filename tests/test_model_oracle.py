@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from elastic.slicer.model import generate, load_model
+from elastic.slicer.nn.model import generate, load_model
 
 from conftest import assert_same_logits, make_hf_checkpoint
 

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from elastic.cli.main import app
-from elastic.slicer.describe import DEMO_CHECKPOINT
-from elastic.slicer.outputs import MARKER
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT
+from elastic.slicer.storage.outputs import MARKER
 
 runner = CliRunner()
 

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from elastic.cli.main import app
-from elastic.slicer.describe import DEMO_CHECKPOINT
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
 runner = CliRunner()
 
@@ -229,8 +229,8 @@ def test_plan_from_the_small_files_alone(tmp_path):
 
 def test_force_rerun_of_fit_my_gpu_layout_replaces_the_nested_export(tmp_path):
     """OUT (a slice) holding OUT/export (an export), both elastic's: replaceable as one."""
-    from elastic.slicer.checkpoint import ShardedWriter
-    from elastic.slicer.outputs import OutputError, check_output
+    from elastic.slicer.storage.writer import ShardedWriter
+    from elastic.slicer.storage.outputs import OutputError, check_output
 
     out = tmp_path / "model"
     with ShardedWriter(out) as w:

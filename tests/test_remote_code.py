@@ -1,6 +1,6 @@
 """The remote code for heterogeneous checkpoints, against our reference model on the same weights.
 
-Oracle: ``elastic.slicer.model`` builds every layer at its own size from ``Arch``; transformers builds the
+Oracle: ``elastic.slicer.nn.model`` builds every layer at its own size from ``Arch``; transformers builds the
 same checkpoint through ``slicer/remote_code`` with ``trust_remote_code=True``. Both must load
 every tensor at its own shape and compute the same logits.
 """
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from elastic.slicer.arch import Arch
-from elastic.slicer.model import build_model, generate, load_model, save_model
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.nn.model import build_model, generate, load_model, save_model
 from elastic.slicer.remote_code import FILES, puzzle_config
 
 from conftest import assert_same_logits, randomize_, tiny_config

@@ -7,14 +7,14 @@ import shutil
 import pytest
 import torch
 
-from elastic.slicer import checkpoint as checkpoint_mod
+from elastic.slicer.storage import writer as checkpoint_mod
 from elastic.slicer import slice as slice_mod
-from elastic.slicer.checkpoint import Checkpoint
+from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.errors import CheckpointError, ConfigError, ElasticError
-from elastic.slicer.masked import masked_forward
-from elastic.slicer.model import generate, load_model
+from elastic.slicer.nn.masked import masked_forward
+from elastic.slicer.nn.model import generate, load_model
 from elastic.slicer.slice import slice_checkpoint
-from elastic.slicer.spec import SliceSpec
+from elastic.slicer.formats.spec import SliceSpec
 
 from conftest import make_hf_checkpoint
 from masked_oracle import masked_logits
@@ -110,7 +110,7 @@ def test_heterogeneous_slice_loads_with_remote_code(parents, tmp_path):
 
 
 def test_demo_budgets_slice_to_their_size(tmp_path):
-    from elastic.slicer.describe import DEMO_CHECKPOINT
+    from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
     parent = load_model(DEMO_CHECKPOINT)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -124,7 +124,7 @@ def test_demo_budgets_slice_to_their_size(tmp_path):
 
 
 def test_router_and_resolved_choices_agree(tmp_path):
-    from elastic.slicer.describe import DEMO_CHECKPOINT
+    from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
     shutil.copytree(DEMO_CHECKPOINT, tmp_path / "ckpt")
     with_router = slice_checkpoint(tmp_path / "ckpt", tmp_path / "a", budget="50%").manifest
@@ -173,7 +173,7 @@ def test_budget_on_a_dense_checkpoint(hf_ckpt, tmp_path):
 
 
 def test_unknown_budget_lists_the_budgets(tmp_path):
-    from elastic.slicer.describe import DEMO_CHECKPOINT
+    from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
     with pytest.raises(ConfigError, match="unknown budget '6B'; this checkpoint has: 100%, 75%, 50%"):
         slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "out", budget="6B")
@@ -194,7 +194,7 @@ def test_invalid_spec_reports_everything(hf_ckpt, tmp_path):
 
 
 def test_existing_output_is_kept(hf_ckpt, tmp_path):
-    from elastic.slicer.outputs import OutputError
+    from elastic.slicer.storage.outputs import OutputError
 
     out = tmp_path / "out"
     out.mkdir()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from elastic.slicer.ssd import ssd_chunked, ssd_naive, ssd_step
+from elastic.slicer.nn.ssd import ssd_chunked, ssd_naive, ssd_step
 
 
 def inputs(b=2, l=13, h=6, p=3, g=2, n=4, seed=0):

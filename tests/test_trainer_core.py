@@ -2,7 +2,7 @@
 
 import torch
 
-from elastic.slicer.model import load_model
+from elastic.slicer.nn.model import load_model
 from elastic.trainer.importance import depth_order, width_importance
 from elastic.trainer.permute import orders, permute_
 
@@ -54,9 +54,9 @@ def test_depth_order_removes_least_harmful_first(tmp_path):
 
 
 def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_path):
-    from elastic.slicer.elastic_format import Budget, ElasticConfig
-    from elastic.slicer.masked import masked_forward
-    from elastic.slicer.spec import SliceSpec
+    from elastic.slicer.formats.elastic_format import Budget, ElasticConfig
+    from elastic.slicer.nn.masked import masked_forward
+    from elastic.slicer.formats.spec import SliceSpec
     from elastic.trainer.elastic import Router, default_search_space, elastic_forward, expected_params, sample
 
     make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M", n_groups=2, mamba_num_heads=8)

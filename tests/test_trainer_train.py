@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from elastic.slicer.checkpoint import Checkpoint
-from elastic.slicer.elastic_format import BUDGET_TOLERANCE
+from elastic.slicer.storage.reader import Checkpoint
+from elastic.slicer.formats.elastic_format import BUDGET_TOLERANCE
 from elastic.slicer.errors import ConfigError
-from elastic.slicer.model import load_model
+from elastic.slicer.nn.model import load_model
 from elastic.slicer.slice import slice_checkpoint
 from trainer_fixtures import make_parent_and_tokens
 from elastic.trainer.train import Stage, TrainConfig, train

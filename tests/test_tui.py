@@ -22,9 +22,9 @@ from elastic.cli.tui import build_app
 from elastic.cli.tui.planner import EXPORT_MISSING, HERE
 from elastic.cli.tui.widgets import BudgetTable
 from elastic.profiles.devices import get_profile
-from elastic.slicer.describe import DEMO_CHECKPOINT
-from elastic.slicer.fit import plan, target_from_profile
-from elastic.slicer.memory import Workload
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT
+from elastic.slicer.planning.fit import plan, target_from_profile
+from elastic.slicer.planning.memory import Workload
 
 EXAMPLE_12B = Path(__file__).resolve().parent.parent / "examples" / "nemotron-elastic-12b"
 runner = CliRunner()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elastic.slicer.arch import Arch
-from elastic.slicer.model import build_model, save_model
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.nn.model import build_model, save_model
 from elastic.trainer.data import build_token_shards, stdlib_corpus
 from elastic.trainer.tokenizer import load_tokenizer
 

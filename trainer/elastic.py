@@ -9,7 +9,7 @@
   router through a scalar that is exactly 1.0 in the forward and multiplies each chosen unit's
   output projection.
 - The elastic forward: the chosen nested model computed from narrowed parent weights
-  (``elastic.slicer.masked``), so a smaller budget costs less.
+  (``elastic.slicer.nn.masked``), so a smaller budget costs less.
 - The cost: expected parameters under the router's probabilities (differentiable), pulled toward
   each budget's target.
 """
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.slicer.arch import Arch
-from elastic.slicer.elastic_format import Dimension, ElasticConfig, spec_from_choices
-from elastic.slicer.masked import _child_module, masked_params
-from elastic.slicer.model import NemotronH
-from elastic.slicer.spec import SliceSpec
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.elastic_format import Dimension, ElasticConfig, spec_from_choices
+from elastic.slicer.nn.masked import _child_module, masked_params
+from elastic.slicer.nn.model import NemotronH
+from elastic.slicer.formats.spec import SliceSpec
 
 ROUTER_HIDDEN = 256
 # which child tensor a dimension's straight-through scalar multiplies, per layer kind

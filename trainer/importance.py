@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from elastic.slicer.model import NemotronH
+from elastic.slicer.nn.model import NemotronH
 
 
 @contextmanager

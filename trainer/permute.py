@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from elastic.slicer.model import NemotronH
+from elastic.slicer.nn.model import NemotronH
 
 
 def _desc(scores: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from elastic.slicer.masked import masked_forward
-from elastic.slicer.model import NemotronH
-from elastic.slicer.spec import SliceSpec
+from elastic.slicer.nn.masked import masked_forward
+from elastic.slicer.nn.model import NemotronH
+from elastic.slicer.formats.spec import SliceSpec
 
 from .data import TokenDataset
 

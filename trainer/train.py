@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.slicer.checkpoint import Checkpoint, ShardedWriter
-from elastic.slicer.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
+from elastic.slicer.storage.reader import Checkpoint
+
+from elastic.slicer.storage.writer import ShardedWriter
+from elastic.slicer.formats.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
 from elastic.slicer.errors import ConfigError
-from elastic.slicer.masked import masked_forward
-from elastic.slicer.model import NemotronH, load_model, write_model
-from elastic.slicer.outputs import check_output
+from elastic.slicer.nn.masked import masked_forward
+from elastic.slicer.nn.model import NemotronH, load_model, write_model
+from elastic.slicer.storage.outputs import check_output
 from elastic.slicer.slice import PASSTHROUGH_FILES
-from elastic.slicer.spec import SliceSpec
+from elastic.slicer.formats.spec import SliceSpec
 
 from .data import TokenDataset
 from .elastic import Router, anneal, default_search_space, elastic_forward, expected_params, sample
@@ -179,7 +181,7 @@ def _config_problems(cfg: TrainConfig) -> list[str]:
 def check_train_args(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
                      work_dir: str | Path | None = None, force: bool = False) -> Path:
     """Everything that can be refused before any slow work: the settings (one :class:`ConfigError`
-    listing every problem) and the output (``elastic.slicer.outputs.check_output``: never a source, replace
+    listing every problem) and the output (``elastic.slicer.storage.outputs.check_output``: never a source, replace
     only what elastic wrote). Returns the work directory."""
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
@@ -507,7 +509,7 @@ def write_elastic_checkpoint(model: NemotronH, ec: ElasticConfig, router: Router
     """Write an elastic checkpoint v1 atomically: weights, config, elastic_config, router,
     importance scores, the source's tokenizer files, and a training summary.
 
-    ``out`` is checked by ``elastic.slicer.outputs.check_output``: it may not be, lie inside or contain
+    ``out`` is checked by ``elastic.slicer.storage.outputs.check_output``: it may not be, lie inside or contain
     ``source`` or any of ``sources`` (the training data, the work directory), and with ``force``
     only a directory elastic wrote is replaced."""
     from safetensors.numpy import save as st_save

@@ -1,5 +1,5 @@
 """What the TUI shows and does, without Textual: the same library calls as ``elastic plan`` and
-``elastic fit-my-gpu`` (``elastic.slicer.fit.plan``, ``elastic.slicer.slice.slice_checkpoint``), plus the text
+``elastic fit-my-gpu`` (``elastic.slicer.planning.fit.plan``, ``elastic.slicer.slice.slice_checkpoint``), plus the text
 they are shown as. No torch at import; slicing imports it in the worker thread.
 
 Example:
@@ -45,8 +45,8 @@ class Planner:
     """
 
     def __init__(self, checkpoint: str | Path | None):
-        from elastic.slicer.checkpoint import Checkpoint
-        from elastic.slicer.describe import default_checkpoint
+        from elastic.slicer.storage.reader import Checkpoint
+        from elastic.slicer.planning.describe import default_checkpoint
 
         self.ckpt = Checkpoint.open(checkpoint or default_checkpoint())
         self._targets: dict[str, Any] = {}  # choice.target -> (Target, Detection | None)
@@ -57,16 +57,16 @@ class Planner:
 
     def target(self, name: str):
         """(Target, Detection or None) exactly as `elastic plan --target` / no --target builds it."""
-        from elastic.slicer.fit import resolve_target
+        from elastic.slicer.planning.fit import resolve_target
 
         if name not in self._targets:  # detection probes the machine: once per session
             self._targets[name] = resolve_target(None if name == HERE else name, None)
         return self._targets[name]
 
     def plan(self, choice: Choice) -> dict[str, Any]:
-        """``elastic.slicer.fit.plan`` for ``choice`` (raises ProfileError for an unknown profile)."""
-        from elastic.slicer.fit import plan
-        from elastic.slicer.memory import Workload
+        """``elastic.slicer.planning.fit.plan`` for ``choice`` (raises ProfileError for an unknown profile)."""
+        from elastic.slicer.planning.fit import plan
+        from elastic.slicer.planning.memory import Workload
 
         tgt, detection = self.target(choice.target)
         p = plan(self.ckpt, tgt, Workload(context=choice.context, batch=choice.batch, dtype=choice.dtype))
@@ -122,7 +122,7 @@ def summary_lines(p: dict, unit: str) -> list[str]:
 
 def default_out(budget: str) -> Path:
     """Where `elastic fit-my-gpu` writes a budget when no --out is given."""
-    from elastic.slicer.fit import default_out as library_default_out
+    from elastic.slicer.planning.fit import default_out as library_default_out
 
     return library_default_out(budget)
 
@@ -155,7 +155,7 @@ def run_action(action: str, source: Path, p: dict, budget: str, out: Path, force
 def slice_budget(source: Path, p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
     """Slice as `elastic fit-my-gpu` does (the plan's dtype, a full spec for a dense checkpoint);
     ``source`` is the directory as the user gave it, so errors name it as `elastic slice` would."""
-    from elastic.slicer.fit import slice_budget as library_slice_budget
+    from elastic.slicer.planning.fit import slice_budget as library_slice_budget
 
     row = next(b for b in p["budgets"] if b["name"] == budget)
     result = library_slice_budget(source, budget, out, dtype=row["dtype"], force=force, progress=progress)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from elastic.slicer.errors import ConfigError
 
 MAX_SIZE = 2**31 - 1  # any size above this is a corrupt config, not a model
 # layer kinds, in the order inspect reports them

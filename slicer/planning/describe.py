@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .arch import KINDS
-from .checkpoint import ELASTIC_CONFIG_NAME, Checkpoint
-from .elastic_format import ElasticConfig, resolve_budget
-from .errors import CheckpointError
+from elastic.slicer.formats.arch import KINDS
+from elastic.slicer.storage.reader import ELASTIC_CONFIG_NAME, Checkpoint
+from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
+from elastic.slicer.errors import CheckpointError
 
-DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
+DEMO_CHECKPOINT = Path(__file__).parents[1] / "demo_checkpoint"
 
 
 def default_checkpoint() -> Path:

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .arch import Arch, LayerArch
-from .checkpoint import Checkpoint
-from .errors import CheckpointError, ConfigError
-from .ssd import ssd_chunked, ssd_step
+from elastic.slicer.nn import kernels
+from elastic.slicer.formats.arch import Arch, LayerArch
+from elastic.slicer.storage.reader import Checkpoint
+from elastic.slicer.errors import CheckpointError, ConfigError
+from elastic.slicer.nn.ssd import ssd_chunked, ssd_step
 
 
 # ---- recurrent state ------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def generate(model: NemotronH, input_ids: torch.Tensor, max_new_tokens: int, eos
 def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_config: dict | None = None) -> None:
     """Write ``model``'s config.json and weights into an open ``ShardedWriter`` (tied LM heads are
     stored once, as transformers does)."""
-    from .checkpoint import OutTensor, st_dtype
+    from elastic.slicer.storage.writer import OutTensor, st_dtype
 
     config = model.arch.to_config()
     config.setdefault("architectures", ["NemotronHForCausalLM"])
@@ -389,7 +389,7 @@ def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_con
 def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False,
                extra_config: dict | None = None) -> Path:
     """Write ``model`` as a Hugging Face ``nemotron_h`` checkpoint (config.json + safetensors), atomically."""
-    from .checkpoint import ShardedWriter
+    from elastic.slicer.storage.writer import ShardedWriter
 
     with ShardedWriter(out, force=force) as w:
         write_model(w, model, max_shard_bytes, extra_config)

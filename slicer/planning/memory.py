@@ -12,7 +12,7 @@ Every term is a byte count that ``elastic plan`` shows:
   the torch runtime on a CPU), from the device profile;
 - ``margin``: a safety fraction of everything above.
 
-The activation term follows the tensors the reference implementation (``elastic.slicer.model``) keeps
+The activation term follows the tensors the reference implementation (``elastic.slicer.nn.model``) keeps
 alive at its peak; ``bench/plan_accuracy.py`` checks the total against a measured run.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .arch import Arch
+from elastic.slicer.formats.arch import Arch
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 F32 = 4

@@ -36,7 +36,7 @@ def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 1
     """
     import torch
 
-    from .model import load_model
+    from elastic.slicer.nn.model import load_model
 
     model_dir = Path(model_dir)
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def smoke_test(model_dir: str | Path, prompt: str = "Hello", new_tokens: int = 1
             logits = model(nxt[:, None], cache=cache)
         t3 = time.perf_counter()
     if not bool(torch.isfinite(logits).all()):
-        from .errors import ElasticError
+        from elastic.slicer.errors import ElasticError
 
         raise ElasticError("the model produced non-finite logits (NaN/inf): the slice does not run correctly",
                            path=str(model_dir))

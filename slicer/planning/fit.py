@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
-from .elastic_format import ElasticConfig, resolve_budget
-from .errors import ConfigError
-from .memory import Workload, footprint, max_context
-from .spec import SliceSpec
+from elastic.slicer.storage.reader import Checkpoint
+from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
+from elastic.slicer.errors import ConfigError
+from elastic.slicer.planning.memory import Workload, footprint, max_context
+from elastic.slicer.formats.spec import SliceSpec
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def slice_budget(checkpoint: str | Path, budget: str, out: str | Path, dtype: st
                  progress=None):
     """Slice one budget of a plan: by name from an elastic checkpoint; "full" of a dense one is the
     whole model (a copy, cast to ``dtype``). Returns ``elastic.slicer.slice.SliceResult``."""
-    from .slice import slice_checkpoint
+    from elastic.slicer.slice import slice_checkpoint
 
     ckpt = Checkpoint.open(checkpoint, require_weights=True)
     if ckpt.is_elastic:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .arch import Arch, LayerArch
-from .spec import SliceSpec
+from elastic.slicer.formats.arch import Arch, LayerArch
+from elastic.slicer.formats.spec import SliceSpec
 
 Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint, merged [start, stop) ranges on one axis
 

@@ -16,10 +16,10 @@ import functools
 
 import torch
 
-from .arch import Arch
-from .model import Cache, NemotronH
-from .rules import indices, tensor_rules
-from .spec import SliceSpec
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.nn.model import Cache, NemotronH
+from elastic.slicer.formats.rules import indices, tensor_rules
+from elastic.slicer.formats.spec import SliceSpec
 
 
 @functools.lru_cache(maxsize=64)

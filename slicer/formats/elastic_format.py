@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import Arch
-from .errors import ConfigError
-from .spec import SPEC_FIELDS, SliceSpec
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.errors import ConfigError
+from elastic.slicer.formats.spec import SPEC_FIELDS, SliceSpec
 
 FORMAT = "nemotron-elastic"
 VERSION = 1
@@ -260,7 +260,7 @@ def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from .checkpoint import read_header
+    from elastic.slicer.formats.safetensors import read_header
 
     header, _ = read_header(path)  # truncation and corruption give a clear CheckpointError
     try:

@@ -1,7 +1,7 @@
 """Output safety: the one place that decides whether a directory may be written or replaced.
 
 Every command that writes a directory (slice, export, train, fit-my-gpu, the TUI) goes through
-:class:`elastic.slicer.checkpoint.ShardedWriter`, which calls :func:`check_output` before any slow work
+:class:`elastic.slicer.storage.writer.ShardedWriter`, which calls :func:`check_output` before any slow work
 and :func:`publish` at the end. The rules:
 
 - an output that is a source, lies inside a source directory, or contains a source is refused
@@ -28,7 +28,7 @@ import socket
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ElasticError
+from elastic.slicer.errors import ElasticError
 
 MARKER = ".elastic-output.json"  # written into every directory this tool produces
 FORCE_HINT = "replace it (--force on the command line, 'replace' in the TUI) only if elastic wrote it"

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .arch import Arch, LayerArch
-from .errors import ConfigError
+from elastic.slicer.formats.arch import Arch, LayerArch
+from elastic.slicer.errors import ConfigError
 
 # per-layer spec fields by kind: what may be trimmed (KV heads, B/C, G, N are never elastic)
 SPEC_FIELDS = {

@@ -1,0 +1,263 @@
+"""A checkpoint directory on disk: config, shard index, safetensors headers. Torch only to read data.
+
+Example:
+    >>> ckpt = Checkpoint.open("./model")          # validates config, index, shards, shapes
+    >>> ckpt.arch.layer_pattern, ckpt.dtype, ckpt.weights_bytes
+    >>> w = ckpt.read("backbone.norm_f.weight")    # one tensor, read from its shard
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from elastic.slicer.errors import CheckpointError
+from elastic.slicer.formats.arch import Arch, read_config
+from elastic.slicer.formats.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, _cap, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ELASTIC_CONFIG_NAME = "elastic_config.json"
+# safetensors files beside the weights that are not weights (elastic format sidecars)
+SIDECAR_FILES = ("router.safetensors", "importance.safetensors")
+# Tensors that transformers itself ignores on load (multi-token-prediction heads).
+IGNORED_PREFIXES = ("mtp.",)
+
+
+def _plain_name(name: Any) -> bool:
+    """True when a shard name is a plain file name in the checkpoint directory (no directory part,
+    not absolute, not "." or ".."). Where the file's symlink points is not our business: a Hugging
+    Face cache snapshot links every file to ``../../blobs/HASH``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name and Path(name).name == name
+
+
+class Checkpoint:
+    """A Hugging Face ``nemotron_h`` directory: config, optional weights, optional elastic sidecar.
+
+    Use :meth:`open`; it validates everything it can and raises one error listing all problems.
+    """
+
+    def __init__(self, root: Path, config: dict[str, Any], arch: Arch, tensors: dict[str, TensorInfo]):
+        self.root = root
+        self.config = config
+        self.arch = arch
+        self.tensors = tensors  # name -> TensorInfo; empty when the weights are absent
+
+    # ---- opening and validation ---------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, require_weights: bool = False) -> "Checkpoint":
+        """Open and validate a checkpoint directory.
+
+        Args:
+            path: the directory (or its config.json).
+            require_weights: raise when no weights are present (else config-only mode).
+
+        Raises:
+            ConfigError: config.json missing or invalid.
+            CheckpointError: a shard is missing, truncated, outside the directory, or a tensor
+                disagrees with the config (every problem listed).
+        """
+        root = Path(path)
+        if root.is_file() and root.name == "config.json":
+            root = root.parent
+        if not root.is_dir():
+            raise CheckpointError("no such checkpoint directory", path=str(root))
+        config = read_config(root / "config.json")
+        arch = Arch.from_config(config, source=str(root / "config.json"))
+        tensors = cls._scan_weights(root)
+        if require_weights and not tensors:
+            raise CheckpointError(
+                f"no weights: expected {SINGLE_NAME} or {INDEX_NAME} beside config.json", path=str(root)
+            )
+        ckpt = cls(root, config, arch, tensors)
+        if tensors:
+            problems = ckpt.shape_problems()
+            if problems:
+                raise CheckpointError(
+                    f"the weights disagree with config.json ({len(problems)} problems)",
+                    problems=_cap(problems),
+                    path=str(root),
+                )
+        return ckpt
+
+    @staticmethod
+    def _scan_weights(root: Path) -> dict[str, TensorInfo]:
+        index_path = root / INDEX_NAME
+        if index_path.is_file():
+            try:
+                index = json.loads(index_path.read_text())
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise CheckpointError("not a valid shard index (not JSON)", path=str(index_path)) from None
+            except OSError as e:
+                raise CheckpointError(f"cannot read ({e.strerror})", path=str(index_path)) from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError("not a valid shard index (needs a non-empty 'weight_map' object of "
+                                      "tensor name -> shard file name)", path=str(index_path))
+            problems = []
+            if "metadata" in index and not isinstance(index["metadata"], (dict, type(None))):
+                problems.append(f"metadata must be an object, found {index['metadata']!r:.40}")
+            shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    problems.append(f"weight_map[{name!r}] must be a shard file name, found {shard!r:.40}")
+            for shard in shards:
+                n = sum(1 for s in weight_map.values() if s == shard)
+                if not _plain_name(shard):
+                    problems.append(f"shard name {shard!r} is not a plain file name in the checkpoint directory; refused")
+                elif (root / shard).is_symlink() and not (root / shard).exists():
+                    problems.append(f"shard {shard} is a link to {os.readlink(root / shard)}, which is missing "
+                                    f"(holds {n} tensors; an interrupted download?)")
+                elif not (root / shard).is_file():
+                    problems.append(f"missing shard {shard} (holds {n} tensors)")
+            if problems:
+                raise CheckpointError("broken shard index", problems=_cap(problems), path=str(index_path))
+            files = [root / s for s in shards]
+        elif (root / SINGLE_NAME).is_file():
+            weight_map, files = None, [root / SINGLE_NAME]
+        elif (root / SINGLE_NAME).is_symlink():
+            raise CheckpointError(f"{SINGLE_NAME} is a link to {os.readlink(root / SINGLE_NAME)}, which is missing "
+                                  "(an interrupted download?)", path=str(root))
+        else:
+            stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in SIDECAR_FILES)
+            if stray:
+                raise CheckpointError(
+                    f"found {', '.join(stray[:3])} but no {INDEX_NAME} saying which tensor is where", path=str(root)
+                )
+            return {}
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            header, data_start = read_header(file)
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(name) != file.name:
+                    continue  # the index is the authority on where a tensor lives
+                tensors[name] = TensorInfo(
+                    name, file, meta["dtype"], tuple(meta["shape"]), tuple(meta["data_offsets"]), data_start
+                )
+        if weight_map is not None:
+            lost = [n for n in weight_map if n not in tensors]
+            if lost:
+                raise CheckpointError(
+                    f"{len(lost)} tensors listed in the index are not in their shard",
+                    problems=_cap([f"{n} (index says {weight_map[n]})" for n in lost]),
+                    path=str(index_path),
+                )
+        return tensors
+
+    def shape_problems(self) -> list[str]:
+        """Every difference between the tensors on disk and what config.json implies."""
+        expected = self.arch.tensor_shapes()
+        problems = []
+        for name, shape in expected.items():
+            info = self.tensors.get(name)
+            if info is None:
+                problems.append(f"missing tensor {name} {list(shape)}")
+            elif info.shape != shape:
+                problems.append(f"{name}: config implies shape {list(shape)}, {info.file.name} has {list(info.shape)}")
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"{name} is {info.dtype_name} in {info.file.name}; model weights are floating point")
+        for name in self.tensors:
+            if name not in expected and not name.startswith(IGNORED_PREFIXES):
+                problems.append(f"unexpected tensor {name} in {self.tensors[name].file.name} (not in config.json's layout)")
+        return problems
+
+    # ---- facts ---------------------------------------------------------------------------
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.tensors)
+
+    @property
+    def is_elastic(self) -> bool:
+        return (self.root / ELASTIC_CONFIG_NAME).is_file()
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """Every regular file in the directory (what a user downloads)."""
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype holding most of the parameters, else the config's ``torch_dtype``/``dtype``."""
+        if self.tensors:
+            by_dtype: Counter[str] = Counter()
+            for t in self.tensors.values():
+                by_dtype[t.dtype_name] += t.numel
+            return by_dtype.most_common(1)[0][0]
+        return self.config.get("dtype") or self.config.get("torch_dtype")
+
+    # ---- reading data (torch) -----------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        """One descriptor per shard, kept open: the kernel's read-ahead follows sequential reads
+        only within one open file."""
+        fds = self.__dict__.setdefault("_fds", {})
+        if file not in fds:
+            fds[file] = os.open(file, os.O_RDONLY)
+        return fds[file]
+
+    def close(self) -> None:
+        for fd in self.__dict__.pop("_fds", {}).values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def read(self, name: str, rows: tuple[int, int] | None = None):
+        """Read one tensor, or rows ``[r0, r1)`` of its first axis, with plain file reads.
+
+        No memory map: a file truncated or replaced while we read gives a clear error, not a
+        crash (a mapped page past the end of a file kills the process with SIGBUS).
+
+        Returns:
+            a CPU ``torch.Tensor`` in the dtype on disk, owning its memory.
+        """
+        import torch
+
+        info = self.tensors[name]
+        dtype = getattr(torch, DTYPES[info.dtype][0])
+        r0, r1 = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        nbytes = (r1 - r0) * info.row_bytes
+        shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: the read overwrites it
+        try:
+            got = _pread_fully(self._fd(info.file), buf.numpy(), info.data_start + info.offsets[0] + r0 * info.row_bytes)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {name} ({e.strerror})", path=str(info.file)) from None
+        if got != nbytes:
+            raise CheckpointError(
+                f"truncated while reading {name}: the file ended {nbytes - got} bytes early "
+                "(was it modified during the run?)", path=str(info.file)
+            )
+        return buf.view(dtype).view(shape)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+        """Yield (name, tensor) one at a time, in file order."""
+        wanted = names if names is not None else list(self.tensors)
+        for name in sorted(wanted, key=lambda n: (self.tensors[n].file, self.tensors[n].offsets)):
+            yield name, self.read(name)
+
+
+def _pread_fully(fd: int, view, offset: int) -> int:
+    """pread until the buffer is full or the file ends (reads may return short)."""
+    mv, got = memoryview(view), 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got

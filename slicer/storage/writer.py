@@ -1,0 +1,253 @@
+"""Writing checkpoints: safetensors files streamed block by block (hashed on the way out) and
+:class:`ShardedWriter`, which publishes a whole directory atomically under the rules of
+:mod:`elastic.slicer.storage.outputs`.
+
+Example:
+    >>> with ShardedWriter("./model") as w:
+    ...     w.add_json("config.json", config)
+    ...     w.write_tensors([OutTensor(name, "F32", tuple(t.shape), lambda t=t: [t]) for name, t in sd.items()])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from elastic.slicer.formats.safetensors import DTYPES
+from elastic.slicer.storage.reader import INDEX_NAME, SINGLE_NAME
+
+
+
+def st_dtype(torch_dtype) -> str:
+    """safetensors' code for a torch dtype: torch.bfloat16 -> "BF16"."""
+    name = str(torch_dtype).removeprefix("torch.")
+    for code, (n, _) in DTYPES.items():
+        if n == name:
+            return code
+    raise ValueError(f"no safetensors dtype for {torch_dtype}")
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: its name, dtype code, shape, and a producer of its data.
+
+    ``blocks()`` yields tensors of that dtype whose concatenation along axis 0 is the tensor, so a
+    large tensor can be written a few rows at a time.
+    """
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterable[Any]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+class _Sink:
+    """Writes and hashes blocks on a background thread, so reading the next block overlaps with
+    writing this one (file writes and sha256 both release the GIL). At most ``depth`` blocks wait."""
+
+    def __init__(self, f, depth: int = 3):
+        import hashlib
+        import queue
+        import threading
+
+        self.f, self.digest, self.error = f, hashlib.sha256(), None
+        self.q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch
+
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    # a tensor (maybe a strided view) becomes bytes here, off the reading thread
+                    data = item if isinstance(item, bytes) else \
+                        memoryview(item.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    self.f.write(data)
+                    self.digest.update(data)
+                except BaseException as e:  # reported to the producer at its next put / close
+                    self.error = e
+
+    def put(self, data) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(data)
+
+    def close(self) -> str:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+
+def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[[int], None] | None) -> tuple[int, str]:
+    """Stream tensors into one safetensors file: header first (all shapes are known), then data.
+
+    Tensors are written in name order, so the same inputs give byte-identical files. Returns
+    (data bytes written, sha256 of the whole file), the hash taken on the way out.
+    """
+    tensors = sorted(tensors, key=lambda t: t.name)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        sink = _Sink(f)
+        try:
+            sink.put(struct.pack("<Q", len(raw)) + raw)
+            for t in tensors:
+                written = 0
+                for block in t.blocks():
+                    if st_dtype(block.dtype) != t.dtype:
+                        raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
+                    nbytes = block.numel() * block.element_size()
+                    sink.put(block)  # written (and made contiguous) on the sink's thread
+                    written += nbytes
+                    if progress:
+                        progress(nbytes)
+                if written != t.nbytes:
+                    raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+        finally:
+            sha = sink.close()
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the directory is renamed into place
+    return offset, sha
+
+
+class ShardedWriter:
+    """Write a checkpoint atomically: into a temporary directory beside ``out``, renamed at the end.
+
+    On any exception inside the ``with`` block (a failed read, a full disk, Ctrl-C) the temporary
+    directory is removed and ``out`` is untouched. The output rules (never a source, replace only
+    what elastic wrote, atomic publish, one writer at a time) live in :mod:`elastic.slicer.storage.outputs`.
+
+    Example:
+        >>> with ShardedWriter("./model") as w:
+        ...     w.add_json("config.json", config)
+        ...     w.write_tensors([OutTensor(name, "F32", tuple(t.shape), lambda t=t: [t]) for name, t in sd.items()])
+    """
+
+    def __init__(self, out: str | Path, force: bool = False, *, sources=(), source_files=(), kind: str = "checkpoint"):
+        import tempfile
+
+        from elastic.slicer.storage.outputs import OutputLock, check_output
+
+        self.out = Path(out)
+        self.force, self.kind = force, kind
+        check_output(self.out, force=force, sources=sources, source_files=source_files)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = OutputLock(self.out)
+        self.lock.acquire()
+        try:
+            check_output(self.out, force=force, sources=sources, source_files=source_files)  # again, under the lock
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        except BaseException:
+            self.lock.release()
+            raise
+        self.bytes_written = 0
+        self.shards: list[str] = []
+        self.sha256: dict[str, str] = {}  # shard file name -> sha256 of the file
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        try:
+            if exc_type is None:
+                try:
+                    self.commit()
+                    return
+                except BaseException:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                    raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self.lock.release()
+
+    def add_json(self, filename: str, data: dict) -> None:
+        self.add_text(filename, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def add_text(self, filename: str, text: str) -> None:
+        (self.tmp / filename).write_text(text)
+
+    def add_file(self, src: Path, filename: str | None = None) -> None:
+        import shutil
+
+        shutil.copyfile(src, self.tmp / (filename or src.name))
+
+    def add_files_from(self, root: Path, names) -> None:
+        """Copy those of ``names`` that exist in ``root`` (tokenizer and generation files)."""
+        for name in names:
+            if (root / name).is_file():
+                self.add_file(root / name)
+
+    def write_tensors(self, tensors: list[OutTensor], max_shard_bytes: int = 2 * 2**30,
+                      progress: Callable[[int], None] | None = None) -> None:
+        """Write all tensors, split into shards of at most ``max_shard_bytes`` (one tensor may exceed it).
+
+        One shard is ``model.safetensors``; several are ``model-0000k-of-0000n.safetensors`` with
+        ``model.safetensors.index.json``. Memory holds one block of one tensor at a time.
+        """
+        groups: list[list[OutTensor]] = [[]]
+        size = 0
+        for t in sorted(tensors, key=lambda t: t.name):
+            if groups[-1] and size + t.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        total = 0
+        for name, group in zip(names, groups):
+            nbytes, self.sha256[name] = _write_safetensors(self.tmp / name, group, progress)
+            total += nbytes
+        if n > 1:
+            weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
+            self.add_json(INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        self.shards = names
+
+    def commit(self) -> Path:
+        """Publish the finished directory at ``out`` (see :func:`elastic.slicer.storage.outputs.publish`)."""
+        from elastic.slicer.storage.outputs import publish, write_marker
+
+        write_marker(self.tmp, self.kind)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in self.tmp.rglob("*"):  # mkdtemp uses 0700; give the modes any new file would get
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        self.tmp.chmod(0o777 & ~umask)
+        self.bytes_written = sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())
+        publish(self.tmp, self.out, replace=self.force)
+        _fsync_dir(self.out.parent)
+        return self.out
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
