@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import typer
 
-from .export_cmd import export, generate
+from .export_cmd import export
+from .generate_cmd import generate
 from .inspect_cmd import inspect
 from .plan_cmd import fit_my_gpu, plan, profiles_
 from .slice_cmd import slice_
