@@ -21,6 +21,27 @@ CheckpointOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of text.")]
 
 
+def precision_choice(name: str, allowed, *extra: str):
+    """An Enum of every spelling of ``allowed`` precisions (``elastic.slicer.formats.precision``) plus
+    words such as "auto"/"keep", for an option with ``case_sensitive=False``: every command takes
+    every spelling."""
+    from enum import Enum
+
+    from elastic.slicer.formats.precision import spellings
+
+    return Enum(name, {s: s for s in spellings(allowed, *extra)}, type=str)
+
+
+def canonical_precision(value: str | None, allowed, *extra: str) -> str | None:
+    """The canonical name ("bfloat16") of a spelling, or the extra word itself ("auto", "keep")."""
+    from elastic.slicer.formats.precision import lookup
+
+    value = getattr(value, "value", value)  # an Enum member from precision_choice
+    if value is None or value.lower() in extra:
+        return value.lower() if value else value
+    return lookup(value, allowed).name
+
+
 def debug() -> bool:
     return os.environ.get("ELASTIC_DEBUG", "") not in ("", "0")
 

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOpt, boundary, human_bytes, print_json
+from elastic.slicer.formats.precision import AUTO, ENGINES, GRAPHS
+
+from .common import JsonOpt, boundary, canonical_precision, human_bytes, precision_choice, print_json
 
 
 class Format(str, Enum):
@@ -17,17 +19,10 @@ class Format(str, Enum):
     all = "all"
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
-class GraphDType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-
+EnginePrecision = precision_choice("EnginePrecision", ENGINES, AUTO)
+GraphDType = precision_choice("GraphDType", GRAPHS)
 
 
 def _stage(enabled: bool):
@@ -45,15 +40,19 @@ def export(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Device profile for the engine build "
                                                   "(see `elastic profiles`). Default: this machine.",
                                                   show_default=False)] = None,
-    precision: Annotated[Precision, typer.Option("--precision", help="TensorRT precision; auto: bf16 where the "
-                                                 "device has it, else fp16.")] = Precision.auto,
+    gpu: Annotated[Optional[int], typer.Option("--gpu", help="Which GPU when there are several (default: most "
+                                               "free memory).", show_default=False)] = None,
+    precision: Annotated[EnginePrecision, typer.Option("--precision", case_sensitive=False,
+                                           help="TensorRT precision: auto (bf16 where the device has it, else "
+                                           "fp16), or any spelling of bfloat16, float16, float32.")] = EnginePrecision(AUTO),
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.", min=1)] = 1,
     context: Annotated[int, typer.Option("--context", help="Longest sequence (prompt + output) the engines "
                                          "accept.", min=2)] = 4096,
-    dtype: Annotated[GraphDType, typer.Option("--dtype", help="Weights of the ONNX graphs (float16 halves the files; "
+    dtype: Annotated[GraphDType, typer.Option("--dtype", case_sensitive=False,
+                                       help="Weights of the ONNX graphs, float32 or float16 (any spelling; float16 halves the files; "
                                               "no parity check then). TensorRT builds fp16/bf16 engines from "
                                               "float32 graphs too (--precision).")]
-    = GraphDType.float32,
+    = GraphDType("float32"),
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18..20 (default 18: see the README "
                                                  "written beside the graphs).", show_default=False)] = None,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Compare ONNX Runtime with PyTorch "
@@ -81,16 +80,20 @@ def export(
         if check_only:
             from elastic.export.pipeline import check_only as run_check
 
-            report = run_check(model_dir, dtype=dtype.value, opset=opset, progress=_stage(not json_out))
+            report = run_check(model_dir, dtype=canonical_precision(dtype, GRAPHS), opset=opset, progress=_stage(not json_out))
         else:
             if out is None:
                 from elastic.slicer.errors import ElasticError
 
                 raise ElasticError("--out is required (or pass --check-only)")
             from elastic.export.pipeline import export_model
+            from elastic.slicer.planning.fit import resolve_target
 
-            summary = export_model(model_dir, out, format=fmt.value, target=target, precision=precision.value,
-                                   max_batch=max_batch, max_context=context, dtype=dtype.value, opset=opset,
+            # the device is decided once, here (a profile, or the GPU --gpu picks), and handed down
+            device = resolve_target(target, gpu)[0] if fmt.value != "onnx" else None
+            summary = export_model(model_dir, out, format=fmt.value, target=device,
+                                   precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
+                                   max_context=context, dtype=canonical_precision(dtype, GRAPHS), opset=opset,
                                    parity=parity, force=force, progress=_stage(not json_out))
     if check_only:
         if json_out:

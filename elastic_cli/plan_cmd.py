@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import CheckpointOpt, JsonOpt, boundary, human_bytes, human_count, print_json, progress_bar
+from elastic.slicer.formats.precision import AUTO, WEIGHTS
 
-
-class PlanDType(str, Enum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
+from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
+                     print_json, progress_bar)
 
 
 TargetOpt = Annotated[Optional[str], typer.Option(
@@ -25,7 +20,11 @@ GpuOpt = Annotated[Optional[int], typer.Option("--gpu", help="Which GPU when the
                                                show_default=False)]
 ContextOpt = Annotated[int, typer.Option("--context", help="Tokens per sequence (prompt + output).", min=1)]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences decoded together.", min=1)]
-DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", help="auto: bfloat16 where supported, else float16.")]
+PlanDType = precision_choice("PlanDType", WEIGHTS, AUTO)
+DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", case_sensitive=False,
+                                       help="Weights, activations and KV cache: auto (bfloat16 where the device "
+                                       "has it, else float16, else float32), or any spelling of bfloat16, "
+                                       "float16, float32 (bf16, fp16, half, fp32, ...).")]
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
 
 
@@ -35,14 +34,14 @@ def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk) -> tupl
     from elastic.slicer.planning.memory import Workload
 
     tgt, detection = resolve_target(target, gpu)
-    w = Workload(context=context, batch=batch, dtype=dtype.value, prefill_chunk=prefill_chunk)
+    w = Workload(context=context, batch=batch, dtype=canonical_precision(dtype, WEIGHTS, AUTO), prefill_chunk=prefill_chunk)
     result = plan(checkpoint or default_checkpoint(), tgt, w)
     if detection is not None:
         result["detection"] = {
             "devices": [d.name for d in detection.devices],
             "reasons": list(detection.reasons),
         }
-    return result, detection
+    return result, tgt
 
 
 def render_plan(p: dict) -> str:
@@ -84,7 +83,7 @@ def plan(
     gpu: GpuOpt = None,
     context: ContextOpt = 8192,
     batch: BatchOpt = 1,
-    dtype: DTypeOpt = PlanDType.auto,
+    dtype: DTypeOpt = PlanDType(AUTO),
     prefill_chunk: ChunkOpt = 512,
     json_out: JsonOpt = False,
 ) -> None:
@@ -138,7 +137,7 @@ def fit_my_gpu(
     gpu: GpuOpt = None,
     context: ContextOpt = 8192,
     batch: BatchOpt = 1,
-    dtype: DTypeOpt = PlanDType.auto,
+    dtype: DTypeOpt = PlanDType(AUTO),
     prefill_chunk: ChunkOpt = 512,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the model "
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,
@@ -162,7 +161,7 @@ def fit_my_gpu(
     from elastic.slicer.planning.fit import default_out, slice_budget
 
     with boundary():
-        p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+        p, device = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
         if not json_out:
             typer.echo(render_plan(p))
         if p["chosen"] is None:
@@ -186,7 +185,7 @@ def fit_my_gpu(
         with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
             result = slice_budget(p["checkpoint"], p["chosen"], dest, dtype=chosen["dtype"], force=force,
                                   progress=advance)
-        exported = _export(dest, target, context, batch, json_out) if export else {"skipped": "--no-export"}
+        exported = _export(dest, device, context, batch, json_out) if export else {"skipped": "--no-export"}
         if "out" in exported:  # the smoke test runs what was exported
             from elastic.export.runtime import generate_text
 
@@ -217,7 +216,7 @@ def fit_my_gpu(
     typer.echo("\n".join(lines))
 
 
-def _export(dest: Path, target: str | None, context: int, batch: int, quiet: bool) -> dict:
+def _export(dest: Path, target, context: int, batch: int, quiet: bool) -> dict:
     """Export the slice into DEST/export, or say why not (the onnx extra missing)."""
     from elastic.slicer.errors import MissingDependencyError
 

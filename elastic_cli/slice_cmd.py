@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import CheckpointOpt, JsonOpt, boundary, human_bytes, human_count, print_json, progress_bar
+from elastic.slicer.formats.precision import KEEP, WEIGHTS
 
+from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
+                     print_json, progress_bar)
 
-class DType(str, Enum):
-    keep = "keep"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
+SliceDType = precision_choice("SliceDType", WEIGHTS, KEEP)
 
 
 def slice_(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --force).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, or with --force an empty one or one elastic wrote).")],
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="A budget of the elastic checkpoint "
                                                   "(see `elastic inspect`).", show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="A slice spec JSON file instead of a budget "
                                                  "(works on any nemotron_h checkpoint).", show_default=False)] = None,
     checkpoint: CheckpointOpt = None,
-    dtype: Annotated[DType, typer.Option("--dtype", help="Cast the weights (e.g. float16 for GPUs without bf16).")]
-    = DType.keep,
+    dtype: Annotated[SliceDType, typer.Option("--dtype", case_sensitive=False,
+                                       help="keep the stored dtype, or cast the weights to any spelling of "
+                                       "bfloat16, float16, float32 (e.g. fp16 for GPUs without bf16).")] = SliceDType(KEEP),
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -52,7 +50,7 @@ def slice_(
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
         with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
             result = slice_checkpoint(ckpt, out, budget=budget, spec=spec,
-                                      dtype=None if dtype == DType.keep else dtype.value,
+                                      dtype=canonical_precision(dtype, WEIGHTS, KEEP) if dtype.value.lower() != KEEP else None,
                                       force=force, progress=advance)
     m = result.manifest
     if json_out:

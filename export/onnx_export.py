@@ -40,7 +40,6 @@ INLINE_LIMIT = 1 << 30  # weight bytes above which graphs use external data (pro
 SMALL_TENSOR = 1024  # tensors below this stay inside the graph even with external data
 # bfloat16 graphs are not offered: ONNX Conv takes bfloat16 only from opset 22, beyond TensorRT 10.3's
 # parser; TensorRT builds bf16 engines from float32 graphs (--bf16) instead
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def graph_io(model: NemotronH) -> dict[str, dict[str, list[str]]]:

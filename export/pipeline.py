@@ -28,14 +28,16 @@ def _load(model_dir: str | Path, dtype: str):
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.nn.model import load_model
 
-    from .deps import EXPORTER, require
-    from .onnx_export import EXPORT_DTYPES
+    from elastic.slicer.formats.precision import GRAPHS, lookup
 
+    from .deps import EXPORTER, require
+
+    p = lookup(dtype, GRAPHS, "ONNX graph dtype")  # bfloat16 engines are built from float32 graphs
     require(*EXPORTER)
-    if dtype not in EXPORT_DTYPES:
-        raise ElasticError(f"unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    import torch
+
     ckpt = Checkpoint.open(model_dir, require_weights=True)
-    return ckpt, load_model(ckpt, dtype=EXPORT_DTYPES[dtype])
+    return ckpt, load_model(ckpt, dtype=getattr(torch, p.torch))
 
 
 def export_model(
@@ -43,7 +45,7 @@ def export_model(
     out: str | Path,
     *,
     format: str = "onnx",
-    target: str | None = None,
+    target=None,
     precision: str = "auto",
     max_batch: int = 1,
     max_context: int = 4096,
@@ -67,8 +69,9 @@ def export_model(
         out: the export directory; must not exist unless ``force``.
         format: "onnx" (graphs only), "tensorrt" (graphs + engines or the script), "all" (both,
             and the script even when the engines were built, to rebuild on another device).
-        target: device profile for the engine settings (``elastic profiles``); None: this machine.
-        precision: TensorRT precision: "auto", "fp32", "fp16", "bf16".
+        target: the device the engines are for: a ``Target`` decided by the caller (fit-my-gpu's,
+            with its ``--gpu``), a profile name (``elastic profiles``), or None: this machine.
+        precision: TensorRT precision: "auto" or any spelling of bfloat16 / float16 / float32.
         max_batch, max_context: the largest shapes the engines accept.
         dtype: dtype of the graphs' weights: "float32", or "float16" (half the files; the parity
             check is for float32 only: float16 rounds differently in each runtime).
@@ -98,6 +101,9 @@ def export_model(
 
     if format not in FORMATS:
         raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    from elastic.slicer.formats.precision import GRAPHS, lookup
+
+    dtype = lookup(dtype, GRAPHS, "ONNX graph dtype").name  # any spelling; canonical from here on
     say = progress or (lambda msg: None)
     from elastic.slicer.storage.outputs import MARKER, check_output
 

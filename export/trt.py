@@ -38,7 +38,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 TABLE = Path(__file__).with_name("tensorrt_ops.toml")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 GENERIC, GENERIC_WORKSPACE = "generic", 1 << 30  # no device known: generic settings, a 1 GiB workspace
 MIN_WORKSPACE = 256 << 20
 
@@ -231,45 +230,53 @@ class EngineSettings:
         return out
 
 
-def engine_settings(target: str | None = None, precision: str = "auto", max_batch: int = 1,
+def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
                     max_context: int = 4096) -> EngineSettings:
-    """Settings from a device profile (``--target``), else from the GPU detected here, else generic.
+    """Settings for the device a plan was made for.
 
-    Workspace: half the profile's runtime-overhead allowance (the rest is the CUDA context),
-    at least 256 MiB; 1 GiB when nothing is known. ``precision="auto"``: bf16 where the device has
-    it (Ampere and newer, Jetson Orin), else fp16 (as ``elastic plan`` chooses its dtype).
+    Args:
+        target: the ``elastic.slicer.planning.fit.Target`` decided once by the caller (a profile,
+            or the GPU detected with ``--gpu``); a profile name; or None, which detects this
+            machine (the GPU with the most free memory) and falls back to generic settings.
+        precision: "auto" or any spelling of bfloat16 / float16 / float32
+            (``elastic.slicer.formats.precision``); "auto" is bf16 where the device has it
+            (Ampere and newer, Jetson Orin), else fp16, as ``elastic plan`` chooses its dtype.
+
+    Workspace: half the device's runtime-overhead allowance (the rest is the CUDA context), at
+    least 256 MiB; 1 GiB when nothing is known.
 
     Raises:
-        ProfileError: unknown ``target`` (the message lists the known devices).
-        ElasticError: a precision the device lacks, or a bad size.
+        ProfileError: unknown profile name (the message lists the known devices).
+        ElasticError: a CPU profile, a precision the device lacks, or a bad size.
     """
-    if precision not in PRECISIONS:
-        raise ElasticError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    from elastic.slicer.formats.precision import ENGINES, FLOAT16, choose, lookup, supported
+    from elastic.slicer.planning.fit import Target, resolve_target
+
+    requested = None if precision in (None, "auto") else lookup(precision, ENGINES, "TensorRT precision")
     if max_batch < 1 or max_context < 2:
         raise ElasticError(f"engine shapes need max_batch >= 1 and max_context >= 2 (got {max_batch}, {max_context})")
-    bf16, fp16, overhead, name, source = None, True, None, GENERIC, "no --target and no GPU here: generic settings"
-    if target:
-        from elastic.profiles.devices import get_profile
-
-        p = get_profile(target)
-        if p.kind == "cpu":
-            raise ElasticError(f"{target!r} is a CPU host: TensorRT needs an NVIDIA GPU; pick a GPU or Jetson "
-                               "profile (see `elastic profiles`)")
-        bf16, fp16, overhead, name, source = p.bf16, p.fp16, p.runtime_overhead_bytes, p.name, f"profile {p.name}"
+    if not isinstance(target, Target):
+        target = resolve_target(target)[0]
+    if target.kind == "cpu" and target.profile:
+        raise ElasticError(f"{target.profile!r} is a CPU host: TensorRT needs an NVIDIA GPU; pick a GPU or Jetson "
+                           "profile (see `elastic profiles`)")
+    if target.kind == "cpu":  # nothing to build here: settings any GPU takes
+        name, source, overhead = GENERIC, "no GPU here: generic settings", None
+        device = type("Generic", (), {"name": GENERIC, "bf16": False, "fp16": True, "fp8": False})()
     else:
-        from elastic.profiles.detect import detect
-
-        d = detect().chosen
-        if d.kind != "cpu":
-            bf16, fp16, overhead = d.bf16, d.fp16, d.runtime_overhead_bytes
-            name, source = d.name, f"detected {d.name}"
-    if precision == "auto":
-        precision = "bf16" if bf16 else "fp16"
-    if (precision == "bf16" and bf16 is False) or (precision == "fp16" and not fp16):
-        raise ElasticError(f"{name} has no {precision} support; use --precision "
-                           f"{'fp16' if fp16 else 'fp32'}")
+        name = target.profile or target.name
+        source = f"profile {target.profile}" if target.profile else f"detected {target.name}"
+        overhead, device = target.overhead_bytes, target
+    if requested is None:
+        chosen, _ = choose(None, device, ENGINES)
+    elif target.kind == "cpu" or supported(requested, device):  # generic: what was asked for
+        chosen = requested
+    else:
+        alt, _ = choose(None, device, ENGINES)
+        raise ElasticError(f"{name} has no {requested.short} support; ask for {alt.short}"
+                           f"{' (or auto)' if alt is not FLOAT16 else ''}")
     workspace = max(MIN_WORKSPACE, overhead // 2) if overhead else GENERIC_WORKSPACE
-    return EngineSettings(device=name, precision=precision, workspace_bytes=workspace, max_batch=max_batch,
+    return EngineSettings(device=name, precision=chosen.short, workspace_bytes=workspace, max_batch=max_batch,
                           max_context=max_context, opt_batch=max(1, max_batch // 2) if max_batch > 2 else max_batch,
                           opt_seq=min(512, max_context // 2), source=source)
 
@@ -311,7 +318,9 @@ def _shape_table(shapes: dict) -> dict[str, dict[str, str]]:
 def trtexec_script(export_dir: str | Path, settings: EngineSettings) -> str:
     """A POSIX shell script that builds both engines with ``trtexec`` (TensorRT 10), beside the graphs."""
     export_dir = Path(export_dir)
-    flag = {"fp16": " --fp16", "bf16": " --bf16", "fp32": ""}[settings.precision]
+    from elastic.slicer.formats.precision import lookup
+
+    flag = (" " + lookup(settings.precision).trt_flag).rstrip()
     lines = [
         "#!/bin/sh",
         "# Build the TensorRT engines of this export on the device that will run them: an engine only runs",

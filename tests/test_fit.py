@@ -12,6 +12,7 @@ from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.planning.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
 from elastic.slicer.planning.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
 from elastic.slicer.nn.model import load_model
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
 E12B = ROOT / "examples" / "nemotron-elastic-12b"
@@ -111,3 +112,24 @@ def test_fit_my_gpu_on_the_demo(tmp_path, monkeypatch):
 def test_fit_my_gpu_needs_weights(tmp_path):
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "h100-80gb", "--out", str(tmp_path / "m")])
     assert r.exit_code == 2 and "config.json only" in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_fit_my_gpu_builds_engine_settings_for_the_gpu_it_planned_for(tmp_path, monkeypatch):
+    """Two GPUs behind a fake NVML: GPU 0 has the most free memory, `--gpu 1` asks for the other.
+    The plan, the slice's dtype and the engine settings all use GPU 1 (nothing re-detects)."""
+    import sys
+
+    from test_profiles import RTX3060, RTX4090, FakeNVML
+
+    nvml = FakeNVML([RTX3060, RTX4090])  # 11.5 GiB free on GPU 0, 10 GiB on GPU 1
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--gpu", "1", "--out", "m", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert p["device"]["name"] == RTX4090[0]
+    settings = p["export"]["tensorrt"]["settings"]
+    assert settings["device"] == RTX4090[0] and settings["source"] == f"detected {RTX4090[0]}"
+    assert settings["precision"] == "bf16" and p["budgets"][0]["dtype"] == "bfloat16"
+    assert settings["max_context"] == 8192 and settings["max_batch"] == 1  # the plan's context and batch
+    assert "build_engines.sh" in p["export"]["files"] and p["smoke"]["new_tokens"] >= 1

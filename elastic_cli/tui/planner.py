@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.errors import MissingDependencyError
+from elastic.slicer.formats.precision import AUTO, WEIGHTS
 
 from ..common import human_bytes, human_count
 
 HERE = "this machine"  # the target choice that detects this machine instead of naming a profile
-DTYPES = ("auto", "bfloat16", "float16", "float32")  # `elastic plan --dtype`
+DTYPES = (AUTO, *(p.name for p in WEIGHTS))  # what `elastic plan --dtype` takes, canonical names
 ACTIONS = ("slice", "export", "both")
 EXPORT_MISSING = 'export: needs the onnx extra (pip install -e ".[onnx]")'
 COLUMNS = ("budget", "params", "weights", "kv", "state", "total", "headroom", "fits")

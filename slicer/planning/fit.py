@@ -34,6 +34,7 @@ class Target:
     unified: bool  # GPU memory is the system RAM (Jetson)
     source: str  # "detected" or "profile"
     notes: tuple[str, ...] = ()
+    profile: str | None = None  # the profile's name (`--target`), None when detected
 
 
 def target_from_profile(profile) -> Target:
@@ -42,7 +43,7 @@ def target_from_profile(profile) -> Target:
         name=profile.display_name, kind=profile.kind,
         usable_bytes=max(0, profile.memory_bytes - profile.reserve_bytes),
         overhead_bytes=profile.runtime_overhead_bytes, bf16=profile.bf16, fp16=profile.fp16, fp8=profile.fp8,
-        unified=profile.unified, source="profile",
+        unified=profile.unified, source="profile", profile=profile.name,
         notes=(f"profile {profile.name}: {profile.memory_bytes / 2**30:.1f} GiB, "
                f"{profile.reserve_bytes / 2**30:.1f} GiB kept for the OS/driver",),
     )
@@ -58,21 +59,16 @@ def target_from_device(device) -> Target:
 
 
 def choose_dtype(requested: str | None, target: Target) -> tuple[str, str | None]:
-    """The dtype to plan and slice with, and a note when it differs from what was asked.
+    """The dtype to plan and slice with (its canonical name), and a note when it differs from
+    what was asked: ``elastic.slicer.formats.precision.choose`` over the weight precisions.
 
-    ``None``/"auto": bfloat16 where the device has it, else float16, else float32.
+    ``None``/"auto": bfloat16 where the device has it, else float16, else float32; any spelling
+    ("bf16", "half", ...) of an explicit precision.
     """
-    if requested in (None, "auto"):
-        if target.bf16:
-            return "bfloat16", None
-        if target.fp16:
-            return "float16", f"{target.name} has no bfloat16: using float16"
-        return "float32", f"{target.name} has neither bfloat16 nor float16: using float32"
-    if requested == "bfloat16" and not target.bf16:
-        return "float16", f"{target.name} has no bfloat16 support: falling back to float16"
-    if requested not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"unknown dtype {requested!r}; use auto, bfloat16, float16 or float32")
-    return requested, None
+    from elastic.slicer.formats.precision import choose
+
+    p, note = choose(requested, target)
+    return p.name, note
 
 
 def budget_specs(ckpt: Checkpoint) -> list[tuple[str, SliceSpec, str]]:

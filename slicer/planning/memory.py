@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 
 from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.precision import lookup
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 F32 = 4
 
 
@@ -39,10 +39,8 @@ class Workload:
 
 
 def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPE_BYTES)}") from None
+    """Bytes per element of a precision, by any of its spellings (``formats.precision``)."""
+    return int(lookup(dtype).bytes)
 
 
 def kv_cache_bytes(arch: Arch, context: int, batch: int, dtype: str) -> int:
