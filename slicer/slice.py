@@ -1,8 +1,9 @@
 """Physical slicing: cut a nested model out of a checkpoint into a dense, standard checkpoint.
 
-Streams tensor by tensor with partial reads (``get_slice``) of only the kept ranges, writes the
-output through :class:`ShardedWriter` (temporary directory, renamed when complete), and never
-holds more than one block of one tensor in memory.
+Streams tensor by tensor with partial reads of only the kept ranges, writes the output through
+:class:`ShardedWriter` (temporary directory, renamed when complete), and never holds more than one
+block of one tensor in memory. Cutting out elements copies their bits, so a slice that keeps the
+stored dtype runs on numpy alone; torch is imported only to cast to another dtype.
 
 Example:
     >>> result = slice_checkpoint("./Nemotron-Elastic-12B", "./model-6B", budget="6B", dtype="float16")
@@ -75,16 +76,19 @@ def choose_spec(ckpt: Checkpoint, budget: str | None, spec: SliceSpec | str | Pa
     return SliceSpec.from_file(spec, ckpt.arch), str(spec)
 
 
-def _blocks(ckpt: Checkpoint, rule: TensorRule, dtype):
+def _blocks(ckpt: Checkpoint, rule: TensorRule, code: str | None):
     """Yield the kept part of one tensor, a block of rows at a time.
 
     Kept axis-0 ranges separated by small gaps are read as one contiguous span (the disk reads
     ahead only when reads are sequential), in blocks of at most BLOCK_BYTES; the kept rows and
-    the kept ranges of the other axes are then cut out in memory.
+    the kept ranges of the other axes are then cut out in memory. Blocks are numpy arrays of raw
+    element bits (see :meth:`Checkpoint.read_bits`), or torch tensors of dtype ``code`` when
+    ``code`` asks for a cast to another dtype.
     """
-    import torch
+    import numpy as np
 
     info = ckpt.tensors[rule.source]
+    cast = code is not None and code != info.dtype
     step = max(1, BLOCK_BYTES // max(1, info.row_bytes))
     for span_start, span_end, ranges in _spans(rule.axes[0], info.row_bytes):
         for r0 in range(span_start, span_end, step):
@@ -93,11 +97,23 @@ def _blocks(ckpt: Checkpoint, rule: TensorRule, dtype):
             if not here:
                 continue
             lo, hi = here[0][0], here[-1][1]
-            t = ckpt.read(rule.source, (lo, hi))
+            t = ckpt.read_bits(rule.source, (lo, hi))  # (hi - lo, *info.shape[1:])
             if len(here) > 1:  # drop the gap rows read along with the kept ones
-                t = torch.cat([t.narrow(0, a - lo, b - a) for a, b in here], dim=0)
+                t = np.concatenate([t[a - lo:b - lo] for a, b in here], axis=0)
             t = select(t, rule.axes[1:], info.shape[1:])
-            yield t if dtype is None else t.to(dtype)
+            yield _cast(t, info.dtype, code) if cast else t
+
+
+def _cast(bits, src: str, dst: str):
+    """A torch tensor of dtype ``dst`` holding ``bits`` (raw elements of dtype ``src``) cast to it."""
+    import numpy as np
+    import torch
+
+    to = getattr(torch, DTYPES[dst][0])
+    if bits.size == 0:
+        return torch.empty(bits.shape, dtype=to)
+    raw = torch.from_numpy(np.ascontiguousarray(bits).reshape(-1).view(np.uint8))  # the bytes on disk
+    return raw.view(getattr(torch, DTYPES[src][0])).reshape(bits.shape).to(to)
 
 
 def _spans(ranges, row_bytes: int, max_gap_bytes: int = 4 * 2**20):
@@ -113,15 +129,16 @@ def _spans(ranges, row_bytes: int, max_gap_bytes: int = 4 * 2**20):
 
 
 def select(t, axes, full_shape):
-    """Keep ``axes[k]`` ranges of dimension k+1 of ``t`` (dimension 0 is already cut)."""
-    import torch
+    """Keep ``axes[k]`` ranges of dimension k+1 of the numpy array ``t`` (dimension 0 is already cut)."""
+    import numpy as np
 
     for k, (ranges, size) in enumerate(zip(axes, full_shape), start=1):
+        lead = (slice(None),) * k  # all of dimensions 0..k-1
         if len(ranges) == 1:
             if ranges[0] != (0, size):
-                t = t.narrow(k, ranges[0][0], ranges[0][1] - ranges[0][0])  # a view; copied by the writer
+                t = t[(*lead, slice(*ranges[0]))]  # a view; copied by the writer
         else:
-            t = torch.cat([t.narrow(k, a, b - a) for a, b in ranges], dim=k)
+            t = np.concatenate([t[(*lead, slice(a, b))] for a, b in ranges], axis=k)
     return t
 
 
@@ -188,8 +205,6 @@ def slice_checkpoint(
         CheckpointError: broken source, output exists, a read failed mid-run.
         ElasticError: the disk filled up. In every failure the output directory is left as it was.
     """
-    import torch
-
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
     if not ckpt.has_weights:
         raise CheckpointError("no weights to slice (config.json only)", path=str(ckpt.root))
@@ -198,7 +213,6 @@ def slice_checkpoint(
     parent, child = ckpt.arch, chosen.child_arch(ckpt.arch)
     rules = tensor_rules(parent, chosen)
     assert {r.name: r.shape for r in rules} == child.tensor_shapes(), "slicing rules disagree with the child layout"
-    torch_dtype = getattr(torch, DTYPES[code][0]) if code else None
 
     config = child.to_config()
     out_dtype = DTYPES[code][0] if code else ckpt.dtype
@@ -217,7 +231,7 @@ def slice_checkpoint(
             progress(done[0], total)
 
     out_tensors = [
-        OutTensor(r.name, code or ckpt.tensors[r.source].dtype, r.shape, lambda r=r: _blocks(ckpt, r, torch_dtype))
+        OutTensor(r.name, code or ckpt.tensors[r.source].dtype, r.shape, lambda r=r: _blocks(ckpt, r, code))
         for r in rules
     ]
     try:

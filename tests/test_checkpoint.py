@@ -150,3 +150,29 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
         w.write_tensors([OutTensor("x", "BF16", (7, 5), lambda: [t[:3], t[3:]]), ones("y", 2)])
     back = load_file(tmp_path / "m" / "model.safetensors")
     assert torch.equal(back["x"], t) and torch.equal(back["y"], torch.ones(2))
+
+
+def test_numpy_and_bytes_blocks_write_what_torch_blocks_write(tmp_path):
+    t = torch.randn(7, 5).to(torch.bfloat16)
+    bits = t.view(torch.int16).numpy().view("<u2")  # bfloat16 has no numpy dtype: its raw bits
+    y = torch.arange(6, dtype=torch.float32)
+    with ShardedWriter(tmp_path / "torch") as w:
+        w.write_tensors([OutTensor("x", "BF16", (7, 5), lambda: [t[:3], t[3:, :]]),
+                         OutTensor("y", "F32", (6,), lambda: [y])])
+    with ShardedWriter(tmp_path / "numpy") as w:  # a strided view, raw bits, a real numpy dtype, bytes
+        w.write_tensors([OutTensor("x", "BF16", (7, 5), lambda: [bits.T.copy().T[:3], bits[3:]]),
+                         OutTensor("y", "F32", (6,), lambda: [y.numpy()[:2], y.numpy()[2:].tobytes()])])
+    files = [tmp_path / d / "model.safetensors" for d in ("torch", "numpy")]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    with pytest.raises(AssertionError, match="block dtype float16, expected bfloat16"):
+        with ShardedWriter(tmp_path / "bad") as w:  # same size, other dtype: refused, not reinterpreted
+            w.write_tensors([OutTensor("x", "BF16", (7, 5), lambda: [t.float().numpy().astype("float16")])])
+
+
+def test_read_bits_is_read_without_torch(hf_ckpt):
+    ckpt = Checkpoint.open(hf_ckpt[0])
+    for name, info in ckpt.tensors.items():
+        r = (1, min(3, info.shape[0]))
+        t, b = ckpt.read(name, r), ckpt.read_bits(name, r)
+        assert b.dtype.kind == "u" and b.dtype.itemsize == t.element_size() and b.shape == tuple(t.shape)
+        assert b.tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes(), name

@@ -34,6 +34,9 @@ DTYPES = {
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
 }
+# numpy dtype holding one element's raw bits, by element size: bfloat16 and float8 have no numpy
+# dtype, and copying or cutting out elements needs their bits only, never their values
+_BITS = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 _MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE in its Rust crate)
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
@@ -61,6 +64,15 @@ class TensorInfo:
     @property
     def dtype_name(self) -> str:
         return DTYPES.get(self.dtype, (self.dtype.lower(), 0))[0]
+
+
+def bits_dtype(code: str) -> str:
+    """The numpy dtype (a string, so this module needs no numpy) that views one element of
+    safetensors dtype ``code`` as an unsigned integer of the same size: "BF16" -> "<u2".
+
+    Little-endian like the file, so the bytes of such an array are the bytes on disk on any host.
+    """
+    return _BITS[DTYPES[code][1]]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

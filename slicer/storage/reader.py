@@ -1,9 +1,11 @@
-"""A checkpoint directory on disk: config, shard index, safetensors headers. Torch only to read data.
+"""A checkpoint directory on disk: config, shard index, safetensors headers. Torch only in
+:meth:`Checkpoint.read`; :meth:`Checkpoint.read_bits` reads the same data into numpy.
 
 Example:
     >>> ckpt = Checkpoint.open("./model")          # validates config, index, shards, shapes
     >>> ckpt.arch.layer_pattern, ckpt.dtype, ckpt.weights_bytes
-    >>> w = ckpt.read("backbone.norm_f.weight")    # one tensor, read from its shard
+    >>> w = ckpt.read("backbone.norm_f.weight")    # one torch tensor, read from its shard
+    >>> b = ckpt.read_bits("backbone.norm_f.weight", (0, 8))  # its first 8 rows' raw bits, numpy
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Iterator
 
 from elastic.slicer.errors import CheckpointError
 from elastic.slicer.formats.arch import Arch, read_config
-from elastic.slicer.formats.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, _cap, read_header
+from elastic.slicer.formats.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, _cap, bits_dtype, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -199,7 +201,7 @@ class Checkpoint:
             return by_dtype.most_common(1)[0][0]
         return self.config.get("dtype") or self.config.get("torch_dtype")
 
-    # ---- reading data (torch) -----------------------------------------------------------
+    # ---- reading data ----------------------------------------------------------------------
     def _fd(self, file: Path) -> int:
         """One descriptor per shard, kept open: the kernel's read-ahead follows sequential reads
         only within one open file."""
@@ -228,14 +230,42 @@ class Checkpoint:
 
         info = self.tensors[name]
         dtype = getattr(torch, DTYPES[info.dtype][0])
+        buf, shape = self._read_bytes(name, rows)
+        if buf.size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.from_numpy(buf).view(dtype).view(shape)
+
+    def read_bits(self, name: str, rows: tuple[int, int] | None = None):
+        """Like :meth:`read`, without torch: the raw bits of one tensor (or of rows ``[r0, r1)``).
+
+        For copying and cutting out elements, which never look at their values: bfloat16 and
+        float8 have no numpy dtype, so every element is viewed as an unsigned integer of its size.
+
+        Returns:
+            a numpy array of dtype :func:`~elastic.slicer.formats.safetensors.bits_dtype` of the
+            tensor's dtype code (``self.tensors[name].dtype``; "BF16" -> uint16), shaped like the
+            tensor (``r1 - r0`` rows), owning its memory.
+
+        Example:
+            >>> ckpt.read_bits("backbone.layers.0.mixer.in_proj.weight", (0, 4)).dtype
+            dtype('uint16')
+        """
+        buf, shape = self._read_bytes(name, rows)
+        return buf.view(bits_dtype(self.tensors[name].dtype)).reshape(shape)
+
+    def _read_bytes(self, name: str, rows: tuple[int, int] | None):
+        """(uint8 numpy buffer holding rows ``[r0, r1)`` of ``name`` as on disk, their shape)."""
+        import numpy as np
+
+        info = self.tensors[name]
         r0, r1 = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
         nbytes = (r1 - r0) * info.row_bytes
         shape = (r1 - r0, *info.shape[1:]) if info.shape else ()
+        buf = np.empty(nbytes, dtype=np.uint8)  # not zero-filled: the read overwrites it
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: the read overwrites it
+            return buf, shape
         try:
-            got = _pread_fully(self._fd(info.file), buf.numpy(), info.data_start + info.offsets[0] + r0 * info.row_bytes)
+            got = _pread_fully(self._fd(info.file), buf, info.data_start + info.offsets[0] + r0 * info.row_bytes)
         except OSError as e:
             raise CheckpointError(f"cannot read {name} ({e.strerror})", path=str(info.file)) from None
         if got != nbytes:
@@ -243,7 +273,7 @@ class Checkpoint:
                 f"truncated while reading {name}: the file ended {nbytes - got} bytes early "
                 "(was it modified during the run?)", path=str(info.file)
             )
-        return buf.view(dtype).view(shape)
+        return buf, shape
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
         """Yield (name, tensor) one at a time, in file order."""

@@ -36,8 +36,11 @@ def st_dtype(torch_dtype) -> str:
 class OutTensor:
     """One tensor to write: its name, dtype code, shape, and a producer of its data.
 
-    ``blocks()`` yields tensors of that dtype whose concatenation along axis 0 is the tensor, so a
-    large tensor can be written a few rows at a time.
+    ``blocks()`` yields pieces whose concatenation along axis 0 is the tensor, so a large tensor
+    can be written a few rows at a time. A piece is a torch tensor of that dtype, a numpy array of
+    that dtype or of its raw bits (an unsigned integer of the same size: uint16 for "BF16"; see
+    :func:`~elastic.slicer.formats.safetensors.bits_dtype`), or bytes as they go to the file.
+    Tensors and arrays may be strided views; the writer copies them out.
     """
 
     name: str
@@ -65,14 +68,10 @@ class _Sink:
         self.thread.start()
 
     def _run(self) -> None:
-        import torch
-
         while (item := self.q.get()) is not None:
             if self.error is None:
                 try:
-                    # a tensor (maybe a strided view) becomes bytes here, off the reading thread
-                    data = item if isinstance(item, bytes) else \
-                        memoryview(item.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    data = _as_bytes(item)  # a copy for a strided view: made here, off the reading thread
                     self.f.write(data)
                     self.digest.update(data)
                 except BaseException as e:  # reported to the producer at its next put / close
@@ -89,6 +88,35 @@ class _Sink:
         if self.error is not None:
             raise self.error
         return self.digest.hexdigest()
+
+
+def _as_bytes(item) -> memoryview | bytes:
+    """The bytes of one block as they go to the file (bytes, numpy array or torch tensor)."""
+    import numpy as np
+
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return item
+    if isinstance(item, np.ndarray):
+        return memoryview(np.ascontiguousarray(item).reshape(-1).view(np.uint8))
+    import torch  # only a torch tensor gets here, so torch is already imported
+
+    return memoryview(item.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _block_nbytes(t: OutTensor, block) -> int:
+    """The bytes ``block`` adds to ``t``, once its element type is checked against ``t.dtype``."""
+    import numpy as np
+
+    if isinstance(block, (bytes, bytearray, memoryview)):
+        return memoryview(block).nbytes
+    if isinstance(block, np.ndarray):
+        name, size = DTYPES[t.dtype]
+        if block.dtype.itemsize != size or (block.dtype.kind != "u" and block.dtype.name != name):
+            raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {name} or its raw bits")
+        return block.nbytes
+    if st_dtype(block.dtype) != t.dtype:
+        raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
+    return block.numel() * block.element_size()
 
 
 def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[[int], None] | None) -> tuple[int, str]:
@@ -112,9 +140,7 @@ def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[
             for t in tensors:
                 written = 0
                 for block in t.blocks():
-                    if st_dtype(block.dtype) != t.dtype:
-                        raise AssertionError(f"{t.name}: block dtype {block.dtype}, expected {t.dtype}")
-                    nbytes = block.numel() * block.element_size()
+                    nbytes = _block_nbytes(t, block)
                     sink.put(block)  # written (and made contiguous) on the sink's thread
                     written += nbytes
                     if progress:
