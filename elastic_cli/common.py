@@ -46,18 +46,34 @@ def debug() -> bool:
     return os.environ.get("ELASTIC_DEBUG", "") not in ("", "0")
 
 
+# how the CLI says each hint's setting (elastic.profiles.errors.SETTINGS)
+FLAGS = {"replace": "--force", "checkpoint": "--checkpoint DIR", "spec": "--spec FILE", "target": "--target NAME",
+         "gpu": "--gpu N", "context": "--context", "batch": "--batch", "dtype": "--dtype", "parity": "--no-parity",
+         "max_new_tokens": "--max-new-tokens"}
+
+
+def hint_text(e: ElasticError) -> str | None:
+    """The error's hint as a CLI user acts on it: what to do, and the flag."""
+    h = e.hint
+    if h is None:
+        return None
+    flag = FLAGS[h.setting]
+    if h.value is not None and not isinstance(h.value, bool):
+        flag = f"{flag.split()[0]} {h.value}"
+    return f"{h.action} ({flag})"
+
+
 @contextmanager
 def boundary() -> Iterator[None]:
     """Map an ElasticError (or an OSError: a full disk, a path that cannot be read) to one message
     on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
-    from elastic.profiles.errors import ProfileError
-
     try:
         yield
-    except (ElasticError, ProfileError) as e:
+    except ElasticError as e:
         if debug():
             raise
-        typer.echo(f"error: {e.render()}", err=True)
+        hint = hint_text(e)
+        typer.echo(f"error: {e.render()}" + (f"\nhint: {hint}" if hint else ""), err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from elastic.slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError, Hint
 
 from .layout import MANIFEST, README, SCRIPT
 
@@ -128,7 +128,8 @@ def export_model(
                     "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
                     f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}, "
                     f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "
-                    f"(tolerance {result['tolerance']:g}); this is a bug, please report it; --no-parity skips the check")
+                    f"(tolerance {result['tolerance']:g}); this is a bug, please report it",
+                    hint=Hint("parity", "to export anyway, skip the check", False))
         trt = build_or_script(tmp, settings, always_script=format == "all", progress=say) if settings else None
         w.add_files_from(ckpt.root, PASSTHROUGH)
         arch = model.arch

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from elastic.slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError, Hint
 
 from .layout import DECODE, ENGINE_META, ENGINES, PREFILL, SCRIPT
 
@@ -402,7 +402,8 @@ def build_engines(export_dir: str | Path, settings: EngineSettings,
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise ElasticError(f"TensorRT could not build an engine from {graph} (see the TensorRT log above); "
-                               "try a smaller --context or --max-batch", path=str(export_dir))
+                               "try a smaller context or batch", path=str(export_dir),
+                               hint=Hint("context", "build for shorter sequences"))
         with open(export_dir / ENGINES[graph], "wb") as f:
             f.write(blob)  # IHostMemory exposes the buffer protocol
         built[ENGINES[graph]] = _shape_table(shapes)

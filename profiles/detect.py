@@ -14,7 +14,7 @@ from pathlib import Path
 
 from elastic.profiles.devices import GIB, DeviceProfile, capability_flags, fallback_allowance, get_profile
 from elastic.profiles.devices import match_profile
-from elastic.profiles.errors import ProfileError
+from elastic.profiles.errors import Hint, ProfileError
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
         bf16, fp16, fp8, cc = False, True, False, None
         notes.append(
             f"no device profile matches {model!r} with {_gib(total)}: fp16 only assumed, "
-            f"the OS keeps {_gib(reserve)}; pass --target to choose a profile"
+            f"the OS keeps {_gib(reserve)}; choose a device profile as the target"
         )
     usable = max(0, free - reserve)
     if usable == 0:
@@ -309,7 +309,8 @@ def detect(gpu: int | None = None, roots: Roots | None = None, nvml=None) -> Det
         if chosen is None:
             found = ", ".join(f"{d.index}: {d.name}" for d in gpus)
             why = f"GPUs here: {found}" if gpus else f"no NVIDIA GPU found ({'; '.join(reasons)})"
-            raise ProfileError(f"--gpu {gpu} is not a GPU on this machine; {why}")
+            raise ProfileError(f"GPU {gpu} is not a GPU on this machine; {why}",
+                               hint=Hint("gpu", "pick one of the GPUs listed"))
         return Detection(devices=tuple(gpus), chosen=chosen, reasons=tuple(reasons))
     if gpus:
         chosen = max(gpus, key=lambda d: (d.free_bytes, -d.index))

@@ -203,7 +203,7 @@ def test_jetson_trees(tree, profile, total_kb, avail_kb, reserve_gib, l4t):
     assert d.runtime_overhead_bytes == d.profile.runtime_overhead_bytes
     assert (d.bf16, d.fp8) == (True, profile == "thor-128gb")
     assert detect(gpu=0, roots=roots, nvml=nvml).chosen == d
-    with pytest.raises(ProfileError, match="--gpu 1 is not a GPU on this machine; GPUs here: 0: Jetson"):
+    with pytest.raises(ProfileError, match="GPU 1 is not a GPU on this machine; GPUs here: 0: Jetson"):
         detect(gpu=1, roots=roots, nvml=nvml)
 
 
@@ -239,7 +239,7 @@ def test_gpu_index_out_of_range_lists_the_gpus(tmp_path):
     with pytest.raises(ProfileError) as exc:
         detect(gpu=2, roots=bare_host(tmp_path), nvml=FakeNVML([RTX4090, RTX3060]))
     msg = exc.value.message
-    assert "--gpu 2" in msg and "0: NVIDIA GeForce RTX 4090" in msg and "1: NVIDIA GeForce RTX 3060" in msg
+    assert "GPU 2 is not a GPU" in msg and exc.value.hint.setting == "gpu" and "0: NVIDIA GeForce RTX 4090" in msg and "1: NVIDIA GeForce RTX 3060" in msg
 
 
 def test_a_gpu_nvml_cannot_describe_is_skipped_with_a_reason(tmp_path):
@@ -265,7 +265,7 @@ def test_no_driver_and_no_jetson_is_a_cpu_target_with_reasons(tmp_path):
     assert "NVML: driver not loaded (NVMLError_DriverNotLoaded)" in found.reasons
     assert any(r.startswith("Jetson:") and "not found" in r for r in found.reasons)
     assert "no NVIDIA GPU found" in d.notes[0] and "driver not loaded" in d.notes[0]
-    with pytest.raises(ProfileError, match="--gpu 0 is not a GPU on this machine; no NVIDIA GPU found"):
+    with pytest.raises(ProfileError, match="GPU 0 is not a GPU on this machine; no NVIDIA GPU found"):
         detect(gpu=0, roots=bare_host(tmp_path / "b"), nvml=nvml)
 
 

@@ -158,10 +158,17 @@ def test_slice_the_selected_budget(tmp_path):
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
 
+def last_error(app) -> str | None:
+    """The error line of the last job, when it ended in one (a hint line may follow it)."""
+    tail = app.logged[-2:]
+    return next((line for line in reversed(tail) if line.startswith("error")), None)
+
+
 def cli_error(*args) -> str:
+    """The CLI's error message (its hint line, in the CLI's words, left out)."""
     r = runner.invoke(cli, list(args))
     assert r.exit_code == 2 and r.stderr.startswith("error: ")
-    return r.stderr.strip()
+    return r.stderr.strip().split("\nhint: ")[0]
 
 
 def test_config_only_checkpoint_shows_the_cli_error(tmp_path):
@@ -189,12 +196,11 @@ def test_existing_out_is_refused_unless_replace(tmp_path):
     async def script(p):
         app.query_one("#out", Input).value = str(out)
         await p.press("s")
-        await until(p, lambda: app.job is None and app.logged[-1].startswith("error"))
+        await until(p, lambda: app.job is None and last_error(app) is not None)
         assert (out / "keep.txt").is_file()
         app.query_one("#force", Select).value = True
         await p.press("s")  # replace refuses a directory elastic did not write, too
-        await until(p, lambda: app.job is None and app.logged[-1].startswith("error")
-                    and "not written by elastic" in app.logged[-1])
+        await until(p, lambda: app.job is None and "not written by elastic" in (last_error(app) or ""))
         assert (out / "keep.txt").read_text() == "mine"
         (out / "keep.txt").unlink()  # empty now: replace may take it
         await p.press("s")
@@ -203,6 +209,10 @@ def test_existing_out_is_refused_unless_replace(tmp_path):
     pilot(app, script)
     expected = cli_error("slice", "-c", str(DEMO_CHECKPOINT), "--budget", "100%", "--out", str(out))
     assert "already exists" in expected and expected in app.logged
+    # one hint, each front end's words: the TUI names its control, the CLI its flag
+    assert "hint: to replace it (only an empty directory or one elastic wrote): set 'replace' to yes" in app.logged
+    r = runner.invoke(cli, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", "100%", "--out", str(out)])
+    assert "hint: to replace it (only an empty directory or one elastic wrote) (--force)" in r.stderr
     assert (out / "slice_manifest.json").is_file()
 
 

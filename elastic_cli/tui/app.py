@@ -16,7 +16,6 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Footer, Input, Label, ProgressBar, RichLog, Select, Static
 
-from elastic.profiles.errors import ProfileError
 from elastic.slicer.errors import ElasticError
 
 from ..common import debug
@@ -110,8 +109,8 @@ class ElasticApp(App):
     def replan(self, choice: pl.Choice) -> None:
         try:
             p = self.planner.plan(choice)
-        except (ElasticError, ProfileError) as e:
-            self.query_one("#summary", Static).update(f"error: {e.render()}")
+        except ElasticError as e:
+            self.query_one("#summary", Static).update(pl.error_text(e))
             return
         self.choice, self.plan = choice, p
         self.query_one("#device", Static).update(pl.device_line(p))
@@ -190,8 +189,8 @@ class ElasticApp(App):
             done = JobDone("done", pl.run_action(action, self.planner.ckpt.root, p, budget, out, force, progress))
         except Cancelled:
             done = JobDone("cancelled", [f"cancelled: nothing was written to {out}"])
-        except (ElasticError, ProfileError) as e:
-            done = JobDone("error", [f"error: {e.render()}"])
+        except ElasticError as e:
+            done = JobDone("error", pl.error_text(e).splitlines())
         except Exception as e:  # noqa: BLE001 (a bug: say so rather than leave the job hanging)
             done = JobDone("error", [f"error: unexpected {type(e).__name__}: {e} (a bug; please report it)",
                                      *(traceback.format_exc().splitlines() if debug() else [])])

@@ -27,6 +27,21 @@ EXPORT_MISSING = 'export: needs the onnx extra (pip install -e ".[onnx]")'
 COLUMNS = ("budget", "params", "weights", "kv", "state", "total", "headroom", "fits")
 
 Progress = Callable[[int, int], None]
+# how the TUI says each hint's setting (elastic.profiles.errors.SETTINGS): its controls
+CONTROLS = {"replace": "set 'replace' to yes", "checkpoint": "start it with another checkpoint (-c)",
+            "spec": "cut it from the command line with a spec file", "target": "pick another target",
+            "gpu": "start it with another GPU", "context": "change the context", "batch": "change the batch",
+            "dtype": "change the dtype", "parity": "export it from the command line without the parity check",
+            "max_new_tokens": "ask for fewer new tokens"}
+
+
+def error_text(e) -> str:
+    """An ElasticError as the TUI shows it: the message, then its hint in terms of the TUI's controls."""
+    text = f"error: {e.render()}"
+    if e.hint is not None:
+        value = f" ({e.hint.value})" if e.hint.value is not None and not isinstance(e.hint.value, bool) else ""
+        text += f"\nhint: {e.hint.action}: {CONTROLS[e.hint.setting]}{value}"
+    return text
 
 
 @dataclass(frozen=True)

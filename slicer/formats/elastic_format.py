@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.formats.arch import Arch
-from elastic.slicer.errors import ConfigError
+from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.spec import SPEC_FIELDS, SliceSpec
 
 FORMAT = "nemotron-elastic"
@@ -227,8 +227,8 @@ class ElasticConfig:
             raise ConfigError("not valid JSON (nested too deeply)", path=str(path)) from None
         except FileNotFoundError:
             raise ConfigError(
-                f"not an elastic checkpoint (no {CONFIG_NAME}); use --spec FILE to cut a slice from a dense "
-                "checkpoint", path=str(root)
+                f"not an elastic checkpoint (no {CONFIG_NAME}): it has no budgets", path=str(root),
+                hint=Hint("spec", "to cut a slice from a dense checkpoint, give a slice spec file")
             ) from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ConfigError(f"not valid JSON ({str(e)[:80]})", path=str(path)) from None
@@ -348,9 +348,8 @@ def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: st
         raise ConfigError(
             f"budget {budget!r} resolves ({source}) to {got:,} parameters, {miss:+.1%} off its target of "
             f"{b.target_parameters:,} (tolerance {b.tolerance:.0%}); the {source} does not deliver this budget, so "
-            "slicing it would mislabel the model. Retrain the router, or cut the sizes you want with "
-            "`elastic slice --spec FILE`",
-            path=str(root))
+            "slicing it would mislabel the model. Retrain the router", path=str(root),
+            hint=Hint("spec", "or cut the sizes you want with a slice spec file"))
     return spec, source
 
 

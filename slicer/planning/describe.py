@@ -9,7 +9,7 @@ from typing import Any
 from elastic.slicer.formats.arch import KINDS
 from elastic.slicer.storage.reader import ELASTIC_CONFIG_NAME, Checkpoint
 from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
-from elastic.slicer.errors import CheckpointError
+from elastic.slicer.errors import CheckpointError, Hint
 
 DEMO_CHECKPOINT = Path(__file__).parents[1] / "demo_checkpoint"
 
@@ -23,7 +23,8 @@ def default_checkpoint() -> Path:
     if (Path.cwd() / ELASTIC_CONFIG_NAME).is_file():
         return Path.cwd()
     if not (DEMO_CHECKPOINT / "config.json").is_file():
-        raise CheckpointError("the bundled demo checkpoint is missing from this installation; pass --checkpoint DIR",
+        raise CheckpointError("the bundled demo checkpoint is missing from this installation",
+                              hint=Hint("checkpoint", "give a checkpoint directory"),
                               path=str(DEMO_CHECKPOINT))
     return DEMO_CHECKPOINT
 

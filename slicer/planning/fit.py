@@ -133,16 +133,16 @@ def suggestions(ckpt: Checkpoint, rows: list[dict], target: Target, w: Workload)
     out = []
     ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
     if ctx >= 256:
-        out.append(f"budget {name} fits with --context {ctx} (instead of {w.context})")
+        out.append(f"budget {name} fits with a context of {ctx} (instead of {w.context})")
     if w.batch > 1:
         for b in range(w.batch - 1, 0, -1):
             if footprint(child, replace(w, batch=b), target.overhead_bytes)["total"] <= target.usable_bytes:
-                out.append(f"budget {name} fits with --batch {b} (instead of {w.batch})")
+                out.append(f"budget {name} fits with a batch of {b} (instead of {w.batch})")
                 break
     if w.dtype == "float32":
         half = "bfloat16" if target.bf16 else "float16"
         if footprint(child, replace(w, dtype=half), target.overhead_bytes)["total"] <= target.usable_bytes:
-            out.append(f"budget {name} fits with --dtype {half}")
+            out.append(f"budget {name} fits with dtype {half}")
     need = smallest["terms"]["total"]
     out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
                f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "

@@ -28,10 +28,10 @@ import socket
 from pathlib import Path
 from typing import Iterable
 
-from elastic.slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError, Hint
 
 MARKER = ".elastic-output.json"  # written into every directory this tool produces
-FORCE_HINT = "replace it (--force on the command line, 'replace' in the TUI) only if elastic wrote it"
+REPLACE = Hint("replace", "to replace it (only an empty directory or one elastic wrote)")
 
 
 class OutputError(ElasticError):
@@ -89,8 +89,8 @@ def check_output(out: str | Path, *, force: bool, sources: Iterable[str | Path] 
     if not p.is_dir():
         raise OutputError("exists and is not a directory; it was left as it is", path=str(out))
     if not force:
-        raise OutputError(f"already exists and was left as it is; choose a new output directory, or {FORCE_HINT}",
-                          path=str(out))
+        raise OutputError("already exists and was left as it is; choose a new output directory", path=str(out),
+                          hint=REPLACE)
     why = _not_replaceable(p)
     if why:
         raise OutputError(f"exists and was not written by elastic ({why}); it was left as it is. "
