@@ -18,6 +18,18 @@ CheckpointOpt = Annotated[
     typer.Option("--checkpoint", "-c", help="Checkpoint directory. Default: $ELASTIC_CHECKPOINT, the current "
                  "directory if it is an elastic checkpoint, else the bundled demo.", show_default=False),
 ]
+def one_checkpoint(positional: Path | None, option: Path | None, required: bool = False) -> Path | None:
+    """The checkpoint of a command that takes it as its object (positional) or as -c/--checkpoint."""
+    from elastic.slicer.errors import ConfigError
+
+    if positional is not None and option is not None and positional != option:
+        raise ConfigError(f"two checkpoints given ({positional} and -c {option}); give one")
+    chosen = positional if positional is not None else option
+    if chosen is None and required:
+        raise ConfigError("no checkpoint given: name the model directory (or -c DIR)")
+    return chosen
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of text.")]
 
 

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from elastic.slicer.formats.precision import AUTO, ENGINES, GRAPHS
+from elastic.slicer.formats.precision import AUTO, ENGINES, WEIGHTS
 
-from .common import JsonOpt, boundary, canonical_precision, human_bytes, precision_choice, print_json
+from .common import (JsonOpt, boundary, canonical_precision, human_bytes, one_checkpoint, precision_choice,
+                     print_json)
 
 
 class Format(str, Enum):
@@ -22,7 +23,7 @@ class Format(str, Enum):
 
 
 EnginePrecision = precision_choice("EnginePrecision", ENGINES, AUTO)
-GraphDType = precision_choice("GraphDType", GRAPHS)
+GraphDType = precision_choice("GraphDType", WEIGHTS)  # the library says why bfloat16 graphs are refused
 
 
 def _stage(enabled: bool):
@@ -30,8 +31,11 @@ def _stage(enabled: bool):
 
 
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="A dense model directory (e.g. from `elastic slice`), or an "
-                                              "export directory with --check-only.", show_default=False)],
+    model_dir: Annotated[Optional[Path], typer.Argument(help="A dense model directory (e.g. from `elastic slice`), or "
+                                                        "an export directory with --check-only (or -c).",
+                                                        show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="The model directory, as an "
+                                                       "option.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (must not exist unless "
                                                 "--force).", show_default=False)] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="onnx: graphs only; tensorrt: graphs + engines "
@@ -77,10 +81,11 @@ def export(
       elastic export ./model-50 --check-only --json
     """
     with boundary():
+        model_dir = one_checkpoint(model_dir, checkpoint, required=True)
         if check_only:
             from elastic.export.pipeline import check_only as run_check
 
-            report = run_check(model_dir, dtype=canonical_precision(dtype, GRAPHS), opset=opset, progress=_stage(not json_out))
+            report = run_check(model_dir, dtype=canonical_precision(dtype, WEIGHTS), opset=opset, progress=_stage(not json_out))
         else:
             if out is None:
                 from elastic.slicer.errors import ElasticError
@@ -93,7 +98,7 @@ def export(
             device = resolve_target(target, gpu)[0] if fmt.value != "onnx" else None
             summary = export_model(model_dir, out, format=fmt.value, target=device,
                                    precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
-                                   max_context=context, dtype=canonical_precision(dtype, GRAPHS), opset=opset,
+                                   max_context=context, dtype=canonical_precision(dtype, WEIGHTS), opset=opset,
                                    parity=parity, force=force, progress=_stage(not json_out))
     if check_only:
         if json_out:

@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOpt, boundary, human_bytes, human_count, print_json
+from .common import CheckpointOpt, JsonOpt, boundary, human_bytes, human_count, one_checkpoint, print_json
 
 
 def inspect(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: see --help).",
-                                                         show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (or -c; default: see "
+                                                         "--checkpoint).", show_default=False)] = None,
+    checkpoint_opt: CheckpointOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a checkpoint's layer pattern, sizes, parameters per layer kind, dtype and size on disk.
@@ -28,7 +29,7 @@ def inspect(
     from elastic.slicer.planning.describe import describe
 
     with boundary():
-        info = describe(checkpoint)
+        info = describe(one_checkpoint(checkpoint, checkpoint_opt))
     if json_out:
         print_json(info)
         return

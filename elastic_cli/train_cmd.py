@@ -75,7 +75,8 @@ def _floats(text: str | None, option: str = "--stage2-weights", problems: list[s
 
 
 def train(
-    parent: Annotated[Path, typer.Option("--parent", help="Dense nemotron_h checkpoint to make elastic.")],
+    parent: Annotated[Path, typer.Option("--parent", "--checkpoint", "-c", help="Dense nemotron_h checkpoint to make "
+                                         "elastic.")],
     data: Annotated[Path, typer.Option("--data", help=DATA_HELP)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The elastic checkpoint to write.")],
     budgets: Annotated[str, typer.Option("--budgets", help="NAME=SHARE of the parent's parameters, comma separated.")]

@@ -103,6 +103,10 @@ def export_model(
         raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     from elastic.slicer.formats.precision import GRAPHS, lookup
 
+    if lookup(dtype).name == "bfloat16":
+        raise ElasticError("ONNX graphs are written in float32 or float16 (what the parity check and the ONNX "
+                           "Runtime generation here run); TensorRT builds bfloat16 engines from float32 graphs",
+                           hint=Hint("dtype", "keep float32 graphs and ask for a bf16 engine precision"))
     dtype = lookup(dtype, GRAPHS, "ONNX graph dtype").name  # any spelling; canonical from here on
     say = progress or (lambda msg: None)
     from elastic.slicer.storage.outputs import MARKER, check_output
