@@ -119,10 +119,11 @@ def human_count(n: int) -> str:
 
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator:
-    """A rich progress bar on stderr, driven by the ``progress(done, total)`` callbacks the library
-    calls. Disabled (a no-op callback) for --json output or when stderr is not a terminal."""
+    """A rich progress bar on stderr, driven by the library's ``progress(stage, done, total)``
+    callbacks (total None: a stage of unknown size). Disabled (a no-op callback) for --json output
+    or when stderr is not a terminal."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda done, total: None
+        yield lambda stage, done, total: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -131,7 +132,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator:
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=None)
 
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def advance(stage: str, done: int, total: int | None) -> None:
+            bar.update(task, description=f"{description}: {stage}", completed=done, total=total)
 
         yield advance

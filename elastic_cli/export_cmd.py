@@ -27,7 +27,7 @@ GraphDType = precision_choice("GraphDType", WEIGHTS)  # the library says why bfl
 
 
 def _stage(enabled: bool):
-    return (lambda msg: typer.echo(f"  {msg} ...", err=True)) if enabled else None
+    return (lambda stage, done, total: typer.echo(f"  {stage} ...", err=True)) if enabled else None
 
 
 def export(

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOpt, boundary, print_json
+from .common import JsonOpt, boundary, one_checkpoint, print_json
 
 
 class Backend(str, Enum):
@@ -17,10 +17,13 @@ class Backend(str, Enum):
 
 
 def generate(
-    model_dir: Annotated[Path, typer.Argument(help="A model directory (torch) or an export directory (onnx).",
-                                              show_default=False)],
-    prompt: Annotated[str, typer.Argument(help="The prompt.")] = "Hello",
-    backend: Annotated[Optional[Backend], typer.Option("--backend", "-b", help="torch: the PyTorch reference "
+    model_dir: Annotated[Optional[Path], typer.Argument(help="A model directory (torch) or an export directory "
+                                                        "(onnx); or give it with -c, and the prompt alone.",
+                                                        show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (default: Hello).", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="The model or export directory, "
+                                                       "as an option.", show_default=False)] = None,
+    backend: Annotated[Optional[Backend], typer.Option("--backend", help="torch: the PyTorch reference "
                                                        "model; onnx: ONNX Runtime. Default: onnx for an export "
                                                        "directory, else torch.", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate (stops "
@@ -29,7 +32,7 @@ def generate(
                                                    "choice).", min=1, show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run a model greedily and print the text and the decode speed.
+    """Run a model greedily and print the text as it comes, then the decode speed.
 
     Examples:
 
@@ -39,13 +42,30 @@ def generate(
     """
     from elastic.export.runtime import generate_text
 
+    if checkpoint is not None and model_dir is not None and prompt is None:
+        model_dir, prompt = None, str(model_dir)  # `generate -c DIR "prompt"`: the one positional is the prompt
+    prompt = "Hello" if prompt is None else prompt
+    shown = []  # the prompt is printed once the model produces text, so a refused request prints only the error
+
+    def stream(piece: str) -> None:
+        if not shown:
+            typer.echo(prompt, nl=False)
+            shown.append(True)
+        typer.echo(piece, nl=False)  # click.echo flushes
+
     with boundary():
-        r = generate_text(model_dir, prompt, backend=backend.value if backend else None,
-                          max_new_tokens=max_new_tokens, threads=threads)
+        model_dir = one_checkpoint(model_dir, checkpoint, required=True)
+        try:
+            r = generate_text(model_dir, prompt, backend=backend.value if backend else None,
+                              max_new_tokens=max_new_tokens, threads=threads, on_text=None if json_out else stream)
+        finally:
+            if shown:
+                typer.echo("")  # end the streamed line, even when generation fails half-way
     if json_out:
         print_json(r)
         return
-    text = r["text"] if r["text"] is not None else " ".join(str(t) for t in r["tokens"])
-    typer.echo(f"{prompt}{text}")
+    if not shown:  # no text came: the prompt, then the ids when they are not decodable
+        text = r["text"] if r["text"] is not None else " ".join(str(t) for t in r["tokens"])
+        typer.echo(f"{prompt}{text}")
     typer.echo(f"[{r['backend']}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
                f"prefill {r['prefill_s'] * 1000:.1f} ms, decode {r['tokens_per_s']} tokens/s", err=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -28,23 +28,16 @@ DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", case_sensitive=False,
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
 
 
-def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk) -> tuple[dict, Any]:
-    from elastic.slicer.planning.describe import default_checkpoint
-    from elastic.slicer.planning.fit import plan, resolve_target
-    from elastic.slicer.planning.memory import Workload
+def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk):
+    """The one plan of a command: ``elastic.export.workflow.make_plan``."""
+    from elastic.export.workflow import make_plan
 
-    tgt, detection = resolve_target(target, gpu)
-    w = Workload(context=context, batch=batch, dtype=canonical_precision(dtype, WEIGHTS, AUTO), prefill_chunk=prefill_chunk)
-    result = plan(checkpoint or default_checkpoint(), tgt, w)
-    if detection is not None:
-        result["detection"] = {
-            "devices": [d.name for d in detection.devices],
-            "reasons": list(detection.reasons),
-        }
-    return result, tgt
+    return make_plan(checkpoint, target=target, gpu=gpu, context=context, batch=batch,
+                     dtype=canonical_precision(dtype, WEIGHTS, AUTO), prefill_chunk=prefill_chunk)
 
 
 def render_plan(p: dict) -> str:
+    """`elastic plan`'s table, from the plan's JSON form (the same view scripts read)."""
     dev, w = p["device"], p["workload"]
     lines = [
         f"device      {dev['name']} ({dev['kind']}, {dev['source']}): {human_bytes(dev['usable_bytes'])} usable"
@@ -100,7 +93,7 @@ def plan(
       elastic plan --target rtx-4090 --json | jq .chosen
     """
     with boundary():
-        p, _ = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+        p = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk).to_json()
     if json_out:
         print_json(p)
     else:
@@ -157,43 +150,31 @@ def fit_my_gpu(
 
       elastic fit-my-gpu -c ./Nemotron-Elastic-12B --target orin-nano-8gb --dry-run
     """
+    from elastic.export.workflow import fit_my_gpu as run_fit
     from elastic.slicer.errors import ElasticError
-    from elastic.slicer.planning.fit import default_out, slice_budget
+    from elastic.slicer.planning.fit import default_out
 
     with boundary():
-        p, device = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+        planned = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+        p = planned.to_json()
         if not json_out:
             typer.echo(render_plan(p))
-        if p["chosen"] is None:
+        if planned.chosen is None:
             if json_out:
                 print_json(p | {"out": None})
             raise ElasticError("no budget fits this device; see the suggestions above")
-        chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
-        dest = out or default_out(p["chosen"])
+        chosen = planned.budget(planned.chosen)
+        dest = out or default_out(planned.chosen)
         if dry_run:
-            p["out"] = None
             if json_out:
-                print_json(p)
+                print_json(p | {"out": None})
             else:
-                typer.echo(f"\ndry run: would write budget {p['chosen']} ({chosen['dtype']}) to {dest}")
+                typer.echo(f"\ndry run: would write budget {planned.chosen} ({chosen.dtype}) to {dest}")
             return
-        if not p["weights_present"]:
-            raise ElasticError("the checkpoint holds config.json only; download the weights to slice it "
-                               "(planning works without them)", path=p["checkpoint"])
-        from elastic.slicer.nn.smoke import smoke_test
-
-        with progress_bar(f"slicing {p['chosen']} to {dest}", enabled=not json_out) as advance:
-            result = slice_budget(p["checkpoint"], p["chosen"], dest, dtype=chosen["dtype"], force=force,
-                                  progress=advance)
-        exported = _export(dest, device, context, batch, json_out) if export else {"skipped": "--no-export"}
-        if "out" in exported:  # the smoke test runs what was exported
-            from elastic.export.runtime import generate_text
-
-            smoke = generate_text(exported["out"], "Hello", backend="onnx", max_new_tokens=16)
-        else:
-            smoke = smoke_test(dest, dtype="float32" if p["device"]["kind"] == "cpu" else None)
-    p |= {"out": str(dest), "slice": {"parameters": result.parameters, "bytes_written": result.bytes_written,
-                                      "runtimes": result.manifest["runtimes"]}, "export": exported, "smoke": smoke}
+        with progress_bar(f"{planned.chosen} to {dest}", enabled=not json_out) as advance:
+            fit = run_fit(planned, out=dest, force=force, export=export, progress=advance)
+    p = fit.to_json()
+    result, exported, smoke = fit.slice, fit.export, fit.smoke
     if json_out:
         print_json(p)
         return
@@ -202,7 +183,7 @@ def fit_my_gpu(
     runner = "ONNX Runtime" if smoke["backend"] == "onnx" else "PyTorch reference"
     lines = [
         "",
-        f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, {chosen['dtype']}, "
+        f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, {chosen.dtype}, "
         f"{human_bytes(result.bytes_written)})",
     ]
     if "out" in exported:
@@ -214,23 +195,3 @@ def fit_my_gpu(
     lines.append(f"smoke test  {smoke['new_tokens']} tokens{text}, {speed} tokens/s ({runner})")
     lines.append(f"next        elastic generate {exported.get('out', dest)} \"Hello\"")
     typer.echo("\n".join(lines))
-
-
-def _export(dest: Path, target, context: int, batch: int, quiet: bool) -> dict:
-    """Export the slice into DEST/export, or say why not (the onnx extra missing)."""
-    from elastic.slicer.errors import MissingDependencyError
-
-    try:
-        from elastic.export.deps import require
-
-        require("onnx", "onnxruntime", "onnxscript")
-    except MissingDependencyError as e:
-        return {"skipped": e.message}
-    from elastic.export.pipeline import export_model
-
-    def progress(stage: str) -> None:
-        if not quiet:
-            typer.echo(f"export      {stage}", err=True)
-
-    return export_model(dest, dest / "export", format="all", target=target, max_batch=batch,
-                        max_context=context, force=True, progress=progress)

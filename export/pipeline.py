@@ -54,7 +54,7 @@ def export_model(
     parity: bool = True,
     external_data: bool | None = None,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Export a dense model directory for an edge runtime.
 
@@ -78,7 +78,8 @@ def export_model(
         opset: ONNX opset (default 18).
         parity: compare ONNX Runtime with PyTorch (float32 only); a mismatch refuses the export.
         external_data: force weights into ``weights.bin`` (True) or inside the graphs (False).
-        progress: called with a short message before each stage.
+        progress: ``progress(stage, k, None)`` before each stage (the one progress protocol;
+            stages have no size).
 
     Returns:
         ``out``, ``files``, ``opset``, ``exporter``, ``external_data``, ``unsupported_ops``,
@@ -108,7 +109,12 @@ def export_model(
                            "Runtime generation here run); TensorRT builds bfloat16 engines from float32 graphs",
                            hint=Hint("dtype", "keep float32 graphs and ask for a bf16 engine precision"))
     dtype = lookup(dtype, GRAPHS, "ONNX graph dtype").name  # any spelling; canonical from here on
-    say = progress or (lambda msg: None)
+    stages = iter(range(1, 1000))
+
+    def say(msg: str) -> None:
+        if progress:
+            progress(msg, next(stages), None)
+
     from elastic.slicer.storage.outputs import MARKER, check_output
 
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
@@ -171,8 +177,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, **kwargs) -> dict[st
 
 
 def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The TensorRT operator check alone, writing nothing.
+               progress: Callable[[str, int, int | None], None] | None = None) -> dict[str, Any]:
+    """The TensorRT operator check alone, writing nothing (progress as in :func:`export_model`).
 
     Args:
         path: an export directory (its graphs are checked as they are) or a model directory
@@ -196,7 +202,8 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
     _, model = _load(path, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=".elastic-check-"))
     try:
-        info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, progress=progress)
+        say = (lambda msg: progress(msg, 0, None)) if progress else None
+        info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, progress=say)
         return {"path": str(path), "opset": info["opset"], **check_export(tmp)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from elastic.slicer.errors import ElasticError
 
 from .deps import require
-from .layout import DECODE, PAST, PREFILL, PRESENT
+from .layout import DECODE, ENGINE_META, MANIFEST, PAST, PREFILL, PRESENT
 
 BACKENDS = ("torch", "onnx")
 
@@ -28,7 +28,8 @@ def is_export_dir(path: str | Path) -> bool:
 
 
 class OnnxGenerator:
-    """Greedy decoding with the exported graphs: one prefill, then one decode step per token.
+    """Greedy decoding with the exported graphs: one prefill, then one decode step per token; a
+    backend of ``elastic.slicer.nn.generate.greedy``.
 
     The state is a dict ``name -> array`` with the graph's state names without prefix
     (``conv_state.0``, ``key.3``...): prefill's ``present_*`` outputs become decode's ``past_*`` inputs.
@@ -40,6 +41,8 @@ class OnnxGenerator:
         session_config: ONNX Runtime session config entries, e.g.
             ``{"session.intra_op.allow_spinning": "0"}`` on a machine shared with other work.
     """
+
+    name = "onnx"
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  session_config: dict[str, str] | None = None):
@@ -85,82 +88,63 @@ class OnnxGenerator:
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
         """Same contract as ``elastic.slicer.nn.model.generate``: (b, prompt + generated) ids, greedy, stops
-        early once every row has produced ``eos_token_id``."""
+        early once every row has produced ``eos_token_id`` (``elastic.slicer.nn.generate.greedy`` over this)."""
+        from elastic.slicer.nn.generate import greedy
+
         input_ids = np.asarray(input_ids, dtype=np.int64)
-        logits, state = self.prefill(input_ids)
-        out = [input_ids]
-        done = np.zeros(input_ids.shape[0], dtype=bool)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            out.append(nxt[:, None])
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if done.all():
-                    break
-            logits, state = self.step(nxt, state)
-        return np.concatenate(out, axis=1)
+        out = greedy(self, input_ids, max_new_tokens, eos_token_id)
+        new = np.array(out.tokens, dtype=np.int64).reshape(input_ids.shape[0], -1)  # (b, n), n >= 0
+        return np.concatenate([input_ids, new], axis=1)
 
 
-def _eos(path: Path) -> int | None:
-    try:
-        eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError):
-        return None
-    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+def max_context(export_dir: str | Path) -> int | None:
+    """The longest sequence (prompt + output) the export was built for, as ``elastic export --context``
+    recorded it for the TensorRT engines (``export_manifest.json``, else ``engine_meta.json``); None
+    when nothing is recorded (an ONNX-only export: the graphs themselves take any length)."""
+    for name, keys in ((MANIFEST, ("tensorrt", "settings", "max_context")), (ENGINE_META, ("settings", "max_context"))):
+        try:
+            value: Any = json.loads((Path(export_dir) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, max_new_tokens: int = 32,
-                  threads: int | None = None) -> dict[str, Any]:
+                  threads: int | None = None, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Greedy generation from a model directory (PyTorch) or an export directory (ONNX Runtime), timed.
 
     Args:
         path: a model directory (config.json + safetensors) for ``torch``, an export directory for ``onnx``.
         backend: "torch" or "onnx"; None picks "onnx" for an export directory, else "torch".
         max_new_tokens: tokens to generate; stops early at the config's ``eos_token_id``.
+        on_text: called with each new piece of text as it is decoded (for streaming).
 
     Returns:
         ``backend``, ``prompt_tokens``, ``tokens`` (generated ids), ``text`` (None when the ids
         cannot be decoded), ``new_tokens``, ``prefill_s``, ``decode_s``, ``tokens_per_s`` (decode).
+
+    Raises:
+        ElasticError: not a model/export directory, or prompt + ``max_new_tokens`` is longer than the
+            export's recorded maximum context.
     """
-    from elastic.slicer.nn.smoke import encode_prompt
+    from elastic.slicer.formats.tokenizer import load_tokenizer
+    from elastic.slicer.nn.generate import config_eos_token_id, generate_text as run
+    from elastic.slicer.nn.smoke import smoke_test
 
     path = Path(path)
     backend = backend or ("onnx" if is_export_dir(path) else "torch")
     if backend not in BACKENDS:
         raise ElasticError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    eos = _eos(path)
-    if backend == "onnx":
-        gen = OnnxGenerator(path, threads=threads)
-        ids, decode = encode_prompt(path, prompt, gen.vocab_size)
-        x = np.array([ids or [0]], dtype=np.int64)
-        t0 = time.perf_counter()
-        logits, state = gen.prefill(x)
-        t1 = time.perf_counter()
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            tokens.append(int(nxt[0]))
-            if eos is not None and tokens[-1] == eos:
-                break
-            logits, state = gen.step(nxt, state)
-        t2 = time.perf_counter()
-    else:
-        from elastic.slicer.nn.smoke import smoke_test
-
+    if backend == "torch":
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        return smoke_test(path, prompt, max_new_tokens, eos_token_id=eos)
-    return {
-        "backend": backend,
-        "path": str(path),
-        "prompt": prompt,
-        "prompt_tokens": len(ids),
-        "tokens": tokens,
-        "text": decode(tokens) if decode else None,
-        "new_tokens": len(tokens),
-        "prefill_s": round(t1 - t0, 4),
-        "decode_s": round(t2 - t1, 4),
-        "tokens_per_s": round(len(tokens) / (t2 - t1), 1) if tokens and t2 > t1 else None,
-    }
+        return smoke_test(path, prompt, max_new_tokens, on_text=on_text)  # eos: config.json's
+    gen = OnnxGenerator(path, threads=threads)
+    return run(gen, load_tokenizer(path), prompt, max_new_tokens, eos_token_id=config_eos_token_id(path),
+               max_context=max_context(path), on_text=on_text, path=str(path))

@@ -35,11 +35,6 @@ PASSTHROUGH_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )
-DTYPE_ALIASES = {
-    "float32": "F32", "fp32": "F32", "f32": "F32",
-    "float16": "F16", "fp16": "F16", "half": "F16", "f16": "F16",
-    "bfloat16": "BF16", "bf16": "BF16",
-}
 BLOCK_BYTES = 16 * 2**20  # rows read and written at a time (under glibc's 32 MiB mmap cap: buffers get reused)
 
 
@@ -52,19 +47,19 @@ class SliceResult:
 
 
 def parse_dtype(name: str | None) -> str | None:
-    """safetensors code for a user-given dtype name ("bf16", "float16", ...), None for "keep"."""
-    if name is None or name in ("auto", "keep"):
+    """safetensors code for any spelling of a weight precision ("bf16", "float16", ...; see
+    ``formats.precision``), None for "keep"."""
+    from elastic.slicer.formats.precision import KEEP, WEIGHTS, lookup
+
+    if name is None or name.lower() in ("auto", KEEP):
         return None
-    code = DTYPE_ALIASES.get(name.lower())
-    if code is None:
-        raise ConfigError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
-    return code
+    return lookup(name, WEIGHTS, "dtype").safetensors
 
 
 def choose_spec(ckpt: Checkpoint, budget: str | None, spec: SliceSpec | str | Path | None) -> tuple[SliceSpec, str]:
     """The spec to cut: from a budget of an elastic checkpoint, or an explicit spec (file)."""
     if (budget is None) == (spec is None):
-        raise ConfigError("give exactly one of a budget name (--budget) or a spec file (--spec)")
+        raise ConfigError("give exactly one of a budget name or a slice spec file")
     if budget is not None:
         ec = ElasticConfig.read(ckpt.root, ckpt.arch)
         return resolve_budget(ckpt.root, ec, ckpt.arch, budget)
@@ -188,7 +183,8 @@ def slice_checkpoint(
     dtype: str | None = None,
     force: bool = False,
     max_shard_bytes: int = 5 * 10**9,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    resolved: tuple[SliceSpec, str] | None = None,
 ) -> SliceResult:
     """Slice ``source`` along a budget (elastic checkpoints) or a spec (any nemotron_h checkpoint).
 
@@ -198,7 +194,9 @@ def slice_checkpoint(
         budget: a budget name from elastic_config.json.
         spec: a SliceSpec or the path of a spec JSON file.
         dtype: cast every tensor ("float16", "bf16", ...); default keeps the stored dtype.
-        progress: called as ``progress(bytes_done, bytes_total)`` while tensors are written.
+        progress: called as ``progress("slice", bytes_done, bytes_total)`` while tensors are written
+            (the one progress protocol: stage, done, total or None).
+        resolved: the (spec, where it came from) a plan already resolved for ``budget``.
 
     Raises:
         ConfigError: not elastic, unknown budget, invalid spec or dtype.
@@ -208,7 +206,8 @@ def slice_checkpoint(
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
     if not ckpt.has_weights:
         raise CheckpointError("no weights to slice (config.json only)", path=str(ckpt.root))
-    chosen, spec_source = choose_spec(ckpt, budget, spec)
+    # a plan hands its resolved (spec, source) down with the budget's name: nothing is resolved twice
+    chosen, spec_source = resolved if resolved is not None else choose_spec(ckpt, budget, spec)
     code = parse_dtype(dtype)
     parent, child = ckpt.arch, chosen.child_arch(ckpt.arch)
     rules = tensor_rules(parent, chosen)
@@ -228,7 +227,7 @@ def slice_checkpoint(
     def advance(n: int) -> None:
         done[0] += n
         if progress:
-            progress(done[0], total)
+            progress("slice", done[0], total)
 
     out_tensors = [
         OutTensor(r.name, code or ckpt.tensors[r.source].dtype, r.shape, lambda r=r: _blocks(ckpt, r, code))

@@ -22,14 +22,17 @@ def commands():
 
 
 def test_no_short_flag_has_two_meanings():
-    meaning: dict[str, set[str]] = {}
+    """Every command's -x shares one long name with every other command's -x (train's
+    --parent/--checkpoint -c is the same -c as everyone's --checkpoint)."""
+    meanings: dict[str, list[set[str]]] = {}
     for name, cmd in commands().items():
         for p in cmd.params:
-            longs = [o for o in p.opts if o.startswith("--")]
-            for short in (o for o in p.opts if not o.startswith("--")):
-                meaning.setdefault(short, set()).add(longs[0] if longs else p.name)
-    twice = {s: sorted(m) for s, m in meaning.items() if len(m) > 1}
+            longs = {o for o in p.opts if o.startswith("--")}
+            for short in (o for o in p.opts if o.startswith("-") and not o.startswith("--")):
+                meanings.setdefault(short, []).append(longs)
+    twice = {s: m for s, m in meanings.items() if not set.intersection(*m)}
     assert twice == {}
+    assert meanings["-c"] and meanings["-b"] == [{"--budget"}]
 
 
 CHECKPOINT_COMMANDS = ["fit-my-gpu", "plan", "slice", "inspect", "export", "generate", "tui", "train"]

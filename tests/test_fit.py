@@ -49,7 +49,7 @@ def cpu_target(gib: float, **kw) -> Target:
 
 
 def test_largest_fitting_budget_is_chosen():
-    p = plan(E12B, cpu_target(20), Workload(context=8192))
+    p = plan(E12B, cpu_target(20), Workload(context=8192)).to_json()
     fits = {b["name"]: b["fits"] for b in p["budgets"]}
     assert fits == {"12B": False, "9B": True, "6B": True} and p["chosen"] == "9B"
     for b in p["budgets"]:
@@ -59,8 +59,8 @@ def test_largest_fitting_budget_is_chosen():
 
 
 def test_longer_context_needs_more_kv_and_can_change_the_choice():
-    short = plan(E12B, cpu_target(20), Workload(context=8192))
-    long = plan(E12B, cpu_target(20), Workload(context=262144))
+    short = plan(E12B, cpu_target(20), Workload(context=8192)).to_json()
+    long = plan(E12B, cpu_target(20), Workload(context=262144)).to_json()
     assert short["chosen"] == "9B"
     kv = lambda p: {b["name"]: b["terms"]["kv_cache"] for b in p["budgets"]}  # noqa: E731
     assert kv(long)["6B"] == 32 * kv(short)["6B"]
@@ -70,12 +70,12 @@ def test_longer_context_needs_more_kv_and_can_change_the_choice():
 def test_bf16_falls_back_to_fp16():
     t = cpu_target(24, bf16=False)
     assert choose_dtype("bfloat16", t)[0] == "float16" and choose_dtype(None, t)[0] == "float16"
-    p = plan(E12B, t, Workload(dtype="bfloat16"))
+    p = plan(E12B, t, Workload(dtype="bfloat16")).to_json()
     assert {b["dtype"] for b in p["budgets"]} == {"float16"} and "no bfloat16" in p["notes"][0]
 
 
 def test_nothing_fits_says_what_would():
-    p = plan(E12B, target_from_profile(get_profile("orin-nano-4gb")), Workload(context=8192))
+    p = plan(E12B, target_from_profile(get_profile("orin-nano-4gb")), Workload(context=8192)).to_json()
     assert p["chosen"] is None
     text = " ".join(p["suggestions"])
     assert "budget 6B needs" in text and "more would run it" in text
@@ -98,10 +98,28 @@ def test_unknown_target_exit_2():
 
 
 def test_fit_my_gpu_on_the_demo(tmp_path, monkeypatch):
+    """The README's first command; one run opens the checkpoint once: every safetensors header
+    (weights, router, the slice it writes) is read exactly once."""
+    from collections import Counter
+
+    import elastic.slicer.formats.safetensors as st
+    import elastic.slicer.storage.reader as reader
+
+    reads: Counter = Counter()
+    real = st.read_header
+
+    def counting(path):
+        reads[str(Path(path).resolve())] += 1
+        return real(path)
+
+    monkeypatch.setattr(st, "read_header", counting)
+    monkeypatch.setattr(reader, "read_header", counting)
     monkeypatch.delenv("ELASTIC_CHECKPOINT", raising=False)
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["fit-my-gpu", "--out", "model", "--json"])
     assert r.exit_code == 0, r.output
+    assert reads and max(reads.values()) == 1, reads
+    assert str((DEMO_CHECKPOINT / "router.safetensors").resolve()) in reads  # budgets resolved by the router
     p = json.loads(r.stdout)
     assert p["chosen"] == "100%" and p["out"] == "model" and (tmp_path / "model" / "config.json").is_file()
     assert 1 <= p["smoke"]["new_tokens"] <= 16 and p["smoke"]["tokens_per_s"] > 0

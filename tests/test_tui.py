@@ -52,7 +52,7 @@ def text(app, selector) -> str:
 
 
 def library_plan(ckpt, profile, **workload):
-    return plan(ckpt, target_from_profile(get_profile(profile)), Workload(**workload))
+    return plan(ckpt, target_from_profile(get_profile(profile)), Workload(**workload)).to_json()
 
 
 def mib(n: int) -> str:
@@ -256,7 +256,7 @@ def test_cancel(tmp_path, monkeypatch):
 
     def slow_slice(source, out, *, progress, **kw):  # stands in for a big checkpoint
         for i in range(3000):
-            progress(i, 3000)
+            progress("slice", i, 3000)
             time.sleep(0.01)
         raise AssertionError("the job was not cancelled")
 
@@ -291,7 +291,7 @@ def test_quit_mid_job_stops_the_thread(tmp_path, monkeypatch):
     def slow_slice(source, out, *, progress, **kw):
         try:
             for i in range(3000):
-                progress(i, 3000)
+                progress("slice", i, 3000)
                 time.sleep(0.01)
         finally:
             stopped.set()
@@ -346,3 +346,26 @@ def test_snapshot_demo(snap_compare, size):
 
 def test_snapshot_nothing_fits(snap_compare):
     assert snap_compare(build_app(EXAMPLE_12B, "orin-nano-8gb"), terminal_size=(80, 24))
+
+
+def test_slice_and_export_is_fit_my_gpus_workflow(tmp_path):
+    """'both' runs fit-my-gpu's workflow: the engine settings are for the planned target, context
+    and batch, the export's real stages show in the state line, and the smoke test runs."""
+    pytest.importorskip("onnx")
+    app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
+    out = tmp_path / "m50"
+    async def script(p):
+        app.query_one("#context", Input).value = "2048"
+        await p.press("down", "down")  # 100% -> 50%
+        app.query_one("#out", Input).value = str(out)
+        await p.pause()
+        await p.press("b")
+
+        await until(p, lambda: app.job is None and any(line.startswith("smoke test:") for line in app.logged[-3:]),
+                    timeout=240)
+
+    pilot(app, script)
+    settings = json.loads((out / "export" / "export_manifest.json").read_text())["tensorrt"]["settings"]
+    assert settings["device"] == "orin-nx-16gb" and settings["max_context"] == 2048 and settings["max_batch"] == 1
+    assert json.loads((out / "slice_manifest.json").read_text())["budget"] == "50%"
+    assert "  onnx.checker" in app.logged  # an export stage, as the exporter names it (no invented count)

@@ -1,4 +1,4 @@
-"""Train a byte-level BPE tokenizer on local text, and load a model directory's tokenizer.
+"""Train a byte-level BPE tokenizer on local text (loading one is ``elastic.slicer.formats.tokenizer``).
 
 The saved directory is the standard Hugging Face form (``tokenizer.json``,
 ``tokenizer_config.json`` with ``PreTrainedTokenizerFast``, ``special_tokens_map.json``) that
@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from elastic.slicer.errors import ElasticError, MissingDependencyError
+from elastic.slicer.errors import ElasticError
+# loading lives in the slicer (generation and export read tokenizers too); re-exported for the trainer
+from elastic.slicer.formats.tokenizer import (BOS, CONFIG_FILE, EOS, PAD, TOKENIZER_FILE, UNK, BpeTok, ByteTok,
+                                              Tok, load_tokenizer, tokenizers_module)
 
 from .data import iter_texts
 
-TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
+__all__ = ["BpeTok", "ByteTok", "Tok", "TokenizerInfo", "load_tokenizer", "train_tokenizer"]
+
 SPECIAL_MAP_FILE = "special_tokens_map.json"
-UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, in this order
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + every byte
 
@@ -45,15 +47,6 @@ class TokenizerInfo:
     bos_id: int
     eos_id: int
     pad_id: int
-
-
-def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise MissingDependencyError("training or loading a BPE tokenizer needs the `tokenizers` package: "
-                                     "pip install tokenizers") from None
-    return tokenizers
 
 
 def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
@@ -75,7 +68,7 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str |
     """
     if vocab_size < _MIN_VOCAB:
         raise ElasticError(f"vocab_size {vocab_size} is below {_MIN_VOCAB} (4 special tokens + 256 bytes)")
-    tk = _tokenizers()
+    tk = tokenizers_module()
     tok = tk.Tokenizer(tk.models.BPE(unk_token=None))  # byte-level: every input is covered, no unk
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = tk.decoders.ByteLevel()
@@ -121,107 +114,3 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- loading
-
-
-class Tok:
-    """A tokenizer as the trainer sees it: ``encode``, ``decode``, ``vocab_size``, ``bos_id``, ``eos_id``."""
-
-    vocab_size: int
-    bos_id: int | None
-    eos_id: int | None
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready identity (recorded in the shard directory's meta.json)."""
-        return {"kind": type(self).__name__, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
-                "eos_id": self.eos_id}
-
-
-class ByteTok(Tok):
-    """UTF-8 bytes as ids 0..255; no bos/eos. For parents that ship no tokenizer."""
-
-    vocab_size, bos_id, eos_id = 256, None, None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-class BpeTok(Tok):
-    """A ``tokenizer.json`` through the ``tokenizers`` library.
-
-    ``encode`` adds no special tokens and treats their text (a literal ``</s>`` in a document) as
-    ordinary text, so corpus content can never inject a bos/eos id.
-    """
-
-    def __init__(self, path: Path, bos_token: str | None, eos_token: str | None):
-        tk = _tokenizers()
-        self.path = path
-        self._tok = tk.Tokenizer.from_file(str(path))
-        self._tok.encode_special_tokens = True
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self._tok.token_to_id(bos_token) if bos_token else None
-        self.eos_id = self._tok.token_to_id(eos_token) if eos_token else None
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def describe(self) -> dict[str, Any]:
-        import hashlib
-
-        return {**super().describe(), "path": str(self.path.resolve()),
-                "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest()}
-
-
-def load_tokenizer(model_dir: str | Path) -> Tok:
-    """The tokenizer of a model (or tokenizer) directory.
-
-    ``tokenizer.json`` when present (bos/eos named by ``tokenizer_config.json``, else ``<s>``/``</s>``
-    when the vocabulary has them), else ``ByteTok`` (vocab 256, no bos/eos).
-
-    Raises:
-        ElasticError: ``model_dir`` is not a directory, or its tokenizer files are unreadable.
-        MissingDependencyError: ``tokenizer.json`` is present but ``tokenizers`` is not installed.
-    """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ElasticError("not a directory; pass a model or tokenizer directory", path=str(model_dir))
-    path = model_dir / TOKENIZER_FILE
-    if not path.is_file():
-        return ByteTok()
-    bos, eos = _special_names(model_dir / CONFIG_FILE)
-    try:
-        return BpeTok(path, bos, eos)
-    except Exception as e:  # tokenizers raises its own Exception type for a malformed file
-        if isinstance(e, ElasticError):
-            raise
-        raise ElasticError(f"unreadable tokenizer ({e}); re-save or re-train it", path=str(path)) from None
-
-
-def _special_names(config_path: Path) -> tuple[str | None, str | None]:
-    config: dict[str, Any] = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ElasticError(f"not valid JSON ({e.msg} at line {e.lineno})", path=str(config_path)) from None
-
-    def name(key: str, default: str) -> str:
-        value = config.get(key, default)
-        return value.get("content") if isinstance(value, dict) else value  # transformers' AddedToken form
-
-    return name("bos_token", BOS), name("eos_token", EOS)
-

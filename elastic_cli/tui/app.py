@@ -25,8 +25,9 @@ from .widgets import BudgetTable, Controls
 
 @dataclass
 class JobProgress(Message):
-    done: int  # bytes written so far
-    total: int  # bytes the job writes
+    stage: str  # what the job is doing ("slice", an export stage, "smoke test")
+    done: int  # bytes written so far, or stages passed
+    total: int | None  # bytes the stage writes; None: a stage of unknown size
 
 
 @dataclass
@@ -70,7 +71,8 @@ class ElasticApp(App):
     def __init__(self, planner: pl.Planner, choice: pl.Choice, profiles: list[str]):
         super().__init__()
         self.planner, self.choice, self.profiles = planner, choice, profiles
-        self.plan: dict | None = None
+        self.plan = None  # the current elastic.slicer.planning.fit.Plan
+        self._stage_shown, self.job_action = "", ""
         self.budget: str | None = None  # the row under the cursor
         # the running job's cancel flag, until its JobDone arrives. A flag rather than
         # Worker.cancel: that ends the worker at once while its thread runs on, and cancels a
@@ -118,7 +120,7 @@ class ElasticApp(App):
         self.query_one("#summary", Static).update("\n".join(pl.summary_lines(p, unit)))
         if choice.target != self._target_shown:  # the target's notes once, not on every keystroke
             self._target_shown = choice.target
-            self.say(*(f"target: {n}" for n in p["device"]["notes"]))
+            self.say(*(f"target: {n}" for n in p.target.notes))
 
     def on_controls_changed(self, event: Controls.Changed) -> None:
         if event.choice is None:
@@ -162,6 +164,7 @@ class ElasticApp(App):
             out, force = self.out_path(), self.query_one("#force", Select).value
             self.say(f"{action} {self.budget} -> {out}")
             self.set_state(f"{action} {self.budget}")
+            self.job_action, self._stage_shown = f"{action} {self.budget}", ""
             self.query_one("#bar", ProgressBar).update(total=None, progress=0)
             self.job = threading.Event()
             self.run_job(action, self.plan, self.budget, out, force, self.job)
@@ -179,14 +182,14 @@ class ElasticApp(App):
             self.job.set()
 
     @work(thread=True, exit_on_error=False, group="job")
-    def run_job(self, action: str, p: dict, budget: str, out: Path, force: bool, cancel: threading.Event) -> None:
-        def progress(done: int, total: int) -> None:
+    def run_job(self, action: str, p, budget: str, out: Path, force: bool, cancel: threading.Event) -> None:
+        def progress(stage: str, done: int, total: int | None) -> None:
             if cancel.is_set():
                 raise Cancelled
-            self.post_message(JobProgress(done, total))
+            self.post_message(JobProgress(stage, done, total))
 
         try:
-            done = JobDone("done", pl.run_action(action, self.planner.ckpt.root, p, budget, out, force, progress))
+            done = JobDone("done", pl.run_action(action, p, budget, out, force, progress))
         except Cancelled:
             done = JobDone("cancelled", [f"cancelled: nothing was written to {out}"])
         except ElasticError as e:
@@ -198,6 +201,11 @@ class ElasticApp(App):
 
     def on_job_progress(self, event: JobProgress) -> None:
         self.query_one("#bar", ProgressBar).update(total=event.total, progress=event.done)
+        if event.stage != self._stage_shown:  # the export's real stages, as the library reports them
+            self._stage_shown = event.stage
+            self.set_state(f"{self.job_action}: {event.stage}")
+            if event.total is None:  # a stage without a size: say it in the log too
+                self.say(f"  {event.stage}")
 
     def on_job_done(self, event: JobDone) -> None:
         self.job = None

@@ -5,7 +5,7 @@ they are shown as. No torch at import; slicing imports it in the worker thread.
 Example:
     >>> planner = Planner(None)                       # the default checkpoint, opened once
     >>> p = planner.plan(Choice(target="orin-nx-16gb", context=32768))
-    >>> p["chosen"], budget_rows(p)[1][0]
+    >>> p.chosen, budget_rows(p)[1][0]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elastic.slicer.errors import MissingDependencyError
 from elastic.slicer.formats.precision import AUTO, WEIGHTS
 
 from ..common import human_bytes, human_count
@@ -79,16 +78,15 @@ class Planner:
             self._targets[name] = resolve_target(None if name == HERE else name, None)
         return self._targets[name]
 
-    def plan(self, choice: Choice) -> dict[str, Any]:
-        """``elastic.slicer.planning.fit.plan`` for ``choice`` (raises ProfileError for an unknown profile)."""
+    def plan(self, choice: Choice):
+        """``elastic.slicer.planning.fit.plan`` for ``choice``: a ``Plan`` (raises ProfileError for an
+        unknown profile). The checkpoint was opened once, at construction."""
         from elastic.slicer.planning.fit import plan
         from elastic.slicer.planning.memory import Workload
 
         tgt, detection = self.target(choice.target)
-        p = plan(self.ckpt, tgt, Workload(context=choice.context, batch=choice.batch, dtype=choice.dtype))
-        if detection is not None:
-            p["detection"] = {"devices": [d.name for d in detection.devices], "reasons": list(detection.reasons)}
-        return p
+        return plan(self.ckpt, tgt, Workload(context=choice.context, batch=choice.batch, dtype=choice.dtype),
+                    detection=detection)
 
 
 # ---- text ---------------------------------------------------------------------------------------
@@ -100,15 +98,16 @@ def checkpoint_line(planner: Planner) -> str:
     return f"checkpoint: {planner.name} ({kind}, {weights})"
 
 
-def device_line(p: dict) -> str:
+def device_line(plan) -> str:
     """The first line of `elastic plan`'s text, a little shorter (80 columns)."""
-    dev = p["device"]
+    dev = plan.to_json()["device"]
     return (f"device: {dev['name']}, {dev['kind']} {dev['source']}: {human_bytes(dev['usable_bytes'])} usable"
             + (", shares system RAM" if dev["unified"] else ""))
 
 
-def budget_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
+def budget_rows(plan) -> tuple[str, list[tuple[str, ...]]]:
     """The unit and one row per budget, in COLUMNS order: the numbers of `elastic plan`'s table."""
+    p = plan.to_json()
     big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
     unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
     rows = []
@@ -121,7 +120,8 @@ def budget_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
     return unit, rows
 
 
-def summary_lines(p: dict, unit: str) -> list[str]:
+def summary_lines(plan, unit: str) -> list[str]:
+    p = plan.to_json()
     w = p["workload"]
     workload = f"context {w['context']:,} x batch {w['batch']}, {w['dtype']}, margin {w['margin']:.0%}"
     lines = [f"memory in {unit} at {workload}"]
@@ -147,34 +147,28 @@ def unavailable(action: str) -> str | None:
     """Why ``action`` cannot run here, or None: export needs the onnx extra."""
     if action not in ("export", "both"):
         return None
-    try:
-        from elastic.export.deps import require
+    from elastic.export.workflow import export_unavailable
 
-        require("onnx", "onnxruntime", "onnxscript")
-    except MissingDependencyError:
-        return EXPORT_MISSING
-    return None
+    return EXPORT_MISSING if export_unavailable() else None
 
 
-def run_action(action: str, source: Path, p: dict, budget: str, out: Path, force: bool,
-               progress: Progress) -> list[str]:
-    """Run one action for ``budget`` of plan ``p`` of checkpoint ``source``; the lines that report
-    it. Raises what the CLI would (ElasticError, ProfileError) and whatever ``progress`` raises."""
-    lines: list[str] = []
-    if action in ("slice", "both"):
-        lines += slice_budget(source, p, budget, out, force, progress)
-    if action in ("export", "both"):
-        lines += export_model(out, progress)
-    return lines
+def run_action(action: str, p, budget: str, out: Path, force: bool, progress) -> list[str]:
+    """Run one action for ``budget`` of plan ``p`` (an ``elastic.slicer.planning.fit.Plan``): the
+    workflows of ``elastic.export.workflow``, so "both" is fit-my-gpu's (the plan's target,
+    context and batch, and its smoke test). ``progress(stage, done, total)``. Returns the lines
+    that report it; raises what the CLI would and whatever ``progress`` raises."""
+    from elastic.export import workflow
+
+    if action == "both":
+        fit = workflow.fit_my_gpu(p, budget=budget, out=out, force=force, progress=progress)
+        return [*slice_lines(fit.slice, budget, out), *export_lines(fit.export), smoke_line(fit.smoke)]
+    if action == "slice":
+        return slice_lines(workflow.slice_planned(p, budget, out, force=force, progress=progress), budget, out)
+    exported = workflow.export_planned(p, out, progress=progress)
+    return [*export_lines(exported), smoke_line(workflow.smoke(p, out, exported))]
 
 
-def slice_budget(source: Path, p: dict, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
-    """Slice as `elastic fit-my-gpu` does (the plan's dtype, a full spec for a dense checkpoint);
-    ``source`` is the directory as the user gave it, so errors name it as `elastic slice` would."""
-    from elastic.slicer.planning.fit import slice_budget as library_slice_budget
-
-    row = next(b for b in p["budgets"] if b["name"] == budget)
-    result = library_slice_budget(source, budget, out, dtype=row["dtype"], force=force, progress=progress)
+def slice_lines(result, budget: str, out: Path) -> list[str]:
     m = result.manifest
     size = f"{human_count(result.parameters)} parameters, {m['dtype']}, {human_bytes(result.bytes_written)}"
     lines = [f"wrote {Path(out).resolve()}", f"  budget {budget}, {size}", "loads in:"]
@@ -184,19 +178,18 @@ def slice_budget(source: Path, p: dict, budget: str, out: Path, force: bool, pro
     return lines
 
 
-def export_model(model_dir: Path, progress: Progress, target: str | None = None) -> list[str]:
-    """ONNX graphs + a TensorRT engine (or its trtexec script) of a sliced model, into MODEL_DIR/export,
-    as `elastic fit-my-gpu` does. Progress goes by stage (7 of them); cancel raises from it."""
-    from elastic.export.pipeline import export_model as library_export
-
-    stages = iter(range(1, 100))
-
-    def stage(_name: str) -> None:
-        progress(min(next(stages), 7), 7)
-
-    info = library_export(model_dir, Path(model_dir) / "export", format="all", target=target, force=True,
-                          progress=stage)
+def export_lines(info: dict) -> list[str]:
+    if "out" not in info:
+        return [f"export skipped: {info['skipped']}"]
     trt = info.get("tensorrt") or {}
+    settings = trt.get("settings") or {}
     return [f"exported {info['out']} (ONNX opset {info.get('opset')})",
-            "  TensorRT engine " + ("built" if trt.get("built") else "not built here: run build_engines.sh on the device"),
+            f"  TensorRT {settings.get('precision', '?')} for {settings.get('device', '?')}, context "
+            f"{settings.get('max_context', '?')} x batch {settings.get('max_batch', '?')}: "
+            + ("engine built" if trt.get("built") else "not built here: run build_engines.sh on the device"),
             f"next: elastic generate {info['out']} \"Hello\""]
+
+
+def smoke_line(smoke: dict) -> str:
+    text = f" -> {smoke['text']!r}" if smoke.get("text") is not None else ""
+    return f"smoke test: {smoke['new_tokens']} tokens{text}, {smoke['tokens_per_s']} tokens/s ({smoke['backend']})"

@@ -84,14 +84,14 @@ class BudgetTable(DataTable):
         for c in COLUMNS:
             self.add_column(c if c in ("budget", "fits") else Text(c, justify="right"), key=c)
 
-    def show(self, p: dict) -> str:
-        """Fill the table from plan ``p``; returns the unit of its numbers."""
+    def show(self, p) -> str:
+        """Fill the table from plan ``p`` (a ``Plan``); returns the unit of its numbers."""
         unit, rows = budget_rows(p)
         self.clear()
         for row in rows:
             self.add_row(row[0], *(Text(v, justify="right") for v in row[1:-1]), row[-1], key=row[0])
         names = [r[0] for r in rows]
-        self.move_cursor(row=names.index(p["chosen"]) if p["chosen"] in names else 0)
+        self.move_cursor(row=names.index(p.chosen) if p.chosen in names else 0)
         return unit
 
     def cell(self, budget: str, column: str) -> str:

@@ -328,7 +328,11 @@ def spec_from_choices(choices: dict[str, list], ec: ElasticConfig, parent: Arch)
     return {"hidden_size": hidden, "layers": layers}
 
 
-def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: str) -> tuple[SliceSpec, str]:
+_UNREAD = object()
+
+
+def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: str,
+                   weights: Any = _UNREAD) -> tuple[SliceSpec, str]:
     """The slice spec of a budget: the parent itself when the budget's target is the parent's
     size; else from the router when ``router.safetensors`` is present, else from the resolved
     choices in elastic_config.json. Returns (spec, where it came from)."""
@@ -336,7 +340,8 @@ def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: st
     total = parent.param_counts()["total"]
     if b.target_parameters >= total:  # the full budget is the parent itself
         return SliceSpec.full(parent), "full model"
-    weights = read_router(root, ec)
+    if weights is _UNREAD:  # callers resolving every budget read the router once and pass it
+        weights = read_router(root, ec)
     if weights is not None:
         data, source = spec_from_choices(route(weights, ec, budget), ec, parent), "router"
     else:

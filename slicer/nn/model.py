@@ -346,26 +346,44 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
     return model.eval()
 
 
-@torch.no_grad()
+class TorchBackend:
+    """The reference model with its cache as a backend of ``elastic.slicer.nn.generate.greedy``.
+
+    ``state`` is the :class:`Cache`, updated in place; ids stay on the model's device.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: NemotronH):
+        self.model = model
+        self.vocab_size = model.arch.vocab_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def prefill(self, input_ids) -> tuple[torch.Tensor, Cache]:
+        """(logits of the last position (b, 1, vocab), cache) for prompt ids (b, l)."""
+        cache = self.model.new_cache()
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        return self.model(ids, cache=cache, last_only=True), cache
+
+    @torch.no_grad()
+    def step(self, next_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """(logits (b, 1, vocab), cache) for one token per sequence, ids (b,)."""
+        ids = torch.as_tensor(next_ids, dtype=torch.long, device=self.device)
+        return self.model(ids[:, None], cache=cache), cache
+
+
 def generate(model: NemotronH, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding with the cache: one prefill, then one recurrent step per token.
+    """Greedy decoding with the cache (``elastic.slicer.nn.generate.greedy`` over :class:`TorchBackend`).
 
     Returns:
         (b, prompt + generated) token ids; stops early when every row has produced ``eos_token_id``.
     """
-    cache = model.new_cache()
-    logits = model(input_ids, cache=cache, last_only=True)
-    out = [input_ids]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)  # (b,)
-        out.append(nxt[:, None])
-        if eos_token_id is not None:
-            done |= nxt == eos_token_id
-            if bool(done.all()):
-                break
-        logits = model(nxt[:, None], cache=cache)
-    return torch.cat(out, dim=1)
+    from elastic.slicer.nn.generate import greedy
+
+    out = greedy(TorchBackend(model), input_ids, max_new_tokens, eos_token_id)
+    new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)  # (b, n), n >= 0
+    return torch.cat([input_ids, new], dim=1)
 
 
 def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_config: dict | None = None) -> None:

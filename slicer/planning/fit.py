@@ -4,7 +4,7 @@ it fits; the largest that fits is chosen. No torch here (planning works from con
 Example:
     >>> target = target_from_profile(get_profile("orin-nano-8gb"))
     >>> p = plan("./Nemotron-Elastic-12B", target, Workload(context=8192))
-    >>> p["chosen"], [(b["name"], b["fits"]) for b in p["budgets"]]
+    >>> p.chosen, [(b.name, b.fits) for b in p.budgets], p.to_json()["budgets"][0]["terms"]["total"]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.storage.reader import Checkpoint
-from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
+from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.planning.memory import Workload, footprint, max_context
 from elastic.slicer.formats.spec import SliceSpec
@@ -76,21 +76,84 @@ def budget_specs(ckpt: Checkpoint) -> list[tuple[str, SliceSpec, str]]:
     if not ckpt.is_elastic:
         return [("full", SliceSpec.full(ckpt.arch), "dense checkpoint")]
     ec = ElasticConfig.read(ckpt.root, ckpt.arch)
+    weights = read_router(ckpt.root, ec)  # once for every budget
     out = []
     for b in ec.budgets:
-        spec, source = resolve_budget(ckpt.root, ec, ckpt.arch, b.name)
+        spec, source = resolve_budget(ckpt.root, ec, ckpt.arch, b.name, weights=weights)
         out.append((b.name, spec, source))
     return out
 
 
-def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload) -> dict[str, Any]:
-    """The memory table of every budget on ``target`` and the budget chosen.
+@dataclass(frozen=True)
+class BudgetPlan:
+    """One budget on the plan's target: its resolved spec (handed to the slicer as is) and the
+    memory it needs."""
 
-    Returns a JSON-ready dict with the stable keys ``device`` (``name``, ``usable_bytes``, ...),
-    ``budgets`` (each: ``name``, ``parameters``, ``dtype``, ``fits``, ``headroom_bytes`` and
-    ``terms``: ``weights``, ``kv_cache``, ``ssm_state``, ``activations``, ``overhead``, ``margin``,
-    ``total``), ``chosen`` (a budget name or None) and ``suggestions`` (what would fit instead,
-    when nothing does).
+    name: str
+    spec: SliceSpec
+    resolved_by: str  # "router", "elastic_config.json", "full model", "dense checkpoint"
+    parameters: int
+    dtype: str  # canonical precision name
+    fits: bool
+    headroom_bytes: int
+    terms: dict[str, int]  # weights, kv_cache, ssm_state, activations, overhead, margin, total
+    layer_pattern: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "parameters": self.parameters, "dtype": self.dtype, "fits": self.fits,
+                "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
+                "layer_pattern": self.layer_pattern, "resolved_by": self.resolved_by}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The memory table of every budget on one target, and the budget chosen. The checkpoint it
+    was made from (opened and validated once) and the target travel with it, so slicing and
+    export neither reopen nor re-detect anything."""
+
+    checkpoint: Checkpoint
+    target: Target
+    workload: Workload  # with the dtype chosen for the target
+    budgets: tuple[BudgetPlan, ...]
+    chosen: str | None  # the largest budget that fits
+    notes: tuple[str, ...] = ()
+    suggestions: tuple[str, ...] = ()  # what would fit instead, when nothing does
+    detection: Any = None  # elastic.profiles.detect.Detection when the target was detected
+
+    def budget(self, name: str) -> BudgetPlan:
+        for b in self.budgets:
+            if b.name == name:
+                return b
+        raise ConfigError(f"unknown budget {name!r}; this plan has: {', '.join(b.name for b in self.budgets)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable JSON form `elastic plan --json` prints: ``checkpoint``, ``weights_present``,
+        ``device``, ``workload``, ``budgets`` (each with ``terms``), ``chosen``, ``notes``,
+        ``suggestions`` (and ``detection`` for a detected target)."""
+        out = {
+            "checkpoint": str(self.checkpoint.root.resolve()),
+            "weights_present": self.checkpoint.has_weights,
+            "device": {**asdict(self.target), "notes": list(self.target.notes)},
+            "workload": asdict(self.workload),
+            "budgets": [b.to_json() for b in self.budgets],
+            "chosen": self.chosen,
+            "notes": list(self.notes),
+            "suggestions": list(self.suggestions),
+        }
+        if self.detection is not None:
+            out["detection"] = {"devices": [d.name for d in self.detection.devices],
+                                "reasons": list(self.detection.reasons)}
+        return out
+
+
+def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None) -> Plan:
+    """The memory table of every budget on ``target`` and the budget chosen (see :class:`Plan`).
+
+    Args:
+        checkpoint: a directory, or a Checkpoint already opened (it is not opened again).
+        target: from :func:`resolve_target` (or a profile's :func:`target_from_profile`).
+        workload: context, batch, dtype (any spelling, or "auto"), prefill chunk, margin.
+        detection: the Detection the target came from, reported in the JSON form.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     dtype, dtype_note = choose_dtype(workload.dtype, target)
@@ -99,37 +162,25 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
     for name, spec, source in budget_specs(ckpt):
         child = spec.child_arch(ckpt.arch)
         terms = footprint(child, w, target.overhead_bytes)
-        rows.append({
-            "name": name,
-            "parameters": child.param_counts()["total"],
-            "dtype": dtype,
-            "fits": terms["total"] <= target.usable_bytes,
-            "headroom_bytes": target.usable_bytes - terms["total"],
-            "terms": terms,
-            "layer_pattern": child.layer_pattern,
-            "resolved_by": source,
-        })
-    fitting = [r for r in rows if r["fits"]]
-    chosen = max(fitting, key=lambda r: r["parameters"])["name"] if fitting else None
-    notes = [n for n in (dtype_note,) if n]
-    result = {
-        "checkpoint": str(ckpt.root.resolve()),
-        "weights_present": ckpt.has_weights,
-        "device": {**asdict(target), "notes": list(target.notes)},
-        "workload": asdict(w),
-        "budgets": rows,
-        "chosen": chosen,
-        "notes": notes,
-        "suggestions": [] if chosen else suggestions(ckpt, rows, target, w),
-    }
-    return result
+        rows.append(BudgetPlan(
+            name=name, spec=spec, resolved_by=source, parameters=child.param_counts()["total"], dtype=dtype,
+            fits=terms["total"] <= target.usable_bytes, headroom_bytes=target.usable_bytes - terms["total"],
+            terms=terms, layer_pattern=child.layer_pattern,
+        ))
+    fitting = [r for r in rows if r.fits]
+    chosen = max(fitting, key=lambda r: r.parameters).name if fitting else None
+    return Plan(
+        checkpoint=ckpt, target=target, workload=w, budgets=tuple(rows), chosen=chosen,
+        notes=tuple(n for n in (dtype_note,) if n),
+        suggestions=() if chosen else tuple(suggestions(ckpt, rows, target, w)),
+        detection=detection,
+    )
 
 
-def suggestions(ckpt: Checkpoint, rows: list[dict], target: Target, w: Workload) -> list[str]:
+def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, w: Workload) -> list[str]:
     """What would fit when nothing does: a shorter context, a smaller batch, another dtype, a bigger device."""
-    name, spec, _ = min(budget_specs(ckpt), key=lambda b: b[1].parameters(ckpt.arch))
-    child = spec.child_arch(ckpt.arch)
-    smallest = next(r for r in rows if r["name"] == name)
+    smallest = min(rows, key=lambda r: r.parameters)
+    name, child = smallest.name, smallest.spec.child_arch(ckpt.arch)
     out = []
     ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
     if ctx >= 256:
@@ -143,7 +194,7 @@ def suggestions(ckpt: Checkpoint, rows: list[dict], target: Target, w: Workload)
         half = "bfloat16" if target.bf16 else "float16"
         if footprint(child, replace(w, dtype=half), target.overhead_bytes)["total"] <= target.usable_bytes:
             out.append(f"budget {name} fits with dtype {half}")
-    need = smallest["terms"]["total"]
+    need = smallest.terms["total"]
     out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
                f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "
                "GiB more would run it")
@@ -170,15 +221,15 @@ def default_out(budget: str) -> Path:
     return Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', budget) or 'budget'}")
 
 
-def slice_budget(checkpoint: str | Path, budget: str, out: str | Path, dtype: str | None = None, force: bool = False,
-                 progress=None):
-    """Slice one budget of a plan: by name from an elastic checkpoint; "full" of a dense one is the
-    whole model (a copy, cast to ``dtype``). Returns ``elastic.slicer.slice.SliceResult``."""
+def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, progress=None):
+    """Slice one budget of a plan: its resolved spec, in the plan's dtype, from the checkpoint the
+    plan opened (nothing is opened or resolved again). Returns ``elastic.slicer.slice.SliceResult``."""
     from elastic.slicer.slice import slice_checkpoint
 
-    ckpt = Checkpoint.open(checkpoint, require_weights=True)
-    if ckpt.is_elastic:
-        return slice_checkpoint(ckpt, out, budget=budget, dtype=dtype, force=force, progress=progress)
-    if budget != "full":
-        raise ConfigError(f"unknown budget {budget!r}; a dense checkpoint has one budget, 'full'")
-    return slice_checkpoint(ckpt, out, spec=SliceSpec.full(ckpt.arch), dtype=dtype, force=force, progress=progress)
+    b = p.budget(budget)
+    p.checkpoint.require_weights()  # planning works without them; slicing does not
+    if p.checkpoint.is_elastic:
+        return slice_checkpoint(p.checkpoint, out, budget=b.name, resolved=(b.spec, b.resolved_by), dtype=b.dtype,
+                                force=force, progress=progress)
+    return slice_checkpoint(p.checkpoint, out, resolved=(b.spec, "spec"), dtype=b.dtype, force=force,
+                            progress=progress)

@@ -71,11 +71,9 @@ class Checkpoint:
         config = read_config(root / "config.json")
         arch = Arch.from_config(config, source=str(root / "config.json"))
         tensors = cls._scan_weights(root)
-        if require_weights and not tensors:
-            raise CheckpointError(
-                f"no weights: expected {SINGLE_NAME} or {INDEX_NAME} beside config.json", path=str(root)
-            )
         ckpt = cls(root, config, arch, tensors)
+        if require_weights:
+            ckpt.require_weights()
         if tensors:
             problems = ckpt.shape_problems()
             if problems:
@@ -168,6 +166,13 @@ class Checkpoint:
             if name not in expected and not name.startswith(IGNORED_PREFIXES):
                 problems.append(f"unexpected tensor {name} in {self.tensors[name].file.name} (not in config.json's layout)")
         return problems
+
+    def require_weights(self) -> None:
+        """Raise CheckpointError when only config.json (and sidecars) are here."""
+        if not self.tensors:
+            raise CheckpointError(f"no weights: expected {SINGLE_NAME} or {INDEX_NAME} beside config.json "
+                                  "(it holds config.json only: planning works without the weights, slicing "
+                                  "and exporting do not)", path=str(self.root))
 
     # ---- facts ---------------------------------------------------------------------------
     @property
