@@ -143,14 +143,9 @@ def train(
             _wait_for(tokens / "meta.json")
         show = rank0 and not json_out
 
-        last: dict[str, float] = {}  # the latest distillation loss of every budget
-
-        def progress(step: int, total: int, rec: dict) -> None:
-            last[rec["budget"]] = rec["kd"]
-            if show and (step % max(1, total // 20) == 0 or step == total):
-                per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last.items())
-                typer.echo(f"step {step:>5}/{total}  kd per budget: {per_budget}  (this step: {rec['budget']}, "
-                           f"{human_count(rec['params'])} params, cost {rec['cost']:.4f})", err=True)
+        def progress(stage: str, step: int, total: int | None) -> None:
+            if show and total and (step % max(1, total // 20) == 0 or step == total):
+                typer.echo(f"step {step:>5}/{total}  {stage}", err=True)
 
         summary = run(parent, tokens, out, cfg, work_dir=work, resume=resume, force=force, progress=progress)
     if not rank0:

@@ -150,6 +150,9 @@ def test_resume_with_other_budgets_names_both_lists(setup, tmp_path):
     r = invoke(setup, out, "--work-dir", str(work), "--resume", "--save-every", "2")  # same run: continues
     assert r.exit_code == 0, r.output
     assert (out / "router.safetensors").is_file()
+    # progress (stage, step, total): the last step's status line names the stage and every budget's loss
+    last = [line for line in r.stderr.splitlines() if line.startswith("step ")][-1]
+    assert last.startswith("step     3/3  stage 2: kd per budget ") and "(this step: " in last, last
 
 
 def test_resume_past_the_requested_steps_is_refused(setup, tmp_path):

@@ -345,7 +345,7 @@ def _check_state_shapes(saved: dict, current: dict, what: str, state_path: Path)
 
 def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
           work_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-          progress: Callable[[int, int, dict], None] | None = None, stop_after: int | None = None) -> dict:
+          progress: Callable[[str, int, int | None], None] | None = None, stop_after: int | None = None) -> dict:
     """Build an elastic checkpoint at ``out`` from the dense ``parent_dir``.
 
     Args:
@@ -356,7 +356,9 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         cfg: the settings; every invalid one is reported in one :class:`ConfigError` before any work.
         work_dir: where training state goes (default ``<out>.work``); ``resume`` continues from it, and
             refuses (ConfigError) when ``cfg`` differs from the saved run's settings.
-        progress: called as ``progress(step, total, {"loss": ..., "budget": name, ...})``.
+        progress: the one progress protocol, ``progress(stage, step, total_steps)``; ``stage`` is a
+            status line: the curriculum stage, the latest distillation loss of every budget, and
+            this step's budget, size and cost loss.
         stop_after: stop (state saved) after this many steps, for tests of resuming.
 
     Returns:
@@ -439,6 +441,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
 
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     t0 = time.perf_counter()
+    last_kd: dict[str, float] = {}  # the latest distillation loss of every budget, for progress
     for step in range(start, end):
         stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
         weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
@@ -464,8 +467,11 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
             torch.distributed.all_reduce(t)
             rec["kd"] = float(t) / world
         history.append(rec)
+        last_kd[rec["budget"]] = rec["kd"]
         if progress:
-            progress(step + 1, cfg.total_steps, rec)
+            per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last_kd.items())
+            progress(f"stage {1 if step < cfg.stage1.steps else 2}: kd per budget {per_budget}  (this step: "
+                     f"{rec['budget']}, {rec['params']:,} params, cost {rec['cost']:.4f})", step + 1, cfg.total_steps)
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             save_state(step + 1)
     train_s = time.perf_counter() - t0
