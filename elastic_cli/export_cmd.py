@@ -99,7 +99,7 @@ def export(
             summary = export_model(model_dir, out, format=fmt.value, target=device,
                                    precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
                                    max_context=context, dtype=canonical_precision(dtype, WEIGHTS), opset=opset,
-                                   parity=parity, force=force, progress=_stage(not json_out))
+                                   parity=parity, force=force, progress=_stage(not json_out)).to_json()
     if check_only:
         if json_out:
             print_json(report)

@@ -174,7 +174,7 @@ def fit_my_gpu(
         with progress_bar(f"{planned.chosen} to {dest}", enabled=not json_out) as advance:
             fit = run_fit(planned, out=dest, force=force, export=export, progress=advance)
     p = fit.to_json()
-    result, exported, smoke = fit.slice, fit.export, fit.smoke
+    result, exported, smoke = fit.slice, p["export"], fit.smoke
     if json_out:
         print_json(p)
         return

@@ -54,9 +54,7 @@ def slice_(
                                       force=force, progress=advance)
     m = result.manifest
     if json_out:
-        print_json({"out": str(result.out), "parameters": result.parameters, "bytes_written": result.bytes_written,
-                    "budget": m["budget"], "dtype": m["dtype"], "layer_pattern": m["layer_pattern"],
-                    "homogeneous": m["homogeneous"], "runtimes": m["runtimes"]})
+        print_json(result.to_json())
         return
     what = f"budget {budget}" if budget else f"spec {spec}"
     lines = [

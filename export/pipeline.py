@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,24 @@ def _load(model_dir: str | Path, dtype: str):
     return ckpt, load_model(ckpt, dtype=getattr(torch, p.torch))
 
 
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_model`` wrote: the directory, and its manifest (``export_manifest.json``)."""
+
+    out: Path
+    manifest: dict[str, Any]
+
+    @property
+    def tensorrt(self) -> dict[str, Any] | None:
+        """The engine build or its script: ``built``, ``settings``, ``shapes``, ``script``, ..."""
+        return self.manifest.get("tensorrt")
+
+    def to_json(self) -> dict[str, Any]:
+        """`elastic export --json`: the manifest's keys (``out``, ``format``, ``dtype``, ``opset``,
+        ``parity``, ``tensorrt``, ``files``, ...)."""
+        return dict(self.manifest)
+
+
 def export_model(
     model_dir: str | Path,
     out: str | Path,
@@ -55,7 +74,7 @@ def export_model(
     external_data: bool | None = None,
     force: bool = False,
     progress: Callable[[str, int, int | None], None] | None = None,
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export a dense model directory for an edge runtime.
 
     Writes ``prefill.onnx`` / ``decode.onnx`` (+ ``weights.bin`` for large models), checks them
@@ -168,10 +187,10 @@ def export_model(
         umask = os.umask(0)
         os.umask(umask)
         (Path(out) / SCRIPT).chmod(0o777 & ~umask)
-    return summary
+    return ExportResult(Path(out), summary)
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, **kwargs) -> dict[str, Any]:
+def export_onnx(model_dir: str | Path, out_dir: str | Path, **kwargs) -> ExportResult:
     """:func:`export_model` with ``format="onnx"``: the graphs, checked, with a README."""
     return export_model(model_dir, out_dir, format="onnx", **kwargs)
 

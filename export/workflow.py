@@ -54,26 +54,26 @@ def export_unavailable() -> str | None:
     return None
 
 
-def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None = None) -> dict[str, Any]:
+def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None = None):
     """Export a sliced model into MODEL_DIR/export for the plan's target, context and batch: ONNX
-    graphs, the TensorRT engine or its build script. Returns the export summary, or
-    ``{"skipped": why}`` when the onnx extra is missing."""
-    why = export_unavailable()
-    if why:
-        return {"skipped": why}
+    graphs, the TensorRT engine or its build script. Returns ``pipeline.ExportResult``.
+
+    Raises:
+        MissingDependencyError: the onnx extra is not installed (:func:`export_unavailable` says so first).
+    """
     from .pipeline import export_model
 
     return export_model(model_dir, Path(model_dir) / "export", format="all", target=p.target,
                         max_batch=p.workload.batch, max_context=p.workload.context, force=True, progress=progress)
 
 
-def smoke(p: Plan, model_dir: str | Path, exported: dict[str, Any]) -> dict[str, Any]:
-    """A short greedy generation from what was produced: the exported graphs when there are
-    some, else the PyTorch reference (float32 on a CPU target)."""
-    if "out" in exported:
+def smoke(p: Plan, model_dir: str | Path, exported=None) -> dict[str, Any]:
+    """A short greedy generation from what was produced: the exported graphs (an ExportResult)
+    when there are some, else the PyTorch reference (float32 on a CPU target)."""
+    if exported is not None:
         from .runtime import generate_text
 
-        return generate_text(exported["out"], "Hello", backend="onnx", max_new_tokens=16)
+        return generate_text(exported.out, "Hello", backend="onnx", max_new_tokens=16)
     from elastic.slicer.nn.smoke import smoke_test
 
     return smoke_test(model_dir, dtype="float32" if p.target.kind == "cpu" else None)
@@ -87,7 +87,8 @@ class FitResult:
     budget: str
     out: Path
     slice: Any  # elastic.slicer.slice.SliceResult
-    export: dict[str, Any]  # the export summary, or {"skipped": why}
+    export: Any  # elastic.export.pipeline.ExportResult, or None when skipped
+    export_skipped: str | None  # why there is no export
     smoke: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
@@ -96,7 +97,8 @@ class FitResult:
             "out": str(self.out),
             "slice": {"parameters": self.slice.parameters, "bytes_written": self.slice.bytes_written,
                       "runtimes": self.slice.manifest["runtimes"]},
-            "export": self.export, "smoke": self.smoke,
+            "export": self.export.to_json() if self.export is not None else {"skipped": self.export_skipped},
+            "smoke": self.smoke,
         }
 
 
@@ -114,7 +116,8 @@ def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = N
         raise ElasticError("no budget fits this device; see the plan's suggestions")
     dest = Path(out) if out is not None else default_out(name)
     result = slice_planned(p, name, dest, force=force, progress=progress)
-    exported = export_planned(p, dest, progress=progress) if export else {"skipped": "export not asked for"}
+    why = export_unavailable() if export else "export not asked for"
+    exported = None if why else export_planned(p, dest, progress=progress)
     if progress:
         progress("smoke test", 0, None)
-    return FitResult(p, name, dest, result, exported, smoke(p, dest, exported))
+    return FitResult(p, name, dest, result, exported, why, smoke(p, dest, exported))

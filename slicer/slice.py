@@ -43,7 +43,14 @@ class SliceResult:
     out: Path
     parameters: int
     bytes_written: int
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # slice_manifest.json as written
+
+    def to_json(self) -> dict[str, Any]:
+        """`elastic slice --json`: ``out``, ``parameters``, ``bytes_written``, ``budget``, ``dtype``,
+        ``layer_pattern``, ``homogeneous``, ``runtimes``."""
+        m = self.manifest
+        return {"out": str(self.out), "parameters": self.parameters, "bytes_written": self.bytes_written,
+                **{k: m[k] for k in ("budget", "dtype", "layer_pattern", "homogeneous", "runtimes")}}
 
 
 def parse_dtype(name: str | None) -> str | None:

@@ -36,7 +36,7 @@ def exported(request, tmp_path_factory):
     """(model dir, export dir, summary, reference model) for one budget of the demo checkpoint."""
     root = tmp_path_factory.mktemp("export")
     model_dir = slice_checkpoint(DEMO_CHECKPOINT, root / "model", budget=request.param).out
-    summary = export_model(model_dir, root / "onnx")
+    summary = export_model(model_dir, root / "onnx").to_json()
     return model_dir, root / "onnx", summary, load_model(model_dir)
 
 
@@ -347,7 +347,8 @@ def test_tensorrt_engine_build(tmp_path):
     import tensorrt
 
     model_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "model", budget="50%").out
-    s = export_model(model_dir, tmp_path / "out", format="tensorrt", precision="fp16", max_context=256)
+    s = export_model(model_dir, tmp_path / "out", format="tensorrt", precision="fp16",
+                     max_context=256).to_json()
     meta = s["tensorrt"]
     assert meta["built"] is True and meta["tensorrt"] == tensorrt.__version__ and meta["script"] is None
     runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
@@ -362,7 +363,7 @@ def test_tensorrt_engine_build(tmp_path):
 
 def test_external_data_is_shared_by_both_graphs(tmp_path):
     model_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "model", budget="50%").out
-    s = export_model(model_dir, tmp_path / "out", external_data=True)
+    s = export_model(model_dir, tmp_path / "out", external_data=True).to_json()
     out = tmp_path / "out"
     assert s["external_data"] is True and "weights.bin" in s["files"] and s["parity"]["ok"]
     params = sum(p.numel() * 4 for p in load_model(model_dir).parameters())
@@ -389,7 +390,7 @@ def test_export_beyond_the_2gb_protobuf_limit(tmp_path):
     assert nbytes > 2**31
     save_model(model, tmp_path / "big")
     del model
-    s = export_model(tmp_path / "big", tmp_path / "out")
+    s = export_model(tmp_path / "big", tmp_path / "out").to_json()
     assert s["external_data"] is True and s["parity"]["ok"] and s["unsupported_ops"] == []
     assert (tmp_path / "out" / "weights.bin").stat().st_size > 0.99 * nbytes  # tensors under 1 kB stay inline
     assert math.isfinite(s["parity"]["prefill_max_abs_diff"])

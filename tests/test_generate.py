@@ -56,7 +56,8 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gen")
     model_dir = slice_checkpoint(DEMO_CHECKPOINT, root / "model", budget="100%").out
-    summary = export_model(model_dir, root / "onnx", format="tensorrt", target="orin-nano-8gb", max_context=CONTEXT)
+    summary = export_model(model_dir, root / "onnx", format="tensorrt", target="orin-nano-8gb",
+                           max_context=CONTEXT).to_json()
     assert summary["parity"]["ok"] and summary["tensorrt"]["settings"]["max_context"] == CONTEXT
     return model_dir, root / "onnx"
 

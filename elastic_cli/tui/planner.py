@@ -161,11 +161,11 @@ def run_action(action: str, p, budget: str, out: Path, force: bool, progress) ->
 
     if action == "both":
         fit = workflow.fit_my_gpu(p, budget=budget, out=out, force=force, progress=progress)
-        return [*slice_lines(fit.slice, budget, out), *export_lines(fit.export), smoke_line(fit.smoke)]
+        return [*slice_lines(fit.slice, budget, out), *export_lines(fit.to_json()["export"]), smoke_line(fit.smoke)]
     if action == "slice":
         return slice_lines(workflow.slice_planned(p, budget, out, force=force, progress=progress), budget, out)
     exported = workflow.export_planned(p, out, progress=progress)
-    return [*export_lines(exported), smoke_line(workflow.smoke(p, out, exported))]
+    return [*export_lines(exported.to_json()), smoke_line(workflow.smoke(p, out, exported))]
 
 
 def slice_lines(result, budget: str, out: Path) -> list[str]:
