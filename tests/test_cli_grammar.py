@@ -84,3 +84,9 @@ def test_export_precision_takes_every_spelling(spelling):
 def test_export_graph_dtype_refuses_bf16_with_the_reason():
     r = runner.invoke(app, ["export", "-c", str(DEMO_CHECKPOINT), "--out", "x", "--dtype", "bf16"])
     assert r.exit_code == 2 and "ONNX graphs are written in float32 or float16" in r.stderr
+
+
+@pytest.mark.parametrize("spelling", ["float32", "FP32", "f32", "float", "float16", "fp16", "F16", "half"])
+def test_export_graph_dtype_takes_every_spelling(spelling):
+    r = runner.invoke(app, ["export", "--dtype", spelling])  # accepted; refused only for the missing model
+    assert r.exit_code == 2 and "no checkpoint given" in r.stderr
