@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,7 @@ def select(t, axes, full_shape):
     return t
 
 
-def runtime_support(arch: Arch, config: dict) -> dict[str, dict[str, Any]]:
+def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None) -> dict[str, dict[str, Any]]:
     """Which serving runtimes load the result, and why not (DESIGN.md sections 3 and 5)."""
     homogeneous = arch.is_homogeneous()
 
@@ -170,13 +171,17 @@ def runtime_support(arch: Arch, config: dict) -> dict[str, dict[str, Any]]:
     reasons = []
     if not homogeneous:
         reasons.append("llama.cpp's converter reads global sizes only; this slice has per-layer sizes")
+    head = config.get("mamba_d_head", 64)
     for layer in arch.layers:
-        if layer.kind == "mamba" and layer.mamba_intermediate % 64 and "mamba_d_head" not in config:
-            reasons.append(f"mamba_num_heads * mamba_head_dim = {layer.mamba_intermediate} is not a multiple of 64 "
-                           "(llama.cpp's converter assumes it)")
+        if layer.kind == "mamba" and layer.mamba_intermediate % head:
+            reasons.append(f"mamba_num_heads * mamba_head_dim = {layer.mamba_intermediate} is not a multiple of "
+                           f"mamba_d_head ({head}), which llama.cpp's converter asserts")
             break
-    if config.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
-        reasons.append(f"tokenizer_class {config.get('tokenizer_class')!r} is not one transformers 4.x knows")
+    # the converter reads tokenizer_class from tokenizer_config.json (not config.json)
+    tok_class = (tokenizer_config or {}).get("tokenizer_class")
+    if tok_class not in (None, "PreTrainedTokenizerFast"):
+        reasons.append(f"tokenizer_config.json's tokenizer_class {tok_class!r} is not one transformers 4.x (which "
+                       "the converter runs on) knows; PreTrainedTokenizerFast is")
     out["llama.cpp"] = {"loads": not reasons, **({"why": "; ".join(reasons)} if reasons else {"how": "convert_hf_to_gguf.py"})}
     return out
 
@@ -263,6 +268,15 @@ def _nbytes(rule: TensorRule, ckpt: Checkpoint, code: str | None) -> int:
     return math.prod(rule.shape) * DTYPES[code or ckpt.tensors[rule.source].dtype][1]
 
 
+def _tokenizer_config(root: Path) -> dict | None:
+    """The source's tokenizer_config.json (copied into the slice as it is), None when absent or unreadable."""
+    try:
+        data = json.loads((root / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> dict[str, Any]:
     cfg_bytes = (ckpt.root / "config.json").read_bytes()
     return {
@@ -282,5 +296,5 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> d
         "homogeneous": child.is_homogeneous(),
         "dtype": DTYPES[code][0] if code else ckpt.dtype,
         "shards": [{"file": name, "sha256": writer.sha256[name]} for name in writer.shards],
-        "runtimes": runtime_support(child, config),
+        "runtimes": runtime_support(child, config, _tokenizer_config(ckpt.root)),
     }

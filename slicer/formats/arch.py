@@ -253,6 +253,10 @@ class Arch:
             first = next((layer for layer in self.layers if layer.kind == kind), None)
             if first is not None:
                 cfg.update(first.sizes())
+        if "mamba_head_dim" in cfg:
+            # llama.cpp's converter splits the Mamba width into heads of mamba_d_head (default 64) and
+            # asserts it divides; stating the real head size makes any head size convert
+            cfg["mamba_d_head"] = cfg["mamba_head_dim"]
         if not self.is_homogeneous():
             cfg["block_configs"] = [{"block_type": layer.kind, **layer.sizes()} for layer in self.layers]
         return cfg

@@ -1,0 +1,47 @@
+"""Rules behind the manifest's llama.cpp claim that this session could check without the converter:
+the Mamba head size is stated (mamba_d_head), and tokenizer_class is read where the converter
+reads it (tokenizer_config.json). DESIGN.md section 9 holds the facts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from elastic.cli.main import app
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.planning.describe import DEMO_CHECKPOINT
+from elastic.slicer.slice import runtime_support
+
+runner = CliRunner()
+
+
+def test_every_slice_states_its_mamba_head_size(tmp_path):
+    spec = tmp_path / "spec.json"  # head channels 12: 8 heads x 12 = 96, not a multiple of 64
+    layers = [{"index": i, "mamba_head_dim": 12} for i in (0, 2, 5)]
+    spec.write_text(json.dumps({"hidden_size": 64, "layers": layers}))
+    r = runner.invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--spec", str(spec), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["mamba_d_head"] == cfg["mamba_head_dim"] == 12
+    claim = json.loads((tmp_path / "m" / "slice_manifest.json").read_text())["runtimes"]["llama.cpp"]
+    assert "mamba_d_head" not in claim.get("why", "")  # the width divides by the stated head size
+
+
+def test_tokenizer_class_is_read_from_tokenizer_config(tmp_path):
+    arch = Arch.from_file(DEMO_CHECKPOINT)
+    cfg = arch.to_config()
+    ok = runtime_support(arch, cfg, {"tokenizer_class": "PreTrainedTokenizerFast"})["llama.cpp"]
+    assert "tokenizer_class" not in ok.get("why", "")
+    claim = runtime_support(arch, {**cfg, "tokenizer_class": "PreTrainedTokenizerFast"},
+                            {"tokenizer_class": "TokenizersBackend"})["llama.cpp"]
+    assert not claim["loads"] and "tokenizer_config.json's tokenizer_class 'TokenizersBackend'" in claim["why"]
+    # and a slice of a source whose tokenizer_config says TokenizersBackend is claimed "no"
+    src = tmp_path / "src"
+    shutil.copytree(DEMO_CHECKPOINT, src)
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "TokenizersBackend"}))
+    assert runner.invoke(app, ["slice", "-c", str(src), "--budget", "100%", "--out", str(tmp_path / "m")]).exit_code == 0
+    claim = json.loads((tmp_path / "m" / "slice_manifest.json").read_text())["runtimes"]["llama.cpp"]
+    assert not claim["loads"] and "TokenizersBackend" in claim["why"]
