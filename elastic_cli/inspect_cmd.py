@@ -54,6 +54,9 @@ def inspect(
     if info["budgets"]:
         lines.append("budgets      name            parameters  of full  layers")
         for b in info["budgets"]:
+            if "error" in b:
+                lines.append(f"             {b['name']:<8}  cannot be sliced: {b['error']}")
+                continue
             share = b["parameters"] / p["total"]
             lines.append(f"             {b['name']:<8}{b['parameters']:>18,}  {share:>7.1%}  {b['layer_pattern']}")
     typer.echo("\n".join(lines))

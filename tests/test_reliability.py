@@ -68,6 +68,9 @@ def test_budget_the_router_misses_is_refused_with_both_numbers(demo, tmp_path):
     edit_json(demo / "elastic_config.json", lambda d: d["budgets"][2].__setitem__("target_parameters", 100000))
     one_error(slice_args(demo, tmp_path / "out"), "137,424 parameters", "+37.4% off its target of 100,000",
               "tolerance 10%")
+    # inspect still shows the checkpoint, naming the budget that cannot be sliced
+    r = runner.invoke(app, ["inspect", str(demo), "--json"])
+    assert r.exit_code == 0 and "tolerance 10%" in json.loads(r.stdout)["budgets"][2]["error"]
     # a budget may state a wider tolerance of its own
     edit_json(demo / "elastic_config.json", lambda d: d["budgets"][2].__setitem__("tolerance", 0.5))
     assert runner.invoke(app, slice_args(demo, tmp_path / "out")).exit_code == 0

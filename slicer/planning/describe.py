@@ -8,8 +8,8 @@ from typing import Any
 
 from elastic.slicer.formats.arch import KINDS
 from elastic.slicer.storage.reader import ELASTIC_CONFIG_NAME, Checkpoint
-from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
-from elastic.slicer.errors import CheckpointError, Hint
+from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
+from elastic.slicer.errors import CheckpointError, ConfigError, Hint
 
 DEMO_CHECKPOINT = Path(__file__).parents[1] / "demo_checkpoint"
 
@@ -61,8 +61,13 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
     budgets = []
     if ckpt.is_elastic:
         ec = ElasticConfig.read(ckpt.root, arch)
+        weights = read_router(ckpt.root, ec)
         for b in ec.budgets:
-            spec, source = resolve_budget(ckpt.root, ec, arch, b.name)
+            try:
+                spec, source = resolve_budget(ckpt.root, ec, arch, b.name, weights=weights)
+            except ConfigError as e:  # e.g. a router that misses this budget: shown, not fatal here
+                budgets.append({"name": b.name, "target_parameters": b.target_parameters, "error": e.message})
+                continue
             child = spec.child_arch(arch)
             budgets.append({
                 "name": b.name,
