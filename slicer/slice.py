@@ -145,8 +145,24 @@ def select(t, axes, full_shape):
     return t
 
 
-def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None) -> dict[str, dict[str, Any]]:
-    """Which serving runtimes load the result, and why not (DESIGN.md sections 3 and 5)."""
+LLAMA_CPP_TOKENIZERS = Path(__file__).parent / "formats" / "llama_cpp_tokenizers.json"
+LLAMA_CPP_HOW = ("convert_hf_to_gguf.py, run with the transformers llama.cpp pins (4.57.6: transformers 5 adds MoE "
+                 "defaults to the config and the converter then writes a MoE model)")
+
+
+def llama_cpp_tokenizer(tokenizer_json: Path | None) -> dict | None:
+    """What bench/llama_cpp_check.py observed of this tokenizer with llama.cpp's converter, if anything."""
+    if tokenizer_json is None or not tokenizer_json.is_file():
+        return None
+    known = json.loads(LLAMA_CPP_TOKENIZERS.read_text())
+    entry = known["tokenizers"].get(hashlib.sha256(tokenizer_json.read_bytes()).hexdigest())
+    return None if entry is None else {**entry, "llama_cpp": known["llama_cpp"]}
+
+
+def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
+                    tokenizer: dict | None = None) -> dict[str, dict[str, Any]]:
+    """Which serving runtimes load the result, and why not (DESIGN.md sections 3 and 5,
+    docs/runtime-facts.md). ``tokenizer``: :func:`llama_cpp_tokenizer`'s observation, if any."""
     homogeneous = arch.is_homogeneous()
 
     def uniform(kind: str) -> bool:
@@ -170,7 +186,9 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
         out["sglang"] = {"loads": False, "why": "sglang takes one global Mamba size and one global FFN width"}
     reasons = []
     if not homogeneous:
-        reasons.append("llama.cpp's converter reads global sizes only; this slice has per-layer sizes")
+        reasons.append("this slice has per-layer sizes: the converter takes NemotronHPuzzleForCausalLM for its MoE "
+                       "Puzzle model and stops on the missing MoE keys (KeyError: "
+                       "'moe_shared_expert_intermediate_size'); its dense model takes global sizes only")
     head = config.get("mamba_d_head", 64)
     for layer in arch.layers:
         if layer.kind == "mamba" and layer.mamba_intermediate % head:
@@ -182,7 +200,14 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
     if tok_class not in (None, "PreTrainedTokenizerFast"):
         reasons.append(f"tokenizer_config.json's tokenizer_class {tok_class!r} is not one transformers 4.x (which "
                        "the converter runs on) knows; PreTrainedTokenizerFast is")
-    out["llama.cpp"] = {"loads": not reasons, **({"why": "; ".join(reasons)} if reasons else {"how": "convert_hf_to_gguf.py"})}
+    if tokenizer is not None and not tokenizer["registered"]:
+        reasons.append(f"the converter does not recognise this tokenizer's pre-tokenizer (chkhsh {tokenizer['chkhsh']}, "
+                       f"{tokenizer['llama_cpp']}); register it with llama.cpp's convert_hf_to_gguf_update.py "
+                       f"(pre-tokenizer {tokenizer['pre']!r}) before converting")
+    how = LLAMA_CPP_HOW if tokenizer is not None else (
+        LLAMA_CPP_HOW + "; the converter must also recognise the tokenizer's pre-tokenizer (a hash of its output), "
+        "unchecked here: bench/llama_cpp_check.py checks it")
+    out["llama.cpp"] = {"loads": not reasons, **({"why": "; ".join(reasons)} if reasons else {"how": how})}
     return out
 
 
@@ -296,5 +321,6 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> d
         "homogeneous": child.is_homogeneous(),
         "dtype": DTYPES[code][0] if code else ckpt.dtype,
         "shards": [{"file": name, "sha256": writer.sha256[name]} for name in writer.shards],
-        "runtimes": runtime_support(child, config, _tokenizer_config(ckpt.root)),
+        "runtimes": runtime_support(child, config, _tokenizer_config(ckpt.root),
+                                    llama_cpp_tokenizer(ckpt.root / "tokenizer.json")),
     }

@@ -45,3 +45,21 @@ def test_tokenizer_class_is_read_from_tokenizer_config(tmp_path):
     assert runner.invoke(app, ["slice", "-c", str(src), "--budget", "100%", "--out", str(tmp_path / "m")]).exit_code == 0
     claim = json.loads((tmp_path / "m" / "slice_manifest.json").read_text())["runtimes"]["llama.cpp"]
     assert not claim["loads"] and "TokenizersBackend" in claim["why"]
+
+
+def test_the_llama_cpp_claim_follows_what_the_converter_was_seen_to_do(tmp_path):
+    """bench/llama_cpp_check.py saw llama.cpp 0.3.36's converter refuse the demo tokenizer's
+    pre-tokenizer: the demo's uniform slice says so; a tokenizer never checked gets a conditional yes."""
+    r = runner.invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", "100%", "--out", str(tmp_path / "a"),
+                            "--json"])
+    claim = json.loads(r.stdout)["runtimes"]["llama.cpp"]
+    assert not claim["loads"] and "b4a19eb91e19" in claim["why"] and "convert_hf_to_gguf_update.py" in claim["why"]
+    src = tmp_path / "src"
+    shutil.copytree(DEMO_CHECKPOINT, src)
+    (src / "tokenizer.json").write_text(json.dumps(json.loads((src / "tokenizer.json").read_text())))  # another file
+    r = runner.invoke(app, ["slice", "-c", str(src), "--budget", "100%", "--out", str(tmp_path / "b"), "--json"])
+    claim = json.loads(r.stdout)["runtimes"]["llama.cpp"]
+    assert claim["loads"] and "4.57.6" in claim["how"] and "unchecked here" in claim["how"]
+    het = runner.invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", "50%", "--out", str(tmp_path / "c"),
+                              "--json"])
+    assert "moe_shared_expert_intermediate_size" in json.loads(het.stdout)["runtimes"]["llama.cpp"]["why"]
