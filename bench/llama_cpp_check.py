@@ -581,7 +581,7 @@ def main() -> None:
             for name in envs:
                 result, load_s, verdict, notes = describe(rec, name, load_checked)
                 total += 1
-                holds += verdict == "claim holds"
+                holds += verdict.startswith("claim holds")
                 rows.append([rec["label"], name, claim_s, result, load_s, "; ".join([verdict, *notes])])
                 r = rec["results"][name]
                 entry["results"][name] = {
