@@ -110,6 +110,11 @@ def human_bytes(n: int | float) -> str:
     raise AssertionError
 
 
+def runtime_lines(runtimes: dict[str, dict]) -> list[str]:
+    """A slice manifest's ``runtimes``, one line each: "yes: how" or "no: why"."""
+    return [f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}" for name, r in runtimes.items()]
+
+
 def human_count(n: int) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:

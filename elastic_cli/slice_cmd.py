@@ -10,7 +10,7 @@ import typer
 from elastic.slicer.formats.precision import KEEP, WEIGHTS
 
 from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
-                     print_json, progress_bar)
+                     print_json, progress_bar, runtime_lines)
 
 SliceDType = precision_choice("SliceDType", WEIGHTS, KEEP)
 
@@ -50,7 +50,7 @@ def slice_(
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
         with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
             result = slice_checkpoint(ckpt, out, budget=budget, spec=spec,
-                                      dtype=canonical_precision(dtype, WEIGHTS, KEEP) if dtype.value.lower() != KEEP else None,
+                                      dtype=canonical_precision(dtype, WEIGHTS, KEEP),
                                       force=force, progress=advance)
     m = result.manifest
     if json_out:
@@ -62,8 +62,7 @@ def slice_(
         f"{human_bytes(result.bytes_written)})",
         f"layers  {m['layer_pattern']}",
         "loads in:",
+        *runtime_lines(m["runtimes"]),
     ]
-    for name, r in m["runtimes"].items():
-        lines.append(f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}")
     lines.append(f"next:   elastic inspect {result.out}")
     typer.echo("\n".join(lines))

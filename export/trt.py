@@ -260,21 +260,17 @@ def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
     if target.kind == "cpu" and target.profile:
         raise ElasticError(f"{target.profile!r} is a CPU host: TensorRT needs an NVIDIA GPU; pick a GPU or Jetson "
                            "profile (see `elastic profiles`)")
-    if target.kind == "cpu":  # nothing to build here: settings any GPU takes
+    if target.kind == "cpu":  # nothing to build here: settings any GPU takes, fp16 unless asked otherwise
         name, source, overhead = GENERIC, "no GPU here: generic settings", None
-        device = type("Generic", (), {"name": GENERIC, "bf16": False, "fp16": True, "fp8": False})()
+        chosen = requested or FLOAT16
     else:
         name = target.profile or target.name
         source = f"profile {target.profile}" if target.profile else f"detected {target.name}"
-        overhead, device = target.overhead_bytes, target
-    if requested is None:
-        chosen, _ = choose(None, device, ENGINES)
-    elif target.kind == "cpu" or supported(requested, device):  # generic: what was asked for
-        chosen = requested
-    else:
-        alt, _ = choose(None, device, ENGINES)
-        raise ElasticError(f"{name} has no {requested.short} support; ask for {alt.short}"
-                           f"{' (or auto)' if alt is not FLOAT16 else ''}")
+        overhead = target.overhead_bytes
+        auto, _ = choose(None, target, ENGINES)
+        if requested is not None and not supported(requested, target):
+            raise ElasticError(f"{name} has no {requested.short} support; ask for {auto.short} (what auto picks here)")
+        chosen = requested or auto
     workspace = max(MIN_WORKSPACE, overhead // 2) if overhead else GENERIC_WORKSPACE
     return EngineSettings(device=name, precision=chosen.short, workspace_bytes=workspace, max_batch=max_batch,
                           max_context=max_context, opt_batch=max(1, max_batch // 2) if max_batch > 2 else max_batch,

@@ -17,7 +17,7 @@ from typing import Any
 
 from elastic.slicer.formats.precision import AUTO, WEIGHTS
 
-from ..common import human_bytes, human_count
+from ..common import human_bytes, human_count, runtime_lines
 
 HERE = "this machine"  # the target choice that detects this machine instead of naming a profile
 DTYPES = (AUTO, *(p.name for p in WEIGHTS))  # what `elastic plan --dtype` takes, canonical names
@@ -172,8 +172,7 @@ def slice_lines(result, budget: str, out: Path) -> list[str]:
     m = result.manifest
     size = f"{human_count(result.parameters)} parameters, {m['dtype']}, {human_bytes(result.bytes_written)}"
     lines = [f"wrote {Path(out).resolve()}", f"  budget {budget}, {size}", "loads in:"]
-    lines += [f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}"
-              for name, r in m["runtimes"].items()]
+    lines += runtime_lines(m["runtimes"])
     lines.append(f"next: elastic inspect {out}")
     return lines
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.errors import ConfigError
+from elastic.slicer.formats.values import is_int
 
 MAX_SIZE = 2**31 - 1  # any size above this is a corrupt config, not a model
 # layer kinds, in the order inspect reports them
@@ -288,8 +289,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _is_size(v: Any) -> bool:
+    """A size elastic accepts: an integer in 1..MAX_SIZE."""
+    return is_int(v) and 0 < v <= MAX_SIZE
 
 
 def _as_float(v: Any) -> float:
@@ -314,7 +316,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
 
     def positive_int(key: str, default: Any = None, *aliases: str) -> int:
         v = get(key, default, *aliases)
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
+        if not _is_size(v):
             found = "it is missing" if v is None and not any(k in cfg for k in (key, *aliases)) else f"found {v!r:.40}"
             problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, {found}")
             return 0
@@ -335,18 +337,18 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             return default
         return float(v)
 
-    vocab_for_ids = cfg["vocab_size"] if _is_int(cfg.get("vocab_size")) and cfg["vocab_size"] > 0 else MAX_SIZE
+    vocab_for_ids = cfg["vocab_size"] if is_int(cfg.get("vocab_size")) and cfg["vocab_size"] > 0 else MAX_SIZE
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = cfg.get(key)
         ids = v if key == "eos_token_id" and isinstance(v, list) and v else [v]
-        if v is not None and not all(_is_int(t) and 0 <= t < vocab_for_ids for t in ids):
+        if v is not None and not all(is_int(t) and 0 <= t < vocab_for_ids for t in ids):
             problems.append(f"{key} must be a token id in 0..{vocab_for_ids - 1} or null, found {v!r:.40}")
     for key in ("model_type", "mlp_hidden_act", "mamba_hidden_act", "hybrid_override_pattern"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             problems.append(f"{key} must be a string, found {cfg[key]!r:.40}")
     for key in ("n_groups", "ssm_state_size", "conv_kernel", "num_hidden_layers", "moe_latent_size"):
         v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE):
+        if v is not None and not _is_size(v):
             problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, found {v!r:.40}")
 
     model_type = cfg.get("model_type")
@@ -382,7 +384,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     if not kinds and not problems:
         problems.append("the layer layout is empty")
     n_declared = cfg.get("num_hidden_layers")
-    if _is_int(n_declared) and kinds and n_declared != len(kinds):
+    if is_int(n_declared) and kinds and n_declared != len(kinds):
         problems.append(f"num_hidden_layers is {n_declared} but the layer layout has {len(kinds)} layers")
 
     present = set(kinds)
@@ -401,7 +403,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     kv_default = a_heads if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None else 8
     kv_heads = positive_int("num_key_value_heads", kv_default) if "attention" in present else z
     head_dim = get("head_dim", 128, "attention_head_dim")
-    if "attention" in present and (not _is_int(head_dim) or not 0 < head_dim <= MAX_SIZE):
+    if "attention" in present and not _is_size(head_dim):
         problems.append(f"head_dim must be an integer in 1..{MAX_SIZE}, found {head_dim!r:.40}")
         head_dim = 0
     ffn = positive_int("intermediate_size", 21504) if "mlp" in present else z
@@ -464,7 +466,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
                 for f in LAYER_FIELDS.get(layer.kind, ()):
                     if f in block:
                         v = block[f]
-                        if not _is_int(v) or not 0 < v <= MAX_SIZE:
+                        if not _is_size(v):
                             problems.append(f"block_configs[{i}].{f} must be a positive integer, found {v!r}")
                         else:
                             over[f] = v
@@ -488,7 +490,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             n_routed_experts=positive_int("n_routed_experts", 8),
             moe_intermediate_size=positive_int("moe_intermediate_size", 7688),
             moe_shared_expert_intermediate_size=positive_int("moe_shared_expert_intermediate_size", 7688),
-            moe_latent_size=get("moe_latent_size") if _is_int(get("moe_latent_size")) else None,
+            moe_latent_size=get("moe_latent_size") if is_int(get("moe_latent_size")) else None,
         )
 
     if problems:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.errors import CheckpointError
+from elastic.slicer.formats.values import is_int
 
 # safetensors dtype code -> (name, bytes per element)
 DTYPES = {
@@ -83,10 +84,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and validate a safetensors header. Returns (header dict, byte offset where data starts).
 
@@ -134,9 +131,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         bad = []
         if not isinstance(dtype, str) or dtype not in DTYPES:
             bad.append(f"dtype {dtype!r:.20} is not one of {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             bad.append(f"shape {shape!r:.40} is not a list of non-negative integers")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(is_int(o) and o >= 0 for o in offs)
                 and offs[0] <= offs[1]):
             bad.append(f"data_offsets {offs!r:.40} is not [start, end] with 0 <= start <= end")
         if bad:
