@@ -16,9 +16,9 @@ into this environment). Converter environments (``--env``):
 - ``pinned``: llama.cpp's own ``requirements-convert_hf_to_gguf.txt`` pins (transformers, numpy,
   sentencepiece, protobuf) pip-installed into a target that shadows this Python's; torch stays this
   Python's (its pin is a download.pytorch.org build) and gguf is the vendored one.
-Slices (built with ``elastic slice`` from the bundled demo checkpoint): the 100% budget (uniform), 75%
-and 50% (heterogeneous), a uniform spec with ``mamba_head_dim`` 12 (a Mamba width that is not a
-multiple of 64) and the 100% budget cast to bf16. For each slice and environment: the converter's
+Slices: every kind of ``bench/slice_kinds.py`` (built with ``elastic slice`` from the bundled demo
+checkpoint: its budgets, per-layer FFN widths, per-layer Mamba sizes, a Mamba width that is not a
+multiple of 64, bf16, a transformers-5 tokenizer_config). For each slice and environment: the converter's
 result as shipped and, when it fails only on the tokenizer's pre-tokenizer hash ("BPE pre-tokenizer
 was not recognized"), again with a patched temporary copy of the converter that maps the hash it
 printed (``chkhsh``) to "gpt-2" (the demo tokenizer is GPT-2's byte-level BPE). A converted GGUF's
@@ -42,20 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "slicer" / "demo_checkpoint"
+from slice_kinds import KINDS, build
+
 DEFAULT_VERSION = "0.3.36"
 PRE_TOKENIZER_MSG = "BPE pre-tokenizer was not recognized"
-# the demo's Mamba layers are 0, 2 and 5 ("M-M*-M-"); head dim 12 x 8 heads = width 96, not a multiple of 64
-SPEC_HD12 = {"hidden_size": 64, "layers": [{"index": i, "mamba_head_dim": 12} for i in (0, 2, 5)]}
-# (key, label, elastic slice arguments)
-SLICES = [
-    ("100", "100% (uniform)", ["--budget", "100%"]),
-    ("75", "75% (heterogeneous)", ["--budget", "75%"]),
-    ("50", "50% (heterogeneous)", ["--budget", "50%"]),
-    ("hd12", "spec mamba_head_dim=12 (uniform, width 96)", ["--spec", "{spec}"]),
-    ("100-bf16", "100% bf16", ["--budget", "100%", "--dtype", "bf16"]),
-]
 # modules the converter and gguf-py import at top level -> their PyPI names (checked for env "venv")
 CONVERTER_MODULES = {"numpy": "numpy", "torch": "torch", "transformers": "transformers", "safetensors": "safetensors",
                      "sentencepiece": "sentencepiece", "tqdm": "tqdm", "yaml": "pyyaml", "requests": "requests"}
@@ -251,34 +241,19 @@ def make_envs(which: list[str], conv: Path, src_req: Path, cache: Path, work: Pa
 # ---- 2. the slices ------------------------------------------------------------------------------------------
 
 
-def elastic_cli() -> list[str]:
-    exe = Path(sys.executable).with_name("elastic")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("elastic")
-    if found:
-        return [found]
-    raise CheckError(f"the `elastic` CLI is not next to {sys.executable} nor on PATH (pip install -e . first)")
-
-
 def build_slices(work: Path) -> dict[str, dict]:
-    cli = elastic_cli()
-    spec = work / "spec_hd12.json"
-    spec.write_text(json.dumps(SPEC_HD12))
+    """Every kind of bench/slice_kinds.py, sliced from the demo."""
     out = {}
-    for key, label, args in SLICES:
-        d = work / "slices" / key
-        args = [a.replace("{spec}", str(spec)) for a in args]
-        rc, log = run([*cli, "slice", "-c", str(DEMO), *args, "--out", str(d)], 600)
-        rec = {"label": label, "dir": d, "args": args}
-        if rc or not (d / "slice_manifest.json").is_file():
-            rec["error"] = last_error(log) or f"elastic slice exit {rc}"
+    for kind in KINDS:
+        built = build(kind, work)
+        rec = {"label": kind.label, "dir": built.get("dir"), "args": built["args"]}
+        if "error" in built:
+            rec["error"] = built["error"]
         else:
-            manifest = json.loads((d / "slice_manifest.json").read_text())
-            rec["claim"] = manifest.get("runtimes", {}).get("llama.cpp")
-            rec["homogeneous"] = manifest.get("homogeneous")
-            rec["architectures"] = json.loads((d / "config.json").read_text()).get("architectures")
-        out[key] = rec
+            rec["claim"] = built["manifest"].get("runtimes", {}).get("llama.cpp")
+            rec["homogeneous"] = built["manifest"].get("homogeneous")
+            rec["architectures"] = built["config"].get("architectures")
+        out[kind.key] = rec
     return out
 
 

@@ -92,6 +92,10 @@ def train(
     router_lr: Annotated[float, typer.Option(help="Router learning rate.")] = 1e-2,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
     drop_layers: Annotated[int, typer.Option(help="Least important layers the router may drop.")] = 2,
+    per_layer_mamba: Annotated[bool, typer.Option(
+        "--per-layer-mamba", help="Let the router choose Mamba and attention sizes per layer, not one per budget. "
+        "Such slices load only in transformers (elastic's extension format); vLLM, sglang and llama.cpp take one "
+        "global Mamba and attention size.")] = False,
     save_every: Annotated[int, typer.Option(help="Save the training state every N steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed for data order, router init and Gumbel noise.")] = 0,
     work_dir: Annotated[Optional[Path], typer.Option(help="Training state and tokens (default: OUT.work).",
@@ -127,7 +131,8 @@ def train(
             weights = (0.5, 0.3, 0.2) if len(b) == 3 else tuple(1.0 / len(b) for _ in b)
         cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
                           stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
-                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, save_every=save_every, seed=seed)
+                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, per_layer_mamba=per_layer_mamba,
+                          save_every=save_every, seed=seed)
         # every setting and the output directory, before tokenizing anything
         work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)
         tokens = data if (data / "meta.json").is_file() else work / "tokens"

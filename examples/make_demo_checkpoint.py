@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from elastic.slicer.formats.arch import Arch
-from elastic.slicer.nn.model import build_model, save_model
+from elastic.slicer.nn.model import build_model, write_model
+from elastic.slicer.storage.writer import ShardedWriter
 from elastic.trainer.data import TokenDataset, build_token_shards, stdlib_corpus
 from elastic.trainer.pretrain import fit
 from elastic.trainer.tokenizer import load_tokenizer, train_tokenizer
@@ -80,10 +81,10 @@ def main() -> None:
     r = fit(parent, ds, args.pretrain_steps, batch_size=16, context=128, lr=3e-3, warmup=50, seed=1)
     print(f"parent: {sum(p.numel() for p in parent.parameters()):,} parameters, "
           f"train loss {r['losses'][0]:.3f} -> {sum(r['losses'][-20:]) / 20:.3f} over {r['tokens']:,} tokens")
-    save_model(parent, work / "parent", force=True, extra_config={k: config[k] for k in
-                                                                  ("bos_token_id", "eos_token_id", "pad_token_id")})
-    for name in TOKENIZER_FILES:
-        (work / "parent" / name).write_bytes((work / "tokenizer" / name).read_bytes())
+    with ShardedWriter(work / "parent", force=True) as w:  # the parent with its tokenizer, one elastic output
+        write_model(w, parent, extra_config={k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        for name in TOKENIZER_FILES:
+            w.add_file(work / "tokenizer" / name)
 
     cmd = train_command(work, args.out)
     print("$ " + shlex.join(["elastic", *cmd[3:]]), flush=True)

@@ -62,9 +62,10 @@ def main() -> None:
     droppable = tuple(sorted(kinds["mamba"][-2:] + kinds["mlp"][-2:]))
     space = (
         Dimension("hidden_size", (5120, 4480, 4096, 3584)),
-        Dimension("mamba_num_heads", (128, 112, 96, 80), tuple(kinds["mamba"])),
-        Dimension("mamba_head_dim", (80, 64), tuple(kinds["mamba"])),
-        Dimension("num_attention_heads", (40, 32, 24), tuple(kinds["attention"])),
+        # one Mamba and attention size for all their layers (shared), as the trainer's default space
+        Dimension("mamba_num_heads", (128, 112, 96, 80), tuple(kinds["mamba"]), shared=True),
+        Dimension("mamba_head_dim", (80, 64), tuple(kinds["mamba"]), shared=True),
+        Dimension("num_attention_heads", (40, 32, 24), tuple(kinds["attention"]), shared=True),
         Dimension("intermediate_size", (20480, 15680, 12288, 10240), tuple(kinds["mlp"])),
         Dimension("depth", ("keep", "drop"), droppable),
     )

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from elastic.slicer import remote_code
-from elastic.slicer.formats.arch import Arch
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.storage.writer import OutTensor, ShardedWriter
 from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
 from elastic.slicer.errors import CheckpointError, ConfigError, ElasticError
 from elastic.slicer.formats.rules import TensorRule, tensor_rules
+from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
 from elastic.slicer.formats.spec import SliceSpec
 
 MANIFEST_NAME = "slice_manifest.json"
@@ -145,72 +145,6 @@ def select(t, axes, full_shape):
     return t
 
 
-LLAMA_CPP_TOKENIZERS = Path(__file__).parent / "formats" / "llama_cpp_tokenizers.json"
-LLAMA_CPP_HOW = ("convert_hf_to_gguf.py, run with the transformers llama.cpp pins (4.57.6: transformers 5 adds MoE "
-                 "defaults to the config and the converter then writes a MoE model)")
-
-
-def llama_cpp_tokenizer(tokenizer_json: Path | None) -> dict | None:
-    """What bench/llama_cpp_check.py observed of this tokenizer with llama.cpp's converter, if anything."""
-    if tokenizer_json is None or not tokenizer_json.is_file():
-        return None
-    known = json.loads(LLAMA_CPP_TOKENIZERS.read_text())
-    entry = known["tokenizers"].get(hashlib.sha256(tokenizer_json.read_bytes()).hexdigest())
-    return None if entry is None else {**entry, "llama_cpp": known["llama_cpp"]}
-
-
-def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
-                    tokenizer: dict | None = None) -> dict[str, dict[str, Any]]:
-    """Which serving runtimes load the result, and why not (DESIGN.md sections 3 and 5,
-    docs/runtime-facts.md). ``tokenizer``: :func:`llama_cpp_tokenizer`'s observation, if any."""
-    homogeneous = arch.is_homogeneous()
-
-    def uniform(kind: str) -> bool:
-        return len({tuple(layer.sizes().items()) for layer in arch.layers if layer.kind == kind}) <= 1
-
-    out: dict[str, dict[str, Any]] = {}
-    if homogeneous:
-        out["transformers"] = {"loads": True, "how": "NemotronHForCausalLM (stock nemotron_h config)"}
-    else:
-        out["transformers"] = {"loads": True, "how": "AutoModelForCausalLM with trust_remote_code=True "
-                               "(per-layer sizes in block_configs, modeling file included)"}
-    if homogeneous or uniform("mamba"):
-        out["vllm"] = {"loads": True, "how": "nemotron_h; per-layer FFN/attention sizes from block_configs"
-                       if not homogeneous else "nemotron_h"}
-    else:
-        out["vllm"] = {"loads": False, "why": "vLLM sizes every Mamba layer from the global mamba_num_heads / "
-                       "mamba_head_dim; this slice has per-layer Mamba sizes"}
-    if homogeneous or (uniform("mamba") and uniform("mlp")):
-        out["sglang"] = {"loads": True, "how": "nemotron_h"}
-    else:
-        out["sglang"] = {"loads": False, "why": "sglang takes one global Mamba size and one global FFN width"}
-    reasons = []
-    if not homogeneous:
-        reasons.append("this slice has per-layer sizes: the converter takes NemotronHPuzzleForCausalLM for its MoE "
-                       "Puzzle model and stops on the missing MoE keys (KeyError: "
-                       "'moe_shared_expert_intermediate_size'); its dense model takes global sizes only")
-    head = config.get("mamba_d_head", 64)
-    for layer in arch.layers:
-        if layer.kind == "mamba" and layer.mamba_intermediate % head:
-            reasons.append(f"mamba_num_heads * mamba_head_dim = {layer.mamba_intermediate} is not a multiple of "
-                           f"mamba_d_head ({head}), which llama.cpp's converter asserts")
-            break
-    # the converter reads tokenizer_class from tokenizer_config.json (not config.json)
-    tok_class = (tokenizer_config or {}).get("tokenizer_class")
-    if tok_class not in (None, "PreTrainedTokenizerFast"):
-        reasons.append(f"tokenizer_config.json's tokenizer_class {tok_class!r} is not one transformers 4.x (which "
-                       "the converter runs on) knows; PreTrainedTokenizerFast is")
-    if tokenizer is not None and not tokenizer["registered"]:
-        reasons.append(f"the converter does not recognise this tokenizer's pre-tokenizer (chkhsh {tokenizer['chkhsh']}, "
-                       f"{tokenizer['llama_cpp']}); register it with llama.cpp's convert_hf_to_gguf_update.py "
-                       f"(pre-tokenizer {tokenizer['pre']!r}) before converting")
-    how = LLAMA_CPP_HOW if tokenizer is not None else (
-        LLAMA_CPP_HOW + "; the converter must also recognise the tokenizer's pre-tokenizer (a hash of its output), "
-        "unchecked here: bench/llama_cpp_check.py checks it")
-    out["llama.cpp"] = {"loads": not reasons, **({"why": "; ".join(reasons)} if reasons else {"how": how})}
-    return out
-
-
 def slice_checkpoint(
     source: str | Path | Checkpoint,
     out: str | Path,
@@ -255,8 +189,6 @@ def slice_checkpoint(
     config["dtype"] = out_dtype
     if "torch_dtype" in config:
         config["torch_dtype"] = out_dtype
-    if not child.is_homogeneous():
-        config = remote_code.puzzle_config(config)
 
     total = sum(_nbytes(r, ckpt, code) for r in rules)
     done = [0]
@@ -275,7 +207,7 @@ def slice_checkpoint(
         with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
             w.add_json("config.json", config)
             w.add_files_from(ckpt.root, PASSTHROUGH_FILES)
-            if not child.is_homogeneous():
+            if remote_code.needs_code(config):
                 for f in remote_code.FILES:
                     w.add_file(f)
             w.write_tensors(out_tensors, max_shard_bytes, progress=advance)

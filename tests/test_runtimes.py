@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from elastic.cli.main import app
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.planning.describe import DEMO_CHECKPOINT
-from elastic.slicer.slice import runtime_support
+from elastic.slicer.formats.runtimes import runtime_support
 
 runner = CliRunner()
 
@@ -63,3 +63,35 @@ def test_the_llama_cpp_claim_follows_what_the_converter_was_seen_to_do(tmp_path)
     het = runner.invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", "50%", "--out", str(tmp_path / "c"),
                               "--json"])
     assert "moe_shared_expert_intermediate_size" in json.loads(het.stdout)["runtimes"]["llama.cpp"]["why"]
+
+
+TOKENIZER_CHECK = """
+import sys, transformers
+kw = {"trust_remote_code": True} if sys.argv[2] == "trust" else {}
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1], **kw)
+print("LOADED", type(tok).__name__, tok.encode("def main"))
+"""
+
+
+def test_auto_tokenizer_loads_every_demo_slice_without_a_prompt(tmp_path):
+    """stdin closed, as in a script: a stock slice's tokenizer loads with no question asked; a
+    remote-code form's loads with trust_remote_code=True as its manifest says (transformers 5
+    loads the model config first, docs/runtime-facts.md section 4)."""
+    import subprocess
+    import sys
+
+    ids = None
+    for budget in ("100%", "75%", "50%"):
+        out = tmp_path / budget
+        assert runner.invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", budget, "--out", str(out)]).exit_code == 0
+        manifest = json.loads((out / "slice_manifest.json").read_text())
+        stock = json.loads((out / "config.json").read_text())["model_type"] == "nemotron_h"
+        if not stock:
+            assert "AutoTokenizer needs trust_remote_code=True" in manifest["runtimes"]["transformers"]["how"]
+        r = subprocess.run([sys.executable, "-c", TOKENIZER_CHECK, str(out), "plain" if stock else "trust"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "LOADED" in r.stdout, r.stderr[-2000:]
+        assert "Do you wish to run the custom code" not in r.stdout + r.stderr
+        got = r.stdout.split("LOADED", 1)[1]
+        assert ids is None or got == ids  # one tokenizer, whatever the form
+        ids = got

@@ -30,6 +30,9 @@ SPECS = {  # id: (parent overrides, spec)
         {"index": 0, "mamba_num_heads": 6, "mamba_head_dim": 5}, {"index": 2, "mamba_num_heads": 2},
         {"index": 3, "num_attention_heads": 2}, {"index": 1, "intermediate_size": 40},
         {"index": 4, "intermediate_size": 16}]}),
+    "puzzle": ({}, {"hidden_size": 28, "layers": [  # one Mamba and attention size, per-layer MLP widths
+        *({"index": i, "mamba_num_heads": 6} for i in (0, 2, 5, 8)),
+        {"index": 1, "intermediate_size": 40}, {"index": 4, "intermediate_size": 16}]}),
     "dropped_layers": ({}, {"hidden_size": 20, "layers": [
         {"index": 0, "keep": False}, {"index": 6, "keep": False}, {"index": 7, "keep": False},
         {"index": 2, "mamba_num_heads": 4}]}),
@@ -93,13 +96,18 @@ def test_homogeneous_slice_loads_in_transformers(parents, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_heterogeneous_slice_loads_with_remote_code(parents, tmp_path):
+@pytest.mark.parametrize("name,form,vllm", [("puzzle", "nemotron_h_puzzle", True),
+                                             ("heterogeneous", "nemotron_h_elastic", False)])
+def test_per_layer_slice_loads_with_remote_code(parents, tmp_path, name, form, vllm):
     from transformers import AutoModelForCausalLM
 
-    src = parents["heterogeneous"]
-    spec = SliceSpec.from_json(SPECS["heterogeneous"][1], load_model(src).arch)
+    src = parents[name]
+    spec = SliceSpec.from_json(SPECS[name][1], load_model(src).arch)
     result = slice_checkpoint(src, tmp_path / "child", spec=spec)
-    assert result.manifest["runtimes"]["vllm"]["loads"] is False  # per-layer Mamba sizes
+    assert json.loads((tmp_path / "child" / "config.json").read_text())["model_type"] == form
+    runtimes = result.manifest["runtimes"]
+    assert runtimes["vllm"]["loads"] is vllm and not runtimes["sglang"]["loads"] and not runtimes["llama.cpp"]["loads"]
+    assert "trust_remote_code=True" in runtimes["transformers"]["how"]
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "child", trust_remote_code=True,
                                                     output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -107,6 +115,36 @@ def test_heterogeneous_slice_loads_with_remote_code(parents, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids, use_cache=False).logits, load_model(tmp_path / "child")(ids),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_shared_dimension_routes_one_size_for_all_its_layers(parents):
+    """A shared dimension has one router row; its choice reaches every layer, and a resolved spec
+    that gives its layers different sizes is refused."""
+    from elastic.slicer.formats.elastic_format import ElasticConfig, route, spec_from_choices, synthetic_router
+
+    arch = load_model(parents["puzzle"]).arch
+    data = {"format": "nemotron-elastic", "version": 1,
+            "budgets": [{"name": "full", "target_parameters": arch.param_counts()["total"]},
+                        {"name": "small", "target_parameters": 1}],
+            "search_space": [{"dimension": "mamba_num_heads", "choices": [8, 6], "layers": [0, 2, 5, 8], "shared": True},
+                             {"dimension": "intermediate_size", "choices": [48, 40, 16], "layers": [1, 4, 7]}],
+            "resolved": {"full": SliceSpec.full(arch).to_json(arch), "small": SPECS["puzzle"][1] | {"hidden_size": 32}}}
+    ec = ElasticConfig.from_json(data, arch)
+    assert ec.to_json()["search_space"][0]["shared"] is True and ec.to_json()["router"]["outputs"]["mamba_num_heads"] == [1, 2]
+    picks = route(synthetic_router(ec, arch), ec, "small")
+    assert picks["mamba_num_heads"] == [6] and len(picks["intermediate_size"]) == 3
+    spec = SliceSpec.from_json(spec_from_choices(picks, ec, arch), arch)
+    assert [spec.layers[i].mamba_num_heads for i in (0, 2, 5, 8)] == [6] * 4
+    assert spec.child_arch(arch).config_form() == "nemotron_h_puzzle"
+    bad = json.loads(json.dumps(data))
+    bad["resolved"]["small"]["layers"][0]["mamba_num_heads"] = 8
+    with pytest.raises(ConfigError) as e:
+        ElasticConfig.from_json(bad, arch)
+    assert any("shared by layers [0, 2, 5, 8]" in p for p in e.value.problems)
+    bad = json.loads(json.dumps(data))
+    bad["search_space"][0]["shared"] = "yes"
+    with pytest.raises(ConfigError, match="invalid elastic config"):
+        ElasticConfig.from_json(bad, arch)
 
 
 def test_demo_budgets_slice_to_their_size(tmp_path):

@@ -1,5 +1,6 @@
 """Importance, permutation and the elastic (router) forward."""
 
+import pytest
 import torch
 
 from elastic.slicer.nn.model import load_model
@@ -53,7 +54,9 @@ def test_depth_order_removes_least_harmful_first(tmp_path):
     assert all(type(b).__name__ == "Block" for b in model.backbone.layers)  # layers restored
 
 
-def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_path):
+@pytest.mark.parametrize("per_layer_mamba", [False, True], ids=["shared", "per_layer"])
+def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_path, per_layer_mamba):
+    from elastic.slicer.formats.arch import FORM_EXTENSION, FORM_PUZZLE, FORM_STOCK
     from elastic.slicer.formats.elastic_format import Budget, ElasticConfig
     from elastic.slicer.nn.masked import masked_forward
     from elastic.slicer.formats.spec import SliceSpec
@@ -62,9 +65,13 @@ def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_pa
     make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M", n_groups=2, mamba_num_heads=8)
     model = load_model(tmp_path / "p")
     arch = model.arch
-    dims = default_search_space(arch, droppable=[1, 4])
+    dims = default_search_space(arch, droppable=[1, 4], per_layer_mamba=per_layer_mamba)
+    assert {d.name: d.shared for d in dims if d.layers is not None and d.name != "depth"} == {
+        "mamba_num_heads": not per_layer_mamba, "mamba_head_dim": not per_layer_mamba,
+        "num_attention_heads": not per_layer_mamba, "intermediate_size": False}
     full = SliceSpec.full(arch).to_json(arch)
     ec = ElasticConfig((Budget("a", 10), Budget("b", 5)), dims, {"a": full, "b": full})
+    forms = set()
     router = Router(dims, 2)
     gen = torch.Generator().manual_seed(0)
     x = batches(1)[0]
@@ -81,4 +88,7 @@ def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_pa
         logits.square().mean().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters() if p.dim() == 2)
         seen.add(choice.spec.parameters(arch))
+        forms.add(choice.spec.child_arch(arch).config_form())
     assert len(seen) > 1  # the sampler explores different nested models
+    # shared Mamba/attention sizes: every sample is a stock or NVIDIA Puzzle model, never the extension
+    assert forms <= {FORM_STOCK, FORM_PUZZLE} if not per_layer_mamba else FORM_EXTENSION in forms

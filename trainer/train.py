@@ -35,7 +35,7 @@ from elastic.slicer.slice import PASSTHROUGH_FILES
 from elastic.slicer.formats.spec import SliceSpec
 
 from .data import TokenDataset
-from .elastic import Router, anneal, default_search_space, elastic_forward, expected_params, sample
+from .elastic import Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params, sample
 from .importance import depth_order, width_importance
 from .permute import orders, permute_
 
@@ -60,11 +60,13 @@ class TrainConfig:
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    router_weight: float = 1.0  # weight of |expected params - target| / parent params
+    router_weight: float = 1.0  # weight of the budget loss
+    budget_dead_zone: float = 0.05  # no budget loss within this fraction of the target (NVIDIA's: 5%)
     tau: tuple[float, float] = (1.0, 0.05)  # Gumbel-softmax temperature, annealed
     logit_scale: tuple[float, float] = (1.0, 10.0)  # router logit scale, annealed
     importance_batches: int = 8
     drop_layers: int = 2  # least important layers the router may drop
+    per_layer_mamba: bool = False  # Mamba/attention sizes per layer (transformers-only slices) instead of per budget
     save_every: int = 50
     eval_batches: int = 8
     seed: int = 0
@@ -89,7 +91,7 @@ CLI_OPTIONS = {
     "budgets": "--budgets", "stage1.steps": "--stage1-steps", "stage1.context": "--stage1-context",
     "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
     "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
-    "drop_layers": "--drop-layers", "save_every": "--save-every", "seed": "--seed",
+    "drop_layers": "--drop-layers", "per_layer_mamba": "--per-layer-mamba", "save_every": "--save-every", "seed": "--seed",
 }
 # settings a resume may change: they do not alter the trajectory of training
 RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches"})
@@ -165,12 +167,16 @@ def _config_problems(cfg: TrainConfig) -> list[str]:
     need_real("weight_decay", cfg.weight_decay, positive=False)
     need_real("grad_clip", cfg.grad_clip, positive=True)
     need_real("router_weight", cfg.router_weight, positive=False)
+    if not _is_real(cfg.budget_dead_zone) or not 0 <= cfg.budget_dead_zone < 1:
+        problems.append(f"{_label('budget_dead_zone')} is {cfg.budget_dead_zone!r}; need a fraction in [0, 1)")
     for field in ("tau", "logit_scale"):
         pair = getattr(cfg, field)
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_real(x) and x > 0 for x in pair):
             problems.append(f"{field} is {pair!r}; need (start, end), both finite numbers > 0")
     need_int("importance_batches", cfg.importance_batches, 1)
     need_int("drop_layers", cfg.drop_layers, 0)
+    if not isinstance(cfg.per_layer_mamba, bool):
+        problems.append(f"{_label('per_layer_mamba')} is {cfg.per_layer_mamba!r}; need true or false")
     need_int("save_every", cfg.save_every, 1)
     need_int("eval_batches", cfg.eval_batches, 1)
     if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**62:
@@ -238,7 +244,7 @@ class ElasticModule(nn.Module):
         choice = sample(self.router, self.ec, self.student.arch, budget, tau, scale, gen,
                         full=self.ec.budgets[budget].target_parameters >= self.student.arch.param_counts()["total"])
         logits = elastic_forward(self.student, self.ec, choice, ids)
-        return logits, expected_params(self.student.arch, self.ec, choice.probs), choice
+        return logits, expected_params(self.student.arch, self.ec, choice.hard), choice
 
 
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -389,7 +395,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         scores = width_importance(student, calib)
         permute_(student, orders(student, scores))
         depth = depth_order(student, calib[:2], candidates=range(arch.num_hidden_layers), steps=cfg.drop_layers)
-        dims = default_search_space(arch, [j for j, _ in depth])
+        dims = default_search_space(arch, [j for j, _ in depth], cfg.per_layer_mamba)
         full = SliceSpec.full(arch).to_json(arch)
         ec = ElasticConfig(budgets, dims, {b.name: full for b in budgets})
         importance = {"scores": {k: v.clone() for k, v in scores.items()}, "depth": depth}
@@ -453,7 +459,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
             t_logits = teacher(x)
         s_logits, cost, choice = module(x, b, tau, scale, g_gumbel)
         kd = forward_kl(t_logits, s_logits)
-        cost_loss = (cost - budgets[b].target_parameters).abs() / total_params
+        cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
         loss = kd + cfg.router_weight * cost_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

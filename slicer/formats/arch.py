@@ -4,8 +4,10 @@ Reads every config form found in the wild (DESIGN.md section 3):
 - NVIDIA's: ``hybrid_override_pattern`` ("M-M*-"), ``num_hidden_layers``, bare ``Infinity``;
 - transformers 5.x: ``layers_block_type`` (``mamba``/``attention`` or, from 5.13,
   ``linear_attention``/``full_attention``, plus ``mlp``/``moe``) and ``{"__float__": "Infinity"}``;
-- per-layer sizes in ``block_configs`` (heterogeneous "Puzzle" models).
-Writes the legacy string pattern plus ``num_hidden_layers``, which every runtime reads.
+- per-layer sizes in ``block_configs``: NVIDIA's Puzzle form (``nemotron_h_puzzle``: per-layer MLP
+  widths) and elastic's extension (``nemotron_h_elastic``: per-layer Mamba and attention sizes too).
+Writes the legacy string pattern plus ``num_hidden_layers``, which every runtime reads, in one of
+three forms (:meth:`Arch.config_form`, docs/runtime-facts.md).
 
 Example:
     >>> arch = Arch.from_config({"hybrid_override_pattern": "M-*", "hidden_size": 64, ...})
@@ -48,6 +50,21 @@ MOE_KEYS = (
     "moe_latent_size", "moe_shared_expert_overlap", "n_shared_experts", "routed_scaling_factor", "n_group",
     "topk_group", "norm_topk_prob", "output_router_logits", "mtp_layers_block_type",
 )
+# The three config forms a model is written in (docs/runtime-facts.md says who loads which):
+FORM_STOCK = "nemotron_h"  # every layer of a kind has the same sizes: transformers' own class
+FORM_PUZZLE = "nemotron_h_puzzle"  # NVIDIA's Puzzle form: per-layer MLP widths, Mamba/attention global
+FORM_EXTENSION = "nemotron_h_elastic"  # elastic's extension: per-layer Mamba/attention sizes as well
+FORMS = (FORM_STOCK, FORM_PUZZLE, FORM_EXTENSION)
+# NVIDIA's Puzzle block entries (its NemotronHPuzzleConfig builds one dataclass per block type;
+# docs/runtime-facts.md section 1): the keys each may carry. The sizes elastic models are in
+# LAYER_FIELDS; ssm_state_size must equal the global one, sliding_window must be null.
+PUZZLE_BLOCK_KEYS = {
+    "mamba": ("ssm_state_size",),
+    "attention": ("sliding_window",),
+    "mlp": ("intermediate_size",),
+    "moe": ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+            "moe_latent_size", "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob"),
+}
 # per-layer fields that block_configs may override, by layer kind
 LAYER_FIELDS = {
     "mamba": ("mamba_num_heads", "mamba_head_dim"),
@@ -116,11 +133,20 @@ class Arch:
 
     def is_homogeneous(self) -> bool:
         """True when every layer of a kind has the same sizes (a stock config can describe it)."""
-        seen: dict[str, dict[str, int]] = {}
-        for layer in self.layers:
-            if seen.setdefault(layer.kind, layer.sizes()) != layer.sizes():
-                return False
-        return True
+        return all(self.uniform(kind) for kind in KINDS)
+
+    def uniform(self, kind: str) -> bool:
+        """True when every layer of ``kind`` has the same sizes (or there is none)."""
+        return len({tuple(layer.sizes().items()) for layer in self.layers if layer.kind == kind}) <= 1
+
+    def config_form(self) -> str:
+        """How :meth:`to_config` writes this model: ``FORM_STOCK`` when homogeneous; NVIDIA's
+        ``FORM_PUZZLE`` when only MLP widths differ per layer; else ``FORM_EXTENSION``."""
+        if self.is_homogeneous():
+            return FORM_STOCK
+        if self.uniform("mamba") and self.uniform("attention") and self.uniform("moe"):
+            return FORM_PUZZLE
+        return FORM_EXTENSION
 
     # ---- tensors and parameters ----------------------------------------------------------
     def layer_tensor_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
@@ -214,10 +240,22 @@ class Arch:
         """The config dict to write: the source's other keys kept, sizes and layout rewritten.
 
         Layout is written in NVIDIA's form (``hybrid_override_pattern`` + ``num_hidden_layers``),
-        which transformers 4.x/5.x, vLLM and llama.cpp's converter all read. Heterogeneous sizes go
-        to ``block_configs`` (one dict of overriding fields per layer).
+        which transformers 4.x/5.x, vLLM and llama.cpp's converter all read. Per-layer sizes go to
+        ``block_configs`` in the form :meth:`config_form` names:
+
+        - ``nemotron_h_puzzle`` (NVIDIA's): ``{"block_type": "mamba"}``, ``{"block_type":
+          "attention"}``, ``{"block_type": "mlp", "intermediate_size": F}``; the per-layer field
+          is removed from the top level, as NVIDIA's config does with its "blockwise members";
+        - ``nemotron_h_elastic`` (elastic's extension): every layer's own sizes, e.g.
+          ``{"block_type": "mamba", "mamba_num_heads": 64, "mamba_head_dim": 80}``.
+
+        Either carries the ``auto_map`` of the modeling code in ``elastic.slicer.remote_code``,
+        which the output directory must also hold (``remote_code.FILES``).
         """
-        cfg = {k: v for k, v in self.raw.items() if k not in ("layers_block_type", "block_configs")}
+        from elastic.slicer import remote_code
+
+        cfg = {k: v for k, v in self.raw.items()
+               if k not in ("layers_block_type", "block_configs", "mtp_block_configs", "auto_map", "blockwise_members")}
         cfg.update(
             model_type="nemotron_h",
             vocab_size=self.vocab_size,
@@ -258,8 +296,17 @@ class Arch:
             # llama.cpp's converter splits the Mamba width into heads of mamba_d_head (default 64) and
             # asserts it divides; stating the real head size makes any head size convert
             cfg["mamba_d_head"] = cfg["mamba_head_dim"]
-        if not self.is_homogeneous():
+        form = self.config_form()
+        cfg.update(remote_code.identity(form))
+        if form == FORM_PUZZLE:
+            cfg["block_configs"] = [{"block_type": layer.kind, **(layer.sizes() if layer.kind == "mlp" else {})}
+                                    for layer in self.layers]
+            cfg.pop("intermediate_size", None)
+        elif form == FORM_EXTENSION:
             cfg["block_configs"] = [{"block_type": layer.kind, **layer.sizes()} for layer in self.layers]
+        if form != FORM_STOCK:
+            cfg["mtp_block_configs"] = []  # no multi-token-prediction head (vLLM would build one)
+            cfg["num_nextn_predict_layers"] = 0
         return cfg
 
     def with_layers(self, layers: tuple[LayerArch, ...], hidden_size: int | None = None) -> "Arch":
@@ -352,8 +399,9 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, found {v!r:.40}")
 
     model_type = cfg.get("model_type")
-    if model_type is not None and model_type not in ("nemotron_h", "nemotron_h_puzzle"):
-        problems.append(f"model_type is {model_type!r}; elastic reads nemotron_h checkpoints only")
+    if model_type is not None and model_type not in FORMS:
+        problems.append(f"model_type is {model_type!r}; elastic reads nemotron_h checkpoints only "
+                        f"({', '.join(FORMS)})")
 
     # ---- layer layout ----
     kinds: list[str] = []
@@ -462,6 +510,19 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
                 btype = block.get("block_type")
                 if btype is not None and _FROM_NAME.get(str(btype).lower()) != layer.kind:
                     problems.append(f"block_configs[{i}].block_type is {btype!r} but layer {i} is {layer.kind}")
+                known = {"block_type", *LAYER_FIELDS.get(layer.kind, ()), *PUZZLE_BLOCK_KEYS.get(layer.kind, ())}
+                unknown = sorted(str(k) for k in block if k not in known)
+                if unknown:
+                    problems.append(f"block_configs[{i}] ({layer.kind}) has {', '.join(map(repr, unknown))}, which "
+                                    "elastic does not model; known: " + ", ".join(sorted(known - {"block_type"})))
+                if layer.kind == "mamba" and block.get("ssm_state_size", state) != state:
+                    problems.append(f"block_configs[{i}].ssm_state_size is {block['ssm_state_size']!r}; elastic models "
+                                    f"one state size for all Mamba layers (ssm_state_size {state})")
+                if layer.kind == "attention" and block.get("sliding_window") is not None:
+                    problems.append(f"block_configs[{i}].sliding_window is {block['sliding_window']!r}; elastic models "
+                                    "full attention only")
+                if layer.kind == "mlp" and "intermediate_size" not in block and "intermediate_size" not in cfg:
+                    problems.append(f"block_configs[{i}] (mlp) has no intermediate_size and there is no global one")
                 over = {}
                 for f in LAYER_FIELDS.get(layer.kind, ()):
                     if f in block:

@@ -54,15 +54,34 @@ class Budget:
 
 @dataclass(frozen=True)
 class Dimension:
-    """One elastic dimension: its choices and the layers it applies to (None: the whole model)."""
+    """One elastic dimension: its choices and the layers it applies to (None: the whole model).
+
+    ``shared``: one choice for all of ``layers`` (one router row), so every layer of that kind keeps
+    the same size and the slice stays loadable where runtimes take one global size (Mamba and
+    attention: docs/runtime-facts.md); otherwise one choice per layer.
+    """
 
     name: str
     choices: tuple
     layers: tuple[int, ...] | None = None
+    shared: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Router rows: one per layer, or one for a global or shared dimension."""
+        return 1 if self.layers is None or self.shared else len(self.layers)
 
     @property
     def router_outputs(self) -> int:
-        return len(self.choices) * (len(self.layers) if self.layers is not None else 1)
+        return len(self.choices) * self.rows
+
+    def row(self, layer: int) -> int:
+        """The router row that decides ``layer`` (one of ``layers``)."""
+        return 0 if self.shared else self.layers.index(layer)
+
+    def per_layer(self, picks: list) -> list:
+        """One pick per row -> one per layer of ``layers``."""
+        return list(picks) * len(self.layers) if self.shared else list(picks)
 
 
 @dataclass(frozen=True)
@@ -87,7 +106,8 @@ class ElasticConfig:
                          **({"tolerance": b.tolerance} if b.tolerance != BUDGET_TOLERANCE else {})}
                         for b in self.budgets],
             "search_space": [
-                {"dimension": d.name, "choices": list(d.choices), "layers": None if d.layers is None else list(d.layers)}
+                {"dimension": d.name, "choices": list(d.choices), "layers": None if d.layers is None else list(d.layers),
+                 **({"shared": True} if d.shared else {})}
                 for d in self.dimensions
             ],
             "router": {
@@ -95,7 +115,7 @@ class ElasticConfig:
                 "input": "budget one-hot, in the order of budgets",
                 "hidden": self.router_hidden,
                 "activation": "leaky_relu(0.1)",
-                "outputs": {d.name: [len(d.layers) if d.layers is not None else 1, len(d.choices)] for d in self.dimensions},
+                "outputs": {d.name: [d.rows, len(d.choices)] for d in self.dimensions},
             },
             "head_order": self.head_order,
             "resolved": self.resolved,
@@ -184,7 +204,14 @@ class ElasticConfig:
                         problems.append(f"search_space[{k}] ({name}): layer {i} is {parent.layers[i].kind}, not {kind}")
             if name == "depth" and sorted(map(repr, choices)) != ["'drop'", "'keep'"]:
                 problems.append(f"search_space[{k}] (depth): choices must be ['keep', 'drop'], found {choices}")
-            dims.append(Dimension(name, tuple(choices), None if layers is None else tuple(layers)))
+            shared = d.get("shared", False)
+            if not isinstance(shared, bool):
+                problems.append(f"search_space[{k}] ({name}): shared must be true or false, found {shared!r:.40}")
+                shared = False
+            elif shared and name in ("hidden_size", "depth"):
+                problems.append(f"search_space[{k}] ({name}): only per-layer size dimensions can be shared")
+                shared = False
+            dims.append(Dimension(name, tuple(choices), None if layers is None else tuple(layers), shared))
 
         resolved = data.get("resolved") or {}
         if not isinstance(resolved, dict):
@@ -312,7 +339,7 @@ def spec_from_choices(choices: dict[str, list], ec: ElasticConfig, parent: Arch)
         if d.layers is None:
             hidden = picks[0]
             continue
-        for i, v in zip(d.layers, picks):
+        for i, v in zip(d.layers, d.per_layer(picks)):
             entry = per_layer.setdefault(i, {"index": i})
             if d.name == "depth":
                 if v == "drop":
@@ -371,7 +398,10 @@ def synthetic_router(ec: ElasticConfig, parent: Arch, scale: float = 10.0) -> di
         w2 = np.zeros((d.router_outputs, h), dtype=np.float32)
         for b, budget in enumerate(ec.budgets):
             spec = SliceSpec.from_json(ec.resolved[budget.name], parent)
-            for row, value in enumerate(_dimension_values(d, spec, parent)):
+            values = _dimension_values(d, spec, parent)
+            if d.shared:  # one row: the size the kept layers share
+                values = (_kept_values(d, spec, values) or values)[:1]
+            for row, value in enumerate(values):
                 w2[row * len(d.choices) + d.choices.index(value), b] = scale
         weights.update({
             f"{d.name}.0.weight": w0, f"{d.name}.0.bias": np.zeros(h, dtype=np.float32),
@@ -389,15 +419,24 @@ def _dimension_values(d: Dimension, spec: SliceSpec, parent: Arch) -> list:
     return [getattr(spec.layers[i] or parent.layers[i], d.name) for i in d.layers]
 
 
+def _kept_values(d: Dimension, spec: SliceSpec, values: list) -> list:
+    """Of one value per layer of ``d``, those of the layers the spec keeps."""
+    return [v for i, v in zip(d.layers, values) if spec.layers[i] is not None]
+
+
 def check_choices(ec: ElasticConfig, parent: Arch) -> list[str]:
     """Resolved specs must only use values from the search space (else the router cannot say them)."""
     problems = []
     for b in ec.budgets:
         spec = SliceSpec.from_json(ec.resolved[b.name], parent)
         for d in ec.dimensions:
-            for v in _dimension_values(d, spec, parent):
+            values = _dimension_values(d, spec, parent)
+            for v in values:
                 if v not in d.choices:
                     problems.append(f"budget {b.name!r}: {d.name} = {v!r} is not among the choices {list(d.choices)}")
+            if d.shared and len(set(map(repr, _kept_values(d, spec, values)))) > 1:
+                problems.append(f"budget {b.name!r}: {d.name} is shared by layers {list(d.layers)} but the spec gives "
+                                f"the kept ones different values {_kept_values(d, spec, values)}")
         if spec.hidden_size != parent.hidden_size and not any(d.name == "hidden_size" for d in ec.dimensions):
             problems.append(f"budget {b.name!r}: trims hidden_size, which is not in the search space")
         for i, layer in enumerate(spec.layers):

@@ -388,11 +388,11 @@ def generate(model: NemotronH, input_ids: torch.Tensor, max_new_tokens: int, eos
 
 def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_config: dict | None = None) -> None:
     """Write ``model``'s config.json and weights into an open ``ShardedWriter`` (tied LM heads are
-    stored once, as transformers does)."""
+    stored once, as transformers does), and the modeling code a config with per-layer sizes needs."""
+    from elastic.slicer import remote_code
     from elastic.slicer.storage.writer import OutTensor, st_dtype
 
     config = model.arch.to_config()
-    config.setdefault("architectures", ["NemotronHForCausalLM"])
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.update(extra_config or {})
     tensors = [
@@ -401,12 +401,16 @@ def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_con
         if not (model.arch.tie_word_embeddings and name == "lm_head.weight")
     ]
     w.add_json("config.json", config)
+    if remote_code.needs_code(config):
+        for f in remote_code.FILES:
+            w.add_file(f)
     w.write_tensors(tensors, max_shard_bytes)
 
 
 def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False,
                extra_config: dict | None = None) -> Path:
-    """Write ``model`` as a Hugging Face ``nemotron_h`` checkpoint (config.json + safetensors), atomically."""
+    """Write ``model`` as a Hugging Face checkpoint (config.json + safetensors, in the form
+    ``Arch.config_form`` names), atomically."""
     from elastic.slicer.storage.writer import ShardedWriter
 
     with ShardedWriter(out, force=force) as w:

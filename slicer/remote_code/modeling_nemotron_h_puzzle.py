@@ -1,4 +1,5 @@
-"""``NemotronHPuzzleForCausalLM``: transformers' Nemotron-H with per-layer sizes.
+"""``NemotronHPuzzleForCausalLM`` and ``NemotronHElasticForCausalLM``: transformers' Nemotron-H with
+per-layer sizes (NVIDIA's Puzzle form and elastic's extension; see the config file).
 
 Shipped by elastic next to a heterogeneous checkpoint and loaded by transformers (>= 5.6) with
 ``trust_remote_code=True``. Every layer is transformers' own ``NemotronHBlock``, built from
@@ -21,7 +22,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     NemotronHRMSNorm,
 )
 
-from .configuration_nemotron_h_puzzle import NemotronHPuzzleConfig
+from .configuration_nemotron_h_puzzle import NemotronHElasticConfig, NemotronHPuzzleConfig
 
 
 class NemotronHPuzzlePreTrainedModel(NemotronHPreTrainedModel):
@@ -74,7 +75,15 @@ class NemotronHPuzzleForCausalLM(NemotronHPuzzlePreTrainedModel, NemotronHForCau
         return self.backbone
 
 
+class NemotronHElasticForCausalLM(NemotronHPuzzleForCausalLM):
+    """The same model for elastic's extension form (per-layer Mamba and attention sizes)."""
+
+    config_class = NemotronHElasticConfig
+
+
 __all__ = [
+    "NemotronHElasticConfig",
+    "NemotronHElasticForCausalLM",
     "NemotronHPuzzleConfig",
     "NemotronHPuzzleForCausalLM",
     "NemotronHPuzzleModel",

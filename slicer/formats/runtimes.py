@@ -1,0 +1,134 @@
+"""Which runtimes load a slice, and why not: the ``runtimes`` of ``slice_manifest.json``.
+
+Each rule is what that runtime's source does with the config form the slice is written in
+(``Arch.config_form``); docs/runtime-facts.md holds the facts with file and line, and the claims
+are checked against the real clients where they run here: transformers and llama.cpp's converter
+(tests/test_runtimes.py, bench/llama_cpp_check.py). No torch here.
+
+Example:
+    >>> runtime_support(child_arch, config, tokenizer_config, llama_cpp_tokenizer(root / "tokenizer.json"))
+    {"transformers": {"loads": True, "how": ...}, "vllm": {...}, "sglang": {...}, "llama.cpp": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from elastic.slicer.formats.arch import FORM_EXTENSION, FORM_PUZZLE, FORM_STOCK, Arch
+
+LLAMA_CPP_TOKENIZERS = Path(__file__).parent / "llama_cpp_tokenizers.json"
+LLAMA_CPP_HOW = ("convert_hf_to_gguf.py, run with the transformers llama.cpp pins (4.57.6: transformers 5 adds MoE "
+                 "defaults to the config and the converter then writes a MoE model)")
+REMOTE_CODE_TOKENIZER = (
+    "; AutoTokenizer needs trust_remote_code=True as well (transformers 5 loads the model config before the "
+    "tokenizer and asks before running a config class it does not know), or load the tokenizer with "
+    "PreTrainedTokenizerFast.from_pretrained(dir)")
+
+
+def llama_cpp_tokenizer(tokenizer_json: Path | None) -> dict | None:
+    """What bench/llama_cpp_check.py observed of this tokenizer with llama.cpp's converter, if anything."""
+    if tokenizer_json is None or not tokenizer_json.is_file():
+        return None
+    known = json.loads(LLAMA_CPP_TOKENIZERS.read_text())
+    entry = known["tokenizers"].get(hashlib.sha256(tokenizer_json.read_bytes()).hexdigest())
+    return None if entry is None else {**entry, "llama_cpp": known["llama_cpp"]}
+
+
+def _yes(how: str) -> dict[str, Any]:
+    return {"loads": True, "how": how}
+
+
+def _no(why: str) -> dict[str, Any]:
+    return {"loads": False, "why": why}
+
+
+def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
+                    tokenizer: dict | None = None) -> dict[str, dict[str, Any]]:
+    """The ``runtimes`` entry of a slice's manifest: per runtime ``{"loads": True, "how": ...}`` or
+    ``{"loads": False, "why": ...}``.
+
+    Args:
+        arch: the slice's architecture; its ``config_form()`` decides most answers.
+        config: the config.json written (``mamba_d_head`` matters to llama.cpp).
+        tokenizer_config: the tokenizer_config.json copied beside it, if any.
+        tokenizer: :func:`llama_cpp_tokenizer`'s observation of the tokenizer, if any.
+    """
+    form = arch.config_form()
+    out: dict[str, dict[str, Any]] = {}
+
+    # transformers 5: nemotron_h is built in; the other two forms are classes only the shipped files
+    # define, which AutoConfig runs only with trust_remote_code (configuration_auto.py, from_pretrained)
+    if form == FORM_STOCK:
+        out["transformers"] = _yes("AutoModelForCausalLM / NemotronHForCausalLM, stock nemotron_h config, no remote code")
+    else:
+        name = "NVIDIA's Puzzle form (per-layer MLP widths)" if form == FORM_PUZZLE else \
+            "elastic's extension form (per-layer Mamba/attention sizes)"
+        out["transformers"] = _yes(f"AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True): {name}, "
+                                   "modeling file included" + REMOTE_CODE_TOKENIZER)
+
+    # vLLM 0.33: architectures[0] NemotronHPuzzleForCausalLM is registered to the nemotron_h model
+    # (model_executor/models/registry.py:186-187); a model_type vLLM has no class for goes through
+    # AutoConfig with its --trust-remote-code (transformers_utils/config.py:342-470); per-layer sizes
+    # come from get_nemotron_h_config_for_layer for MLP/MoE/attention layers, never for Mamba
+    # layers (model_executor/models/nemotron_h.py:278-313, 377-402)
+    if form == FORM_STOCK:
+        out["vllm"] = _yes("nemotron_h")
+    elif form == FORM_PUZZLE:
+        out["vllm"] = _yes("NemotronHPuzzleForCausalLM (vLLM's nemotron_h model, per-layer MLP widths through "
+                           "get_nemotron_h_config_for_layer); serve with --trust-remote-code, vLLM has no config class "
+                           "for nemotron_h_puzzle")
+    else:
+        out["vllm"] = _no("NemotronHElasticForCausalLM (per-layer Mamba/attention sizes) is elastic's extension, not "
+                          "an architecture vLLM registers; vLLM's nemotron_h model sizes every Mamba layer from the "
+                          "global mamba_num_heads/mamba_head_dim. Slice a budget with one Mamba and attention size "
+                          "(train without --per-layer-mamba)")
+
+    # sglang 0.5.23: MLP layers read the global intermediate_size (srt/models/nemotron_h.py:529-561),
+    # and its Puzzle loader sizes experts with max() over moe blocks, which fails without one
+    # (srt/configs/nemotron_h.py:550-559); Mamba sizes are global (:425-439)
+    if form == FORM_STOCK:
+        out["sglang"] = _yes("nemotron_h")
+    elif form == FORM_PUZZLE:
+        out["sglang"] = _no("sglang builds MLP layers from the global intermediate_size (it does not read per-layer "
+                            "MLP widths from block_configs), and its Puzzle loader needs at least one MoE block")
+    else:
+        out["sglang"] = _no("sglang takes one global Mamba size and one global FFN width; this slice has per-layer "
+                            "sizes (elastic's extension form)")
+
+    # ONNX Runtime runs the graphs elastic export writes from our reference model, which builds
+    # every layer at its own size whatever the form (tests/test_export.py checks it against ORT)
+    out["onnxruntime"] = _yes("after `elastic export DIR`: ONNX prefill/decode graphs with explicit state")
+
+    # llama.cpp (convert_hf_to_gguf.py, conversion/nemotron.py): the architecture name picks the
+    # converter; NemotronHPuzzleForCausalLM is its MoE Puzzle converter (:514-596)
+    reasons = []
+    if form == FORM_PUZZLE:
+        reasons.append("NemotronHPuzzleForCausalLM goes to the converter's MoE Puzzle model, which requires MoE keys "
+                       "(KeyError: 'moe_shared_expert_intermediate_size') and writes no MLP widths; its dense "
+                       "nemotron_h model takes one global FFN width")
+    elif form == FORM_EXTENSION:
+        reasons.append("the converter has no NemotronHElasticForCausalLM (elastic's extension form); its nemotron_h "
+                       "model takes one global size per layer kind")
+    head = config.get("mamba_d_head", 64)
+    for layer in arch.layers:
+        if layer.kind == "mamba" and layer.mamba_intermediate % head:
+            reasons.append(f"mamba_num_heads * mamba_head_dim = {layer.mamba_intermediate} is not a multiple of "
+                           f"mamba_d_head ({head}), which llama.cpp's converter asserts")
+            break
+    # transformers picks the tokenizer class from tokenizer_config.json, under llama.cpp's pinned 4.57.6
+    tok_class = (tokenizer_config or {}).get("tokenizer_class")
+    if tok_class not in (None, "PreTrainedTokenizerFast"):
+        reasons.append(f"tokenizer_config.json's tokenizer_class {tok_class!r} is not one transformers 4.x (which "
+                       "the converter runs on) knows; PreTrainedTokenizerFast is")
+    if tokenizer is not None and not tokenizer["registered"]:
+        reasons.append(f"the converter does not recognise this tokenizer's pre-tokenizer (chkhsh {tokenizer['chkhsh']}, "
+                       f"{tokenizer['llama_cpp']}); register it with llama.cpp's convert_hf_to_gguf_update.py "
+                       f"(pre-tokenizer {tokenizer['pre']!r}) before converting")
+    how = LLAMA_CPP_HOW if tokenizer is not None else (
+        LLAMA_CPP_HOW + "; the converter must also recognise the tokenizer's pre-tokenizer (a hash of its output), "
+        "unchecked here: bench/llama_cpp_check.py checks it")
+    out["llama.cpp"] = _no("; ".join(reasons)) if reasons else _yes(how)
+    return out
