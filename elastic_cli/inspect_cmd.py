@@ -7,6 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from elastic.slicer.formats.arch import FORM_EXTENSION, FORM_PUZZLE, FORM_STOCK
+
+# how a budget's slice is written (README: "What a slice writes")
+FORM_NOTE = {FORM_STOCK: "nemotron_h", FORM_PUZZLE: "nemotron_h_puzzle (per-layer FFN)",
+             FORM_EXTENSION: "nemotron_h_elastic (per-layer Mamba/attention; transformers only)"}
+
 from .common import CheckpointOpt, JsonOpt, boundary, human_bytes, human_count, one_checkpoint, print_json
 
 
@@ -52,11 +58,12 @@ def inspect(
         lines.append(f"dtype        {info['dtype'] or 'unknown'} (from config.json)")
         lines.append("weights      not present: parameter counts come from config.json")
     if info["budgets"]:
-        lines.append("budgets      name            parameters  of full  layers")
+        lines.append("budgets      name            parameters  of full  layers     written as")
         for b in info["budgets"]:
             if "error" in b:
                 lines.append(f"             {b['name']:<8}  cannot be sliced: {b['error']}")
                 continue
             share = b["parameters"] / p["total"]
-            lines.append(f"             {b['name']:<8}{b['parameters']:>18,}  {share:>7.1%}  {b['layer_pattern']}")
+            lines.append(f"             {b['name']:<8}{b['parameters']:>18,}  {share:>7.1%}  "
+                         f"{b['layer_pattern']:<{max(9, len(b['layer_pattern']))}}  {FORM_NOTE[b['config_form']]}")
     typer.echo("\n".join(lines))

@@ -24,25 +24,46 @@ KEEP = "keep"  # keep what the checkpoint stores
 @dataclass(frozen=True)
 class Precision:
     name: str  # canonical, as JSON outputs and config.json write it
-    short: str  # NVIDIA's / TensorRT's spelling
+    short: str  # NVIDIA's / TensorRT's spelling, and what the CLI shows
     aliases: tuple[str, ...]  # other spellings users type
-    bytes: float  # per element
-    safetensors: str  # dtype code in safetensors headers
-    torch: str  # attribute of the torch module
+    bytes: float  # per element (a quantized weight: its stored value alone, scales excluded)
+    safetensors: str  # dtype code in safetensors headers (quantized: of the packed weight tensor)
+    torch: str  # attribute of the torch module (quantized: of the packed weight tensor)
     trt_flag: str  # trtexec flag ("" for the default fp32)
     needs: str | None  # device capability it needs (an attribute of Target / DeviceProfile), None: every device
+    # ---- quantized weights only (Model Optimizer's unified Hugging Face checkpoint) ----
+    quantized: bool = False
+    scale_bytes: float = 0.0  # bytes of block scales per quantized weight element (per-tensor scalars excluded)
+    block: int | None = None  # elements along the input dimension that share one scale (None: per tensor)
+    modelopt_config: str | None = None  # the modelopt.torch.quantization config that produces it
+    quant_algo: str | None = None  # hf_quant_config.json's quantization.quant_algo
 
     @property
     def spellings(self) -> tuple[str, ...]:
-        return (self.name, self.short, *self.aliases)
+        return tuple(dict.fromkeys((self.name, self.short, *self.aliases)))
 
 
 FLOAT32 = Precision("float32", "fp32", ("f32", "float"), 4, "F32", "float32", "", None)
 FLOAT16 = Precision("float16", "fp16", ("f16", "half"), 2, "F16", "float16", "--fp16", "fp16")
 BFLOAT16 = Precision("bfloat16", "bf16", (), 2, "BF16", "bfloat16", "--bf16", "bf16")
-FLOAT8 = Precision("float8", "fp8", ("float8_e4m3fn", "f8"), 1, "F8_E4M3", "float8_e4m3fn", "--fp8", "fp8")
-ALL = (FLOAT32, FLOAT16, BFLOAT16, FLOAT8)
-# what weights can be sliced to and planned with today (fp8 weights: the precision issue)
+# a raw float8 cast (no scales): how an F8_E4M3 tensor reads; quantized fp8 weights are FP8 below
+FLOAT8 = Precision("float8", "float8", ("float8_e4m3fn", "f8"), 1, "F8_E4M3", "float8_e4m3fn", "--fp8", "fp8")
+# Quantized weights, as NVIDIA Model Optimizer 0.47 exports them (checked on CPU: FP8 weight F8_E4M3 with
+# scalar F32 weight_scale and input_scale; W4A16 AWQ weight U8 [out/2, in] with F32 weight_scale
+# [out, in/128] and pre_quant_scale [in]); embeddings, lm_head and Mamba conv1d stay unquantized.
+FP8 = Precision("fp8", "fp8", ("w8a8_fp8",), 1, "F8_E4M3", "float8_e4m3fn", "--fp8", "fp8",
+                quantized=True, modelopt_config="FP8_DEFAULT_CFG", quant_algo="FP8")
+INT8 = Precision("int8", "int8", ("int8_sq", "w8a8", "smoothquant"), 1, "I8", "int8", "--int8", "int8",
+                 quantized=True, modelopt_config="INT8_SMOOTHQUANT_CFG", quant_algo="W8A8_SQ_PER_CHANNEL")
+INT8_WO = Precision("int8_wo", "int8_wo", ("w8a16", "int8_weight_only"), 1, "I8", "int8", "--int8", "int8",
+                    quantized=True, modelopt_config="INT8_WEIGHT_ONLY_CFG", quant_algo="W8A16")
+INT4 = Precision("int4", "int4", ("int4_awq", "w4a16", "awq"), 0.5, "U8", "uint8", "--int4", "int4",
+                 quantized=True, scale_bytes=4 / 128, block=128, modelopt_config="INT4_AWQ_CFG", quant_algo="W4A16_AWQ")
+NVFP4 = Precision("nvfp4", "nvfp4", ("fp4",), 0.5, "U8", "uint8", "--fp4", "nvfp4",
+                  quantized=True, scale_bytes=1 / 16, block=16, modelopt_config="NVFP4_DEFAULT_CFG", quant_algo="NVFP4")
+ALL = (FLOAT32, FLOAT16, BFLOAT16, FLOAT8, FP8, INT8, INT8_WO, INT4, NVFP4)
+QUANTIZED = (FP8, INT8, INT8_WO, INT4, NVFP4)
+# what weights can be sliced to and planned with, best first (FLOAT8 is a raw cast, not offered for weights)
 WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32)
 # what ONNX graphs are written in (TensorRT builds fp16/bf16 engines from float32 graphs)
 GRAPHS = (FLOAT32, FLOAT16)

@@ -76,6 +76,7 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
                 "layer_pattern": child.layer_pattern,
                 "hidden_size": child.hidden_size,
                 "homogeneous": child.is_homogeneous(),
+                "config_form": child.config_form(),  # nemotron_h | nemotron_h_puzzle | nemotron_h_elastic
                 "resolved_by": source,
             })
     return {
