@@ -1,13 +1,13 @@
 """ONNX graphs of a dense model: ``prefill.onnx`` and ``decode.onnx`` (see ``elastic.export.graphs``).
 
 Exported with ``torch.onnx.export(dynamo=True)`` at opset 18 (why: see :data:`DEFAULT_OPSET`),
-with dynamic batch, sequence and past length. Weights stay inside each graph while they are small;
-above :data:`INLINE_LIMIT` both graphs reference one shared ``weights.bin`` (ONNX external data:
-a protobuf cannot exceed 2 GiB, and the two graphs hold the same weights, so one copy on disk).
+with dynamic batch, sequence and past length, traced on a ``meta`` model: both graphs reference one
+shared ``weights.bin`` (ONNX external data), written once from the checkpoint, one tensor at a time
+(``elastic.export.weights``).
 
 Example:
-    >>> model = load_model("./model-50", dtype=torch.float32)
-    >>> info = write_graphs(model, Path("./out"))  # into an existing directory
+    >>> ckpt = Checkpoint.open("./model-50", require_weights=True)
+    >>> info = write_graphs(ckpt.arch, Path("./out"), weights=checkpoint_source(ckpt))
     >>> info["files"]
     ['prefill.onnx', 'decode.onnx']
 """
@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import warnings
@@ -36,8 +35,6 @@ from .layout import DECODE, PAST, PREFILL, PRESENT, WEIGHTS
 # cannot parse (RMSNormalization and Attention arrive in opset 23).
 DEFAULT_OPSET = 18
 OPSET_RANGE = (18, 20)  # the dynamo exporter's lowest opset .. TensorRT 10's highest
-INLINE_LIMIT = 1 << 30  # weight bytes above which graphs use external data (protobuf limit: 2 GiB)
-SMALL_TENSOR = 1024  # tensors below this stay inside the graph even with external data
 # bfloat16 graphs are not offered: ONNX Conv takes bfloat16 only from opset 22, beyond TensorRT 10.3's
 # parser; TensorRT builds bf16 engines from float32 graphs (--bf16) instead
 
@@ -66,9 +63,19 @@ def _quiet():
         logger.setLevel(level)
 
 
+def _example_inputs(arch, dtype, batch: int = 3) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Prefill ids and a decode state of the right shapes (sizes > 1: torch.export specialises 0 and 1;
+    the prefill length is not what the parity check uses, so a baked-in size shows)."""
+    ids = torch.zeros((batch, arch.chunk_size + 3), dtype=torch.long)
+    past = tuple(torch.zeros(s.dims(batch, 5), dtype=torch.float32 if s.float32 else dtype, device="meta")
+                 for s in state_tensors(arch))  # with the meta model's weights: one device
+    return ids, past
+
+
 def _export_one(module: torch.nn.Module, args: tuple, names: dict[str, list[str]], dynamic_shapes: dict,
-                opset: int) -> Any:
-    """One graph with torch.onnx's dynamo exporter, as an onnx_ir model.
+                 opset: int) -> Any:
+    """One graph traced on a ``meta`` model (no weights in memory), unoptimised: its initializers are
+    exactly the model's parameters, named ``model.<parameter>``.
 
     No TorchScript fallback: torch 2.13's TorchScript exporter cannot convert SDPA with
     ``enable_gqa`` and traces the GQA reshapes of a restated attention into a wrong decode graph.
@@ -76,7 +83,8 @@ def _export_one(module: torch.nn.Module, args: tuple, names: dict[str, list[str]
     try:
         with _quiet(), torch.no_grad():
             prog = torch.onnx.export(module, args, None, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                     input_names=names["inputs"], output_names=names["outputs"], opset_version=opset)
+                                     input_names=names["inputs"], output_names=names["outputs"], opset_version=opset,
+                                     optimize=False)
     except Exception as e:  # torch.export or the ONNX translation refused something
         raise ElasticError(f"torch.onnx.export (dynamo) failed on {type(module).__name__}: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} (ELASTIC_DEBUG=1 shows the "
@@ -84,65 +92,149 @@ def _export_one(module: torch.nn.Module, args: tuple, names: dict[str, list[str]
     return prog.model
 
 
-def _example_inputs(model: NemotronH, batch: int = 3) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Prefill ids and a decode state from a real prefill (sizes > 1: torch.export specialises 0 and 1)."""
-    seq = model.arch.chunk_size + 3  # not what the parity check uses (2 chunks + 3): a baked-in size shows
-    ids = torch.randint(0, model.arch.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = PrefillGraph(model)(ids)
-    return ids, tuple(out[1:])
+FOLD_LIMIT = 256  # elements: parameters up to this size may be folded into graph constants (A_log, D, ...)
+PARAM_PREFIX = "model."  # the graph wrappers hold the reference model as ``.model``
+TRANSPOSED = ".T"  # suffix of an initializer that holds a parameter transposed
 
 
-def write_graphs(model: NemotronH, out_dir: Path, *, opset: int = DEFAULT_OPSET, external_data: bool | None = None,
+def _fold_weight_transposes(graph) -> None:
+    """``Transpose(W, perm=[1, 0])`` of a parameter W becomes an initializer ``W.T`` stored transposed
+    (a Linear's weight: the MatMul reads it directly; nothing is transposed at load time)."""
+    import onnx_ir as ir
+
+    made: dict[str, Any] = {}
+    for node in list(graph):
+        if node.op_type != "Transpose" or len(node.inputs) != 1:
+            continue
+        src = node.inputs[0]
+        perm = node.attributes.get("perm")
+        if (src is None or src.name not in graph.initializers or src.shape is None or len(src.shape) != 2
+                or perm is None or list(perm.value) != [1, 0]):
+            continue
+        name = src.name + TRANSPOSED
+        if name not in made:
+            rows, cols = src.shape
+            placeholder = ir.ExternalTensor(WEIGHTS, 0, 0, src.dtype, shape=ir.Shape([cols, rows]), name=name)
+            made[name] = ir.Value(name=name, shape=ir.Shape([cols, rows]), type=src.type, const_value=placeholder)
+            graph.register_initializer(made[name])  # the placeholder is replaced once weights.bin is written
+        node.outputs[0].replace_all_uses_with(made[name])
+        graph.remove(node, safe=True)
+        if not src.uses():
+            graph.initializers.pop(src.name)
+
+
+def _entries(graphs) -> list:
+    from .weights import Entry
+
+    out: dict[str, Entry] = {}
+    for g in graphs:
+        for name in g.graph.initializers:
+            param = name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)
+            if not name.startswith(PARAM_PREFIX):
+                raise ElasticError(f"the exported graph has an initializer {name!r} that is not a parameter of the "
+                                   "model; this is a bug, please report it")
+            out.setdefault(name, Entry(name, param, name.endswith(TRANSPOSED)))
+    return list(out.values())
+
+
+def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None, opset: int = DEFAULT_OPSET, external_data: bool | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Export ``model`` as ``prefill.onnx`` and ``decode.onnx`` into the existing directory ``out_dir``.
+    """Export ``prefill.onnx`` and ``decode.onnx`` into the existing directory ``out_dir``, with their
+    weights once in ``weights.bin``.
+
+    The graphs are traced on a ``meta`` model, so tracing holds no weights; ``weights.bin`` is then
+    written one tensor at a time from ``weights`` (in the graph dtype; a Linear weight the graphs use
+    transposed is stored transposed), and both graphs point into it. Memory stays near one tensor
+    plus the exporter's own; disk is the weights once plus two small graphs.
 
     Args:
-        model: the reference model (``elastic.slicer.nn.model.load_model``), in the dtype the graphs should have.
+        model: the architecture (``Arch``), or a loaded reference model (its parameters are then the
+            weights and its dtype the graph dtype, unless given).
+        weights: ``get(parameter_name) -> tensor``, e.g. ``elastic.export.weights.checkpoint_source``.
+        dtype: the graphs' float dtype (float32 or float16).
         opset: ONNX opset, within :data:`OPSET_RANGE`.
-        external_data: put weights in a shared ``weights.bin``; None decides by size (:data:`INLINE_LIMIT`).
+        external_data: kept for callers of the earlier API: weights are always in ``weights.bin``;
+            False is refused.
         progress: called with a short message before each stage.
 
     Returns:
-        ``files`` (written, relative to out_dir), ``opset``, ``external_data``, ``exporter``
+        ``files`` (written, relative to out_dir), ``opset``, ``external_data`` (True), ``exporter``
         ("dynamo"), ``io`` (names of each graph's inputs and outputs), ``weight_bytes``.
     """
+    import onnx_ir as ir
+    from onnxscript.optimizer import optimize_ir
     from torch.export import Dim
+
+    from elastic.slicer.nn.model import NemotronH, build_model
+
+    from .weights import write_weights
 
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         raise ElasticError(f"opset {opset} is outside {OPSET_RANGE[0]}..{OPSET_RANGE[1]}: torch's dynamo exporter "
                            f"starts at {OPSET_RANGE[0]}, TensorRT 10's ONNX parser stops at {OPSET_RANGE[1]}")
+    if external_data is False:
+        raise ElasticError("weights are always written once to weights.bin, shared by both graphs (the graphs "
+                           "alone stay small); external_data=False is no longer offered")
+    if isinstance(model, NemotronH):
+        arch = model.arch
+        dtype = dtype or next(model.parameters()).dtype
+        if weights is None:
+            params = dict(model.named_parameters())
+            weights = lambda name: params[name].detach()  # noqa: E731
+    else:
+        arch = model
+    if weights is None:
+        raise ElasticError("write_graphs needs the weights: a loaded model or weights=get(name)")
+    dtype = dtype or torch.float32
     say = progress or (lambda msg: None)
-    model = model.eval()
-    states = state_tensors(model.arch)
-    io_names = graph_io(model)
-    ids, past = _example_inputs(model)
+    meta = build_model(arch, dtype=dtype, device="meta").eval()
+    states = state_tensors(arch)
+    io_names = graph_io(meta)
+    ids, past = _example_inputs(arch, dtype)
     batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
 
     say("exporting prefill graph")
-    prefill = _export_one(PrefillGraph(model), (ids,), io_names["prefill"], {"input_ids": {0: batch, 1: seq}}, opset)
+    prefill = _export_one(PrefillGraph(meta), (ids,), io_names["prefill"], {"input_ids": {0: batch, 1: seq}}, opset)
     say("exporting decode graph")
     state_dims = tuple({0: batch, 2: past_len} if s.kind in ("key", "value") else {0: batch} for s in states)
-    decode = _export_one(DecodeGraph(model), (ids[:, :1], *past), io_names["decode"],
-                         {"input_ids": {0: batch}, "past": state_dims}, opset)
-
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = weight_bytes > INLINE_LIMIT if external_data is None else external_data
-    say("writing " + ("graphs with shared external weights" if external else "graphs"))
+    decode = _export_one(DecodeGraph(meta), (ids[:, :1], *past), io_names["decode"],
+                          {"input_ids": {0: batch}, "past": state_dims}, opset)
     graphs = {PREFILL: prefill, DECODE: decode}
     for g in graphs.values():
+        _fold_weight_transposes(g.graph)
+    entries = _entries(graphs.values())
+
+    say("writing the weights once, shared by both graphs")
+    placed = write_weights(out_dir / WEIGHTS, entries, weights, dtype)
+    for g in graphs.values():
+        for name, value in g.graph.initializers.items():
+            p = placed[name]
+            value.const_value = ir.ExternalTensor(WEIGHTS, p.offset, p.length, value.dtype, shape=ir.Shape(p.shape),
+                                                  name=name, base_dir=out_dir)
+    say("optimising and writing the graphs")
+
+    def should_fold(node) -> bool | None:  # a weight is never copied into a graph by folding
+        big = any(v is not None and v.is_initializer() and isinstance(v.const_value, ir.ExternalTensor)
+                  and v.const_value.size > FOLD_LIMIT for v in node.inputs)
+        return False if big else None
+
+    for g in graphs.values():
+        with _quiet():
+            optimize_ir(g, should_fold=should_fold)  # folds small constants (A = -exp(A_log), ...)
         g.producer_name, g.producer_version = "elastic", _version()
         for node in g.graph.all_nodes():  # the exporter's stack traces and FX dumps: 1.5 kB a node, local paths
             for key in [k for k in node.metadata_props if k != "namespace"]:
                 del node.metadata_props[key]
-    files = _save(graphs, out_dir, external)
+    for name, g in graphs.items():
+        ir.save(g, out_dir / name)
     return {
-        "files": files,
+        "files": [*graphs, WEIGHTS],
         "opset": opset,
-        "external_data": external,
+        "external_data": True,
         "exporter": "dynamo",
         "io": io_names,
-        "weight_bytes": weight_bytes,
+        "weight_bytes": sum(p.length for p in placed.values()),
     }
 
 
@@ -153,38 +245,6 @@ def _version() -> str:
         return version("elastic")
     except Exception:
         return "0"
-
-
-def _save(graphs: dict[str, Any], out_dir: Path, external: bool) -> list[str]:
-    """Save onnx_ir models; with ``external``, every large initializer goes to one shared
-    ``weights.bin`` once (the same bytes in both graphs are stored once), aligned for mmap."""
-    import onnx_ir as ir
-
-    if not external:
-        for name, g in graphs.items():
-            ir.save(g, out_dir / name)
-        return list(graphs)
-    stored: dict[tuple[bytes, int], int] = {}  # (sha256, length) -> offset in weights.bin
-    with open(out_dir / WEIGHTS, "wb") as f:
-        for name, g in graphs.items():
-            for value in g.graph.initializers.values():
-                t = value.const_value
-                if t is None or t.nbytes < SMALL_TENSOR:
-                    continue
-                data = t.tobytes()
-                key = (hashlib.sha256(data).digest(), len(data))
-                if key not in stored:
-                    align = 65536 if len(data) >= 1 << 20 else 64  # page-aligned large tensors can be mmapped
-                    f.write(b"\0" * (-f.tell() % align))
-                    stored[key] = f.tell()
-                    f.write(data)
-                value.const_value = ir.ExternalTensor(WEIGHTS, stored[key], len(data), t.dtype, shape=t.shape,
-                                                      name=value.name, base_dir=out_dir)
-                del data
-        f.flush()
-    for name, g in graphs.items():
-        ir.save(g, out_dir / name)
-    return [*graphs, WEIGHTS]
 
 
 def check_onnx(out_dir: Path, files: tuple[str, ...] = (PREFILL, DECODE)) -> None:

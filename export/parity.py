@@ -16,6 +16,36 @@ from .runtime import OnnxGenerator
 TOLERANCE = 1e-4  # max |logit difference| accepted for float32 graphs
 
 
+def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) -> NemotronH:
+    """The reference model over the export's own weights: every parameter the graphs keep in
+    ``weights.bin`` is a view of ``views`` (the memory map ONNX Runtime reads too: no copy), the few
+    the optimiser folded into the graphs come from ``get(name)``."""
+    import warnings
+
+    from elastic.slicer.nn.model import build_model
+
+    from .onnx_export import PARAM_PREFIX, TRANSPOSED
+
+    model = build_model(arch, dtype=dtype, device="meta")
+    params = dict(model.named_parameters())
+    state = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the read-only map is not writable; nothing writes
+        for name, view in views.items():
+            param = name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)
+            t = torch.from_numpy(view)
+            state[param] = t.t() if name.endswith(TRANSPOSED) else t
+    for name in params:
+        if name not in state:
+            state[name] = get(name).to(dtype)
+    for name, t in state.items():
+        module_name, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(module_name), leaf, torch.nn.Parameter(t, requires_grad=False))
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.eval()
+
+
 def _diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.abs(a.astype(np.float64) - b.double().numpy()).max()) if a.size else 0.0
 

@@ -25,9 +25,9 @@ PASSTHROUGH = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
                "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
-def _load(model_dir: str | Path, dtype: str):
+def _open(model_dir: str | Path, dtype: str):
+    """(checkpoint, torch dtype of the graphs): the checkpoint is opened and validated, not loaded."""
     from elastic.slicer.storage.reader import Checkpoint
-    from elastic.slicer.nn.model import load_model
 
     from elastic.slicer.formats.precision import GRAPHS, lookup
 
@@ -37,8 +37,7 @@ def _load(model_dir: str | Path, dtype: str):
     require(*EXPORTER)
     import torch
 
-    ckpt = Checkpoint.open(model_dir, require_weights=True)
-    return ckpt, load_model(ckpt, dtype=getattr(torch, p.torch))
+    return Checkpoint.open(model_dir, require_weights=True), getattr(torch, p.torch)
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def export_model(
 ) -> ExportResult:
     """Export a dense model directory for an edge runtime.
 
-    Writes ``prefill.onnx`` / ``decode.onnx`` (+ ``weights.bin`` for large models), checks them
+    Writes ``prefill.onnx`` / ``decode.onnx`` and the ``weights.bin`` both share, checks them
     with ``onnx.checker`` and against TensorRT's operator matrix, compares ONNX Runtime with the
     PyTorch reference, and for ``format`` "tensorrt"/"all" builds the engines (TensorRT + GPU
     present) or writes ``build_engines.sh``. Everything goes to a temporary directory beside
@@ -96,7 +95,8 @@ def export_model(
             check is for float32 only: float16 rounds differently in each runtime).
         opset: ONNX opset (default 18).
         parity: compare ONNX Runtime with PyTorch (float32 only); a mismatch refuses the export.
-        external_data: force weights into ``weights.bin`` (True) or inside the graphs (False).
+        external_data: kept for earlier callers: the weights always go once to ``weights.bin``,
+            shared by both graphs (False is refused).
         progress: ``progress(stage, k, None)`` before each stage (the one progress protocol;
             stages have no size).
 
@@ -115,7 +115,9 @@ def export_model(
 
     from .graphs import state_tensors
     from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
-    from .parity import check_parity
+    from .parity import check_parity, shared_model
+    from .runtime import OnnxGenerator
+    from .weights import checkpoint_source, verify_weights
     from .readme import render
     from .trt import build_or_script, check_export, engine_settings
 
@@ -139,11 +141,14 @@ def export_model(
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
     settings = engine_settings(target, precision, max_batch, max_context) if format != "onnx" else None
-    say(f"loading {model_dir}")
-    ckpt, model = _load(model_dir, dtype)
+    say(f"opening {model_dir}")
+    ckpt, torch_dtype = _open(model_dir, dtype)
+    weights = checkpoint_source(ckpt)
+    arch = ckpt.arch
     with ShardedWriter(out, force=force, source_files=model_files, kind="export") as w:
         tmp = w.tmp
-        info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, external_data=external_data, progress=say)
+        info = write_graphs(arch, tmp, weights=weights, dtype=torch_dtype, opset=opset or DEFAULT_OPSET,
+                            external_data=external_data, progress=say)
         say("onnx.checker")
         check_onnx(tmp)
         say("checking operators against TensorRT's ONNX parser")
@@ -151,7 +156,13 @@ def export_model(
         result = None
         if parity and dtype == "float32":
             say("comparing ONNX Runtime with PyTorch")
-            result = check_parity(model, tmp)
+            gen = OnnxGenerator(tmp)  # one memory map of weights.bin: ONNX Runtime's and the model's weights
+            bad = verify_weights(gen.weights, weights, torch_dtype)
+            if bad:
+                raise ElasticError(f"weights.bin differs from the checkpoint in {len(bad)} tensor(s) (nothing was "
+                                   "written); this is a bug, please report it", problems=bad[:20])
+            result = check_parity(shared_model(arch, gen.weights, weights, torch_dtype), tmp, generator=gen)
+            del gen
             if not result["ok"]:
                 raise ElasticError(
                     "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
@@ -161,7 +172,6 @@ def export_model(
                     hint=Hint("parity", "to export anyway, skip the check", False))
         trt = build_or_script(tmp, settings, always_script=format == "all", progress=say) if settings else None
         w.add_files_from(ckpt.root, PASSTHROUGH)
-        arch = model.arch
         summary = {
             "out": str(Path(out)),
             "model_dir": str(ckpt.root),
@@ -218,11 +228,14 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
         return {"path": str(path), "opset": opsets.pop() if len(opsets) == 1 else sorted(opsets), **report}
     from .onnx_export import DEFAULT_OPSET, write_graphs
 
-    _, model = _load(path, dtype)
+    from .weights import checkpoint_source
+
+    ckpt, torch_dtype = _open(path, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=".elastic-check-"))
     try:
         say = (lambda msg: progress(msg, 0, None)) if progress else None
-        info = write_graphs(model, tmp, opset=opset or DEFAULT_OPSET, progress=say)
+        info = write_graphs(ckpt.arch, tmp, weights=checkpoint_source(ckpt), dtype=torch_dtype,
+                            opset=opset or DEFAULT_OPSET, progress=say)
         return {"path": str(path), "opset": info["opset"], **check_export(tmp)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ from elastic.slicer.errors import ElasticError
 
 from .deps import require
 from .layout import DECODE, ENGINE_META, MANIFEST, PAST, PREFILL, PRESENT
+from .weights import external_initializers, mapped_weights
 
 BACKENDS = ("torch", "onnx")
 
@@ -40,12 +41,16 @@ class OnnxGenerator:
         threads: intra-op threads (default: ONNX Runtime's choice).
         session_config: ONNX Runtime session config entries, e.g.
             ``{"session.intra_op.allow_spinning": "0"}`` on a machine shared with other work.
+        share_weights: both sessions use one read-only memory map of ``weights.bin`` (given to ONNX
+            Runtime as its initializers, with weight prepacking off so nothing is copied): the
+            weights are in memory once, not once per graph. False lets each session load and
+            prepack its own copy (faster matrix products on some CPUs, twice the memory).
     """
 
     name = "onnx"
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, share_weights: bool = True):
         require("onnxruntime")
         import onnxruntime as ort
 
@@ -53,16 +58,27 @@ class OnnxGenerator:
         if not is_export_dir(self.dir):
             raise ElasticError(f"not an ONNX export: {PREFILL} and {DECODE} are expected here "
                                "(write them with `elastic export MODEL_DIR --out DIR`)", path=str(self.dir))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            opts.add_session_config_entry(key, value)
+        self.weights = mapped_weights(self.dir, (PREFILL, DECODE)) if share_weights else {}
+        shared = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in self.weights.items()}
+
+        def options(graph: str):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = threads
+            if shared:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                for name in external_initializers(self.dir / graph):
+                    opts.add_initializer(name, shared[name])
+            for key, value in (session_config or {}).items():
+                opts.add_session_config_entry(key, value)
+            return opts
+
+        self._shared = shared  # ONNX Runtime reads these buffers for as long as the sessions live
         providers = providers or ["CPUExecutionProvider"]
         try:
-            self.prefill_session = ort.InferenceSession(str(self.dir / PREFILL), opts, providers=providers)
-            self.decode_session = ort.InferenceSession(str(self.dir / DECODE), opts, providers=providers)
+            self.prefill_session = ort.InferenceSession(str(self.dir / PREFILL), options(PREFILL), providers=providers)
+            self.decode_session = ort.InferenceSession(str(self.dir / DECODE), options(DECODE), providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ElasticError(f"ONNX Runtime cannot load the graphs ({type(e).__name__}: {e})",
                                path=str(self.dir)) from None
