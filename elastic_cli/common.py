@@ -61,7 +61,8 @@ def debug() -> bool:
 # how the CLI says each hint's setting (elastic.profiles.errors.SETTINGS)
 FLAGS = {"replace": "--force", "checkpoint": "--checkpoint DIR", "spec": "--spec FILE", "target": "--target NAME",
          "gpu": "--gpu N", "context": "--context", "batch": "--batch", "dtype": "--dtype", "parity": "--no-parity",
-         "max_new_tokens": "--max-new-tokens"}
+         "max_new_tokens": "--max-new-tokens", "precision": "--precision", "kv_precision": "--kv-precision",
+         "state_precision": "--state-precision"}
 
 
 def hint_text(e: ElasticError) -> str | None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elastic.slicer.formats.precision import AUTO, WEIGHTS
+from elastic.slicer.formats.precision import AUTO, KV, PLAN_WEIGHTS, STATE
 
 from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
                      print_json, progress_bar)
@@ -20,20 +20,52 @@ GpuOpt = Annotated[Optional[int], typer.Option("--gpu", help="Which GPU when the
                                                show_default=False)]
 ContextOpt = Annotated[int, typer.Option("--context", help="Tokens per sequence (prompt + output).", min=1)]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Sequences decoded together.", min=1)]
-PlanDType = precision_choice("PlanDType", WEIGHTS, AUTO)
+PlanDType = precision_choice("PlanDType", PLAN_WEIGHTS, AUTO)
+PlanKV = precision_choice("PlanKV", KV, AUTO)
+PlanState = precision_choice("PlanState", STATE, AUTO)
+PrecisionOpt = Annotated[Optional[PlanDType], typer.Option(
+    "--precision", case_sensitive=False, show_default=False,
+    help="Weights precision. auto (default): the largest budget that fits, at the best precision that fits "
+    "it: bf16 (fp16 where the device has no bf16), then fp8, nvfp4, int8 (SmoothQuant W8A8), int4 (AWQ W4A16), "
+    "each only where the device runs it. Or pin one: bf16, fp16, fp32, fp8, nvfp4, int8, int8_wo (weight-only), "
+    "int4 (any spelling); a quantized one the device does not run is refused.")]
 DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", case_sensitive=False,
-                                       help="Weights, activations and KV cache: auto (bfloat16 where the device "
-                                       "has it, else float16, else float32), or any spelling of bfloat16, "
-                                       "float16, float32 (bf16, fp16, half, fp32, ...).")]
+                                       help="The same as --precision (its older name, kept for scripts).")]
+KvOpt = Annotated[PlanKV, typer.Option("--kv-precision", case_sensitive=False,
+                                       help="Attention KV cache: auto (the float precision of the weights), bf16, "
+                                       "fp16, fp8 (where the device runs fp8), fp32.")]
+StateOpt = Annotated[PlanState, typer.Option("--state-precision", case_sensitive=False,
+                                             help="Mamba SSM state: auto (fp32), fp32, bf16, fp16.")]
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
 
 
-def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk):
-    """The one plan of a command: ``elastic.export.workflow.make_plan``."""
-    from elastic.export.workflow import make_plan
+def _weights(dtype, precision) -> str:
+    """The weights precision asked for: --precision, or --dtype (its older name); both only when they agree."""
+    from elastic.slicer.errors import ConfigError
 
-    return make_plan(checkpoint, target=target, gpu=gpu, context=context, batch=batch,
-                     dtype=canonical_precision(dtype, WEIGHTS, AUTO), prefill_chunk=prefill_chunk)
+    old = canonical_precision(dtype, PLAN_WEIGHTS, AUTO) or AUTO
+    new = canonical_precision(precision, PLAN_WEIGHTS, AUTO)
+    if new is None or new == old:
+        return old
+    if old != AUTO and new != AUTO:
+        raise ConfigError(f"--dtype {old} and --precision {new} disagree; --dtype is the older name of "
+                          "--precision: give one")
+    return new if new != AUTO else old
+
+
+def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision=None, kv=AUTO, state=AUTO,
+          for_slicing=False):
+    """The one plan of a command: the target decided once (``fit.resolve_target``), then
+    ``fit.plan`` with every precision. (``export.workflow.make_plan`` takes one dtype only.)"""
+    from elastic.slicer.planning.describe import default_checkpoint
+    from elastic.slicer.planning.fit import plan, resolve_target
+    from elastic.slicer.planning.memory import Workload
+
+    tgt, detection = resolve_target(target, gpu)
+    w = Workload(context=context, batch=batch, dtype=AUTO, prefill_chunk=prefill_chunk,
+                 weights=_weights(dtype, precision), kv=canonical_precision(kv, KV, AUTO),
+                 state=canonical_precision(state, STATE, AUTO))
+    return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing)
 
 
 def render_plan(p: dict) -> str:
@@ -46,24 +78,49 @@ def render_plan(p: dict) -> str:
     lines += [f"            {n}" for n in dev["notes"]]
     lines.append(f"workload    context {w['context']:,} x batch {w['batch']}, {w['dtype']}, "
                  f"prefill chunks of {w['prefill_chunk']}, margin {w['margin']:.0%}")
+    lines.append(f"precision   weights {w['weights']}, KV cache {w['kv']}, SSM state {w['state']}, "
+                 f"everything else {w['dtype']}")
     lines += [f"note        {n}" for n in p["notes"]]
     big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
     unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
     gib = lambda n: f"{n / div:8.2f}"  # noqa: E731
     lines.append("")
-    lines.append(f"{'budget':<8}{'params':>9} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} {'overhd':>8} "
-                 f"{'margin':>8} {'total':>8} {'headroom':>9}  fits   ({unit})")
+    lines.append(f"{'budget':<8}{'params':>9} {'prec':>6} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} "
+                 f"{'overhd':>8} {'margin':>8} {'total':>8} {'headroom':>9}  fits   ({unit})")
     for b in p["budgets"]:
         t = b["terms"]
         mark = "yes" if b["fits"] else "no"
         if b["name"] == p["chosen"]:
             mark += "  <- chosen"
-        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {gib(t['weights'])} {gib(t['kv_cache'])} "
-                     f"{gib(t['ssm_state'])} {gib(t['activations'])} {gib(t['overhead'])} {gib(t['margin'])} "
-                     f"{gib(t['total'])} {gib(b['headroom_bytes']):>9}  {mark}")
+        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {b['weights_precision']:>6} {gib(t['weights'])} "
+                     f"{gib(t['kv_cache'])} {gib(t['ssm_state'])} {gib(t['activations'])} {gib(t['overhead'])} "
+                     f"{gib(t['margin'])} {gib(t['total'])} {gib(b['headroom_bytes']):>9}  {mark}")
+    tried = list(dict.fromkeys(c["weights_precision"] for c in p["candidates"]))
+    if len(tried) > 1:  # the alternatives: every budget at every precision tried
+        lines.append("")
+        lines.append(f"{'total at':<8}" + "".join(f"{q:>9}" for q in tried) + f"   ({unit}; * fits)")
+        for b in p["budgets"]:
+            cells = {c["weights_precision"]: c for c in p["candidates"] if c["budget"] == b["name"]}
+            lines.append(f"{b['name']:<8}" + "".join(
+                f"{gib(cells[q]['terms']['total']):>8}{'*' if cells[q]['fits'] and not cells[q]['refused'] else ' '}"
+                for q in tried))
+    lines.append("")
+    where = ("here" if dev["unified"] or dev["kind"] == "cpu" else "host RAM")
+    lines.append(f"{'export':<8}{'export peak':>12}{'engine build':>13}   ({unit}; `elastic export` and a TensorRT "
+                 f"build, in {'the memory above' if where == 'here' else 'the host RAM'})")
+    for b in p["budgets"]:
+        ok = {True: "fits here", False: "too big here: export elsewhere", None: ""}[b["export_here"]]
+        lines.append(f"{b['name']:<8}{gib(b['export_peak_bytes']):>12}{gib(b['engine_build_bytes']):>13}   {ok}")
     lines.append("")
     if p["chosen"]:
-        lines.append(f"chosen      {p['chosen']}: the largest budget that fits")
+        lines.append(f"chosen      {p['chosen']} at {p['chosen_precision']}: the largest budget that fits, "
+                     "at the best precision that fits it")
+        b = next(b for b in p["budgets"] if b["name"] == p["chosen"])
+        d = b["weights_detail"]
+        if d["quantized"]:
+            lines.append(f"weights     {human_bytes(d['quantized'])} {b['weights_precision']} Linear weights + "
+                         f"{human_bytes(d['scales'])} scales + {human_bytes(d['float'])} kept in {b['dtype']} "
+                         "(embeddings, lm_head, norms, conv1d, A_log, D, dt_bias)")
     else:
         lines.append("chosen      none: no budget fits")
         lines += [f"try         {s}" for s in p["suggestions"]]
@@ -76,11 +133,15 @@ def plan(
     gpu: GpuOpt = None,
     context: ContextOpt = 8192,
     batch: BatchOpt = 1,
+    precision: PrecisionOpt = None,
     dtype: DTypeOpt = PlanDType(AUTO),
+    kv_precision: KvOpt = PlanKV(AUTO),
+    state_precision: StateOpt = PlanState(AUTO),
     prefill_chunk: ChunkOpt = 512,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show the memory every budget needs on this machine (or --target) and which one fits.
+    """Show the memory every budget needs on this machine (or --target), at every weights precision
+    the device runs, and which budget fits at which precision.
 
     Works from config.json (+ elastic_config.json) alone: plan before downloading the weights.
 
@@ -90,10 +151,13 @@ def plan(
 
       elastic plan -c examples/nemotron-elastic-12b --target orin-nano-8gb --context 32768
 
-      elastic plan --target rtx-4090 --json | jq .chosen
+      elastic plan --target rtx-4090 --precision fp8 --kv-precision fp8
+
+      elastic plan --target rtx-4090 --json | jq '.chosen, .chosen_precision'
     """
     with boundary():
-        p = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk).to_json()
+        p = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
+                  state_precision).to_json()
     if json_out:
         print_json(p)
     else:
@@ -118,10 +182,13 @@ def profiles_(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json([asdict(p) for p in profs.values()])
         return
-    typer.echo(f"{'name':<18}{'device':<34}{'memory':>9}{'reserve':>9}  {'bf16':<5}{'fp8':<4} unified")
+    typer.echo(f"{'name':<18}{'device':<34}{'memory':>9}{'reserve':>9}  {'bf16':<5}{'fp8':<4} {'unified':<8}"
+               "quantized")
     for p in profs.values():
+        quantized = " ".join(q for q in ("fp8", "nvfp4", "int8", "int4") if getattr(p, q)) or "-"
         typer.echo(f"{p.name:<18}{p.display_name:<34}{p.memory_bytes / 2**30:>8.0f}G{p.reserve_bytes / 2**30:>8.1f}G  "
-                   f"{'yes' if p.bf16 else 'no':<5}{'yes' if p.fp8 else 'no':<4} {'yes' if p.unified else 'no'}")
+                   f"{'yes' if p.bf16 else 'no':<5}{'yes' if p.fp8 else 'no':<4} {'yes' if p.unified else 'no':<8}"
+                   f"{quantized}")
 
 
 def fit_my_gpu(
@@ -130,7 +197,10 @@ def fit_my_gpu(
     gpu: GpuOpt = None,
     context: ContextOpt = 8192,
     batch: BatchOpt = 1,
+    precision: PrecisionOpt = None,
     dtype: DTypeOpt = PlanDType(AUTO),
+    kv_precision: KvOpt = PlanKV(AUTO),
+    state_precision: StateOpt = PlanState(AUTO),
     prefill_chunk: ChunkOpt = 512,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the model "
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,
@@ -141,6 +211,9 @@ def fit_my_gpu(
     json_out: JsonOpt = False,
 ) -> None:
     """Detect the GPU, pick the largest budget that fits, slice it, export it, and check that it runs.
+
+    Slicing writes float weights only in this build, so the choice is among bf16/fp16/fp32 weights;
+    the plan says when a quantized precision would fit a larger budget (`elastic plan` shows it).
 
     Examples:
 
@@ -155,7 +228,8 @@ def fit_my_gpu(
     from elastic.slicer.planning.fit import default_out
 
     with boundary():
-        planned = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk)
+        planned = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
+                        state_precision, for_slicing=True)
         p = planned.to_json()
         if not json_out:
             typer.echo(render_plan(p))

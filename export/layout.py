@@ -1,7 +1,8 @@
 """File and tensor names of an export directory (no torch import: runtimes read these too)."""
 
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
-WEIGHTS = "weights.bin"  # external data shared by both graphs (large models only)
+WEIGHTS = "weights.bin"  # external data shared by both graphs
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks a copied bundle
 README, MANIFEST = "README.md", "export_manifest.json"
 ENGINE_META, SCRIPT = "engine_meta.json", "build_engines.sh"
 ENGINES = {PREFILL: "prefill.engine", DECODE: "decode.engine"}

@@ -17,7 +17,7 @@ from typing import Any
 
 from elastic.slicer.errors import ElasticError, Hint
 
-from .layout import MANIFEST, README, SCRIPT
+from .layout import CHECKSUMS, MANIFEST, README, SCRIPT
 
 FORMATS = ("onnx", "tensorrt", "all")
 # files a runtime needs beside the graphs: the tokenizer (``elastic generate``) and the config (eos)
@@ -38,6 +38,21 @@ def _open(model_dir: str | Path, dtype: str):
     import torch
 
     return Checkpoint.open(model_dir, require_weights=True), getattr(torch, p.torch)
+
+
+def checksums(directory: Path) -> str:
+    """``sha256sum`` lines for every file in ``directory`` (a bundle copied to the device is checked
+    there with ``sha256sum -c SHA256SUMS``), read in blocks."""
+    import hashlib
+
+    lines = []
+    for f in sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != CHECKSUMS):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        lines.append(f"{h.hexdigest()}  {f.name}\n")
+    return "".join(lines)
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,7 @@ def export_model(
     from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
     from .parity import check_parity, shared_model
     from .runtime import OnnxGenerator
-    from .weights import checkpoint_source, verify_weights
+    from .weights import checkpoint_source, release_memory, verify_weights
     from .readme import render
     from .trt import build_or_script, check_export, engine_settings
 
@@ -149,6 +164,7 @@ def export_model(
         tmp = w.tmp
         info = write_graphs(arch, tmp, weights=weights, dtype=torch_dtype, opset=opset or DEFAULT_OPSET,
                             external_data=external_data, progress=say)
+        release_memory()  # the tracer's graphs and the write buffers, before the checks and the parity run
         say("onnx.checker")
         check_onnx(tmp)
         say("checking operators against TensorRT's ONNX parser")
@@ -158,6 +174,7 @@ def export_model(
             say("comparing ONNX Runtime with PyTorch")
             gen = OnnxGenerator(tmp)  # one memory map of weights.bin: ONNX Runtime's and the model's weights
             bad = verify_weights(gen.weights, weights, torch_dtype)
+            release_memory()
             if bad:
                 raise ElasticError(f"weights.bin differs from the checkpoint in {len(bad)} tensor(s) (nothing was "
                                    "written); this is a bug, please report it", problems=bad[:20])
@@ -191,8 +208,10 @@ def export_model(
             "tensorrt": trt,
         }
         w.add_text(README, render(summary, state_tensors(arch), dtype))
-        summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST, MARKER])
+        summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST, MARKER, CHECKSUMS])
         w.add_json(MANIFEST, summary)
+        say("checksums")
+        w.add_text(CHECKSUMS, checksums(tmp))
     if (Path(out) / SCRIPT).is_file():  # the writer gives every file 0666 & ~umask; the script runs
         umask = os.umask(0)
         os.umask(umask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .layout import DECODE, ENGINE_META, ENGINES, MANIFEST, PAST, PREFILL, PRESENT, SCRIPT, WEIGHTS
+from .layout import CHECKSUMS, DECODE, ENGINE_META, ENGINES, MANIFEST, PAST, PREFILL, PRESENT, SCRIPT, WEIGHTS
 
 OPSET_WHY = (
     "TensorRT 10.x's ONNX parser (10.3 ships with JetPack 6 on Orin) takes opsets 9 to 20 "
@@ -37,6 +37,7 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
             files.append((SCRIPT, "builds the TensorRT engines with trtexec on the target device"))
         files.append((ENGINE_META, "what was built (or why not): TensorRT version, device, shapes"))
     files.append((MANIFEST, "everything `elastic export` reported, as JSON"))
+    files.append((CHECKSUMS, "sha256 of every file: after copying the directory, `sha256sum -c SHA256SUMS`"))
     state_name = {"conv_state": "causal-conv window: the last K-1 inputs of the conv over [x | B | C]",
                   "ssm_state": "SSM state, always float32", "key": "attention keys so far",
                   "value": "attention values so far"}
@@ -85,8 +86,9 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "",
     ]
     if ext:
-        lines += [(f"The weights live in `{WEIGHTS}` (a protobuf cannot exceed 2 GiB); both graphs point into "
-                  "the same file, so they are stored once. Keep the three files together."), ""]
+        lines += [(f"The weights live in `{WEIGHTS}`, written once straight from the checkpoint; both graphs point "
+                  "into the same file (ONNX external data), and `elastic generate --backend onnx` maps it once for "
+                  "both sessions. Keep the three files together."), ""]
     parity = summary.get("parity")
     if parity:
         lines += [

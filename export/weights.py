@@ -150,3 +150,17 @@ def verify_weights(views: dict[str, Any], get: Callable[[str], Any], dtype) -> l
             if got.shape != want.shape or not torch.equal(got, want):
                 bad.append(name)
     return bad
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS between stages (the tracer's graphs, one-tensor buffers):
+    glibc keeps freed blocks below its mmap threshold in the heap, which would count against the
+    next stage's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

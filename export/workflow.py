@@ -105,7 +105,8 @@ class FitResult:
 def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = None, force: bool = False,
                export: bool = True, progress: Progress | None = None) -> FitResult:
     """Slice the plan's chosen budget (or ``budget``), export it for the plan's target, context and
-    batch, and check that it runs.
+    batch (unless the plan says the export or the engine build would not fit this device's memory:
+    ``export_skipped`` then says how to export it elsewhere), and check that it runs.
 
     Raises:
         ElasticError: no budget fits (the plan's suggestions say what would), or any failure of the
@@ -117,6 +118,11 @@ def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = N
     dest = Path(out) if out is not None else default_out(name)
     result = slice_planned(p, name, dest, force=force, progress=progress)
     why = export_unavailable() if export else "export not asked for"
+    b = p.budget(name)
+    if why is None and b.export_here is False:  # it runs here, but exporting it here would run out of memory
+        from elastic.slicer.planning.fit import export_advice
+
+        why = export_advice(b, p.target)
     exported = None if why else export_planned(p, dest, progress=progress)
     if progress:
         progress("smoke test", 0, None)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastic.profiles.devices import GIB, DeviceProfile, capability_flags, fallback_allowance, get_profile
+from elastic.profiles.devices import GIB, Capability, DeviceProfile, capability_flags, fallback_allowance, get_profile
 from elastic.profiles.devices import match_profile
 from elastic.profiles.errors import Hint, ProfileError
 
@@ -44,6 +44,10 @@ class Device:
     profile: DeviceProfile | None  # the matched device table entry
     runtime_overhead_bytes: int  # CUDA context + workspaces: a term of the memory plan
     notes: tuple[str, ...]  # how it was detected, and anything doubtful
+    # quantized weights it runs (capability_flags; the CPU host: none, for planning)
+    int8: bool = False
+    int4: bool = False
+    nvfp4: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class Detection:
     devices: tuple[Device, ...]  # every GPU, or the CPU host alone when there is none
     chosen: Device
     reasons: tuple[str, ...]  # one per probe that found nothing: "NVML: library not found ..."
+
+
+# a device whose compute capability is unknown: fp16 only, nothing quantized
+_NO_CAPS = Capability(bf16=False, fp16=True, fp8=False, int8=False, int4=False, nvfp4=False)
 
 
 def _gib(n: int) -> str:
@@ -144,11 +152,12 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
     profile = match_profile("jetson", model, total)
     if profile is not None:
         reserve, overhead = profile.reserve_bytes, profile.runtime_overhead_bytes
-        bf16, fp16, fp8, cc = profile.bf16, profile.fp16, profile.fp8, profile.compute_capability
+        cc = profile.compute_capability
+        caps = Capability(*(getattr(profile, k) for k in Capability._fields))
         notes.append(f"profile {profile.name}: the OS keeps {_gib(reserve)} of MemAvailable")
     else:
         reserve, overhead = fallback_allowance("jetson")
-        bf16, fp16, fp8, cc = False, True, False, None
+        caps, cc = _NO_CAPS, None
         notes.append(
             f"no device profile matches {model!r} with {_gib(total)}: fp16 only assumed, "
             f"the OS keeps {_gib(reserve)}; choose a device profile as the target"
@@ -159,7 +168,7 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
     return Device(
         kind="jetson", index=0, name=profile.display_name if profile else model,
         total_bytes=total, free_bytes=free, usable_bytes=usable, unified=True,
-        bf16=bf16, fp16=fp16, fp8=fp8, compute_capability=cc, driver=driver, profile=profile,
+        **caps._asdict(), compute_capability=cc, driver=driver, profile=profile,
         runtime_overhead_bytes=overhead, notes=tuple(notes),
     )
 
@@ -187,9 +196,9 @@ def _nvml_device(nvml, i: int, driver: str | None, several: bool) -> Device:
             f"says {profile.compute_capability}: NVML's is used"
         )
     if cc is not None:
-        bf16, fp16, fp8 = capability_flags(cc)
+        caps = capability_flags(cc)
     else:
-        bf16, fp16, fp8 = False, True, False
+        caps = _NO_CAPS
         notes.append("compute capability unknown: fp16 only assumed")
     if profile is not None:
         reserve, overhead = profile.reserve_bytes, profile.runtime_overhead_bytes
@@ -201,7 +210,7 @@ def _nvml_device(nvml, i: int, driver: str | None, several: bool) -> Device:
         notes.append(f"{_gib(total - free)} of this GPU is already in use (desktop or other processes)")
     return Device(
         kind="gpu", index=i, name=name, total_bytes=total, free_bytes=free, usable_bytes=usable,
-        unified=False, bf16=bf16, fp16=fp16, fp8=fp8, compute_capability=cc, driver=driver,
+        unified=False, **caps._asdict(), compute_capability=cc, driver=driver,
         profile=profile, runtime_overhead_bytes=overhead, notes=tuple(notes),
     )
 
@@ -277,6 +286,7 @@ def _host_device(roots: Roots, reasons: list[str]) -> Device:
         kind="cpu", index=None, name=_cpu_name(roots), total_bytes=total, free_bytes=free,
         usable_bytes=max(0, free - profile.reserve_bytes), unified=profile.unified,
         bf16=profile.bf16, fp16=profile.fp16, fp8=profile.fp8, compute_capability=None,
+        int8=profile.int8, int4=profile.int4, nvfp4=profile.nvfp4,
         driver=None, profile=profile, runtime_overhead_bytes=profile.runtime_overhead_bytes,
         notes=tuple(notes),
     )

@@ -6,8 +6,9 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 try:
     import tomllib
@@ -41,6 +42,13 @@ class DeviceProfile:
     runtime_overhead_bytes: int  # CUDA context + cuBLAS/TensorRT workspace
     match: tuple[str, ...]  # lowercase substrings of an NVML name or a device-tree model string
     source: str  # the TOML file the entry came from
+    # quantized weights the hardware runs (see capability_flags); the CPU host plans none of them
+    int8: bool = False  # int8 tensor cores: W8A8 SmoothQuant, int8 weight-only
+    int4: bool = False  # W4A16 AWQ kernels
+    nvfp4: bool = False  # Blackwell's fp4 tensor cores
+    # runtimes that load Model Optimizer's checkpoints in each quantized precision here, by the
+    # precision's short name ("int4"); what their documentation says, not a promise for every model
+    runtimes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     @property
     def usable_bytes(self) -> int:
@@ -48,17 +56,34 @@ class DeviceProfile:
         return self.memory_bytes - self.reserve_bytes
 
 
-def capability_flags(cc: str) -> tuple[bool, bool, bool]:
-    """(bf16, fp16, fp8) in hardware for CUDA compute capability ``cc``, e.g. "8.7".
+class Capability(NamedTuple):
+    """What a compute capability runs in hardware (the names are Target/DeviceProfile attributes)."""
+
+    bf16: bool
+    fp16: bool
+    fp8: bool
+    int8: bool
+    int4: bool
+    nvfp4: bool
+
+
+def capability_flags(cc: str) -> Capability:
+    """The precisions CUDA compute capability ``cc`` (e.g. "8.7") runs in hardware.
 
     bf16 from Ampere (8.0); fp8 tensor cores from Ada (8.9), Hopper (9.0) and Blackwell (10.x+);
-    Jetson Orin (8.7) has bf16 but not fp8. Raises ValueError for a malformed string.
+    int8 tensor cores from Xavier (7.2) and Turing (7.5); int4 AWQ (W4A16) kernels from Turing
+    (vLLM's AWQ needs 7.5); nvfp4 tensor cores on Blackwell only (10.x datacenter, 11.0 Thor,
+    12.x RTX 50). Jetson Orin (8.7): bf16, int8 and int4, no fp8 or nvfp4. Raises ValueError for a
+    malformed string.
     """
     major, minor = (int(x) for x in cc.split("."))
     v = (major, minor)
-    return v >= (8, 0), v >= (5, 3), v >= (8, 9)
+    return Capability(bf16=v >= (8, 0), fp16=v >= (5, 3), fp8=v >= (8, 9), int8=v >= (7, 2), int4=v >= (7, 5),
+                      nvfp4=v >= (10, 0))
 
 
+# a quantized precision's short name -> the capability flag it needs
+QUANTIZED_FLAGS = {"fp8": "fp8", "nvfp4": "nvfp4", "int8": "int8", "int8_wo": "int8", "int4": "int4"}
 # key -> (accepted types, required)
 _NUM = (int, float)
 _FIELDS = {
@@ -70,6 +95,10 @@ _FIELDS = {
     "bf16": (bool, True),
     "fp16": (bool, True),
     "fp8": (bool, True),
+    "int8": (bool, False),  # optional: absent, they follow compute_capability (the CPU host: false)
+    "int4": (bool, False),
+    "nvfp4": (bool, False),
+    "runtimes": (dict, False),
     "compute_capability": (str, False),
     "reserve_gib": (_NUM, True),
     "runtime_overhead_gib": (_NUM, True),
@@ -81,6 +110,14 @@ _CC = re.compile(r"\d+\.\d+")
 
 def _bytes(gib: float) -> int:
     return int(round(gib * GIB))
+
+
+def _flags(e: dict) -> dict[str, bool]:
+    """An entry's Capability fields; int8/int4/nvfp4 left out follow its compute capability (an
+    entry that passed the type checks)."""
+    cc = e.get("compute_capability")
+    derived = capability_flags(cc)._asdict() if cc and _CC.fullmatch(cc) else {}
+    return {k: e[k] if k in e else derived.get(k, False) for k in Capability._fields}
 
 
 def _check_entry(e: dict) -> list[str]:
@@ -118,9 +155,18 @@ def _check_entry(e: dict) -> list[str]:
     if kind in ("jetson", "gpu"):
         if cc is None or not _CC.fullmatch(cc):
             errs.append("'compute_capability' must look like '8.9'")
-        elif capability_flags(cc) != (e["bf16"], e["fp16"], e["fp8"]):
-            bf16, fp16, fp8 = capability_flags(cc)
-            errs.append(f"compute capability {cc} means bf16={bf16}, fp16={fp16}, fp8={fp8}")
+        elif tuple(capability_flags(cc)) != tuple(_flags(e).values()):
+            errs.append(f"compute capability {cc} means "
+                        + ", ".join(f"{k}={v}" for k, v in capability_flags(cc)._asdict().items()))
+    if kind == "cpu" and any(_flags(e)[k] for k in ("fp8", "int8", "int4", "nvfp4")):
+        errs.append("the CPU host plans no quantized weights: 'fp8', 'int8', 'int4' and 'nvfp4' must be false")
+    for precision, names in e.get("runtimes", {}).items():
+        if precision not in QUANTIZED_FLAGS:
+            errs.append(f"'runtimes' key {precision!r} is not one of {', '.join(QUANTIZED_FLAGS)}")
+        elif not _flags(e)[QUANTIZED_FLAGS[precision]]:
+            errs.append(f"'runtimes' lists {precision} but the device does not run it")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            errs.append(f"'runtimes.{precision}' must be a non-empty list of names")
     return errs
 
 
@@ -134,6 +180,10 @@ def _profile(e: dict, source: str) -> DeviceProfile:
         bf16=e["bf16"],
         fp16=e["fp16"],
         fp8=e["fp8"],
+        int8=_flags(e)["int8"],
+        int4=_flags(e)["int4"],
+        nvfp4=_flags(e)["nvfp4"],
+        runtimes={k: tuple(v) for k, v in e.get("runtimes", {}).items()},
         compute_capability=e.get("compute_capability"),
         reserve_bytes=_bytes(e["reserve_gib"]),
         runtime_overhead_bytes=_bytes(e["runtime_overhead_gib"]),

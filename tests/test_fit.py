@@ -151,3 +151,36 @@ def test_fit_my_gpu_builds_engine_settings_for_the_gpu_it_planned_for(tmp_path, 
     assert settings["precision"] == "bf16" and p["budgets"][0]["dtype"] == "bfloat16"
     assert settings["max_context"] == 8192 and settings["max_batch"] == 1  # the plan's context and batch
     assert "build_engines.sh" in p["export"]["files"] and p["smoke"]["new_tokens"] >= 1
+
+
+def test_plan_counts_the_export_and_the_engine_build():
+    """The 12B example runs on an Orin NX 16GB (at int4) but its float32 export does not fit there:
+    the plan says so per budget and says how to export it elsewhere."""
+    from elastic.slicer.planning.memory import EXPORT_FIXED_BYTES, export_peak_bytes
+
+    r = runner.invoke(app, ["plan", "-c", "examples/nemotron-elastic-12b", "--target", "orin-nx-16gb", "--json"])
+    p = json.loads(r.stdout)
+    arch = Checkpoint.open("examples/nemotron-elastic-12b").arch
+    b = next(b for b in p["budgets"] if b["name"] == p["chosen"])
+    assert b["fits"] and b["export_here"] is False
+    assert b["export_peak_bytes"] > b["parameters"] * 4 + EXPORT_FIXED_BYTES  # float32 graphs + the tracer
+    assert b["engine_build_bytes"] > b["parameters"] * 4 + 2 * b["terms"]["weights"]
+    assert any("elastic export MODEL_DIR --format all --target orin-nx-16gb" in n and "SHA256SUMS" in n
+               for n in p["notes"])
+    assert export_peak_bytes(arch) == next(x for x in p["budgets"] if x["name"] == "12B")["export_peak_bytes"]
+    # a desktop GPU exports in host RAM, which a profile does not know
+    gpu = json.loads(runner.invoke(app, ["plan", "-c", "examples/nemotron-elastic-12b", "--target", "rtx-4090",
+                                         "--json"]).stdout)
+    assert all(x["export_here"] is None for x in gpu["budgets"])
+
+
+def test_fit_my_gpu_skips_an_export_that_would_not_fit(tmp_path, monkeypatch):
+    import elastic.slicer.planning.memory as memory
+
+    monkeypatch.setattr(memory, "EXPORT_FIXED_BYTES", 1 << 50)  # exporting anything needs a petabyte
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--target", "cpu", "--out", "m", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert "exporting it needs" in p["export"]["skipped"] and not (tmp_path / "m" / "export").exists()
+    assert p["smoke"]["new_tokens"] >= 1  # the sliced model still runs (PyTorch)

@@ -31,7 +31,9 @@ CONTROLS = {"replace": "set 'replace' to yes", "checkpoint": "start it with anot
             "spec": "cut it from the command line with a spec file", "target": "pick another target",
             "gpu": "start it with another GPU", "context": "change the context", "batch": "change the batch",
             "dtype": "change the dtype", "parity": "export it from the command line without the parity check",
-            "max_new_tokens": "ask for fewer new tokens"}
+            "max_new_tokens": "ask for fewer new tokens", "precision": "change the dtype",
+            "kv_precision": "plan it from the command line (elastic plan)",
+            "state_precision": "plan it from the command line (elastic plan)"}
 
 
 def error_text(e) -> str:
@@ -86,7 +88,7 @@ class Planner:
 
         tgt, detection = self.target(choice.target)
         return plan(self.ckpt, tgt, Workload(context=choice.context, batch=choice.batch, dtype=choice.dtype),
-                    detection=detection)
+                    detection=detection, for_slicing=True)  # its actions slice the chosen budget
 
 
 # ---- text ---------------------------------------------------------------------------------------

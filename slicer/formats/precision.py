@@ -65,6 +65,18 @@ ALL = (FLOAT32, FLOAT16, BFLOAT16, FLOAT8, FP8, INT8, INT8_WO, INT4, NVFP4)
 QUANTIZED = (FP8, INT8, INT8_WO, INT4, NVFP4)
 # what weights can be sliced to and planned with, best first (FLOAT8 is a raw cast, not offered for weights)
 WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32)
+# What `elastic plan --precision` takes for the weights (a float one is also the base precision of every
+# unquantized tensor; a quantized one keeps the base float for those). WEIGHTS stays what slicing writes.
+PLAN_WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32, FP8, NVFP4, INT8, INT8_WO, INT4)
+# The order the planner tries quantized weights in when nothing pins them, after the device's float
+# precision: fp8 (8-bit, per-tensor scales), then nvfp4 (Blackwell's native 4-bit format, fp8 scales per
+# 16 elements), int8 SmoothQuant (W8A8), int4 AWQ (W4A16, group 128). Never below int4 unless pinned;
+# int8_wo (weight-only, the same bytes as int8) only when pinned.
+QUANT_RANKING = (FP8, NVFP4, INT8, INT4)
+# what the attention KV cache can be held in (float32 only with float32 weights, as before)
+KV = (BFLOAT16, FLOAT16, FP8, FLOAT32)
+# what the Mamba SSM state can be held in (float32 unless asked: it accumulates over the whole sequence)
+STATE = (FLOAT32, BFLOAT16, FLOAT16)
 # what ONNX graphs are written in (TensorRT builds fp16/bf16 engines from float32 graphs)
 GRAPHS = (FLOAT32, FLOAT16)
 # what TensorRT engines are built in
@@ -97,7 +109,8 @@ def by_safetensors(code: str) -> Precision | None:
 
 
 def supported(p: Precision, device) -> bool:
-    """Whether ``device`` (anything with bf16/fp16/fp8 attributes) runs ``p``."""
+    """Whether ``device`` (anything with bf16/fp16/fp8/int8/int4/nvfp4 attributes: a Target, a
+    DeviceProfile, a detected Device) runs ``p``; a device that does not say runs none of them."""
     return p.needs is None or bool(getattr(device, p.needs, False))
 
 

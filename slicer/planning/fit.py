@@ -1,22 +1,30 @@
-"""The fit decision: for each budget of a checkpoint, the memory it needs on a target and whether
-it fits; the largest that fits is chosen. No torch here (planning works from config.json alone).
+"""The fit decision: budget x precision. For each budget of a checkpoint and each weights
+precision the target runs, the memory it needs and whether it fits; the largest budget that fits
+is chosen, at the best precision that fits it. No torch here (planning works from config.json alone).
+
+Precision order (``formats.precision``): the device's float precision (bf16, else fp16), then
+fp8, nvfp4, int8 (SmoothQuant), int4 (AWQ), each only where the device runs it; never below int4
+unless pinned. The KV cache follows the float precision and the SSM state stays float32 unless pinned.
 
 Example:
     >>> target = target_from_profile(get_profile("orin-nano-8gb"))
-    >>> p = plan("./Nemotron-Elastic-12B", target, Workload(context=8192))
-    >>> p.chosen, [(b.name, b.fits) for b in p.budgets], p.to_json()["budgets"][0]["terms"]["total"]
+    >>> p = plan("./Nemotron-Elastic-12B", target, Workload(context=8192, dtype="auto"))
+    >>> p.chosen, p.chosen_precision, [(b.name, b.fits_at) for b in p.budgets]
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
-from elastic.slicer.errors import ConfigError
-from elastic.slicer.planning.memory import Workload, footprint, max_context
+from elastic.slicer.errors import ConfigError, Hint
+from elastic.slicer.formats.precision import (AUTO, FLOAT32, KV, PLAN_WEIGHTS, QUANT_RANKING, STATE, WEIGHTS,
+                                              Precision, choose, lookup, supported)
+from elastic.slicer.planning.memory import (Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
+                                            max_context, weights_breakdown)
 from elastic.slicer.formats.spec import SliceSpec
 
 
@@ -35,6 +43,17 @@ class Target:
     source: str  # "detected" or "profile"
     notes: tuple[str, ...] = ()
     profile: str | None = None  # the profile's name (`--target`), None when detected
+    # quantized weights it runs (a Target that does not say runs none of them)
+    int8: bool = False
+    int4: bool = False
+    nvfp4: bool = False
+    runtimes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # precision -> runtimes
+
+
+def _quant_flags(d, profile) -> dict[str, Any]:
+    """int8/int4/nvfp4 of a DeviceProfile or a detected Device, and its profile's runtime table."""
+    return {"int8": d.int8, "int4": d.int4, "nvfp4": d.nvfp4,
+            "runtimes": dict(profile.runtimes) if profile is not None else {}}
 
 
 def target_from_profile(profile) -> Target:
@@ -46,6 +65,7 @@ def target_from_profile(profile) -> Target:
         unified=profile.unified, source="profile", profile=profile.name,
         notes=(f"profile {profile.name}: {profile.memory_bytes / 2**30:.1f} GiB, "
                f"{profile.reserve_bytes / 2**30:.1f} GiB kept for the OS/driver",),
+        **_quant_flags(profile, profile),
     )
 
 
@@ -54,7 +74,7 @@ def target_from_device(device) -> Target:
     return Target(
         name=device.name, kind=device.kind, usable_bytes=device.usable_bytes,
         overhead_bytes=device.runtime_overhead_bytes, bf16=device.bf16, fp16=device.fp16, fp8=device.fp8,
-        unified=device.unified, source="detected", notes=tuple(device.notes),
+        unified=device.unified, source="detected", notes=tuple(device.notes), **_quant_flags(device, device.profile),
     )
 
 
@@ -65,10 +85,133 @@ def choose_dtype(requested: str | None, target: Target) -> tuple[str, str | None
     ``None``/"auto": bfloat16 where the device has it, else float16, else float32; any spelling
     ("bf16", "half", ...) of an explicit precision.
     """
-    from elastic.slicer.formats.precision import choose
-
     p, note = choose(requested, target)
     return p.name, note
+
+
+# what each quantized precision needs of the hardware, in words (profiles.devices.capability_flags)
+NEEDS = {"fp8": "compute capability 8.9 or newer (Ada, Hopper, Blackwell)",
+         "nvfp4": "a Blackwell GPU (compute capability 10.0 or newer)",
+         "int8": "int8 tensor cores (compute capability 7.2 or newer)",
+         "int4": "compute capability 7.5 or newer"}
+
+
+@dataclass(frozen=True)
+class Precisions:
+    """The precisions of a plan, resolved for its target: the float base, the weights precisions
+    tried (best first; one when pinned), the KV cache and the SSM state."""
+
+    base: Precision  # activations, conv window and every unquantized tensor
+    weights: tuple[Precision, ...]
+    kv: Precision
+    state: Precision
+    pinned: bool  # the weights precision was asked for
+    notes: tuple[str, ...] = ()
+
+    def workload(self, w: Workload, weights: Precision) -> Workload:
+        """``w`` with every precision set, the weights at ``weights``."""
+        return replace(w, dtype=self.base.name, weights=weights.name, kv=self.kv.name, state=self.state.name)
+
+
+def _given(value: str | None) -> str | None:
+    return None if value is None or str(value).strip().lower() == AUTO else value
+
+
+def _refuse(p: Precision, target: Target, what: str, allowed: tuple[Precision, ...], setting: str) -> ConfigError:
+    runs = ", ".join(q.short for q in allowed if supported(q, target))
+    why = f": {p.short} needs {NEEDS[p.needs]}" if p.needs in NEEDS else ""
+    cpu = "; planning uses no quantized formats on the CPU host" if target.kind == "cpu" else ""
+    return ConfigError(f"{target.name} does not run {p.short} {what}{why}. It runs {runs}{cpu}",
+                       hint=Hint(setting, f"choose {what} it runs ({runs})"))
+
+
+def _pin(req: str, target: Target, allowed: tuple[Precision, ...], what: str, setting: str,
+         notes: list[str]) -> Precision:
+    """An asked-for precision on ``target``: a float one falls back as ``precision.choose`` does
+    (with a note); a quantized one the device lacks is refused."""
+    p = lookup(req, allowed, what)
+    if p.quantized:
+        if not supported(p, target):
+            raise _refuse(p, target, what, allowed, setting)
+        return p
+    floats = tuple(q for q in allowed if not q.quantized)
+    q, note = choose(p.name, target, floats)
+    notes.extend(n for n in (note,) if n)
+    return q
+
+
+def resolve_precisions(w: Workload, target: Target, allowed: tuple[Precision, ...] = PLAN_WEIGHTS) -> Precisions:
+    """The precisions to plan ``w`` with on ``target`` (:class:`Precisions`).
+
+    Weights: ``w.weights`` (or, when None, ``w.dtype``); "auto" tries the device's float
+    precision and then every quantized one it runs (``precision.QUANT_RANKING``) among
+    ``allowed``. A float one pins the base too. KV cache: ``w.kv``, "auto"/None: the base. SSM
+    state: ``w.state``, "auto"/None: float32.
+
+    Raises:
+        ConfigError: a quantized precision the target does not run (naming what it runs), or one
+            ``allowed`` leaves out (slicing writes float weights only in this build).
+    """
+    notes: list[str] = []
+    req = _given(w.weights) if w.weights is not None else _given(w.dtype)  # one dtype alone: the weights too
+    base_req = _given(w.dtype)
+    if base_req is not None and lookup(base_req, PLAN_WEIGHTS, "dtype").quantized:
+        base_req = None  # a quantized "dtype" names the weights; the base is the device's float
+    if req is not None:
+        p = _pin(req, target, PLAN_WEIGHTS, "weights", "precision", notes)
+        if p not in allowed:
+            raise ConfigError(f"{p.short} weights are not available here: slicing writes "
+                              f"{', '.join(q.short for q in allowed)} weights only in this build (no quantizer yet)",
+                              hint=Hint("precision", "choose float weights", value=choose(AUTO, target)[0].short))
+        if not p.quantized:
+            base = p
+        elif base_req is not None:
+            base = _pin(base_req, target, WEIGHTS, "dtype", "dtype", notes)
+        else:
+            base = choose(AUTO, target)[0]
+        tried: tuple[Precision, ...] = (p,)
+    else:
+        base, note = choose(base_req, target)
+        notes.extend(n for n in (note,) if n)
+        tried = (base, *(q for q in QUANT_RANKING if q in allowed and supported(q, target)))
+    kv_req = _given(w.kv)
+    kv = _pin(kv_req, target, KV, "KV cache", "kv_precision", notes) if kv_req else base
+    state_req = _given(w.state)
+    state = _pin(state_req, target, STATE, "SSM state", "state_precision", notes) if state_req else FLOAT32
+    return Precisions(base=base, weights=tried, kv=kv, state=state, pinned=req is not None, notes=tuple(notes))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (budget, weights precision) pair on the plan's target."""
+
+    budget: str
+    weights: Precision
+    workload: Workload  # every precision set
+    fits: bool  # its memory fits the target
+    headroom_bytes: int
+    terms: dict[str, int]  # weights, kv_cache, ssm_state, activations, overhead, margin, total
+    weights_detail: dict[str, int]  # the weights term: quantized, scales, float
+    refused: str | None = None  # why Model Optimizer cannot produce it (int4 needs whole groups)
+
+    @property
+    def usable(self) -> bool:
+        return self.fits and self.refused is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"budget": self.budget, "weights_precision": self.weights.short, "fits": self.fits,
+                "refused": self.refused, "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
+                "weights_detail": dict(self.weights_detail)}
+
+
+def candidate(budget: str, child, p: Precision, pr: Precisions, w: Workload, target: Target) -> Candidate:
+    """The memory of budget ``child`` at weights ``p`` (and the plan's other precisions) on ``target``."""
+    cw = pr.workload(w, p)
+    terms = footprint(child, cw, target.overhead_bytes)
+    return Candidate(budget=budget, weights=p, workload=cw, fits=terms["total"] <= target.usable_bytes,
+                     headroom_bytes=target.usable_bytes - terms["total"], terms=terms,
+                     weights_detail=weights_breakdown(child, p.name, pr.base.name),
+                     refused=block_problem(child, p.name))
 
 
 def budget_specs(ckpt: Checkpoint) -> list[tuple[str, SliceSpec, str]]:
@@ -86,23 +229,36 @@ def budget_specs(ckpt: Checkpoint) -> list[tuple[str, SliceSpec, str]]:
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    """One budget on the plan's target: its resolved spec (handed to the slicer as is) and the
-    memory it needs."""
+    """One budget on the plan's target: its resolved spec (handed to the slicer as is), the best
+    weights precision that fits it (else the smallest tried) and the memory it needs there."""
 
     name: str
     spec: SliceSpec
     resolved_by: str  # "router", "elastic_config.json", "full model", "dense checkpoint"
     parameters: int
-    dtype: str  # canonical precision name
+    dtype: str  # the base float precision, canonical name ("bfloat16")
     fits: bool
     headroom_bytes: int
     terms: dict[str, int]  # weights, kv_cache, ssm_state, activations, overhead, margin, total
     layer_pattern: str
+    weights_precision: str = ""  # short names, as the CLI spells them: "int4"
+    kv_precision: str = ""
+    state_precision: str = ""
+    fits_at: tuple[str, ...] = ()  # every weights precision tried that fits, best first
+    weights_detail: dict[str, int] = field(default_factory=dict, hash=False)  # quantized, scales, float
+    workload: Workload | None = None  # the precisions it was planned at
+    export_peak_bytes: int = 0  # `elastic export` of this budget (measured model: memory.export_peak_bytes)
+    engine_build_bytes: int = 0  # a TensorRT engine build of it (estimate: memory.engine_build_bytes)
+    export_here: bool | None = None  # both fit the target's memory (None: they run in host RAM, not known here)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "parameters": self.parameters, "dtype": self.dtype, "fits": self.fits,
                 "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
-                "layer_pattern": self.layer_pattern, "resolved_by": self.resolved_by}
+                "layer_pattern": self.layer_pattern, "resolved_by": self.resolved_by,
+                "weights_precision": self.weights_precision, "kv_precision": self.kv_precision,
+                "state_precision": self.state_precision, "fits_at": list(self.fits_at),
+                "weights_detail": dict(self.weights_detail), "export_peak_bytes": self.export_peak_bytes,
+                "engine_build_bytes": self.engine_build_bytes, "export_here": self.export_here}
 
 
 @dataclass(frozen=True)
@@ -113,12 +269,13 @@ class Plan:
 
     checkpoint: Checkpoint
     target: Target
-    workload: Workload  # with the dtype chosen for the target
+    workload: Workload  # with the precisions resolved for the target (weights: the pin, or "auto")
     budgets: tuple[BudgetPlan, ...]
-    chosen: str | None  # the largest budget that fits
+    chosen: str | None  # the largest budget that fits (at the best precision that fits it)
     notes: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()  # what would fit instead, when nothing does
     detection: Any = None  # elastic.profiles.detect.Detection when the target was detected
+    candidates: tuple[Candidate, ...] = ()  # every budget x weights precision tried
 
     def budget(self, name: str) -> BudgetPlan:
         for b in self.budgets:
@@ -126,10 +283,17 @@ class Plan:
                 return b
         raise ConfigError(f"unknown budget {name!r}; this plan has: {', '.join(b.name for b in self.budgets)}")
 
+    @property
+    def chosen_precision(self) -> str | None:
+        """The weights precision of the chosen budget, short ("bf16", "int4"), or None."""
+        return self.budget(self.chosen).weights_precision if self.chosen else None
+
     def to_json(self) -> dict[str, Any]:
         """The stable JSON form `elastic plan --json` prints: ``checkpoint``, ``weights_present``,
-        ``device``, ``workload``, ``budgets`` (each with ``terms``), ``chosen``, ``notes``,
-        ``suggestions`` (and ``detection`` for a detected target)."""
+        ``device``, ``workload``, ``budgets`` (each with ``terms`` and its ``weights_precision``,
+        ``kv_precision``, ``state_precision``), ``chosen``, ``chosen_precision``, ``candidates``
+        (every budget x weights precision: ``budget``, ``weights_precision``, ``fits``, ``terms``),
+        ``notes``, ``suggestions`` (and ``detection`` for a detected target)."""
         out = {
             "checkpoint": str(self.checkpoint.root.resolve()),
             "weights_present": self.checkpoint.has_weights,
@@ -137,6 +301,8 @@ class Plan:
             "workload": asdict(self.workload),
             "budgets": [b.to_json() for b in self.budgets],
             "chosen": self.chosen,
+            "chosen_precision": self.chosen_precision,
+            "candidates": [c.to_json() for c in self.candidates],
             "notes": list(self.notes),
             "suggestions": list(self.suggestions),
         }
@@ -146,41 +312,133 @@ class Plan:
         return out
 
 
-def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None) -> Plan:
-    """The memory table of every budget on ``target`` and the budget chosen (see :class:`Plan`).
+def slice_precisions() -> tuple[Precision, ...]:
+    """The weights precisions :func:`slice_budget` writes in this build: the float ones. (A
+    quantizer adds its formats here; a plan made ``for_slicing`` chooses among these only.)"""
+    return WEIGHTS
+
+
+def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None,
+         for_slicing: bool = False) -> Plan:
+    """The memory table of every budget x weights precision on ``target`` and the budget chosen:
+    the largest that fits, at the best precision that fits it (see :class:`Plan`).
 
     Args:
         checkpoint: a directory, or a Checkpoint already opened (it is not opened again).
         target: from :func:`resolve_target` (or a profile's :func:`target_from_profile`).
-        workload: context, batch, dtype (any spelling, or "auto"), prefill chunk, margin.
+        workload: context, batch, prefill chunk, margin and the precisions (any spelling, or
+            "auto"; see :func:`resolve_precisions`). ``Workload(dtype=...)`` alone pins the weights.
         detection: the Detection the target came from, reported in the JSON form.
+        for_slicing: the plan will be sliced (fit-my-gpu, the TUI): choose only among
+            :func:`slice_precisions`, and say what a quantized precision would have fitted.
+
+    Raises:
+        ConfigError: a pinned precision the target does not run, or (``for_slicing``) one that
+            slicing cannot write.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    dtype, dtype_note = choose_dtype(workload.dtype, target)
-    w = replace(workload, dtype=dtype)
-    rows = []
+    allowed = slice_precisions() if for_slicing else PLAN_WEIGHTS
+    pr = resolve_precisions(workload, target, allowed)
+    rows, candidates = [], []
     for name, spec, source in budget_specs(ckpt):
         child = spec.child_arch(ckpt.arch)
-        terms = footprint(child, w, target.overhead_bytes)
+        tried = [candidate(name, child, p, pr, workload, target) for p in pr.weights]
+        candidates += tried
+        best = next((c for c in tried if c.usable), tried[-1])
+        export_peak, build, here = export_terms(child, target, best.terms["weights"])
         rows.append(BudgetPlan(
-            name=name, spec=spec, resolved_by=source, parameters=child.param_counts()["total"], dtype=dtype,
-            fits=terms["total"] <= target.usable_bytes, headroom_bytes=target.usable_bytes - terms["total"],
-            terms=terms, layer_pattern=child.layer_pattern,
+            name=name, spec=spec, resolved_by=source, parameters=child.param_counts()["total"], dtype=pr.base.name,
+            fits=best.usable, headroom_bytes=best.headroom_bytes, terms=best.terms, layer_pattern=child.layer_pattern,
+            weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
+            fits_at=tuple(c.weights.short for c in tried if c.usable), weights_detail=best.weights_detail,
+            workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
         ))
     fitting = [r for r in rows if r.fits]
-    chosen = max(fitting, key=lambda r: r.parameters).name if fitting else None
+    chosen = max(fitting, key=lambda r: r.parameters) if fitting else None
+    notes = list(pr.notes)
+    if chosen is not None:
+        notes += _precision_notes(chosen, target, [c for c in candidates if c.budget == chosen.name])
+        if chosen.export_here is False:
+            notes.append(export_advice(chosen, target))
+    if for_slicing:
+        alt = better_alternative(ckpt, rows, target, pr.weights)
+        if alt is not None and chosen is not None and alt[0].parameters > chosen.parameters:
+            notes.append(f"budget {alt[0].name} would fit with {alt[1].short} weights, but slicing writes "
+                         f"{', '.join(q.short for q in allowed)} weights only in this build (no quantizer yet)")
+    w = replace(workload, dtype=pr.base.name, weights=pr.weights[0].name if pr.pinned else AUTO,
+                kv=pr.kv.name, state=pr.state.name)
     return Plan(
-        checkpoint=ckpt, target=target, workload=w, budgets=tuple(rows), chosen=chosen,
-        notes=tuple(n for n in (dtype_note,) if n),
-        suggestions=() if chosen else tuple(suggestions(ckpt, rows, target, w)),
-        detection=detection,
+        checkpoint=ckpt, target=target, workload=w, budgets=tuple(rows), chosen=chosen.name if chosen else None,
+        notes=tuple(notes), suggestions=() if chosen else tuple(suggestions(ckpt, rows, target, pr.weights, allowed)),
+        detection=detection, candidates=tuple(candidates),
     )
 
 
-def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, w: Workload) -> list[str]:
-    """What would fit when nothing does: a shorter context, a smaller batch, another dtype, a bigger device."""
+def export_terms(child, target: Target, engine_weight_bytes: int) -> tuple[int, int, bool | None]:
+    """(export peak, engine build, whether both fit ``target``) of one budget. On a Jetson (and the
+    CPU host) they share the memory the model runs in; on a desktop GPU they run in host RAM, which
+    a profile does not know (None)."""
+    peak = export_peak_bytes(child)
+    build = engine_build_bytes(child, engine_weight_bytes, target.overhead_bytes // 2)
+    here = max(peak, build) <= target.usable_bytes if (target.unified or target.kind == "cpu") else None
+    return peak, build, here
+
+
+def export_advice(b: BudgetPlan, target: Target) -> str:
+    """What to do when ``b`` runs on ``target`` but cannot be exported or built there."""
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    where = f"--target {target.profile}" if target.profile else "--target <this device's profile>"
+    return (f"{b.name} runs on {target.name}, but exporting it needs {gib(b.export_peak_bytes)} and a TensorRT engine "
+            f"build about {gib(b.engine_build_bytes)} ({gib(target.usable_bytes)} usable here): on a machine with more "
+            f"memory run `elastic export MODEL_DIR --format all {where} --out BUNDLE`, copy BUNDLE here, check it with "
+            "`sha256sum -c SHA256SUMS` and run its build_engines.sh (or build the engine on that machine if it has "
+            "the same GPU)")
+
+
+def _precision_notes(chosen: BudgetPlan, target: Target, tried: list[Candidate]) -> list[str]:
+    """Why the chosen budget has its precision, and what runs it, in words."""
+    out = []
+    better = tried[:[c.weights.short for c in tried].index(chosen.weights_precision)]  # tried first, did not fit
+    if better:
+        misses = ", ".join(f"{c.weights.short} needs {c.terms['total'] / 2**30:.2f} GiB" if c.refused is None
+                           else f"{c.weights.short}: {c.refused}" for c in better)
+        out.append(f"{chosen.name} at {chosen.weights_precision}: {misses} "
+                   f"({target.usable_bytes / 2**30:.2f} GiB usable)")
+    p = lookup(chosen.weights_precision)
+    if p.quantized:
+        runtimes = target.runtimes.get(p.short, ())
+        out.append(f"{p.short} weights on {target.name}: " + (", ".join(runtimes) if runtimes else
+                   "no runtime listed in the device tables") + " (Model Optimizer's checkpoint format)")
+    return out
+
+
+def better_alternative(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target,
+                       tried: tuple[Precision, ...]) -> tuple[BudgetPlan, Precision] | None:
+    """The largest budget that would fit with a weights precision the plan did not try (the
+    device's float one, then every quantized one it runs), and that precision; None if none would."""
+    floats = choose(AUTO, target)[0]
+    others = [p for p in (floats, *(q for q in QUANT_RANKING if supported(q, target))) if p not in tried]
+    for r in sorted(rows, key=lambda r: -r.parameters):
+        child = r.spec.child_arch(ckpt.arch)
+        for p in others:
+            w = r.workload
+            if not p.quantized:  # a float precision is the base of everything that followed it
+                w = replace(w, dtype=p.name, weights=p.name, kv=p.name if w.kv == w.dtype else w.kv)
+            else:
+                w = replace(w, weights=p.name)
+            if (footprint(child, w, target.overhead_bytes)["total"] <= target.usable_bytes
+                    and block_problem(child, p.name) is None):
+                return r, p
+    return None
+
+
+def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, tried: tuple[Precision, ...],
+                allowed: tuple[Precision, ...] = PLAN_WEIGHTS) -> list[str]:
+    """What would fit when nothing does: a shorter context, a smaller batch, another weights
+    precision (saying so when it is not in ``allowed``), a bigger device (for the smallest budget
+    at the smallest precision tried)."""
     smallest = min(rows, key=lambda r: r.parameters)
-    name, child = smallest.name, smallest.spec.child_arch(ckpt.arch)
+    name, child, w = smallest.name, smallest.spec.child_arch(ckpt.arch), smallest.workload
     out = []
     ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
     if ctx >= 256:
@@ -190,10 +448,11 @@ def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, w: Wor
             if footprint(child, replace(w, batch=b), target.overhead_bytes)["total"] <= target.usable_bytes:
                 out.append(f"budget {name} fits with a batch of {b} (instead of {w.batch})")
                 break
-    if w.dtype == "float32":
-        half = "bfloat16" if target.bf16 else "float16"
-        if footprint(child, replace(w, dtype=half), target.overhead_bytes)["total"] <= target.usable_bytes:
-            out.append(f"budget {name} fits with dtype {half}")
+    alt = better_alternative(ckpt, rows, target, tried)
+    if alt is not None:
+        out.append(f"budget {alt[0].name} fits with {alt[1].short} weights (instead of {alt[0].weights_precision})"
+                   + ("" if alt[1] in allowed else f", once slicing writes them (this build writes "
+                      f"{', '.join(q.short for q in allowed)} weights only)"))
     need = smallest.terms["total"]
     out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
                f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "
@@ -227,6 +486,11 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
     from elastic.slicer.slice import slice_checkpoint
 
     b = p.budget(budget)
+    if b.weights_precision and lookup(b.weights_precision) not in slice_precisions():
+        raise ConfigError(f"budget {b.name} was planned with {b.weights_precision} weights; slicing writes "
+                          f"{', '.join(q.short for q in slice_precisions())} weights only in this build "
+                          "(no quantizer yet): plan it for slicing, or with float weights",
+                          hint=Hint("precision", "plan with float weights", value=lookup(b.dtype).short))
     p.checkpoint.require_weights()  # planning works without them; slicing does not
     if p.checkpoint.is_elastic:
         return slice_checkpoint(p.checkpoint, out, budget=b.name, resolved=(b.spec, b.resolved_by), dtype=b.dtype,

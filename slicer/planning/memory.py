@@ -1,13 +1,18 @@
 """The memory a model needs on a device (DESIGN.md section 7). No torch here.
 
-Every term is a byte count that ``elastic plan`` shows:
+Every term is a byte count that ``elastic plan`` shows, for one (weights, KV cache, SSM state)
+precision triple on top of the base float precision ``Workload.dtype``:
 
-- ``weights``: parameters x bytes of the dtype;
-- ``kv_cache``: 2 (K and V) x attention layers x KV heads x head_dim x context x batch x bytes;
-- ``ssm_state``: per Mamba layer, the SSM state H x P x N in float32 plus the conv window
-  (K-1) x (I + 2GN) in the model dtype, times batch;
+- ``weights``: the bytes of every tensor of the checkpoint as it would be stored
+  (:func:`weight_tensors`): float weights are parameters x bytes; quantized weights are Model
+  Optimizer's unified checkpoint, with its scales, and the unquantized tensors in the base precision;
+- ``kv_cache``: 2 (K and V) x attention layers x KV heads x head_dim x context x batch x bytes of
+  the KV precision;
+- ``ssm_state``: per Mamba layer, the SSM state H x P x N in the state precision (float32 unless
+  asked) plus the conv window (K-1) x (I + 2GN) in the base precision, times batch;
 - ``activations``: the peak of one prefill chunk of ``prefill_chunk`` tokens (the largest
-  layer's transient tensors, the residual stream, and the chunk's float32 logits);
+  layer's transient tensors, the residual stream, and the chunk's float32 logits), in the base
+  precision whatever the weights (a W8A8 runtime's int8/fp8 GEMM inputs are smaller: an upper bound);
 - ``overhead``: the runtime's own memory (CUDA context and cuBLAS/TensorRT workspace on a GPU,
   the torch runtime on a CPU), from the device profile;
 - ``margin``: a safety fraction of everything above.
@@ -22,41 +27,193 @@ import math
 from dataclasses import dataclass
 
 from elastic.slicer.formats.arch import Arch
-from elastic.slicer.formats.precision import lookup
+from elastic.slicer.formats.precision import FP8, INT4, INT8, INT8_WO, NVFP4, Precision, lookup
 
 F32 = 4
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What the model will be asked to do."""
+    """What the model will be asked to do, and in which precisions.
+
+    One ``dtype`` alone means what it always did: weights, activations and KV cache in it, the SSM
+    state in float32. ``weights`` and ``kv`` set those two apart from it. Given to
+    ``fit.plan``, "auto" (or None) in any of them lets the plan decide for the device.
+    """
 
     context: int = 8192  # tokens held per sequence (prompt + generated)
     batch: int = 1  # sequences decoded together
-    dtype: str = "bfloat16"  # weights, activations and KV cache
+    dtype: str = "bfloat16"  # the base float precision: activations, conv window, unquantized tensors
     prefill_chunk: int = 512  # prompt tokens per forward (caps the activation peak)
     margin: float = 0.05  # safety fraction on top of everything else
+    weights: str | None = None  # weights precision (float or quantized); None: dtype
+    kv: str | None = None  # attention KV cache precision; None: dtype
+    state: str = "float32"  # Mamba SSM state precision
 
 
 def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a precision, by any of its spellings (``formats.precision``)."""
-    return int(lookup(dtype).bytes)
+    """Bytes per element of a precision, by any of its spellings (``formats.precision``); a whole
+    number of bytes (activations and caches are never 4-bit)."""
+    b = lookup(dtype).bytes
+    assert b == int(b), f"{dtype} has no whole bytes per element"
+    return int(b)
 
 
 def kv_cache_bytes(arch: Arch, context: int, batch: int, dtype: str) -> int:
+    """K and V of every attention layer at ``dtype`` (an fp8 cache's per-layer scalar scales left out)."""
     per_token = sum(2 * layer.num_key_value_heads * arch.head_dim for layer in arch.layers if layer.kind == "attention")
     return per_token * context * batch * dtype_bytes(dtype)
 
 
-def ssm_state_bytes(arch: Arch, batch: int, dtype: str) -> int:
-    s = dtype_bytes(dtype)
+def ssm_state_bytes(arch: Arch, batch: int, dtype: str, state: str = "float32") -> int:
+    """The SSM state (H x P x N) at ``state`` plus the conv window at ``dtype``, per sequence x batch."""
+    s, st = dtype_bytes(dtype), dtype_bytes(state)
     total = 0
     for layer in arch.layers:
         if layer.kind == "mamba":
             H, P, N = layer.mamba_num_heads, layer.mamba_head_dim, arch.ssm_state_size
             conv_dim = H * P + 2 * arch.n_groups * N
-            total += H * P * N * F32 + (arch.conv_kernel - 1) * conv_dim * s
+            total += H * P * N * st + (arch.conv_kernel - 1) * conv_dim * s
     return total * batch
+
+
+# ---- weights ------------------------------------------------------------------------------------
+#
+# Which tensors Model Optimizer quantizes. Its presets (nvidia-modelopt 0.47: FP8_DEFAULT_CFG,
+# INT8_SMOOTHQUANT_CFG, INT8_WEIGHT_ONLY_CFG, INT4_AWQ_CFG, NVFP4_DEFAULT_CFG in
+# modelopt/torch/quantization/config.py, loaded from modelopt_recipes/configs/ptq/presets/model/*.yaml)
+# put a weight quantizer on every quantizable module and then import
+# modelopt_recipes/configs/ptq/units/default_disabled_quantizers.yaml, which turns off "*lm_head*",
+# "*mixer.conv1d*", "*router*", "*mlp.gate.*" and every nn.Embedding. In a Nemotron-H checkpoint that
+# leaves quantized: Mamba in_proj/out_proj, attention q/k/v/o_proj, MLP up/down_proj (and an MoE
+# layer's experts, shared experts and latent projections: not checked against an export, the
+# reference model refuses MoE). Unquantized, in the base float precision: the embeddings
+# (nn.Embedding: a table lookup, no GEMM to speed up) and lm_head (kept out by name: the logits are
+# the output), the Mamba conv1d (kept out by name: a 4-tap depthwise filter), the norms, A_log, D
+# and dt_bias (parameters of non-Linear modules: nothing attaches a quantizer to them), the MoE
+# router, and every bias. MAMBA_MOE_FP8_CONSERVATIVE_CFG would also keep the Mamba projections and
+# the attention projections unquantized; the presets planned here do not.
+QUANTIZED_LINEARS = ("mixer.in_proj", "mixer.out_proj", "mixer.q_proj", "mixer.k_proj", "mixer.v_proj",
+                     "mixer.o_proj", "mixer.up_proj", "mixer.down_proj", "mixer.shared_experts.up_proj",
+                     "mixer.shared_experts.down_proj", "mixer.fc1_latent_proj", "mixer.fc2_latent_proj")
+MOE_EXPERTS = ("mixer.experts.up_proj", "mixer.experts.down_proj")  # (E, out, in): E Linears
+# Linears that read the pre-norm's output together with another: AWQ's export folds their
+# pre_quant_scale into that norm's weight (modelopt/torch/export/unified_export_hf.py, fuse_prequant_layernorm)
+SHARED_INPUT = ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")
+ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1}
+
+
+def quantized_linear(name: str, shape: tuple[int, ...], p: Precision, base: Precision,
+                     shared_input: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors Model Optimizer 0.47's ``export_hf_checkpoint`` writes for one Linear weight
+    ``name`` (ending in ".weight", or an MoE expert stack) of ``shape`` [..., out, in] at ``p``:
+    name -> (safetensors dtype, shape). Checked on CPU for fp8, int8, int8_wo, int4 and nvfp4 by
+    tests/test_precision_plan.py. Scales are float32 except nvfp4's per-block fp8 scales and the
+    pre_quant_scale (AWQ / SmoothQuant smoothing), which is in the base precision.
+
+    Example:
+        >>> quantized_linear("x.weight", (512, 256), INT4, BFLOAT16)["x.weight_scale"]
+        ('F32', (512, 2))
+    """
+    *lead, out, inn = shape
+    L = tuple(lead)
+    stem = name[: -len(".weight")] if name.endswith(".weight") else name
+    w = f"{stem}.weight" if name.endswith(".weight") else name
+    if p is FP8:  # per-tensor scales
+        return {w: ("F8_E4M3", shape), f"{stem}.weight_scale": ("F32", ()), f"{stem}.input_scale": ("F32", ())}
+    if p is INT8:  # per-output-channel weight scale, per-tensor activation scale, SmoothQuant's smoothing
+        return {w: ("I8", shape), f"{stem}.weight_scale": ("F32", (*L, out)), f"{stem}.input_scale": ("F32", ()),
+                f"{stem}.pre_quant_scale": (base.safetensors, (inn,))}
+    if p is INT8_WO:
+        return {w: ("I8", shape), f"{stem}.weight_scale": ("F32", (*L, out))}
+    if p is INT4:  # two 4-bit values per byte along out; one float32 scale per 128 inputs
+        out_t = {w: ("U8", (*L, -(-out // 2), inn)), f"{stem}.weight_scale": ("F32", (*L, out, -(-inn // INT4.block)))}
+        if not shared_input:
+            out_t[f"{stem}.pre_quant_scale"] = (base.safetensors, (inn,))
+        return out_t
+    if p is NVFP4:  # two 4-bit values per byte along in (padded to 16); fp8 scale per 16, float32 per tensor
+        blocks = -(-inn // NVFP4.block)
+        return {w: ("U8", (*L, out, blocks * NVFP4.block // 2)), f"{stem}.weight_scale": ("F8_E4M3", (*L, out, blocks)),
+                f"{stem}.weight_scale_2": ("F32", ()), f"{stem}.input_scale": ("F32", ())}
+    raise AssertionError(f"{p.name} is not a quantized weights format")
+
+
+def weight_tensors(arch: Arch, weights: str, base: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor of ``arch``'s checkpoint with its weights at ``weights``: name -> (safetensors
+    dtype, shape). Float ``weights``: every tensor in it. Quantized: Model Optimizer's unified
+    checkpoint (:func:`quantized_linear`), every unquantized tensor in ``base`` (bf16 or fp16).
+
+    Example:
+        >>> sum(math.prod(s) * ST_BYTES[d] for d, s in weight_tensors(arch, "int4", "bf16").values())
+    """
+    p = lookup(weights)
+    b = lookup(base) if base is not None else p
+    if not p.quantized:
+        return {name: (p.safetensors, shape) for name, shape in arch.tensor_shapes().items()}
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, shape in arch.tensor_shapes().items():
+        linear = _quantized_linear(name)
+        if linear:
+            out.update(quantized_linear(name, shape, p, b, shared_input=linear in SHARED_INPUT))
+        else:
+            out[name] = (b.safetensors, shape)
+    return out
+
+
+def _quantized_linear(name: str) -> str | None:
+    """The Linear ("mixer.q_proj") whose weight ``name`` is, when Model Optimizer quantizes it."""
+    if not name.startswith("backbone.layers."):
+        return None  # embeddings, norm_f, lm_head
+    key = name.split(".", 3)[-1]  # "mixer.q_proj.weight"
+    if key in MOE_EXPERTS:
+        return key
+    stem, _, leaf = key.rpartition(".")
+    return stem if leaf == "weight" and stem in QUANTIZED_LINEARS else None
+
+
+def weights_breakdown(arch: Arch, weights: str, base: str | None = None) -> dict[str, int]:
+    """The weights term in three parts: ``quantized`` (the packed Linear weights), ``scales``
+    (their scales and smoothing vectors) and ``float`` (everything kept in the base precision)."""
+    p = lookup(weights)
+    parts = {"quantized": 0, "scales": 0, "float": 0}
+    for name, (dt, shape) in weight_tensors(arch, weights, base).items():
+        n = math.prod(shape) * ST_BYTES[dt]
+        if not p.quantized:
+            parts["float"] += n
+        elif name.endswith("_scale") or name.endswith("_scale_2"):
+            parts["scales"] += n
+        elif dt in ("F8_E4M3", "I8", "U8"):
+            parts["quantized"] += n
+        else:
+            parts["float"] += n
+    return parts
+
+
+def weights_bytes(arch: Arch, weights: str, base: str | None = None) -> int:
+    """The weights term: the bytes of :func:`weight_tensors` (for a float precision, parameters x
+    bytes). ``base``: the float precision of the unquantized tensors (default: ``weights`` itself).
+
+    Example:
+        >>> weights_bytes(arch, "bf16") == 2 * arch.param_counts()["total"]
+        True
+    """
+    return sum(weights_breakdown(arch, weights, base).values())
+
+
+def block_problem(arch: Arch, weights: str) -> str | None:
+    """Why Model Optimizer 0.47 cannot export ``arch`` at ``weights``, or None: int4 (AWQ, group
+    128) packs whole groups only (``export/quant_utils.py`` ``_validate_int4_block_size``: "partial
+    blocks are not supported"), and TensorRT Edge-LLM's int4 takes group 128 only, so every
+    quantized Linear's input width must be a multiple of 128. (nvfp4 pads a partial block of 16.)"""
+    p = lookup(weights)
+    if p is not INT4:
+        return None
+    widths = sorted({shape[-1] for name, shape in arch.tensor_shapes().items()
+                     if _quantized_linear(name) and shape[-1] % INT4.block})
+    if not widths:
+        return None
+    return (f"int4 (AWQ, group {INT4.block}) needs Linear input widths that are multiples of {INT4.block}; "
+            f"this budget has {', '.join(map(str, widths))}")
 
 
 def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> int:
@@ -93,11 +250,12 @@ def activation_bytes(arch: Arch, w: Workload) -> int:
 
 
 def footprint(arch: Arch, w: Workload, overhead_bytes: int) -> dict[str, int]:
-    """Every term in bytes, plus ``total``. ``overhead_bytes`` comes from the device profile."""
+    """Every term in bytes, plus ``total``. ``overhead_bytes`` comes from the device profile; ``w``
+    names its precisions (resolved: no "auto")."""
     terms = {
-        "weights": arch.param_counts()["total"] * dtype_bytes(w.dtype),
-        "kv_cache": kv_cache_bytes(arch, w.context, w.batch, w.dtype),
-        "ssm_state": ssm_state_bytes(arch, w.batch, w.dtype),
+        "weights": weights_bytes(arch, w.weights or w.dtype, w.dtype),
+        "kv_cache": kv_cache_bytes(arch, w.context, w.batch, w.kv or w.dtype),
+        "ssm_state": ssm_state_bytes(arch, w.batch, w.dtype, w.state),
         "activations": activation_bytes(arch, w),
         "overhead": overhead_bytes,
     }
@@ -118,3 +276,28 @@ def max_context(arch: Arch, w: Workload, overhead_bytes: int, usable_bytes: int)
         else:
             hi = mid
     return lo if lo and footprint(arch, replace(w, context=lo), overhead_bytes)["total"] <= usable_bytes else 0
+
+
+# ---- exporting and building where the model runs (bench/export_bench.py measured the export) ----
+
+# `elastic export`'s peak RSS beyond the weights, measured by bench/export_bench.py (torch 2.13, CPU,
+# parity on): 0.91 GB at 7 layers, 1.30 GB at 28, 2.62 GB at 98 layers: the imports and the tracer's
+# fixed cost, plus the tracer's graph and the parity run's activations per layer.
+EXPORT_FIXED_BYTES = 780 * 2**20
+EXPORT_PER_LAYER_BYTES = 19 * 2**20
+GRAPH_WEIGHT_BYTES = 4  # the graphs hold float32 weights (TensorRT builds bf16/fp16 engines from them)
+
+
+def export_peak_bytes(arch: Arch) -> int:
+    """Peak memory of ``elastic export`` for this model: its float32 weights once (``weights.bin``,
+    memory-mapped and shared by ONNX Runtime and the parity check's model) plus the measured fixed
+    and per-layer cost."""
+    return (arch.param_counts()["total"] * GRAPH_WEIGHT_BYTES + EXPORT_FIXED_BYTES
+            + EXPORT_PER_LAYER_BYTES * arch.num_hidden_layers)
+
+
+def engine_build_bytes(arch: Arch, engine_weight_bytes: int, workspace_bytes: int) -> int:
+    """Memory of a TensorRT engine build (an estimate: TensorRT does not run here): the parser holds
+    the graphs' float32 weights, the builder the engine's weights (``engine_weight_bytes``, the
+    plan's weights term) and the serialized engine once more, plus its workspace."""
+    return arch.param_counts()["total"] * GRAPH_WEIGHT_BYTES + 2 * engine_weight_bytes + workspace_bytes
