@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from .eval_cmd import eval_
 from .export_cmd import export
 from .generate_cmd import generate
 from .inspect_cmd import inspect
@@ -49,6 +50,7 @@ app.command(name="inspect")(inspect)
 app.command(name="profiles")(profiles_)
 app.command(name="export")(export)
 app.command(name="generate")(generate)
+app.command(name="eval")(eval_)
 app.command(name="tui")(tui)
 app.command(name="train")(train)
 

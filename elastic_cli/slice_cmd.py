@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from elastic.slicer.formats.precision import KEEP, WEIGHTS
+from elastic.slicer.formats.precision import KEEP, QUANTIZED, WEIGHTS
 
 from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
                      print_json, progress_bar, runtime_lines)
 
 SliceDType = precision_choice("SliceDType", WEIGHTS, KEEP)
+SlicePrecision = precision_choice("SlicePrecision", WEIGHTS + QUANTIZED)
 
 
 def slice_(
@@ -24,7 +25,14 @@ def slice_(
     checkpoint: CheckpointOpt = None,
     dtype: Annotated[SliceDType, typer.Option("--dtype", case_sensitive=False,
                                        help="keep the stored dtype, or cast the weights to any spelling of "
-                                       "bfloat16, float16, float32 (e.g. fp16 for GPUs without bf16).")] = SliceDType(KEEP),
+                                       "bfloat16, float16, float32 (e.g. fp16 for GPUs without bf16). With a "
+                                       "quantized --precision: the dtype of the tensors it leaves "
+                                       "unquantized.")] = SliceDType(KEEP),
+    precision: Annotated[Optional[SlicePrecision], typer.Option(
+        "--precision", case_sensitive=False, show_default=False,
+        help="A float precision (as --dtype), or a quantized one made with NVIDIA Model Optimizer: fp8, int8 "
+        "(SmoothQuant W8A8), int8_wo, int4 (AWQ), nvfp4 (needs a CUDA GPU); calibrated on bundled text "
+        "(pip install 'elastic[modelopt]').")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -34,11 +42,18 @@ def slice_(
     and which runtimes load it. It is written to a temporary directory and renamed when complete:
     a failed or interrupted run leaves nothing under --out.
 
+    A quantized --precision slices in float32 to a temporary directory beside --out, calibrates
+    on bundled text (the train split of the demo's standard-library corpus) and writes NVIDIA
+    Model Optimizer's checkpoint (what vLLM, TensorRT-LLM and SGLang read); `elastic generate`
+    and `elastic eval` run it too.
+
     Examples:
 
       elastic slice --budget 50% --out ./model-50
 
       elastic slice -c ./Nemotron-Elastic-12B --budget 6B --dtype float16 --out ./model-6B
+
+      elastic slice -c ./Nemotron-Elastic-12B --budget 6B --precision int4 --out ./model-6B-int4
 
       elastic slice -c ./dense-model --spec spec.json --out ./pruned --json
     """
@@ -47,22 +62,63 @@ def slice_(
     from elastic.slicer.slice import slice_checkpoint
 
     with boundary():
+        quantized, dtype_name = _precisions(precision, dtype)
+        if quantized is not None:
+            from elastic.slicer.quant.quantize import quantized_precision, require_device, require_modelopt
+
+            require_modelopt()  # refused before the checkpoint is read
+            require_device(quantized_precision(quantized))
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
+        if ckpt.quant is not None:
+            from elastic.slicer.errors import ConfigError
+
+            raise ConfigError(f"this checkpoint is quantized ({ckpt.quant.quant_algo}); its rows are packed and "
+                              "scaled, so it cannot be sliced: slice the float checkpoint it came from",
+                              path=str(ckpt.root))
         with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
-            result = slice_checkpoint(ckpt, out, budget=budget, spec=spec,
-                                      dtype=canonical_precision(dtype, WEIGHTS, KEEP),
-                                      force=force, progress=advance)
+            if quantized is None:
+                result = slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,
+                                          progress=advance)
+            else:
+                from elastic.slicer.quant.quantize import slice_and_quantize
+
+                result = slice_and_quantize(ckpt, out, quantized, budget=budget, spec=spec, dtype=dtype_name,
+                                            force=force, progress=advance)
     m = result.manifest
     if json_out:
         print_json(result.to_json())
         return
     what = f"budget {budget}" if budget else f"spec {spec}"
-    lines = [
-        f"wrote {result.out}  ({what}, {human_count(result.parameters)} parameters, {m['dtype']}, "
-        f"{human_bytes(result.bytes_written)})",
-        f"layers  {m['layer_pattern']}",
-        "loads in:",
-        *runtime_lines(m["runtimes"]),
-    ]
-    lines.append(f"next:   elastic inspect {result.out}")
+    if quantized is None:
+        head = (f"wrote {result.out}  ({what}, {human_count(result.parameters)} parameters, {m['dtype']}, "
+                f"{human_bytes(result.bytes_written)})")
+    else:
+        q = m["quantization"]
+        group = f", group {q['group_size']}" if q.get("group_size") else ""
+        head = (f"wrote {result.out}  ({what}, {human_count(m['parameters']['total'])} parameters, {result.precision} "
+                f"({q['quant_algo']}{group}; unquantized tensors {m['dtype']}), weights "
+                f"{human_bytes(result.weights_bytes)}, {human_bytes(result.bytes_written)} in all)\n"
+                f"quantized with {q['tool']} {q['modelopt_config']}, calibrated on {q['calibration']['windows']} x "
+                f"{q['calibration']['seq_len']} tokens of train-split standard-library text")
+    lines = [head, f"layers  {m['layer_pattern']}", "loads in:", *runtime_lines(m["runtimes"])]
+    lines.append(f"next:   elastic inspect {result.out}" if quantized is None else
+                 f"next:   elastic eval {result.out}    elastic generate {result.out} \"Hello\"")
     typer.echo("\n".join(lines))
+
+
+def _precisions(precision, dtype) -> tuple[str | None, str | None]:
+    """(the quantized precision or None, the float dtype for slice_checkpoint / the unquantized tensors)
+    from --precision and --dtype; a float --precision is --dtype under another name."""
+    from elastic.slicer.errors import ConfigError
+    from elastic.slicer.formats.precision import lookup
+
+    dtype_name = canonical_precision(dtype, WEIGHTS, KEEP)
+    dtype_name = None if dtype_name == KEEP else dtype_name
+    if precision is None:
+        return None, dtype_name
+    p = lookup(getattr(precision, "value", precision), WEIGHTS + QUANTIZED)
+    if p.quantized:
+        return p.name, dtype_name
+    if dtype_name not in (None, p.name):
+        raise ConfigError(f"--precision {p.name} and --dtype {dtype_name} say two things; give one")
+    return None, p.name

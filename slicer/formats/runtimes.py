@@ -52,7 +52,8 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
 
     Args:
         arch: the slice's architecture; its ``config_form()`` decides most answers.
-        config: the config.json written (``mamba_d_head`` matters to llama.cpp).
+        config: the config.json written (``mamba_d_head`` matters to llama.cpp; a
+            ``quantization_config`` routes to ``elastic.slicer.quant.runtimes``).
         tokenizer_config: the tokenizer_config.json copied beside it, if any.
         tokenizer: :func:`llama_cpp_tokenizer`'s observation of the tokenizer, if any.
     """
@@ -131,4 +132,8 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
         LLAMA_CPP_HOW + "; the converter must also recognise the tokenizer's pre-tokenizer (a hash of its output), "
         "unchecked here: bench/llama_cpp_check.py checks it")
     out["llama.cpp"] = _no("; ".join(reasons)) if reasons else _yes(how)
+    if config.get("quantization_config"):  # a quantized slice: what the runtimes read of its format
+        from elastic.slicer.quant.runtimes import quantized_runtime_support
+
+        return quantized_runtime_support(arch, config, out)
     return out

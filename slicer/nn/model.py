@@ -9,6 +9,11 @@ two deliberate differences, both matching NVIDIA's kernels: dt is clamped to the
 ``time_step_limit`` in prefill *and* decode (transformers clamps to ``time_step_min`` in prefill
 only), and MoE layers are refused (the Elastic family has none).
 
+A quantized checkpoint (NVIDIA Model Optimizer's layout) loads with its Linear weights
+dequantized (``elastic.slicer.quant.dequant``); for W8A8 formats (fp8, int8 SmoothQuant) the
+Linear's input is quantize-dequantized with its ``input_scale`` as well (:class:`FakeQuantLinear`),
+so the logits are Model Optimizer's simulated-quantization logits.
+
 Example:
     >>> model = load_model("./model", dtype=torch.float32)
     >>> cache = model.new_cache()
@@ -204,6 +209,22 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.heads * self.head_dim))
 
 
+class FakeQuantLinear(nn.Linear):
+    """A Linear whose input is quantize-dequantized first (W8A8: fp8 or int8 with a static
+    per-tensor ``scale``, after SmoothQuant's ``pre_quant_scale``); the weight is already dequantized."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kind: str, scale: float,
+                 pre_quant_scale: torch.Tensor | None, device=None):
+        super().__init__(in_features, out_features, bias=bias, device=device)
+        self.kind, self.scale = kind, scale
+        self.register_buffer("pre_quant_scale", pre_quant_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from elastic.slicer.quant.dequant import fake_quant_input
+
+        return F.linear(fake_quant_input(x, self.kind, self.scale, self.pre_quant_scale), self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """Squared-ReLU MLP, no gate."""
 
@@ -317,11 +338,14 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
     """Load a checkpoint directory into the reference model.
 
     The model is built on the ``meta`` device and each tensor, read from its shard, becomes the
-    parameter itself (``assign``), so there is never a second copy of the weights in memory.
+    parameter itself (``assign``), so there is never a second copy of the weights in memory. A
+    quantized checkpoint's Linear weights are dequantized one Linear at a time (see the module
+    docstring).
 
     Args:
         path: checkpoint directory (config.json + safetensors) or an opened :class:`Checkpoint`.
-        dtype: cast every tensor to this dtype (default: as stored).
+        dtype: cast every tensor to this dtype (default: as stored; for a quantized checkpoint, the
+            dtype of its unquantized tensors).
         device: where the parameters go.
 
     Raises:
@@ -332,8 +356,17 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
         raise CheckpointError("no weights to load (config.json only)", path=str(ckpt.root))
     with torch.device("meta"):
         model = NemotronH(ckpt.arch)
+    quantized: list[str] = []
+    if ckpt.quant is not None:
+        from elastic.slicer.quant.layout import linear_modules
+
+        quantized = [m for m in linear_modules(ckpt.arch.tensor_shapes()) if ckpt.quant.is_quantized(m)]
+        if dtype is None:  # run in the dtype the unquantized tensors are stored in
+            dtype = getattr(torch, ckpt.tensors["backbone.embeddings.weight"].dtype_name)
+        _load_quantized(model, ckpt, quantized, dtype, device)
     expected = dict(model.named_parameters())
-    for name, tensor in ckpt.iter_tensors([n for n in ckpt.tensors if n in expected]):
+    skip = {f"{m}.weight" for m in quantized}
+    for name, tensor in ckpt.iter_tensors([n for n in ckpt.tensors if n in expected and n not in skip]):
         if dtype is not None:
             tensor = tensor.to(dtype)
         module_name, leaf = name.rsplit(".", 1)
@@ -344,6 +377,25 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
     if left:  # Checkpoint.open checked shapes; this guards the loader itself
         raise CheckpointError("weights not loaded", problems=left, path=str(ckpt.root))
     return model.eval()
+
+
+def _load_quantized(model: NemotronH, ckpt: Checkpoint, modules: list[str], dtype: torch.dtype, device: str) -> None:
+    """Dequantize each quantized Linear of ``ckpt`` into ``model`` (W8A8: as a FakeQuantLinear)."""
+    from elastic.slicer.quant.dequant import dequantize
+
+    for module in modules:
+        leaves = [n.rsplit(".", 1)[1] for n in ckpt.tensors if n.rsplit(".", 1)[0] == module]
+        weight, act = dequantize(ckpt.quant, {leaf: ckpt.read(f"{module}.{leaf}") for leaf in leaves})
+        parent_name, leaf = module.rsplit(".", 1) if "." in module else ("", module)
+        parent, old = model.get_submodule(parent_name), model.get_submodule(module)
+        if act is not None:
+            pqs = act.pre_quant_scale
+            pqs = pqs.to(device=device, dtype=torch.float32) if pqs is not None else None
+            new = FakeQuantLinear(old.in_features, old.out_features, old.bias is not None, act.kind, act.scale, pqs,
+                                  device="meta")
+            setattr(parent, leaf, new)
+        linear = model.get_submodule(module)
+        linear.weight = nn.Parameter(weight.to(dtype).to(device), requires_grad=False)
 
 
 class TorchBackend:

@@ -1,9 +1,14 @@
 """A checkpoint directory on disk: config, shard index, safetensors headers. Torch only in
 :meth:`Checkpoint.read`; :meth:`Checkpoint.read_bits` reads the same data into numpy.
 
+A quantized checkpoint (NVIDIA Model Optimizer's unified layout: ``quantization_config`` in
+config.json, ``hf_quant_config.json``) opens too: ``Checkpoint.quant`` says its layout
+(``elastic.slicer.quant.layout``) and the tensors are validated against it.
+
 Example:
     >>> ckpt = Checkpoint.open("./model")          # validates config, index, shards, shapes
     >>> ckpt.arch.layer_pattern, ckpt.dtype, ckpt.weights_bytes
+    >>> ckpt.quant.quant_algo if ckpt.quant else None   # "W4A16_AWQ" for an int4 slice
     >>> w = ckpt.read("backbone.norm_f.weight")    # one torch tensor, read from its shard
     >>> b = ckpt.read_bits("backbone.norm_f.weight", (0, 8))  # its first 8 rows' raw bits, numpy
 """
@@ -19,6 +24,7 @@ from typing import Any, Iterator
 from elastic.slicer.errors import CheckpointError
 from elastic.slicer.formats.arch import Arch, read_config
 from elastic.slicer.formats.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, _cap, bits_dtype, read_header
+from elastic.slicer.quant.layout import OPTIONAL, QuantLayout, expected_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,11 +49,13 @@ class Checkpoint:
     Use :meth:`open`; it validates everything it can and raises one error listing all problems.
     """
 
-    def __init__(self, root: Path, config: dict[str, Any], arch: Arch, tensors: dict[str, TensorInfo]):
+    def __init__(self, root: Path, config: dict[str, Any], arch: Arch, tensors: dict[str, TensorInfo],
+                 quant: QuantLayout | None = None):
         self.root = root
         self.config = config
         self.arch = arch
         self.tensors = tensors  # name -> TensorInfo; empty when the weights are absent
+        self.quant = quant  # the quantized layout, None for a float checkpoint
 
     # ---- opening and validation ---------------------------------------------------------
     @classmethod
@@ -59,9 +67,9 @@ class Checkpoint:
             require_weights: raise when no weights are present (else config-only mode).
 
         Raises:
-            ConfigError: config.json missing or invalid.
+            ConfigError: config.json missing or invalid, or a quantization it does not understand.
             CheckpointError: a shard is missing, truncated, outside the directory, or a tensor
-                disagrees with the config (every problem listed).
+                disagrees with the config or the quantized layout (every problem listed).
         """
         root = Path(path)
         if root.is_file() and root.name == "config.json":
@@ -70,8 +78,9 @@ class Checkpoint:
             raise CheckpointError("no such checkpoint directory", path=str(root))
         config = read_config(root / "config.json")
         arch = Arch.from_config(config, source=str(root / "config.json"))
+        quant = QuantLayout.read(root, config)
         tensors = cls._scan_weights(root)
-        ckpt = cls(root, config, arch, tensors)
+        ckpt = cls(root, config, arch, tensors, quant)
         if require_weights:
             ckpt.require_weights()
         if tensors:
@@ -151,20 +160,36 @@ class Checkpoint:
         return tensors
 
     def shape_problems(self) -> list[str]:
-        """Every difference between the tensors on disk and what config.json implies."""
-        expected = self.arch.tensor_shapes()
-        problems = []
-        for name, shape in expected.items():
+        """Every difference between the tensors on disk and what config.json (and, for a quantized
+        checkpoint, its quantized layout) implies."""
+        problems: list[str] = []
+        if self.quant is None:
+            expected = {name: (None, shape) for name, shape in self.arch.tensor_shapes().items()}
+        else:
+            expected, problems = expected_tensors(self.quant, self.arch.tensor_shapes())
+        for name, (dtype, shape) in expected.items():
             info = self.tensors.get(name)
+            what = f"{self.quant.quant_algo} layout" if dtype is not None else "config"
+            if info is None and dtype is not None and name.rsplit(".", 1)[1] in OPTIONAL:
+                continue
             if info is None:
-                problems.append(f"missing tensor {name} {list(shape)}")
+                problems.append(f"missing tensor {name} {list(shape)}"
+                                + (f" ({self.quant.quant_algo} layout)" if dtype is not None else ""))
             elif info.shape != shape:
-                problems.append(f"{name}: config implies shape {list(shape)}, {info.file.name} has {list(info.shape)}")
-            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"{name}: {what} implies shape {list(shape)}, {info.file.name} has {list(info.shape)}")
+            elif dtype is None and info.dtype not in FLOAT_DTYPES:
                 problems.append(f"{name} is {info.dtype_name} in {info.file.name}; model weights are floating point")
+            elif dtype is None and self.quant is not None and info.dtype.startswith("F8"):
+                problems.append(f"{name} is {info.dtype_name} in {info.file.name}, but {self.quant.quant_algo} leaves "
+                                "it unquantized (an fp8 tensor without scales)")
+            elif dtype is not None and info.dtype not in ((dtype,) if isinstance(dtype, str) else dtype):
+                want = dtype if isinstance(dtype, str) else " or ".join(dtype)
+                problems.append(f"{name} is {info.dtype} in {info.file.name}; the {self.quant.quant_algo} layout "
+                                f"stores it as {want}")
+        layout = "config.json's layout" + (f" or the {self.quant.quant_algo} layout" if self.quant else "")
         for name in self.tensors:
             if name not in expected and not name.startswith(IGNORED_PREFIXES):
-                problems.append(f"unexpected tensor {name} in {self.tensors[name].file.name} (not in config.json's layout)")
+                problems.append(f"unexpected tensor {name} in {self.tensors[name].file.name} (not in {layout})")
         return problems
 
     def require_weights(self) -> None:
