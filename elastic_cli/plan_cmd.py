@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elastic.slicer.formats.precision import AUTO, KV, PLAN_WEIGHTS, STATE
+from elastic.slicer.formats.precision import AUTO, KV, PLAN_WEIGHTS, STATE, lookup
 
 from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
                      print_json, progress_bar)
@@ -257,7 +257,9 @@ def fit_my_gpu(
     runner = "ONNX Runtime" if smoke["backend"] == "onnx" else "PyTorch reference"
     lines = [
         "",
-        f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, {chosen.dtype}, "
+        f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, "
+        f"{chosen.weights_precision if chosen.weights_precision != lookup(chosen.dtype).short else chosen.dtype} "
+        "weights, "
         f"{human_bytes(result.bytes_written)})",
     ]
     if "out" in exported:

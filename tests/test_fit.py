@@ -184,3 +184,20 @@ def test_fit_my_gpu_skips_an_export_that_would_not_fit(tmp_path, monkeypatch):
     p = json.loads(r.stdout)
     assert "exporting it needs" in p["export"]["skipped"] and not (tmp_path / "m" / "export").exists()
     assert p["smoke"]["new_tokens"] >= 1  # the sliced model still runs (PyTorch)
+
+
+def test_fit_my_gpu_slices_the_quantized_precision_it_planned(tmp_path, monkeypatch):
+    """With Model Optimizer installed, fit-my-gpu writes what the plan chose: here int8 pinned for an
+    Orin Nano (which runs int8), and the smoke test runs the quantized slice."""
+    import pytest
+
+    pytest.importorskip("modelopt")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--target", "orin-nano-8gb", "--precision",
+                            "int8", "--out", "m", "--no-export", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert p["chosen_precision"] == "int8"
+    manifest = json.loads((tmp_path / "m" / "slice_manifest.json").read_text())
+    assert manifest["precision"] == "int8" and (tmp_path / "m" / "hf_quant_config.json").is_file()
+    assert p["smoke"]["new_tokens"] >= 1

@@ -21,7 +21,7 @@ from typing import Any
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
 from elastic.slicer.errors import ConfigError, Hint
-from elastic.slicer.formats.precision import (AUTO, FLOAT32, KV, PLAN_WEIGHTS, QUANT_RANKING, STATE, WEIGHTS,
+from elastic.slicer.formats.precision import (AUTO, FLOAT32, KV, NVFP4, PLAN_WEIGHTS, QUANT_RANKING, STATE, WEIGHTS,
                                               Precision, choose, lookup, supported)
 from elastic.slicer.planning.memory import (Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
                                             max_context, weights_breakdown)
@@ -312,10 +312,18 @@ class Plan:
         return out
 
 
-def slice_precisions() -> tuple[Precision, ...]:
-    """The weights precisions :func:`slice_budget` writes in this build: the float ones. (A
-    quantizer adds its formats here; a plan made ``for_slicing`` chooses among these only.)"""
-    return WEIGHTS
+def slice_precisions(target: Target | None = None) -> tuple[Precision, ...]:
+    """The weights precisions :func:`slice_budget` can write here: the float ones, and the quantized
+    ones when NVIDIA Model Optimizer is installed (``elastic[modelopt]``); nvfp4 only when the plan
+    is for this machine's own GPU (its calibration needs CUDA). A plan made ``for_slicing``
+    chooses among these only."""
+    from importlib.util import find_spec
+
+    if find_spec("modelopt") is None:  # imports nothing
+        return WEIGHTS
+    quantized = tuple(q for q in QUANT_RANKING if q is not NVFP4 or (target is not None and target.source == "detected"
+                                                                    and target.kind != "cpu"))
+    return (*WEIGHTS, *quantized)
 
 
 def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None,
@@ -337,7 +345,7 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
             slicing cannot write.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    allowed = slice_precisions() if for_slicing else PLAN_WEIGHTS
+    allowed = slice_precisions(target) if for_slicing else PLAN_WEIGHTS
     pr = resolve_precisions(workload, target, allowed)
     rows, candidates = [], []
     for name, spec, source in budget_specs(ckpt):
@@ -363,8 +371,10 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
     if for_slicing:
         alt = better_alternative(ckpt, rows, target, pr.weights)
         if alt is not None and chosen is not None and alt[0].parameters > chosen.parameters:
-            notes.append(f"budget {alt[0].name} would fit with {alt[1].short} weights, but slicing writes "
-                         f"{', '.join(q.short for q in allowed)} weights only in this build (no quantizer yet)")
+            notes.append(f"budget {alt[0].name} would fit with {alt[1].short} weights, but slicing here writes "
+                         f"{', '.join(q.short for q in allowed)} weights"
+                         + ("" if len(allowed) > len(WEIGHTS) else
+                            " (quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"))
     w = replace(workload, dtype=pr.base.name, weights=pr.weights[0].name if pr.pinned else AUTO,
                 kv=pr.kv.name, state=pr.state.name)
     return Plan(
@@ -451,8 +461,9 @@ def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, tried:
     alt = better_alternative(ckpt, rows, target, tried)
     if alt is not None:
         out.append(f"budget {alt[0].name} fits with {alt[1].short} weights (instead of {alt[0].weights_precision})"
-                   + ("" if alt[1] in allowed else f", once slicing writes them (this build writes "
-                      f"{', '.join(q.short for q in allowed)} weights only)"))
+                   + ("" if alt[1] in allowed else f" (slicing here writes {', '.join(q.short for q in allowed)} weights"
+                      + ("; quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"
+                         if len(allowed) == len(WEIGHTS) else ")")))
     need = smallest.terms["total"]
     out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
                f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "
@@ -486,12 +497,22 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
     from elastic.slicer.slice import slice_checkpoint
 
     b = p.budget(budget)
-    if b.weights_precision and lookup(b.weights_precision) not in slice_precisions():
-        raise ConfigError(f"budget {b.name} was planned with {b.weights_precision} weights; slicing writes "
-                          f"{', '.join(q.short for q in slice_precisions())} weights only in this build "
-                          "(no quantizer yet): plan it for slicing, or with float weights",
+    allowed = slice_precisions(p.target)
+    weights = lookup(b.weights_precision) if b.weights_precision else lookup(b.dtype)
+    if weights not in allowed:
+        raise ConfigError(f"budget {b.name} was planned with {weights.short} weights; slicing here writes "
+                          f"{', '.join(q.short for q in allowed)} weights"
+                          + ("" if weights.name != "nvfp4" else " (nvfp4 calibrates on this machine's CUDA GPU)")
+                          + ("" if len(allowed) > len(WEIGHTS) else
+                             " (quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"),
                           hint=Hint("precision", "plan with float weights", value=lookup(b.dtype).short))
     p.checkpoint.require_weights()  # planning works without them; slicing does not
+    if weights.quantized:
+        from elastic.slicer.quant.quantize import slice_and_quantize
+
+        kind = {"budget": b.name} if p.checkpoint.is_elastic else {}
+        return slice_and_quantize(p.checkpoint, out, weights, dtype=b.dtype, force=force, progress=progress,
+                                  resolved=(b.spec, b.resolved_by if p.checkpoint.is_elastic else "spec"), **kind)
     if p.checkpoint.is_elastic:
         return slice_checkpoint(p.checkpoint, out, budget=b.name, resolved=(b.spec, b.resolved_by), dtype=b.dtype,
                                 force=force, progress=progress)

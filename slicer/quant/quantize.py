@@ -55,6 +55,11 @@ class QuantizeResult:
     weights_bytes: int  # the safetensors shards
     manifest: dict[str, Any]  # slice_manifest.json as written
 
+    @property
+    def parameters(self) -> int:
+        """The model's parameter count (as ``SliceResult.parameters``: the float model's)."""
+        return self.manifest["parameters"]["total"]
+
     def to_json(self) -> dict[str, Any]:
         """``elastic slice --precision ... --json``: what was written and who loads it."""
         m = self.manifest
