@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib.util import find_spec
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -221,19 +222,29 @@ def test_cli_pins_and_refusals():
     assert r.exit_code == 2 and "disagree" in r.stderr
 
 
-def test_fit_my_gpu_chooses_among_float_weights_and_says_so():
+def test_fit_my_gpu_chooses_among_what_slicing_writes(monkeypatch):
+    import elastic.slicer.planning.fit as fit
+
+    if find_spec("modelopt") is not None:  # the quantizer is installed: fp8 fits the 12B on a 4090
+        p = json.loads(runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "rtx-4090", "--dry-run",
+                                           "--json"]).stdout)
+        assert (p["chosen"], p["chosen_precision"]) == ("12B", "fp8")
+    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)  # as without Model Optimizer
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "rtx-4090", "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     assert (p["chosen"], p["chosen_precision"]) == ("9B", "bf16")
-    assert any("12B would fit with fp8 weights" in n and "slicing writes" in n for n in p["notes"])
+    assert any("12B would fit with fp8 weights" in n and "elastic[modelopt]" in n for n in p["notes"])
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "rtx-4090", "--precision", "int4", "--dry-run"])
     assert r.exit_code == 2 and "int4 weights are not available here" in r.stderr
 
 
-def test_slicing_a_quantized_row_is_refused():
+def test_slicing_a_quantized_row_needs_the_quantizer(monkeypatch):
+    import elastic.slicer.planning.fit as fit
+
     p = on("orin-nano-8gb")
-    with pytest.raises(ConfigError, match="planned with int4 weights"):
+    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)
+    with pytest.raises(ConfigError, match="planned with int4 weights.*elastic.modelopt"):
         slice_budget(p, "6B", "unused")
 
 

@@ -100,7 +100,10 @@ def test_context_changes_the_table():
     pilot(app, script)
 
 
-def test_target_changes_usable_memory_and_fit():
+def test_target_changes_usable_memory_and_fit(monkeypatch):
+    import elastic.slicer.planning.fit as fit
+
+    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)  # float slicing, as without modelopt
     app = build_app(EXAMPLE_12B, "rtx-4090")
 
     async def script(p):
