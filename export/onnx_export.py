@@ -34,7 +34,14 @@ from .layout import DECODE, PAST, PREFILL, PRESENT, WEIGHTS
 # torch's dynamo exporter emits natively (no version conversion) and predates ops TensorRT 10.3
 # cannot parse (RMSNormalization and Attention arrive in opset 23).
 DEFAULT_OPSET = 18
-OPSET_RANGE = (18, 20)  # the dynamo exporter's lowest opset .. TensorRT 10's highest
+FLOAT_OPSET_RANGE = (18, 20)  # float graphs: the dynamo exporter's lowest opset .. TensorRT 10.0-10.3's highest
+# Q/DQ graphs of an int4 (AWQ) checkpoint need opset 21: ONNX's INT4 type and DequantizeLinear's
+# block_size arrive there. TensorRT imports INT4 blocked DequantizeLinear from 10.0 (onnx-tensorrt
+# docs/Changelog.md, "TensorRT 10.0 EA": INT4 quantization; docs/operators.md lists INT4 for
+# DequantizeLinear) although that matrix states opsets 9..20; the 10.15 matrix states 9..24, and
+# NVIDIA Model Optimizer emits its INT4 ONNX for TensorRT at opset 21 (modelopt/onnx/utils.py,
+# QDQ_PRECISION_MIN_OPSET). So 21 is allowed for Q/DQ graphs only (export/qdq.py picks it for int4).
+OPSET_RANGE = (18, 21)
 # bfloat16 graphs are not offered: ONNX Conv takes bfloat16 only from opset 22, beyond TensorRT 10.3's
 # parser; TensorRT builds bf16 engines from float32 graphs (--bf16) instead
 
@@ -123,23 +130,29 @@ def _fold_weight_transposes(graph) -> None:
             graph.initializers.pop(src.name)
 
 
-def _entries(graphs) -> list:
+def _entries(graphs, raw: set[str] = frozenset()) -> list:
+    """One entry per initializer of ``graphs``; those in ``raw`` (Q/DQ tensors, export/qdq.py) are
+    written as their source gives them, keyed by the initializer name without the prefix."""
     from .weights import Entry
 
     out: dict[str, Entry] = {}
     for g in graphs:
         for name in g.graph.initializers:
-            param = name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)
             if not name.startswith(PARAM_PREFIX):
                 raise ElasticError(f"the exported graph has an initializer {name!r} that is not a parameter of the "
                                    "model; this is a bug, please report it")
+            if name in raw:
+                out.setdefault(name, Entry(name, name.removeprefix(PARAM_PREFIX), False, raw=True))
+                continue
+            param = name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)
             out.setdefault(name, Entry(name, param, name.endswith(TRANSPOSED)))
     return list(out.values())
 
 
 def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor] | None = None,
-                 dtype: torch.dtype | None = None, opset: int = DEFAULT_OPSET, external_data: bool | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 dtype: torch.dtype | None = None, opset: int | None = None, external_data: bool | None = None,
+                 progress: Callable[[str], None] | None = None, qdq=None,
+                 quantized: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Export ``prefill.onnx`` and ``decode.onnx`` into the existing directory ``out_dir``, with their
     weights once in ``weights.bin``.
 
@@ -153,10 +166,14 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
             weights and its dtype the graph dtype, unless given).
         weights: ``get(parameter_name) -> tensor``, e.g. ``elastic.export.weights.checkpoint_source``.
         dtype: the graphs' float dtype (float32 or float16).
-        opset: ONNX opset, within :data:`OPSET_RANGE`.
+        opset: ONNX opset: default 18 (float graphs, within :data:`FLOAT_OPSET_RANGE`), or the
+            Q/DQ plan's (``qdq.opset``); within :data:`OPSET_RANGE`.
         external_data: kept for callers of the earlier API: weights are always in ``weights.bin``;
             False is refused.
         progress: called with a short message before each stage.
+        qdq: an ``elastic.export.qdq.QdqPlan`` (a quantized checkpoint): each quantized Linear's
+            weight is stored quantized and dequantized in the graph; ``quantized`` is then
+            ``elastic.export.qdq.quantized_source`` (its tensors' bytes), ``weights`` gives the rest.
 
     Returns:
         ``files`` (written, relative to out_dir), ``opset``, ``external_data`` (True), ``exporter``
@@ -170,9 +187,15 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
 
     from .weights import write_weights
 
-    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
-        raise ElasticError(f"opset {opset} is outside {OPSET_RANGE[0]}..{OPSET_RANGE[1]}: torch's dynamo exporter "
-                           f"starts at {OPSET_RANGE[0]}, TensorRT 10's ONNX parser stops at {OPSET_RANGE[1]}")
+    opset = opset or (qdq.opset if qdq is not None else DEFAULT_OPSET)
+    lo, hi = OPSET_RANGE if qdq is not None else FLOAT_OPSET_RANGE
+    if not lo <= opset <= hi:
+        raise ElasticError(f"opset {opset} is outside {lo}..{hi}: torch's dynamo exporter starts at {lo}, TensorRT "
+                           f"10's ONNX parser stops at {hi}" + (" for these graphs" if qdq is not None else ""))
+    if qdq is not None and opset < qdq.opset:
+        raise ElasticError(f"{qdq.layout.quant_algo} Q/DQ graphs need opset {qdq.opset} or newer (asked: {opset})")
+    if qdq is not None and quantized is None:
+        raise ElasticError("write_graphs with a Q/DQ plan needs quantized=elastic.export.qdq.quantized_source(...)")
     if external_data is False:
         raise ElasticError("weights are always written once to weights.bin, shared by both graphs (the graphs "
                            "alone stay small); external_data=False is no longer offered")
@@ -201,12 +224,17 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
     decode = _export_one(DecodeGraph(meta), (ids[:, :1], *past), io_names["decode"],
                           {"input_ids": {0: batch}, "past": state_dims}, opset)
     graphs = {PREFILL: prefill, DECODE: decode}
+    raw: set[str] = set()
     for g in graphs.values():
         _fold_weight_transposes(g.graph)
-    entries = _entries(graphs.values())
+        if qdq is not None:
+            from .qdq import rewrite
+
+            raw |= rewrite(g.graph, qdq)
+    entries = _entries(graphs.values(), raw)
 
     say("writing the weights once, shared by both graphs")
-    placed = write_weights(out_dir / WEIGHTS, entries, weights, dtype)
+    placed = write_weights(out_dir / WEIGHTS, entries, weights, dtype, raw=quantized)
     for g in graphs.values():
         for name, value in g.graph.initializers.items():
             p = placed[name]
@@ -215,6 +243,8 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
     say("optimising and writing the graphs")
 
     def should_fold(node) -> bool | None:  # a weight is never copied into a graph by folding
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            return False  # Q/DQ stay: they are the quantization TensorRT builds from
         big = any(v is not None and v.is_initializer() and isinstance(v.const_value, ir.ExternalTensor)
                   and v.const_value.size > FOLD_LIMIT for v in node.inputs)
         return False if big else None
@@ -235,6 +265,7 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
         "exporter": "dynamo",
         "io": io_names,
         "weight_bytes": sum(p.length for p in placed.values()),
+        "qdq": sorted(raw),
     }
 
 

@@ -14,6 +14,17 @@ from .graphs import cache_tensors, state_tensors
 from .runtime import OnnxGenerator
 
 TOLERANCE = 1e-4  # max |logit difference| accepted for float32 graphs
+# Q/DQ graphs against the dequantizing reference (load_model). The arithmetic is the same, but the
+# float32 sums before an activation QuantizeLinear differ in the last bits between the runtimes
+# (summation order; ONNX Runtime may also fuse Q/DQ + MatMul into integer kernels), and a value on a
+# rounding boundary then lands one quantization step away: one int8 step is input_scale, one fp8
+# step up to 1/16 of the value. Such a flip moves the logits by about a step times a weight, far above
+# 1e-4 but below a wrong graph (a wrong scale, axis or nibble order moves every logit by O(1)). Seen:
+# the demo's 75% int8 slice, max |diff| 7.2e-2 and mean 4.3e-3 (the Mamba state carries one early
+# flip to every later position). So a Q/DQ export is accepted when the greedy tokens are identical,
+# the largest difference stays below QDQ_TOLERANCE and the mean difference below QDQ_MEAN_TOLERANCE.
+QDQ_TOLERANCE = 0.25
+QDQ_MEAN_TOLERANCE = 2e-2
 
 
 def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) -> NemotronH:
@@ -46,13 +57,18 @@ def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) ->
     return model.eval()
 
 
+def _mean_diff(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.abs(a.astype(np.float64) - b.double().numpy()).mean()) if a.size else 0.0
+
+
 def _diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.abs(a.astype(np.float64) - b.double().numpy()).max()) if a.size else 0.0
 
 
 @torch.no_grad()
 def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, prompt_len: int | None = None,
-                 decode_steps: int = 4, new_tokens: int = 8, tolerance: float = TOLERANCE, seed: int = 0,
+                 decode_steps: int = 4, new_tokens: int = 8, tolerance: float = TOLERANCE,
+                 mean_tolerance: float | None = None, seed: int = 0,
                  generator: OnnxGenerator | None = None) -> dict[str, Any]:
     """Run the same random prompt through ``model`` and the graphs in ``export_dir``.
 
@@ -78,7 +94,7 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
     cache = model.new_cache()
     ref_logits = model(ids, cache=cache)  # NemotronH.forward itself, not the export wrappers
     logits, state = gen.prefill(ids.numpy())
-    prefill_diff = _diff(logits, ref_logits)
+    prefill_diff, mean_diff = _diff(logits, ref_logits), _mean_diff(logits, ref_logits)
     state_diff = max((_diff(state[s.name], t) for s, t in zip(states, cache_tensors(cache, states))), default=0.0)
 
     decode_diff = 0.0
@@ -87,6 +103,7 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
         ref_logits = model(nxt[:, None], cache=cache)
         logits, state = gen.step(nxt.numpy(), state)
         decode_diff = max(decode_diff, _diff(logits, ref_logits))
+        mean_diff = max(mean_diff, _mean_diff(logits, ref_logits))
 
     torch_tokens = generate(model, ids, new_tokens)[:, prompt_len:]
     onnx_tokens = gen.generate(ids.numpy(), new_tokens)[:, prompt_len:]
@@ -99,8 +116,11 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
         "torch_tokens": torch_tokens.tolist(),
         "onnx_tokens": onnx_tokens.tolist(),
         "tolerance": tolerance,
+        "mean_abs_diff": mean_diff,  # the largest mean |logit diff| of prefill and the decode steps
+        "mean_tolerance": mean_tolerance,
         "batch": batch,
         "prompt_len": prompt_len,
         "decode_steps": decode_steps,
-        "ok": max(prefill_diff, state_diff, decode_diff) <= tolerance and same,
+        "ok": (max(prefill_diff, state_diff, decode_diff) <= tolerance and same
+               and (mean_tolerance is None or mean_diff <= mean_tolerance)),
     }

@@ -130,7 +130,8 @@ def export_model(
 
     from .graphs import state_tensors
     from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
-    from .parity import check_parity, shared_model
+    from .parity import QDQ_MEAN_TOLERANCE, QDQ_TOLERANCE, check_parity, shared_model
+    from .qdq import plan as qdq_plan, quantized_source
     from .runtime import OnnxGenerator
     from .weights import checkpoint_source, release_memory, verify_weights
     from .readme import render
@@ -155,15 +156,18 @@ def export_model(
 
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
-    settings = engine_settings(target, precision, max_batch, max_context) if format != "onnx" else None
     say(f"opening {model_dir}")
-    ckpt, torch_dtype = _open(model_dir, dtype)
+    ckpt, torch_dtype = _open(model_dir, dtype)  # validated, not loaded
+    q = qdq_plan(ckpt, torch_dtype)  # None: a float checkpoint, float graphs exactly as before
+    settings = (engine_settings(target, precision, max_batch, max_context,
+                                quantized=q.layout.format.precision if q else None) if format != "onnx" else None)
     weights = checkpoint_source(ckpt)
     arch = ckpt.arch
     with ShardedWriter(out, force=force, source_files=model_files, kind="export") as w:
         tmp = w.tmp
-        info = write_graphs(arch, tmp, weights=weights, dtype=torch_dtype, opset=opset or DEFAULT_OPSET,
-                            external_data=external_data, progress=say)
+        info = write_graphs(arch, tmp, weights=weights, dtype=torch_dtype, opset=opset or (q.opset if q else DEFAULT_OPSET),
+                            external_data=external_data, progress=say, qdq=q,
+                            quantized=quantized_source(ckpt, q) if q else None)
         release_memory()  # the tracer's graphs and the write buffers, before the checks and the parity run
         say("onnx.checker")
         check_onnx(tmp)
@@ -173,17 +177,29 @@ def export_model(
         if parity and dtype == "float32":
             say("comparing ONNX Runtime with PyTorch")
             gen = OnnxGenerator(tmp)  # one memory map of weights.bin: ONNX Runtime's and the model's weights
-            bad = verify_weights(gen.weights, weights, torch_dtype)
+            floats = {n: v for n, v in gen.weights.items() if n not in info["qdq"]}  # Q/DQ bytes: parity checks them
+            bad = verify_weights(floats, weights, torch_dtype)
             release_memory()
             if bad:
                 raise ElasticError(f"weights.bin differs from the checkpoint in {len(bad)} tensor(s) (nothing was "
                                    "written); this is a bug, please report it", problems=bad[:20])
-            result = check_parity(shared_model(arch, gen.weights, weights, torch_dtype), tmp, generator=gen)
+            if q is None:
+                result = check_parity(shared_model(arch, gen.weights, weights, torch_dtype), tmp, generator=gen)
+            else:
+                # Q/DQ graphs: against the reference loader, which dequantizes each Linear and fake-quantizes
+                # W8A8 inputs as the graphs' Q/DQ do. Memory is not flat here: the dequantized model is held
+                # in float32 beside ONNX Runtime's sessions (a quantized export is small; the float path stays flat).
+                from elastic.slicer.nn.model import load_model
+
+                result = check_parity(load_model(ckpt, dtype=torch_dtype), tmp, generator=gen, tolerance=QDQ_TOLERANCE,
+                                      mean_tolerance=QDQ_MEAN_TOLERANCE)
             del gen
             if not result["ok"]:
                 raise ElasticError(
                     "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
-                    f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}, "
+                    f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}"
+                    + (f", mean {result['mean_abs_diff']:.2e} (at most {result['mean_tolerance']:g})"
+                       if result.get("mean_tolerance") is not None else "") + ", "
                     f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "
                     f"(tolerance {result['tolerance']:g}); this is a bug, please report it",
                     hint=Hint("parity", "to export anyway, skip the check", False))
@@ -197,6 +213,10 @@ def export_model(
             "parameters": arch.param_counts()["total"],
             "layer_pattern": arch.layer_pattern,
             "opset": info["opset"],
+            "quantization": ({"quant_algo": q.layout.quant_algo, "precision": q.layout.format.precision,
+                              "weight_type": q.weight_type, "activations": q.activations,
+                              "group_size": q.layout.group_size if q.weight_type == "INT4" else None,
+                              "qdq_linears": len(q.modules)} if q else None),
             "exporter": info["exporter"],
             "external_data": info["external_data"],
             "io": info["io"],
@@ -247,14 +267,17 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
         return {"path": str(path), "opset": opsets.pop() if len(opsets) == 1 else sorted(opsets), **report}
     from .onnx_export import DEFAULT_OPSET, write_graphs
 
+    from .qdq import plan as qdq_plan, quantized_source
     from .weights import checkpoint_source
 
     ckpt, torch_dtype = _open(path, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=".elastic-check-"))
     try:
         say = (lambda msg: progress(msg, 0, None)) if progress else None
+        q = qdq_plan(ckpt, torch_dtype)
         info = write_graphs(ckpt.arch, tmp, weights=checkpoint_source(ckpt), dtype=torch_dtype,
-                            opset=opset or DEFAULT_OPSET, progress=say)
+                            opset=opset or (q.opset if q else DEFAULT_OPSET), progress=say, qdq=q,
+                            quantized=quantized_source(ckpt, q) if q else None)
         return {"path": str(path), "opset": info["opset"], **check_export(tmp)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

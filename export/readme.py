@@ -16,6 +16,32 @@ OPSET_WHY = (
 )
 
 
+QDQ_WHY = {
+    19: "FLOAT8E4M3FN QuantizeLinear/DequantizeLinear arrive in opset 19 (TensorRT imports FP8 Q/DQ from 9.0).",
+    21: ("ONNX's INT4 type and DequantizeLinear's block_size arrive in opset 21; TensorRT imports blocked INT4 "
+         "weights from 10.0 (onnx-tensorrt Changelog), though its 10.x operator matrix states opsets up to 20 "
+         "until later releases (10.15: 24). NVIDIA Model Optimizer writes its INT4 ONNX at opset 21 too."),
+}
+
+
+def _quantization(q: dict[str, Any]) -> list[str]:
+    act = {"fp8": "quantized to FP8 E4M3 with the checkpoint's input_scale (QuantizeLinear -> DequantizeLinear)",
+           "int8": "quantized to INT8 with the checkpoint's input_scale (QuantizeLinear -> DequantizeLinear)",
+           None: "kept in float"}[q["activations"]]
+    block = f", blocked along the input in groups of {q['group_size']}" if q.get("group_size") else ""
+    return [
+        "## Quantization",
+        "",
+        (f"`{q['quant_algo']}` ({q['precision']}): each of the {q['qdq_linears']} quantized Linear layers keeps its "
+         f"weight in `{WEIGHTS}` as {q['weight_type']} (transposed to (in, out){block}) and dequantizes it in the "
+         f"graph (DequantizeLinear) right before its MatMul; its input is {act}"
+         + ("; AWQ/SmoothQuant's pre_quant_scale is a Mul on the input first" if q["precision"] in ("int4", "int8")
+            else "") + ". Embeddings, lm_head and the Mamba conv stay float. TensorRT builds these graphs strongly "
+         "typed (`--stronglyTyped`, no precision flags)."),
+        "",
+    ]
+
+
 def _shape(s) -> str:
     return "(" + ", ".join(str(d) for d in s.shape) + ")"
 
@@ -23,6 +49,7 @@ def _shape(s) -> str:
 def render(summary: dict[str, Any], states: list, dtype: str) -> str:
     """The README text for an export described by ``summary`` (see ``elastic.export.pipeline.export_model``)."""
     ext = summary["external_data"]
+    q = summary.get("quantization")
     files = [
         (PREFILL, "prompt -> logits of every position + the state of every layer"),
         (DECODE, "one token per sequence + the state -> logits + the new state"),
@@ -82,9 +109,13 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "",
         "## Opset",
         "",
-        f"Opset {summary['opset']}. {OPSET_WHY}",
+        f"Opset {summary['opset']}. "
+        + (QDQ_WHY[summary["opset"]] + " Float graphs stay at 18: " if summary["opset"] in QDQ_WHY and q else "")
+        + OPSET_WHY,
         "",
     ]
+    if q:
+        lines += _quantization(q)
     if ext:
         lines += [(f"The weights live in `{WEIGHTS}`, written once straight from the checkpoint; both graphs point "
                   "into the same file (ONNX external data), and `elastic generate --backend onnx` maps it once for "
@@ -96,7 +127,8 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
             "",
             (f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
             f"decode ({parity['decode_steps']} steps) {parity['decode_max_abs_diff']:.2e}, state "
-            f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}); greedy tokens "
+            f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}"
+            + ("; the reference dequantizes and fake-quantizes as the graphs do" if q else "") + "); greedy tokens "
             f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}."),
             "",
         ]
@@ -119,7 +151,8 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
             (f"No engine was built here ({trt['reason'].split('. ')[0].removeprefix('not built here: ')}). "
             f"On the target device run `sh {SCRIPT}` (trtexec from TensorRT 10; on JetPack "
             "`/usr/src/tensorrt/bin/trtexec`). It builds `prefill.engine` and `decode.engine` with "
-            f"precision {s['precision']}, a {s['workspace_bytes'] >> 20} MiB workspace, batch 1..{s['max_batch']} "
+            + (f"{s['quantized']} Q/DQ layers, strongly typed" if s.get("quantized") else f"precision {s['precision']}")
+            + f", a {s['workspace_bytes'] >> 20} MiB workspace, batch 1..{s['max_batch']} "
             f"and up to {s['max_context']} tokens per sequence ({s['source']})."),
             "",
         ]

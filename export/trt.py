@@ -50,6 +50,19 @@ _TYPED_OUTPUTS = {"Constant": (0,), "ConstantOfShape": (0,), "Cast": (0,), "Cast
                   "RandomNormal": (0,), "RandomUniform": (0,)}
 _NO_TYPED_INPUT = {"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform", "Shape", "Size"}
 
+# Q/DQ forms of a quantized export (export/qdq.py) and the TensorRT version that imports each
+# (onnx-tensorrt docs/Changelog.md: per-axis Q/DQ "TensorRT 8.0"; FP8 "TensorRT 9.0 GA"; INT4
+# quantization "TensorRT 10.0 EA"; docs/operators.md 10.x: DequantizeLinear INT8/FP8/INT4,
+# QuantizeLinear from FP32/FP16/BF16, zero points must be 0). (op, quantized type) -> (TensorRT, form)
+QDQ_SUPPORT = {
+    ("QuantizeLinear", "INT8"): ("8.0", "per-tensor INT8 activations"),
+    ("DequantizeLinear", "INT8"): ("8.0", "per-tensor or per-channel INT8"),
+    ("QuantizeLinear", "FP8"): ("9.0", "per-tensor FP8 E4M3 activations (runs on compute capability 8.9+)"),
+    ("DequantizeLinear", "FP8"): ("9.0", "per-tensor FP8 E4M3"),
+    ("DequantizeLinear", "INT4"): ("10.0", "blocked INT4 weights only (block_size, opset 21)"),
+}
+QDQ_OPSET = 21  # opset of INT4 blocked Q/DQ graphs; TensorRT >= 10.0 imports them (see onnx_export.OPSET_RANGE)
+
 
 @functools.cache
 def load_op_table(path: Path | None = None) -> dict[str, Any]:
@@ -120,6 +133,24 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     opset_ok = opset is not None and meta["min_opset"] <= opset <= meta["max_opset"]
+    qdq: dict[tuple[str, str], int] = {}
+    for node in nodes:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            i = 2 if node.op_type == "QuantizeLinear" else 0  # the quantized tensor: y_zero_point / x
+            code = types.get(node.input[i], 0) if i < len(node.input) and node.input[i] else 2  # no zero point: UINT8
+            tname = _TYPE_NAMES.get(code, str(code))
+            key = (node.op_type, tname)
+            qdq[key] = qdq.get(key, 0) + 1
+            if key not in QDQ_SUPPORT:
+                refuse(node, f"{tname} {node.op_type} is not a Q/DQ form TensorRT builds (supported: "
+                       + ", ".join(f"{t} {o}" for o, t in QDQ_SUPPORT) + ")")
+            attrs = {a.name: _attr_value(a) for a in node.attribute}
+            if tname == "INT4" and (node.input[0] not in constants or not attrs.get("block_size")):
+                refuse(node, "INT4 must be a blocked (block_size) DequantizeLinear of an initializer: TensorRT "
+                       "quantizes weights only to INT4")
+    # opset 21 is taken for INT4 blocked Q/DQ graphs only (the one reason to go past the 10.x matrix's 20)
+    if not opset_ok and opset == QDQ_OPSET and ("DequantizeLinear", "INT4") in qdq:
+        opset_ok = True
     for node in nodes:
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
@@ -166,6 +197,11 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
              if op in ops and ops[op].get("notes") and not any(k in ops[op] for k in checked)]
     unsupported = [{"op": op, "count": len(names), "reason": reason, "nodes": names[:3]}
                    for (op, reason), names in sorted(problems.items())]
+    quantized = [{"op": op, "type": t, "count": n, "tensorrt": QDQ_SUPPORT[(op, t)][0],
+                  "form": QDQ_SUPPORT[(op, t)][1]} for (op, t), n in sorted(qdq.items()) if (op, t) in QDQ_SUPPORT]
+    if quantized and opset == QDQ_OPSET:
+        notes.append({"op": "opset", "note": f"opset {opset} (INT4 blocked DequantizeLinear): TensorRT >= 10.0 imports "
+                      f"it, beyond the {meta['table_version']} matrix's stated {meta['min_opset']}..{meta['max_opset']}"})
     return {
         "opset": opset,
         "opset_supported": opset_ok,
@@ -173,6 +209,8 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
         "ops": dict(sorted(counts.items())),
         "unsupported": unsupported,
         "notes": notes,
+        "qdq": quantized,
+        "min_tensorrt": max((q["tensorrt"] for q in quantized), default=None, key=lambda v: tuple(map(int, v.split(".")))),
         "ok": opset_ok and not unsupported,
     }
 
@@ -215,6 +253,7 @@ class EngineSettings:
     opt_batch: int  # the shapes TensorRT tunes kernels for
     opt_seq: int
     source: str  # where the settings came from, for people
+    quantized: str | None = None  # "fp8" | "int8" | "int8_wo" | "int4": Q/DQ graphs, built strongly typed
 
     def shapes(self, dims: dict[str, list[int | str]]) -> dict[str, tuple[list[int], list[int], list[int]]]:
         """(min, opt, max) per input of a graph whose input shapes are ``dims`` (names of dynamic axes)."""
@@ -231,7 +270,7 @@ class EngineSettings:
 
 
 def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
-                    max_context: int = 4096) -> EngineSettings:
+                    max_context: int = 4096, quantized: str | None = None) -> EngineSettings:
     """Settings for the device a plan was made for.
 
     Args:
@@ -241,6 +280,10 @@ def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
         precision: "auto" or any spelling of bfloat16 / float16 / float32
             (``elastic.slicer.formats.precision``); "auto" is bf16 where the device has it
             (Ampere and newer, Jetson Orin), else fp16, as ``elastic plan`` chooses its dtype.
+
+        quantized: the checkpoint's quantized precision ("fp8", "int8", "int8_wo", "int4") when the
+            graphs are Q/DQ graphs: refused where the device cannot run it (fp8 needs Ada, Hopper or
+            Blackwell: ``Target.fp8``; int8 ``Target.int8``; int4 ``Target.int4``).
 
     Workspace: half the device's runtime-overhead allowance (the rest is the CUDA context), at
     least 256 MiB; 1 GiB when nothing is known.
@@ -271,10 +314,21 @@ def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
         if requested is not None and not supported(requested, target):
             raise ElasticError(f"{name} has no {requested.short} support; ask for {auto.short} (what auto picks here)")
         chosen = requested or auto
+        if quantized:
+            from elastic.slicer.formats.precision import lookup as find
+            from elastic.slicer.planning.fit import NEEDS
+
+            qp = find(quantized)
+            if not supported(qp, target):
+                raise ElasticError(
+                    f"{name} cannot run {qp.short} engines: TensorRT builds {qp.short} Q/DQ layers only on "
+                    f"{NEEDS.get(qp.needs, qp.needs)}; slice the model again with a precision this device runs "
+                    f"(`elastic plan --target {name}` lists them) or export for another --target",
+                    hint=Hint("precision", "re-slice with a precision the device runs"))
     workspace = max(MIN_WORKSPACE, overhead // 2) if overhead else GENERIC_WORKSPACE
     return EngineSettings(device=name, precision=chosen.short, workspace_bytes=workspace, max_batch=max_batch,
                           max_context=max_context, opt_batch=max(1, max_batch // 2) if max_batch > 2 else max_batch,
-                          opt_seq=min(512, max_context // 2), source=source)
+                          opt_seq=min(512, max_context // 2), source=source, quantized=quantized)
 
 
 def load_graph(path: str | Path):
@@ -316,13 +370,18 @@ def trtexec_script(export_dir: str | Path, settings: EngineSettings) -> str:
     export_dir = Path(export_dir)
     from elastic.slicer.formats.precision import lookup
 
-    flag = (" " + lookup(settings.precision).trt_flag).rstrip()
+    # Q/DQ graphs are explicitly quantized: TensorRT's "Explicit Quantization" guide says to build them
+    # strongly typed, without precision flags (--int8/--fp8/--int4 are for weakly typed networks); the
+    # types come from the graph (trtexec --stronglyTyped: TensorRT >= 9.1).
+    flag = " --stronglyTyped" if settings.quantized else (" " + lookup(settings.precision).trt_flag).rstrip()
     lines = [
         "#!/bin/sh",
         "# Build the TensorRT engines of this export on the device that will run them: an engine only runs",
         "# on the GPU model and TensorRT version that built it. Written by `elastic export`.",
         (f"# Settings: {settings.source}; precision {settings.precision}; workspace "
          f"{settings.workspace_bytes >> 20} MiB; batch <= {settings.max_batch}; context <= {settings.max_context} tokens."),
+        *([f"# Weights: {settings.quantized} Q/DQ graphs, built strongly typed (the graphs' types decide each layer's "
+           "precision; no --fp16/--int8/--fp8/--int4)."] if settings.quantized else []),
         "# Needs TensorRT 10 (JetPack 6 ships 10.3). Set TRTEXEC to trtexec's path if it is not on PATH.",
         "set -eu",
         'cd "$(dirname "$0")"',
@@ -379,14 +438,18 @@ def build_engines(export_dir: str | Path, settings: EngineSettings,
     built = {}
     for graph in (PREFILL, DECODE):
         say(f"building {ENGINES[graph]} with TensorRT {trt.__version__}")
-        network = builder.create_network(0)  # TensorRT 10: every network is explicit-batch
+        # TensorRT 10: every network is explicit-batch; Q/DQ graphs are built strongly typed (see trtexec_script)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.quantized else 0
+        network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(export_dir / graph)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise ElasticError(f"TensorRT's ONNX parser refused {graph}", problems=errors, path=str(export_dir))
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-        if settings.precision == "fp16":
+        if settings.quantized:
+            pass  # strongly typed: precision flags are not allowed
+        elif settings.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         elif settings.precision == "bf16":
             config.set_flag(trt.BuilderFlag.BF16)

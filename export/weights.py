@@ -26,6 +26,8 @@ from .layout import WEIGHTS
 
 ALIGN_LARGE = 65536  # tensors of 1 MiB and more start on a 64 KiB boundary (mmap-friendly)
 ALIGN_SMALL = 64
+# ONNX types ONNX Runtime cannot take from a numpy view: FLOAT8E4M3FN..FLOAT8E5M2FNUZ, UINT4, INT4, FLOAT4E2M1
+UNSHARED = frozenset({17, 18, 19, 20, 21, 22, 23})
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,9 @@ class Entry:
     """One initializer of the graphs: its name there, the parameter it holds, stored transposed or not."""
 
     name: str  # the graph's initializer name
-    param: str  # the reference model's parameter name (the checkpoint's tensor name)
+    param: str  # the reference model's parameter name (the checkpoint's tensor name); raw: the source's key
     transposed: bool
+    raw: bool = False  # a Q/DQ tensor (export/qdq.py): written as its source gives it, no cast
 
 
 @dataclass(frozen=True)
@@ -47,29 +50,33 @@ class Placement:
 def checkpoint_source(ckpt) -> Callable[[str], Any]:
     """``get(param_name) -> torch.Tensor`` for the reference model's parameters, one at a time.
 
-    A float checkpoint is read tensor by tensor (a tied ``lm_head.weight`` is the embeddings); a
-    quantized one goes through the reference loader, which dequantizes (the whole model is then in
-    memory once).
+    A float checkpoint is read tensor by tensor (a tied ``lm_head.weight`` is the embeddings). In a
+    quantized one the unquantized tensors are read the same way and a quantized Linear's weight is
+    dequantized from its own tensors alone (``elastic.slicer.quant.dequant``), one Linear at a time.
     """
-    config = ckpt.config
-    quantized = bool(config.get("quantization_config")) or (ckpt.root / "hf_quant_config.json").is_file()
-    if quantized:
-        from elastic.slicer.nn.model import load_model
-
-        state = dict(load_model(ckpt).named_parameters())
-        return lambda name: state[name].detach()
+    q = ckpt.quant
 
     def get(name: str):
         if name not in ckpt.tensors and name == "lm_head.weight" and ckpt.arch.tie_word_embeddings:
             name = "backbone.embeddings.weight"
+        module = name.removesuffix(".weight")
+        if q is not None and name.endswith(".weight") and f"{module}.weight_scale" in ckpt.tensors:
+            from elastic.slicer.quant.dequant import dequantize
+
+            leaves = {n.rsplit(".", 1)[1]: n for n in ckpt.tensors if n.rsplit(".", 1)[0] == module}
+            return dequantize(q, {leaf: ckpt.read(n) for leaf, n in leaves.items()})[0]
         return ckpt.read(name)
 
     return get
 
 
 def write_weights(path: Path, entries: list[Entry], get: Callable[[str], Any], dtype,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, Placement]:
+                  progress: Callable[[int, int], None] | None = None,
+                  raw: Callable[[str], Any] | None = None) -> dict[str, Placement]:
     """Write every entry's values to ``path`` in ``dtype``; returns name -> where it is.
+
+    A ``raw`` entry comes from ``raw(e.param) -> (tensor, logical shape)`` and is written byte for
+    byte (a quantized weight; INT4 holds two elements per byte, so its shape is not the tensor's).
 
     Memory: one tensor (and its cast/transposed copy) at a time.
     """
@@ -78,15 +85,20 @@ def write_weights(path: Path, entries: list[Entry], get: Callable[[str], Any], d
     out: dict[str, Placement] = {}
     with open(path, "wb") as f:
         for k, e in enumerate(entries):
-            t = get(e.param).to(dtype)
-            if e.transposed:
-                t = t.t()
-            t = t.contiguous()
-            data = t.view(torch.uint8).numpy() if t.numel() else b""
+            if e.raw:
+                t, shape = raw(e.param)
+                t = t.contiguous()
+            else:
+                t = get(e.param).to(dtype)
+                if e.transposed:
+                    t = t.t()
+                t = t.contiguous()
+                shape = tuple(t.shape)
+            data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
             length = t.numel() * t.element_size()
             align = ALIGN_LARGE if length >= 1 << 20 else ALIGN_SMALL
             f.write(b"\0" * (-f.tell() % align))
-            out[e.name] = Placement(f.tell(), length, tuple(t.shape))
+            out[e.name] = Placement(f.tell(), length, tuple(shape))
             f.write(memoryview(data) if length else b"")
             del t, data
             if progress:
@@ -94,8 +106,11 @@ def write_weights(path: Path, entries: list[Entry], get: Callable[[str], Any], d
     return out
 
 
-def external_initializers(graph_path: Path) -> dict[str, tuple[int, int, int, tuple[int, ...]]]:
-    """name -> (offset, length, ONNX data type, shape) of every initializer a graph keeps in ``weights.bin``."""
+def external_initializers(graph_path: Path, all_types: bool = False) -> dict[str, tuple[int, int, int, tuple[int, ...]]]:
+    """name -> (offset, length, ONNX data type, shape) of every initializer a graph keeps in ``weights.bin``
+    that :func:`mapped_weights` can share with ONNX Runtime (``all_types``: every one). FLOAT8 and INT4
+    (Q/DQ weights) are left out: ONNX Runtime makes no OrtValue from their numpy types and reads them
+    from ``weights.bin`` itself."""
     import onnx
 
     model = onnx.load(str(graph_path), load_external_data=False)
@@ -103,7 +118,8 @@ def external_initializers(graph_path: Path) -> dict[str, tuple[int, int, int, tu
     for t in model.graph.initializer:
         info = {e.key: e.value for e in t.external_data}
         if t.data_location == onnx.TensorProto.EXTERNAL and info.get("location") == WEIGHTS:
-            out[t.name] = (int(info.get("offset", 0)), int(info["length"]), t.data_type, tuple(t.dims))
+            if all_types or t.data_type not in UNSHARED:
+                out[t.name] = (int(info.get("offset", 0)), int(info["length"]), t.data_type, tuple(t.dims))
     return out
 
 

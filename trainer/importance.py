@@ -41,7 +41,8 @@ def width_importance(model: NemotronH, batches: Iterable[torch.Tensor]) -> dict[
     """Scores (float32, higher = more important) keyed ``hidden``, ``layers.{i}.heads`` (H,),
     ``layers.{i}.channels`` (P,), ``layers.{i}.attention_heads`` (A,), ``layers.{i}.ffn`` (F,)."""
     arch = model.arch
-    acc: dict[str, torch.Tensor] = {"hidden": torch.zeros(arch.hidden_size)}
+    # accumulated where the activations are (a CUDA model's hooks see CUDA tensors), returned on the CPU
+    acc: dict[str, torch.Tensor] = {"hidden": torch.zeros(arch.hidden_size, device=next(model.parameters()).device)}
 
     def add(key: str, value: torch.Tensor) -> None:
         acc[key] = acc[key] + value if key in acc else value
@@ -73,7 +74,7 @@ def width_importance(model: NemotronH, batches: Iterable[torch.Tensor]) -> dict[
         for ids in batches:
             model(ids)
     model.train(was_training)
-    return acc
+    return {k: v.cpu() for k, v in acc.items()}
 
 
 class _Skip(torch.nn.Module):

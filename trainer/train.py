@@ -433,8 +433,11 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     def save_state(step: int) -> None:
         gd = [g_data.get_state()]
         if world > 1:  # every rank's data stream, so a resume on the same world size is exact
-            gd = [torch.empty_like(gd[0]) for _ in range(world)]
-            torch.distributed.all_gather(gd, g_data.get_state())
+            # on the process group's device (NCCL gathers CUDA tensors only), then back to the CPU
+            mine = g_data.get_state().to(device)
+            gd = [torch.empty_like(mine) for _ in range(world)]
+            torch.distributed.all_gather(gd, mine)
+            gd = [g.cpu() for g in gd]
         if rank == 0:
             work.mkdir(parents=True, exist_ok=True)
             _atomic_save({
@@ -469,7 +472,7 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         rec = {"step": step, "budget": budgets[b].name, "kd": kd.item(), "cost": cost_loss.item(),
                "params": choice.spec.parameters(arch)}
         if world > 1:
-            t = torch.tensor([rec["kd"]])
+            t = torch.tensor([rec["kd"]], device=device)  # NCCL reduces CUDA tensors only
             torch.distributed.all_reduce(t)
             rec["kd"] = float(t) / world
         history.append(rec)
@@ -526,7 +529,7 @@ def write_elastic_checkpoint(model: NemotronH, ec: ElasticConfig, router: Router
     only a directory elastic wrote is replaced."""
     from safetensors.numpy import save as st_save
 
-    scores = {k: v.float().numpy() for k, v in importance["scores"].items()}
+    scores = {k: v.detach().float().cpu().numpy() for k, v in importance["scores"].items()}
     with ShardedWriter(out, force=force, sources=[source, *sources], kind="train") as w:
         write_model(w, model)
         w.add_json(CONFIG_NAME, ec.to_json())
