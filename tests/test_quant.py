@@ -513,3 +513,26 @@ def test_nvfp4_on_cuda(tmp_path):
     torch.testing.assert_close(got, sim, rtol=1e-3, atol=1e-3)  # TF32 matmuls on CUDA against the CPU
     r = runner.invoke(app, ["generate", str(tmp_path / "q"), PROMPT, "-n", "8", "--json"])
     assert r.exit_code == 0, r.output
+
+
+@needs_modelopt
+@pytest.mark.parametrize("precision", ["fp8", "int8", "int4"])
+def test_the_plans_weights_term_is_the_slices_bytes(tmp_path, precision):
+    """The planner's weights term (memory.weights_bytes) equals the bytes of the tensors the quantizer
+    writes, for the demo's 50% budget (Puzzle form; int4 there takes AWQ groups of 16)."""
+    import math
+
+    from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
+    from elastic.slicer.formats.safetensors import DTYPES
+    from elastic.slicer.planning.memory import weights_bytes
+    from elastic.slicer.storage.reader import Checkpoint
+
+    r = runner.invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", "50%", "--precision", precision,
+                            "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    written = Checkpoint.open(tmp_path / "q")
+    stored = sum(math.prod(t.shape) * DTYPES[t.dtype][1] for t in written.tensors.values())
+    demo = Checkpoint.open(DEMO_CHECKPOINT)
+    spec, _ = resolve_budget(demo.root, ElasticConfig.read(demo.root, demo.arch), demo.arch, "50%")
+    manifest = json.loads((tmp_path / "q" / "slice_manifest.json").read_text())
+    assert weights_bytes(spec.child_arch(demo.arch), precision, manifest["dtype"]) == stored

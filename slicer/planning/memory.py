@@ -104,7 +104,7 @@ ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1}
 
 
 def quantized_linear(name: str, shape: tuple[int, ...], p: Precision, base: Precision,
-                     shared_input: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+                     shared_input: bool = False, group: int | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The tensors Model Optimizer 0.47's ``export_hf_checkpoint`` writes for one Linear weight
     ``name`` (ending in ".weight", or an MoE expert stack) of ``shape`` [..., out, in] at ``p``:
     name -> (safetensors dtype, shape). Checked on CPU for fp8, int8, int8_wo, int4 and nvfp4 by
@@ -126,8 +126,9 @@ def quantized_linear(name: str, shape: tuple[int, ...], p: Precision, base: Prec
                 f"{stem}.pre_quant_scale": (base.safetensors, (inn,))}
     if p is INT8_WO:
         return {w: ("I8", shape), f"{stem}.weight_scale": ("F32", (*L, out))}
-    if p is INT4:  # two 4-bit values per byte along out; one float32 scale per 128 inputs
-        out_t = {w: ("U8", (*L, -(-out // 2), inn)), f"{stem}.weight_scale": ("F32", (*L, out, -(-inn // INT4.block)))}
+    if p is INT4:  # two 4-bit values per byte along out; one float32 scale per group (128) of inputs
+        g = group or INT4.block
+        out_t = {w: ("U8", (*L, -(-out // 2), inn)), f"{stem}.weight_scale": ("F32", (*L, out, -(-inn // g)))}
         if not shared_input:
             out_t[f"{stem}.pre_quant_scale"] = (base.safetensors, (inn,))
         return out_t
@@ -151,13 +152,27 @@ def weight_tensors(arch: Arch, weights: str, base: str | None = None) -> dict[st
     if not p.quantized:
         return {name: (p.safetensors, shape) for name, shape in arch.tensor_shapes().items()}
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, shape in arch.tensor_shapes().items():
+    shapes = arch.tensor_shapes()
+    group = _int4_group(shapes) if p is INT4 else None
+    for name, shape in shapes.items():
         linear = _quantized_linear(name)
         if linear:
-            out.update(quantized_linear(name, shape, p, b, shared_input=linear in SHARED_INPUT))
+            out.update(quantized_linear(name, shape, p, b, shared_input=linear in SHARED_INPUT, group=group))
         else:
             out[name] = (b.safetensors, shape)
     return out
+
+
+def _int4_group(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The AWQ group ``elastic slice --precision int4`` uses for this model (``slicer.quant.layout``):
+    128 when every input width allows it, else the largest power of two that divides them all."""
+    from elastic.slicer.errors import ConfigError
+    from elastic.slicer.quant.layout import int4_group
+
+    try:
+        return int4_group(shapes, INT4.block)
+    except ConfigError:
+        return INT4.block  # it cannot be quantized to int4 at all; block_problem says so
 
 
 def _quantized_linear(name: str) -> str | None:

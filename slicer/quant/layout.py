@@ -254,3 +254,23 @@ def describe(layout: QuantLayout) -> dict[str, Any]:
     return {"quant_method": QUANT_METHOD, "quant_algo": layout.quant_algo, "precision": layout.format.precision,
             **({"group_size": layout.group_size} if layout.group_size else {}),
             "exclude_modules": list(layout.exclude_modules)}
+
+
+MIN_INT4_GROUP = 8  # the smallest AWQ group elastic writes
+
+
+def int4_group(shapes: dict[str, tuple[int, ...]], block: int) -> int:
+    """The AWQ group size for a model: ``block`` (128) when it divides the input width of every
+    Linear, else the largest power of two that does (a narrow slice such as the demo's).
+
+    Raises:
+        ConfigError: no group of at least MIN_INT4_GROUP fits.
+    """
+    widths = sorted({inp for module, (out, inp) in linear_modules(shapes).items() if module != "lm_head"})
+    g = block
+    while g >= MIN_INT4_GROUP and any(w % g for w in widths):
+        g //= 2
+    if g < MIN_INT4_GROUP:
+        raise ConfigError(f"int4 needs input widths that are multiples of a group of at least {MIN_INT4_GROUP}; "
+                          f"this model has {widths}")
+    return g

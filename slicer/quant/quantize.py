@@ -35,7 +35,7 @@ from elastic.slicer import remote_code
 from elastic.slicer.errors import ConfigError, ElasticError, MissingDependencyError
 from elastic.slicer.formats.arch import read_config
 from elastic.slicer.formats.precision import QUANTIZED, WEIGHTS, Precision, lookup
-from elastic.slicer.quant.layout import (HF_QUANT_CONFIG, QuantLayout, clean_exclude_name, describe,
+from elastic.slicer.quant.layout import (HF_QUANT_CONFIG, QuantLayout, clean_exclude_name, describe, int4_group,
                                          linear_modules)
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -44,7 +44,6 @@ MANIFEST_NAME = "slice_manifest.json"
 CALIBRATION_SAMPLES = 16  # windows of train-split text
 CALIBRATION_LEN = 256  # tokens per window
 CALIBRATION_BATCH = 4  # windows per forward pass
-MIN_INT4_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -109,23 +108,6 @@ def require_device(p: Precision, device: str | None = None) -> str:
                            "tensors only) and none is available here; use fp8, int8 or int4 on this machine, or run "
                            "this on a machine with an NVIDIA GPU")
     return device
-
-
-def int4_group(shapes: dict[str, tuple[int, ...]], block: int) -> int:
-    """The AWQ group size for a model: ``block`` (128) when it divides the input width of every
-    Linear, else the largest power of two that does (a narrow slice such as the demo's).
-
-    Raises:
-        ConfigError: no group of at least MIN_INT4_GROUP fits.
-    """
-    widths = sorted({inp for module, (out, inp) in linear_modules(shapes).items() if module != "lm_head"})
-    g = block
-    while g >= MIN_INT4_GROUP and any(w % g for w in widths):
-        g //= 2
-    if g < MIN_INT4_GROUP:
-        raise ConfigError(f"int4 needs input widths that are multiples of a group of at least {MIN_INT4_GROUP}; "
-                          f"this model has {widths}")
-    return g
 
 
 def modelopt_config(p: Precision, group: int | None = None) -> dict:
