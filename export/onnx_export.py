@@ -149,6 +149,82 @@ def _entries(graphs, raw: set[str] = frozenset()) -> list:
     return list(out.values())
 
 
+def trace(arch, dtype: torch.dtype, opset: int, which: str) -> Any:
+    """One graph (``PREFILL`` or ``DECODE``) traced on a ``meta`` model of ``arch``: onnx_ir, no weights."""
+    from torch.export import Dim
+
+    from elastic.slicer.nn.model import build_model
+
+    meta = build_model(arch, dtype=dtype, device="meta").eval()
+    io_names = graph_io(meta)
+    ids, past = _example_inputs(arch, dtype)
+    batch = Dim("batch")
+    if which == PREFILL:
+        return _export_one(PrefillGraph(meta), (ids,), io_names["prefill"], {"input_ids": {0: batch, 1: Dim("seq")}},
+                           opset)
+    past_len = Dim("past")
+    state_dims = tuple({0: batch, 2: past_len} if s.kind in ("key", "value") else {0: batch}
+                       for s in state_tensors(arch))
+    return _export_one(DecodeGraph(meta), (ids[:, :1], *past), io_names["decode"],
+                       {"input_ids": {0: batch}, "past": state_dims}, opset)
+
+
+_CHILD = """
+import json, sys, torch
+from pathlib import Path
+from elastic.slicer.formats.arch import Arch
+from elastic.export.onnx_export import save_traced, trace
+args = json.loads(sys.argv[1])
+graph = trace(Arch.from_config(args["config"]), getattr(torch, args["dtype"]), args["opset"], args["which"])
+save_traced(graph, Path(args["path"]))
+"""
+
+
+def save_traced(graph, path: Path) -> None:
+    """Save a traced graph without weights: every initializer a placeholder reference into weights.bin."""
+    import onnx_ir as ir
+
+    for value in graph.graph.initializers.values():
+        value.const_value = ir.ExternalTensor(WEIGHTS, 0, 0, value.dtype, shape=value.shape, name=value.name,
+                                              base_dir=path.parent)
+    ir.save(graph, path)
+
+
+def _trace_in_child(arch, dtype: torch.dtype, opset: int, which: str, out_dir: Path):
+    """Start tracing ``which`` in another Python process (tracing is single-threaded Python: two
+    graphs trace in about the time of one where there are two cores)."""
+    import json
+    import subprocess
+    import sys
+
+    path = out_dir / f".{which}.traced"
+    args = {"config": arch.to_config(), "dtype": str(dtype).removeprefix("torch."), "opset": opset, "which": which,
+            "path": str(path)}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, path
+
+
+def _child_graph(child, out_dir: Path) -> Any:
+    """Wait for :func:`_trace_in_child` and load its graph (placeholders for the weights)."""
+    import onnx_ir as ir
+
+    proc, path = child
+    _, err = proc.communicate()
+    try:
+        if proc.returncode:
+            last = [line for line in err.strip().splitlines() if line.strip()]
+            import os
+
+            raise ElasticError(f"tracing the {path.name.strip('.').removesuffix('.traced')} graph failed: "
+                               f"{last[-1] if last else f'exit {proc.returncode}'}"
+                               + ("\n" + err if os.environ.get("ELASTIC_DEBUG") else
+                                  " (ELASTIC_DEBUG=1 shows the traceback)"))
+        return ir.load(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, opset: int | None = None, external_data: bool | None = None,
                  progress: Callable[[str], None] | None = None, qdq=None,
@@ -181,7 +257,6 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
     """
     import onnx_ir as ir
     from onnxscript.optimizer import optimize_ir
-    from torch.export import Dim
 
     from elastic.slicer.nn.model import NemotronH, build_model
 
@@ -211,18 +286,18 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
         raise ElasticError("write_graphs needs the weights: a loaded model or weights=get(name)")
     dtype = dtype or torch.float32
     say = progress or (lambda msg: None)
-    meta = build_model(arch, dtype=dtype, device="meta").eval()
-    states = state_tensors(arch)
-    io_names = graph_io(meta)
-    ids, past = _example_inputs(arch, dtype)
-    batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
+    io_names = graph_io(build_model(arch, dtype=dtype, device="meta"))
 
-    say("exporting prefill graph")
-    prefill = _export_one(PrefillGraph(meta), (ids,), io_names["prefill"], {"input_ids": {0: batch, 1: seq}}, opset)
-    say("exporting decode graph")
-    state_dims = tuple({0: batch, 2: past_len} if s.kind in ("key", "value") else {0: batch} for s in states)
-    decode = _export_one(DecodeGraph(meta), (ids[:, :1], *past), io_names["decode"],
-                          {"input_ids": {0: batch}, "past": state_dims}, opset)
+    say("exporting the prefill and decode graphs (in two processes)")
+    child = _trace_in_child(arch, dtype, opset, DECODE, out_dir)  # the decode graph traces beside the prefill
+    try:
+        prefill = trace(arch, dtype, opset, PREFILL)
+    except BaseException:
+        child[0].kill()
+        child[0].wait()
+        child[1].unlink(missing_ok=True)
+        raise
+    decode = _child_graph(child, out_dir)
     graphs = {PREFILL: prefill, DECODE: decode}
     raw: set[str] = set()
     for g in graphs.values():
