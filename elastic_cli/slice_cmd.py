@@ -31,7 +31,7 @@ def slice_(
     precision: Annotated[Optional[SlicePrecision], typer.Option(
         "--precision", case_sensitive=False, show_default=False,
         help="A float precision (as --dtype), or a quantized one made with NVIDIA Model Optimizer: fp8, int8 "
-        "(SmoothQuant W8A8), int8_wo, int4 (AWQ), nvfp4 (needs a CUDA GPU); calibrated on bundled text "
+        "(SmoothQuant W8A8), int8_wo, int4 (AWQ), nvfp4; calibrated on bundled text "
         "(pip install 'elastic[modelopt]').")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,

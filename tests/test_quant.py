@@ -339,13 +339,6 @@ def test_cli_slices_and_quantizes_in_one_command(tmp_path):
 # ---- refusals -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nvfp4 runs (tests marked gpu)")
-def test_nvfp4_without_cuda_is_refused_before_any_work(tmp_path):
-    r = runner.invoke(app, ["slice", "--budget", "50%", "--precision", "nvfp4", "--out", str(tmp_path / "m")])
-    assert r.exit_code == 2 and "nvfp4 needs a CUDA GPU" in r.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_missing_modelopt_names_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "modelopt" else real(name, *a))
@@ -483,12 +476,13 @@ def test_nvfp4_dequantization_follows_modelopt():
 # ---- CUDA ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @needs_modelopt
-def test_nvfp4_on_cuda(tmp_path):
-    """NVFP4's weights through our dequantization against Model Optimizer's model with its input
-    quantizers off (our model runs NVFP4 activations in float)."""
+def test_nvfp4_weights_match_modelopt(tmp_path):
+    """NVFP4 calibrates and exports on the CPU too (Model Optimizer 0.47); the slice loads and runs in
+    our model, whose dequantization test_nvfp4_dequantization_follows_modelopt checks element by
+    element. Where CUDA exists, the whole model against Model Optimizer's simulated forward with its
+    input quantizers off (our model runs NVFP4 activations in float, and the manifest says so): its
+    NVFP4 fake quantization asserts CUDA tensors, so that comparison needs a GPU."""
     import modelopt.torch.quantization as mtq
 
     from elastic.slicer.formats.precision import NVFP4
@@ -498,19 +492,25 @@ def test_nvfp4_on_cuda(tmp_path):
     from elastic.slicer.quant.text import calibration_ids
     from elastic.slicer.slice import slice_checkpoint
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     float_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "f", budget="100%", dtype="float32").out
     ids, corpus = calibration_ids(load_tokenizer(float_dir), *CALIBRATION)
-    hf = load_hf(float_dir, "cuda")
+    hf = load_hf(float_dir, device)
     quantize_model(hf, NVFP4, ids)
     test = Built.test_ids()
-    mtq.disable_quantizer(hf, "*input_quantizer")
-    with torch.no_grad():
-        sim = hf(test.cuda(), use_cache=False).logits.float().cpu()
-    mtq.enable_quantizer(hf, "*input_quantizer")
-    write_quantized(hf, float_dir, tmp_path / "q", "nvfp4", group=None, corpus=corpus)
+    sim = None
+    if device == "cuda":
+        mtq.disable_quantizer(hf, "*input_quantizer")
+        with torch.no_grad():
+            sim = hf(test.to(device), use_cache=False).logits.float().cpu()
+        mtq.enable_quantizer(hf, "*input_quantizer")
+    result = write_quantized(hf, float_dir, tmp_path / "q", "nvfp4", group=None, corpus=corpus)
+    assert "activation quantization is not simulated" in result.manifest["quantization"]["simulated_by_elastic"]
     with torch.no_grad():
         got = load_model(tmp_path / "q")(test)
-    torch.testing.assert_close(got, sim, rtol=1e-3, atol=1e-3)  # TF32 matmuls on CUDA against the CPU
+    assert torch.isfinite(got).all()
+    if sim is not None:
+        torch.testing.assert_close(got, sim, rtol=1e-3, atol=1e-3)  # TF32 matmuls on CUDA against the CPU
     r = runner.invoke(app, ["generate", str(tmp_path / "q"), PROMPT, "-n", "8", "--json"])
     assert r.exit_code == 0, r.output
 

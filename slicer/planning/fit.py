@@ -21,7 +21,7 @@ from typing import Any
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
 from elastic.slicer.errors import ConfigError, Hint
-from elastic.slicer.formats.precision import (AUTO, FLOAT32, KV, NVFP4, PLAN_WEIGHTS, QUANT_RANKING, STATE, WEIGHTS,
+from elastic.slicer.formats.precision import (AUTO, FLOAT32, KV, PLAN_WEIGHTS, QUANT_RANKING, STATE, WEIGHTS,
                                               Precision, choose, lookup, supported)
 from elastic.slicer.planning.memory import (Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
                                             max_context, weights_breakdown)
@@ -314,16 +314,14 @@ class Plan:
 
 def slice_precisions(target: Target | None = None) -> tuple[Precision, ...]:
     """The weights precisions :func:`slice_budget` can write here: the float ones, and the quantized
-    ones when NVIDIA Model Optimizer is installed (``elastic[modelopt]``); nvfp4 only when the plan
-    is for this machine's own GPU (its calibration needs CUDA). A plan made ``for_slicing``
-    chooses among these only."""
+    ones when NVIDIA Model Optimizer is installed (``elastic[modelopt]``). A plan made
+    ``for_slicing`` chooses among these only (``target`` is kept for callers; every format
+    calibrates on the CPU too)."""
     from importlib.util import find_spec
 
     if find_spec("modelopt") is None:  # imports nothing
         return WEIGHTS
-    quantized = tuple(q for q in QUANT_RANKING if q is not NVFP4 or (target is not None and target.source == "detected"
-                                                                    and target.kind != "cpu"))
-    return (*WEIGHTS, *quantized)
+    return (*WEIGHTS, *QUANT_RANKING)
 
 
 def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None,
@@ -502,7 +500,6 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
     if weights not in allowed:
         raise ConfigError(f"budget {b.name} was planned with {weights.short} weights; slicing here writes "
                           f"{', '.join(q.short for q in allowed)} weights"
-                          + ("" if weights.name != "nvfp4" else " (nvfp4 calibrates on this machine's CUDA GPU)")
                           + ("" if len(allowed) > len(WEIGHTS) else
                              " (quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"),
                           hint=Hint("precision", "plan with float weights", value=lookup(b.dtype).short))
