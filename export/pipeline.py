@@ -176,7 +176,9 @@ def export_model(
         result = None
         if parity and dtype == "float32":
             say("comparing ONNX Runtime with PyTorch")
-            gen = OnnxGenerator(tmp)  # one memory map of weights.bin: ONNX Runtime's and the model's weights
+            release_memory(trim_threshold=True)  # what PyTorch frees during the check goes back to the OS at once
+            # one memory map of weights.bin for ONNX Runtime and the model; no arena kept beside PyTorch's activations
+            gen = OnnxGenerator(tmp, memory_arena=False)
             floats = {n: v for n, v in gen.weights.items() if n not in info["qdq"]}  # Q/DQ bytes: parity checks them
             bad = verify_weights(floats, weights, torch_dtype)
             release_memory()

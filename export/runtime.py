@@ -50,7 +50,8 @@ class OnnxGenerator:
     name = "onnx"
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 session_config: dict[str, str] | None = None, share_weights: bool = True):
+                 session_config: dict[str, str] | None = None, share_weights: bool = True,
+                 memory_arena: bool = True):
         require("onnxruntime")
         import onnxruntime as ort
 
@@ -64,6 +65,7 @@ class OnnxGenerator:
         def options(graph: str):
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            opts.enable_cpu_mem_arena = memory_arena
             if threads:
                 opts.intra_op_num_threads = threads
             if shared:

@@ -168,15 +168,23 @@ def verify_weights(views: dict[str, Any], get: Callable[[str], Any], dtype) -> l
     return bad
 
 
-def release_memory() -> None:
+MMAP_THRESHOLD = 1 << 18  # bytes: glibc's M_MMAP_THRESHOLD while an export runs its parity check
+
+
+def release_memory(trim_threshold: bool = False) -> None:
     """Give freed memory back to the OS between stages (the tracer's graphs, one-tensor buffers):
     glibc keeps freed blocks below its mmap threshold in the heap, which would count against the
-    next stage's peak."""
+    next stage's peak. ``trim_threshold``: from now on, blocks of MMAP_THRESHOLD bytes and more are
+    mapped and unmapped on their own (glibc's dynamic threshold otherwise grows to 32 MiB, and
+    the activations of a parity run, freed layer after layer, would stay in the heap)."""
     import ctypes
     import gc
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        if trim_threshold:
+            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
