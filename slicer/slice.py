@@ -177,6 +177,9 @@ def slice_checkpoint(
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
     if not ckpt.has_weights:
         raise CheckpointError("no weights to slice (config.json only)", path=str(ckpt.root))
+    if ckpt.quant is not None:  # its scales and packed weights follow other rules than the float tensors
+        raise ConfigError(f"this checkpoint is quantized ({ckpt.quant.quant_algo}); slicing a quantized source is not "
+                          "supported yet: slice the float checkpoint, then quantize (--precision)", path=str(ckpt.root))
     # a plan hands its resolved (spec, source) down with the budget's name: nothing is resolved twice
     chosen, spec_source = resolved if resolved is not None else choose_spec(ckpt, budget, spec)
     code = parse_dtype(dtype)
