@@ -92,6 +92,9 @@ def train(
     router_lr: Annotated[float, typer.Option(help="Router learning rate.")] = 1e-2,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
     drop_layers: Annotated[int, typer.Option(help="Least important layers the router may drop.")] = 2,
+    micro_batches: Annotated[int, typer.Option(
+        help="Budgets mixed in every step: the batch is split into this many micro-batches, each with its own "
+        "budget (drawn with the stage's weights), gradients accumulated. 0: one per budget.")] = 0,
     per_layer_mamba: Annotated[bool, typer.Option(
         "--per-layer-mamba", help="Let the router choose Mamba and attention sizes per layer, not one per budget. "
         "Such slices load only in transformers (elastic's extension format); vLLM, sglang and llama.cpp take one "
@@ -131,7 +134,8 @@ def train(
             weights = (0.5, 0.3, 0.2) if len(b) == 3 else tuple(1.0 / len(b) for _ in b)
         cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
                           stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
-                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, per_layer_mamba=per_layer_mamba,
+                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, micro_batches=micro_batches,
+                          per_layer_mamba=per_layer_mamba,
                           save_every=save_every, seed=seed)
         # every setting and the output directory, before tokenizing anything
         work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)

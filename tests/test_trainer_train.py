@@ -61,6 +61,12 @@ def test_resume_continues_exactly(setup, tmp_path):
     state_a = torch.load(tmp_path / "wa" / "train_state.pt", weights_only=False)
     state_b = torch.load(tmp_path / "wb" / "train_state.pt", weights_only=False)
     assert [h["kd"] for h in state_a["history"]] == [h["kd"] for h in state_b["history"]]
+    # every optimizer step mixes budgets: one per micro-batch (3 budgets, batch 2 -> 2 micro-batches)
+    steps: dict[int, list[str]] = {}
+    for h in state_a["history"]:
+        steps.setdefault(h["step"], []).append(h["budget"])
+    assert len(steps) == CFG.total_steps and all(len(b) == 2 for b in steps.values())
+    assert sum(len(set(b)) > 1 for b in steps.values()) > CFG.total_steps // 4
     assert resumed["budgets"] == full["budgets"]
     for k, v in state_a["student"].items():
         assert torch.equal(v, state_b["student"][k]), k

@@ -10,6 +10,7 @@ exactly (same batches, same Gumbel noise, same losses).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -66,6 +67,7 @@ class TrainConfig:
     logit_scale: tuple[float, float] = (1.0, 10.0)  # router logit scale, annealed
     importance_batches: int = 8
     drop_layers: int = 2  # least important layers the router may drop
+    micro_batches: int = 0  # budgets per optimizer step, one per micro-batch (0: one per budget)
     per_layer_mamba: bool = False  # Mamba/attention sizes per layer (transformers-only slices) instead of per budget
     save_every: int = 50
     eval_batches: int = 8
@@ -91,7 +93,7 @@ CLI_OPTIONS = {
     "budgets": "--budgets", "stage1.steps": "--stage1-steps", "stage1.context": "--stage1-context",
     "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
     "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
-    "drop_layers": "--drop-layers", "per_layer_mamba": "--per-layer-mamba", "save_every": "--save-every", "seed": "--seed",
+    "drop_layers": "--drop-layers", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba", "save_every": "--save-every", "seed": "--seed",
 }
 # settings a resume may change: they do not alter the trajectory of training
 RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches"})
@@ -175,6 +177,7 @@ def _config_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"{field} is {pair!r}; need (start, end), both finite numbers > 0")
     need_int("importance_batches", cfg.importance_batches, 1)
     need_int("drop_layers", cfg.drop_layers, 0)
+    need_int("micro_batches", cfg.micro_batches, 0)
     if not isinstance(cfg.per_layer_mamba, bool):
         problems.append(f"{_label('per_layer_mamba')} is {cfg.per_layer_mamba!r}; need true or false")
     need_int("save_every", cfg.save_every, 1)
@@ -454,33 +457,39 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     for step in range(start, end):
         stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
         weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
-        b = int(torch.multinomial(weights, 1, generator=g_budget))
-        x = train_ds.batch(g_data, cfg.batch_size, stage.context)[0].to(device)
+        batch = train_ds.batch(g_data, cfg.batch_size, stage.context)[0].to(device)
         tau = anneal(step, cfg.total_steps, *cfg.tau)
         scale = anneal(step, cfg.total_steps, *cfg.logit_scale)
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits, cost, choice = module(x, b, tau, scale, g_gumbel)
-        kd = forward_kl(t_logits, s_logits)
-        cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
-        loss = kd + cfg.router_weight * cost_loss
+        # every step mixes budgets: one budget per micro-batch, drawn with the stage's weights, and the
+        # gradients of all micro-batches accumulated into one optimizer step
+        micro = batch.tensor_split(min(cfg.micro_batches or len(budgets), cfg.batch_size))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for m, x in enumerate(micro):
+            b = int(torch.multinomial(weights, 1, generator=g_budget))
+            sync = world == 1 or m == len(micro) - 1  # DDP all-reduces the gradients once, at the last
+            with contextlib.nullcontext() if sync else module.no_sync():
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                s_logits, cost, choice = module(x, b, tau, scale, g_gumbel)
+                kd = forward_kl(t_logits, s_logits)
+                cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
+                ((kd + cfg.router_weight * cost_loss) * (x.shape[0] / batch.shape[0])).backward()
+            rec = {"step": step, "micro_batch": m, "budget": budgets[b].name, "kd": kd.item(),
+                   "cost": cost_loss.item(), "params": choice.spec.parameters(arch)}
+            if world > 1:
+                t = torch.tensor([rec["kd"]], device=device)  # NCCL reduces CUDA tensors only
+                torch.distributed.all_reduce(t)
+                rec["kd"] = float(t) / world
+            history.append(rec)
+            last_kd[rec["budget"]] = rec["kd"]
         torch.nn.utils.clip_grad_norm_(list(student.parameters()), cfg.grad_clip)
         opt.step()
         sched.step()
-        rec = {"step": step, "budget": budgets[b].name, "kd": kd.item(), "cost": cost_loss.item(),
-               "params": choice.spec.parameters(arch)}
-        if world > 1:
-            t = torch.tensor([rec["kd"]], device=device)  # NCCL reduces CUDA tensors only
-            torch.distributed.all_reduce(t)
-            rec["kd"] = float(t) / world
-        history.append(rec)
-        last_kd[rec["budget"]] = rec["kd"]
         if progress:
             per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last_kd.items())
+            mixed = ", ".join(f"{r['budget']} {r['params']:,} params" for r in history[-len(micro):])
             progress(f"stage {1 if step < cfg.stage1.steps else 2}: kd per budget {per_budget}  (this step: "
-                     f"{rec['budget']}, {rec['params']:,} params, cost {rec['cost']:.4f})", step + 1, cfg.total_steps)
+                     f"{mixed})", step + 1, cfg.total_steps)
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             save_state(step + 1)
     train_s = time.perf_counter() - t0
