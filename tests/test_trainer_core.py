@@ -92,3 +92,4 @@ def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_pa
     assert len(seen) > 1  # the sampler explores different nested models
     # shared Mamba/attention sizes: every sample is a stock or NVIDIA Puzzle model, never the extension
     assert forms <= {FORM_STOCK, FORM_PUZZLE} if not per_layer_mamba else FORM_EXTENSION in forms
+

@@ -89,3 +89,25 @@ def test_two_gloo_processes_under_torchrun(setup, tmp_path):
     assert ckpt.is_elastic
     slice_checkpoint(tmp_path / "ddp", tmp_path / "s", budget="100%")
     slice_or_refused(tmp_path / "ddp", tmp_path / "s50", "50%", summary)  # 6 steps: the router may be off target
+
+
+def test_annealing_finishes_within_stage_1(setup, tmp_path, monkeypatch):
+    """Stage 2 samples at the final temperature and logit scale: it trains the architectures the
+    router settled on, which are the ones deployed."""
+    import elastic.trainer.train as tr
+
+    seen: list[tuple[int, float, float]] = []
+    real = tr.ElasticModule.forward
+
+    def forward(self, ids, budget, tau, scale, gen):
+        seen.append((len(seen), tau, scale))
+        return real(self, ids, budget, tau, scale, gen)
+
+    monkeypatch.setattr(tr.ElasticModule, "forward", forward)
+    tr.train(setup / "parent", setup / "tokens", tmp_path / "e", CFG, work_dir=tmp_path / "w",
+             stop_after=CFG.stage1.steps + 3)
+    per_step = len(seen) // (CFG.stage1.steps + 3)  # micro-batches per step
+    stage2 = seen[CFG.stage1.steps * per_step:]
+    assert stage2 and all(t == pytest.approx(CFG.tau[1]) and s == pytest.approx(CFG.logit_scale[1])
+                          for _, t, s in stage2)
+    assert seen[0][1] == pytest.approx(CFG.tau[0]) and seen[0][1] > seen[CFG.stage1.steps * per_step // 2][1]

@@ -8,7 +8,7 @@
   to remove.
 - The router: one small MLP per dimension (budget one-hot -> 256 -> LeakyReLU(0.1) -> logits over
   the choices, one row per layer); Gumbel-softmax with a temperature annealed 1.0 -> 0.05 and a
-  logit scale 1 -> 10; straight-through: the forward uses the hard choice, gradients reach the
+  logit scale 1 -> 10 over stage 1 (held through stage 2); straight-through: the forward uses the hard choice, gradients reach the
   router through a scalar that is exactly 1.0 in the forward and multiplies each chosen unit's
   output projection.
 - The elastic forward: the chosen nested model computed from narrowed parent weights

@@ -458,8 +458,10 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
         weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
         batch = train_ds.batch(g_data, cfg.batch_size, stage.context)[0].to(device)
-        tau = anneal(step, cfg.total_steps, *cfg.tau)
-        scale = anneal(step, cfg.total_steps, *cfg.logit_scale)
+        # annealed within stage 1: stage 2 trains the architectures the router has settled on, which
+        # are the ones deployed (the final temperature and logit scale hold through stage 2)
+        tau = anneal(step, cfg.stage1.steps, *cfg.tau)
+        scale = anneal(step, cfg.stage1.steps, *cfg.logit_scale)
         # every step mixes budgets: one budget per micro-batch, drawn with the stage's weights, and the
         # gradients of all micro-batches accumulated into one optimizer step
         micro = batch.tensor_split(min(cfg.micro_batches or len(budgets), cfg.batch_size))
