@@ -61,10 +61,9 @@ def checkpoint_source(ckpt) -> Callable[[str], Any]:
             name = "backbone.embeddings.weight"
         module = name.removesuffix(".weight")
         if q is not None and name.endswith(".weight") and f"{module}.weight_scale" in ckpt.tensors:
-            from elastic.slicer.quant.dequant import dequantize
+            from elastic.slicer.quant.dequant import dequantize_module
 
-            leaves = {n.rsplit(".", 1)[1]: n for n in ckpt.tensors if n.rsplit(".", 1)[0] == module}
-            return dequantize(q, {leaf: ckpt.read(n) for leaf, n in leaves.items()})[0]
+            return dequantize_module(ckpt, module)[0]
         return ckpt.read(name)
 
     return get

@@ -381,11 +381,10 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
 
 def _load_quantized(model: NemotronH, ckpt: Checkpoint, modules: list[str], dtype: torch.dtype, device: str) -> None:
     """Dequantize each quantized Linear of ``ckpt`` into ``model`` (W8A8: as a FakeQuantLinear)."""
-    from elastic.slicer.quant.dequant import dequantize
+    from elastic.slicer.quant.dequant import dequantize_module
 
     for module in modules:
-        leaves = [n.rsplit(".", 1)[1] for n in ckpt.tensors if n.rsplit(".", 1)[0] == module]
-        weight, act = dequantize(ckpt.quant, {leaf: ckpt.read(f"{module}.{leaf}") for leaf in leaves})
+        weight, act = dequantize_module(ckpt, module)
         parent_name, leaf = module.rsplit(".", 1) if "." in module else ("", module)
         parent, old = model.get_submodule(parent_name), model.get_submodule(module)
         if act is not None:

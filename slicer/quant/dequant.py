@@ -78,6 +78,14 @@ def unpack_fp4_columns(packed: torch.Tensor) -> torch.Tensor:
     return torch.tensor(E2M1, dtype=torch.float32)[codes]
 
 
+def dequantize_module(ckpt, module: str) -> tuple[torch.Tensor, InputQuant | None]:
+    """:func:`dequantize` of the quantized Linear ``module`` of the Checkpoint ``ckpt``, its tensors
+    ("weight", "weight_scale", ...) read from the checkpoint."""
+    stem = module + "."
+    leaves = {n[len(stem):]: n for n in ckpt.tensors if n.startswith(stem) and "." not in n[len(stem):]}
+    return dequantize(ckpt.quant, {leaf: ckpt.read(n) for leaf, n in leaves.items()})
+
+
 def dequantize(layout: QuantLayout, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, InputQuant | None]:
     """The float32 weight (out, in) of one quantized Linear and its input quantizer.
 
