@@ -18,7 +18,8 @@ from elastic.profiles.devices import get_profile, load_profiles
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.precision import lookup
 from elastic.slicer.planning.fit import Target, plan, slice_budget, target_from_profile
-from elastic.slicer.planning.memory import ST_BYTES, Workload, weight_tensors, weights_breakdown, weights_bytes
+from elastic.slicer.formats.safetensors import DTYPES
+from elastic.slicer.planning.memory import Workload, weight_tensors, weights_breakdown, weights_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 E12B = ROOT / "examples" / "nemotron-elastic-12b"
@@ -85,7 +86,7 @@ def test_weights_term_equals_model_optimizers_export(tiny_bf16, tmp_path, precis
     arch = Arch.from_file(tmp_path / "config.json")
     predicted = weight_tensors(arch, precision, "bf16")
     assert predicted == exported
-    on_disk = sum(math.prod(s) * ST_BYTES[d] for d, s in exported.values())
+    on_disk = sum(math.prod(s) * DTYPES[d][1] for d, s in exported.values())
     assert abs(weights_bytes(arch, precision, "bf16") - on_disk) <= 0.01 * on_disk
     quant = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == lookup(precision).quant_algo

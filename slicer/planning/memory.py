@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.formats.precision import FP8, INT4, INT8, INT8_WO, NVFP4, Precision, lookup
+from elastic.slicer.formats.safetensors import DTYPES
 
 F32 = 4
 
@@ -100,7 +101,6 @@ MOE_EXPERTS = ("mixer.experts.up_proj", "mixer.experts.down_proj")  # (E, out, i
 # Linears that read the pre-norm's output together with another: AWQ's export folds their
 # pre_quant_scale into that norm's weight (modelopt/torch/export/unified_export_hf.py, fuse_prequant_layernorm)
 SHARED_INPUT = ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")
-ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1}
 
 
 def quantized_linear(name: str, shape: tuple[int, ...], p: Precision, base: Precision,
@@ -145,7 +145,7 @@ def weight_tensors(arch: Arch, weights: str, base: str | None = None) -> dict[st
     checkpoint (:func:`quantized_linear`), every unquantized tensor in ``base`` (bf16 or fp16).
 
     Example:
-        >>> sum(math.prod(s) * ST_BYTES[d] for d, s in weight_tensors(arch, "int4", "bf16").values())
+        >>> sum(math.prod(s) * DTYPES[d][1] for d, s in weight_tensors(arch, "int4", "bf16").values())
     """
     p = lookup(weights)
     b = lookup(base) if base is not None else p
@@ -192,7 +192,7 @@ def weights_breakdown(arch: Arch, weights: str, base: str | None = None) -> dict
     p = lookup(weights)
     parts = {"quantized": 0, "scales": 0, "float": 0}
     for name, (dt, shape) in weight_tensors(arch, weights, base).items():
-        n = math.prod(shape) * ST_BYTES[dt]
+        n = math.prod(shape) * DTYPES[dt][1]
         if not p.quantized:
             parts["float"] += n
         elif name.endswith("_scale") or name.endswith("_scale_2"):
