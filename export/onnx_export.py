@@ -104,6 +104,11 @@ PARAM_PREFIX = "model."  # the graph wrappers hold the reference model as ``.mod
 TRANSPOSED = ".T"  # suffix of an initializer that holds a parameter transposed
 
 
+def param_of(name: str) -> tuple[str, bool]:
+    """The reference model's parameter a graph initializer holds, and whether it holds it transposed."""
+    return name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED), name.endswith(TRANSPOSED)
+
+
 def _fold_weight_transposes(graph) -> None:
     """``Transpose(W, perm=[1, 0])`` of a parameter W becomes an initializer ``W.T`` stored transposed
     (a Linear's weight: the MatMul reads it directly; nothing is transposed at load time)."""
@@ -144,8 +149,7 @@ def _entries(graphs, raw: set[str] = frozenset()) -> list:
             if name in raw:
                 out.setdefault(name, Entry(name, name.removeprefix(PARAM_PREFIX), False, raw=True))
                 continue
-            param = name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)
-            out.setdefault(name, Entry(name, param, name.endswith(TRANSPOSED)))
+            out.setdefault(name, Entry(name, *param_of(name)))
     return list(out.values())
 
 

@@ -35,7 +35,7 @@ def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) ->
 
     from elastic.slicer.nn.model import build_model
 
-    from .onnx_export import PARAM_PREFIX, TRANSPOSED
+    from .onnx_export import param_of
 
     model = build_model(arch, dtype=dtype, device="meta")
     params = dict(model.named_parameters())
@@ -43,9 +43,9 @@ def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the read-only map is not writable; nothing writes
         for name, view in views.items():
-            param = name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)
+            param, transposed = param_of(name)
             t = torch.from_numpy(view)
-            state[param] = t.t() if name.endswith(TRANSPOSED) else t
+            state[param] = t.t() if transposed else t
     for name in params:
         if name not in state:
             state[name] = get(name).to(dtype)
@@ -57,12 +57,12 @@ def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) ->
     return model.eval()
 
 
-def _mean_diff(a: np.ndarray, b: torch.Tensor) -> float:
-    return float(np.abs(a.astype(np.float64) - b.double().numpy()).mean()) if a.size else 0.0
-
-
-def _diff(a: np.ndarray, b: torch.Tensor) -> float:
-    return float(np.abs(a.astype(np.float64) - b.double().numpy()).max()) if a.size else 0.0
+def _diffs(a: np.ndarray, b: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) of |a - b|, from one difference array."""
+    if not a.size:
+        return 0.0, 0.0
+    d = np.abs(a.astype(np.float64) - b.double().numpy())
+    return float(d.max()), float(d.mean())
 
 
 @torch.no_grad()
@@ -94,16 +94,16 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
     cache = model.new_cache()
     ref_logits = model(ids, cache=cache)  # NemotronH.forward itself, not the export wrappers
     logits, state = gen.prefill(ids.numpy())
-    prefill_diff, mean_diff = _diff(logits, ref_logits), _mean_diff(logits, ref_logits)
-    state_diff = max((_diff(state[s.name], t) for s, t in zip(states, cache_tensors(cache, states))), default=0.0)
+    prefill_diff, mean_diff = _diffs(logits, ref_logits)
+    state_diff = max((_diffs(state[s.name], t)[0] for s, t in zip(states, cache_tensors(cache, states))), default=0.0)
 
     decode_diff = 0.0
     for _ in range(decode_steps):
         nxt = ref_logits[:, -1].argmax(-1)
         ref_logits = model(nxt[:, None], cache=cache)
         logits, state = gen.step(nxt.numpy(), state)
-        decode_diff = max(decode_diff, _diff(logits, ref_logits))
-        mean_diff = max(mean_diff, _mean_diff(logits, ref_logits))
+        step_max, step_mean = _diffs(logits, ref_logits)
+        decode_diff, mean_diff = max(decode_diff, step_max), max(mean_diff, step_mean)
 
     torch_tokens = generate(model, ids, new_tokens)[:, prompt_len:]
     onnx_tokens = gen.generate(ids.numpy(), new_tokens)[:, prompt_len:]

@@ -152,14 +152,15 @@ def verify_weights(views: dict[str, Any], get: Callable[[str], Any], dtype) -> l
 
     import torch
 
-    from .onnx_export import PARAM_PREFIX, TRANSPOSED
+    from .onnx_export import param_of
 
     bad = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.from_numpy on the read-only map
         for name, view in views.items():
-            want = get(name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED)).to(dtype)
-            if name.endswith(TRANSPOSED):
+            param, transposed = param_of(name)
+            want = get(param).to(dtype)
+            if transposed:
                 want = want.t()
             got = torch.from_numpy(view)
             if got.shape != want.shape or not torch.equal(got, want):
