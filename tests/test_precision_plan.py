@@ -230,7 +230,7 @@ def test_fit_my_gpu_chooses_among_what_slicing_writes(monkeypatch):
         p = json.loads(runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "rtx-4090", "--dry-run",
                                            "--json"]).stdout)
         assert (p["chosen"], p["chosen_precision"]) == ("12B", "fp8")
-    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)  # as without Model Optimizer
+    monkeypatch.setattr(fit, "slice_precisions", lambda: fit.WEIGHTS)  # as without Model Optimizer
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(E12B), "--target", "rtx-4090", "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
@@ -244,7 +244,7 @@ def test_slicing_a_quantized_row_needs_the_quantizer(monkeypatch):
     import elastic.slicer.planning.fit as fit
 
     p = on("orin-nano-8gb")
-    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)
+    monkeypatch.setattr(fit, "slice_precisions", lambda: fit.WEIGHTS)
     with pytest.raises(ConfigError, match="planned with int4 weights.*elastic.modelopt"):
         slice_budget(p, "6B", "unused")
 

@@ -103,7 +103,7 @@ def test_context_changes_the_table():
 def test_target_changes_usable_memory_and_fit(monkeypatch):
     import elastic.slicer.planning.fit as fit
 
-    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)  # float slicing, as without modelopt
+    monkeypatch.setattr(fit, "slice_precisions", lambda: fit.WEIGHTS)  # float slicing, as without modelopt
     app = build_app(EXAMPLE_12B, "rtx-4090")
 
     async def script(p):
@@ -352,7 +352,7 @@ def test_snapshot_nothing_fits(snap_compare, monkeypatch):
     budgets fits an Orin Nano in bf16: the screen says so and what would fit (int4, once installed)."""
     import elastic.slicer.planning.fit as fit
 
-    monkeypatch.setattr(fit, "slice_precisions", lambda target=None: fit.WEIGHTS)
+    monkeypatch.setattr(fit, "slice_precisions", lambda: fit.WEIGHTS)
     assert snap_compare(build_app(EXAMPLE_12B, "orin-nano-8gb"), terminal_size=(80, 24))
 
 

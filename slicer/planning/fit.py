@@ -312,11 +312,10 @@ class Plan:
         return out
 
 
-def slice_precisions(target: Target | None = None) -> tuple[Precision, ...]:
+def slice_precisions() -> tuple[Precision, ...]:
     """The weights precisions :func:`slice_budget` can write here: the float ones, and the quantized
-    ones when NVIDIA Model Optimizer is installed (``elastic[modelopt]``). A plan made
-    ``for_slicing`` chooses among these only (``target`` is kept for callers; every format
-    calibrates on the CPU too)."""
+    ones when NVIDIA Model Optimizer is installed (``elastic[modelopt]``; every format calibrates on
+    the CPU too). A plan made ``for_slicing`` chooses among these only."""
     from importlib.util import find_spec
 
     if find_spec("modelopt") is None:  # imports nothing
@@ -343,7 +342,7 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
             slicing cannot write.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    allowed = slice_precisions(target) if for_slicing else PLAN_WEIGHTS
+    allowed = slice_precisions() if for_slicing else PLAN_WEIGHTS
     pr = resolve_precisions(workload, target, allowed)
     rows, candidates = [], []
     for name, spec, source in budget_specs(ckpt):
@@ -495,7 +494,7 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
     from elastic.slicer.slice import slice_checkpoint
 
     b = p.budget(budget)
-    allowed = slice_precisions(p.target)
+    allowed = slice_precisions()
     weights = lookup(b.weights_precision) if b.weights_precision else lookup(b.dtype)
     if weights not in allowed:
         raise ConfigError(f"budget {b.name} was planned with {weights.short} weights; slicing here writes "
