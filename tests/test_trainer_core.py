@@ -86,10 +86,84 @@ def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_pa
             torch.testing.assert_close(logits, masked_forward(model, choice.spec, x))
         router.zero_grad()
         logits.square().mean().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters() if p.dim() == 2)
+        # the soft masks reach every dimension that took more than its smallest choice somewhere (taking the
+        # smallest, every choice's mask covers all computed units alike: no difference to learn from)
+        for d in dims:
+            grads = [p.grad for n, p in router.mlps[d.name].named_parameters() if p.dim() == 2]
+            kept = choice.spec.kept_layers()
+            live = [r for r, v in enumerate(choice.picks[d.name]) if v != d.choices[-1] and (
+                d.layers is None or any(d.row(i) == r and i in kept for i in d.layers))]
+            if live and d.name != "depth":
+                assert all(g is not None and g.abs().sum() > 0 for g in grads), d.name
         seen.add(choice.spec.parameters(arch))
         forms.add(choice.spec.child_arch(arch).config_form())
     assert len(seen) > 1  # the sampler explores different nested models
     # shared Mamba/attention sizes: every sample is a stock or NVIDIA Puzzle model, never the extension
     assert forms <= {FORM_STOCK, FORM_PUZZLE} if not per_layer_mamba else FORM_EXTENSION in forms
 
+
+
+def test_soft_masks_give_every_choice_its_first_order_distillation_signal(tmp_path):
+    """The gradient reaching choice k of a dimension is d/de of the loss when the units choice k keeps
+    are scaled by (1 + e): checked against central differences of the slicer's own masked forward
+    (another implementation of the nested model) on a parent whose weights are scaled that way."""
+    from elastic.slicer.formats.elastic_format import Budget, ElasticConfig
+    from elastic.slicer.formats.rules import kept_heads, indices
+    from elastic.slicer.nn.masked import masked_forward
+    from elastic.slicer.formats.spec import SliceSpec
+    from elastic.trainer.elastic import Choice, default_search_space, elastic_forward
+
+    make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M-M*-M", n_groups=2, mamba_num_heads=8)
+    model = load_model(tmp_path / "p").double()
+    arch = model.arch
+    dims = default_search_space(arch, droppable=[])
+    full = SliceSpec.full(arch).to_json(arch)
+    ec = ElasticConfig((Budget("a", 10),), dims, {"a": full})
+    # the second-largest choice everywhere: smaller choices keep a strict subset of its units
+    picks = {d.name: [d.choices[1]] * d.rows for d in dims}
+    from elastic.slicer.formats.elastic_format import spec_from_choices
+    spec = SliceSpec.from_json(spec_from_choices(picks, ec, arch), arch)
+    hard = {d.name: torch.nn.functional.one_hot(torch.ones(d.rows, dtype=torch.long), len(d.choices)).double()
+            .requires_grad_(True) for d in dims}
+    x = batches(1)[0]
+    loss = lambda logits: logits.square().mean()  # noqa: E731
+    loss(elastic_forward(model, ec, Choice(spec, picks, {}, hard), x)).backward()
+
+    def scaled(name: str, k: int, eps: float) -> float:
+        """The loss of the nested model with choice k's units of dimension ``name`` scaled by 1 + eps."""
+        m = load_model(tmp_path / "p").double()
+        d = next(d for d in dims if d.name == name)
+        size = d.choices[k]
+        with torch.no_grad():
+            for i, layer in enumerate(arch.layers):
+                if name == "hidden_size":
+                    m.backbone.embeddings.weight[:, :size] *= 1 + eps
+                    break
+                if d.layers is None or i not in d.layers:
+                    continue
+                mixer = m.backbone.layers[i].mixer
+                if name == "intermediate_size":
+                    mixer.down_proj.weight[:, :size] *= 1 + eps
+                elif name == "num_attention_heads":
+                    cols = indices(kept_heads(layer.num_attention_heads, layer.num_key_value_heads, size))
+                    w = mixer.o_proj.weight.view(-1, layer.num_attention_heads, arch.head_dim)
+                    w[:, cols] *= 1 + eps
+                else:  # Mamba heads (first size/G of each group) or channels (first size of every head)
+                    w = mixer.out_proj.weight.view(-1, layer.mamba_num_heads, layer.mamba_head_dim)
+                    if name == "mamba_num_heads":
+                        w[:, indices(kept_heads(layer.mamba_num_heads, arch.n_groups, size))] *= 1 + eps
+                    else:
+                        w[:, :, :size] *= 1 + eps
+            return float(loss(masked_forward(m, spec, x)))
+
+    # central differences, Richardson-extrapolated (O(eps^4)); the logits are float32, so the step cannot be tiny
+    eps = 2e-2
+    checked = 0
+    for d in dims:
+        for k in range(len(d.choices)):
+            diff = lambda e: (scaled(d.name, k, e) - scaled(d.name, k, -e)) / (2 * e)  # noqa: E731
+            want = (4 * diff(eps / 2) - diff(eps)) / 3
+            got = float(hard[d.name].grad[:, k].sum())  # every row scaled together in the oracle
+            assert got == pytest.approx(want, rel=1e-2, abs=1e-7), (d.name, k)
+            checked += 1
+    assert checked >= 10

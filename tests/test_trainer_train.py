@@ -13,9 +13,11 @@ from elastic.slicer.slice import slice_checkpoint
 from trainer_fixtures import make_parent_and_tokens
 from elastic.trainer.train import Stage, TrainConfig, train
 
-# long enough (under a second) for the router to deliver every budget within the slicer's tolerance
+# a run of under a second: too short for the router to land every budget within 5% of its target on this
+# tiny model (its choices are coarse), so the end-of-run check is loosened here and tested on its own below
 CFG = TrainConfig(stage1=Stage(30, 16), stage2=Stage(20, 24, (0.5, 0.3, 0.2)), batch_size=2, warmup=2,
-                  router_lr=3e-3, importance_batches=2, drop_layers=1, save_every=15, eval_batches=2)
+                  router_lr=3e-3, importance_batches=2, drop_layers=1, save_every=15, eval_batches=2,
+                  budget_tolerance=0.5)
 
 
 def slice_or_refused(elastic, out, name, summary):
@@ -80,11 +82,12 @@ def test_two_gloo_processes_under_torchrun(setup, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "elastic.cli.main", "train", "--parent", str(setup / "parent"), "--data", str(setup / "tokens"),
            "--out", str(tmp_path / "ddp"), "--stage1-steps", "4", "--stage1-context", "16", "--stage2-steps", "2",
-           "--stage2-context", "16", "--batch-size", "2", "--warmup", "2", "--drop-layers", "1", "--json"]
+           "--stage2-context", "16", "--batch-size", "4", "--warmup", "2", "--drop-layers", "1",
+           "--budget-tolerance", "0.5", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{"):])
-    assert summary["world_size"] == 2 and summary["tokens"] == 2 * 2 * 6 * 16
+    assert summary["world_size"] == 2 and summary["tokens"] == 4 * 6 * 16  # --batch-size: in all processes
     ckpt = Checkpoint.open(tmp_path / "ddp")
     assert ckpt.is_elastic
     slice_checkpoint(tmp_path / "ddp", tmp_path / "s", budget="100%")
@@ -111,3 +114,69 @@ def test_annealing_finishes_within_stage_1(setup, tmp_path, monkeypatch):
     assert stage2 and all(t == pytest.approx(CFG.tau[1]) and s == pytest.approx(CFG.logit_scale[1])
                           for _, t, s in stage2)
     assert seen[0][1] == pytest.approx(CFG.tau[0]) and seen[0][1] > seen[CFG.stage1.steps * per_step // 2][1]
+
+
+def test_a_run_that_misses_a_budget_fails_with_both_numbers_and_keeps_its_work(setup, tmp_path):
+    from dataclasses import replace
+
+    from elastic.trainer.train import BudgetMissError
+
+    cfg = replace(CFG, stage1=Stage(4, 16), stage2=Stage(2, 24, (0.5, 0.3, 0.2)), budget_tolerance=1e-4)
+    with pytest.raises(BudgetMissError) as e:
+        train(setup / "parent", setup / "tokens", tmp_path / "miss", cfg)
+    written = json.loads((tmp_path / "miss" / "training.json").read_text())["budgets"]
+    for name in ("75%", "50%"):  # the parent's own budget is exact; the others cannot be within 0.01%
+        r = written[name]
+        line = next(p for p in e.value.problems if p.startswith(f"budget {name}:"))
+        assert f"{r['parameters']:,} parameters, target {r['target_parameters']:,}" in line
+    assert not any(p.startswith("budget 100%") for p in e.value.problems)
+    assert (tmp_path / "miss.work" / "train_state.pt").is_file()
+
+
+FSDP_SCRIPT = """
+import sys
+from elastic.trainer.train import Stage, TrainConfig, train
+cfg = TrainConfig(stage1=Stage(6, 16), stage2=Stage(2, 24, (0.5, 0.3, 0.2)), batch_size=4, micro_batches=2, warmup=2,
+                  router_lr=3e-3, importance_batches=2, drop_layers=1, save_every=3, eval_batches=2,
+                  budget_tolerance=0.9, fsdp=sys.argv[4], activation_checkpointing=sys.argv[4] == "on")
+train(sys.argv[1], sys.argv[2], sys.argv[3], cfg)
+"""
+
+
+def test_fsdp2_on_two_gloo_processes_matches_one_process(setup, tmp_path):
+    """FSDP2 (with activation checkpointing) on two CPU processes trains on the same sequences as one
+    process with the same global batch: same budgets and sizes drawn, the same distillation losses up
+    to float32 summation order (each process sums its half of a micro-batch and the gradients are
+    reduce-scattered, so the last bits differ and AdamW carries them on: 1e-3 relative over 8 steps;
+    measured here: at most 4e-4), and a checkpoint the slicer slices, with the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(FSDP_SCRIPT)
+    args = [str(setup / "parent"), str(setup / "tokens")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), *args, str(tmp_path / "fsdp"), "on"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), "off"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(tmp_path / "fsdp.work" / "train_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "one.work" / "train_state.pt", weights_only=False)
+    assert a["fsdp"] and a["world_size"] == 2 and not b["fsdp"] and b["world_size"] == 1
+    assert len(a["history"]) == len(b["history"]) == 16
+    for x, y in zip(a["history"], b["history"]):
+        assert (x["step"], x["budget"], x["params"]) == (y["step"], y["budget"], y["params"])
+        assert x["kd"] == pytest.approx(y["kd"], rel=1e-3, abs=1e-9), (x, y)
+    wa, wb = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+    summary = json.loads((tmp_path / "fsdp" / "training.json").read_text())
+    slice_checkpoint(tmp_path / "fsdp", tmp_path / "s", budget="100%")
+    slice_or_refused(tmp_path / "fsdp", tmp_path / "s50", "50%", summary)

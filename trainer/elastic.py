@@ -8,11 +8,20 @@
   to remove.
 - The router: one small MLP per dimension (budget one-hot -> 256 -> LeakyReLU(0.1) -> logits over
   the choices, one row per layer); Gumbel-softmax with a temperature annealed 1.0 -> 0.05 and a
-  logit scale 1 -> 10 over stage 1 (held through stage 2); straight-through: the forward uses the hard choice, gradients reach the
-  router through a scalar that is exactly 1.0 in the forward and multiplies each chosen unit's
-  output projection.
-- The elastic forward: the chosen nested model computed from narrowed parent weights
-  (``elastic.slicer.nn.masked``), so a smaller budget costs less.
+  logit scale 1 -> 10 over stage 1 (held through stage 2); straight-through: the forward uses the
+  hard choice, the backward the soft sample's gradient.
+- Soft masks (NVIDIA's elastification weights every choice's mask by the sample): each unit of a
+  dimension (a Mamba head, head channel, attention head, FFN neuron, hidden channel; a layer for
+  depth) is multiplied by ``m = sum_k sample_k * mask_k``, where ``mask_k`` keeps choice k's units.
+  In the forward the sample is one-hot, so ``m`` is exactly 1 on every computed unit; in the
+  backward every choice k receives ``<dL/dm, mask_k>``: distillation feedback about what keeping
+  fewer units would lose, not only about the choice taken. The masks multiply each unit's output
+  projection (out_proj, o_proj, down_proj columns; the embeddings for hidden channels).
+- The elastic forward: the chosen nested model computed from narrowed parent weights, so a smaller
+  budget costs less; units beyond the chosen size are not computed, so choices larger than the
+  taken one see the same feedback as the taken one (first order, on what was computed). Each block
+  narrows its own weights inside its module call (``Block.forward(via=...)``), so FSDP2's gather
+  and activation checkpointing wrap it as they wrap a plain forward.
 - The cost: the parameters of the hard sample actually taken (``Choice.hard``: exact in the
   forward, differentiable through the straight-through Gumbel sample), relative to the budget's
   target, with a dead zone (:func:`budget_loss`), as NVIDIA's elastic budget loss does: the
@@ -21,6 +30,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,14 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.elastic_format import Dimension, ElasticConfig, spec_from_choices
-from elastic.slicer.nn.masked import _child_module, masked_params
+from elastic.slicer.formats.rules import indices, tensor_rules
+from elastic.slicer.nn.masked import _child_module
 from elastic.slicer.nn.model import NemotronH
 from elastic.slicer.formats.spec import SliceSpec
 
 ROUTER_HIDDEN = 256
-# which child tensor a dimension's straight-through scalar multiplies, per layer kind
+# the output projection of each layer kind: its input columns are the units the soft masks weight
 OUTPUT_PROJ = {"mamba": "mixer.out_proj.weight", "attention": "mixer.o_proj.weight", "mlp": "mixer.down_proj.weight"}
 
 
@@ -98,11 +109,10 @@ class Router(nn.Module):
 
 @dataclass
 class Choice:
-    """One sampled nested model: its spec, the straight-through scalars, the router probabilities."""
+    """One sampled nested model: its spec, the router probabilities and the straight-through sample."""
 
     spec: SliceSpec
     picks: dict[str, list]  # dimension -> chosen value per row
-    st: dict[str, torch.Tensor]  # dimension -> (rows,) scalars, 1.0 in the forward
     probs: dict[str, torch.Tensor]  # dimension -> (rows, choices) softmax of the scaled logits
     hard: dict[str, torch.Tensor]  # dimension -> (rows, choices) the sample's one-hot, straight-through
 
@@ -114,48 +124,155 @@ def sample(router: Router, ec: ElasticConfig, parent: Arch, budget: int, tau: fl
     ``full`` pins the choice to the parent itself (the largest choice everywhere, every layer kept):
     a budget of 100% is the parent, not whatever the router happens to prefer.
     """
-    picks, st, probs, hard_st = {}, {}, {}, {}
+    picks, probs, hard_st = {}, {}, {}
     for d, (name, logits) in zip(ec.dimensions, router.logits(budget).items()):
         z = logits * scale
         probs[name] = z.softmax(-1)
         if full:
             idx = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)  # choices are largest first
             probs[name] = hard_st[name] = F.one_hot(idx, z.shape[-1]).to(z.dtype)
-            st[name] = torch.ones(z.shape[0], device=z.device)
         elif gen is None:
             idx = z.argmax(-1)
             hard_st[name] = F.one_hot(idx, z.shape[-1]).to(z.dtype)
-            st[name] = torch.ones(z.shape[0], device=z.device)
         else:
             u = torch.rand(z.shape, generator=gen).to(z.device).clamp_(1e-9, 1 - 1e-9)
             soft = ((z - torch.log(-torch.log(u))) / tau).softmax(-1)
             idx = soft.argmax(-1)
-            hard = F.one_hot(idx, z.shape[-1]).to(soft.dtype)
-            hard_st[name] = hard - soft.detach() + soft  # the one-hot forward, the soft sample's gradient
-            st[name] = hard_st[name].gather(-1, idx[:, None])[:, 0]  # exactly 1.0 forward
+            # the one-hot exactly in the forward (soft - soft is 0), the soft sample's gradient
+            hard_st[name] = F.one_hot(idx, z.shape[-1]).to(soft.dtype) + (soft - soft.detach())
         picks[name] = [d.choices[int(k)] for k in idx]  # one per router row (d.per_layer expands)
     spec = SliceSpec.from_json(spec_from_choices(picks, ec, parent), parent)
-    return Choice(spec, picks, st, probs, hard_st)
+    return Choice(spec, picks, probs, hard_st)
 
 
-def elastic_forward(parent: NemotronH, ec: ElasticConfig, choice: Choice, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the chosen nested model, from narrowed parent weights, with the router's
-    straight-through scalars on each chosen unit's output projection."""
-    params = masked_params(parent, choice.spec)
-    kept = choice.spec.kept_layers()
-    child_index = {i: k for k, i in enumerate(kept)}
-    for d in ec.dimensions:
-        s = choice.st[d.name]
-        if d.layers is None:  # hidden size: the embeddings feed every hidden channel
-            params["backbone.embeddings.weight"] = params["backbone.embeddings.weight"] * s[0]
-            continue
-        for i in d.layers:
-            if i not in child_index:
-                continue  # dropped: nothing of this layer is computed
-            name = f"backbone.layers.{child_index[i]}.{OUTPUT_PROJ[parent.arch.layers[i].kind]}"
-            params[name] = params[name] * s[d.row(i)]
-    child = _child_module(parent.arch, choice.spec)
-    return torch.func.functional_call(child, params, (ids,))
+def unit_mask(sample_row: torch.Tensor, sizes: tuple, kept: int, groups: int = 1) -> torch.Tensor:
+    """Soft mask over the ``kept`` computed units: ``sum_k sample_row[k] * [unit < sizes[k]]``.
+
+    Units lie in ``groups`` equal blocks (Mamba heads per group, query heads per KV group), each
+    choice keeping the first ``size / groups`` of every block, as the slicing rules do.
+    """
+    per = kept // groups
+    r = torch.arange(per, device=sample_row.device)
+    sizes_t = torch.tensor([s // groups for s in sizes], device=sample_row.device)
+    masks = (r[None, :] < sizes_t[:, None]).to(sample_row.dtype)  # (choices, per)
+    return (sample_row @ masks).repeat(groups)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_rules(parent_arch: Arch, spec: SliceSpec) -> tuple[dict, dict[int, dict]]:
+    """The slicing rules as (root tensors, {parent layer: {name in the block: kept ranges per axis}})."""
+    root, layers = {}, {}
+    for rule in tensor_rules(parent_arch, spec):
+        if rule.source.startswith("backbone.layers."):
+            i, _, rel = rule.source[len("backbone.layers."):].partition(".")
+            layers.setdefault(int(i), {})[rel] = rule.axes
+        else:
+            root[rule.source] = rule.axes
+    return root, layers
+
+
+def _narrow(t: torch.Tensor, axes) -> torch.Tensor:
+    for dim, ranges in enumerate(axes):
+        if ranges != ((0, t.shape[dim]),):
+            if len(ranges) == 1:  # one prefix or block: a view, no copy
+                t = t.narrow(dim, ranges[0][0], ranges[0][1] - ranges[0][0])
+            else:
+                t = t.index_select(dim, torch.tensor(indices(ranges), device=t.device))
+    return t
+
+
+def _out_mask(ec: ElasticConfig, choice: Choice, parent: Arch, i: int, child: LayerArch) -> torch.Tensor | None:
+    """The soft mask over layer ``i``'s output-projection columns in the child, whose layer is
+    ``child`` (None: the layer has no elastic unit)."""
+    dims = {d.name: d for d in ec.dimensions if d.layers is not None and i in d.layers}
+    kind = parent.layers[i].kind
+
+    def m(name: str, kept: int, groups: int = 1) -> torch.Tensor | None:
+        d = dims.get(name)
+        return None if d is None else unit_mask(choice.hard[name][d.row(i)], d.choices, kept, groups)
+
+    mask = None
+    if kind == "mamba":
+        H, P = child.mamba_num_heads, child.mamba_head_dim
+        mh, mp = m("mamba_num_heads", H, parent.n_groups), m("mamba_head_dim", P)
+        if mh is not None or mp is not None:
+            like = mh if mh is not None else mp
+            mh = mh if mh is not None else torch.ones(H, device=like.device, dtype=like.dtype)
+            mp = mp if mp is not None else torch.ones(P, device=like.device, dtype=like.dtype)
+            mask = (mh[:, None] * mp[None, :]).reshape(-1)  # columns: kept heads, each with its channels
+    elif kind == "attention":
+        mh = m("num_attention_heads", child.num_attention_heads, child.num_key_value_heads)
+        mask = None if mh is None else mh.repeat_interleave(parent.head_dim)
+    elif kind == "mlp":
+        mask = m("intermediate_size", child.intermediate_size)
+    depth = dims.get("depth")
+    if depth is not None:
+        keep = choice.hard["depth"][depth.row(i)][depth.choices.index("keep")]
+        mask = keep.reshape(1) if mask is None else mask * keep
+    return mask
+
+
+def elastic_forward(parent: NemotronH, ec: ElasticConfig, choice: Choice, ids: torch.Tensor,
+                    checkpoint: bool = False) -> torch.Tensor:
+    """Logits of the chosen nested model, from narrowed parent weights, with the soft masks on
+    each unit's output projection (exactly 1 in the forward: the plain nested model's logits).
+
+    Every block narrows its own weights inside its module call, so this works on FSDP2-sharded
+    modules (their hooks gather the block's parameters first); ``checkpoint`` recomputes each
+    block's activations in the backward (activation checkpointing).
+    """
+    hidden = next((d for d in ec.dimensions if d.layers is None), None)
+    emb_mask = None
+    if hidden is not None:
+        emb_mask = unit_mask(choice.hard[hidden.name][0], hidden.choices, choice.spec.hidden_size)
+    return nested_forward(parent, choice.spec, ids, checkpoint=checkpoint, emb_mask=emb_mask,
+                          out_mask=lambda i, layer: _out_mask(ec, choice, parent.arch, i, layer))
+
+
+def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkpoint: bool = False,
+                   emb_mask: torch.Tensor | None = None, out_mask=None) -> torch.Tensor:
+    """Logits of the nested model ``spec`` from narrowed parent weights, each block narrowing its own
+    inside its module call (FSDP2-safe; ``elastic.slicer.nn.masked.masked_forward`` computes the same
+    from the whole parameter dict at once, which a sharded model does not hold).
+
+    ``emb_mask`` multiplies the kept embedding columns; ``out_mask(i, child_layer)`` gives the mask
+    of parent layer ``i``'s output-projection columns (or None).
+    """
+    arch = parent.arch
+    root_rules, layer_rules = _layer_rules(arch, spec)
+    child = _child_module(arch, spec)
+    kept = spec.kept_layers()
+    child_arch = spec.child_arch(arch)
+
+    def block_fn(i: int, k: int, mask: torch.Tensor | None):
+        def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            own = dict(block.named_parameters())
+            params = {rel: _narrow(own[rel], axes) for rel, axes in layer_rules[i].items()}
+            if mask is not None:
+                name = OUTPUT_PROJ[arch.layers[i].kind]
+                params[name] = params[name] * mask.to(params[name].dtype)
+            return torch.func.functional_call(child.backbone.layers[k], params, (h, None, k))
+        return run
+
+    def root_fn(model: NemotronH, x: torch.Tensor) -> torch.Tensor:
+        own = dict(model.named_parameters(remove_duplicate=False))
+        emb = _narrow(own["backbone.embeddings.weight"], root_rules["backbone.embeddings.weight"])
+        if emb_mask is not None:
+            emb = emb * emb_mask.to(emb.dtype)
+        h = F.embedding(x, emb)
+        for k, i in enumerate(kept):
+            block = model.backbone.layers[i]
+            fn = block_fn(i, k, out_mask(i, child_arch.layers[k]) if out_mask is not None else None)
+            if checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, None, k, fn, use_reentrant=False)
+            else:
+                h = block(h, None, k, fn)
+        norm = _narrow(own["backbone.norm_f.weight"], root_rules["backbone.norm_f.weight"])
+        h = torch.func.functional_call(child.backbone.norm_f, {"weight": norm}, (h,))
+        head = _narrow(own["lm_head.weight"], root_rules.get("lm_head.weight", root_rules["backbone.embeddings.weight"]))
+        return F.linear(h, head).float()
+
+    return parent(ids, via=root_fn)
 
 
 def expected_params(arch: Arch, ec: ElasticConfig, probs: dict[str, torch.Tensor]) -> torch.Tensor:

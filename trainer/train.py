@@ -28,15 +28,15 @@ from elastic.slicer.storage.reader import Checkpoint
 
 from elastic.slicer.storage.writer import ShardedWriter
 from elastic.slicer.formats.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
-from elastic.slicer.errors import ConfigError
-from elastic.slicer.nn.masked import masked_forward
+from elastic.slicer.errors import ConfigError, ElasticError
 from elastic.slicer.nn.model import NemotronH, load_model, write_model
 from elastic.slicer.storage.outputs import check_output
 from elastic.slicer.slice import PASSTHROUGH_FILES
 from elastic.slicer.formats.spec import SliceSpec
 
 from .data import TokenDataset
-from .elastic import Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params, sample
+from .elastic import (Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params,
+                      nested_forward, sample)
 from .importance import depth_order, width_importance
 from .permute import orders, permute_
 
@@ -69,6 +69,9 @@ class TrainConfig:
     drop_layers: int = 2  # least important layers the router may drop
     micro_batches: int = 0  # budgets per optimizer step, one per micro-batch (0: one per budget)
     per_layer_mamba: bool = False  # Mamba/attention sizes per layer (transformers-only slices) instead of per budget
+    budget_tolerance: float = 0.05  # at the end every resolved budget within this of its target, or the run fails
+    fsdp: str = "auto"  # "on", "off", or "auto" (on when several processes and the DDP state would not fit)
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward
     save_every: int = 50
     eval_batches: int = 8
     seed: int = 0
@@ -93,10 +96,13 @@ CLI_OPTIONS = {
     "budgets": "--budgets", "stage1.steps": "--stage1-steps", "stage1.context": "--stage1-context",
     "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
     "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
-    "drop_layers": "--drop-layers", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba", "save_every": "--save-every", "seed": "--seed",
+    "drop_layers": "--drop-layers", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba",
+    "budget_tolerance": "--budget-tolerance", "fsdp": "--fsdp", "activation_checkpointing": "--activation-checkpointing",
+    "save_every": "--save-every", "seed": "--seed",
 }
 # settings a resume may change: they do not alter the trajectory of training
-RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches"})
+# (the training state is saved whole, so a resume may also shard it differently)
+RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches", "fsdp", "activation_checkpointing"})
 
 
 def _label(field: str) -> str:
@@ -180,6 +186,12 @@ def _config_problems(cfg: TrainConfig) -> list[str]:
     need_int("micro_batches", cfg.micro_batches, 0)
     if not isinstance(cfg.per_layer_mamba, bool):
         problems.append(f"{_label('per_layer_mamba')} is {cfg.per_layer_mamba!r}; need true or false")
+    if not _is_real(cfg.budget_tolerance) or not 0 < cfg.budget_tolerance < 1:
+        problems.append(f"{_label('budget_tolerance')} is {cfg.budget_tolerance!r}; need a fraction in (0, 1)")
+    if cfg.fsdp not in ("auto", "on", "off"):
+        problems.append(f"{_label('fsdp')} is {cfg.fsdp!r}; need auto, on or off")
+    if not isinstance(cfg.activation_checkpointing, bool):
+        problems.append(f"{_label('activation_checkpointing')} is {cfg.activation_checkpointing!r}; need true or false")
     need_int("save_every", cfg.save_every, 1)
     need_int("eval_batches", cfg.eval_batches, 1)
     if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**62:
@@ -237,17 +249,49 @@ def resume_problems(saved: dict, cfg: TrainConfig) -> list[str]:
 
 
 class ElasticModule(nn.Module):
-    """Student (the parent being made elastic) + router, one module so DDP syncs both."""
+    """Student (the parent being made elastic) + router, one module so DDP syncs both (and the
+    training state names both: ``student.*``, ``router.*``)."""
 
-    def __init__(self, student: NemotronH, router: Router, ec: ElasticConfig):
+    def __init__(self, student: NemotronH, router: Router, ec: ElasticConfig, checkpoint: bool = False):
         super().__init__()
-        self.student, self.router, self.ec = student, router, ec
+        self.student, self.router, self.ec, self.checkpoint = student, router, ec, checkpoint
 
     def forward(self, ids, budget: int, tau: float, scale: float, gen):
         choice = sample(self.router, self.ec, self.student.arch, budget, tau, scale, gen,
                         full=self.ec.budgets[budget].target_parameters >= self.student.arch.param_counts()["total"])
-        logits = elastic_forward(self.student, self.ec, choice, ids)
+        logits = elastic_forward(self.student, self.ec, choice, ids, checkpoint=self.checkpoint)
         return logits, expected_params(self.student.arch, self.ec, choice.hard), choice
+
+
+class BudgetMissError(ElasticError):
+    """A finished run resolved a budget further from its target than ``budget_tolerance``."""
+
+
+def shard(student: NemotronH, teacher: NemotronH, cuda: bool) -> None:
+    """FSDP2: every block its own unit, the embeddings, final norm and LM head in the root's.
+
+    The student keeps fp32 master weights; on CUDA it computes in bf16 and reduces gradients in
+    fp32. The teacher (frozen, already bf16 on CUDA) is sharded the same way and only gathered.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    for model, policy in ((student, mp), (teacher, MixedPrecisionPolicy())):
+        for block in model.backbone.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+
+
+def _full_state(em: "ElasticModule", opt: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """The whole model and optimizer state (FQN keys), gathered onto the CPU (rank 0's copy is whole
+    under FSDP; a collective: every rank calls it). Saved this way, a state resumes with or without
+    FSDP and on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = get_model_state_dict(em, options=opts)
+    return model, (get_optimizer_state_dict(em, opt, options=opts) if opt is not None else None)
 
 
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -290,7 +334,7 @@ def eval_loss(model: NemotronH, ds: TokenDataset, context: int, batches: int, ba
     device = next(model.parameters()).device
     for x, y in ds.iter_eval(batch_size, context, batches):
         x, y = x.to(device), y.to(device)
-        logits = model(x) if spec is None else masked_forward(model, spec, x)
+        logits = model(x) if spec is None else nested_forward(model, spec, x)
         total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
         n += y.numel()
     model.train(was)
@@ -331,7 +375,7 @@ def _check_resume(state: dict, cfg: TrainConfig, budgets: tuple[Budget, ...], wo
         problems.append("budgets (--budgets): saved " + ",".join(f"{n}={t} params" for n, t in saved) +
                         ", requested " + ",".join(f"{b.name}={b.target_parameters} params" for b in budgets))
     saved_world = state.get("world_size") or (len(state["g_data"]) if isinstance(state.get("g_data"), list) else 1)
-    if saved_world != world:
+    if state.get("format", 1) < 2 and saved_world != world:  # format 1: one data stream per process
         problems.append(f"processes: saved with {saved_world}, resumed with {world} (each process has its own data "
                         "stream); resume with the same number of processes")
     done = state.get("step", 0)
@@ -373,6 +417,18 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     Returns:
         a summary: steps, tokens, validation loss per budget and of the parent, resolved sizes.
     """
+    # a process group this call opens (under torchrun) is closed when it returns or fails, so the
+    # process exits cleanly
+    owned = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized()
+    try:
+        return _train(parent_dir, data_dir, out, cfg, work_dir=work_dir, resume=resume, force=force,
+                      progress=progress, stop_after=stop_after)
+    finally:
+        if owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, force, progress, stop_after) -> dict:
     out = Path(out)
     work = check_train_args(parent_dir, data_dir, out, cfg, work_dir=work_dir, force=force)
     rank, world = _dist()
@@ -389,10 +445,19 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     if state is not None:
         _check_resume(state, cfg, budgets, world, state_path)
 
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(False).eval()
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    problems = []
+    if cfg.batch_size % world:
+        problems.append(f"{_label('batch_size')} is {cfg.batch_size}: sequences per step in all processes; it must "
+                        f"divide among the {world} processes")
+    fsdp, why_fsdp = _use_fsdp(cfg, world, arch, device)
+    if problems:
+        raise ConfigError("invalid training settings for this launch; nothing was written", problems=problems)
+    # the frozen teacher in bf16 on GPUs (it is only read), fp32 on the CPU (bf16 matmuls are slow there)
+    teacher = load_model(ckpt, dtype=torch.bfloat16 if cuda else torch.float32, device=device).requires_grad_(False).eval()
     student = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(True).train()
-    if state is None:  # importance, permutation, search space
+    if state is None:  # importance, permutation, search space (every process alike: same data, same result)
         g = torch.Generator().manual_seed(cfg.seed + 7)
         calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0].to(device) for _ in range(cfg.importance_batches)]
         scores = width_importance(student, calib)
@@ -411,22 +476,28 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     with torch.random.fork_rng(devices=[]):  # the same router for the same seed, whatever ran before
         torch.manual_seed(cfg.seed)
         router = Router(ec.dimensions, len(budgets)).to(device)
-    module: nn.Module = ElasticModule(student, router, ec)
-    if world > 1:
-        module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True,
-                                                     device_ids=[torch.device(device).index] if device != "cpu" else None)
+    if state is not None:
+        _check_state_shapes(state["router"], router.state_dict(), "the router of these budgets", state_path)
+        router.load_state_dict(state["router"])
+    em = ElasticModule(student, router, ec, checkpoint=cfg.activation_checkpointing)
+    module: nn.Module = em
+    if fsdp:
+        shard(student, teacher, cuda)  # the router stays whole on every process; its gradients are averaged below
+    elif world > 1:
+        module = nn.parallel.DistributedDataParallel(em, find_unused_parameters=True,
+                                                     device_ids=[torch.device(device).index] if cuda else None)
     opt = torch.optim.AdamW([
         {"params": list(student.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": list(router.parameters()), "lr": cfg.router_lr, "weight_decay": 0.0},
     ])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    g_data = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))
+    # one data stream for the whole run: every process draws the step's batch and computes its share of
+    # every micro-batch, so any number of processes trains on the same sequences as one process
+    g_data = torch.Generator().manual_seed(cfg.seed + 1000)
     g_budget, g_gumbel = torch.Generator().manual_seed(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 2)
     history: list[dict] = []
     if state is not None:
-        _check_state_shapes(state["router"], router.state_dict(), "the router of these budgets", state_path)
-        router.load_state_dict(state["router"])
-        opt.load_state_dict(state["optimizer"])
+        _load_optimizer(em, opt, state["optimizer"], fsdp, state_path)
         sched.load_state_dict(state["scheduler"])
         g_data.set_state(state["g_data"][rank] if isinstance(state["g_data"], list) else state["g_data"])
         g_budget.set_state(state["g_budget"])
@@ -434,21 +505,17 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         history = state["history"]
 
     def save_state(step: int) -> None:
-        gd = [g_data.get_state()]
-        if world > 1:  # every rank's data stream, so a resume on the same world size is exact
-            # on the process group's device (NCCL gathers CUDA tensors only), then back to the CPU
-            mine = g_data.get_state().to(device)
-            gd = [torch.empty_like(mine) for _ in range(world)]
-            torch.distributed.all_gather(gd, mine)
-            gd = [g.cpu() for g in gd]
+        model_sd, opt_sd = _full_state(em, opt)  # every process takes part; rank 0 holds the whole
         if rank == 0:
             work.mkdir(parents=True, exist_ok=True)
             _atomic_save({
-                "step": step, "student": student.state_dict(), "router": router.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "g_data": gd if world > 1 else gd[0], "g_budget": g_budget.get_state(), "g_gumbel": g_gumbel.get_state(),
+                "format": 2, "step": step,
+                "student": {k.removeprefix("student."): v for k, v in model_sd.items() if k.startswith("student.")},
+                "router": {k.removeprefix("router."): v for k, v in model_sd.items() if k.startswith("router.")},
+                "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                "g_data": g_data.get_state(), "g_budget": g_budget.get_state(), "g_gumbel": g_gumbel.get_state(),
                 "elastic_config": ec.to_json(), "importance": importance, "history": history, "config": asdict(cfg),
-                "world_size": world,
+                "world_size": world, "fsdp": fsdp,
             }, state_path)
 
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
@@ -457,33 +524,46 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
     for step in range(start, end):
         stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
         weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
-        batch = train_ds.batch(g_data, cfg.batch_size, stage.context)[0].to(device)
+        batch = train_ds.batch(g_data, cfg.batch_size, stage.context)[0]
         # annealed within stage 1: stage 2 trains the architectures the router has settled on, which
         # are the ones deployed (the final temperature and logit scale hold through stage 2)
         tau = anneal(step, cfg.stage1.steps, *cfg.tau)
         scale = anneal(step, cfg.stage1.steps, *cfg.logit_scale)
         # every step mixes budgets: one budget per micro-batch, drawn with the stage's weights, and the
-        # gradients of all micro-batches accumulated into one optimizer step
-        micro = batch.tensor_split(min(cfg.micro_batches or len(budgets), cfg.batch_size))
+        # gradients of all micro-batches accumulated into one optimizer step; each process computes
+        # its share of every micro-batch (at least one sequence)
+        micro = batch.tensor_split(min(cfg.micro_batches or len(budgets), cfg.batch_size // world))
         opt.zero_grad(set_to_none=True)
-        for m, x in enumerate(micro):
+        for m, chunk in enumerate(micro):
+            x = chunk.tensor_split(world)[rank].to(device)
             b = int(torch.multinomial(weights, 1, generator=g_budget))
-            sync = world == 1 or m == len(micro) - 1  # DDP all-reduces the gradients once, at the last
-            with contextlib.nullcontext() if sync else module.no_sync():
+            last = m == len(micro) - 1
+            if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+                student.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if world == 1 or fsdp or last else module.no_sync():
                 with torch.no_grad():
                     t_logits = teacher(x)
                 s_logits, cost, choice = module(x, b, tau, scale, g_gumbel)
                 kd = forward_kl(t_logits, s_logits)
                 cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
-                ((kd + cfg.router_weight * cost_loss) * (x.shape[0] / batch.shape[0])).backward()
-            rec = {"step": step, "micro_batch": m, "budget": budgets[b].name, "kd": kd.item(),
-                   "cost": cost_loss.item(), "params": choice.spec.parameters(arch)}
-            if world > 1:
-                t = torch.tensor([rec["kd"]], device=device)  # NCCL reduces CUDA tensors only
+                # gradients are averaged over processes: this process's sequences count x.shape[0] / batch,
+                # times world to undo the average; the cost is the same on every process
+                (kd * (x.shape[0] * world / batch.shape[0]) +
+                 cfg.router_weight * cost_loss * (chunk.shape[0] / batch.shape[0])).backward()
+            kd_mean = kd.detach()
+            if world > 1:  # the micro-batch's mean over all its sequences (NCCL reduces CUDA tensors only)
+                t = (kd_mean * x.shape[0]).reshape(1).to(device)
                 torch.distributed.all_reduce(t)
-                rec["kd"] = float(t) / world
+                kd_mean = t[0] / chunk.shape[0]
+            rec = {"step": step, "micro_batch": m, "budget": budgets[b].name, "kd": kd_mean.item(),
+                   "cost": cost_loss.item(), "params": choice.spec.parameters(arch)}
             history.append(rec)
             last_kd[rec["budget"]] = rec["kd"]
+        if fsdp and world > 1:  # the router is not sharded: average its gradients here
+            for p_ in router.parameters():
+                if p_.grad is not None:
+                    torch.distributed.all_reduce(p_.grad)
+                    p_.grad /= world
         torch.nn.utils.clip_grad_norm_(list(student.parameters()), cfg.grad_clip)
         opt.step()
         sched.step()
@@ -506,12 +586,12 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
                                       full=b.target_parameters >= total_params).spec.to_json(arch)
     ec = replace(ec, resolved=resolved)
     ElasticConfig.from_json(ec.to_json(), arch)  # what we write must read back
-    tokens_per_step = cfg.batch_size * world
-    tokens = sum(tokens_per_step * (cfg.stage1.context if s < cfg.stage1.steps else cfg.stage2.context)
+    tokens = sum(cfg.batch_size * (cfg.stage1.context if s < cfg.stage1.steps else cfg.stage2.context)
                  for s in range(cfg.total_steps))
     val_ctx = cfg.stage2.context if cfg.stage2.steps else cfg.stage1.context
     summary = {
-        "steps": cfg.total_steps, "tokens": tokens, "world_size": world, "train_seconds": round(train_s, 1),
+        "steps": cfg.total_steps, "tokens": tokens, "world_size": world, "fsdp": fsdp, "fsdp_reason": why_fsdp,
+        "train_seconds": round(train_s, 1),
         "parent_val_loss": eval_loss(teacher, val_ds, val_ctx, cfg.eval_batches),
         "budgets": {},
     }
@@ -521,12 +601,54 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
             "target_parameters": b.target_parameters, "parameters": spec.parameters(arch),
             "val_loss": eval_loss(student, val_ds, val_ctx, cfg.eval_batches, spec=spec),
         }
+    model_sd, _ = _full_state(em)
     if rank == 0:
-        write_elastic_checkpoint(student, ec, router, importance, ckpt.root, out, force=force,
+        whole = student
+        if fsdp:  # the gathered weights in a plain model for the writer
+            with torch.device("meta"):
+                whole = NemotronH(arch)
+            whole.load_state_dict({k.removeprefix("student."): v for k, v in model_sd.items()
+                                   if k.startswith("student.")}, assign=True)
+        write_elastic_checkpoint(whole, ec, router, importance, ckpt.root, out, force=force,
                                  training={"config": asdict(cfg), **summary}, sources=[parent_dir, data_dir, work])
     if world > 1:
         torch.distributed.barrier()
+    misses = [f"budget {name}: resolved to {r['parameters']:,} parameters, target {r['target_parameters']:,} "
+              f"({r['parameters'] / r['target_parameters'] - 1:+.1%}, tolerance {cfg.budget_tolerance:.0%})"
+              for name, r in summary["budgets"].items()
+              if abs(r["parameters"] / r["target_parameters"] - 1) > cfg.budget_tolerance]
+    if misses:
+        raise BudgetMissError(
+            f"training finished, but {len(misses)} budget(s) resolved outside the tolerance; the checkpoint is "
+            f"written (its training.json has every number) and the training state kept in {work}; train longer "
+            "(more --stage1-steps) or raise --budget-tolerance", problems=misses, path=str(out))
     return summary
+
+
+def _use_fsdp(cfg: TrainConfig, world: int, arch: Any, device: str) -> tuple[bool, str]:
+    """Whether to shard with FSDP2, and why (``cfg.fsdp``: on, off, or auto)."""
+    if world == 1:
+        return False, "one process: nothing to shard across"
+    if cfg.fsdp != "auto":
+        return cfg.fsdp == "on", f"--fsdp {cfg.fsdp}"
+    from .memory import use_fsdp
+
+    free = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+    return use_fsdp(cfg.fsdp, world, arch, free, cuda=device.startswith("cuda"))
+
+
+def _load_optimizer(em: "ElasticModule", opt: torch.optim.Optimizer, saved: dict, fsdp: bool, path: Path) -> None:
+    """Restore the optimizer from a saved state: the whole-state form (parameter names as keys) into
+    any layout, or an older state (parameter positions as keys) into an unsharded model."""
+    if all(isinstance(k, int) for k in saved.get("state", {})):  # format 1: opt.state_dict()
+        if fsdp:
+            raise ConfigError("cannot resume this older training state under FSDP; resume with --fsdp off",
+                              path=str(path))
+        opt.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(em, opt, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
 
 
 def write_elastic_checkpoint(model: NemotronH, ec: ElasticConfig, router: Router, importance: dict,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +250,11 @@ class Block(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.layer_norm_epsilon)
         self.mixer = MIXERS[layer.kind](arch, layer)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None, idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None, idx: int, via: Callable | None = None) -> torch.Tensor:
+        """``via(self, x)``, when given, computes the block instead (the trainer's narrowed forward),
+        inside this module's call so that wrappers' hooks apply (FSDP2's gather, checkpointing)."""
+        if via is not None:
+            return via(self, x)
         return x + self.mixer(self.norm(x), cache, idx)
 
 
@@ -278,12 +283,16 @@ class NemotronH(nn.Module):
     def new_cache(self) -> Cache:
         return Cache(len(self.backbone.layers))
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False,
+                via: Callable | None = None) -> torch.Tensor:
         """Logits (b, l, vocab) in float32 (or (b, 1, vocab) with ``last_only``).
 
         With a ``cache``, continues from its state and updates it in place; a one-token input then
-        takes the recurrent decode path.
+        takes the recurrent decode path. ``via(self, input_ids)``, when given, computes the logits
+        instead, inside this module's call (see :meth:`Block.forward`).
         """
+        if via is not None:
+            return via(self, input_ids)
         h = self.backbone.embeddings(input_ids)  # (b, l, d)
         for i, block in enumerate(self.backbone.layers):
             h = block(h, cache, i)
