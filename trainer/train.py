@@ -264,7 +264,12 @@ class ElasticModule(nn.Module):
 
 
 class BudgetMissError(ElasticError):
-    """A finished run resolved a budget further from its target than ``budget_tolerance``."""
+    """A finished run resolved a budget further from its target than ``budget_tolerance``; the
+    checkpoint is written and ``summary`` is what ``train`` would have returned."""
+
+    def __init__(self, message: str, summary: dict, **kw):
+        super().__init__(message, **kw)
+        self.summary = summary
 
 
 def shard(student: NemotronH, teacher: NemotronH, cuda: bool) -> None:
@@ -556,7 +561,8 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
                 torch.distributed.all_reduce(t)
                 kd_mean = t[0] / chunk.shape[0]
             rec = {"step": step, "micro_batch": m, "budget": budgets[b].name, "kd": kd_mean.item(),
-                   "cost": cost_loss.item(), "params": choice.spec.parameters(arch)}
+                   "cost": cost_loss.item(), "params": choice.spec.parameters(arch),
+                   "tokens": chunk.shape[0] * stage.context}
             history.append(rec)
             last_kd[rec["budget"]] = rec["kd"]
         if fsdp and world > 1:  # the router is not sharded: average its gradients here
@@ -600,6 +606,8 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
         summary["budgets"][b.name] = {
             "target_parameters": b.target_parameters, "parameters": spec.parameters(arch),
             "val_loss": eval_loss(student, val_ds, val_ctx, cfg.eval_batches, spec=spec),
+            # the tokens this budget's micro-batches saw (all processes): what training it alone costs at equal tokens
+            "tokens": sum(r.get("tokens", 0) for r in history if r["budget"] == b.name),
         }
     model_sd, _ = _full_state(em)
     if rank == 0:
@@ -621,7 +629,7 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
         raise BudgetMissError(
             f"training finished, but {len(misses)} budget(s) resolved outside the tolerance; the checkpoint is "
             f"written (its training.json has every number) and the training state kept in {work}; train longer "
-            "(more --stage1-steps) or raise --budget-tolerance", problems=misses, path=str(out))
+            "(more --stage1-steps) or raise --budget-tolerance", summary, problems=misses, path=str(out))
     return summary
 
 
