@@ -111,6 +111,28 @@ def human_bytes(n: int | float) -> str:
     raise AssertionError
 
 
+_SIZE_UNITS = {"": None, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """ "80GB", "80GiB", "24G", "512MiB" -> bytes. Binary whatever the spelling: GPUs sold as
+    "80GB" have 80 GiB (an H100 80GB reports 79.6 GiB), so GB, GiB and G all mean 2**30 here.
+
+    Raises:
+        ConfigError: not a positive number with a unit (a bare number is refused: bytes or GB?).
+    """
+    import re
+
+    from elastic.slicer.errors import ConfigError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
+    unit = _SIZE_UNITS.get(m.group(2).lower()) if m else None
+    if m is None or unit is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{option} {text!r}: need a size with its unit, e.g. 80GB, 24GiB or 512MB "
+                          "(binary: 1 GB = 2**30 bytes, as GPU sizes are sold)")
+    return int(float(m.group(1)) * unit)
+
+
 def runtime_lines(runtimes: dict[str, dict]) -> list[str]:
     """A slice manifest's ``runtimes``, one line each: "yes: how" or "no: why"."""
     return [f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}" for name, r in runtimes.items()]

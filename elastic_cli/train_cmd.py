@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import JsonOpt, boundary, human_count, print_json
+from .common import JsonOpt, boundary, human_bytes, human_count, parse_bytes, print_json
 
 # what trainer.data really reads (corpus_files, _file_documents) and what TokenDataset opens
 DATA_HELP = ("Training text, UTF-8: a directory, searched recursively (hidden directories, site-packages and "
@@ -17,6 +18,12 @@ DATA_HELP = ("Training text, UTF-8: a directory, searched recursively (hidden di
              "files (JSON lines: one {\"text\": \"...\"} object per line, not a single JSON document); or one "
              "such file (a file with any other suffix is read as one text document); or a token-shard "
              "directory holding meta.json (e.g. OUT.work/tokens from an earlier run), used as is.")
+
+
+class Fsdp(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
 
 
 def _budgets(text: str) -> tuple[tuple[str, float], ...]:
@@ -77,8 +84,10 @@ def _floats(text: str | None, option: str = "--stage2-weights", problems: list[s
 def train(
     parent: Annotated[Path, typer.Option("--parent", "--checkpoint", "-c", help="Dense nemotron_h checkpoint to make "
                                          "elastic.")],
-    data: Annotated[Path, typer.Option("--data", help=DATA_HELP)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The elastic checkpoint to write.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help=DATA_HELP + " Required unless --dry-run.",
+                                                 show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The elastic checkpoint to write. Required unless "
+                                                "--dry-run.", show_default=False)] = None,
     budgets: Annotated[str, typer.Option("--budgets", help="NAME=SHARE of the parent's parameters, comma separated.")]
     = "100%=1.0,75%=0.75,50%=0.5",
     stage1_steps: Annotated[int, typer.Option(help="Stage 1 steps (short context, budgets uniform).")] = 300,
@@ -87,7 +96,8 @@ def train(
     stage2_context: Annotated[int, typer.Option(help="Stage 2 tokens per sequence.")] = 256,
     stage2_weights: Annotated[Optional[str], typer.Option(help="Stage 2 budget weights, largest first "
                                                           "(default 0.5,0.3,0.2 for three budgets).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step (per process).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together (each "
+                                            "computes its share; it must divide among them).")] = 8,
     lr: Annotated[float, typer.Option(help="Model learning rate (AdamW).")] = 1e-3,
     router_lr: Annotated[float, typer.Option(help="Router learning rate.")] = 1e-2,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
@@ -99,6 +109,25 @@ def train(
         "--per-layer-mamba", help="Let the router choose Mamba and attention sizes per layer, not one per budget. "
         "Such slices load only in transformers (elastic's extension format); vLLM, sglang and llama.cpp take one "
         "global Mamba and attention size.")] = False,
+    budget_tolerance: Annotated[float, typer.Option(
+        help="At the end every budget must have resolved within this fraction of its target parameters, or the run "
+        "fails (exit 2) naming both numbers; the checkpoint is written either way.")] = 0.05,
+    fsdp: Annotated[Fsdp, typer.Option("--fsdp", help="Shard parameters, gradients, optimizer state and teacher across "
+                                       "processes (FSDP2). auto: when several processes and DDP's per-rank memory "
+                                       "would not fit in 90% of the GPU.")] = Fsdp.auto,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="Recompute each layer's activations in the backward (less memory, "
+        "about a third more compute).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan per rank (parameters, gradients, "
+                                          "optimizer state, teacher, gathered layers, activations) and the GPUs a "
+                                          "run needs; read only the parent's config.json, write nothing.")] = False,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Processes (one GPU each) to plan for. Default: "
+                                                "$WORLD_SIZE, else the CUDA devices here, else 1.",
+                                                show_default=False)] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="Memory of each GPU for the plan, e.g. "
+                                                      "80GB, 24GiB (binary: an 80GB card has 80 GiB). Default: this "
+                                                      "machine's GPU; required with --gpus > 1 when there is none.",
+                                                      show_default=False)] = None,
     save_every: Annotated[int, typer.Option(help="Save the training state every N steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed for data order, router init and Gumbel noise.")] = 0,
     work_dir: Annotated[Optional[Path], typer.Option(help="Training state and tokens (default: OUT.work).",
@@ -119,6 +148,8 @@ def train(
       elastic train --parent ./dense --data ./corpus --out ./elastic --budgets 12B=1.0,9B=0.73,6B=0.49
 
       elastic train --parent ./dense --data ./corpus --out ./elastic --resume
+
+      elastic train --parent examples/nemotron-elastic-12b --dry-run --gpus 8 --gpu-memory 80GB
     """
     from elastic.slicer.errors import ConfigError
     from elastic.trainer.train import Stage, TrainConfig, check_train_args
@@ -135,8 +166,20 @@ def train(
         cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
                           stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
                           router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, micro_batches=micro_batches,
-                          per_layer_mamba=per_layer_mamba,
-                          save_every=save_every, seed=seed)
+                          per_layer_mamba=per_layer_mamba, budget_tolerance=budget_tolerance, fsdp=fsdp.value,
+                          activation_checkpointing=activation_checkpointing, save_every=save_every, seed=seed)
+        if dry_run:  # the plan only: the parent's config.json, nothing written
+            cfg.validate()
+            plan = _plan(parent, cfg, gpus, gpu_memory)
+            if json_out:
+                print_json(_plan_json(plan))
+            else:
+                typer.echo("\n".join(_plan_lines(plan, parent)))
+            return
+        missing = [flag for flag, value in (("--data", data), ("--out", out)) if value is None]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required to train; "
+                              "give the training text and the output directory (or --dry-run to plan only)")
         # every setting and the output directory, before tokenizing anything
         work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)
         tokens = data if (data / "meta.json").is_file() else work / "tokens"
@@ -174,6 +217,110 @@ def train(
                      f"  val loss {r['val_loss']:.4f}{note}")
     lines.append(f"next: elastic inspect {out}")
     typer.echo("\n".join(lines))
+
+
+def _local_world() -> int:
+    """$WORLD_SIZE (under torchrun), else the CUDA devices torch sees here, else 1."""
+    from elastic.slicer.errors import ConfigError
+
+    env = os.environ.get("WORLD_SIZE")
+    if env:
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ConfigError(f"WORLD_SIZE is {env!r}; need a positive integer (or pass --gpus N)")
+        return int(env)
+    try:
+        import torch
+    except ImportError:
+        return 1
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def _plan(parent: Path, cfg: Any, gpus: int | None, gpu_memory: str | None) -> tuple[Any, str]:
+    """--gpus and --gpu-memory reconciled with this machine, then one library call. Returns the
+    plan and where its device size came from."""
+    from elastic.slicer.errors import ConfigError
+    from elastic.slicer.formats.arch import Arch
+    from elastic.trainer.memory import plan_training
+
+    arch = Arch.from_file(parent)  # the config alone: no weights needed
+    world = gpus or _local_world()
+    if gpu_memory is not None:
+        size = parse_bytes(gpu_memory, "--gpu-memory")
+        return plan_training(arch, cfg, world, size, cuda=True), f"{_gb(size)} per GPU (--gpu-memory {gpu_memory})"
+    from elastic.profiles.detect import detect
+
+    found = detect()
+    dev = found.chosen
+    if dev.kind != "cpu":  # a GPU here; a Jetson shares its RAM with the OS: what the OS leaves counts
+        size = dev.usable_bytes if dev.unified else dev.total_bytes
+        return plan_training(arch, cfg, world, size, cuda=True), f"{_gb(size)} per GPU ({dev.name}, found here)"
+    if world > 1:
+        raise ConfigError(f"--gpu-memory is needed to plan for {world} GPUs: there is no GPU here to measure "
+                          f"({'; '.join(found.reasons)}); e.g. --gpu-memory 80GB")
+    return (plan_training(arch, cfg, 1, dev.usable_bytes, cuda=False),
+            f"{human_bytes(dev.usable_bytes)} of host RAM usable (no GPU here: one CPU process)")
+
+
+def _gb(n: int) -> str:
+    """GPU sizes as they are sold: 80GB, 141GB (binary, as ``parse_bytes`` reads them)."""
+    return f"{n / 2**30:.4g}GB"
+
+
+PARALLELISM = {"fsdp": "FSDP2 (fully_shard per layer + root)", "ddp": "DDP", "single": "one process"}
+TERM_NAMES = {"optimizer": "optimizer state", "working": "working (gathered)"}
+
+
+def _plan_json(result: tuple[Any, str]) -> dict:
+    from elastic.trainer.memory import HEADROOM
+
+    plan, where = result
+    m = plan.memory
+    return {
+        "parallelism": m.parallelism, "world": m.world, "reason": plan.reason, "device": where, "estimate": True,
+        "per_rank": {**{name: b for name, b, _ in m.terms()}, "total": m.total},
+        "activation_parts": {name: b for name, b, _ in m.parts},
+        "how": {**{name: how for name, _, how in m.terms()}, **{name: how for name, _, how in m.parts}},
+        "fits": plan.fits, "gpu_bytes": plan.device_bytes, "headroom": HEADROOM,
+        "gpus_needed": {_gb(b): n for b, n in plan.gpus_needed},
+    }
+
+
+def _plan_lines(result: tuple[Any, str], parent: Path) -> list[str]:
+    """The plan as text: every term with how it was computed, whether it fits, what a run needs."""
+    from elastic.trainer.memory import HEADROOM
+
+    plan, where = result
+    m, batch = plan.memory, plan.cfg.batch_size
+    size = human_count(plan.parameters)
+    cannot = (f"none with --batch-size {batch} (at most {batch} processes share a step): a larger --batch-size "
+              "spreads the states over more GPUs" +
+              ("" if plan.cfg.activation_checkpointing else "; --activation-checkpointing saves more"))
+    g = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
+    lines = [f"training memory plan for {parent} ({size} parameters), per rank: an estimate from the config, "
+             "not a measurement",
+             "parallelism  " + (plan.reason if m.parallelism == "single" else
+                                f"{PARALLELISM[m.parallelism]} on {m.world} processes: {plan.reason}"),
+             f"device       {where}", ""]
+    for name, b, how in m.terms():
+        lines.append(f"  {TERM_NAMES.get(name, name):<20}{g(b)}  {how}")
+        if name == "activations":
+            lines += [f"    {part:<18}{g(pb)}  {phow}" for part, pb, phow in m.parts]
+    lines += [f"  {'total':<20}{g(m.total)}", ""]
+    limit = HEADROOM * plan.device_bytes
+    verdict = "yes" if plan.fits else "no"
+    lines.append(f"fits: {verdict}: {m.total / 2**30:.2f} GiB {'<=' if plan.fits else '>'} {limit / 2**30:.2f} GiB "
+                 f"({HEADROOM:.0%} of {plan.device_bytes / 2**30:.2f} GiB; the rest is left for the runtime (CUDA "
+                 "context, NCCL buffers) and fragmentation)")
+    needed = dict(plan.gpus_needed)
+    if plan.cuda:
+        n = needed[plan.device_bytes]
+        lines.append(f"a {size} run with these settings needs {n} x {_gb(plan.device_bytes)} GPU{'s' * (n > 1)}" if n
+                     else f"a {size} run does not fit on {_gb(plan.device_bytes)} GPUs with these settings")
+    else:
+        lines.append(f"planned for one CPU process (fp32 throughout); a {size} run on GPUs with these settings:")
+    lines.append("by GPU size (one GPU: a plain process; more: FSDP):")
+    lines += [f"  {_gb(b):>8}  " + (f"{n} GPU{'s' * (n > 1)}" if n else cannot) for b, n in sorted(needed.items())]
+    return lines
 
 
 def _wait_for(path: Path, timeout: float = 3600) -> None:

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -107,3 +109,55 @@ def test_slice_errors_exit_2(tmp_path, hf_ckpt):
     r = runner.invoke(app, ["slice", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "exactly one of" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+TRAIN_12B = ["train", "--parent", str(Path(__file__).resolve().parent.parent / "examples" / "nemotron-elastic-12b")]
+
+
+def test_train_dry_run_12b_on_8_x_80gb_json():
+    """The issue's acceptance, and the CLI a thin adapter: its numbers are plan_training's."""
+    from elastic.slicer.formats.arch import Arch
+    from elastic.trainer.memory import plan_training
+    from elastic.trainer.train import TrainConfig
+
+    r = runner.invoke(app, [*TRAIN_12B, "--dry-run", "--gpus", "8", "--gpu-memory", "80GB", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["parallelism"] == "fsdp" and plan["world"] == 8 and plan["fits"] is True
+    assert plan["gpu_bytes"] == 80 * 2**30 and set(plan["gpus_needed"]) == {"24GB", "48GB", "80GB", "141GB"}
+    assert 1 < plan["gpus_needed"]["80GB"] <= 8
+    per_rank = plan["per_rank"]
+    assert per_rank["total"] == sum(v for k, v in per_rank.items() if k != "total")
+    assert per_rank["activations"] == sum(plan["activation_parts"].values())
+    lib = plan_training(Arch.from_file(TRAIN_12B[-1]), TrainConfig(), 8, 80 * 2**30).memory
+    assert per_rank == {**{name: b for name, b, _ in lib.terms()}, "total": lib.total}
+
+
+def test_train_dry_run_text_shows_every_term_with_its_formula():
+    r = runner.invoke(app, [*TRAIN_12B, "--dry-run", "--gpus", "8", "--gpu-memory", "80GiB",
+                            "--activation-checkpointing", "--fsdp", "on"])
+    assert r.exit_code == 0, r.output
+    assert "estimate" in r.stdout and "fits: yes" in r.stdout and "needs " in r.stdout
+    rows = dict(m.groups() for m in re.finditer(r"^ +(\S.*?) +\d+\.\d\d GiB  (.+)$", r.stdout, re.M))
+    for term in ("parameters", "gradients", "optimizer state", "teacher", "working (gathered)", "activations",
+                 "layers", "weight copies", "logits"):
+        assert len(rows.get(term, "")) > 20, (term, rows)  # every term with how it was computed
+    assert "--fsdp on" in r.stdout and "activation checkpointing" in r.stdout
+
+
+def test_train_without_data_is_refused_unless_dry_run(monkeypatch, tmp_path):
+    r = runner.invoke(app, [*TRAIN_12B, "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "--data" in r.output and "--dry-run" in r.output
+    assert not (tmp_path / "out").exists()
+    r = runner.invoke(app, [*TRAIN_12B, "--dry-run", "--gpus", "8", "--gpu-memory", "80"])
+    assert r.exit_code == 2 and "--gpu-memory '80'" in r.output  # a size needs its unit
+    r = runner.invoke(app, [*TRAIN_12B, "--dry-run", "--gpus", "3", "--gpu-memory", "80GB"])
+    assert r.exit_code == 2 and "divide among the 3 processes" in r.output
+
+    from types import SimpleNamespace
+
+    import elastic.profiles.detect as detect
+    monkeypatch.setattr(detect, "detect", lambda: SimpleNamespace(chosen=SimpleNamespace(kind="cpu"),
+                                                                  reasons=("NVML: library not found",)))
+    r = runner.invoke(app, [*TRAIN_12B, "--dry-run", "--gpus", "2"])
+    assert r.exit_code == 2 and "--gpu-memory is needed to plan for 2 GPUs" in r.output

@@ -136,10 +136,11 @@ def test_a_run_that_misses_a_budget_fails_with_both_numbers_and_keeps_its_work(s
 FSDP_SCRIPT = """
 import sys
 from elastic.trainer.train import Stage, TrainConfig, train
+parent, tokens, out, fsdp, work, stop, resume = sys.argv[1:8]
 cfg = TrainConfig(stage1=Stage(6, 16), stage2=Stage(2, 24, (0.5, 0.3, 0.2)), batch_size=4, micro_batches=2, warmup=2,
                   router_lr=3e-3, importance_batches=2, drop_layers=1, save_every=3, eval_batches=2,
-                  budget_tolerance=0.9, fsdp=sys.argv[4], activation_checkpointing=sys.argv[4] == "on")
-train(sys.argv[1], sys.argv[2], sys.argv[3], cfg)
+                  budget_tolerance=0.9, fsdp=fsdp, activation_checkpointing=fsdp == "on")
+train(parent, tokens, out, cfg, work_dir=work, stop_after=int(stop) or None, resume=resume == "resume")
 """
 
 
@@ -148,8 +149,10 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(setup, tmp_path):
     process with the same global batch: same budgets and sizes drawn, the same distillation losses up
     to float32 summation order (each process sums its half of a micro-batch and the gradients are
     reduce-scattered, so the last bits differ and AdamW carries them on: 1e-3 relative over 8 steps;
-    measured here: at most 4e-4), and a checkpoint the slicer slices, with the same weights."""
+    measured here: at most 4e-4), and a checkpoint the slicer slices, with the same weights. The state
+    an FSDP run saves (whole, by name) resumes under FSDP and in one process alike."""
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -157,26 +160,35 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(setup, tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(FSDP_SCRIPT)
-    args = [str(setup / "parent"), str(setup / "tokens")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), *args, str(tmp_path / "fsdp"), "on"], capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), "off"], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = torch.load(tmp_path / "fsdp.work" / "train_state.pt", weights_only=False)
-    b = torch.load(tmp_path / "one.work" / "train_state.pt", weights_only=False)
-    assert a["fsdp"] and a["world_size"] == 2 and not b["fsdp"] and b["world_size"] == 1
-    assert len(a["history"]) == len(b["history"]) == 16
-    for x, y in zip(a["history"], b["history"]):
-        assert (x["step"], x["budget"], x["params"]) == (y["step"], y["budget"], y["params"])
-        assert x["kd"] == pytest.approx(y["kd"], rel=1e-3, abs=1e-9), (x, y)
-    wa, wb = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+    def run(out: str, fsdp: str, work: str, stop: int = 0, resume: bool = False, procs: int = 1) -> None:
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
+        r = subprocess.run([sys.executable, *launch, str(script), str(setup / "parent"), str(setup / "tokens"),
+                            str(tmp_path / out), fsdp, str(tmp_path / work), str(stop), "resume" if resume else "-"],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run("one", "off", "w-one")  # the reference: one process, no FSDP
+    run("fsdp", "on", "w-fsdp", stop=4, procs=2)  # two processes, FSDP2: 4 steps, state saved
+    shutil.copytree(tmp_path / "w-fsdp", tmp_path / "w-moved")
+    run("fsdp", "on", "w-fsdp", resume=True, procs=2)  # resumed under FSDP
+    run("moved", "off", "w-moved", resume=True)  # the same state resumed in one process
+    ref = torch.load(tmp_path / "w-one" / "train_state.pt", weights_only=False)
+    assert not ref["fsdp"] and ref["world_size"] == 1 and len(ref["history"]) == 16
+    for work in ("w-fsdp", "w-moved"):
+        state = torch.load(tmp_path / work / "train_state.pt", weights_only=False)
+        assert (state["fsdp"], state["world_size"]) == ((True, 2) if work == "w-fsdp" else (False, 1))
+        assert len(state["history"]) == 16
+        for x, y in zip(state["history"], ref["history"]):
+            assert (x["step"], x["budget"], x["params"]) == (y["step"], y["budget"], y["params"])
+            assert x["kd"] == pytest.approx(y["kd"], rel=1e-3, abs=1e-9), (work, x, y)
+    wb = load_file(tmp_path / "one" / "model.safetensors")
+    for out in ("fsdp", "moved"):
+        wa = load_file(tmp_path / out / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
     summary = json.loads((tmp_path / "fsdp" / "training.json").read_text())
     slice_checkpoint(tmp_path / "fsdp", tmp_path / "s", budget="100%")
     slice_or_refused(tmp_path / "fsdp", tmp_path / "s50", "50%", summary)

@@ -18,9 +18,10 @@ runner = CliRunner()
 
 # the same run as CLI options (FAST) and as a library config (what the CLI builds from them)
 FAST = ["--stage1-steps", "2", "--stage1-context", "16", "--stage2-steps", "1", "--stage2-context", "16",
-        "--batch-size", "2", "--warmup", "0", "--drop-layers", "1", "--save-every", "1"]
+        "--batch-size", "2", "--warmup", "0", "--drop-layers", "1", "--save-every", "1", "--budget-tolerance", "0.9"]
+# three steps cannot land the budgets within 5%: the end-of-run check is loosened (tested in test_trainer_train)
 FAST_CFG = TrainConfig(stage1=Stage(2, 16), stage2=Stage(1, 16, (0.5, 0.3, 0.2)), batch_size=2, warmup=0,
-                       drop_layers=1, save_every=1)
+                       drop_layers=1, save_every=1, budget_tolerance=0.9)
 
 
 @pytest.fixture(scope="module")

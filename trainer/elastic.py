@@ -15,8 +15,8 @@
   depth) is multiplied by ``m = sum_k sample_k * mask_k``, where ``mask_k`` keeps choice k's units.
   In the forward the sample is one-hot, so ``m`` is exactly 1 on every computed unit; in the
   backward every choice k receives ``<dL/dm, mask_k>``: distillation feedback about what keeping
-  fewer units would lose, not only about the choice taken. The masks multiply each unit's output
-  projection (out_proj, o_proj, down_proj columns; the embeddings for hidden channels).
+  fewer units would lose, not only about the choice taken. The masks multiply the input of each
+  layer's output projection (out_proj, o_proj, down_proj; the embeddings' columns for hidden channels).
 - The elastic forward: the chosen nested model computed from narrowed parent weights, so a smaller
   budget costs less; units beyond the chosen size are not computed, so choices larger than the
   taken one see the same feedback as the taken one (first order, on what was computed). Each block
@@ -248,18 +248,24 @@ def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkp
         def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
             own = dict(block.named_parameters())
             params = {rel: _narrow(own[rel], axes) for rel, axes in layer_rules[i].items()}
-            if mask is not None:
-                name = OUTPUT_PROJ[arch.layers[i].kind]
-                params[name] = params[name] * mask.to(params[name].dtype)
-            return torch.func.functional_call(child.backbone.layers[k], params, (h, None, k))
+            target = child.backbone.layers[k]
+            if mask is None:
+                return torch.func.functional_call(target, params, (h, None, k))
+            # the mask multiplies the output projection's input (the same product as masking its
+            # columns, without a masked copy of the weight kept for the backward)
+            proj = target.get_submodule(OUTPUT_PROJ[arch.layers[i].kind].rsplit(".", 1)[0])
+            handle = proj.register_forward_pre_hook(lambda _m, args: (args[0] * mask.to(args[0].dtype), *args[1:]))
+            try:
+                return torch.func.functional_call(target, params, (h, None, k))
+            finally:
+                handle.remove()
         return run
 
     def root_fn(model: NemotronH, x: torch.Tensor) -> torch.Tensor:
         own = dict(model.named_parameters(remove_duplicate=False))
-        emb = _narrow(own["backbone.embeddings.weight"], root_rules["backbone.embeddings.weight"])
-        if emb_mask is not None:
-            emb = emb * emb_mask.to(emb.dtype)
-        h = F.embedding(x, emb)
+        h = F.embedding(x, _narrow(own["backbone.embeddings.weight"], root_rules["backbone.embeddings.weight"]))
+        if emb_mask is not None:  # on the looked-up rows: the same product as masking the table's columns
+            h = h * emb_mask.to(h.dtype)
         for k, i in enumerate(kept):
             block = model.backbone.layers[i]
             fn = block_fn(i, k, out_mask(i, child_arch.layers[k]) if out_mask is not None else None)

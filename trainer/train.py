@@ -102,7 +102,7 @@ CLI_OPTIONS = {
 }
 # settings a resume may change: they do not alter the trajectory of training
 # (the training state is saved whole, so a resume may also shard it differently)
-RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches", "fsdp", "activation_checkpointing"})
+RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches", "fsdp", "activation_checkpointing", "budget_tolerance"})
 
 
 def _label(field: str) -> str:
@@ -634,15 +634,13 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
 
 
 def _use_fsdp(cfg: TrainConfig, world: int, arch: Any, device: str) -> tuple[bool, str]:
-    """Whether to shard with FSDP2, and why (``cfg.fsdp``: on, off, or auto)."""
-    if world == 1:
-        return False, "one process: nothing to shard across"
-    if cfg.fsdp != "auto":
-        return cfg.fsdp == "on", f"--fsdp {cfg.fsdp}"
+    """Whether to shard with FSDP2, and why (``cfg.fsdp``: on, off, or auto: when the DDP plan of
+    ``elastic.trainer.memory`` would not fit the device)."""
     from .memory import use_fsdp
 
-    free = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
-    return use_fsdp(cfg.fsdp, world, arch, free, cuda=device.startswith("cuda"))
+    cuda = device.startswith("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    return use_fsdp(cfg.fsdp, world, arch, total, cuda=cuda, cfg=cfg)
 
 
 def _load_optimizer(em: "ElasticModule", opt: torch.optim.Optimizer, saved: dict, fsdp: bool, path: Path) -> None:
