@@ -140,7 +140,7 @@ def test_train_dry_run_text_shows_every_term_with_its_formula():
     assert "estimate" in r.stdout and "fits: yes" in r.stdout and "needs " in r.stdout
     rows = dict(m.groups() for m in re.finditer(r"^ +(\S.*?) +\d+\.\d\d GiB  (.+)$", r.stdout, re.M))
     for term in ("parameters", "gradients", "optimizer state", "teacher", "working (gathered)", "activations",
-                 "layers", "weight copies", "logits"):
+                 "layers", "weight copies", "masks", "logits"):
         assert len(rows.get(term, "")) > 20, (term, rows)  # every term with how it was computed
     assert "--fsdp on" in r.stdout and "activation checkpointing" in r.stdout
 

@@ -192,3 +192,30 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(setup, tmp_path):
     summary = json.loads((tmp_path / "fsdp" / "training.json").read_text())
     slice_checkpoint(tmp_path / "fsdp", tmp_path / "s", budget="100%")
     slice_or_refused(tmp_path / "fsdp", tmp_path / "s50", "50%", summary)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_a_gpu(setup, tmp_path):
+    """The CUDA path: importance accumulated on the GPU, the bf16 teacher, the loss bookkeeping on
+    the device; with two or more GPUs, FSDP2 over NCCL too (the same script as the CPU test)."""
+    import os
+    import subprocess
+    import sys
+
+    from dataclasses import replace
+
+    cfg = replace(CFG, stage1=Stage(6, 16), stage2=Stage(2, 24, (0.5, 0.3, 0.2)), budget_tolerance=0.9,
+                  activation_checkpointing=True)
+    summary = train(setup / "parent", setup / "tokens", tmp_path / "gpu", cfg)
+    assert all(r["val_loss"] == r["val_loss"] for r in summary["budgets"].values())  # finite, not NaN
+    slice_checkpoint(tmp_path / "gpu", tmp_path / "s", budget="100%")
+    if torch.cuda.device_count() < 2:
+        return
+    script = tmp_path / "run.py"
+    script.write_text(FSDP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(setup / "parent"), str(setup / "tokens"), str(tmp_path / "fsdp"), "on",
+                        str(tmp_path / "w"), "0", "-"], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "fsdp" / "training.json").read_text())["fsdp"] is True

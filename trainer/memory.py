@@ -126,16 +126,16 @@ def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
                        f"{_gib(_layers(arch, c, False, B, T, ckpt)[0])}")
     elif any(layer.kind == "mamba" for layer in arch.layers):
         layers_how += "; pure-PyTorch SSD scan (fp32 chunk tensors)"
-    only_full = all(share >= 1 for _, share in cfg.budgets)  # every budget pinned to the parent
+    only_full = _only_full(cfg)
     n_copies = weight_copy_elements(arch, cfg)
     copies = n_copies * c
     if only_full:
         copies_how = "none: every budget is the parent itself, nothing is narrowed"
     else:
-        copies_how = (f"{_count(n_copies)} weights x {c} B: what the elastic forward index-selects for a smaller child, "
-                      "at the parent's sizes (an upper bound): Mamba in_proj, conv1d, A_log, D, dt_bias, gated norm and "
-                      "out_proj (heads kept per group); attention q_proj and o_proj (query heads per KV group). MLP, "
-                      "embedding and LM head are narrowed views")
+        copies_how = (f"{_count(n_copies)} weights x {c} B: what the elastic forward index-selects for a smaller "
+                      "child, at the parent's sizes (an upper bound): Mamba in_proj, conv1d, A_log, D, dt_bias, gated "
+                      "norm and out_proj (heads kept per group); attention q_proj and o_proj (query heads per KV "
+                      "group). MLP, embedding and LM head are narrowed views")
         if ckpt:
             copies_how += "; with checkpointing one block's at a time (made again in the backward)"
     per_token = mask_elements(arch, cfg)
@@ -144,10 +144,10 @@ def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
         masks_how = "none: every budget is the parent itself, whose masks are constants (nothing saved for them)"
     else:
         blocks = "one layer's (recomputed in the backward)" if ckpt else "every layer's"
-        masks_how = (f"B_m {B} x T {T} x {_count(per_token)} per token x {c} B: each soft mask multiplies an activation and keeps it "
-                     f"for the mask's gradient: the embedding rows (hidden {arch.hidden_size}) and {blocks} "
-                     "output-projection input (Mamba heads x head_dim, attention heads x head_dim, MLP width), at "
-                     "the parent's sizes (an upper bound)")
+        masks_how = (f"B_m {B} x T {T} x {_count(per_token)} per token x {c} B: each soft mask multiplies an "
+                     f"activation and keeps it for the mask's gradient: the embedding rows (hidden "
+                     f"{arch.hidden_size}) and {blocks} output-projection input (Mamba heads x head_dim, attention "
+                     "heads x head_dim, MLP width), at the parent's sizes (an upper bound)")
     logits = LOGIT_COPIES * tokens * V * F32
     parts = (
         ("layers", layers, layers_how),
@@ -321,8 +321,8 @@ def router_parameters(arch: Arch, cfg: Any) -> int:
 
 def weight_copy_elements(arch: Arch, cfg: Any) -> int:
     """Elements of the weight copies one elastic forward makes, at the parent's sizes (a smaller
-    child copies less; the largest tensors, in_proj, q_proj and the output projections, are saved for
-    the backward, the per-head vectors and biases only alive while their block computes).
+    child copies less; the matrices, conv1d's weight, D and the gated norm's weight are saved for
+    the backward, biases, A_log and dt_bias only alive while their block computes).
 
     ``trainer.elastic.nested_forward`` narrows each tensor inside its block: a view (no copy, and
     under FSDP the gathered storage is freed and gathered again for the backward) when it keeps one
@@ -331,7 +331,7 @@ def weight_copy_elements(arch: Arch, cfg: Any) -> int:
     With only the 100% budget (pinned to the parent) nothing is narrowed; with activation
     checkpointing the blocks' copies are made again in the backward, one block at a time.
     """
-    if all(share >= 1 for _, share in cfg.budgets):
+    if _only_full(cfg):
         return 0
     per_block = [sum(math.prod(shape) for name, shape in arch.layer_tensor_shapes(i).items()
                      if name in COPIED.get(layer.kind, ()))
@@ -349,7 +349,7 @@ def mask_elements(arch: Arch, cfg: Any) -> int:
     only the 100% budget the masks are constants: nothing is saved. With activation checkpointing
     one block's inputs are alive at a time (the embedding's throughout).
     """
-    if all(share >= 1 for _, share in cfg.budgets):
+    if _only_full(cfg):
         return 0
     widths = []
     for layer in arch.layers:
@@ -360,6 +360,12 @@ def mask_elements(arch: Arch, cfg: Any) -> int:
         elif layer.kind == "mlp":
             widths.append(layer.intermediate_size)
     return arch.hidden_size + (max(widths, default=0) if cfg.activation_checkpointing else sum(widths))
+
+
+def _only_full(cfg: Any) -> bool:
+    """Every budget is 100%: each step is the parent itself (``sample(full=True)``), nothing narrowed
+    and the masks constants."""
+    return all(share >= 1 for _, share in cfg.budgets)
 
 
 def _dimensions(arch: Arch, cfg: Any) -> list[tuple[int, int]]:
