@@ -82,7 +82,7 @@ def test_expected_params_exact_for_hard_choices_and_router_gets_gradients(tmp_pa
             torch.tensor([d.choices.index(v) for v in choice.picks[d.name]]), len(d.choices)).float() for d in dims}
         assert float(expected_params(arch, ec, hard)) == choice.spec.parameters(arch)
         logits = elastic_forward(model, ec, choice, x)
-        with torch.no_grad():  # the straight-through scalars are exactly 1: same as the plain nested model
+        with torch.no_grad():  # the soft masks are exactly 1 in the forward: same as the plain nested model
             torch.testing.assert_close(logits, masked_forward(model, choice.spec, x))
         router.zero_grad()
         logits.square().mean().backward()

@@ -70,7 +70,7 @@ LAYER_FIELDS = {
     "mamba": ("mamba_num_heads", "mamba_head_dim"),
     "attention": ("num_attention_heads", "num_key_value_heads"),
     "mlp": ("intermediate_size",),
-    "moe": (),
+    "moe": ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size"),
 }
 
 
@@ -84,6 +84,9 @@ class LayerArch:
     num_attention_heads: int = 0  # query heads
     num_key_value_heads: int = 0  # KV heads (GQA groups)
     intermediate_size: int = 0  # F: MLP width
+    n_routed_experts: int = 0  # E: routed experts of a MoE layer
+    moe_intermediate_size: int = 0  # width of each routed expert
+    moe_shared_expert_intermediate_size: int = 0  # width of the shared expert
 
     @property
     def mamba_intermediate(self) -> int:
@@ -114,11 +117,13 @@ class Arch:
     time_step_limit: tuple[float, float]  # clamp of dt after softplus
     tie_word_embeddings: bool
     residual_in_fp32: bool
-    # MoE fields, used only when a layer is "moe" (for counting; the reference model refuses MoE)
-    n_routed_experts: int = 0
-    moe_intermediate_size: int = 0
-    moe_shared_expert_intermediate_size: int = 0
-    moe_latent_size: int | None = None
+    # MoE routing, one setting for every MoE layer (the sizes are per layer, in LayerArch)
+    num_experts_per_tok: int = 0  # top-k
+    n_group: int = 1  # routing groups of experts
+    topk_group: int = 1  # groups a token may route to
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    moe_latent_size: int | None = None  # experts compute in this width (fc1/fc2 latent projections) if set
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- derived -------------------------------------------------------------------------
@@ -141,10 +146,10 @@ class Arch:
 
     def config_form(self) -> str:
         """How :meth:`to_config` writes this model: ``FORM_STOCK`` when homogeneous; NVIDIA's
-        ``FORM_PUZZLE`` when only MLP widths differ per layer; else ``FORM_EXTENSION``."""
+        ``FORM_PUZZLE`` when only MLP and MoE sizes differ per layer; else ``FORM_EXTENSION``."""
         if self.is_homogeneous():
             return FORM_STOCK
-        if self.uniform("mamba") and self.uniform("attention") and self.uniform("moe"):
+        if self.uniform("mamba") and self.uniform("attention"):  # MLP and MoE sizes per layer: NVIDIA's form
             return FORM_PUZZLE
         return FORM_EXTENSION
 
@@ -182,18 +187,28 @@ class Arch:
             if self.mlp_bias:
                 shapes["mixer.up_proj.bias"] = (F,)
                 shapes["mixer.down_proj.bias"] = (d,)
-        else:  # moe
-            E, Fe, Fs = self.n_routed_experts, self.moe_intermediate_size, self.moe_shared_expert_intermediate_size
+        else:  # moe, in NVIDIA's on-disk form: one tensor per expert (transformers merges them at load)
+            E, Fe, Fs = layer.n_routed_experts, layer.moe_intermediate_size, layer.moe_shared_expert_intermediate_size
             inner = self.moe_latent_size or d
             shapes["mixer.gate.weight"] = (E, d)
             shapes["mixer.gate.e_score_correction_bias"] = (E,)
-            shapes["mixer.experts.up_proj"] = (E, Fe, inner)
-            shapes["mixer.experts.down_proj"] = (E, inner, Fe)
+            for e in range(E):
+                shapes[f"mixer.experts.{e}.up_proj.weight"] = (Fe, inner)
+                shapes[f"mixer.experts.{e}.down_proj.weight"] = (inner, Fe)
             shapes["mixer.shared_experts.up_proj.weight"] = (Fs, d)
             shapes["mixer.shared_experts.down_proj.weight"] = (d, Fs)
             if self.moe_latent_size:
                 shapes["mixer.fc1_latent_proj.weight"] = (inner, d)
                 shapes["mixer.fc2_latent_proj.weight"] = (d, inner)
+            if self.mlp_bias:
+                for e in range(E):
+                    shapes[f"mixer.experts.{e}.up_proj.bias"] = (Fe,)
+                    shapes[f"mixer.experts.{e}.down_proj.bias"] = (inner,)
+                shapes["mixer.shared_experts.up_proj.bias"] = (Fs,)
+                shapes["mixer.shared_experts.down_proj.bias"] = (d,)
+                if self.moe_latent_size:
+                    shapes["mixer.fc1_latent_proj.bias"] = (inner,)
+                    shapes["mixer.fc2_latent_proj.bias"] = (d,)
         return shapes
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -299,7 +314,7 @@ class Arch:
         form = self.config_form()
         cfg.update(remote_code.identity(form))
         if form == FORM_PUZZLE:
-            cfg["block_configs"] = [{"block_type": layer.kind, **(layer.sizes() if layer.kind == "mlp" else {})}
+            cfg["block_configs"] = [{"block_type": layer.kind, **(layer.sizes() if layer.kind in ("mlp", "moe") else {})}
                                     for layer in self.layers]
             cfg.pop("intermediate_size", None)
         elif form == FORM_EXTENSION:
@@ -485,6 +500,27 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     if "mamba" in present and m_act != "silu":
         problems.append(f"mamba_hidden_act is {m_act!r}; the Mamba-2 mixer uses 'silu'")
 
+    moe_sizes, moe = {}, {}
+    if "moe" in present:
+        moe_sizes = dict(
+            n_routed_experts=positive_int("n_routed_experts", 8, "num_local_experts"),
+            moe_intermediate_size=positive_int("moe_intermediate_size", 7688),
+            moe_shared_expert_intermediate_size=positive_int("moe_shared_expert_intermediate_size", 7688),
+        )
+        top_k, n_group, topk_group = (positive_int("num_experts_per_tok", 2), positive_int("n_group", 1),
+                                      positive_int("topk_group", 1))
+        latent = get("moe_latent_size")
+        if latent is not None and not _is_size(latent):
+            problems.append(f"moe_latent_size must be null or a positive integer, found {latent!r:.40}")
+            latent = None
+        moe = dict(num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
+                   routed_scaling_factor=number("routed_scaling_factor", 1.0, 0.0, 1e6),
+                   norm_topk_prob=flag("norm_topk_prob", True), moe_latent_size=latent)
+        if n_group and topk_group > n_group:
+            problems.append(f"topk_group ({topk_group}) is more than n_group ({n_group})")
+        n_shared = get("n_shared_experts", 1)
+        if n_shared != 1:
+            problems.append(f"n_shared_experts is {n_shared!r}; Nemotron-H MoE layers have one shared expert")
     defaults = LayerArch(
         kind="?",
         mamba_num_heads=m_heads,
@@ -492,6 +528,7 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
         num_attention_heads=a_heads,
         num_key_value_heads=kv_heads,
         intermediate_size=ffn,
+        **moe_sizes,
     )
     # each layer carries only the sizes of its own kind (others stay 0), so equal layers compare equal
     layers = [LayerArch(kind=k, **{f: getattr(defaults, f) for f in LAYER_FIELDS.get(k, ())}) for k in kinds]
@@ -545,14 +582,13 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
                 f"num_key_value_heads ({layer.num_key_value_heads})"
             )
 
-    moe = {}
-    if "moe" in present:
-        moe = dict(
-            n_routed_experts=positive_int("n_routed_experts", 8),
-            moe_intermediate_size=positive_int("moe_intermediate_size", 7688),
-            moe_shared_expert_intermediate_size=positive_int("moe_shared_expert_intermediate_size", 7688),
-            moe_latent_size=get("moe_latent_size") if is_int(get("moe_latent_size")) else None,
-        )
+        if layer.kind == "moe" and moe:
+            E, k = layer.n_routed_experts, moe["num_experts_per_tok"]
+            if moe["n_group"] and E % moe["n_group"]:
+                problems.append(f"layer {i}: n_routed_experts ({E}) is not a multiple of n_group ({moe['n_group']})")
+            elif moe["n_group"] and k > E // moe["n_group"] * moe["topk_group"]:
+                problems.append(f"layer {i}: num_experts_per_tok ({k}) is more than the experts of topk_group "
+                                f"({moe['topk_group']}) groups of {E // moe['n_group']}")
 
     if problems:
         # de-duplicate (a per-layer problem repeats on every layer) but keep the order
