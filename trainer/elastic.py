@@ -81,6 +81,18 @@ def default_search_space(arch: Arch, droppable: list[int], per_layer_mamba: bool
                               shared))
     if mlp:
         dims.append(Dimension("intermediate_size", _steps(arch.layers[mlp[0]].intermediate_size, 8, (1.0, 0.75, 0.5, 0.25)), mlp))
+    moe = idx("moe")
+    if moe:  # one expert count and widths per budget for all MoE layers (what runtimes take)
+        first = arch.layers[moe[0]]
+        # every routing group keeps the same count, and top-k must stay reachable
+        least = -(-arch.num_experts_per_tok // arch.topk_group) * arch.n_group
+        experts = tuple(e for e in _steps(first.n_routed_experts, arch.n_group) if e >= least) or (first.n_routed_experts,)
+        dims.append(Dimension("n_routed_experts", experts, moe, shared))
+        dims.append(Dimension("moe_intermediate_size", _steps(first.moe_intermediate_size, 8 if first.moe_intermediate_size >= 16 else 1),
+                              moe, shared))
+        dims.append(Dimension("moe_shared_expert_intermediate_size",
+                              _steps(first.moe_shared_expert_intermediate_size,
+                                     8 if first.moe_shared_expert_intermediate_size >= 16 else 1), moe, shared))
     if droppable:
         dims.append(Dimension("depth", ("keep", "drop"), tuple(sorted(droppable))))
     return tuple(dims)
@@ -246,7 +258,7 @@ def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkp
 
     def block_fn(i: int, k: int, mask: torch.Tensor | None):
         def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            own = dict(block.named_parameters())
+            own = {**dict(block.named_buffers()), **dict(block.named_parameters())}  # buffers: the MoE router's bias
             params = {rel: _narrow(own[rel], axes) for rel, axes in layer_rules[i].items()}
             target = child.backbone.layers[k]
             if mask is None:
@@ -308,6 +320,17 @@ def expected_params(arch: Arch, ec: ElasticConfig, probs: dict[str, torch.Tensor
         elif layer.kind == "attention":
             A, hd, kv = mean("num_attention_heads", i, layer.num_attention_heads), arch.head_dim, layer.num_key_value_heads
             n = 2 * A * hd * dh + 2 * kv * hd * dh
+        elif layer.kind == "moe":
+            E = mean("n_routed_experts", i, layer.n_routed_experts)
+            Fe = mean("moe_intermediate_size", i, layer.moe_intermediate_size)
+            Fsh = mean("moe_shared_expert_intermediate_size", i, layer.moe_shared_expert_intermediate_size)
+            L = arch.moe_latent_size
+            inner = L if L else dh  # the experts' width on the hidden side (a latent width is not elastic)
+            n = E * dh + E + E * 2 * Fe * inner + 2 * Fsh * dh  # gate + its bias, routed experts, shared expert
+            if L:
+                n = n + 2 * L * dh
+            if arch.mlp_bias:
+                n = n + E * (Fe + inner) + Fsh + dh + ((L + dh) if L else 0)
         else:
             Fs = mean("intermediate_size", i, layer.intermediate_size)
             n = 2 * Fs * dh + ((Fs + dh) if arch.mlp_bias else 0)

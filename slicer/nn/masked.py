@@ -29,8 +29,8 @@ def _child_module(parent_arch: Arch, spec: SliceSpec) -> NemotronH:
 
 
 def masked_params(parent: NemotronH, spec: SliceSpec) -> dict[str, torch.Tensor]:
-    """The child's parameters, gathered from the parent's (differentiable)."""
-    params = dict(parent.named_parameters())
+    """The child's parameters (and the MoE routers' bias buffers), gathered from the parent's (differentiable)."""
+    params = {**dict(parent.named_parameters()), **dict(parent.named_buffers())}
     out = {}
     for rule in tensor_rules(parent.arch, spec):
         t = params[rule.source]

@@ -4,10 +4,12 @@ Module and parameter names are the on-disk names (``backbone.layers.3.mixer.in_p
 ``lm_head.weight``), so a checkpoint loads with no key mapping. Every layer may have its own sizes
 (heterogeneous "Puzzle" models): sizes come from ``Arch.layers[i]``.
 
-It computes what transformers' ``NemotronHForCausalLM`` computes (tests compare logits), with
-two deliberate differences, both matching NVIDIA's kernels: dt is clamped to the config's
-``time_step_limit`` in prefill *and* decode (transformers clamps to ``time_step_min`` in prefill
-only), and MoE layers are refused (the Elastic family has none).
+It computes what transformers' ``NemotronHForCausalLM`` computes (tests compare logits), with one
+deliberate difference, matching NVIDIA's kernels: dt is clamped to the config's ``time_step_limit``
+in prefill *and* decode (transformers clamps to ``time_step_min`` in prefill only). MoE layers
+(Nemotron 3, the Star Elastic parent) keep NVIDIA's on-disk form, one module per expert
+(``mixer.experts.7.up_proj.weight``), where transformers merges them into 3-D tensors; the router's
+``e_score_correction_bias`` is a float32 buffer, as in transformers.
 
 A quantized checkpoint (NVIDIA Model Optimizer's layout) loads with its Linear weights
 dequantized (``elastic.slicer.quant.dequant``); for W8A8 formats (fp8, int8 SmoothQuant) the
@@ -35,7 +37,7 @@ from torch import nn
 from elastic.slicer.nn import kernels
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.storage.reader import Checkpoint
-from elastic.slicer.errors import CheckpointError, ConfigError
+from elastic.slicer.errors import CheckpointError
 from elastic.slicer.nn.ssd import ssd_chunked, ssd_step
 
 
@@ -55,7 +57,7 @@ class KVState:
 
 
 class Cache:
-    """Per-layer decode state; MLP layers keep none. ``seen`` counts the tokens consumed."""
+    """Per-layer decode state; MLP and MoE layers keep none. ``seen`` counts the tokens consumed."""
 
     def __init__(self, num_layers: int):
         self.layers: list[MambaState | KVState | None] = [None] * num_layers
@@ -226,19 +228,102 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(fake_quant_input(x, self.kind, self.scale, self.pre_quant_scale), self.weight, self.bias)
 
 
-class MLP(nn.Module):
-    """Squared-ReLU MLP, no gate."""
+class FFN(nn.Module):
+    """Squared-ReLU feed-forward, no gate: ``down_proj(relu(up_proj(x))**2)``, width -> ``size`` -> width."""
 
-    def __init__(self, arch: Arch, layer: LayerArch):
+    def __init__(self, width: int, size: int, bias: bool):
         super().__init__()
-        self.up_proj = nn.Linear(arch.hidden_size, layer.intermediate_size, bias=arch.mlp_bias)
-        self.down_proj = nn.Linear(layer.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
+        self.up_proj = nn.Linear(width, size, bias=bias)
+        self.down_proj = nn.Linear(size, width, bias=bias)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, idx: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.relu(self.up_proj(x)).square())
 
 
-MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
+class MLP(FFN):
+    """The MLP mixer: one squared-ReLU FFN of the layer's ``intermediate_size``."""
+
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__(arch.hidden_size, layer.intermediate_size, arch.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, idx: int = 0) -> torch.Tensor:
+        return super().forward(x)
+
+
+# tensors kept in float32 whatever the model's dtype (transformers' _keep_in_fp32_modules_strict)
+KEEP_FP32 = ("e_score_correction_bias",)
+
+
+class TopkRouter(nn.Module):
+    """``mixer.gate``: sigmoid scores, group-limited top-k choice (DeepSeek-V3 style).
+
+    The choice uses ``scores + e_score_correction_bias``: the experts are split into ``n_group``
+    contiguous groups, each group scored by the sum of its two best, and only the best
+    ``topk_group`` groups compete. The weights are the plain scores of the chosen experts,
+    normalised to sum 1 when ``norm_topk_prob``, times ``routed_scaling_factor``. All in float32.
+    """
+
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__()
+        E = layer.n_routed_experts
+        self.weight = nn.Parameter(torch.zeros(E, arch.hidden_size))
+        # persistent but not trained (NVIDIA adjusts it for load balance): a buffer, in float32
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = arch.num_experts_per_tok, arch.n_group, arch.topk_group
+        self.norm_topk_prob, self.scale = arch.norm_topk_prob, arch.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids (T, k), weights (T, k) float32) for tokens ``x`` (T, d)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (T, E)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:  # with one group every expert competes
+            groups = choice.unflatten(-1, (self.n_group, -1))  # (T, n_group, E / n_group)
+            # sum of each group's two best (transformers' topk(2) fails on groups of one; those score alone)
+            group_score = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # (T, n_group)
+            kept = group_score.topk(self.topk_group, dim=-1).indices  # (T, topk_group)
+            mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, kept, True)
+            choice = groups.masked_fill(~mask[..., None], -math.inf).flatten(-2)  # (T, E)
+        ids = choice.topk(self.top_k, dim=-1).indices  # (T, k)
+        weights = scores.gather(-1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # transformers' epsilon
+        return ids, weights * self.scale
+
+
+class MoE(nn.Module):
+    """Routed squared-ReLU experts plus one shared expert; stateless per token (no cache).
+
+    ``out = fc2(sum_k w_k * expert_k(fc1(x))) + shared_experts(x)``, where the optional latent
+    projections ``fc1_latent_proj`` / ``fc2_latent_proj`` (``moe_latent_size``) make the experts
+    compute in a narrower width. Each expert is its own module, as stored on disk.
+    """
+
+    def __init__(self, arch: Arch, layer: LayerArch):
+        super().__init__()
+        d, latent = arch.hidden_size, arch.moe_latent_size
+        inner = latent or d
+        self.gate = TopkRouter(arch, layer)
+        self.experts = nn.ModuleList(FFN(inner, layer.moe_intermediate_size, arch.mlp_bias)
+                                     for _ in range(layer.n_routed_experts))
+        self.shared_experts = FFN(d, layer.moe_shared_expert_intermediate_size, arch.mlp_bias)
+        self.fc1_latent_proj = nn.Linear(d, latent, bias=arch.mlp_bias) if latent else None
+        self.fc2_latent_proj = nn.Linear(latent, d, bias=arch.mlp_bias) if latent else None
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, idx: int = 0) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # (T, d)
+        ids, weights = self.gate(tokens)  # (T, k), (T, k)
+        h = self.fc1_latent_proj(tokens) if self.fc1_latent_proj is not None else tokens  # (T, inner)
+        routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # weighted sum in float32
+        for e in ids.unique().tolist():  # only the experts some token chose
+            token, slot = (ids == e).nonzero(as_tuple=True)
+            routed.index_add_(0, token, self.experts[e](h[token]) * weights[token, slot, None])
+        routed = routed.to(x.dtype)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)  # (T, d)
+        return routed.view(x.shape) + self.shared_experts(x)
+
+
+MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP, "moe": MoE}
 
 
 class Block(nn.Module):
@@ -271,9 +356,6 @@ class NemotronH(nn.Module):
 
     def __init__(self, arch: Arch):
         super().__init__()
-        moe = [i for i, layer in enumerate(arch.layers) if layer.kind == "moe"]
-        if moe:
-            raise ConfigError(f"MoE layers ({moe}) are not supported by the reference model; Nemotron Elastic has none")
         self.arch = arch
         self.backbone = Backbone(arch)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
@@ -340,6 +422,10 @@ def build_model(arch: Arch, dtype: torch.dtype = torch.float32, device: str = "c
         if seed is not None:
             init_weights(model, seed)
         model.to(dtype)
+        for name, buf in list(model.named_buffers()):
+            module_name, leaf = name.rsplit(".", 1)
+            if leaf in KEEP_FP32:
+                setattr(model.get_submodule(module_name), leaf, buf.float())
     return model
 
 
@@ -354,7 +440,8 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
     Args:
         path: checkpoint directory (config.json + safetensors) or an opened :class:`Checkpoint`.
         dtype: cast every tensor to this dtype (default: as stored; for a quantized checkpoint, the
-            dtype of its unquantized tensors).
+            dtype of its unquantized tensors), except the MoE routers' ``e_score_correction_bias``,
+            which is always float32 (``KEEP_FP32``).
         device: where the parameters go.
 
     Raises:
@@ -365,6 +452,9 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
         raise CheckpointError("no weights to load (config.json only)", path=str(ckpt.root))
     with torch.device("meta"):
         model = NemotronH(ckpt.arch)
+    # parameters and persistent buffers (the routers' bias), named before any Linear is swapped for
+    # a FakeQuantLinear (whose pre_quant_scale _load_quantized fills)
+    expected = set(model.state_dict())
     quantized: list[str] = []
     if ckpt.quant is not None:
         from elastic.slicer.quant.layout import linear_modules
@@ -373,16 +463,20 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
         if dtype is None:  # run in the dtype the unquantized tensors are stored in
             dtype = getattr(torch, ckpt.tensors["backbone.embeddings.weight"].dtype_name)
         _load_quantized(model, ckpt, quantized, dtype, device)
-    expected = dict(model.named_parameters())
     skip = {f"{m}.weight" for m in quantized}
     for name, tensor in ckpt.iter_tensors([n for n in ckpt.tensors if n in expected and n not in skip]):
-        if dtype is not None:
-            tensor = tensor.to(dtype)
         module_name, leaf = name.rsplit(".", 1)
-        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(device), requires_grad=False))
+        if leaf in KEEP_FP32:
+            tensor = tensor.float()
+        elif dtype is not None:
+            tensor = tensor.to(dtype)
+        module, tensor = model.get_submodule(module_name), tensor.to(device)
+        if isinstance(getattr(module, leaf), nn.Parameter):  # else a buffer, which stays one
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        setattr(module, leaf, tensor)
     if ckpt.arch.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
-    left = [n for n, p in model.named_parameters() if p.is_meta]
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # Checkpoint.open checked shapes; this guards the loader itself
         raise CheckpointError("weights not loaded", problems=left, path=str(ckpt.root))
     return model.eval()
