@@ -21,7 +21,10 @@ def slice_(
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="A budget of the elastic checkpoint "
                                                   "(see `elastic inspect`).", show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="A slice spec JSON file instead of a budget "
-                                                 "(works on any nemotron_h checkpoint).", show_default=False)] = None,
+                                                 "(works on any nemotron_h checkpoint): per-layer sizes, or one flat "
+                                                 "object in NVIDIA's terms (hidden_size, mamba_num_heads, "
+                                                 "num_moe_experts, moe_ffn_hidden_size, num_layers, ...; "
+                                                 "docs/elastic-format.md).", show_default=False)] = None,
     checkpoint: CheckpointOpt = None,
     dtype: Annotated[SliceDType, typer.Option("--dtype", case_sensitive=False,
                                        help="keep the stored dtype, or cast the weights to any spelling of "
@@ -69,12 +72,6 @@ def slice_(
             require_modelopt()  # refused before the checkpoint is read
             require_device(quantized_precision(quantized))
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
-        if ckpt.quant is not None:
-            from elastic.slicer.errors import ConfigError
-
-            raise ConfigError(f"this checkpoint is quantized ({ckpt.quant.quant_algo}); its rows are packed and "
-                              "scaled, so it cannot be sliced: slice the float checkpoint it came from",
-                              path=str(ckpt.root))
         with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
             if quantized is None:
                 result = slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,

@@ -5,6 +5,10 @@ Streams tensor by tensor with partial reads of only the kept ranges, writes the 
 block of one tensor in memory. Cutting out elements copies their bits, so a slice that keeps the
 stored dtype runs on numpy alone; torch is imported only to cast to another dtype.
 
+A quantized source (NVIDIA Model Optimizer's unified layout) is sliced without dequantizing: its
+packed weights and scales are cut along the same rules at their own resolution
+(``elastic.slicer.quant.slicing``), its per-tensor scales copied, its quantization configs carried.
+
 Example:
     >>> result = slice_checkpoint("./Nemotron-Elastic-12B", "./model-6B", budget="6B", dtype="float16")
     >>> result.parameters, result.bytes_written
@@ -92,6 +96,10 @@ def _blocks(ckpt: Checkpoint, rule: TensorRule, code: str | None):
 
     info = ckpt.tensors[rule.source]
     cast = code is not None and code != info.dtype
+    if not info.shape:  # a scalar (a per-tensor quantization scale): copied whole
+        t = ckpt.read_bits(rule.source)
+        yield _cast(t, info.dtype, code) if cast else t
+        return
     step = max(1, BLOCK_BYTES // max(1, info.row_bytes))
     for span_start, span_end, ranges in _spans(rule.axes[0], info.row_bytes):
         for r0 in range(span_start, span_end, step):
@@ -160,40 +168,50 @@ def slice_checkpoint(
     """Slice ``source`` along a budget (elastic checkpoints) or a spec (any nemotron_h checkpoint).
 
     Args:
-        source: checkpoint directory (or an opened Checkpoint) with weights.
+        source: checkpoint directory (or an opened Checkpoint) with weights; float, or quantized in
+            Model Optimizer's unified layout (FP8, NVFP4, W8A8_SQ_PER_CHANNEL, W8A16, W4A16_AWQ).
         out: output directory; must not exist unless ``force``.
         budget: a budget name from elastic_config.json.
         spec: a SliceSpec or the path of a spec JSON file.
-        dtype: cast every tensor ("float16", "bf16", ...); default keeps the stored dtype.
+        dtype: cast every float tensor ("float16", "bf16", ...); default keeps the stored dtype. A
+            quantized source's packed weights and scales keep theirs.
         progress: called as ``progress("slice", bytes_done, bytes_total)`` while tensors are written
             (the one progress protocol: stage, done, total or None).
         resolved: the (spec, where it came from) a plan already resolved for ``budget``.
 
     Raises:
-        ConfigError: not elastic, unknown budget, invalid spec or dtype.
+        ConfigError: not elastic, unknown budget, invalid spec or dtype; for a quantized source, a
+            kept range that cuts through a packed byte or a scale block (NVFP4's 16-element blocks,
+            AWQ's groups and row pairs).
         CheckpointError: broken source, output exists, a read failed mid-run.
         ElasticError: the disk filled up. In every failure the output directory is left as it was.
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
     if not ckpt.has_weights:
         raise CheckpointError("no weights to slice (config.json only)", path=str(ckpt.root))
-    if ckpt.quant is not None:  # its scales and packed weights follow other rules than the float tensors
-        raise ConfigError(f"this checkpoint is quantized ({ckpt.quant.quant_algo}); slicing a quantized source is not "
-                          "supported yet: slice the float checkpoint, then quantize (--precision)", path=str(ckpt.root))
     # a plan hands its resolved (spec, source) down with the budget's name: nothing is resolved twice
     chosen, spec_source = resolved if resolved is not None else choose_spec(ckpt, budget, spec)
     code = parse_dtype(dtype)
     parent, child = ckpt.arch, chosen.child_arch(ckpt.arch)
     rules = tensor_rules(parent, chosen)
     assert {r.name: r.shape for r in rules} == child.tensor_shapes(), "slicing rules disagree with the child layout"
-
     config = child.to_config()
-    out_dtype = DTYPES[code][0] if code else ckpt.dtype
+    quant = None
+    if ckpt.quant is not None:  # packed weights and scales: cut at their own resolution, never cast
+        from elastic.slicer.quant.slicing import plan_quantized
+
+        quant = plan_quantized(ckpt, rules, chosen)  # refuses a cut through a block before anything is written
+        rules = list(quant.rules)
+        assert _quantized_shapes_agree(quant, child), "quantized slicing rules disagree with the child layout"
+        if quant.quantization_config is not None:
+            config["quantization_config"] = quant.quantization_config
+    codes = {r.name: None if quant is not None and r.name in quant.stored else code for r in rules}
+    out_dtype = DTYPES[code][0] if code else _float_dtype(ckpt)
     config["dtype"] = out_dtype
     if "torch_dtype" in config:
         config["torch_dtype"] = out_dtype
 
-    total = sum(_nbytes(r, ckpt, code) for r in rules)
+    total = sum(_nbytes(r, ckpt, codes[r.name]) for r in rules)
     done = [0]
 
     def advance(n: int) -> None:
@@ -202,19 +220,24 @@ def slice_checkpoint(
             progress("slice", done[0], total)
 
     out_tensors = [
-        OutTensor(r.name, code or ckpt.tensors[r.source].dtype, r.shape, lambda r=r: _blocks(ckpt, r, code))
+        OutTensor(r.name, codes[r.name] or ckpt.tensors[r.source].dtype, r.shape,
+                  lambda r=r: _blocks(ckpt, r, codes[r.name]))
         for r in rules
     ]
     try:
         sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
         with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
             w.add_json("config.json", config)
+            if quant is not None and quant.hf_quant_config is not None:
+                from elastic.slicer.quant.layout import HF_QUANT_CONFIG
+
+                w.add_json(HF_QUANT_CONFIG, quant.hf_quant_config)
             w.add_files_from(ckpt.root, PASSTHROUGH_FILES)
             if remote_code.needs_code(config):
                 for f in remote_code.FILES:
                     w.add_file(f)
             w.write_tensors(out_tensors, max_shard_bytes, progress=advance)
-            manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, code)
+            manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, out_dtype, quant)
             w.add_json(MANIFEST_NAME, manifest)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -228,6 +251,25 @@ def _nbytes(rule: TensorRule, ckpt: Checkpoint, code: str | None) -> int:
     return math.prod(rule.shape) * DTYPES[code or ckpt.tensors[rule.source].dtype][1]
 
 
+def _float_dtype(ckpt: Checkpoint) -> str | None:
+    """The dtype the model computes in: as stored, or for a quantized checkpoint the dtype of its
+    unquantized tensors (its embeddings'), as ``load_model`` runs it."""
+    if ckpt.quant is None:
+        return ckpt.dtype
+    return ckpt.tensors["backbone.embeddings.weight"].dtype_name
+
+
+def _quantized_shapes_agree(quant, child) -> bool:
+    """Internal check: the quantized rules give exactly the tensors the child's layout implies
+    (optional ones, such as AWQ's folded pre_quant_scale, where the source has them)."""
+    from elastic.slicer.quant.layout import OPTIONAL, expected_tensors
+
+    have = {r.name: r.shape for r in quant.rules}
+    expected, problems = expected_tensors(quant.layout, child.tensor_shapes())
+    want = {n: shape for n, (_, shape) in expected.items() if n in have or n.rsplit(".", 1)[-1] not in OPTIONAL}
+    return not problems and have == want
+
+
 def _tokenizer_config(root: Path) -> dict | None:
     """The source's tokenizer_config.json (copied into the slice as it is), None when absent or unreadable."""
     try:
@@ -237,8 +279,13 @@ def _tokenizer_config(root: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> dict[str, Any]:
+def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, quant) -> dict[str, Any]:
     cfg_bytes = (ckpt.root / "config.json").read_bytes()
+    extra: dict[str, Any] = {}
+    if quant is not None:  # the source was quantized; the slice was cut without dequantizing
+        from elastic.slicer.quant.slicing import describe_slice
+
+        extra = {"precision": quant.layout.format.precision, "quantization": describe_slice(quant.layout)}
     return {
         "format": "elastic-slice",
         "version": 1,
@@ -247,6 +294,7 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> d
             "config_sha256": hashlib.sha256(cfg_bytes).hexdigest(),
             "elastic": ckpt.is_elastic,
             "parameters": ckpt.arch.param_counts()["total"],
+            "quantized": ckpt.quant is not None,
         },
         "budget": budget,
         "spec_source": spec_source,
@@ -254,8 +302,9 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, code) -> d
         "parameters": child.param_counts(),
         "layer_pattern": child.layer_pattern,
         "homogeneous": child.is_homogeneous(),
-        "dtype": DTYPES[code][0] if code else ckpt.dtype,
+        "dtype": dtype,  # of the tensors left unquantized, for a quantized slice
         "shards": [{"file": name, "sha256": writer.sha256[name]} for name in writer.shards],
         "runtimes": runtime_support(child, config, _tokenizer_config(ckpt.root),
                                     llama_cpp_tokenizer(ckpt.root / "tokenizer.json")),
+        **extra,
     }

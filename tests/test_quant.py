@@ -536,16 +536,3 @@ def test_the_plans_weights_term_is_the_slices_bytes(tmp_path, precision):
     spec, _ = resolve_budget(demo.root, ElasticConfig.read(demo.root, demo.arch), demo.arch, "50%")
     manifest = json.loads((tmp_path / "q" / "slice_manifest.json").read_text())
     assert weights_bytes(spec.child_arch(demo.arch), precision, manifest["dtype"]) == stored
-
-
-@needs_modelopt
-def test_slicing_a_quantized_source_is_refused_by_the_library_too(built, tmp_path):
-    """Its packed weights and scales follow other rules than float tensors: refused, nothing written."""
-    from elastic.slicer.errors import ConfigError
-    from elastic.slicer.slice import slice_checkpoint
-
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"hidden_size": 64, "layers": [{"index": 1, "intermediate_size": 128}]}))
-    with pytest.raises(ConfigError, match="quantized"):
-        slice_checkpoint(built("100%", "int8").out, tmp_path / "out", spec=spec)
-    assert not (tmp_path / "out").exists()

@@ -167,3 +167,27 @@ def test_soft_masks_give_every_choice_its_first_order_distillation_signal(tmp_pa
             assert got == pytest.approx(want, rel=1e-2, abs=1e-7), (d.name, k)
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("latent", [None, 16], ids=["no_latent", "latent"])
+def test_moe_permutation_preserves_logits_and_sorts_experts_inside_groups(tmp_path, latent):
+    from test_moe_model import make_moe_checkpoint
+
+    make_moe_checkpoint(tmp_path / "p", hybrid_override_pattern="ME*E", n_group=2, topk_group=1, moe_latent_size=latent)
+    model = load_model(tmp_path / "p")
+    data = batches(vocab=97)
+    with torch.no_grad():
+        before = [model(x) for x in data]
+    scores = width_importance(model, data)
+    assert scores["layers.1.experts"].shape == (8,) and scores["layers.1.expert_ffn"].shape == (8, 12)
+    assert scores["layers.1.shared_ffn"].shape == (20,) and scores["layers.1.experts"].sum() > 0
+    permute_(model, orders(model, scores))
+    with torch.no_grad():
+        for x, ref in zip(data, before):
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    again = width_importance(model, data)
+    experts = again["layers.3.experts"].view(2, 4)  # 2 routing groups of 4: sorted inside each
+    assert torch.all(experts[:, :-1] >= experts[:, 1:] - 1e-4)
+    neurons = again["layers.3.expert_ffn"]
+    used = neurons.sum(1) > 0
+    assert torch.all((neurons[used, :-1] >= neurons[used, 1:] - 1e-4))

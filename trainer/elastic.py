@@ -193,9 +193,9 @@ def _narrow(t: torch.Tensor, axes) -> torch.Tensor:
     return t
 
 
-def _out_mask(ec: ElasticConfig, choice: Choice, parent: Arch, i: int, child: LayerArch) -> torch.Tensor | None:
-    """The soft mask over layer ``i``'s output-projection columns in the child, whose layer is
-    ``child`` (None: the layer has no elastic unit)."""
+def _layer_masks(ec: ElasticConfig, choice: Choice, parent: Arch, i: int, child: LayerArch) -> list[tuple]:
+    """The soft masks of layer ``i`` (its child layer is ``child``): ``(module path in the block,
+    "input" | "output", mask)``, each multiplying that module's input or output."""
     dims = {d.name: d for d in ec.dimensions if d.layers is not None and i in d.layers}
     kind = parent.layers[i].kind
 
@@ -203,7 +203,7 @@ def _out_mask(ec: ElasticConfig, choice: Choice, parent: Arch, i: int, child: La
         d = dims.get(name)
         return None if d is None else unit_mask(choice.hard[name][d.row(i)], d.choices, kept, groups)
 
-    mask = None
+    mask, out = None, []
     if kind == "mamba":
         H, P = child.mamba_num_heads, child.mamba_head_dim
         mh, mp = m("mamba_num_heads", H, parent.n_groups), m("mamba_head_dim", P)
@@ -217,11 +217,26 @@ def _out_mask(ec: ElasticConfig, choice: Choice, parent: Arch, i: int, child: La
         mask = None if mh is None else mh.repeat_interleave(parent.head_dim)
     elif kind == "mlp":
         mask = m("intermediate_size", child.intermediate_size)
+    else:  # moe: each expert's width, the shared expert's width, and each routed expert's output
+        width = m("moe_intermediate_size", child.moe_intermediate_size)
+        experts = m("n_routed_experts", child.n_routed_experts, parent.n_group)
+        for j in range(child.n_routed_experts):
+            if width is not None:
+                out.append((f"mixer.experts.{j}.down_proj", "input", width))
+            if experts is not None:
+                out.append((f"mixer.experts.{j}", "output", experts[j:j + 1]))
+        shared = m("moe_shared_expert_intermediate_size", child.moe_shared_expert_intermediate_size)
+        if shared is not None:
+            out.append(("mixer.shared_experts.down_proj", "input", shared))
     depth = dims.get("depth")
-    if depth is not None:
-        keep = choice.hard["depth"][depth.row(i)][depth.choices.index("keep")]
-        mask = keep.reshape(1) if mask is None else mask * keep
-    return mask
+    keep = None if depth is None else choice.hard["depth"][depth.row(i)][depth.choices.index("keep")].reshape(1)
+    if kind == "moe":
+        if keep is not None:
+            out.append(("mixer", "output", keep))
+    elif mask is not None or keep is not None:
+        mask = keep if mask is None else (mask if keep is None else mask * keep)
+        out.append((OUTPUT_PROJ[kind].rsplit(".", 1)[0], "input", mask))
+    return out
 
 
 def elastic_forward(parent: NemotronH, ec: ElasticConfig, choice: Choice, ids: torch.Tensor,
@@ -238,17 +253,17 @@ def elastic_forward(parent: NemotronH, ec: ElasticConfig, choice: Choice, ids: t
     if hidden is not None:
         emb_mask = unit_mask(choice.hard[hidden.name][0], hidden.choices, choice.spec.hidden_size)
     return nested_forward(parent, choice.spec, ids, checkpoint=checkpoint, emb_mask=emb_mask,
-                          out_mask=lambda i, layer: _out_mask(ec, choice, parent.arch, i, layer))
+                          masks=lambda i, layer: _layer_masks(ec, choice, parent.arch, i, layer))
 
 
 def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkpoint: bool = False,
-                   emb_mask: torch.Tensor | None = None, out_mask=None) -> torch.Tensor:
+                   emb_mask: torch.Tensor | None = None, masks=None) -> torch.Tensor:
     """Logits of the nested model ``spec`` from narrowed parent weights, each block narrowing its own
     inside its module call (FSDP2-safe; ``elastic.slicer.nn.masked.masked_forward`` computes the same
     from the whole parameter dict at once, which a sharded model does not hold).
 
-    ``emb_mask`` multiplies the kept embedding columns; ``out_mask(i, child_layer)`` gives the mask
-    of parent layer ``i``'s output-projection columns (or None).
+    ``emb_mask`` multiplies the kept embedding columns; ``masks(i, child_layer)`` gives parent layer
+    ``i``'s soft masks (see :func:`_layer_masks`).
     """
     arch = parent.arch
     root_rules, layer_rules = _layer_rules(arch, spec)
@@ -256,21 +271,26 @@ def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkp
     kept = spec.kept_layers()
     child_arch = spec.child_arch(arch)
 
-    def block_fn(i: int, k: int, mask: torch.Tensor | None):
+    def block_fn(i: int, k: int, layer_masks: list):
         def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
             own = {**dict(block.named_buffers()), **dict(block.named_parameters())}  # buffers: the MoE router's bias
             params = {rel: _narrow(own[rel], axes) for rel, axes in layer_rules[i].items()}
             target = child.backbone.layers[k]
-            if mask is None:
-                return torch.func.functional_call(target, params, (h, None, k))
-            # the mask multiplies the output projection's input (the same product as masking its
-            # columns, without a masked copy of the weight kept for the backward)
-            proj = target.get_submodule(OUTPUT_PROJ[arch.layers[i].kind].rsplit(".", 1)[0])
-            handle = proj.register_forward_pre_hook(lambda _m, args: (args[0] * mask.to(args[0].dtype), *args[1:]))
+            # each mask multiplies a module's input (the same product as masking the next Linear's
+            # columns, without a masked copy of the weight kept for the backward) or its output
+            handles = []
+            for path, where, mask in layer_masks:
+                sub = target.get_submodule(path)
+                if where == "input":
+                    handles.append(sub.register_forward_pre_hook(
+                        lambda _m, args, mask=mask: (args[0] * mask.to(args[0].dtype), *args[1:])))
+                else:
+                    handles.append(sub.register_forward_hook(lambda _m, _a, y, mask=mask: y * mask.to(y.dtype)))
             try:
                 return torch.func.functional_call(target, params, (h, None, k))
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
         return run
 
     def root_fn(model: NemotronH, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +300,7 @@ def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkp
             h = h * emb_mask.to(h.dtype)
         for k, i in enumerate(kept):
             block = model.backbone.layers[i]
-            fn = block_fn(i, k, out_mask(i, child_arch.layers[k]) if out_mask is not None else None)
+            fn = block_fn(i, k, masks(i, child_arch.layers[k]) if masks is not None else [])
             if checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, None, k, fn, use_reentrant=False)
             else:

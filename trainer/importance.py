@@ -6,7 +6,10 @@ sequence):
 - FFN neuron: |X W_up^T|;
 - Mamba head channel / head: |x| from in_proj's x rows; a channel's score sums over heads (every
   head keeps the same channels), a head's over its channels; heads are ranked inside their group;
-- attention head: |q| per query head, ranked inside its KV group.
+- attention head: |q| per query head, ranked inside its KV group;
+- MoE: an expert by the router-weighted |output| over the tokens routed to it (ranked inside its
+  routing group), each expert's neurons by their router-weighted |X W_up^T|, the shared expert's
+  neurons as an FFN's.
 Depth: normalized MSE of the full model's logits with one more layer removed,
 ``sum((M_full - M_-j)^2) / sum(M_full^2)``, recomputed after each removal (greedy).
 
@@ -39,7 +42,8 @@ def _hooks(pairs) -> Iterator[None]:
 @torch.no_grad()
 def width_importance(model: NemotronH, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Scores (float32, higher = more important) keyed ``hidden``, ``layers.{i}.heads`` (H,),
-    ``layers.{i}.channels`` (P,), ``layers.{i}.attention_heads`` (A,), ``layers.{i}.ffn`` (F,)."""
+    ``layers.{i}.channels`` (P,), ``layers.{i}.attention_heads`` (A,), ``layers.{i}.ffn`` (F,),
+    ``layers.{i}.experts`` (E,), ``layers.{i}.expert_ffn`` (E, Fe), ``layers.{i}.shared_ffn`` (Fs,)."""
     arch = model.arch
     # accumulated where the activations are (a CUDA model's hooks see CUDA tensors), returned on the CPU
     acc: dict[str, torch.Tensor] = {"hidden": torch.zeros(arch.hidden_size, device=next(model.parameters()).device)}
@@ -64,6 +68,25 @@ def width_importance(model: NemotronH, batches: Iterable[torch.Tensor]) -> dict[
                 q = out.float().abs().sum(dim=(0, 1)).view(mix.heads, mix.head_dim)
                 add(f"layers.{i}.attention_heads", q.sum(1))
             pairs.append((mix.q_proj, attn_hook))
+        elif block.kind == "moe":
+            def moe_hook(m, inp, _out, i=i):
+                # router-weighted activations: each routed token counts with the weight the router gave it
+                x = inp[0].reshape(-1, inp[0].shape[-1])
+                ids, weights = m.gate(x)
+                h = m.fc1_latent_proj(x) if m.fc1_latent_proj is not None else x
+                E, Fe = len(m.experts), m.experts[0].up_proj.out_features
+                experts = torch.zeros(E, device=x.device)
+                neurons = torch.zeros(E, Fe, device=x.device)
+                for e in ids.unique().tolist():
+                    token, slot = (ids == e).nonzero(as_tuple=True)
+                    w = weights[token, slot, None].float()
+                    up = m.experts[e].up_proj(h[token]).float().abs() * w  # |X W_up^T|, weighted
+                    neurons[e] = up.sum(0)
+                    experts[e] = (m.experts[e](h[token]).float().abs() * w).sum()  # |output|, weighted
+                add(f"layers.{i}.experts", experts)
+                add(f"layers.{i}.expert_ffn", neurons)
+                add(f"layers.{i}.shared_ffn", m.shared_experts.up_proj(inp[0]).float().abs().sum(dim=(0, 1)))
+            pairs.append((mix, moe_hook))
         else:
             def mlp_hook(_m, _inp, out, i=i):
                 add(f"layers.{i}.ffn", out.float().abs().sum(dim=(0, 1)))

@@ -34,6 +34,10 @@ def orders(model: NemotronH, scores: dict[str, torch.Tensor]) -> dict[str, torch
             out[f"layers.{i}.channels"] = _desc(scores[f"layers.{i}.channels"])
         elif block.kind == "attention":
             out[f"layers.{i}.attention_heads"] = _within_groups(scores[f"layers.{i}.attention_heads"], mix.kv_heads)
+        elif block.kind == "moe":
+            out[f"layers.{i}.experts"] = _within_groups(scores[f"layers.{i}.experts"], mix.gate.n_group)
+            out[f"layers.{i}.expert_ffn"] = torch.stack([_desc(row) for row in scores[f"layers.{i}.expert_ffn"]])
+            out[f"layers.{i}.shared_ffn"] = _desc(scores[f"layers.{i}.shared_ffn"])
         else:
             out[f"layers.{i}.ffn"] = _desc(scores[f"layers.{i}.ffn"])
     return out
@@ -87,13 +91,36 @@ def permute_(model: NemotronH, order: dict[str, torch.Tensor]) -> NemotronH:
                 take(lin.weight, 1, d)
             take(mix.o_proj.weight, 0, d)
             take(mix.o_proj.weight, 1, q)
+        elif block.kind == "moe":
+            experts = order[f"layers.{i}.experts"]
+            take(mix.gate.weight, 0, experts)
+            take(mix.gate.weight, 1, d)
+            mix.gate.e_score_correction_bias.copy_(mix.gate.e_score_correction_bias[experts.to(
+                mix.gate.e_score_correction_bias.device)])
+            mix.experts = torch.nn.ModuleList([mix.experts[int(e)] for e in experts])  # routing groups kept
+            # the experts' hidden side: the latent projections' when there are some, else each expert's
+            latent = mix.fc1_latent_proj is not None
+            if latent:
+                take(mix.fc1_latent_proj.weight, 1, d)
+                take(mix.fc2_latent_proj.weight, 0, d)
+                if mix.fc2_latent_proj.bias is not None:
+                    take(mix.fc2_latent_proj.bias, 0, d)
+            for k, expert in enumerate(mix.experts):
+                _ffn(take, expert, order[f"layers.{i}.expert_ffn"][int(experts[k])], None if latent else d)
+            _ffn(take, mix.shared_experts, order[f"layers.{i}.shared_ffn"], d)
         else:
-            f = order[f"layers.{i}.ffn"]
-            take(mix.up_proj.weight, 0, f)
-            take(mix.up_proj.weight, 1, d)
-            take(mix.down_proj.weight, 0, d)
-            take(mix.down_proj.weight, 1, f)
-            if mix.up_proj.bias is not None:
-                take(mix.up_proj.bias, 0, f)
-                take(mix.down_proj.bias, 0, d)
+            _ffn(take, mix, order[f"layers.{i}.ffn"], d)
     return model
+
+
+def _ffn(take, ffn, f: torch.Tensor, d: torch.Tensor | None) -> None:
+    """Permute an up/down pair's neurons by ``f`` and (when ``d`` is given) its hidden side by ``d``."""
+    take(ffn.up_proj.weight, 0, f)
+    take(ffn.down_proj.weight, 1, f)
+    if ffn.up_proj.bias is not None:
+        take(ffn.up_proj.bias, 0, f)
+    if d is not None:
+        take(ffn.up_proj.weight, 1, d)
+        take(ffn.down_proj.weight, 0, d)
+        if ffn.down_proj.bias is not None:
+            take(ffn.down_proj.bias, 0, d)

@@ -45,6 +45,8 @@ LINEAR_LEAVES = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", 
 FLOATS = ("F32", "F16", "BF16")  # the dtype of an unquantized tensor (and of pre_quant_scale)
 # absent where the exporter folded the smoothing into the norm before the Linear (AWQ on q/k/v)
 OPTIONAL = ("pre_quant_scale",)
+# quantization scales stay float32 as Model Optimizer writes them, whatever dtype the model takes
+SCALES = ("weight_scale", "weight_scale_2", "input_scale")
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,14 @@ class QuantLayout:
         if problems:
             raise ConfigError("quantized checkpoint not understood", problems=problems, path=source)
         return cls(fmt, group, tuple(exclude), dict(section))
+
+
+def keeps_dtype(name: str, dtype: str) -> bool:
+    """Whether the tensor ``name`` of a quantized checkpoint, stored as ``dtype`` (a safetensors code),
+    keeps its dtype when the model's float dtype changes: quantized weights and the quantization
+    scales do; the unquantized tensors and ``pre_quant_scale`` (which runtimes read in the model's
+    dtype) take the model's."""
+    return dtype not in FLOATS or name.rsplit(".", 1)[-1] in SCALES
 
 
 def valid_module_pattern(name: str) -> bool:

@@ -36,7 +36,7 @@ from elastic.slicer.errors import ConfigError, ElasticError, MissingDependencyEr
 from elastic.slicer.formats.arch import read_config
 from elastic.slicer.formats.precision import QUANTIZED, WEIGHTS, Precision, lookup
 from elastic.slicer.quant.layout import (HF_QUANT_CONFIG, QuantLayout, clean_exclude_name, describe, int4_group,
-                                         linear_modules)
+                                         keeps_dtype, linear_modules)
 
 Progress = Callable[[str, int, "int | None"], None]
 INSTALL = "pip install 'elastic[modelopt]'"
@@ -423,11 +423,6 @@ def _check_excludes(ckpt) -> None:
                            "(runtimes would not match them)", problems=stray, path=str(ckpt.root))
 
 
-# quantization scales stay float32 as Model Optimizer writes them; every other float tensor (the
-# unquantized ones, and pre_quant_scale, which runtimes read in the model's dtype) takes ``rest``
-SCALES = ("weight_scale", "weight_scale_2", "input_scale")
-
-
 def _write(w, ckpt, float_dir: Path, config: dict, hf_quant: dict, rest: str,
            progress: Progress | None) -> None:
     """Write the export's tensors (unquantized ones cast to ``rest``: Model Optimizer's ``dtype``
@@ -439,8 +434,7 @@ def _write(w, ckpt, float_dir: Path, config: dict, hf_quant: dict, rest: str,
     code = lookup(rest).safetensors
 
     def target(name: str, info) -> str:
-        keep = info.dtype not in ("F32", "F16", "BF16") or name.rsplit(".", 1)[-1] in SCALES
-        return info.dtype if keep else code
+        return info.dtype if keeps_dtype(name, info.dtype) else code
 
     def blocks(name: str, dtype: str):
         if dtype == ckpt.tensors[name].dtype:
