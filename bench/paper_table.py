@@ -35,8 +35,10 @@ SCALES = {
                  pretrain=40, stage1=20, stage2=6, batch=8, ctx1=64, ctx2=64),  # a smoke run of the script
     "small": dict(hidden=128, mamba_heads=8, head_dim=16, ffn=384, attn_heads=4, vocab=1024, corpus=2_000_000,
                   pretrain=600, stage1=240, stage2=80, batch=16, ctx1=128, ctx2=256),
-    "medium": dict(hidden=256, mamba_heads=16, head_dim=32, ffn=1024, attn_heads=8, vocab=4096, corpus=6_000_000,
-                   pretrain=1500, stage1=600, stage2=200, batch=16, ctx1=256, ctx2=512),
+    # sized to finish in about an hour on a 2-core CPU: the first medium (hidden 256, vocab 4096, 1500
+    # pretraining steps at context 256; about 1.5e11 FLOPs a step) was still pretraining after 32 minutes
+    "medium": dict(hidden=192, mamba_heads=12, head_dim=32, ffn=768, attn_heads=6, vocab=2048, corpus=4_000_000,
+                   pretrain=600, stage1=240, stage2=80, batch=16, ctx1=128, ctx2=256),
 }
 
 

@@ -48,8 +48,11 @@ def inspect(
         "sizes        " + ", ".join(f"{k}={v}" for k, v in info["sizes"].items()),
         f"parameters   {human_count(p['total'])} ({p['total']:,})",
     ]
+    moe = p["active"] != p["total"]
+    if moe:  # all experts are resident; a token computes with top-k of them
+        lines[-1] += f" total, {human_count(p['active'])} ({p['active']:,}) active per token"
     for key, n in p.items():
-        if key != "total":
+        if key not in ("total", "active"):
             lines.append(f"  {key:<11}{n:>16,}")
     if info["weights_present"]:
         lines.append(f"dtype        {info['dtype']}")
@@ -58,12 +61,14 @@ def inspect(
         lines.append(f"dtype        {info['dtype'] or 'unknown'} (from config.json)")
         lines.append("weights      not present: parameter counts come from config.json")
     if info["budgets"]:
-        lines.append("budgets      name            parameters  of full  layers     written as")
+        lines.append("budgets      name            parameters  of full  " + ("active   " if moe else "")
+                     + "layers     written as")
         for b in info["budgets"]:
             if "error" in b:
                 lines.append(f"             {b['name']:<8}  cannot be sliced: {b['error']}")
                 continue
             share = b["parameters"] / p["total"]
-            lines.append(f"             {b['name']:<8}{b['parameters']:>18,}  {share:>7.1%}  "
+            active = f"{human_count(b['active_parameters']):>7}  " if moe else ""
+            lines.append(f"             {b['name']:<8}{b['parameters']:>18,}  {share:>7.1%}  {active}"
                          f"{b['layer_pattern']:<{max(9, len(b['layer_pattern']))}}  {FORM_NOTE[b['config_form']]}")
     typer.echo("\n".join(lines))

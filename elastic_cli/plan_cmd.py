@@ -85,14 +85,19 @@ def render_plan(p: dict) -> str:
     unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
     gib = lambda n: f"{n / div:8.2f}"  # noqa: E731
     lines.append("")
-    lines.append(f"{'budget':<8}{'params':>9} {'prec':>6} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} "
+    # MoE: total parameters are resident (the weights term); active ones are computed per token
+    moe = any(b["active_parameters"] != b["parameters"] for b in p["budgets"])
+    lines.append(f"{'budget':<8}{'params':>9} " + (f"{'active':>8} " if moe else "")
+                 + f"{'prec':>6} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} "
                  f"{'overhd':>8} {'margin':>8} {'total':>8} {'headroom':>9}  fits   ({unit})")
     for b in p["budgets"]:
         t = b["terms"]
         mark = "yes" if b["fits"] else "no"
         if b["name"] == p["chosen"]:
             mark += "  <- chosen"
-        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {b['weights_precision']:>6} {gib(t['weights'])} "
+        active = f"{human_count(b['active_parameters']):>8} " if moe else ""
+        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {active}{b['weights_precision']:>6} "
+                     f"{gib(t['weights'])} "
                      f"{gib(t['kv_cache'])} {gib(t['ssm_state'])} {gib(t['activations'])} {gib(t['overhead'])} "
                      f"{gib(t['margin'])} {gib(t['total'])} {gib(b['headroom_bytes']):>9}  {mark}")
     tried = list(dict.fromkeys(c["weights_precision"] for c in p["candidates"]))
@@ -120,7 +125,7 @@ def render_plan(p: dict) -> str:
         if d["quantized"]:
             lines.append(f"weights     {human_bytes(d['quantized'])} {b['weights_precision']} Linear weights + "
                          f"{human_bytes(d['scales'])} scales + {human_bytes(d['float'])} kept in {b['dtype']} "
-                         "(embeddings, lm_head, norms, conv1d, A_log, D, dt_bias)")
+                         "(embeddings, lm_head, norms, conv1d, A_log, D, dt_bias" + (", MoE gates)" if moe else ")"))
     else:
         lines.append("chosen      none: no budget fits")
         lines += [f"try         {s}" for s in p["suggestions"]]

@@ -7,14 +7,15 @@ Steps (all local, no download): a byte-level BPE tokenizer trained on the Python
 library's source files; those files tokenized into shards (5% of the documents held out); a dense
 parent with the shape below pretrained from scratch; then the elastic checkpoint made by
 
-    elastic train --parent WORK/parent --data WORK/tokens --out OUT --budgets 100%=1.0,75%=0.75,50%=0.5 \\
+    elastic train --parent WORK/parent --data WORK/tokens --out WORK/elastic --budgets 100%=1.0,75%=0.75,50%=0.5 \\
         --stage1-steps 300 --stage1-context 128 --stage2-steps 100 --stage2-context 256 --batch-size 16 --force
 
-which this script runs (and prints) as its last step.
+which this script runs (and prints), then copies WORK/elastic's files over OUT.
 """
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,16 @@ def main() -> None:
         for name in TOKENIZER_FILES:
             w.add_file(work / "tokenizer" / name)
 
-    cmd = train_command(work, args.out)
+    # trained into the work directory, then copied over the demo: the bundled copy is a source file of
+    # the repository (no output marker), which `elastic train --force` rightly refuses to replace
+    cmd = train_command(work, work / "elastic")
     print("$ " + shlex.join(["elastic", *cmd[3:]]), flush=True)
     subprocess.run(cmd, check=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for f in sorted((work / "elastic").iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copyfile(f, args.out / f.name)
+    print(f"copied {work / 'elastic'} to {args.out}")
 
 
 if __name__ == "__main__":

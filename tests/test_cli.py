@@ -26,7 +26,8 @@ def test_inspect_json_on_the_bundled_demo(monkeypatch, tmp_path):
     assert info["path"] == str(DEMO_CHECKPOINT.resolve())
     assert info["layer_pattern"] == "M-M*-M-"
     p = info["parameters"]
-    assert p["total"] == sum(v for k, v in p.items() if k != "total")
+    assert p["total"] == sum(v for k, v in p.items() if k not in ("total", "active"))
+    assert p["active"] == p["total"]  # no MoE layer: every parameter computes
     assert {"mamba", "attention", "mlp"} <= set(p)
     assert info["parameters_stored"] == p["total"]
     assert info["dtype"] == "float32" and info["elastic"] is True

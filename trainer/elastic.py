@@ -172,12 +172,14 @@ def unit_mask(sample_row: torch.Tensor, sizes: tuple, kept: int, groups: int = 1
 
 @functools.lru_cache(maxsize=64)
 def _layer_rules(parent_arch: Arch, spec: SliceSpec) -> tuple[dict, dict[int, dict]]:
-    """The slicing rules as (root tensors, {parent layer: {name in the block: kept ranges per axis}})."""
+    """The slicing rules as (root tensors, {parent layer: {name in the child block: (name in the parent
+    block, kept ranges per axis)}}); the names differ where experts are renumbered."""
     root, layers = {}, {}
     for rule in tensor_rules(parent_arch, spec):
         if rule.source.startswith("backbone.layers."):
             i, _, rel = rule.source[len("backbone.layers."):].partition(".")
-            layers.setdefault(int(i), {})[rel] = rule.axes
+            child_rel = rule.name[len("backbone.layers."):].partition(".")[2]
+            layers.setdefault(int(i), {})[child_rel] = (rel, rule.axes)
         else:
             root[rule.source] = rule.axes
     return root, layers
@@ -274,7 +276,7 @@ def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkp
     def block_fn(i: int, k: int, layer_masks: list):
         def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
             own = {**dict(block.named_buffers()), **dict(block.named_parameters())}  # buffers: the MoE router's bias
-            params = {rel: _narrow(own[rel], axes) for rel, axes in layer_rules[i].items()}
+            params = {name: _narrow(own[rel], axes) for name, (rel, axes) in layer_rules[i].items()}
             target = child.backbone.layers[k]
             # each mask multiplies a module's input (the same product as masking the next Linear's
             # columns, without a masked copy of the weight kept for the backward) or its output

@@ -125,6 +125,9 @@ class Arch:
     norm_topk_prob: bool = True
     moe_latent_size: int | None = None  # experts compute in this width (fc1/fc2 latent projections) if set
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # the config.json this was read from (None for a dict or a slice's shape): where the checkpoint's
+    # sidecar files are (importance.safetensors: the depth order a spec in NVIDIA's terms may need)
+    config_path: str | None = field(default=None, compare=False, hash=False, repr=False)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -222,15 +225,34 @@ class Arch:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
         return shapes
 
+    def routed_expert_params(self, i: int) -> int:
+        """Parameters of one routed expert of MoE layer i (its up/down projections and their biases)."""
+        layer = self.layers[i]
+        inner, Fe = self.moe_latent_size or self.hidden_size, layer.moe_intermediate_size
+        return 2 * Fe * inner + (Fe + inner if self.mlp_bias else 0)
+
     def param_counts(self) -> dict[str, int]:
-        """Parameters per layer kind plus embeddings, final norm and LM head; ``total`` sums them."""
+        """Parameters per layer kind plus embeddings, final norm and LM head; ``total`` sums them
+        (every tensor of the checkpoint: the memory the weights take). ``active``: the parameters
+        one token computes with, ``total`` less the routed experts it is not sent to, E - top_k
+        in every MoE layer. The gate (router), its correction bias, the shared expert and the
+        latent projections count as active: every token runs them. Equal to ``total`` for a
+        dense model.
+
+        Example:
+            >>> c = arch.param_counts(); c["total"], c["active"]
+        """
         counts = {k: 0 for k in KINDS if any(layer.kind == k for layer in self.layers)}
+        idle = 0  # routed-expert parameters a token does not use
         for i, layer in enumerate(self.layers):
             counts[layer.kind] += sum(math.prod(s) for s in self.layer_tensor_shapes(i).values())
+            if layer.kind == "moe":
+                idle += (layer.n_routed_experts - self.num_experts_per_tok) * self.routed_expert_params(i)
         counts["embeddings"] = self.vocab_size * self.hidden_size
         counts["norm_f"] = self.hidden_size
         counts["lm_head"] = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         counts["total"] = sum(counts.values())
+        counts["active"] = counts["total"] - idle
         return counts
 
     # ---- config.json I/O -----------------------------------------------------------------
@@ -326,7 +348,7 @@ class Arch:
 
     def with_layers(self, layers: tuple[LayerArch, ...], hidden_size: int | None = None) -> "Arch":
         """A copy with other layers (and hidden size): the shape of a slice."""
-        return replace(self, layers=tuple(layers), hidden_size=hidden_size or self.hidden_size)
+        return replace(self, layers=tuple(layers), hidden_size=hidden_size or self.hidden_size, config_path=None)
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -614,5 +636,6 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
         tie_word_embeddings=bools["tie_word_embeddings"],
         residual_in_fp32=bools["residual_in_fp32"],
         raw=dict(cfg),
+        config_path=source,
         **moe,
     )

@@ -18,13 +18,14 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.errors import ConfigError, Hint
-from elastic.slicer.formats.spec import SPEC_FIELDS, SliceSpec
+from elastic.slicer.formats.values import is_int
+from elastic.slicer.formats.spec import SPEC_FIELDS, SliceSpec, layer_problems
 
 FORMAT = "nemotron-elastic"
 VERSION = 1
@@ -37,6 +38,9 @@ DIMENSIONS = {
     "mamba_head_dim": "mamba",
     "num_attention_heads": "attention",
     "intermediate_size": "mlp",
+    "n_routed_experts": "moe",  # kept per routing group (n_group); never fewer than top-k can route to
+    "moe_intermediate_size": "moe",  # width of every routed expert
+    "moe_shared_expert_intermediate_size": "moe",
     "depth": None,  # choices ["keep", "drop"] per droppable layer, of any kind
 }
 # A resolved budget may miss its target by this fraction (per budget: "tolerance" in budgets[]);
@@ -202,6 +206,14 @@ class ElasticConfig:
                         problems.append(f"search_space[{k}] ({name}): unknown layer index {i!r}")
                     elif kind is not None and parent.layers[i].kind != kind:
                         problems.append(f"search_space[{k}] ({name}): layer {i} is {parent.layers[i].kind}, not {kind}")
+                if kind is not None and all(is_int(c) and c > 0 for c in choices):
+                    # every choice must cut each of the dimension's layers validly (the router may pick any)
+                    for c in choices:
+                        for i in layers:
+                            if is_int(i) and 0 <= i < parent.num_hidden_layers and parent.layers[i].kind == kind:
+                                mine = replace(parent.layers[i], **{name: c})
+                                problems += [f"search_space[{k}] ({name}): choice {c}: {why}"
+                                             for f, why in layer_problems(parent, parent.layers[i], mine) if f == name]
             if name == "depth" and sorted(map(repr, choices)) != ["'drop'", "'keep'"]:
                 problems.append(f"search_space[{k}] (depth): choices must be ['keep', 'drop'], found {choices}")
             shared = d.get("shared", False)

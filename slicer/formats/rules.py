@@ -10,7 +10,13 @@ child keeps d, h, p, a attention heads, f FFN):
   of each group, the first p channels of each kept head, all of B and C;
 - conv1d over ``[x | B | C]``; A_log / D / dt_bias per head; gated norm and out_proj per channel;
 - attention: the first a/KV query heads of each KV group; K/V rows unchanged;
-- MLP: the first f neurons; every hidden axis: the first d entries.
+- MLP: the first f neurons; every hidden axis: the first d entries;
+- MoE (E routed experts in n_group contiguous routing groups of E/n_group; child keeps e experts of
+  width fe and a shared expert of width fs): the first e/n_group experts of each group, renumbered
+  0..e-1 (child ``experts.{j}`` <- parent ``experts.{e_j}``); each kept expert's first fe neurons;
+  the gate's rows and correction bias of the kept experts; the shared expert's first fs neurons.
+  Experts compute in the hidden width, or in ``moe_latent_size`` behind fc1/fc2 latent projections,
+  whose width is not elastic.
 """
 
 from __future__ import annotations
@@ -73,10 +79,58 @@ def per_head(heads: Ranges, size: int, kept: int) -> Ranges:
     return merge((h * size, h * size + kept) for a, b in heads for h in range(a, b))
 
 
-def _layer_rules(arch: Arch, parent: LayerArch, child: LayerArch, d: int) -> dict[str, tuple[Ranges, ...]]:
-    """Kept ranges of each tensor of one layer, keyed by name under ``backbone.layers.{i}.``."""
+def kept_experts(total: int, n_group: int, kept: int) -> list[int]:
+    """Parent indices of a child's ``kept`` routed experts of ``total``, in the child's order (child
+    expert j is parent expert ``kept_experts(...)[j]``): the first kept/n_group experts of each of the
+    n_group contiguous routing groups, where the trainer's permutation puts the most important first.
+
+    Example:
+        >>> kept_experts(8, 2, 4)
+        [0, 1, 4, 5]
+    """
+    return indices(kept_heads(total, n_group, kept))
+
+
+def _moe_rules(arch: Arch, parent: LayerArch, child: LayerArch,
+               D: Ranges) -> dict[str, tuple[str, tuple[Ranges, ...]]]:
+    """Child name -> (parent name, kept ranges) of an MoE layer's tensors, under ``backbone.layers.{i}.``."""
+    full = lambda n: ((0, n),)  # noqa: E731
+    inner = full(arch.moe_latent_size) if arch.moe_latent_size else D  # the experts' input/output axis
+    experts = kept_heads(parent.n_routed_experts, arch.n_group, child.n_routed_experts)
+    fe, fs = full(child.moe_intermediate_size), full(child.moe_shared_expert_intermediate_size)
+    rules = {
+        "mixer.gate.weight": (experts, D),  # (E, d): one router row per expert
+        "mixer.gate.e_score_correction_bias": (experts,),
+        "mixer.shared_experts.up_proj.weight": (fs, D),
+        "mixer.shared_experts.down_proj.weight": (D, fs),
+    }
+    if arch.moe_latent_size:
+        rules["mixer.fc1_latent_proj.weight"] = (inner, D)  # (latent, d)
+        rules["mixer.fc2_latent_proj.weight"] = (D, inner)  # (d, latent)
+    if arch.mlp_bias:
+        rules["mixer.shared_experts.up_proj.bias"] = (fs,)
+        rules["mixer.shared_experts.down_proj.bias"] = (D,)
+        if arch.moe_latent_size:
+            rules["mixer.fc1_latent_proj.bias"] = (inner,)
+            rules["mixer.fc2_latent_proj.bias"] = (D,)
+    out = {name: (name, axes) for name, axes in rules.items()}
+    # renumbered: child expert j is parent expert e
+    for j, e in enumerate(kept_experts(parent.n_routed_experts, arch.n_group, child.n_routed_experts)):
+        out[f"mixer.experts.{j}.up_proj.weight"] = (f"mixer.experts.{e}.up_proj.weight", (fe, inner))  # (Fe, inner)
+        out[f"mixer.experts.{j}.down_proj.weight"] = (f"mixer.experts.{e}.down_proj.weight", (inner, fe))  # (inner, Fe)
+        if arch.mlp_bias:
+            out[f"mixer.experts.{j}.up_proj.bias"] = (f"mixer.experts.{e}.up_proj.bias", (fe,))
+            out[f"mixer.experts.{j}.down_proj.bias"] = (f"mixer.experts.{e}.down_proj.bias", (inner,))
+    return out
+
+
+def _layer_rules(arch: Arch, parent: LayerArch, child: LayerArch, d: int) -> dict[str, tuple[str, tuple[Ranges, ...]]]:
+    """Child name -> (parent name, kept ranges) of each tensor of one layer, under ``backbone.layers.{i}.``
+    (the names differ only for renumbered MoE experts)."""
     D = ((0, d),)  # the kept hidden axis
     full = lambda n: ((0, n),)  # noqa: E731
+    if parent.kind == "moe":
+        return {"norm.weight": ("norm.weight", (D,)), **_moe_rules(arch, parent, child, D)}
     rules: dict[str, tuple[Ranges, ...]] = {"norm.weight": (D,)}
     if parent.kind == "mamba":
         H, P, G, N, K = parent.mamba_num_heads, parent.mamba_head_dim, arch.n_groups, arch.ssm_state_size, arch.conv_kernel
@@ -104,16 +158,14 @@ def _layer_rules(arch: Arch, parent: LayerArch, child: LayerArch, d: int) -> dic
         rules["mixer.k_proj.weight"] = (full(kv * hd), D)
         rules["mixer.v_proj.weight"] = (full(kv * hd), D)
         rules["mixer.o_proj.weight"] = (D, q)
-    elif parent.kind == "mlp":
+    else:  # mlp
         f = ((0, child.intermediate_size),)
         rules["mixer.up_proj.weight"] = (f, D)
         rules["mixer.down_proj.weight"] = (D, f)
         if arch.mlp_bias:
             rules["mixer.up_proj.bias"] = (f,)
             rules["mixer.down_proj.bias"] = (D,)
-    else:
-        raise NotImplementedError("MoE layers cannot be sliced")
-    return rules
+    return {name: (name, axes) for name, axes in rules.items()}
 
 
 def tensor_rules(parent: Arch, spec: SliceSpec) -> list[TensorRule]:
@@ -122,8 +174,8 @@ def tensor_rules(parent: Arch, spec: SliceSpec) -> list[TensorRule]:
     D = ((0, d),)
     out = [TensorRule("backbone.embeddings.weight", "backbone.embeddings.weight", (((0, parent.vocab_size),), D))]
     for k, i in enumerate(spec.kept_layers()):
-        for name, axes in _layer_rules(parent, parent.layers[i], spec.layers[i], d).items():
-            out.append(TensorRule(f"backbone.layers.{k}.{name}", f"backbone.layers.{i}.{name}", axes))
+        for name, (source, axes) in _layer_rules(parent, parent.layers[i], spec.layers[i], d).items():
+            out.append(TensorRule(f"backbone.layers.{k}.{name}", f"backbone.layers.{i}.{source}", axes))
     out.append(TensorRule("backbone.norm_f.weight", "backbone.norm_f.weight", (D,)))
     if not parent.tie_word_embeddings:
         out.append(TensorRule("lm_head.weight", "lm_head.weight", (((0, parent.vocab_size),), D)))

@@ -1,13 +1,21 @@
 """Slice specs: which prefix of every elastic dimension a nested model keeps. No torch here.
 
 A spec names the kept hidden size and, per parent layer, whether it is kept and its kept sizes
-(Mamba heads and head channels, attention heads, FFN width). Sizes left out keep the parent's.
-On disk (``--spec spec.json`` and the resolved choices in ``elastic_config.json``):
+(Mamba heads and head channels, attention heads, FFN width, MoE routed experts, expert and shared
+expert widths). Sizes left out keep the parent's. On disk (``--spec spec.json`` and the resolved
+choices in ``elastic_config.json``):
 
     {"hidden_size": 48,
      "layers": [{"index": 0, "mamba_num_heads": 4, "mamba_head_dim": 12},
                 {"index": 1, "intermediate_size": 128},
+                {"index": 2, "n_routed_experts": 64, "moe_intermediate_size": 1024},
                 {"index": 3, "keep": false}]}
+
+or one flat object in the terms of NVIDIA's Model Optimizer / Megatron-LM elastic code, one size
+for every layer of a kind (:data:`NVIDIA_KEYS`):
+
+    {"hidden_size": 2304, "mamba_num_heads": 56, "num_moe_experts": 96, "moe_ffn_hidden_size": 1536,
+     "num_layers": 50}
 
 Example:
     >>> spec = SliceSpec.from_json(json.load(open("spec.json")), parent_arch)
@@ -19,18 +27,97 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from elastic.slicer.formats.arch import Arch, LayerArch
-from elastic.slicer.errors import ConfigError
+from elastic.slicer.errors import CheckpointError, ConfigError
+from elastic.slicer.formats.values import is_int
 
-# per-layer spec fields by kind: what may be trimmed (KV heads, B/C, G, N are never elastic)
+# per-layer spec fields by kind: what may be trimmed (KV heads, B/C, G, N, top-k and the MoE latent
+# width are never elastic)
 SPEC_FIELDS = {
     "mamba": ("mamba_num_heads", "mamba_head_dim"),
     "attention": ("num_attention_heads",),
     "mlp": ("intermediate_size",),
-    "moe": (),
+    "moe": ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size"),
 }
+NATIVE_KEYS = ("hidden_size", "layers", "name", "budget")
+# NVIDIA's vocabulary (Model Optimizer's Minitron ``export_config``, Megatron-LM's elastic configs):
+# key -> (layer kind, our per-layer field); every layer of that kind gets the one value.
+# ``num_layers``: how many layers stay, the rest dropped in the checkpoint's depth order.
+NVIDIA_KEYS = {
+    "hidden_size": (None, "hidden_size"),
+    "mamba_num_heads": ("mamba", "mamba_num_heads"),
+    "mamba_head_dim": ("mamba", "mamba_head_dim"),
+    "num_attention_heads": ("attention", "num_attention_heads"),
+    "ffn_hidden_size": ("mlp", "intermediate_size"),
+    "num_moe_experts": ("moe", "n_routed_experts"),
+    "moe_ffn_hidden_size": ("moe", "moe_intermediate_size"),
+    "moe_shared_expert_intermediate_size": ("moe", "moe_shared_expert_intermediate_size"),
+    "num_layers": (None, "num_layers"),
+}
+DEPTH_FILE = "importance.safetensors"  # its metadata "depth_order": [[layer, score], ...], least important first
+
+
+def is_nvidia_form(data: dict) -> bool:
+    """True for a flat spec in NVIDIA's terms: no ``layers`` and some key only NVIDIA's form has."""
+    return "layers" not in data and any(k in NVIDIA_KEYS and k not in NATIVE_KEYS for k in data)
+
+
+def read_depth_order(root: str | Path) -> list[int] | None:
+    """The layers in the order ``elastic train`` drops them (least important first), from the
+    ``depth_order`` metadata of ``root/importance.safetensors``; None when the file is absent.
+
+    Raises:
+        ConfigError: the file exists but holds no readable depth order.
+    """
+    path = Path(root) / DEPTH_FILE
+    if not path.is_file():
+        return None
+    from elastic.slicer.formats.safetensors import read_header
+
+    try:
+        meta = read_header(path)[0].get("__metadata__") or {}
+    except CheckpointError as e:
+        raise ConfigError(f"cannot read the depth order: {e.message}", path=str(path)) from None
+    try:
+        order = json.loads(meta["depth_order"])
+        # [[layer, score], ...] as the trainer writes it; a bare list of layers is accepted too
+        layers = [entry[0] if isinstance(entry, list) else entry for entry in order]
+        if not all(is_int(i) for i in layers):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ConfigError("no depth order: expected metadata 'depth_order', a JSON list of [layer, score] "
+                          "pairs (least important first), as `elastic train` writes it", path=str(path)) from None
+    return layers
+
+
+def layer_problems(parent: Arch, theirs: LayerArch, mine: LayerArch) -> list[tuple[str, str]]:
+    """Why ``mine`` is not a prefix slice of the parent's layer ``theirs``: (field, reason) pairs,
+    one layer's part of :meth:`SliceSpec.problems` without the layer's name."""
+    out = []
+    for f in SPEC_FIELDS[theirs.kind]:
+        v, top = getattr(mine, f), getattr(theirs, f)
+        if not is_int(v) or not 0 < v <= top:
+            out.append((f, f"{f} must be an integer in 1..{top} (the parent's), found {v!r}"))
+    if theirs.kind == "mamba" and is_int(mine.mamba_num_heads) and mine.mamba_num_heads % parent.n_groups:
+        out.append(("mamba_num_heads", f"mamba_num_heads {mine.mamba_num_heads} is not a multiple of n_groups "
+                    f"({parent.n_groups}); heads are trimmed equally inside every group"))
+    if theirs.kind == "attention" and is_int(mine.num_attention_heads) \
+            and mine.num_attention_heads % theirs.num_key_value_heads:
+        out.append(("num_attention_heads", f"num_attention_heads {mine.num_attention_heads} is not a multiple of "
+                    f"num_key_value_heads ({theirs.num_key_value_heads}); query heads are trimmed inside each KV "
+                    "group"))
+    E, G, k, tg = mine.n_routed_experts, parent.n_group, parent.num_experts_per_tok, parent.topk_group
+    if theirs.kind == "moe" and is_int(E) and 0 < E <= theirs.n_routed_experts:
+        if E % G:
+            out.append(("n_routed_experts", f"n_routed_experts {E} is not a multiple of n_group ({G}); experts are "
+                        "kept per routing group, the same number in each"))
+        elif k > E // G * tg:  # top-k never exceeds what the kept groups hold
+            out.append(("n_routed_experts", f"n_routed_experts {E} keeps {E // G} expert(s) in each of n_group ({G}) "
+                        f"routing group(s), but a token routes to num_experts_per_tok ({k}) experts within topk_group "
+                        f"({tg}) group(s): keep at least {-(-k // tg) * G}"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -47,19 +134,34 @@ class SliceSpec:
         return cls(parent.hidden_size, tuple(parent.layers))
 
     @classmethod
-    def from_json(cls, data: Any, parent: Arch, source: str | None = None) -> "SliceSpec":
+    def from_json(cls, data: Any, parent: Arch, source: str | None = None,
+                  depth_order: Sequence[int] | None = None) -> "SliceSpec":
         """Parse and validate a spec against its parent; every violation is reported at once.
+
+        Args:
+            data: the native form (``hidden_size`` + ``layers``) or NVIDIA's flat form (module doc).
+            parent: the architecture the spec cuts.
+            source: where ``data`` came from, for messages.
+            depth_order: layers least important first, for NVIDIA's ``num_layers``; default: the
+                ``depth_order`` of importance.safetensors beside the parent's config.json.
 
         Raises:
             ConfigError: listing each problem (unknown keys or layer indices, sizes above the
-                parent's, Mamba heads not a multiple of n_groups, ...).
+                parent's, Mamba heads not a multiple of n_groups, experts not a multiple of n_group
+                or fewer than top-k can route to, ...).
         """
         problems: list[str] = []
         if not isinstance(data, dict):
-            raise ConfigError("a slice spec must be a JSON object with hidden_size and layers", path=source)
-        unknown = set(data) - {"hidden_size", "layers", "name", "budget"}
+            raise ConfigError("a slice spec must be a JSON object with hidden_size and layers (or NVIDIA's flat "
+                              f"keys: {', '.join(NVIDIA_KEYS)})", path=source)
+        if is_nvidia_form(data):
+            return cls._from_nvidia(data, parent, source, depth_order)
+        unknown = set(data) - set(NATIVE_KEYS)
         if unknown:
-            problems.append(f"unknown keys {sorted(unknown)}; a spec has hidden_size and layers")
+            nvidia = sorted(k for k in unknown if k in NVIDIA_KEYS)
+            problems.append(f"unknown keys {sorted(unknown)}; a spec has hidden_size and layers"
+                            + (f" (NVIDIA's flat keys {nvidia} cannot be mixed with layers: use one form)"
+                               if nvidia else ""))
         hidden = data.get("hidden_size", parent.hidden_size)
         layers: list[LayerArch | None] = list(parent.layers)
         entries = data.get("layers", [])
@@ -104,6 +206,57 @@ class SliceSpec:
         return spec
 
     @classmethod
+    def _from_nvidia(cls, data: dict, parent: Arch, source: str | None,
+                     depth_order: Sequence[int] | None) -> "SliceSpec":
+        """A flat spec in NVIDIA's terms: one size per layer kind, ``num_layers`` kept by depth order."""
+        problems: list[str] = []
+        unknown = sorted(set(data) - set(NVIDIA_KEYS) - {"name", "budget"})
+        if unknown:
+            problems.append(f"unknown keys {unknown}; a spec in NVIDIA's terms has {', '.join(NVIDIA_KEYS)}")
+        kinds = {layer.kind for layer in parent.layers}
+        layers: list[LayerArch | None] = list(parent.layers)
+        for key, (kind, f) in NVIDIA_KEYS.items():
+            if key not in data or kind is None:
+                continue
+            if kind not in kinds:
+                problems.append(f"{key}: the parent has no {kind} layers")
+                continue
+            layers = [replace(layer, **{f: data[key]}) if layer is not None and layer.kind == kind else layer
+                      for layer in layers]
+        nvidia_name = {f: k for k, (_, f) in NVIDIA_KEYS.items()}
+        for mine, theirs in zip(layers, parent.layers):
+            # one value for every layer of a kind: the same words for each, listed once (below)
+            problems += [f"{nvidia_name[f]}: {p}" for f, p in layer_problems(parent, theirs, mine)]
+        L = parent.num_hidden_layers
+        n = data.get("num_layers", L)
+        if not is_int(n) or not 0 < n <= L:
+            problems.append(f"num_layers must be an integer in 1..{L} (the parent's), found {n!r:.40}")
+        elif n < L:
+            config = Path(parent.config_path) if parent.config_path else None
+            where = config.parent if config is not None and config.is_file() else None  # the checkpoint
+            order = list(depth_order) if depth_order is not None else (read_depth_order(where) if where else None)
+            if order is None:
+                problems.append(f"num_layers {n} is below the parent's {L}, and which layers to drop comes from the "
+                                f"checkpoint's depth order ({DEPTH_FILE}, written by `elastic train`), which "
+                                f"{'this checkpoint lacks' if where else 'a config alone does not have'}: give a "
+                                'spec with layers, marking the ones to drop {"index": i, "keep": false}')
+            elif len(set(order)) != len(order) or not all(is_int(i) and 0 <= i < L for i in order):
+                problems.append(f"the depth order {order!r:.80} must list distinct layer indices in 0..{L - 1}")
+            elif len(order) < L - n:
+                problems.append(f"num_layers {n} drops {L - n} layers, but the depth order ranks only {len(order)} "
+                                f"({order}): the trainer can drop at most those")
+            else:
+                for i in order[:L - n]:
+                    layers[i] = None
+        spec = cls(data.get("hidden_size", parent.hidden_size), tuple(layers))
+        problems = spec._model_problems(parent) + problems
+        if problems:
+            problems = list(dict.fromkeys(problems))
+            raise ConfigError(f"invalid slice spec in NVIDIA's terms ({len(problems)} problem"
+                              f"{'s' * (len(problems) > 1)})", problems=problems, path=source)
+        return spec
+
+    @classmethod
     def from_file(cls, path: str | Path, parent: Arch) -> "SliceSpec":
         path = Path(path)
         try:
@@ -130,6 +283,15 @@ class SliceSpec:
     # ---- validation ------------------------------------------------------------------------
     def problems(self, parent: Arch) -> list[str]:
         """Every way this spec is not a prefix slice of ``parent``."""
+        out = self._model_problems(parent)
+        if len(self.layers) == len(parent.layers):
+            for i, (mine, theirs) in enumerate(zip(self.layers, parent.layers)):
+                if mine is not None:
+                    out += [f"layer {i} ({theirs.kind}): {p}" for _, p in layer_problems(parent, theirs, mine)]
+        return out
+
+    def _model_problems(self, parent: Arch) -> list[str]:
+        """The problems that belong to no one layer: hidden size, layer count, nothing kept."""
         out = []
         d = self.hidden_size
         if isinstance(d, bool) or not isinstance(d, int) or not 0 < d <= parent.hidden_size:
@@ -139,24 +301,6 @@ class SliceSpec:
             return out
         if all(layer is None for layer in self.layers):
             out.append("every layer is dropped; keep at least one")
-        for i, (mine, theirs) in enumerate(zip(self.layers, parent.layers)):
-            if mine is None:
-                continue
-            for f in SPEC_FIELDS[theirs.kind]:
-                v, top = getattr(mine, f), getattr(theirs, f)
-                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= top:
-                    out.append(f"layer {i} ({theirs.kind}): {f} must be an integer in 1..{top} (the parent's), found {v!r}")
-            if theirs.kind == "mamba" and isinstance(mine.mamba_num_heads, int) and mine.mamba_num_heads % parent.n_groups:
-                out.append(
-                    f"layer {i} (mamba): mamba_num_heads {mine.mamba_num_heads} is not a multiple of n_groups "
-                    f"({parent.n_groups}); heads are trimmed equally inside every group"
-                )
-            if theirs.kind == "attention" and isinstance(mine.num_attention_heads, int) \
-                    and mine.num_attention_heads % theirs.num_key_value_heads:
-                out.append(
-                    f"layer {i} (attention): num_attention_heads {mine.num_attention_heads} is not a multiple of "
-                    f"num_key_value_heads ({theirs.num_key_value_heads}); query heads are trimmed inside each KV group"
-                )
         return out
 
     # ---- what it produces ------------------------------------------------------------------
@@ -169,6 +313,7 @@ class SliceSpec:
         return parent.with_layers(tuple(layer for layer in self.layers if layer is not None), self.hidden_size)
 
     def parameters(self, parent: Arch) -> int:
+        """Total parameters of the child (every expert counted: the memory its weights take)."""
         return self.child_arch(parent).param_counts()["total"]
 
     def is_full(self, parent: Arch) -> bool:

@@ -37,7 +37,7 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
 
     Returns:
         a JSON-ready dict with the stable keys ``path``, ``layer_pattern``, ``parameters``
-        (``total`` plus one entry per layer kind, embeddings, norm_f, lm_head), ``dtype``,
+        (``total`` and ``active`` plus one entry per layer kind, embeddings, norm_f, lm_head), ``dtype``,
         ``bytes_on_disk``, ``elastic``; and more.
     """
     root = Path(path) if path is not None else default_checkpoint()
@@ -58,6 +58,10 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
             for field in dict(values[0]):
                 vs = [dict(v)[field] for v in values]
                 sizes[field] = {"min": min(vs), "max": max(vs)}
+    if kinds["moe"]:  # routing, one setting for every MoE layer
+        sizes.update(num_experts_per_tok=arch.num_experts_per_tok, n_group=arch.n_group, topk_group=arch.topk_group)
+        if arch.moe_latent_size:
+            sizes["moe_latent_size"] = arch.moe_latent_size
     budgets = []
     if ckpt.is_elastic:
         ec = ElasticConfig.read(ckpt.root, arch)
@@ -69,9 +73,11 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
                 budgets.append({"name": b.name, "target_parameters": b.target_parameters, "error": e.message})
                 continue
             child = spec.child_arch(arch)
+            counts = child.param_counts()
             budgets.append({
                 "name": b.name,
-                "parameters": child.param_counts()["total"],
+                "parameters": counts["total"],
+                "active_parameters": counts["active"],  # per token: total less the routed experts it skips
                 "target_parameters": b.target_parameters,
                 "layer_pattern": child.layer_pattern,
                 "hidden_size": child.hidden_size,

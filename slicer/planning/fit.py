@@ -235,7 +235,7 @@ class BudgetPlan:
     name: str
     spec: SliceSpec
     resolved_by: str  # "router", "elastic_config.json", "full model", "dense checkpoint"
-    parameters: int
+    parameters: int  # total: every tensor, all experts resident (what the weights term counts)
     dtype: str  # the base float precision, canonical name ("bfloat16")
     fits: bool
     headroom_bytes: int
@@ -250,9 +250,11 @@ class BudgetPlan:
     export_peak_bytes: int = 0  # `elastic export` of this budget (measured model: memory.export_peak_bytes)
     engine_build_bytes: int = 0  # a TensorRT engine build of it (estimate: memory.engine_build_bytes)
     export_here: bool | None = None  # both fit the target's memory (None: they run in host RAM, not known here)
+    active_parameters: int = 0  # computed per token: total less the routed experts a token skips (MoE)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "parameters": self.parameters, "dtype": self.dtype, "fits": self.fits,
+        return {"name": self.name, "parameters": self.parameters, "active_parameters": self.active_parameters,
+                "dtype": self.dtype, "fits": self.fits,
                 "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
                 "layer_pattern": self.layer_pattern, "resolved_by": self.resolved_by,
                 "weights_precision": self.weights_precision, "kv_precision": self.kv_precision,
@@ -290,7 +292,8 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         """The stable JSON form `elastic plan --json` prints: ``checkpoint``, ``weights_present``,
-        ``device``, ``workload``, ``budgets`` (each with ``terms`` and its ``weights_precision``,
+        ``device``, ``workload``, ``budgets`` (each with ``parameters`` (total) and
+        ``active_parameters`` (per token), ``terms`` and its ``weights_precision``,
         ``kv_precision``, ``state_precision``), ``chosen``, ``chosen_precision``, ``candidates``
         (every budget x weights precision: ``budget``, ``weights_precision``, ``fits``, ``terms``),
         ``notes``, ``suggestions`` (and ``detection`` for a detected target)."""
@@ -351,8 +354,10 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
         candidates += tried
         best = next((c for c in tried if c.usable), tried[-1])
         export_peak, build, here = export_terms(child, target, best.terms["weights"])
+        counts = child.param_counts()
         rows.append(BudgetPlan(
-            name=name, spec=spec, resolved_by=source, parameters=child.param_counts()["total"], dtype=pr.base.name,
+            name=name, spec=spec, resolved_by=source, parameters=counts["total"],
+            active_parameters=counts["active"], dtype=pr.base.name,
             fits=best.usable, headroom_bytes=best.headroom_bytes, terms=best.terms, layer_pattern=child.layer_pattern,
             weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
             fits_at=tuple(c.weights.short for c in tried if c.usable), weights_detail=best.weights_detail,

@@ -87,8 +87,8 @@ def ssm_state_bytes(arch: Arch, batch: int, dtype: str, state: str = "float32") 
 # modelopt_recipes/configs/ptq/units/default_disabled_quantizers.yaml, which turns off "*lm_head*",
 # "*mixer.conv1d*", "*router*", "*mlp.gate.*" and every nn.Embedding. In a Nemotron-H checkpoint that
 # leaves quantized: Mamba in_proj/out_proj, attention q/k/v/o_proj, MLP up/down_proj (and an MoE
-# layer's experts, shared experts and latent projections: not checked against an export, the
-# reference model refuses MoE). Unquantized, in the base float precision: the embeddings
+# layer's routed experts, one Linear each on disk, shared experts and latent projections: not checked
+# against an export, the reference model refuses MoE). Unquantized, in the base float precision: the embeddings
 # (nn.Embedding: a table lookup, no GEMM to speed up) and lm_head (kept out by name: the logits are
 # the output), the Mamba conv1d (kept out by name: a 4-tap depthwise filter), the norms, A_log, D
 # and dt_bias (parameters of non-Linear modules: nothing attaches a quantizer to them), the MoE
@@ -98,6 +98,7 @@ QUANTIZED_LINEARS = ("mixer.in_proj", "mixer.out_proj", "mixer.q_proj", "mixer.k
                      "mixer.o_proj", "mixer.up_proj", "mixer.down_proj", "mixer.shared_experts.up_proj",
                      "mixer.shared_experts.down_proj", "mixer.fc1_latent_proj", "mixer.fc2_latent_proj")
 MOE_EXPERTS = ("mixer.experts.up_proj", "mixer.experts.down_proj")  # (E, out, in): E Linears
+EXPERT_LINEARS = ("up_proj", "down_proj")  # mixer.experts.{e}.{up,down}_proj.weight: NVIDIA's on-disk form
 # Linears that read the pre-norm's output together with another: AWQ's export folds their
 # pre_quant_scale into that norm's weight (modelopt/torch/export/unified_export_hf.py, fuse_prequant_layernorm)
 SHARED_INPUT = ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")
@@ -182,6 +183,10 @@ def _quantized_linear(name: str) -> str | None:
     key = name.split(".", 3)[-1]  # "mixer.q_proj.weight"
     if key in MOE_EXPERTS:
         return key
+    parts = key.split(".")  # one routed expert: ["mixer", "experts", "7", "up_proj", "weight"]
+    if len(parts) == 5 and parts[:2] == ["mixer", "experts"] and parts[2].isdigit() and parts[3] in EXPERT_LINEARS \
+            and parts[4] == "weight":
+        return f"mixer.experts.{parts[3]}"
     stem, _, leaf = key.rpartition(".")
     return stem if leaf == "weight" and stem in QUANTIZED_LINEARS else None
 
@@ -251,6 +256,16 @@ def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> i
         # fused attention (flash on CPU, fused MHA in TensorRT) never holds the t x context scores
         A, KV, hd = layer.num_attention_heads, layer.num_key_value_heads, arch.head_dim
         return norm + bt * (A + 2 * KV) * hd * s + bt * A * hd * s  # q, k, v and the output
+    if layer.kind == "moe":
+        # router logits, sigmoid scores and scores + bias in float32; each token's top-k experts (up
+        # projection, its square, the product) and their outputs; the shared expert; the float32
+        # sum of the routed outputs. An upper bound: a grouped-GEMM runtime holds less.
+        E, k, Fe, Fs = layer.n_routed_experts, arch.num_experts_per_tok, layer.moe_intermediate_size, \
+            layer.moe_shared_expert_intermediate_size
+        inner = arch.moe_latent_size or d
+        router = 3 * bt * E * F32
+        routed = bt * k * (3 * Fe + inner) * s + bt * inner * (s + F32)
+        return norm + router + routed + 3 * bt * Fs * s
     # mlp: up projection, its square, the product
     return norm + 3 * bt * layer.intermediate_size * s
 
