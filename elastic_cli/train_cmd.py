@@ -109,6 +109,9 @@ def train(
         "--per-layer-mamba", help="Let the router choose Mamba and attention sizes per layer, not one per budget. "
         "Such slices load only in transformers (elastic's extension format); vLLM, sglang and llama.cpp take one "
         "global Mamba and attention size.")] = False,
+    budget_dead_zone: Annotated[float, typer.Option(
+        help="No cost loss while the sampled model is within this fraction of its budget's target (the router's "
+        "cost is the sampled model's parameters against the target).")] = 0.02,
     budget_tolerance: Annotated[float, typer.Option(
         help="At the end every budget must have resolved within this fraction of its target parameters, or the run "
         "fails (exit 2) naming both numbers; the checkpoint is written either way.")] = 0.05,
@@ -166,7 +169,8 @@ def train(
         cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
                           stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
                           router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, micro_batches=micro_batches,
-                          per_layer_mamba=per_layer_mamba, budget_tolerance=budget_tolerance, fsdp=fsdp.value,
+                          per_layer_mamba=per_layer_mamba, budget_tolerance=budget_tolerance, budget_dead_zone=budget_dead_zone,
+                          fsdp=fsdp.value,
                           activation_checkpointing=activation_checkpointing, save_every=save_every, seed=seed)
         if dry_run:  # the plan only: the parent's config.json, nothing written
             cfg.validate()

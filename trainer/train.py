@@ -62,7 +62,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     router_weight: float = 1.0  # weight of the budget loss
-    budget_dead_zone: float = 0.05  # no budget loss within this fraction of the target (NVIDIA's: 5%)
+    # no budget loss within this fraction of the target; inside the end-of-run tolerance, because the hard
+    # sample freezes as the temperature anneals and a budget can settle just outside the zone (a 5% zone
+    # left the MoE demo's 50% at -5.5%)
+    budget_dead_zone: float = 0.02
     tau: tuple[float, float] = (1.0, 0.05)  # Gumbel-softmax temperature, annealed
     logit_scale: tuple[float, float] = (1.0, 10.0)  # router logit scale, annealed
     importance_batches: int = 8
@@ -97,7 +100,7 @@ CLI_OPTIONS = {
     "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
     "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
     "drop_layers": "--drop-layers", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba",
-    "budget_tolerance": "--budget-tolerance", "fsdp": "--fsdp", "activation_checkpointing": "--activation-checkpointing",
+    "budget_tolerance": "--budget-tolerance", "budget_dead_zone": "--budget-dead-zone", "fsdp": "--fsdp", "activation_checkpointing": "--activation-checkpointing",
     "save_every": "--save-every", "seed": "--seed",
 }
 # settings a resume may change: they do not alter the trajectory of training

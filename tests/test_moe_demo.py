@@ -1,0 +1,88 @@
+"""The bundled MoE demo (slicer/moe_demo_checkpoint, made by `elastic train`, examples/make_moe_demo_checkpoint.py):
+every budget sliced computes what the masked parent computes, and loads in transformers as it is."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic.slicer.nn.generate import greedy
+from elastic.slicer.nn.masked import masked_forward
+from elastic.slicer.nn.model import TorchBackend, load_model
+from elastic.slicer.slice import slice_checkpoint
+from elastic.slicer.storage.reader import Checkpoint
+
+MOE_DEMO = Path(__file__).resolve().parents[1] / "slicer" / "moe_demo_checkpoint"
+transformers = pytest.importorskip("transformers")
+
+
+class _Masked:
+    """The masked parent as a greedy-decoding backend (a full forward per step: no cache needed)."""
+
+    name = "masked"
+
+    def __init__(self, parent, spec):
+        self.parent, self.spec, self.vocab_size = parent, spec, parent.arch.vocab_size
+
+    def prefill(self, ids):
+        ids = torch.as_tensor(ids)
+        return masked_forward(self.parent, self.spec, ids), ids
+
+    def step(self, nxt, ids):
+        ids = torch.cat([ids, torch.as_tensor(nxt)[:, None]], 1)
+        return masked_forward(self.parent, self.spec, ids)[:, -1:], ids
+
+
+def test_the_moe_demo_is_an_elastic_moe_checkpoint():
+    ckpt = Checkpoint.open(MOE_DEMO)
+    assert ckpt.is_elastic and any(layer.kind == "moe" for layer in ckpt.arch.layers)
+    training = json.loads((MOE_DEMO / "training.json").read_text())
+    for name, r in training["budgets"].items():  # the run ended within its tolerance
+        assert abs(r["parameters"] / r["target_parameters"] - 1) <= training["config"]["budget_tolerance"], name
+    # the router cut experts or their widths somewhere: the budgets are not all-dense cuts
+    resolved = json.loads((MOE_DEMO / "elastic_config.json").read_text())["resolved"]
+    assert len({json.dumps(v, sort_keys=True) for v in resolved.values()}) == len(resolved)
+
+
+@pytest.mark.parametrize("budget", ["100%", "75%", "50%"])
+def test_every_budget_slices_to_what_the_masked_parent_computes(budget, tmp_path):
+    from elastic.slicer.slice import choose_spec
+
+    result = slice_checkpoint(MOE_DEMO, tmp_path / budget, budget=budget, dtype="float32")
+    parent = load_model(MOE_DEMO, dtype=torch.float32)
+    spec = choose_spec(Checkpoint.open(MOE_DEMO), budget, None)[0]
+    child = load_model(tmp_path / budget, dtype=torch.float32)
+    # parameters: every tensor of the checkpoint, the router's correction bias (a buffer) included
+    assert sum(t.numel() for t in child.state_dict().values()) == result.parameters
+    ids = torch.randint(4, parent.arch.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(child(ids), masked_forward(parent, spec, ids), rtol=1e-5, atol=1e-5)
+        a = greedy(TorchBackend(child), ids[:, :12], 16)
+        b = greedy(_Masked(parent, spec), ids[:, :12], 16)
+    assert a.tokens == b.tokens
+    # transformers loads the slice as it is: nothing missing, unexpected or mismatched, the same logits
+    remote = Checkpoint.open(tmp_path / budget).arch.config_form() != "nemotron_h"
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / budget, trust_remote_code=remote, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits.float(), child(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algo", ["FP8", "NVFP4"])
+def test_quantized_moe_sources_slice_to_their_kept_quantized_values(algo, tmp_path):
+    """FP8 and NVFP4 copies of the MoE demo (written in Model Optimizer's layout: it does not quantize
+    transformers' merged experts here) slice without dequantizing: the slice's dequantized weights are
+    the source's kept entries exactly, per-tensor scales bit for bit, the logits those of the masked
+    dequantized source (test_quant_slice.check_slice)."""
+    from quant_layout_writer import write_quantized_layout
+    from test_quant_slice import check_slice
+
+    from elastic.slicer.slice import choose_spec
+
+    src = write_quantized_layout(MOE_DEMO, tmp_path / algo, algo)
+    for budget in ("75%", "50%"):
+        spec = choose_spec(Checkpoint.open(src), budget, None)[0]
+        slice_checkpoint(src, tmp_path / budget, budget=budget)
+        check_slice(src, tmp_path / budget, spec)
