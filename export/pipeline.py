@@ -158,6 +158,10 @@ def export_model(
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
     say(f"opening {model_dir}")
     ckpt, torch_dtype = _open(model_dir, dtype)  # validated, not loaded
+    moe = [i for i, layer in enumerate(ckpt.arch.layers) if layer.kind == "moe"]
+    if moe:  # the reference MoE layer runs only the experts some token chose: a data-dependent loop
+        raise ElasticError(f"{model_dir}: layers {moe} are MoE layers, which elastic export does not trace yet (the "
+                           "expert dispatch depends on the tokens); serve MoE slices with transformers or vLLM")
     q = qdq_plan(ckpt, torch_dtype)  # None: a float checkpoint, float graphs exactly as before
     settings = (engine_settings(target, precision, max_batch, max_context,
                                 quantized=q.layout.format.precision if q else None) if format != "onnx" else None)

@@ -118,6 +118,8 @@ def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = N
     dest = Path(out) if out is not None else default_out(name)
     result = slice_planned(p, name, dest, force=force, progress=progress)
     why = export_unavailable() if export else "export not asked for"
+    if why is None and any(layer.kind == "moe" for layer in p.checkpoint.arch.layers):
+        why = "elastic export does not trace MoE layers yet; the slice runs in transformers and vLLM"
     b = p.budget(name)
     if why is None and b.export_here is False:  # it runs here, but exporting it here would run out of memory
         from elastic.slicer.planning.fit import export_advice

@@ -81,8 +81,46 @@ def test_quantized_moe_sources_slice_to_their_kept_quantized_values(algo, tmp_pa
 
     from elastic.slicer.slice import choose_spec
 
+    from elastic.slicer.errors import ConfigError
+    from elastic.slicer.formats.spec import SliceSpec
+
     src = write_quantized_layout(MOE_DEMO, tmp_path / algo, algo)
-    for budget in ("75%", "50%"):
-        spec = choose_spec(Checkpoint.open(src), budget, None)[0]
-        slice_checkpoint(src, tmp_path / budget, budget=budget)
-        check_slice(src, tmp_path / budget, spec)
+    ckpt = Checkpoint.open(src)
+    cuts = [(budget, choose_spec(ckpt, budget, None)[0]) for budget in ("75%", "50%")]
+    if algo == "NVFP4":  # the trained budgets keep 56 hidden channels: a 16-block cut, refused with the reason
+        for budget, _ in cuts:
+            with pytest.raises(ConfigError, match=r"cut through \[48, 64\): NVFP4 keeps one fp8 scale per block of 16"):
+                slice_checkpoint(src, tmp_path / budget, budget=budget)
+            assert not (tmp_path / budget).exists()
+        # a cut in whole blocks, in NVIDIA's vocabulary: hidden 48, 6 of 8 experts, widths 32 and 64
+        nvidia = {"hidden_size": 48, "mamba_num_heads": 6, "mamba_head_dim": 16, "num_moe_experts": 6,
+                  "moe_ffn_hidden_size": 32, "moe_shared_expert_intermediate_size": 64}
+        (tmp_path / "spec.json").write_text(json.dumps(nvidia))
+        cuts = [(tmp_path / "spec.json", SliceSpec.from_json(nvidia, ckpt.arch))]
+    for i, (what, spec) in enumerate(cuts):
+        out = tmp_path / f"slice{i}"
+        slice_checkpoint(src, out, **({"budget": what} if isinstance(what, str) else {"spec": what}))
+        check_slice(src, out, spec)
+
+
+def test_export_refuses_moe_and_fit_my_gpu_says_why(tmp_path):
+    """The reference MoE layer's expert dispatch depends on the tokens, which the ONNX tracer cannot
+    follow: export refuses with the reason, the manifest does not claim ONNX Runtime, and fit-my-gpu
+    slices, skips the export saying why, and runs its smoke test on PyTorch."""
+    from elastic.export.pipeline import export_model
+    from elastic.slicer.errors import ElasticError
+
+    result = slice_checkpoint(MOE_DEMO, tmp_path / "s", budget="50%")
+    assert result.manifest["runtimes"]["onnxruntime"]["loads"] is False
+    with pytest.raises(ElasticError, match="MoE layers"):
+        export_model(tmp_path / "s", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    from typer.testing import CliRunner
+
+    from elastic.cli.main import app
+
+    r = CliRunner().invoke(app, ["fit-my-gpu", "-c", str(MOE_DEMO), "--target", "cpu", "--out", str(tmp_path / "fit"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(r.stdout)
+    assert "MoE" in fit["export"]["skipped"] and fit["smoke"]["new_tokens"] >= 1

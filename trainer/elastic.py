@@ -88,11 +88,12 @@ def default_search_space(arch: Arch, droppable: list[int], per_layer_mamba: bool
         least = -(-arch.num_experts_per_tok // arch.topk_group) * arch.n_group
         experts = tuple(e for e in _steps(first.n_routed_experts, arch.n_group) if e >= least) or (first.n_routed_experts,)
         dims.append(Dimension("n_routed_experts", experts, moe, shared))
-        dims.append(Dimension("moe_intermediate_size", _steps(first.moe_intermediate_size, 8 if first.moe_intermediate_size >= 16 else 1),
-                              moe, shared))
-        dims.append(Dimension("moe_shared_expert_intermediate_size",
-                              _steps(first.moe_shared_expert_intermediate_size,
-                                     8 if first.moe_shared_expert_intermediate_size >= 16 else 1), moe, shared))
+        # finer width steps than the dense layers': one shared choice moves every expert of every MoE layer,
+        # so coarse steps leave no nested model near a budget's target
+        fine = (1.0, 0.875, 0.75, 0.625, 0.5)
+        for name in ("moe_intermediate_size", "moe_shared_expert_intermediate_size"):
+            size = getattr(first, name)
+            dims.append(Dimension(name, _steps(size, 8 if size >= 16 else 1, fine), moe, shared))
     if droppable:
         dims.append(Dimension("depth", ("keep", "drop"), tuple(sorted(droppable))))
     return tuple(dims)

@@ -101,7 +101,11 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
 
     # ONNX Runtime runs the graphs elastic export writes from our reference model, which builds
     # every layer at its own size whatever the form (tests/test_export.py checks it against ORT)
-    out["onnxruntime"] = _yes("after `elastic export DIR`: ONNX prefill/decode graphs with explicit state")
+    if any(layer.kind == "moe" for layer in arch.layers):  # export/pipeline.py refuses them
+        out["onnxruntime"] = _no("`elastic export` does not trace MoE layers yet (the reference model's expert "
+                                 "dispatch depends on the tokens)")
+    else:
+        out["onnxruntime"] = _yes("after `elastic export DIR`: ONNX prefill/decode graphs with explicit state")
 
     # llama.cpp (convert_hf_to_gguf.py, conversion/nemotron.py): the architecture name picks the
     # converter; NemotronHPuzzleForCausalLM is its MoE Puzzle converter (:514-596)
