@@ -47,8 +47,15 @@ NVFP4_50 = {"hidden_size": 48, "layers": [
 # drops two layers: layer 5 (a Mamba layer whose conv1d is excluded) becomes layer 3
 DROPPED = {"hidden_size": 48, "layers": [{"index": 1, "keep": False}, {"index": 4, "keep": False},
                                          {"index": 3, "num_attention_heads": 2}]}
-CASES = [("fp8", "75%"), ("fp8", "50%"), ("nvfp4", "75%"), ("nvfp4", NVFP4_50), ("int8", "75%"),
-         ("int8_wo", "50%"), ("int4", "75%")]
+# two cuts of the demo written out (its trained budgets move when it is retrained): CUT75 keeps whole 16-blocks
+# everywhere (hidden 48, FFN 128, 2 attention heads); CUT50 keeps 8 of 16 channels per Mamba head and 3 of 4
+# heads per group (FP8 and INT8 slice it; NVFP4's blocks and AWQ's row pairs are cut)
+CUT75 = {"hidden_size": 48, "layers": [{"index": 3, "num_attention_heads": 2}, {"index": 4, "intermediate_size": 128}]}
+CUT50 = {"hidden_size": 48, "layers": [
+    *({"index": i, "mamba_head_dim": 8, "mamba_num_heads": 6} for i in (0, 2, 5)),
+    {"index": 1, "intermediate_size": 64}, {"index": 3, "num_attention_heads": 2}, {"index": 4, "intermediate_size": 128}]}
+CASES = [("fp8", CUT75), ("fp8", CUT50), ("fp8", "75%"), ("nvfp4", CUT75), ("nvfp4", NVFP4_50), ("int8", CUT75),
+         ("int8_wo", CUT50), ("int4", CUT75)]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +169,8 @@ def check_slice(src_dir, out, spec) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision,what", CASES, ids=[f"{p}-{w if isinstance(w, str) else 'spec'}" for p, w in CASES])
+@pytest.mark.parametrize("precision,what", CASES, ids=[f"{p}-{w if isinstance(w, str) else {id(CUT75): 'cut75', id(CUT50): 'cut50'}.get(id(w), 'spec')}"
+                                         for p, w in CASES])
 def test_slice_of_a_quantized_source_keeps_its_quantized_values(source, tmp_path, precision, what):
     from elastic.slicer.slice import slice_checkpoint
     from elastic.slicer.storage.reader import Checkpoint
@@ -239,7 +247,8 @@ def test_float_dtype_casts_only_the_unquantized_tensors(source, tmp_path):
     from elastic.slicer.slice import slice_checkpoint
     from elastic.slicer.storage.reader import Checkpoint
 
-    result = slice_checkpoint(source("int8"), tmp_path / "out", budget="75%", dtype="bf16")
+    result = slice_checkpoint(source("int8"), tmp_path / "out", spec=_spec(Checkpoint.open(source("int8")), CUT75)[0],
+                              dtype="bf16")
     child = Checkpoint.open(tmp_path / "out")
     t = child.tensors
     p = "backbone.layers.0.mixer.in_proj."
@@ -258,9 +267,10 @@ def test_float_dtype_casts_only_the_unquantized_tensors(source, tmp_path):
 ])
 def test_a_budget_that_cuts_blocks_is_refused_before_anything_is_written(source, tmp_path, monkeypatch,
                                                                          precision, message):
-    """The demo's 50% budget keeps 8 of 16 channels per Mamba head (and 3 of 4 heads per group)."""
+    """CUT50 keeps 8 of 16 channels per Mamba head (and 3 of 4 heads per group)."""
     from elastic.slicer import slice as slice_mod
     from elastic.slicer.errors import ConfigError
+    from elastic.slicer.storage.reader import Checkpoint
 
     src_dir = source(precision)
 
@@ -269,7 +279,7 @@ def test_a_budget_that_cuts_blocks_is_refused_before_anything_is_written(source,
 
     monkeypatch.setattr(slice_mod, "ShardedWriter", no_writer)
     with pytest.raises(ConfigError, match="cannot be sliced along this spec without dequantizing") as e:
-        slice_mod.slice_checkpoint(src_dir, tmp_path / "out", budget="50%")
+        slice_mod.slice_checkpoint(src_dir, tmp_path / "out", spec=_spec(Checkpoint.open(src_dir), CUT50)[0])
     assert any(re.match(message, p) for p in e.value.problems), e.value.problems
     assert e.value.hint is not None and e.value.hint.setting == "spec"
     assert not any(tmp_path.iterdir())
