@@ -92,7 +92,7 @@ def render_plan(p: dict) -> str:
                  f"{'overhd':>8} {'margin':>8} {'total':>8} {'headroom':>9}  fits   ({unit})")
     for b in p["budgets"]:
         t = b["terms"]
-        mark = "yes" if b["fits"] else "no"
+        mark = "yes" if b["fits"] else ("no: refused, see below" if b.get("refused") else "no")
         if b["name"] == p["chosen"]:
             mark += "  <- chosen"
         active = f"{human_count(b['active_parameters']):>8} " if moe else ""
@@ -100,6 +100,9 @@ def render_plan(p: dict) -> str:
                      f"{gib(t['weights'])} "
                      f"{gib(t['kv_cache'])} {gib(t['ssm_state'])} {gib(t['activations'])} {gib(t['overhead'])} "
                      f"{gib(t['margin'])} {gib(t['total'])} {gib(b['headroom_bytes']):>9}  {mark}")
+    for b in p["budgets"]:
+        if b.get("refused"):
+            lines.append(f"refused     {b['name']} at {b['weights_precision']}: {b['refused']}")
     tried = list(dict.fromkeys(c["weights_precision"] for c in p["candidates"]))
     if len(tried) > 1:  # the alternatives: every budget at every precision tried
         lines.append("")

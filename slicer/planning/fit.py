@@ -251,6 +251,7 @@ class BudgetPlan:
     engine_build_bytes: int = 0  # a TensorRT engine build of it (estimate: memory.engine_build_bytes)
     export_here: bool | None = None  # both fit the target's memory (None: they run in host RAM, not known here)
     active_parameters: int = 0  # computed per token: total less the routed experts a token skips (MoE)
+    refused: str | None = None  # why the precision shown cannot be written (when its memory would fit)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "parameters": self.parameters, "active_parameters": self.active_parameters,
@@ -260,7 +261,8 @@ class BudgetPlan:
                 "weights_precision": self.weights_precision, "kv_precision": self.kv_precision,
                 "state_precision": self.state_precision, "fits_at": list(self.fits_at),
                 "weights_detail": dict(self.weights_detail), "export_peak_bytes": self.export_peak_bytes,
-                "engine_build_bytes": self.engine_build_bytes, "export_here": self.export_here}
+                "engine_build_bytes": self.engine_build_bytes, "export_here": self.export_here,
+                "refused": self.refused}
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,7 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
             weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
             fits_at=tuple(c.weights.short for c in tried if c.usable), weights_detail=best.weights_detail,
             workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
+            refused=None if best.usable else best.refused,
         ))
     fitting = [r for r in rows if r.fits]
     chosen = max(fitting, key=lambda r: r.parameters) if fitting else None
