@@ -40,8 +40,9 @@ from torch import nn
 
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.elastic_format import Dimension, ElasticConfig, spec_from_choices
-from elastic.slicer.formats.rules import indices, tensor_rules
+from elastic.slicer.formats.rules import tensor_rules
 from elastic.slicer.nn.masked import _child_module
+from elastic.slicer.nn.masked import narrow as _narrow  # one name here: tests record its copies
 from elastic.slicer.nn.model import NemotronH
 from elastic.slicer.formats.spec import SliceSpec
 
@@ -184,16 +185,6 @@ def _layer_rules(parent_arch: Arch, spec: SliceSpec) -> tuple[dict, dict[int, di
         else:
             root[rule.source] = rule.axes
     return root, layers
-
-
-def _narrow(t: torch.Tensor, axes) -> torch.Tensor:
-    for dim, ranges in enumerate(axes):
-        if ranges != ((0, t.shape[dim]),):
-            if len(ranges) == 1:  # one prefix or block: a view, no copy
-                t = t.narrow(dim, ranges[0][0], ranges[0][1] - ranges[0][0])
-            else:
-                t = t.index_select(dim, torch.tensor(indices(ranges), device=t.device))
-    return t
 
 
 def _layer_masks(ec: ElasticConfig, choice: Choice, parent: Arch, i: int, child: LayerArch) -> list[tuple]:

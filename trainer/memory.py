@@ -45,7 +45,7 @@ _FRACTIONS = {"hidden_size": (1.0, 0.875, 0.75, 0.625, 0.5), "intermediate_size"
 # logits, the student's log-softmax and exp(teacher log-softmax) (saved for the backward), plus the
 # teacher's log-softmax, (t - s) and their product while forward_kl runs
 LOGIT_COPIES = 7
-# the tensors trainer.elastic._narrow index-selects (copies) when a child keeps fewer units: those whose
+# the tensors elastic.slicer.nn.masked.narrow index-selects (copies) when a child keeps fewer units: those whose
 # kept ranges are not one block (slicer/formats/rules.py: Mamba heads kept per group, each head's first
 # channels, so [z | x | B | C | dt] rows; query heads kept per KV group). Everything else, and every
 # hidden axis, is a prefix: a view

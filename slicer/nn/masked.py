@@ -31,17 +31,19 @@ def _child_module(parent_arch: Arch, spec: SliceSpec) -> NemotronH:
 def masked_params(parent: NemotronH, spec: SliceSpec) -> dict[str, torch.Tensor]:
     """The child's parameters (and the MoE routers' bias buffers), gathered from the parent's (differentiable)."""
     params = {**dict(parent.named_parameters()), **dict(parent.named_buffers())}
-    out = {}
-    for rule in tensor_rules(parent.arch, spec):
-        t = params[rule.source]
-        for dim, ranges in enumerate(rule.axes):
-            if ranges != ((0, t.shape[dim]),):
-                if len(ranges) == 1:  # one prefix or block: a view, no copy
-                    t = t.narrow(dim, ranges[0][0], ranges[0][1] - ranges[0][0])
-                else:
-                    t = t.index_select(dim, torch.tensor(indices(ranges), device=t.device))
-        out[rule.name] = t
-    return out
+    return {rule.name: narrow(params[rule.source], rule.axes) for rule in tensor_rules(parent.arch, spec)}
+
+
+def narrow(t: torch.Tensor, axes) -> torch.Tensor:
+    """``t`` restricted to a rule's kept ranges per axis (differentiable): one prefix or block is a
+    view, several ranges an ``index_select`` copy."""
+    for dim, ranges in enumerate(axes):
+        if ranges != ((0, t.shape[dim]),):
+            if len(ranges) == 1:
+                t = t.narrow(dim, ranges[0][0], ranges[0][1] - ranges[0][0])
+            else:
+                t = t.index_select(dim, torch.tensor(indices(ranges), device=t.device))
+    return t
 
 
 def masked_forward(parent: NemotronH, spec: SliceSpec, input_ids: torch.Tensor, cache: Cache | None = None,
