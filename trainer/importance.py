@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from elastic.slicer.nn.model import NemotronH
+from elastic.slicer.nn.model import NemotronH, routes
 
 
 @contextmanager
@@ -77,8 +77,7 @@ def width_importance(model: NemotronH, batches: Iterable[torch.Tensor]) -> dict[
                 E, Fe = len(m.experts), m.experts[0].up_proj.out_features
                 experts = torch.zeros(E, device=x.device)
                 neurons = torch.zeros(E, Fe, device=x.device)
-                for e in ids.unique().tolist():
-                    token, slot = (ids == e).nonzero(as_tuple=True)
+                for e, token, slot in routes(ids):
                     w = weights[token, slot, None].float()
                     up = m.experts[e].up_proj(h[token]).float().abs() * w  # |X W_up^T|, weighted
                     neurons[e] = up.sum(0)

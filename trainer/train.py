@@ -258,10 +258,11 @@ class ElasticModule(nn.Module):
     def __init__(self, student: NemotronH, router: Router, ec: ElasticConfig, checkpoint: bool = False):
         super().__init__()
         self.student, self.router, self.ec, self.checkpoint = student, router, ec, checkpoint
+        self.total = student.arch.param_counts()["total"]  # once: a MoE parent counts every expert's tensors
 
     def forward(self, ids, budget: int, tau: float, scale: float, gen):
         choice = sample(self.router, self.ec, self.student.arch, budget, tau, scale, gen,
-                        full=self.ec.budgets[budget].target_parameters >= self.student.arch.param_counts()["total"])
+                        full=self.ec.budgets[budget].target_parameters >= self.total)
         logits = elastic_forward(self.student, self.ec, choice, ids, checkpoint=self.checkpoint)
         return logits, expected_params(self.student.arch, self.ec, choice.hard), choice
 

@@ -290,6 +290,14 @@ class TopkRouter(nn.Module):
         return ids, weights * self.scale
 
 
+def routes(ids: torch.Tensor):
+    """(expert, tokens, slots) for every expert some token chose, from the router's ids (T, k):
+    ``ids[tokens, slots] == expert``."""
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        yield e, token, slot
+
+
 class MoE(nn.Module):
     """Routed squared-ReLU experts plus one shared expert; stateless per token (no cache).
 
@@ -314,8 +322,7 @@ class MoE(nn.Module):
         ids, weights = self.gate(tokens)  # (T, k), (T, k)
         h = self.fc1_latent_proj(tokens) if self.fc1_latent_proj is not None else tokens  # (T, inner)
         routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # weighted sum in float32
-        for e in ids.unique().tolist():  # only the experts some token chose
-            token, slot = (ids == e).nonzero(as_tuple=True)
+        for e, token, slot in routes(ids):
             routed.index_add_(0, token, self.experts[e](h[token]) * weights[token, slot, None])
         routed = routed.to(x.dtype)
         if self.fc2_latent_proj is not None:
