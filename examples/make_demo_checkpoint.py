@@ -77,27 +77,35 @@ def main() -> None:
     build_token_shards(files, load_tokenizer(work / "tokenizer"), work / "tokens", overwrite=True)
     config = PARENT | {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                        "pad_token_id": tok.pad_id}
+    pretrain_parent(config, work, args.pretrain_steps)
+    # trained into the work directory, then copied over the demo: the bundled copy is a source file of
+    # the repository (no output marker), which `elastic train --force` rightly refuses to replace
+    train_and_copy(train_command(work, work / "elastic"), work / "elastic", args.out)
+
+
+def pretrain_parent(config: dict, work: Path, steps: int) -> None:
+    """WORK/parent: ``config`` built (seed 0), pretrained on WORK/tokens, written with WORK/tokenizer's files."""
     parent = build_model(Arch.from_config(config), seed=0)
     ds = TokenDataset(work / "tokens", "train")
-    r = fit(parent, ds, args.pretrain_steps, batch_size=16, context=128, lr=3e-3, warmup=50, seed=1)
+    r = fit(parent, ds, steps, batch_size=16, context=128, lr=3e-3, warmup=50, seed=1)
     print(f"parent: {sum(p.numel() for p in parent.parameters()):,} parameters, "
-          f"train loss {r['losses'][0]:.3f} -> {sum(r['losses'][-20:]) / 20:.3f} over {r['tokens']:,} tokens")
+          f"train loss {r['losses'][0]:.3f} -> {sum(r['losses'][-20:]) / 20:.3f} over {r['tokens']:,} tokens",
+          flush=True)
     with ShardedWriter(work / "parent", force=True) as w:  # the parent with its tokenizer, one elastic output
         write_model(w, parent, extra_config={k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         for name in TOKENIZER_FILES:
             w.add_file(work / "tokenizer" / name)
 
-    # trained into the work directory, then copied over the demo: the bundled copy is a source file of
-    # the repository (no output marker), which `elastic train --force` rightly refuses to replace
-    cmd = train_command(work, work / "elastic")
+
+def train_and_copy(cmd: list[str], trained: Path, out: Path) -> None:
+    """Run (and print) the `elastic train` command ``cmd`` writing ``trained``, then copy its files over ``out``."""
     print("$ " + shlex.join(["elastic", *cmd[3:]]), flush=True)
     subprocess.run(cmd, check=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for f in sorted((work / "elastic").iterdir()):
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(trained.iterdir()):
         if f.is_file() and not f.name.startswith("."):
-            shutil.copyfile(f, args.out / f.name)
-    print(f"copied {work / 'elastic'} to {args.out}")
-
+            shutil.copyfile(f, out / f.name)
+    print(f"copied {trained} to {out}")
 
 if __name__ == "__main__":
     main()

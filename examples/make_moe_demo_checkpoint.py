@@ -22,20 +22,15 @@ a run fails beyond 5%).
 
 import argparse
 import json
-import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from elastic.slicer.formats.arch import Arch
-from elastic.slicer.nn.model import build_model, write_model
-from elastic.slicer.storage.writer import ShardedWriter
-from elastic.trainer.data import TokenDataset, build_token_shards, stdlib_corpus
-from elastic.trainer.pretrain import fit
+from elastic.trainer.data import build_token_shards, stdlib_corpus
 from elastic.trainer.tokenizer import load_tokenizer
+from make_demo_checkpoint import TOKENIZER_FILES, pretrain_parent, train_and_copy  # this folder, run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 PARENT = {
@@ -68,7 +63,6 @@ PARENT = {
     "time_step_limit": [0.0, float("inf")],
     "tie_word_embeddings": False,
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def train_command(work: Path, out: Path) -> list[str]:
@@ -97,26 +91,8 @@ def main() -> None:
     ids = {k: v for k, v in json.loads((demo / "config.json").read_text()).items()
            if k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}  # the dense demo's tokenizer
     config = PARENT | ids
-    parent = build_model(Arch.from_config(config), seed=0)
-    ds = TokenDataset(work / "tokens", "train")
-    r = fit(parent, ds, args.pretrain_steps, batch_size=16, context=128, lr=3e-3, warmup=50, seed=1)
-    print(f"parent: {sum(p.numel() for p in parent.parameters()):,} parameters, "
-          f"train loss {r['losses'][0]:.3f} -> {sum(r['losses'][-20:]) / 20:.3f} over {r['tokens']:,} tokens",
-          flush=True)
-    with ShardedWriter(work / "parent", force=True) as w:  # the parent with its tokenizer, one elastic output
-        write_model(w, parent, extra_config={k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-        for name in TOKENIZER_FILES:
-            w.add_file(work / "tokenizer" / name)
-
-    cmd = train_command(work, work / "elastic")
-    print("$ " + shlex.join(["elastic", *cmd[3:]]), flush=True)
-    subprocess.run(cmd, check=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for f in sorted((work / "elastic").iterdir()):
-        if f.is_file() and not f.name.startswith("."):
-            shutil.copyfile(f, args.out / f.name)
-    print(f"copied {work / 'elastic'} to {args.out}")
-
+    pretrain_parent(config, work, args.pretrain_steps)
+    train_and_copy(train_command(work, work / "elastic"), work / "elastic", args.out)
 
 if __name__ == "__main__":
     main()
