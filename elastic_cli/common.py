@@ -77,26 +77,36 @@ def hint_text(e: ElasticError) -> str | None:
 
 
 @contextmanager
-def boundary() -> Iterator[None]:
+def boundary(json_out: bool = False) -> Iterator[dict[str, Any]]:
     """Map an ElasticError (or an OSError: a full disk, a path that cannot be read) to one message
-    on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1)."""
+    on stderr and exit code 2 (traceback with ELASTIC_DEBUG=1). With ``json_out`` the error is also
+    one JSON object on stdout (``{"error", "hint", "problems", "path", "exit_code"}`` plus whatever
+    the command put in the dict this yields, e.g. the plan that found no fit), so a script always
+    has something to parse."""
+    extra: dict[str, Any] = {}
     try:
-        yield
+        yield extra
     except ElasticError as e:
         if debug():
             raise
-        hint = hint_text(e)
-        typer.echo(f"error: {e.render()}" + (f"\nhint: {hint}" if hint else ""), err=True)
-        raise typer.Exit(2) from None
+        fail(e, json_out=json_out, extra=extra)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        fail(ElasticError("interrupted"), code=130, json_out=json_out, extra=extra)
     except OSError as e:  # a full disk, a busy or unreadable path: the system's words, with the path
         if debug():
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        typer.echo(f"error: {where}{e.strerror or e}", err=True)
-        raise typer.Exit(2) from None
+        fail(ElasticError(e.strerror or str(e), path=e.filename), json_out=json_out, extra=extra)
+
+
+def fail(e: ElasticError, *, code: int = 2, json_out: bool = False, extra: dict[str, Any] | None = None) -> None:
+    """Say an error the one way every command does (``error: ...`` and ``hint: ...`` on stderr; with
+    ``json_out`` also one JSON object on stdout) and exit with ``code``."""
+    hint = hint_text(e)
+    typer.echo(f"error: {e.render()}" + (f"\nhint: {hint}" if hint else ""), err=True)
+    if json_out:
+        print_json({"error": f"{e.path}: {e.message}" if e.path else e.message, "hint": hint, "problems": e.problems,
+                    "path": None if e.path is None else str(e.path), "exit_code": code, **(extra or {})})
+    raise typer.Exit(code) from None
 
 
 def print_json(data: Any) -> None:

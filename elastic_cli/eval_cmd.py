@@ -44,7 +44,7 @@ def eval_(
     from elastic.slicer.planning.describe import default_checkpoint
     from elastic.slicer.quant.evaluate import perplexity
 
-    with boundary():
+    with boundary(json_out):
         path = one_checkpoint(model_dir, checkpoint) or default_checkpoint()
         with _windows_bar(f"evaluating {path}", enabled=not json_out) as advance:
             r = perplexity(path, seq_len=seq_len, max_windows=max_windows, max_tokens=max_tokens,

@@ -80,7 +80,7 @@ def export(
 
       elastic export ./model-50 --check-only --json
     """
-    with boundary():
+    with boundary(json_out):
         model_dir = one_checkpoint(model_dir, checkpoint, required=True)
         if check_only:
             from elastic.export.pipeline import check_only as run_check

@@ -53,7 +53,7 @@ def generate(
             shown.append(True)
         typer.echo(piece, nl=False)  # click.echo flushes
 
-    with boundary():
+    with boundary(json_out):
         model_dir = one_checkpoint(model_dir, checkpoint, required=True)
         try:
             r = generate_text(model_dir, prompt, backend=backend.value if backend else None,

@@ -34,7 +34,7 @@ def inspect(
     """
     from elastic.slicer.planning.describe import describe
 
-    with boundary():
+    with boundary(json_out):
         info = describe(one_checkpoint(checkpoint, checkpoint_opt))
     if json_out:
         print_json(info)

@@ -56,7 +56,27 @@ app.command(name="train")(train)
 
 
 def main() -> None:
-    app()
+    import sys
+
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    # --json: a usage error (a bad option value) is one JSON object on stdout too, as every other error
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # typer's usage errors (its own click underneath)
+        from elastic.slicer.errors import ElasticError
+
+        from .common import fail
+
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        try:
+            fail(ElasticError(message), code=getattr(e, "exit_code", 2), json_out=True)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precisi
     return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing)
 
 
+def _weights_words(b) -> str:
+    """A budget plan's weights as the user reads them: "int8 weights", "bfloat16 weights" (the one
+    phrase for the dry run and the result, so both name what is really written)."""
+    if b.weights_precision and b.weights_precision != lookup(b.dtype).short:
+        return f"{b.weights_precision} weights"
+    return f"{b.dtype} weights"
+
+
 def render_plan(p: dict) -> str:
     """`elastic plan`'s table, from the plan's JSON form (the same view scripts read)."""
     dev, w = p["device"], p["workload"]
@@ -163,7 +171,7 @@ def plan(
 
       elastic plan --target rtx-4090 --json | jq '.chosen, .chosen_precision'
     """
-    with boundary():
+    with boundary(json_out):
         p = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
                   state_precision).to_json()
     if json_out:
@@ -185,7 +193,7 @@ def profiles_(json_out: JsonOpt = False) -> None:
 
     from elastic.profiles.devices import load_profiles
 
-    with boundary():
+    with boundary(json_out):
         profs = load_profiles()
     if json_out:
         print_json([asdict(p) for p in profs.values()])
@@ -220,8 +228,9 @@ def fit_my_gpu(
 ) -> None:
     """Detect the GPU, pick the largest budget that fits, slice it, export it, and check that it runs.
 
-    Slicing writes float weights only in this build, so the choice is among bf16/fp16/fp32 weights;
-    the plan says when a quantized precision would fit a larger budget (`elastic plan` shows it).
+    Budget and weights precision are chosen together: the device's float precision, or a quantized
+    one it runs (fp8, int8, int4, nvfp4; written by NVIDIA Model Optimizer, `pip install -e
+    ".\\[modelopt]"`) when that fits a larger budget. --precision pins one.
 
     Examples:
 
@@ -235,15 +244,14 @@ def fit_my_gpu(
     from elastic.slicer.errors import ElasticError
     from elastic.slicer.planning.fit import default_out
 
-    with boundary():
+    with boundary(json_out) as on_error:
         planned = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
                         state_precision, for_slicing=True)
         p = planned.to_json()
         if not json_out:
             typer.echo(render_plan(p))
         if planned.chosen is None:
-            if json_out:
-                print_json(p | {"out": None})
+            on_error.update(p, out=None)  # the plan that found no fit, in the error's JSON object
             raise ElasticError("no budget fits this device; see the suggestions above")
         chosen = planned.budget(planned.chosen)
         dest = out or default_out(planned.chosen)
@@ -251,7 +259,7 @@ def fit_my_gpu(
             if json_out:
                 print_json(p | {"out": None})
             else:
-                typer.echo(f"\ndry run: would write budget {planned.chosen} ({chosen.dtype}) to {dest}")
+                typer.echo(f"\ndry run: would write budget {planned.chosen} ({_weights_words(chosen)}) to {dest}")
             return
         with progress_bar(f"{planned.chosen} to {dest}", enabled=not json_out) as advance:
             fit = run_fit(planned, out=dest, force=force, export=export, progress=advance)
@@ -266,9 +274,7 @@ def fit_my_gpu(
     lines = [
         "",
         f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, "
-        f"{chosen.weights_precision if chosen.weights_precision != lookup(chosen.dtype).short else chosen.dtype} "
-        "weights, "
-        f"{human_bytes(result.bytes_written)})",
+        f"{_weights_words(chosen)}, {human_bytes(result.bytes_written)})",
     ]
     if "out" in exported:
         trt = exported.get("tensorrt") or {}

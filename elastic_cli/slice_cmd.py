@@ -35,7 +35,7 @@ def slice_(
         "--precision", case_sensitive=False, show_default=False,
         help="A float precision (as --dtype), or a quantized one made with NVIDIA Model Optimizer: fp8, int8 "
         "(SmoothQuant W8A8), int8_wo, int4 (AWQ), nvfp4; calibrated on bundled text "
-        "(pip install 'elastic[modelopt]').")] = None,
+        "(pip install 'elastic\\[modelopt]').")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -64,7 +64,7 @@ def slice_(
     from elastic.slicer.planning.describe import default_checkpoint
     from elastic.slicer.slice import slice_checkpoint
 
-    with boundary():
+    with boundary(json_out):
         quantized, dtype_name = _precisions(precision, dtype)
         if quantized is not None:
             from elastic.slicer.quant.quantize import quantized_precision, require_device, require_modelopt

@@ -158,7 +158,7 @@ def train(
     from elastic.trainer.train import Stage, TrainConfig, check_train_args
     from elastic.trainer.train import train as run
 
-    with boundary():
+    with boundary(json_out):
         problems: list[str] = []
         b = _parse_budgets(budgets, problems)
         weights = _floats(stage2_weights, "--stage2-weights", problems)

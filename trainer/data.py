@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from elastic.slicer.errors import ElasticError
+from elastic.slicer.storage.outputs import MARKER
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -65,7 +66,8 @@ def corpus_files(source: Source) -> list[Path]:
 
     Args:
         source: a file, a directory (searched recursively, sorted by relative path, skipping
-            ``site-packages``, ``__pycache__`` and hidden directories), or a list of those (kept
+            ``site-packages``, ``__pycache__``, hidden files and directories, and directories
+            elastic wrote: slices, exports), or a list of those (kept
             in the given order, each directory expanded in sorted order).
     Returns:
         The files, without duplicates.
@@ -93,9 +95,14 @@ def corpus_files(source: Source) -> list[Path]:
 
 
 def _is_corpus_file(path: Path, root: Path, skip: frozenset[str] = _SKIP_DIRS) -> bool:
+    """A text file of the corpus: not hidden, not under a skipped or hidden directory, and not inside
+    a directory elastic wrote (a slice or an export beside the data is a model, not text)."""
     if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES or not path.is_file():
         return False
-    return not any(part in skip or part.startswith(".") for part in path.relative_to(root).parts[:-1])
+    parts = path.relative_to(root).parts
+    if any(part in skip or part.startswith(".") for part in parts):
+        return False
+    return not any((d / MARKER).is_file() for d in path.parents if d == root or root in d.parents)
 
 
 def iter_texts(source: Source) -> Iterator[str]:

@@ -48,5 +48,20 @@ def tui(checkpoint: CheckpointOpt = None, target: TargetOpt = None) -> None:
       elastic tui -c ./Nemotron-Elastic-12B --target orin-nano-8gb
     """
     with boundary():
+        _require_terminal()
         app = build_app(checkpoint, target)
     app.run()
+
+
+def _require_terminal() -> None:
+    """The TUI reads keys from a terminal: refuse (exit 2) rather than wait on a pipe or a file."""
+    import sys
+
+    from elastic.slicer.errors import ElasticError
+
+    missing = [name for name, stream in (("input", sys.stdin), ("output", sys.stdout))
+               if stream is None or not stream.isatty()]
+    if missing:
+        raise ElasticError(f"the TUI needs a terminal, and its standard {' and '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not one; in a script use "
+                           "`elastic plan` (the same table, --json for scripts) or `elastic fit-my-gpu`")
