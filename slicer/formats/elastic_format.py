@@ -5,7 +5,10 @@ whose weights are ordered so every nested model keeps a prefix of each dimension
 
 - ``elastic_config.json``: format name and version, the budgets, the search space of every
   elastic dimension, the router's shape, and the resolved slice spec of every budget;
-- ``router.safetensors`` (optional): the router that produced those choices, float32.
+- ``router.safetensors`` (optional; ``router.file`` names it, a path inside the checkpoint
+  directory): the router that produced those choices, float32. Slicing never needs it: every
+  budget's choice is stored in elastic_config.json; when present it is checked against the
+  router's shape there and its choices are used.
 
 The full description, for anyone who wants to produce one, is ``docs/elastic-format.md``.
 Resolving a budget needs numpy at most (the router is a two-layer MLP), never torch.
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.errors import ConfigError, Hint
+from elastic.slicer.formats.safetensors import _cap
 from elastic.slicer.formats.values import is_int
 from elastic.slicer.formats.spec import SPEC_FIELDS, SliceSpec, layer_problems
 
@@ -95,6 +99,7 @@ class ElasticConfig:
     resolved: dict[str, dict] = field(compare=False)  # budget name -> spec JSON
     router_hidden: int = 256
     head_order: str = HEAD_ORDER
+    router_file: str = ROUTER_NAME  # router.file: the router's path inside the checkpoint directory
 
     def budget(self, name: str) -> Budget:
         for b in self.budgets:
@@ -115,7 +120,7 @@ class ElasticConfig:
                 for d in self.dimensions
             ],
             "router": {
-                "file": ROUTER_NAME,
+                "file": self.router_file,
                 "input": "budget one-hot, in the order of budgets",
                 "hidden": self.router_hidden,
                 "activation": "leaky_relu(0.1)",
@@ -141,90 +146,9 @@ class ElasticConfig:
                 f"head_order {data.get('head_order')!r}: only {HEAD_ORDER!r} (a prefix of heads inside each group) "
                 "can be sliced; a global prefix of Mamba heads (Megatron 'Flextron' order) must be re-permuted first"
             )
-        budgets = []
-        parent_total = parent.param_counts()["total"]
-        raw_budgets = data.get("budgets")
-        if raw_budgets is not None and not isinstance(raw_budgets, list):
-            problems.append(f"budgets must be a list of {{name, target_parameters}} objects, found {raw_budgets!r:.40}")
-            raw_budgets = []
-        for k, b in enumerate(raw_budgets or []):
-            if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not b["name"]:
-                problems.append(f"budgets[{k}] needs a non-empty name")
-                continue
-            t = b.get("target_parameters")
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= parent_total:
-                problems.append(f"budget {b['name']!r}: target_parameters must be an integer in 1..{parent_total} "
-                                f"(the parent's parameters), found {t!r:.40}")
-                t = 0
-            tol = b.get("tolerance", BUDGET_TOLERANCE)
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1:
-                problems.append(f"budget {b['name']!r}: tolerance must be a fraction in (0, 1], found {tol!r:.40}")
-                tol = BUDGET_TOLERANCE
-            budgets.append(Budget(b["name"], t, float(tol)))
-        if not budgets:
-            problems.append("no budgets: expected a non-empty 'budgets' list")
+        budgets = _parse_budgets(data.get("budgets"), parent, problems)
         names = [b.name for b in budgets]
-        if len(set(names)) != len(names):
-            problems.append(f"budget names repeat: {names}")
-
-        dims = []
-        space = data.get("search_space")
-        if space is not None and not isinstance(space, list):
-            problems.append(f"search_space must be a list of dimensions, found {space!r:.40}")
-            space = []
-        seen_dims: set[str] = set()
-        for k, d in enumerate(space or []):
-            name = d.get("dimension") if isinstance(d, dict) else None
-            if not isinstance(name, str) or name not in DIMENSIONS:
-                problems.append(f"search_space[{k}]: unknown dimension {name!r}; known: {', '.join(DIMENSIONS)}")
-                continue
-            choices, layers = d.get("choices"), d.get("layers")
-            if not isinstance(choices, list) or not choices:
-                problems.append(f"search_space[{k}] ({name}): choices must be a non-empty list")
-                continue
-            if name in seen_dims:
-                problems.append(f"search_space[{k}]: dimension {name} is listed twice")
-                continue
-            seen_dims.add(name)
-            kind = DIMENSIONS[name]
-            if name != "depth":
-                for c in choices:
-                    if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
-                        problems.append(f"search_space[{k}] ({name}): choices must be positive integers, found {c!r:.40}")
-                if len(set(map(repr, choices))) != len(choices):
-                    problems.append(f"search_space[{k}] ({name}): choices repeat: {choices}")
-            if name == "hidden_size":
-                layers = None
-            elif not isinstance(layers, list) or not layers:
-                problems.append(f"search_space[{k}] ({name}): layers must list the layer indices it applies to")
-                continue
-            else:
-                if len(set(map(repr, layers))) != len(layers):
-                    problems.append(f"search_space[{k}] ({name}): layer indices repeat")
-                for i in layers:
-                    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < parent.num_hidden_layers:
-                        problems.append(f"search_space[{k}] ({name}): unknown layer index {i!r}")
-                    elif kind is not None and parent.layers[i].kind != kind:
-                        problems.append(f"search_space[{k}] ({name}): layer {i} is {parent.layers[i].kind}, not {kind}")
-                if kind is not None and all(is_int(c) and c > 0 for c in choices):
-                    # every choice must cut each of the dimension's layers validly (the router may pick any)
-                    for c in choices:
-                        for i in layers:
-                            if is_int(i) and 0 <= i < parent.num_hidden_layers and parent.layers[i].kind == kind:
-                                mine = replace(parent.layers[i], **{name: c})
-                                problems += [f"search_space[{k}] ({name}): choice {c}: {why}"
-                                             for f, why in layer_problems(parent, parent.layers[i], mine) if f == name]
-            if name == "depth" and sorted(map(repr, choices)) != ["'drop'", "'keep'"]:
-                problems.append(f"search_space[{k}] (depth): choices must be ['keep', 'drop'], found {choices}")
-            shared = d.get("shared", False)
-            if not isinstance(shared, bool):
-                problems.append(f"search_space[{k}] ({name}): shared must be true or false, found {shared!r:.40}")
-                shared = False
-            elif shared and name in ("hidden_size", "depth"):
-                problems.append(f"search_space[{k}] ({name}): only per-layer size dimensions can be shared")
-                shared = False
-            dims.append(Dimension(name, tuple(choices), None if layers is None else tuple(layers), shared))
-
+        dims = _parse_dimensions(data.get("search_space"), parent, problems)
         resolved = data.get("resolved") or {}
         if not isinstance(resolved, dict):
             problems.append("resolved must map each budget name to a slice spec")
@@ -237,21 +161,14 @@ class ElasticConfig:
                 SliceSpec.from_json(resolved[name], parent)
             except ConfigError as e:
                 problems += [f"resolved[{name!r}]: {p}" for p in e.problems] or [f"resolved[{name!r}]: {e.message}"]
-        router = data.get("router")
-        router = {} if router is None else router
-        if not isinstance(router, dict):
-            problems.append(f"router must be an object, found {router!r:.40}")
-            router = {}
-        hidden = router.get("hidden", 256)
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or not 0 < hidden <= 65536:
-            problems.append(f"router.hidden must be an integer in 1..65536, found {hidden!r:.40}")
+        hidden, router_file = _parse_router(data.get("router"), problems)
         if problems:
             raise ConfigError(
                 f"invalid elastic config ({len(problems)} problem{'s' * (len(problems) > 1)})",
                 problems=list(dict.fromkeys(problems)),
                 path=source,
             )
-        ec = cls(tuple(budgets), tuple(dims), dict(resolved), hidden, data.get("head_order", HEAD_ORDER))
+        ec = cls(tuple(budgets), tuple(dims), dict(resolved), hidden, data.get("head_order", HEAD_ORDER), router_file)
         problems = check_choices(ec, parent)
         if problems:
             raise ConfigError("the resolved budgets leave the search space", problems=problems, path=source)
@@ -259,7 +176,10 @@ class ElasticConfig:
 
     @classmethod
     def read(cls, root: str | Path, parent: Arch) -> "ElasticConfig":
+        from elastic.slicer.storage.reader import refuse_missing_link
+
         path = Path(root) / CONFIG_NAME
+        refuse_missing_link(path, ConfigError)  # else it would read as "not an elastic checkpoint"
         try:
             data = json.loads(path.read_text())
         except RecursionError:
@@ -274,6 +194,134 @@ class ElasticConfig:
         except OSError as e:
             raise ConfigError(f"cannot read ({e.strerror})", path=str(path)) from None
         return cls.from_json(data, parent, source=str(path))
+
+
+def _parse_budgets(raw: Any, parent: Arch, problems: list[str]) -> list[Budget]:
+    """``budgets``: names, targets (1..the parent's parameters) and tolerances; problems appended."""
+    budgets = []
+    parent_total = parent.param_counts()["total"]
+    if raw is not None and not isinstance(raw, list):
+        problems.append(f"budgets must be a list of {{name, target_parameters}} objects, found {raw!r:.40}")
+        raw = []
+    for k, b in enumerate(raw or []):
+        if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not b["name"]:
+            problems.append(f"budgets[{k}] needs a non-empty name")
+            continue
+        t = b.get("target_parameters")
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= parent_total:
+            problems.append(f"budget {b['name']!r}: target_parameters must be an integer in 1..{parent_total} "
+                            f"(the parent's parameters), found {t!r:.40}")
+            t = 0
+        tol = b.get("tolerance", BUDGET_TOLERANCE)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1:
+            problems.append(f"budget {b['name']!r}: tolerance must be a fraction in (0, 1], found {tol!r:.40}")
+            tol = BUDGET_TOLERANCE
+        budgets.append(Budget(b["name"], t, float(tol)))
+    if not budgets:
+        problems.append("no budgets: expected a non-empty 'budgets' list")
+    names = [b.name for b in budgets]
+    if len(set(names)) != len(names):
+        problems.append(f"budget names repeat: {names}")
+    return budgets
+
+
+def _parse_dimensions(space: Any, parent: Arch, problems: list[str]) -> list[Dimension]:
+    """``search_space``: one :class:`Dimension` per valid entry; problems appended."""
+    dims = []
+    if space is not None and not isinstance(space, list):
+        problems.append(f"search_space must be a list of dimensions, found {space!r:.40}")
+        space = []
+    seen_dims: set[str] = set()
+    for k, d in enumerate(space or []):
+        name = d.get("dimension") if isinstance(d, dict) else None
+        if not isinstance(name, str) or name not in DIMENSIONS:
+            problems.append(f"search_space[{k}]: unknown dimension {name!r}; known: {', '.join(DIMENSIONS)}")
+            continue
+        choices, layers = d.get("choices"), d.get("layers")
+        if not isinstance(choices, list) or not choices:
+            problems.append(f"search_space[{k}] ({name}): choices must be a non-empty list")
+            continue
+        if name in seen_dims:
+            problems.append(f"search_space[{k}]: dimension {name} is listed twice")
+            continue
+        seen_dims.add(name)
+        kind = DIMENSIONS[name]
+        if name != "depth":
+            for c in choices:
+                if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
+                    problems.append(f"search_space[{k}] ({name}): choices must be positive integers, found {c!r:.40}")
+            if len(set(map(repr, choices))) != len(choices):
+                problems.append(f"search_space[{k}] ({name}): choices repeat: {choices}")
+        if name == "hidden_size":
+            layers = None
+        elif not isinstance(layers, list) or not layers:
+            problems.append(f"search_space[{k}] ({name}): layers must list the layer indices it applies to")
+            continue
+        else:
+            problems += _layer_problems(k, name, kind, choices, layers, parent)
+        if name == "depth" and sorted(map(repr, choices)) != ["'drop'", "'keep'"]:
+            problems.append(f"search_space[{k}] (depth): choices must be ['keep', 'drop'], found {choices}")
+        shared = d.get("shared", False)
+        if not isinstance(shared, bool):
+            problems.append(f"search_space[{k}] ({name}): shared must be true or false, found {shared!r:.40}")
+            shared = False
+        elif shared and name in ("hidden_size", "depth"):
+            problems.append(f"search_space[{k}] ({name}): only per-layer size dimensions can be shared")
+            shared = False
+        dims.append(Dimension(name, tuple(choices), None if layers is None else tuple(layers), shared))
+    return dims
+
+
+def _layer_problems(k: int, name: str, kind: str | None, choices: list, layers: list, parent: Arch) -> list[str]:
+    """What is wrong with the ``layers`` of ``search_space[k]``, and with each choice on each of them."""
+    problems = []
+    if len(set(map(repr, layers))) != len(layers):
+        problems.append(f"search_space[{k}] ({name}): layer indices repeat")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < parent.num_hidden_layers:
+            problems.append(f"search_space[{k}] ({name}): unknown layer index {i!r}")
+        elif kind is not None and parent.layers[i].kind != kind:
+            problems.append(f"search_space[{k}] ({name}): layer {i} is {parent.layers[i].kind}, not {kind}")
+    if kind is not None and all(is_int(c) and c > 0 for c in choices):
+        # every choice must cut each of the dimension's layers validly (the router may pick any)
+        for c in choices:
+            for i in layers:
+                if is_int(i) and 0 <= i < parent.num_hidden_layers and parent.layers[i].kind == kind:
+                    mine = replace(parent.layers[i], **{name: c})
+                    problems += [f"search_space[{k}] ({name}): choice {c}: {why}"
+                                 for f, why in layer_problems(parent, parent.layers[i], mine) if f == name]
+    return problems
+
+
+def _parse_router(router: Any, problems: list[str]) -> tuple[int, str]:
+    """(``router.hidden``, ``router.file``); problems appended. The file must be a relative path that
+    stays inside the checkpoint directory: no absolute path, no ``..`` (its link may point anywhere,
+    as every file of a Hugging Face cache snapshot does)."""
+    router = {} if router is None else router
+    if not isinstance(router, dict):
+        problems.append(f"router must be an object, found {router!r:.40}")
+        router = {}
+    hidden = router.get("hidden", 256)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or not 0 < hidden <= 65536:
+        problems.append(f"router.hidden must be an integer in 1..65536, found {hidden!r:.40}")
+    file = router.get("file", ROUTER_NAME)
+    if not isinstance(file, str) or not file.strip() or "\0" in file:
+        problems.append(f"router.file must name the router's file inside the checkpoint directory (e.g. "
+                        f"{ROUTER_NAME!r}), found {file!r:.60}")
+        file = ROUTER_NAME
+    elif PurePosixPath(file).is_absolute() or PureWindowsPath(file).anchor:
+        problems.append(f"router.file {file!r:.60} is an absolute path; it must name a file inside the checkpoint "
+                        f"directory, relative to it (e.g. {ROUTER_NAME!r})")
+        file = ROUTER_NAME
+    elif ".." in PurePosixPath(file.replace("\\", "/")).parts:
+        problems.append(f"router.file {file!r:.60} leaves the checkpoint directory; it must name a file inside it "
+                        f"(e.g. {ROUTER_NAME!r})")
+        file = ROUTER_NAME
+    elif file.endswith(("/", "\\")) or not PurePosixPath(file).name.strip("."):
+        problems.append(f"router.file {file!r:.60} names a directory; it must name the router's file (e.g. "
+                        f"{ROUTER_NAME!r})")
+        file = ROUTER_NAME
+    return hidden, file
 
 
 # ---- the router -------------------------------------------------------------------------------
@@ -291,9 +339,37 @@ def router_shapes(ec: ElasticConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def router_path(root: str | Path, ec: ElasticConfig) -> Path:
+    """Where ``router.file`` says the router is (validated by :meth:`ElasticConfig.from_json` to stay
+    inside ``root``)."""
+    return Path(root) / ec.router_file
+
+
+def router_warning(root: str | Path, ec: ElasticConfig) -> str | None:
+    """A note for the user when ``router.file`` names a file that is not there: slicing and planning
+    resolve every budget from the choices stored in elastic_config.json (the ``resolved`` map, one
+    per budget), so it is not needed; None when the router is there."""
+    path = router_path(root, ec)
+    if path.is_file() or path.is_symlink():  # a dangling link is an error, raised by read_router
+        return None
+    return (f"router.file names {ec.router_file!r}, which is not in the checkpoint: the budgets resolve from the "
+            f"choices stored in {CONFIG_NAME} instead of the router")
+
+
 def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
-    """The router weights as numpy arrays, or None when ``router.safetensors`` is absent."""
-    path = Path(root) / ROUTER_NAME
+    """The router weights (``router.file``, default ``router.safetensors``) as numpy arrays, or None
+    when that file is absent (see :func:`router_warning`).
+
+    Raises:
+        ConfigError: ``router.file`` is a link to a missing target; the file is not a readable float32
+            safetensors file; its tensors are not finite; or their names and shapes are not the ones
+            elastic_config.json's budgets, router hidden size and search space imply (a router of
+            another model: both shapes named).
+    """
+    from elastic.slicer.storage.reader import refuse_missing_link
+
+    path = router_path(root, ec)
+    refuse_missing_link(path, ConfigError)
     if not path.is_file():
         return None
     from safetensors import SafetensorError
@@ -301,7 +377,7 @@ def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
 
     from elastic.slicer.formats.safetensors import read_header
 
-    header, _ = read_header(path)  # truncation and corruption give a clear CheckpointError
+    read_header(path)  # truncation and corruption give a clear CheckpointError
     try:
         weights = load_file(str(path))
     except (SafetensorError, TypeError, ValueError) as e:
@@ -312,14 +388,19 @@ def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
                 for name, w in sorted(weights.items()) if w.dtype.kind == "f" and not np.isfinite(w).all()]
     problems += [f"{name} is {w.dtype}; the router is float32" for name, w in sorted(weights.items())
                  if w.dtype != np.float32]
-    for name, shape in router_shapes(ec).items():
+    shapes = router_shapes(ec)
+    for name, shape in shapes.items():
         if name not in weights:
             problems.append(f"missing router tensor {name} {list(shape)}")
         elif tuple(weights[name].shape) != shape:
-            problems.append(f"{name}: elastic_config.json implies {list(shape)}, found {list(weights[name].shape)}")
+            problems.append(f"{name}: {CONFIG_NAME} implies {list(shape)}, {ec.router_file} has "
+                            f"{list(weights[name].shape)}")
+    problems += [f"unexpected router tensor {name} {list(w.shape)} (not a dimension of {CONFIG_NAME}'s search space)"
+                 for name, w in sorted(weights.items()) if name not in shapes]
     if problems:
-        raise ConfigError("the router is broken or disagrees with elastic_config.json", problems=problems,
-                          path=str(path))
+        raise ConfigError(f"the router ({ec.router_file}) is broken or is not the router of this {CONFIG_NAME} "
+                          f"({len(ec.budgets)} budgets, hidden {ec.router_hidden}, "
+                          f"{len(ec.dimensions)} dimensions)", problems=_cap(problems), path=str(path))
     return weights
 
 
@@ -337,7 +418,7 @@ def route(weights: dict, ec: ElasticConfig, budget: str) -> dict[str, list]:
         logits = (weights[f"{d.name}.2.weight"] @ h + weights[f"{d.name}.2.bias"]).reshape(-1, len(d.choices))
         if not np.isfinite(logits).all():  # finite weights can still overflow float32
             raise ConfigError(f"the router's output for budget {budget!r} is not finite ({d.name}); the router "
-                              "weights are broken", path=ROUTER_NAME)
+                              "weights are broken", path=ec.router_file)
         out[d.name] = [d.choices[int(k)] for k in logits.argmax(-1)]
     return out
 
@@ -373,8 +454,9 @@ _UNREAD = object()
 def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: str,
                    weights: Any = _UNREAD) -> tuple[SliceSpec, str]:
     """The slice spec of a budget: the parent itself when the budget's target is the parent's
-    size; else from the router when ``router.safetensors`` is present, else from the resolved
-    choices in elastic_config.json. Returns (spec, where it came from)."""
+    size; else from the router when ``router.file`` (``router.safetensors``) is present, else from the
+    resolved choices in elastic_config.json (:func:`router_warning` says so). Returns (spec, where it
+    came from)."""
     b = ec.budget(budget)  # unknown name -> error listing the budgets
     total = parent.param_counts()["total"]
     if b.target_parameters >= total:  # the full budget is the parent itself

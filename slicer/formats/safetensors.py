@@ -103,10 +103,17 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             if len(head) < 8:
                 raise CheckpointError("truncated safetensors file (shorter than its 8-byte header length)", path=str(path))
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n > _MAX_HEADER:
                 raise CheckpointError(
-                    f"truncated or corrupt safetensors file (header says {n} bytes, file has {size})", path=str(path)
-                )
+                    f"corrupt safetensors file: its first 8 bytes give a JSON header of {n:,} bytes, over "
+                    f"safetensors' limit of {_MAX_HEADER:,} (the file has {size:,} bytes in all); not a safetensors "
+                    "file, or a damaged one: download or copy it again", path=str(path))
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"truncated safetensors file: its first 8 bytes give a JSON header of {n:,} bytes, so the header "
+                    f"alone ends at byte {8 + n:,}, but the file has {size:,} bytes: it stops {8 + n - size:,} "
+                    f"byte{'s' * (8 + n - size > 1)} short of the header's end, before any tensor data; download or "
+                    "copy it again", path=str(path))
             header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
     except OSError as e:
         raise CheckpointError(f"cannot read ({e.strerror})", path=str(path)) from None
@@ -155,16 +162,15 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     if problems:
         raise CheckpointError("corrupt safetensors header (tensor data not laid out one after another)",
                               problems=_cap(problems), path=str(path))
+    need = f"8 + {n:,} bytes of header + {at:,} bytes of tensor data (as its data_offsets say) = {data_start + at:,}"
     if data_start + at > size:
         raise CheckpointError(
-            f"truncated safetensors file: tensors need {data_start + at} bytes, the file has {size}; "
-            "download or copy it again",
-            path=str(path),
-        )
+            f"truncated safetensors file: {need} bytes, but the file has {size:,} ({data_start + at - size:,} "
+            "missing); download or copy it again", path=str(path))
     if data_start + at < size:
         raise CheckpointError(
-            f"corrupt safetensors file: {size - data_start - at} bytes follow the last tensor (the header "
-            f"describes {data_start + at} bytes); download or copy it again", path=str(path))
+            f"corrupt safetensors file: {need} bytes, but the file has {size:,} ({size - data_start - at:,} "
+            "bytes after the last tensor); download or copy it again", path=str(path))
     return header, data_start
 
 

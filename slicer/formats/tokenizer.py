@@ -1,11 +1,15 @@
 """Loading a model directory's tokenizer: the one loader every layer uses (no torch).
 
-``tokenizer.json`` (through the ``tokenizers`` library) when present, else UTF-8 bytes. Training a
-tokenizer is ``elastic.trainer.tokenizer``'s job; it writes the files named here.
+``tokenizer.json`` (through the ``tokenizers`` library) when present, else UTF-8 bytes (for building
+a training corpus from a model that ships no tokenizer). Text in and out of a model needs its real
+tokenizer: :func:`require_tokenizer` refuses a directory without one, and :func:`missing_tokenizer`
+says why a runtime cannot tokenize for it. Training a tokenizer is ``elastic.trainer.tokenizer``'s
+job; it writes the files named here.
 
 Example:
     >>> tok = load_tokenizer("./model-50")
     >>> tok.decode(tok.encode("héllo")) == "héllo"
+    >>> missing_tokenizer("./model-50") is None   # else one sentence: what is missing, what to do
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from elastic.slicer.errors import ElasticError, MissingDependencyError
+from elastic.slicer.errors import CheckpointError, ElasticError, MissingDependencyError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+# what transformers' AutoTokenizer builds a tokenizer from: any one of these sets
+TOKENIZER_SOURCES = ((TOKENIZER_FILE,), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+COPY_TOKENIZER = (f"copy {TOKENIZER_FILE}, {CONFIG_FILE} and special_tokens_map.json from the checkpoint this model "
+                  "was sliced or trained from into it")
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"  # Nemotron's special tokens (ids 0..3 when trained here)
 
 
@@ -102,18 +110,24 @@ def load_tokenizer(model_dir: str | Path) -> Tok:
     """The tokenizer of a model, export or tokenizer directory.
 
     ``tokenizer.json`` when present (bos/eos named by ``tokenizer_config.json``, else ``<s>``/``</s>``
-    when the vocabulary has them), else ``ByteTok`` (vocab 256, no bos/eos).
+    when the vocabulary has them), else ``ByteTok`` (vocab 256, no bos/eos): a stand-in for building
+    a training corpus, never a model's real tokenizer (generation uses :func:`require_tokenizer`).
 
     Raises:
         ElasticError: ``model_dir`` is not a directory, or its tokenizer files are unreadable.
+        CheckpointError: ``tokenizer.json`` is a link to a missing target (an interrupted download).
         MissingDependencyError: ``tokenizer.json`` is present but ``tokenizers`` is not installed.
     """
+    from elastic.slicer.storage.reader import refuse_missing_link
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ElasticError("not a directory; pass a model or tokenizer directory", path=str(model_dir))
     path = model_dir / TOKENIZER_FILE
+    refuse_missing_link(path)
     if not path.is_file():
         return ByteTok()
+    refuse_missing_link(model_dir / CONFIG_FILE)
     bos, eos = _special_names(model_dir / CONFIG_FILE)
     try:
         return BpeTok(path, bos, eos)
@@ -121,6 +135,37 @@ def load_tokenizer(model_dir: str | Path) -> Tok:
         if isinstance(e, ElasticError):
             raise
         raise ElasticError(f"unreadable tokenizer ({e}); re-save or re-train it", path=str(path)) from None
+
+
+def require_tokenizer(model_dir: str | Path) -> Tok:
+    """The model's own tokenizer, for text in and out: :func:`load_tokenizer` without its byte-level
+    stand-in (which would feed the model ids it never learned and print its output as garbage).
+
+    Raises:
+        CheckpointError: ``model_dir`` has no ``tokenizer.json`` (what it has instead, and what to do).
+        ElasticError / MissingDependencyError: as :func:`load_tokenizer`.
+    """
+    tok = load_tokenizer(model_dir)
+    if isinstance(tok, ByteTok):
+        has = [f for f in ("tokenizer.model", "vocab.json") if (Path(model_dir) / f).is_file()]
+        if has:
+            raise CheckpointError(f"no {TOKENIZER_FILE}, which generation reads (the directory has {has[0]}): "
+                                  "write one with transformers: AutoTokenizer.from_pretrained(dir)"
+                                  ".save_pretrained(dir)", path=str(model_dir))
+        raise CheckpointError(f"no tokenizer: without {TOKENIZER_FILE} the prompt cannot be turned into this model's "
+                              f"token ids, nor its output into text; {COPY_TOKENIZER}", path=str(model_dir))
+    return tok
+
+
+def missing_tokenizer(model_dir: str | Path) -> str | None:
+    """Why no runtime can tokenize text for the model in ``model_dir`` (no ``tokenizer.json``, no
+    ``tokenizer.model``, no ``vocab.json`` + ``merges.txt``), as one sentence; None when it ships
+    one of them."""
+    model_dir = Path(model_dir)
+    if any(all((model_dir / f).is_file() for f in files) for files in TOKENIZER_SOURCES):
+        return None
+    return (f"no tokenizer ({TOKENIZER_FILE}, tokenizer.model, or vocab.json + merges.txt): no runtime can turn "
+            f"text into this model's token ids or its output into text (token ids in and out only); {COPY_TOKENIZER}")
 
 
 def _special_names(config_path: Path) -> tuple[str | None, str | None]:

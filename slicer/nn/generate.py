@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from elastic.slicer.errors import ElasticError, Hint
-from elastic.slicer.formats.tokenizer import Tok
+from elastic.slicer.formats.tokenizer import ByteTok, Tok
 
 
 class Backend(Protocol):
@@ -118,13 +118,14 @@ class TextStream:
 def encode_prompt(tok: Tok, prompt: str, vocab_size: int) -> tuple[list[int], bool]:
     """(ids, decodable): the tokenizer's ids (with its special tokens, as Hugging Face adds them).
 
-    A model whose vocabulary is smaller than its tokenizer's (a test model without a tokenizer:
-    UTF-8 bytes into fewer than 256 ids) gets the ids folded into its vocabulary, and its output
-    is not decodable.
+    The byte-level stand-in of a model that ships no tokenizer (``ByteTok``) is not the model's
+    tokenizer: its output ids are never decoded (its "text" would be garbage). A model whose
+    vocabulary is smaller than its tokenizer's (a test model: UTF-8 bytes into fewer than 256 ids)
+    gets the ids folded into its vocabulary, and its output is not decodable either.
     """
     ids = tok.encode(prompt, add_special_tokens=True)
     if all(i < vocab_size for i in ids):
-        return ids, True
+        return ids, not isinstance(tok, ByteTok)
     return [i % vocab_size for i in ids], False
 
 
@@ -156,8 +157,9 @@ def generate_text(backend: Backend, tok: Tok, prompt: str, max_new_tokens: int, 
 
     Returns:
         ``backend``, ``prompt``, ``prompt_tokens``, ``new_tokens``, ``tokens`` (generated ids), ``text``
-        (None when not decodable), ``prefill_s``, ``decode_s``, ``tokens_per_s`` (decode; None for
-        no tokens).
+        (None when not decodable: ``tok`` is the byte-level stand-in of a model without a tokenizer,
+        or the model's vocabulary is smaller than the tokenizer's), ``prefill_s``, ``decode_s``,
+        ``tokens_per_s`` (decode; None for no tokens).
 
     Raises:
         ElasticError: the request is longer than ``max_context``, or the logits are not finite.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +42,62 @@ def _plain_name(name: Any) -> bool:
     Face cache snapshot links every file to ``../../blobs/HASH``."""
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
         and "\0" not in name and Path(name).name == name
+
+
+# files nothing here reads: a link to a missing one is no reason to refuse the checkpoint
+_DOC_FILES = (".gitattributes", "LICENSE", "NOTICE")
+
+
+def missing_link(path: Path) -> str | None:
+    """When ``path`` is a symbolic link whose target is missing (a Hugging Face cache snapshot after an
+    interrupted download: ``snapshots/REV/FILE -> ../../blobs/HASH`` with no blob), a problem naming
+    the link and its target; else None."""
+    if not path.is_symlink() or path.exists():
+        return None
+    try:
+        target = os.readlink(path)
+    except OSError as e:
+        return f"{path.name} is a link whose target cannot be read ({e.strerror})"
+    full = os.path.normpath(os.path.join(os.path.abspath(path.parent), target))  # as written, no lookups
+    return f"{path.name} is a link to {target}{f' ({full})' if full != target else ''}, which is missing"
+
+
+def redownload_fix(root: Path, names: list[str]) -> str:
+    """What to do about links whose targets are missing: for a Hugging Face cache snapshot
+    (``CACHE/models--ORG--NAME/snapshots/REV``) the ``hf download`` command that fetches them again."""
+    root = Path(os.path.abspath(root))
+    repo, snapshots = root.parent.parent, root.parent
+    if snapshots.name == "snapshots" and repo.name.startswith("models--") and repo.name.count("--") == 2:
+        repo_id = "/".join(repo.name.split("--")[1:])
+        cmd = " ".join(shlex.quote(w) for w in ["hf", "download", repo_id, *names, "--revision", root.name,
+                                                 "--cache-dir", str(repo.parent)])
+        return f"an interrupted download: fetch {'it' if len(names) == 1 else 'them'} again with `{cmd}`, or " \
+               f"delete the broken link{'s' * (len(names) > 1)}"
+    return f"download or copy {'it' if len(names) == 1 else 'them'} again, or delete the broken " \
+           f"link{'s' * (len(names) > 1)}"
+
+
+def refuse_missing_link(path: Path, error: type = CheckpointError) -> None:
+    """Raise ``error`` (an ElasticError class) naming the link, its missing target and the fix when
+    ``path`` is a link to a missing target: a file that is absent must not read as "not there"."""
+    problem = missing_link(path)
+    if problem:
+        raise error(f"{problem}; {redownload_fix(path.parent, [path.name])}", path=str(path.parent))
+
+
+def broken_links(root: Path) -> dict[str, str]:
+    """The files of the checkpoint directory (not its documentation) that are links to a missing
+    target: file name -> a problem naming the link and its target."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return {}
+    out = {}
+    for p in entries:
+        problem = None if p.name.startswith(_DOC_FILES) or p.suffix == ".md" else missing_link(p)
+        if problem:
+            out[p.name] = problem
+    return out
 
 
 class Checkpoint:
@@ -68,7 +125,9 @@ class Checkpoint:
 
         Raises:
             ConfigError: config.json missing or invalid, or a quantization it does not understand.
-            CheckpointError: a shard is missing, truncated, outside the directory, or a tensor
+            CheckpointError: a file is a link to a missing target (a Hugging Face cache snapshot
+                whose download was interrupted: every such link named, with the ``hf download`` that
+                fetches them); a shard is missing, truncated, outside the directory, or a tensor
                 disagrees with the config or the quantized layout (every problem listed).
         """
         root = Path(path)
@@ -76,6 +135,12 @@ class Checkpoint:
             root = root.parent
         if not root.is_dir():
             raise CheckpointError("no such checkpoint directory", path=str(root))
+        broken = broken_links(root)  # before anything is read: a missing sidecar must not read as "absent"
+        if broken:
+            n = len(broken)
+            raise CheckpointError(f"{n} file{'s' * (n > 1)} of the checkpoint {'are links' if n > 1 else 'is a link'} "
+                                  f"to a missing target; {redownload_fix(root, list(broken))}",
+                                  problems=_cap(list(broken.values())), path=str(root))
         config = read_config(root / "config.json")
         arch = Arch.from_config(config, source=str(root / "config.json"))
         quant = QuantLayout.read(root, config)
