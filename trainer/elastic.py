@@ -1,11 +1,12 @@
 """The router and the elastic forward (DESIGN.md section 6).
 
-- The search space: per elastic dimension, the parent's size and smaller valid ones (multiples of
-  n_groups for Mamba heads, of the KV heads for attention heads); FFN widths per layer, Mamba and
-  attention sizes one per budget for all their layers (``shared``: serving runtimes take one global
-  Mamba and attention size, docs/runtime-facts.md), per layer only when asked
-  (``per_layer_mamba``); depth: keep/drop for the layers the depth importance ranks least harmful
-  to remove.
+- The search space (``default_search_space``, built in trainer/memory.py, which has no torch, so
+  the dry run counts the same router): per elastic dimension, the parent's size and smaller valid
+  ones (multiples of n_groups for Mamba heads, of the KV heads for attention heads, of n_group for
+  routed experts); FFN widths per layer, Mamba, attention and MoE sizes one per budget for all their
+  layers (``shared``: serving runtimes take one global size, docs/runtime-facts.md), per layer only
+  when asked (``per_layer_mamba``); depth: keep/drop for the layers the depth importance ranks
+  least harmful to remove.
 - The router: one small MLP per dimension (budget one-hot -> 256 -> LeakyReLU(0.1) -> logits over
   the choices, one row per layer); Gumbel-softmax with a temperature annealed 1.0 -> 0.05 and a
   logit scale 1 -> 10 over stage 1 (held through stage 2); straight-through: the forward uses the
@@ -46,58 +47,12 @@ from elastic.slicer.nn.masked import narrow as _narrow  # one name here: tests r
 from elastic.slicer.nn.model import NemotronH
 from elastic.slicer.formats.spec import SliceSpec
 
-ROUTER_HIDDEN = 256
+# the search space is built in one place, torch-free, so that the dry run's memory plan counts the
+# router train() builds (trainer/memory.py)
+from .memory import ROUTER_HIDDEN, default_search_space  # noqa: F401  (re-exported: train.py, tests)
+
 # the output projection of each layer kind: its input columns are the units the soft masks weight
 OUTPUT_PROJ = {"mamba": "mixer.out_proj.weight", "attention": "mixer.o_proj.weight", "mlp": "mixer.down_proj.weight"}
-
-
-def _steps(top: int, unit: int, fractions=(1.0, 0.75, 0.5)) -> tuple[int, ...]:
-    """Sizes ``top * f`` rounded down to a multiple of ``unit`` (at least one unit), largest first."""
-    out = []
-    for f in fractions:
-        v = max(unit, int(top * f) // unit * unit)
-        if v not in out:
-            out.append(v)
-    return tuple(out)
-
-
-def default_search_space(arch: Arch, droppable: list[int], per_layer_mamba: bool = False) -> tuple[Dimension, ...]:
-    """Choices down to about half of every width, and keep/drop for the ``droppable`` layers.
-
-    FFN widths are chosen per layer (NVIDIA's Puzzle format and vLLM hold them per layer); Mamba and
-    attention sizes once for all their layers, unless ``per_layer_mamba`` (then per layer, and the
-    slices load only in transformers, through the modeling file elastic ships).
-    """
-    shared = not per_layer_mamba
-    idx = lambda kind: tuple(i for i, layer in enumerate(arch.layers) if layer.kind == kind)  # noqa: E731
-    dims = [Dimension("hidden_size", _steps(arch.hidden_size, 8 if arch.hidden_size >= 16 else 1, (1.0, 0.875, 0.75, 0.625, 0.5)))]
-    mamba, attn, mlp = idx("mamba"), idx("attention"), idx("mlp")
-    if mamba:
-        first = arch.layers[mamba[0]]
-        dims.append(Dimension("mamba_num_heads", _steps(first.mamba_num_heads, arch.n_groups), mamba, shared))
-        dims.append(Dimension("mamba_head_dim", _steps(first.mamba_head_dim, 1), mamba, shared))
-    if attn:
-        first = arch.layers[attn[0]]
-        dims.append(Dimension("num_attention_heads", _steps(first.num_attention_heads, first.num_key_value_heads), attn,
-                              shared))
-    if mlp:
-        dims.append(Dimension("intermediate_size", _steps(arch.layers[mlp[0]].intermediate_size, 8, (1.0, 0.75, 0.5, 0.25)), mlp))
-    moe = idx("moe")
-    if moe:  # one expert count and widths per budget for all MoE layers (what runtimes take)
-        first = arch.layers[moe[0]]
-        # every routing group keeps the same count, and top-k must stay reachable
-        least = -(-arch.num_experts_per_tok // arch.topk_group) * arch.n_group
-        experts = tuple(e for e in _steps(first.n_routed_experts, arch.n_group) if e >= least) or (first.n_routed_experts,)
-        dims.append(Dimension("n_routed_experts", experts, moe, shared))
-        # finer width steps than the dense layers': one shared choice moves every expert of every MoE layer,
-        # so coarse steps leave no nested model near a budget's target
-        fine = (1.0, 0.875, 0.75, 0.625, 0.5)
-        for name in ("moe_intermediate_size", "moe_shared_expert_intermediate_size"):
-            size = getattr(first, name)
-            dims.append(Dimension(name, _steps(size, 8 if size >= 16 else 1, fine), moe, shared))
-    if droppable:
-        dims.append(Dimension("depth", ("keep", "drop"), tuple(sorted(droppable))))
-    return tuple(dims)
 
 
 class Router(nn.Module):

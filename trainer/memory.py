@@ -10,9 +10,12 @@ Per rank, in bytes, for the loop in ``trainer/train.py`` (a plan, not a measurem
   gradients), or under FSDP the gathered (unsharded) parameters of the root and of two blocks
   (the one computing and the one prefetched), student and teacher, plus the unsharded gradients
   waiting for their reduce-scatter;
-- ``activations``: what one micro-batch keeps for the backward: the layers' saved tensors, the
-  copies of weights the elastic forward makes, the inputs of the router's soft masks, and the
-  full-vocabulary logits of the distillation.
+- ``activations``: what one micro-batch keeps for the backward: the layers' saved tensors (an MoE
+  layer's for each token's top-k experts), the copies of weights the elastic forward makes, the
+  inputs of the router's soft masks, and the full-vocabulary logits of the distillation.
+
+The router is counted over :func:`default_search_space`, which lives here (no torch) and is the one
+``trainer/elastic.py`` and ``train()`` build the real router from.
 
 FSDP shards every tensor along dim 0 as ``fully_shard`` does: each rank holds
 ``ceil(rows / world)`` rows (the last rank's padding counted). The router is counted unsharded
@@ -34,13 +37,11 @@ from typing import Any
 
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.elastic_format import Dimension
 
 F32, BF16 = 4, 2
 HEADROOM = 0.9  # a plan fits when its total is at most this share of the device's memory
-# trainer/elastic.py: ROUTER_HIDDEN and the fractions of default_search_space (tests build the real
-# Router and compare its parameter count)
-ROUTER_HIDDEN = 256
-_FRACTIONS = {"hidden_size": (1.0, 0.875, 0.75, 0.625, 0.5), "intermediate_size": (1.0, 0.75, 0.5, 0.25)}
+ROUTER_HIDDEN = 256  # the width of each router MLP (trainer/elastic.py's Router)
 # full-vocabulary fp32 tensors alive at the distillation's peak (train.forward_kl): teacher and student
 # logits, the student's log-softmax and exp(teacher log-softmax) (saved for the backward), plus the
 # teacher's log-softmax, (t - s) and their product while forward_kl runs
@@ -53,8 +54,73 @@ COPIED = {
     "mamba": ("mixer.in_proj.weight", "mixer.in_proj.bias", "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.A_log",
               "mixer.D", "mixer.dt_bias", "mixer.norm.weight", "mixer.out_proj.weight"),
     "attention": ("mixer.q_proj.weight", "mixer.o_proj.weight"),
+    # routed experts kept per routing group: the gate's rows (one block when n_group is 1, see copied());
+    # each kept expert's own tensors are prefixes (views), renumbered by name only
+    "moe": ("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
 }
+# the MoE gates' correction bias: a float32 buffer (persistent, not trained; slicer/nn/model.py KEEP_FP32):
+# student and teacher hold it whole, with no gradient and no optimizer state
+FROZEN = ".e_score_correction_bias"
 TERMS = ("parameters", "gradients", "optimizer", "teacher", "working", "activations")
+
+
+# ---- the search space: one construction, for the router train() builds and for its count here ----
+
+
+def _steps(top: int, unit: int, fractions=(1.0, 0.75, 0.5)) -> tuple[int, ...]:
+    """Sizes ``top * f`` rounded down to a multiple of ``unit`` (at least one unit), largest first."""
+    out = []
+    for f in fractions:
+        v = max(unit, int(top * f) // unit * unit)
+        if v not in out:
+            out.append(v)
+    return tuple(out)
+
+
+def default_search_space(arch: Arch, droppable: list[int], per_layer_mamba: bool = False) -> tuple[Dimension, ...]:
+    """Choices down to about half of every width, and keep/drop for the ``droppable`` layers.
+
+    FFN widths are chosen per layer (NVIDIA's Puzzle format and vLLM hold them per layer); Mamba and
+    attention sizes once for all their layers, unless ``per_layer_mamba`` (then per layer, and the
+    slices load only in transformers, through the modeling file elastic ships). MoE layers: one
+    expert count and expert and shared-expert widths for all of them.
+
+    Example:
+        >>> [d.name for d in default_search_space(Arch.from_file("slicer/moe_demo_checkpoint"), [])]
+        ['hidden_size', 'mamba_num_heads', 'mamba_head_dim', 'num_attention_heads', 'n_routed_experts', ...]
+    """
+    shared = not per_layer_mamba
+    idx = lambda kind: tuple(i for i, layer in enumerate(arch.layers) if layer.kind == kind)  # noqa: E731
+    d = arch.hidden_size
+    dims = [Dimension("hidden_size", _steps(d, 8 if d >= 16 else 1, (1.0, 0.875, 0.75, 0.625, 0.5)))]
+    mamba, attn, mlp, moe = idx("mamba"), idx("attention"), idx("mlp"), idx("moe")
+    if mamba:
+        first = arch.layers[mamba[0]]
+        dims.append(Dimension("mamba_num_heads", _steps(first.mamba_num_heads, arch.n_groups), mamba, shared))
+        dims.append(Dimension("mamba_head_dim", _steps(first.mamba_head_dim, 1), mamba, shared))
+    if attn:
+        first = arch.layers[attn[0]]
+        dims.append(Dimension("num_attention_heads", _steps(first.num_attention_heads, first.num_key_value_heads), attn,
+                              shared))
+    if mlp:
+        dims.append(Dimension("intermediate_size", _steps(arch.layers[mlp[0]].intermediate_size, 8,
+                                                          (1.0, 0.75, 0.5, 0.25)), mlp))
+    if moe:  # one expert count and widths per budget for all MoE layers (what runtimes take)
+        first = arch.layers[moe[0]]
+        # every routing group keeps the same count, and top-k must stay reachable
+        least = -(-arch.num_experts_per_tok // arch.topk_group) * arch.n_group
+        experts = (tuple(e for e in _steps(first.n_routed_experts, arch.n_group) if e >= least)
+                   or (first.n_routed_experts,))
+        dims.append(Dimension("n_routed_experts", experts, moe, shared))
+        # finer width steps than the dense layers': one shared choice moves every expert of every MoE layer,
+        # so coarse steps leave no nested model near a budget's target
+        fine = (1.0, 0.875, 0.75, 0.625, 0.5)
+        for name in ("moe_intermediate_size", "moe_shared_expert_intermediate_size"):
+            size = getattr(first, name)
+            dims.append(Dimension(name, _steps(size, 8 if size >= 16 else 1, fine), moe, shared))
+    if droppable:
+        dims.append(Dimension("depth", ("keep", "drop"), tuple(sorted(droppable))))
+    return tuple(dims)
 
 
 @dataclass(frozen=True)
@@ -135,7 +201,9 @@ def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
         copies_how = (f"{_count(n_copies)} weights x {c} B: what the elastic forward index-selects for a smaller "
                       "child, at the parent's sizes (an upper bound): Mamba in_proj, conv1d, A_log, D, dt_bias, gated "
                       "norm and out_proj (heads kept per group); attention q_proj and o_proj (query heads per KV "
-                      "group). MLP, embedding and LM head are narrowed views")
+                      "group)" + ("; MoE gate rows and correction bias (experts kept per routing group)"
+                                  if copied(arch, "moe") and any(x.kind == "moe" for x in arch.layers) else "")
+                      + ". MLP, experts, embedding and LM head are narrowed views")
         if ckpt:
             copies_how += "; with checkpointing one block's at a time (made again in the backward)"
     per_token = mask_elements(arch, cfg)
@@ -147,7 +215,10 @@ def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
         masks_how = (f"B_m {B} x T {T} x {_count(per_token)} per token x {c} B: each soft mask multiplies an "
                      f"activation and keeps it for the mask's gradient: the embedding rows (hidden "
                      f"{arch.hidden_size}) and {blocks} output-projection input (Mamba heads x head_dim, attention "
-                     "heads x head_dim, MLP width), at the parent's sizes (an upper bound)")
+                     "heads x head_dim, MLP width"
+                     + ("; MoE: per top-k expert its down_proj input and output, the shared expert's down_proj "
+                        "input, and a droppable layer's output" if any(x.kind == "moe" for x in arch.layers) else "")
+                     + "), at the parent's sizes (an upper bound)")
     logits = LOGIT_COPIES * tokens * V * F32
     parts = (
         ("layers", layers, layers_how),
@@ -274,15 +345,18 @@ def _states(arch: Arch, world: int, *, cuda: bool, fsdp: bool, n_router: int) ->
     c = BF16 if cuda and fsdp else F32
     tb = BF16 if cuda else F32  # the teacher's dtype
     shapes = arch.tensor_shapes()
+    frozen = sum(math.prod(s) for name, s in shapes.items() if name.endswith(FROZEN))  # fp32 buffers, whole
+    shapes = {name: s for name, s in shapes.items() if not name.endswith(FROZEN)}  # the trained parameters
     n_student = sum(math.prod(s) for s in shapes.values())
     local = sum(_shard(s, shard) for s in shapes.values())  # student (and teacher) elements on this rank
     per = f"/ {world} ranks, each tensor's rows split, ceil" if fsdp and world > 1 else "on every rank"
     counts = f"(student {_count(n_student)} + router {_count(n_router)})"
+    buffers = f" + {_count(frozen)} MoE gate correction-bias buffer elements x 4 B (not trained)" if frozen else ""
     how = {
-        "parameters": f"{counts} params x 4 B fp32 master weights, {per}",
+        "parameters": f"{counts} params x 4 B fp32 master weights, {per}{buffers}",
         "gradients": f"{counts} x 4 B fp32, {per}",
         "optimizer": f"{counts} x 8 B (AdamW exp_avg + exp_avg_sq, fp32), {per}",
-        "teacher": f"{_count(n_student)} x {tb} B ({'bf16' if tb == BF16 else 'fp32'}), {per}",
+        "teacher": f"{_count(n_student)} x {tb} B ({'bf16' if tb == BF16 else 'fp32'}), {per}{buffers}",
     }
     root = sum(math.prod(s) for n, s in shapes.items() if not n.startswith("backbone.layers."))
     block = max(sum(math.prod(s) for s in arch.layer_tensor_shapes(i).values()) for i in range(len(arch.layers)))
@@ -304,19 +378,18 @@ def _states(arch: Arch, world: int, *, cuda: bool, fsdp: bool, n_router: int) ->
         working = 0
         how["working"] = "one process: nothing gathered, no buckets"
     n = local + n_router  # the router is counted whole on every rank
-    terms = {"parameters": n * F32, "gradients": n * F32, "optimizer": n * 2 * F32, "teacher": local * tb,
-             "working": working}
+    terms = {"parameters": (n + frozen) * F32, "gradients": n * F32, "optimizer": n * 2 * F32,
+             "teacher": local * tb + frozen * F32, "working": working}
     return terms, how
 
 
 def router_parameters(arch: Arch, cfg: Any) -> int:
-    """Parameters of ``trainer.elastic.Router`` over ``default_search_space``: per dimension
-    Linear(budgets -> 256) + Linear(256 -> choices x rows)."""
+    """Parameters of ``trainer.elastic.Router`` over :func:`default_search_space` as ``train()`` builds
+    it (``drop_layers`` droppable layers): per dimension Linear(budgets -> 256) + Linear(256 -> outputs)."""
     nb, h = len(cfg.budgets), ROUTER_HIDDEN
-    total = 0
-    for choices, rows in _dimensions(arch, cfg):
-        total += nb * h + h + h * choices * rows + choices * rows
-    return total
+    droppable = list(range(min(cfg.drop_layers, len(arch.layers))))  # which ones does not change the count
+    return sum(nb * h + h + h * d.router_outputs + d.router_outputs
+               for d in default_search_space(arch, droppable, cfg.per_layer_mamba))
 
 
 def weight_copy_elements(arch: Arch, cfg: Any) -> int:
@@ -326,17 +399,25 @@ def weight_copy_elements(arch: Arch, cfg: Any) -> int:
 
     ``trainer.elastic.nested_forward`` narrows each tensor inside its block: a view (no copy, and
     under FSDP the gathered storage is freed and gathered again for the backward) when it keeps one
-    range per axis, an ``index_select`` copy otherwise: the :data:`COPIED` tensors of Mamba and
-    attention layers. The router's masks multiply activations (:func:`mask_elements`), not weights.
-    With only the 100% budget (pinned to the parent) nothing is narrowed; with activation
+    range per axis, an ``index_select`` copy otherwise: the :func:`copied` tensors of Mamba,
+    attention and MoE layers. The router's masks multiply activations (:func:`mask_elements`), not
+    weights. With only the 100% budget (pinned to the parent) nothing is narrowed; with activation
     checkpointing the blocks' copies are made again in the backward, one block at a time.
     """
     if _only_full(cfg):
         return 0
     per_block = [sum(math.prod(shape) for name, shape in arch.layer_tensor_shapes(i).items()
-                     if name in COPIED.get(layer.kind, ()))
+                     if name in copied(arch, layer.kind))
                  for i, layer in enumerate(arch.layers)]
     return max(per_block, default=0) if cfg.activation_checkpointing else sum(per_block)
+
+
+def copied(arch: Arch, kind: str) -> tuple[str, ...]:
+    """The :data:`COPIED` tensors of a layer of ``kind`` in ``arch``: an MoE gate's rows are one block
+    (a view) when its experts form one routing group (``n_group`` 1), so nothing is copied there."""
+    if kind == "moe" and arch.n_group == 1:
+        return ()
+    return COPIED.get(kind, ())
 
 
 def mask_elements(arch: Arch, cfg: Any) -> int:
@@ -345,13 +426,18 @@ def mask_elements(arch: Arch, cfg: Any) -> int:
     ``trainer.elastic.nested_forward`` multiplies the looked-up embedding rows (hidden size) and each
     layer's output-projection input (Mamba heads x head_dim, attention heads x head_dim, MLP width)
     by the router's mask; with a sample that carries a gradient the multiply saves that input (the
-    product goes on to the projection, which saves it as it saved the unmasked input before). With
+    product goes on to the projection, which saves it as it saved the unmasked input before). An MoE
+    layer (``trainer.elastic._layer_masks``) multiplies, for each of a token's top-k experts, the
+    expert's down_proj input (expert width) and its output (the experts' hidden-side width), and the
+    shared expert's down_proj input; when it may be dropped (one of the ``drop_layers`` candidates,
+    counted for the first MoE layers: an upper bound) its whole output (hidden size) as well. With
     only the 100% budget the masks are constants: nothing is saved. With activation checkpointing
     one block's inputs are alive at a time (the embedding's throughout).
     """
     if _only_full(cfg):
         return 0
     widths = []
+    droppable_moe = min(cfg.drop_layers, len(arch.layers))  # depth candidates that may be MoE layers
     for layer in arch.layers:
         if layer.kind == "mamba":
             widths.append(layer.mamba_num_heads * layer.mamba_head_dim)
@@ -359,6 +445,12 @@ def mask_elements(arch: Arch, cfg: Any) -> int:
             widths.append(layer.num_attention_heads * arch.head_dim)
         elif layer.kind == "mlp":
             widths.append(layer.intermediate_size)
+        else:  # moe
+            inner = arch.moe_latent_size or arch.hidden_size
+            depth = arch.hidden_size if droppable_moe > 0 else 0
+            droppable_moe -= 1
+            widths.append(arch.num_experts_per_tok * (layer.moe_intermediate_size + inner)
+                          + layer.moe_shared_expert_intermediate_size + depth)
     return arch.hidden_size + (max(widths, default=0) if cfg.activation_checkpointing else sum(widths))
 
 
@@ -366,30 +458,6 @@ def _only_full(cfg: Any) -> bool:
     """Every budget is 100%: each step is the parent itself (``sample(full=True)``), nothing narrowed
     and the masks constants."""
     return all(share >= 1 for _, share in cfg.budgets)
-
-
-def _dimensions(arch: Arch, cfg: Any) -> list[tuple[int, int]]:
-    """(choices, router rows) of every dimension ``default_search_space`` builds."""
-    def steps(top: int, unit: int, fractions=(1.0, 0.75, 0.5)) -> int:
-        return len({max(unit, int(top * f) // unit * unit) for f in fractions})
-
-    per_layer = bool(cfg.per_layer_mamba)
-    of = lambda kind: [layer for layer in arch.layers if layer.kind == kind]  # noqa: E731
-    d = arch.hidden_size
-    dims = [(steps(d, 8 if d >= 16 else 1, _FRACTIONS["hidden_size"]), 1)]
-    mamba, attn, mlp = of("mamba"), of("attention"), of("mlp")
-    if mamba:
-        rows = len(mamba) if per_layer else 1
-        dims.append((steps(mamba[0].mamba_num_heads, arch.n_groups), rows))
-        dims.append((steps(mamba[0].mamba_head_dim, 1), rows))
-    if attn:
-        dims.append((steps(attn[0].num_attention_heads, attn[0].num_key_value_heads), len(attn) if per_layer else 1))
-    if mlp:
-        dims.append((steps(mlp[0].intermediate_size, 8, _FRACTIONS["intermediate_size"]), len(mlp)))
-    drop = min(cfg.drop_layers, len(arch.layers))
-    if drop:
-        dims.append((2, drop))  # keep/drop for the layers depth importance ranks least harmful
-    return dims
 
 
 def _shard(shape: tuple[int, ...], world: int) -> int:
@@ -407,7 +475,7 @@ def _norm(d: int, c: int) -> int:
 def _layers(arch: Arch, c: int, kernels: bool, B: int, T: int, ckpt: bool) -> tuple[int, str]:
     """Bytes the model's layers keep for the backward of one (B, T) micro-batch, and how."""
     tokens, d = B * T, arch.hidden_size
-    per_layer = [_layer_tokens_bytes(arch, i, c, kernels) * tokens + _layer_fixed_bytes(arch, i, T)
+    per_layer = [_layer_tokens_bytes(arch, i, c, kernels) * tokens + _layer_fixed_bytes(arch, i, T, c)
                  for i in range(len(arch.layers))]
     outside = tokens * (8 + _norm(d, c))  # input ids (int64) + the final norm (its output is lm_head's input)
     if ckpt:
@@ -450,13 +518,40 @@ def _layer_tokens_bytes(arch: Arch, i: int, c: int, kernels: bool) -> int:
     if layer.kind == "mlp":
         # relu(up_proj(x)) (saved by square) and its square (down_proj's input)
         return _norm(d, c) + 2 * layer.intermediate_size * c
-    raise ValueError(f"layer {i} is {layer.kind}: the reference model (and so training) has no MoE layers")
+    if layer.kind == "moe":
+        return _norm(d, c) + _moe_tokens_bytes(arch, layer, c)
+    raise AssertionError(f"layer {i} is {layer.kind}: no such layer kind")
 
 
-def _layer_fixed_bytes(arch: Arch, i: int, T: int) -> int:
+def _moe_tokens_bytes(arch: Arch, layer: Any, c: int) -> int:
+    """Bytes an MoE mixer (``slicer/nn/model.py`` MoE and TopkRouter) saves per token, after its pre-norm."""
+    d, E, k = arch.hidden_size, layer.n_routed_experts, arch.num_experts_per_tok
+    Fe, Fs = layer.moe_intermediate_size, layer.moe_shared_expert_intermediate_size
+    inner = arch.moe_latent_size or d  # the routed experts' width on the hidden side
+    # the gate, in fp32: its input (a copy when computing in bf16), the sigmoid scores (E), the top-k ids
+    # (int64, saved by the gather of the chosen scores); with norm_topk_prob the chosen scores and their sum,
+    # which the division saves. The choice itself (scores + bias, the group-limited top-k over n_group groups)
+    # yields only indices: nothing differentiable depends on it, so what it saves is freed with the forward
+    n = (d * F32 if c != F32 else 0) + E * F32 + k * 8 + ((k + 1) * F32 if arch.norm_topk_prob else 0)
+    # each of the token's k (token, expert) pairs: the gathered expert input, relu(up_proj) (saved by the square)
+    # and the square (down_proj's input), the expert's output and its routing weight (fp32; saved by their
+    # product), the product (fp32, saved by index_add_), and the pair's (token, slot) ids (int64)
+    n += k * (2 * inner * c + 2 * Fe * c + F32 + inner * F32 + 2 * 8)
+    if arch.moe_latent_size:
+        n += inner * c  # fc2_latent_proj's input
+    return n + 2 * Fs * c  # the shared expert: relu(up_proj) and its square
+
+
+def _layer_fixed_bytes(arch: Arch, i: int, T: int, c: int = F32) -> int:
     """Per layer and micro-batch, independent of the batch: attention's (T, T) causal mask
-    (bool; counted at 4 B, the float bias it may become on CUDA)."""
-    return T * T * F32 if arch.layers[i].kind == "attention" else 0
+    (bool; counted at 4 B, the float bias it may become on CUDA); an MoE gate's fp32 copy of its
+    weight (E x hidden) when computing in bf16 (its router runs in fp32)."""
+    layer = arch.layers[i]
+    if layer.kind == "attention":
+        return T * T * F32
+    if layer.kind == "moe" and c != F32:
+        return layer.n_routed_experts * arch.hidden_size * F32
+    return 0
 
 
 def _kinds_how(arch: Arch, c: int, kernels: bool) -> str:

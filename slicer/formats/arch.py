@@ -387,40 +387,99 @@ def _as_float(v: Any) -> float:
     return float(v)  # float("Infinity") and float("inf") both work
 
 
-def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
-    problems: list[str] = []
+# keys read under another name too: (the key elastic reads, its alias). Readers differ in which wins
+# when both are given (transformers' NemotronHConfig takes the mamba_* names, elastic the key), so both
+# present with different values describe two models: refused (:func:`_alias_problems`)
+ALIASES = (("n_groups", "mamba_n_groups"), ("conv_kernel", "mamba_d_conv"), ("chunk_size", "mamba_chunk_size"),
+           ("time_step_limit", "mamba_dt_limit"), ("use_conv_bias", "mamba_conv_bias"),
+           ("layer_norm_epsilon", "rms_norm_eps"), ("n_routed_experts", "num_local_experts"),
+           ("head_dim", "attention_head_dim"))
 
-    def get(key: str, default: Any = None, *aliases: str) -> Any:
+
+class _Reader:
+    """Typed reads of one config dict. A value that is not what its key needs is recorded in
+    ``problems`` (every one, so that the error lists them all) and a default is returned."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.problems: list[str] = []
+
+    def get(self, key: str, default: Any = None, *aliases: str) -> Any:
         """The first of key/aliases present. An explicit null is returned as None (and refused by
         the typed readers below): transformers keeps it as None and fails later."""
         for k in (key, *aliases):
-            if k in cfg:
-                return cfg[k]
+            if k in self.cfg:
+                return self.cfg[k]
         return default
 
-    def positive_int(key: str, default: Any = None, *aliases: str) -> int:
-        v = get(key, default, *aliases)
+    def positive_int(self, key: str, default: Any = None, *aliases: str) -> int:
+        v = self.get(key, default, *aliases)
         if not _is_size(v):
-            found = "it is missing" if v is None and not any(k in cfg for k in (key, *aliases)) else f"found {v!r:.40}"
-            problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, {found}")
+            missing = v is None and not any(k in self.cfg for k in (key, *aliases))
+            self.problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, "
+                                 f"{'it is missing' if missing else f'found {v!r:.40}'}")
             return 0
         return v
 
-    def flag(key: str, default: bool, *aliases: str) -> bool:
-        v = get(key, default, *aliases)
+    def flag(self, key: str, default: bool, *aliases: str) -> bool:
+        v = self.get(key, default, *aliases)
         if not isinstance(v, bool):
-            problems.append(f"{key} must be true or false, found {v!r:.40}")
+            self.problems.append(f"{key} must be true or false, found {v!r:.40}")
             return default
         return v
 
-    def number(key: str, default: float, lo: float, hi: float, *aliases: str) -> float:
+    def number(self, key: str, default: float, lo: float, hi: float, *aliases: str) -> float:
         """A finite number in (lo, hi)."""
-        v = get(key, default, *aliases)
+        v = self.get(key, default, *aliases)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo < v < hi):
-            problems.append(f"{key} must be a finite number between {lo:g} and {hi:g} (exclusive), found {v!r:.40}")
+            self.problems.append(f"{key} must be a finite number between {lo:g} and {hi:g} (exclusive), "
+                                 f"found {v!r:.40}")
             return default
         return float(v)
 
+    def time_step_limit(self) -> tuple[float, float]:
+        """``[low, high]``, the clamp of every dt after its softplus (NVIDIA's kernels and the reference
+        model apply it in prefill and decode): 0 <= low < high, low finite, high may be Infinity. A
+        range of one value (``[0.0, 0.0]`` stops every Mamba state from ever changing) makes dt a
+        constant instead of the model's input-dependent step: not a trained Nemotron-H."""
+        limit = self.get("time_step_limit", [0.0, math.inf], "mamba_dt_limit")
+        try:
+            if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+                raise ValueError
+            lo, hi = _as_float(limit[0]), _as_float(limit[1])
+            if not (math.isfinite(lo) and 0 <= lo < hi) or math.isnan(hi):
+                raise ValueError
+            return lo, hi
+        except (TypeError, ValueError, KeyError, OverflowError):
+            self.problems.append(
+                f"time_step_limit must be [low, high] with 0 <= low < high, low finite (high may be Infinity), found "
+                f"{limit!r:.60}: it clamps every Mamba dt, and a range of one value or less makes dt a constant "
+                "(with high 0 no Mamba state ever changes). Nemotron-H checkpoints carry [0.0, Infinity]")
+            return 0.0, math.inf
+
+
+def _alias_problems(cfg: dict[str, Any]) -> list[str]:
+    """A key and its alias (:data:`ALIASES`) both given with different values."""
+    def same(a: Any, b: Any) -> bool:
+        try:  # 1e-5 and 1.0e-05, Infinity and {"__float__": "Infinity"} are one value
+            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+                return len(a) == len(b) and all(_as_float(x) == _as_float(y) for x, y in zip(a, b))
+            if not isinstance(a, bool) and not isinstance(b, bool):
+                return _as_float(a) == _as_float(b)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        return a == b
+
+    return [f"{key} is {cfg[key]!r:.40} but {alias}, another name for the same setting, is {cfg[alias]!r:.40}: "
+            f"readers differ in which they take (transformers prefers the mamba_* names, elastic reads {key}), so "
+            "the checkpoint describes two models; remove one or make them equal"
+            for key, alias in ALIASES if key in cfg and alias in cfg and not same(cfg[key], cfg[alias])]
+
+
+def _global_problems(cfg: dict[str, Any]) -> list[str]:
+    """Keys checked whatever the layers: token ids, strings, the sizes a slice copies, the model type,
+    aliases that disagree."""
+    problems = []
     vocab_for_ids = cfg["vocab_size"] if is_int(cfg.get("vocab_size")) and cfg["vocab_size"] > 0 else MAX_SIZE
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = cfg.get(key)
@@ -434,13 +493,19 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
         v = cfg.get(key)
         if v is not None and not _is_size(v):
             problems.append(f"{key} must be an integer in 1..{MAX_SIZE}, found {v!r:.40}")
-
+    for key in ("time_step_min", "time_step_max", "time_step_floor"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            problems.append(f"{key} must be a finite number >= 0, found {v!r:.40}")
     model_type = cfg.get("model_type")
     if model_type is not None and model_type not in FORMS:
         problems.append(f"model_type is {model_type!r}; elastic reads nemotron_h checkpoints only "
                         f"({', '.join(FORMS)})")
+    return problems + _alias_problems(cfg)
 
-    # ---- layer layout ----
+
+def _layout(cfg: dict[str, Any], problems: list[str]) -> list[str]:
+    """The layer kinds, from ``layers_block_type`` or ``hybrid_override_pattern`` ("?" where unknown)."""
     kinds: list[str] = []
     if cfg.get("layers_block_type") is not None:
         names = cfg["layers_block_type"]
@@ -471,128 +536,78 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
     n_declared = cfg.get("num_hidden_layers")
     if is_int(n_declared) and kinds and n_declared != len(kinds):
         problems.append(f"num_hidden_layers is {n_declared} but the layer layout has {len(kinds)} layers")
+    return kinds
 
-    present = set(kinds)
-    hidden = positive_int("hidden_size")
-    vocab = positive_int("vocab_size")
-    # Mamba fields matter only when there is a Mamba layer; same for attention, MLP and MoE
-    z = 0
-    n_groups = positive_int("n_groups", 8, "mamba_n_groups") if "mamba" in present else get("n_groups", 8)
-    state = positive_int("ssm_state_size", 128) if "mamba" in present else get("ssm_state_size", 128)
-    conv_k = positive_int("conv_kernel", 4, "mamba_d_conv") if "mamba" in present else get("conv_kernel", 4)
-    m_heads = positive_int("mamba_num_heads", 128) if "mamba" in present else z
-    m_dim = positive_int("mamba_head_dim", 64) if "mamba" in present else z
-    a_heads = positive_int("num_attention_heads", 32) if "attention" in present else z
-    # transformers' NemotronHConfig: num_key_value_heads absent -> 8, null -> num_attention_heads;
-    # head_dim absent -> 128 (its attention reads config.head_dim, never hidden // heads)
-    kv_default = a_heads if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None else 8
-    kv_heads = positive_int("num_key_value_heads", kv_default) if "attention" in present else z
-    head_dim = get("head_dim", 128, "attention_head_dim")
-    if "attention" in present and not _is_size(head_dim):
-        problems.append(f"head_dim must be an integer in 1..{MAX_SIZE}, found {head_dim!r:.40}")
-        head_dim = 0
-    ffn = positive_int("intermediate_size", 21504) if "mlp" in present else z
-    chunk = positive_int("chunk_size", 128, "mamba_chunk_size")
 
-    limit = get("time_step_limit", [0.0, math.inf], "mamba_dt_limit")
-    try:
-        if not isinstance(limit, (list, tuple)) or len(limit) != 2:
-            raise ValueError
-        time_step_limit = (_as_float(limit[0]), _as_float(limit[1]))
-        lo, hi = time_step_limit
-        if not (math.isfinite(lo) and 0 <= lo <= hi) or math.isnan(hi):
-            raise ValueError
-    except (TypeError, ValueError, KeyError, OverflowError):
-        problems.append(f"time_step_limit must be [low, high] with 0 <= low <= high, low finite (high may be "
-                        f"Infinity), found {limit!r:.60}")
-        time_step_limit = (0.0, math.inf)
-    for key in ("time_step_min", "time_step_max", "time_step_floor"):
-        v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-            problems.append(f"{key} must be a finite number >= 0, found {v!r:.40}")
-    eps = number("layer_norm_epsilon", 1e-5, 0.0, 1.0, "rms_norm_eps")
-    bools = {k: flag(k, d, *a) for k, d, *a in (("use_conv_bias", True, "mamba_conv_bias"), ("use_bias", False),
-                                                 ("mlp_bias", False), ("tie_word_embeddings", False),
-                                                 ("residual_in_fp32", False))}
-
-    act = get("mlp_hidden_act", "relu2")
-    if "mlp" in present and act != "relu2":
-        problems.append(f"mlp_hidden_act is {act!r}; Nemotron-H MLPs are squared ReLU ('relu2')")
-    m_act = get("mamba_hidden_act", "silu")
-    if "mamba" in present and m_act != "silu":
-        problems.append(f"mamba_hidden_act is {m_act!r}; the Mamba-2 mixer uses 'silu'")
-
-    moe_sizes, moe = {}, {}
-    if "moe" in present:
-        moe_sizes = dict(
-            n_routed_experts=positive_int("n_routed_experts", 8, "num_local_experts"),
-            moe_intermediate_size=positive_int("moe_intermediate_size", 7688),
-            moe_shared_expert_intermediate_size=positive_int("moe_shared_expert_intermediate_size", 7688),
-        )
-        top_k, n_group, topk_group = (positive_int("num_experts_per_tok", 2), positive_int("n_group", 1),
-                                      positive_int("topk_group", 1))
-        latent = get("moe_latent_size")
-        if latent is not None and not _is_size(latent):
-            problems.append(f"moe_latent_size must be null or a positive integer, found {latent!r:.40}")
-            latent = None
-        moe = dict(num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
-                   routed_scaling_factor=number("routed_scaling_factor", 1.0, 0.0, 1e6),
-                   norm_topk_prob=flag("norm_topk_prob", True), moe_latent_size=latent)
-        if n_group and topk_group > n_group:
-            problems.append(f"topk_group ({topk_group}) is more than n_group ({n_group})")
-        n_shared = get("n_shared_experts", 1)
-        if n_shared != 1:
-            problems.append(f"n_shared_experts is {n_shared!r}; Nemotron-H MoE layers have one shared expert")
-    defaults = LayerArch(
-        kind="?",
-        mamba_num_heads=m_heads,
-        mamba_head_dim=m_dim,
-        num_attention_heads=a_heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=ffn,
-        **moe_sizes,
+def _moe_fields(r: _Reader, present: set[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    """(the MoE layers' default sizes, the routing settings) when there is an MoE layer, else ({}, {})."""
+    if "moe" not in present:
+        return {}, {}
+    sizes = dict(
+        n_routed_experts=r.positive_int("n_routed_experts", 8, "num_local_experts"),
+        moe_intermediate_size=r.positive_int("moe_intermediate_size", 7688),
+        moe_shared_expert_intermediate_size=r.positive_int("moe_shared_expert_intermediate_size", 7688),
     )
-    # each layer carries only the sizes of its own kind (others stay 0), so equal layers compare equal
-    layers = [LayerArch(kind=k, **{f: getattr(defaults, f) for f in LAYER_FIELDS.get(k, ())}) for k in kinds]
+    top_k, n_group, topk_group = (r.positive_int("num_experts_per_tok", 2), r.positive_int("n_group", 1),
+                                  r.positive_int("topk_group", 1))
+    latent = r.get("moe_latent_size")
+    if latent is not None and not _is_size(latent):
+        r.problems.append(f"moe_latent_size must be null or a positive integer, found {latent!r:.40}")
+        latent = None
+    moe = dict(num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
+               routed_scaling_factor=r.number("routed_scaling_factor", 1.0, 0.0, 1e6),
+               norm_topk_prob=r.flag("norm_topk_prob", True), moe_latent_size=latent)
+    if n_group and topk_group > n_group:
+        r.problems.append(f"topk_group ({topk_group}) is more than n_group ({n_group})")
+    n_shared = r.get("n_shared_experts", 1)
+    if n_shared != 1:
+        r.problems.append(f"n_shared_experts is {n_shared!r}; Nemotron-H MoE layers have one shared expert")
+    return sizes, moe
 
-    # ---- per-layer overrides (heterogeneous models) ----
+
+def _block_overrides(cfg: dict[str, Any], layers: list[LayerArch], state: int, problems: list[str]) -> None:
+    """Apply ``block_configs`` (per-layer sizes of a heterogeneous model) to ``layers`` in place."""
     blocks = cfg.get("block_configs")
-    if blocks is not None:
-        if not isinstance(blocks, list) or len(blocks) != len(layers):
-            n = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
-            problems.append(f"block_configs must be a list with one entry per layer ({len(layers)}), found {n}")
-        else:
-            for i, (block, layer) in enumerate(zip(blocks, layers)):
-                if not isinstance(block, dict):
-                    problems.append(f"block_configs[{i}] must be an object")
-                    continue
-                btype = block.get("block_type")
-                if btype is not None and _FROM_NAME.get(str(btype).lower()) != layer.kind:
-                    problems.append(f"block_configs[{i}].block_type is {btype!r} but layer {i} is {layer.kind}")
-                known = {"block_type", *LAYER_FIELDS.get(layer.kind, ()), *PUZZLE_BLOCK_KEYS.get(layer.kind, ())}
-                unknown = sorted(str(k) for k in block if k not in known)
-                if unknown:
-                    problems.append(f"block_configs[{i}] ({layer.kind}) has {', '.join(map(repr, unknown))}, which "
-                                    "elastic does not model; known: " + ", ".join(sorted(known - {"block_type"})))
-                if layer.kind == "mamba" and block.get("ssm_state_size", state) != state:
-                    problems.append(f"block_configs[{i}].ssm_state_size is {block['ssm_state_size']!r}; elastic models "
-                                    f"one state size for all Mamba layers (ssm_state_size {state})")
-                if layer.kind == "attention" and block.get("sliding_window") is not None:
-                    problems.append(f"block_configs[{i}].sliding_window is {block['sliding_window']!r}; elastic models "
-                                    "full attention only")
-                if layer.kind == "mlp" and "intermediate_size" not in block and "intermediate_size" not in cfg:
-                    problems.append(f"block_configs[{i}] (mlp) has no intermediate_size and there is no global one")
-                over = {}
-                for f in LAYER_FIELDS.get(layer.kind, ()):
-                    if f in block:
-                        v = block[f]
-                        if not _is_size(v):
-                            problems.append(f"block_configs[{i}].{f} must be a positive integer, found {v!r}")
-                        else:
-                            over[f] = v
-                layers[i] = replace(layer, **over)
+    if blocks is None:
+        return
+    if not isinstance(blocks, list) or len(blocks) != len(layers):
+        n = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+        problems.append(f"block_configs must be a list with one entry per layer ({len(layers)}), found {n}")
+        return
+    for i, (block, layer) in enumerate(zip(blocks, layers)):
+        if not isinstance(block, dict):
+            problems.append(f"block_configs[{i}] must be an object")
+            continue
+        btype = block.get("block_type")
+        if btype is not None and _FROM_NAME.get(str(btype).lower()) != layer.kind:
+            problems.append(f"block_configs[{i}].block_type is {btype!r} but layer {i} is {layer.kind}")
+        known = {"block_type", *LAYER_FIELDS.get(layer.kind, ()), *PUZZLE_BLOCK_KEYS.get(layer.kind, ())}
+        unknown = sorted(str(k) for k in block if k not in known)
+        if unknown:
+            problems.append(f"block_configs[{i}] ({layer.kind}) has {', '.join(map(repr, unknown))}, which "
+                            "elastic does not model; known: " + ", ".join(sorted(known - {"block_type"})))
+        if layer.kind == "mamba" and block.get("ssm_state_size", state) != state:
+            problems.append(f"block_configs[{i}].ssm_state_size is {block['ssm_state_size']!r}; elastic models "
+                            f"one state size for all Mamba layers (ssm_state_size {state})")
+        if layer.kind == "attention" and block.get("sliding_window") is not None:
+            problems.append(f"block_configs[{i}].sliding_window is {block['sliding_window']!r}; elastic models "
+                            "full attention only")
+        if layer.kind == "mlp" and "intermediate_size" not in block and "intermediate_size" not in cfg:
+            problems.append(f"block_configs[{i}] (mlp) has no intermediate_size and there is no global one")
+        over = {}
+        for f in LAYER_FIELDS.get(layer.kind, ()):
+            if f in block:
+                v = block[f]
+                if not _is_size(v):
+                    problems.append(f"block_configs[{i}].{f} must be a positive integer, found {v!r}")
+                else:
+                    over[f] = v
+        layers[i] = replace(layer, **over)
 
-    # ---- invariants per layer ----
+
+def _layer_problems(layers: list[LayerArch], n_groups: Any, moe: dict[str, Any]) -> list[str]:
+    """The invariants of each layer's sizes (heads in whole groups, experts in whole routing groups)."""
+    problems = []
     for i, layer in enumerate(layers):
         if layer.kind == "mamba" and n_groups and layer.mamba_num_heads % n_groups:
             problems.append(
@@ -603,7 +618,6 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
                 f"layer {i}: num_attention_heads ({layer.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({layer.num_key_value_heads})"
             )
-
         if layer.kind == "moe" and moe:
             E, k = layer.n_routed_experts, moe["num_experts_per_tok"]
             if moe["n_group"] and E % moe["n_group"]:
@@ -611,7 +625,53 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             elif moe["n_group"] and k > E // moe["n_group"] * moe["topk_group"]:
                 problems.append(f"layer {i}: num_experts_per_tok ({k}) is more than the experts of topk_group "
                                 f"({moe['topk_group']}) groups of {E // moe['n_group']}")
+    return problems
 
+
+def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
+    r = _Reader(cfg)
+    problems = r.problems
+    problems += _global_problems(cfg)
+    kinds = _layout(cfg, problems)
+    present = set(kinds)
+    hidden = r.positive_int("hidden_size")
+    vocab = r.positive_int("vocab_size")
+    # Mamba fields matter only when there is a Mamba layer; same for attention, MLP and MoE
+    z = 0
+    mamba = "mamba" in present
+    n_groups = r.positive_int("n_groups", 8, "mamba_n_groups") if mamba else r.get("n_groups", 8)
+    state = r.positive_int("ssm_state_size", 128) if mamba else r.get("ssm_state_size", 128)
+    conv_k = r.positive_int("conv_kernel", 4, "mamba_d_conv") if mamba else r.get("conv_kernel", 4)
+    m_heads = r.positive_int("mamba_num_heads", 128) if mamba else z
+    m_dim = r.positive_int("mamba_head_dim", 64) if mamba else z
+    a_heads = r.positive_int("num_attention_heads", 32) if "attention" in present else z
+    # transformers' NemotronHConfig: num_key_value_heads absent -> 8, null -> num_attention_heads;
+    # head_dim absent -> 128 (its attention reads config.head_dim, never hidden // heads)
+    kv_default = a_heads if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None else 8
+    kv_heads = r.positive_int("num_key_value_heads", kv_default) if "attention" in present else z
+    head_dim = r.get("head_dim", 128, "attention_head_dim")
+    if "attention" in present and not _is_size(head_dim):
+        problems.append(f"head_dim must be an integer in 1..{MAX_SIZE}, found {head_dim!r:.40}")
+        head_dim = 0
+    ffn = r.positive_int("intermediate_size", 21504) if "mlp" in present else z
+    chunk = r.positive_int("chunk_size", 128, "mamba_chunk_size")
+    time_step_limit = r.time_step_limit()
+    eps = r.number("layer_norm_epsilon", 1e-5, 0.0, 1.0, "rms_norm_eps")
+    bools = {k: r.flag(k, d, *a) for k, d, *a in (("use_conv_bias", True, "mamba_conv_bias"), ("use_bias", False),
+                                                   ("mlp_bias", False), ("tie_word_embeddings", False),
+                                                   ("residual_in_fp32", False))}
+    act = r.get("mlp_hidden_act", "relu2")
+    if present & {"mlp", "moe"} and act != "relu2":  # MoE experts use it too (transformers' NemotronHExperts)
+        problems.append(f"mlp_hidden_act is {act!r}; Nemotron-H MLPs and MoE experts are squared ReLU ('relu2')")
+    if mamba and r.get("mamba_hidden_act", "silu") != "silu":
+        problems.append(f"mamba_hidden_act is {r.get('mamba_hidden_act')!r}; the Mamba-2 mixer uses 'silu'")
+    moe_sizes, moe = _moe_fields(r, present)
+    defaults = LayerArch(kind="?", mamba_num_heads=m_heads, mamba_head_dim=m_dim, num_attention_heads=a_heads,
+                         num_key_value_heads=kv_heads, intermediate_size=ffn, **moe_sizes)
+    # each layer carries only the sizes of its own kind (others stay 0), so equal layers compare equal
+    layers = [LayerArch(kind=k, **{f: getattr(defaults, f) for f in LAYER_FIELDS.get(k, ())}) for k in kinds]
+    _block_overrides(cfg, layers, state, problems)
+    problems += _layer_problems(layers, n_groups, moe)
     if problems:
         # de-duplicate (a per-layer problem repeats on every layer) but keep the order
         raise ConfigError(
@@ -619,23 +679,8 @@ def _parse(cfg: dict[str, Any], source: str | None) -> Arch:
             problems=list(dict.fromkeys(problems)),
             path=source,
         )
-    return Arch(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        layers=tuple(layers),
-        n_groups=n_groups,
-        ssm_state_size=state,
-        conv_kernel=conv_k,
-        use_conv_bias=bools["use_conv_bias"],
-        use_bias=bools["use_bias"],
-        head_dim=head_dim or 0,
-        mlp_bias=bools["mlp_bias"],
-        layer_norm_epsilon=eps,
-        chunk_size=chunk,
-        time_step_limit=time_step_limit,
-        tie_word_embeddings=bools["tie_word_embeddings"],
-        residual_in_fp32=bools["residual_in_fp32"],
-        raw=dict(cfg),
-        config_path=source,
-        **moe,
-    )
+    return Arch(vocab_size=vocab, hidden_size=hidden, layers=tuple(layers), n_groups=n_groups, ssm_state_size=state,
+                conv_kernel=conv_k, use_conv_bias=bools["use_conv_bias"], use_bias=bools["use_bias"],
+                head_dim=head_dim or 0, mlp_bias=bools["mlp_bias"], layer_norm_epsilon=eps, chunk_size=chunk,
+                time_step_limit=time_step_limit, tie_word_embeddings=bools["tie_word_embeddings"],
+                residual_in_fp32=bools["residual_in_fp32"], raw=dict(cfg), config_path=source, **moe)

@@ -120,6 +120,30 @@ def layer_problems(parent: Arch, theirs: LayerArch, mine: LayerArch) -> list[tup
     return out
 
 
+def example_spec(parent: Arch) -> dict[str, Any]:
+    """A small valid spec for ``parent`` (for messages): a narrower hidden size, a narrower first layer,
+    the last layer dropped (when there is more than one)."""
+    first = parent.layers[0]
+    trim = {"mamba": ("mamba_head_dim", max(1, first.mamba_head_dim // 2)),
+            "attention": ("num_attention_heads", first.num_key_value_heads),
+            "mlp": ("intermediate_size", max(1, first.intermediate_size // 2)),
+            "moe": ("moe_intermediate_size", max(1, first.moe_intermediate_size // 2))}[first.kind]
+    layers: list[dict[str, Any]] = [{"index": 0, trim[0]: trim[1]}]
+    if parent.num_hidden_layers > 1:
+        layers.append({"index": parent.num_hidden_layers - 1, "keep": False})
+    return {"hidden_size": max(1, parent.hidden_size * 3 // 4), "layers": layers}
+
+
+def empty_spec_error(parent: Arch, source: str | None) -> ConfigError:
+    """A spec that names nothing to keep or trim: slicing it would copy the whole parent without a word."""
+    return ConfigError(
+        "the slice spec specifies nothing (no hidden_size, no layers), so it would keep the whole parent; a spec "
+        "says what the child keeps: hidden_size and/or layers (each {\"index\": i, <kept sizes>} or "
+        "{\"index\": i, \"keep\": false}; sizes left out keep the parent's), e.g. "
+        f"{json.dumps(example_spec(parent))}, or NVIDIA's flat keys ({', '.join(NVIDIA_KEYS)}). To keep the "
+        f"parent whole, say so: {{\"hidden_size\": {parent.hidden_size}}}", path=source)
+
+
 @dataclass(frozen=True)
 class SliceSpec:
     """Kept sizes for every layer of a parent; ``layers[i]`` is the parent's layer i, or None if dropped."""
@@ -148,7 +172,8 @@ class SliceSpec:
         Raises:
             ConfigError: listing each problem (unknown keys or layer indices, sizes above the
                 parent's, Mamba heads not a multiple of n_groups, experts not a multiple of n_group
-                or fewer than top-k can route to, ...).
+                or fewer than top-k can route to, ...); or a spec that specifies nothing (``{}``,
+                no hidden_size and no layers), which would keep the whole parent unnoticed.
         """
         problems: list[str] = []
         if not isinstance(data, dict):
@@ -156,6 +181,8 @@ class SliceSpec:
                               f"keys: {', '.join(NVIDIA_KEYS)})", path=source)
         if is_nvidia_form(data):
             return cls._from_nvidia(data, parent, source, depth_order)
+        if "hidden_size" not in data and not data.get("layers") and set(data) <= set(NATIVE_KEYS):
+            raise empty_spec_error(parent, source)
         unknown = set(data) - set(NATIVE_KEYS)
         if unknown:
             nvidia = sorted(k for k in unknown if k in NVIDIA_KEYS)
