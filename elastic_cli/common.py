@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,7 +54,9 @@ def canonical_precision(value: str | None, allowed, *extra: str) -> str | None:
 
 
 def debug() -> bool:
-    return os.environ.get("ELASTIC_DEBUG", "") not in ("", "0")
+    from elastic.profiles.errors import debug_enabled
+
+    return debug_enabled()
 
 
 # how the CLI says each hint's setting (elastic.profiles.errors.SETTINGS)
@@ -92,6 +93,13 @@ def boundary(json_out: bool = False) -> Iterator[dict[str, Any]]:
         fail(e, json_out=json_out, extra=extra)
     except KeyboardInterrupt:
         fail(ElasticError("interrupted"), code=130, json_out=json_out, extra=extra)
+    except SystemExit as e:  # SIGTERM/SIGHUP during a write: the writer removed its partial output
+        from elastic.slicer.storage.writer import Terminated
+
+        if not isinstance(e, Terminated):
+            raise
+        fail(ElasticError("terminated by a signal; nothing of the output being written was kept"), code=int(e.code),
+             json_out=json_out, extra=extra)
     except OSError as e:  # a full disk, a busy or unreadable path: the system's words, with the path
         if debug():
             raise

@@ -273,8 +273,9 @@ def fit_my_gpu(
     runner = "ONNX Runtime" if smoke["backend"] == "onnx" else "PyTorch reference"
     lines = [
         "",
-        f"wrote       {dest}  (budget {p['chosen']}, {human_count(result.parameters)} parameters, "
-        f"{_weights_words(chosen)}, {human_bytes(result.bytes_written)})",
+        f"{'kept' if fit.slice_reused else 'wrote':<12}{dest}  (budget {p['chosen']}, "
+        f"{human_count(result.parameters)} parameters, {_weights_words(chosen)}, {human_bytes(result.bytes_written)}"
+        + ("; an earlier run's slice, not written again)" if fit.slice_reused else ")"),
     ]
     if "out" in exported:
         trt = exported.get("tensorrt") or {}

@@ -125,27 +125,20 @@ def export_model(
         MissingDependencyError: onnx / onnxscript / onnxruntime are not installed.
         ProfileError: unknown ``target``.
         ElasticError: ``out`` exists, bad options, or the graphs disagree with PyTorch.
+        DiskFullError: the export does not fit on the disk of ``out`` (refused before writing when
+            the free space says so; else when the disk fills up, tracing included), with the size
+            of a float export and the free space. Nothing of the export is kept.
     """
     from elastic.slicer.storage.writer import ShardedWriter
 
     from .graphs import state_tensors
     from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
-    from .parity import QDQ_MEAN_TOLERANCE, QDQ_TOLERANCE, check_parity, shared_model
     from .qdq import plan as qdq_plan, quantized_source
-    from .runtime import OnnxGenerator
-    from .weights import checkpoint_source, release_memory, verify_weights
+    from .weights import checkpoint_source, release_memory
     from .readme import render
     from .trt import build_or_script, check_export, engine_settings
 
-    if format not in FORMATS:
-        raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    from elastic.slicer.formats.precision import GRAPHS, lookup
-
-    if lookup(dtype).name == "bfloat16":
-        raise ElasticError("ONNX graphs are written in float32 or float16 (what the parity check and the ONNX "
-                           "Runtime generation here run); TensorRT builds bfloat16 engines from float32 graphs",
-                           hint=Hint("dtype", "keep float32 graphs and ask for a bf16 engine precision"))
-    dtype = lookup(dtype, GRAPHS, "ONNX graph dtype").name  # any spelling; canonical from here on
+    dtype = _graph_dtype(format, dtype)  # any spelling; canonical from here on
     stages = iter(range(1, 1000))
 
     def say(msg: str) -> None:
@@ -167,8 +160,11 @@ def export_model(
                                 quantized=q.layout.format.precision if q else None) if format != "onnx" else None)
     weights = checkpoint_source(ckpt)
     arch = ckpt.arch
+    copied = [ckpt.root / f for f in PASSTHROUGH if (ckpt.root / f).is_file()]
     with ShardedWriter(out, force=force, source_files=model_files, kind="export") as w:
         tmp = w.tmp
+        if q is None:  # weights.bin in the graph dtype; refused now when it cannot fit
+            w.expect(export_disk_bytes(arch.param_counts()["total"], dtype) + sum(f.stat().st_size for f in copied))
         info = write_graphs(arch, tmp, weights=weights, dtype=torch_dtype, opset=opset or (q.opset if q else DEFAULT_OPSET),
                             external_data=external_data, progress=say, qdq=q,
                             quantized=quantized_source(ckpt, q) if q else None)
@@ -180,59 +176,11 @@ def export_model(
         result = None
         if parity and dtype == "float32":
             say("comparing ONNX Runtime with PyTorch")
-            release_memory(trim_threshold=True)  # what PyTorch frees during the check goes back to the OS at once
-            # one memory map of weights.bin for ONNX Runtime and the model; no arena kept beside PyTorch's activations
-            gen = OnnxGenerator(tmp, memory_arena=False)
-            floats = {n: v for n, v in gen.weights.items() if n not in info["qdq"]}  # Q/DQ bytes: parity checks them
-            bad = verify_weights(floats, weights, torch_dtype)
-            release_memory()
-            if bad:
-                raise ElasticError(f"weights.bin differs from the checkpoint in {len(bad)} tensor(s) (nothing was "
-                                   "written); this is a bug, please report it", problems=bad[:20])
-            if q is None:
-                result = check_parity(shared_model(arch, gen.weights, weights, torch_dtype), tmp, generator=gen)
-            else:
-                # Q/DQ graphs: against the reference loader, which dequantizes each Linear and fake-quantizes
-                # W8A8 inputs as the graphs' Q/DQ do. Memory is not flat here: the dequantized model is held
-                # in float32 beside ONNX Runtime's sessions (a quantized export is small; the float path stays flat).
-                from elastic.slicer.nn.model import load_model
-
-                result = check_parity(load_model(ckpt, dtype=torch_dtype), tmp, generator=gen, tolerance=QDQ_TOLERANCE,
-                                      mean_tolerance=QDQ_MEAN_TOLERANCE)
-            del gen
-            if not result["ok"]:
-                raise ElasticError(
-                    "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
-                    f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}"
-                    + (f", mean {result['mean_abs_diff']:.2e} (at most {result['mean_tolerance']:g})"
-                       if result.get("mean_tolerance") is not None else "") + ", "
-                    f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "
-                    f"(tolerance {result['tolerance']:g}); this is a bug, please report it",
-                    hint=Hint("parity", "to export anyway, skip the check", False))
+            result = _parity(ckpt, tmp, info, weights, torch_dtype, q)
         trt = build_or_script(tmp, settings, always_script=format == "all", progress=say) if settings else None
-        w.add_files_from(ckpt.root, PASSTHROUGH)
-        summary = {
-            "out": str(Path(out)),
-            "model_dir": str(ckpt.root),
-            "format": format,
-            "dtype": dtype,
-            "parameters": arch.param_counts()["total"],
-            "layer_pattern": arch.layer_pattern,
-            "opset": info["opset"],
-            "quantization": ({"quant_algo": q.layout.quant_algo, "precision": q.layout.format.precision,
-                              "weight_type": q.weight_type, "activations": q.activations,
-                              "group_size": q.layout.group_size if q.weight_type == "INT4" else None,
-                              "qdq_linears": len(q.modules)} if q else None),
-            "exporter": info["exporter"],
-            "external_data": info["external_data"],
-            "io": info["io"],
-            "unsupported_ops": compat["unsupported_ops"],
-            "tensorrt_check": compat,
-            "parity": result,
-            "parity_skipped": None if result else ("--no-parity" if not parity else
-                                                   f"{dtype} graphs: parity is checked on float32 graphs only"),
-            "tensorrt": trt,
-        }
+        for f in copied:
+            w.add_file(f)
+        summary = _summary(out, ckpt, format, dtype, info, q, compat, result, parity, trt)
         w.add_text(README, render(summary, state_tensors(arch), dtype))
         summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST, MARKER, CHECKSUMS])
         w.add_json(MANIFEST, summary)
@@ -243,6 +191,95 @@ def export_model(
         os.umask(umask)
         (Path(out) / SCRIPT).chmod(0o777 & ~umask)
     return ExportResult(Path(out), summary)
+
+
+def _graph_dtype(format: str, dtype: str) -> str:
+    """The graphs' dtype, canonical ("float32"), once ``format`` and ``dtype`` are checked."""
+    from elastic.slicer.formats.precision import GRAPHS, lookup
+
+    if format not in FORMATS:
+        raise ElasticError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if lookup(dtype).name == "bfloat16":
+        raise ElasticError("ONNX graphs are written in float32 or float16 (what the parity check and the ONNX "
+                           "Runtime generation here run); TensorRT builds bfloat16 engines from float32 graphs",
+                           hint=Hint("dtype", "keep float32 graphs and ask for a bf16 engine precision"))
+    return lookup(dtype, GRAPHS, "ONNX graph dtype").name
+
+
+def export_disk_bytes(parameters: int, dtype: str = "float32") -> int:
+    """The disk a float export of a model of ``parameters`` takes: ``weights.bin``, every parameter
+    once in the graphs' ``dtype`` (the graphs, README and tokenizer are small beside it; TensorRT
+    engines, where built, come on top)."""
+    from elastic.slicer.formats.precision import GRAPHS, lookup
+
+    return int(parameters * lookup(dtype, GRAPHS, "ONNX graph dtype").bytes)
+
+
+def _parity(ckpt, tmp: Path, info: dict, weights, torch_dtype, q) -> dict[str, Any]:
+    """weights.bin read back against the checkpoint, then ONNX Runtime against PyTorch; raises
+    ElasticError when either differs (nothing of the export is kept)."""
+    from .parity import QDQ_MEAN_TOLERANCE, QDQ_TOLERANCE, check_parity, shared_model
+    from .runtime import OnnxGenerator
+    from .weights import release_memory, verify_weights
+
+    release_memory(trim_threshold=True)  # what PyTorch frees during the check goes back to the OS at once
+    # one memory map of weights.bin for ONNX Runtime and the model; no arena kept beside PyTorch's activations
+    gen = OnnxGenerator(tmp, memory_arena=False)
+    floats = {n: v for n, v in gen.weights.items() if n not in info["qdq"]}  # Q/DQ bytes: parity checks them
+    bad = verify_weights(floats, weights, torch_dtype)
+    release_memory()
+    if bad:
+        raise ElasticError(f"weights.bin differs from the checkpoint in {len(bad)} tensor(s) (nothing was "
+                           "written); this is a bug, please report it", problems=bad[:20])
+    if q is None:
+        result = check_parity(shared_model(ckpt.arch, gen.weights, weights, torch_dtype), tmp, generator=gen)
+    else:
+        # Q/DQ graphs: against the reference loader, which dequantizes each Linear and fake-quantizes
+        # W8A8 inputs as the graphs' Q/DQ do. Memory is not flat here: the dequantized model is held
+        # in float32 beside ONNX Runtime's sessions (a quantized export is small; the float path stays flat).
+        from elastic.slicer.nn.model import load_model
+
+        result = check_parity(load_model(ckpt, dtype=torch_dtype), tmp, generator=gen, tolerance=QDQ_TOLERANCE,
+                              mean_tolerance=QDQ_MEAN_TOLERANCE)
+    del gen
+    if not result["ok"]:
+        raise ElasticError(
+            "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
+            f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}"
+            + (f", mean {result['mean_abs_diff']:.2e} (at most {result['mean_tolerance']:g})"
+               if result.get("mean_tolerance") is not None else "") + ", "
+            f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "
+            f"(tolerance {result['tolerance']:g}); this is a bug, please report it",
+            hint=Hint("parity", "to export anyway, skip the check", False))
+    return result
+
+
+def _summary(out, ckpt, format: str, dtype: str, info: dict, q, compat: dict, result, parity: bool,
+             trt) -> dict[str, Any]:
+    """export_manifest.json, less its file list."""
+    arch = ckpt.arch
+    return {
+        "out": str(Path(out)),
+        "model_dir": str(ckpt.root),
+        "format": format,
+        "dtype": dtype,
+        "parameters": arch.param_counts()["total"],
+        "layer_pattern": arch.layer_pattern,
+        "opset": info["opset"],
+        "quantization": ({"quant_algo": q.layout.quant_algo, "precision": q.layout.format.precision,
+                          "weight_type": q.weight_type, "activations": q.activations,
+                          "group_size": q.layout.group_size if q.weight_type == "INT4" else None,
+                          "qdq_linears": len(q.modules)} if q else None),
+        "exporter": info["exporter"],
+        "external_data": info["external_data"],
+        "io": info["io"],
+        "unsupported_ops": compat["unsupported_ops"],
+        "tensorrt_check": compat,
+        "parity": result,
+        "parity_skipped": None if result else ("--no-parity" if not parity else
+                                               f"{dtype} graphs: parity is checked on float32 graphs only"),
+        "tensorrt": trt,
+    }
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, **kwargs) -> ExportResult:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.errors import ElasticError, MissingDependencyError
+from elastic.slicer.storage.outputs import check_output
 from elastic.slicer.planning.fit import Plan, default_out, plan, resolve_target, slice_budget
 from elastic.slicer.planning.memory import Workload
 
@@ -90,33 +91,48 @@ class FitResult:
     export: Any  # elastic.export.pipeline.ExportResult, or None when skipped
     export_skipped: str | None  # why there is no export
     smoke: dict[str, Any]
+    slice_reused: bool = False  # ``out`` already held this slice (an earlier run's, whose export failed)
 
     def to_json(self) -> dict[str, Any]:
-        """`elastic fit-my-gpu --json`: the plan's keys plus ``out``, ``slice``, ``export``, ``smoke``."""
+        """`elastic fit-my-gpu --json`: the plan's keys plus ``out``, ``slice`` (``reused``: an
+        earlier run's slice, not written again), ``export``, ``smoke``."""
         return self.plan.to_json() | {
             "out": str(self.out),
             "slice": {"parameters": self.slice.parameters, "bytes_written": self.slice.bytes_written,
-                      "runtimes": self.slice.manifest["runtimes"]},
+                      "runtimes": self.slice.manifest["runtimes"], "reused": self.slice_reused},
             "export": self.export.to_json() if self.export is not None else {"skipped": self.export_skipped},
             "smoke": self.smoke,
         }
 
 
-def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = None, force: bool = False,
-               export: bool = True, progress: Progress | None = None) -> FitResult:
-    """Slice the plan's chosen budget (or ``budget``), export it for the plan's target, context and
-    batch (unless the plan says the export or the engine build would not fit this device's memory:
-    ``export_skipped`` then says how to export it elsewhere), and check that it runs.
+class SliceKeptError(ElasticError):
+    """fit-my-gpu wrote its slice, then exporting it failed: the slice stays (complete and usable),
+    nothing of the export was kept, and the same command run again exports the slice it finds."""
 
-    Raises:
-        ElasticError: no budget fits (the plan's suggestions say what would), or any failure of the
-            steps (the output directory is then left as it was).
-    """
-    name = budget or p.chosen
-    if name is None:
-        raise ElasticError("no budget fits this device; see the plan's suggestions")
-    dest = Path(out) if out is not None else default_out(name)
-    result = slice_planned(p, name, dest, force=force, progress=progress)
+
+def _slice_kept(dest: Path, result, reused: bool, reusable: bool, e: ElasticError | OSError) -> SliceKeptError:
+    """The error of an export that failed after its slice was written: what is on disk, then why,
+    then how to finish (a float slice is reused by the same command; a quantized one is sliced again)."""
+    from elastic.slicer.storage.outputs import REPLACE, DiskFullError, size_text
+
+    again = ("run the same command again to export it: the slice is reused, not written again" if reusable else
+             "run the same command again, replacing the slice")
+    if isinstance(e, DiskFullError):  # the disk's numbers, then what to do here (not "another directory")
+        why, problems, hint, fix = f"{e.path}: {e.head}", [], None, f"free some space on that disk, then {again}"
+    elif isinstance(e, ElasticError):
+        why, problems, hint, fix = (f"{e.path}: {e.message}" if e.path else e.message), e.problems, e.hint, again
+    else:
+        why, problems, hint, fix = f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", [], None, again
+    err = SliceKeptError(
+        f"the slice in {dest} is complete and usable ({size_text(result.bytes_written)}, "
+        f"{'kept from an earlier run' if reused else 'written by this run'}), but exporting it failed: {why}. "
+        f"Nothing of the export was kept; {fix}", problems=problems, hint=hint or (None if reusable else REPLACE))
+    err.slice_out, err.export_error = dest, e
+    return err
+
+
+def _export_why(p: Plan, name: str, export: bool) -> str | None:
+    """Why fit-my-gpu will not export budget ``name`` (None: it will)."""
     why = export_unavailable() if export else "export not asked for"
     if why is None and any(layer.kind == "moe" for layer in p.checkpoint.arch.layers):
         why = "elastic export does not trace MoE layers yet; the slice runs in transformers and vLLM"
@@ -125,7 +141,98 @@ def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = N
         from elastic.slicer.planning.fit import export_advice
 
         why = export_advice(b, p.target)
-    exported = None if why else export_planned(p, dest, progress=progress)
+    return why
+
+
+def _quantized(b) -> bool:
+    from elastic.slicer.formats.precision import lookup
+
+    return bool(b.weights_precision) and lookup(b.weights_precision).quantized
+
+
+def reusable_slice(p: Plan, name: str, dest: Path):
+    """``dest`` as a ``SliceResult`` when it already holds exactly the slice fit-my-gpu would write
+    for budget ``name`` (elastic's own complete output: every file its marker lists, nothing else;
+    the same source, spec and dtype; written after the source's weights) and no export yet, else None.
+    A float slice only: a quantized one depends on its calibration too."""
+    import hashlib
+    import json
+
+    from elastic.slicer.formats.precision import lookup
+    from elastic.slicer.slice import MANIFEST_NAME, SliceResult
+    from elastic.slicer.storage.outputs import MARKER, own_output
+
+    b, ckpt = p.budget(name), p.checkpoint
+    files = own_output(dest, "slice")
+    if files is None or _quantized(b) or (dest / "export").exists():
+        return None
+    try:
+        m = json.loads((dest / MANIFEST_NAME).read_text())
+        same = (m.get("format") == "elastic-slice" and "precision" not in m
+                and m.get("budget") == (b.name if ckpt.is_elastic else None)
+                and m.get("spec") == json.loads(json.dumps(b.spec.to_json(ckpt.arch)))
+                and m.get("dtype") == lookup(b.dtype).name
+                and m["source"]["path"] == str(ckpt.root.resolve())
+                and m["source"]["config_sha256"] == hashlib.sha256((ckpt.root / "config.json").read_bytes()).hexdigest()
+                and all(f["file"] in files for f in m["shards"])
+                and all(w.stat().st_mtime <= (dest / MARKER).stat().st_mtime for w in ckpt.weight_files))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not same:
+        return None
+    size = sum((dest / f).stat().st_size for f in files if (dest / f).is_file()) + (dest / MARKER).stat().st_size
+    return SliceResult(dest, m["parameters"]["total"], size, m)
+
+
+def _preflight(p: Plan, name: str, dest: Path, reused: bool, exporting: bool) -> None:
+    """Refuse before anything is written when the slice and its export together cannot fit on
+    ``dest``'s disk (a float slice's weights and a float32 export: the parts of known size)."""
+    from elastic.slicer.storage.outputs import require_space
+
+    from .pipeline import export_disk_bytes
+
+    b = p.budget(name)
+    if _quantized(b):
+        return
+    needed = (0 if reused else b.terms.get("weights", 0)) + (export_disk_bytes(b.parameters) if exporting else 0)
+    what = "the slice and its export" if exporting and not reused else "the export" if exporting else "the slice"
+    require_space(dest, needed, what)
+
+
+def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = None, force: bool = False,
+               export: bool = True, progress: Progress | None = None) -> FitResult:
+    """Slice the plan's chosen budget (or ``budget``), export it for the plan's target, context and
+    batch (unless the plan says the export or the engine build would not fit this device's memory:
+    ``export_skipped`` then says how to export it elsewhere), and check that it runs.
+
+    Where ``out`` already holds exactly this slice and no export (a run whose export failed), the
+    slice is kept and only exported (``slice_reused``); ``force`` slices again.
+
+    Raises:
+        ElasticError: no budget fits (the plan's suggestions say what would), or any failure of the
+            steps (the output directory is then left as it was).
+        DiskFullError: the slice and its export cannot fit on the output's disk (nothing written).
+        SliceKeptError: the slice was written but its export failed: the message says so, names
+            the slice and carries the export's error (a full disk included).
+    """
+    name = budget or p.chosen
+    if name is None:
+        raise ElasticError("no budget fits this device; see the plan's suggestions")
+    dest = Path(out) if out is not None else default_out(name)
+    why = _export_why(p, name, export)
+    result = None if force or why is not None else reusable_slice(p, name, dest)
+    reused = result is not None
+    if not reused:
+        check_output(dest, force=force)  # an output that may not be written is said before its disk space
+    _preflight(p, name, dest, reused, why is None)
+    if result is None:
+        result = slice_planned(p, name, dest, force=force, progress=progress)
+    exported = None
+    if why is None:
+        try:
+            exported = export_planned(p, dest, progress=progress)
+        except (ElasticError, OSError) as e:
+            raise _slice_kept(dest, result, reused, not _quantized(p.budget(name)), e) from e
     if progress:
         progress("smoke test", 0, None)
-    return FitResult(p, name, dest, result, exported, why, smoke(p, dest, exported))
+    return FitResult(p, name, dest, result, exported, why, smoke(p, dest, exported), reused)

@@ -10,8 +10,15 @@ renders a hint as the flag (``--force``), the TUI as its control ("replace").
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
+
+
+def debug_enabled() -> bool:
+    """ELASTIC_DEBUG set to anything but "" or "0": tracebacks instead of one-line errors, and the
+    tools elastic runs (Model Optimizer, llama.cpp, the ONNX exporter) keep their own output."""
+    return os.environ.get("ELASTIC_DEBUG", "") not in ("", "0")
 
 
 @dataclass(frozen=True)

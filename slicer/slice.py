@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.storage.writer import OutTensor, ShardedWriter
 from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
-from elastic.slicer.errors import CheckpointError, ConfigError, ElasticError
+from elastic.slicer.errors import CheckpointError, ConfigError
 from elastic.slicer.formats.rules import TensorRule, tensor_rules
 from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
 from elastic.slicer.formats.spec import SliceSpec
@@ -184,7 +183,9 @@ def slice_checkpoint(
             kept range that cuts through a packed byte or a scale block (NVFP4's 16-element blocks,
             AWQ's groups and row pairs).
         CheckpointError: broken source, output exists, a read failed mid-run.
-        ElasticError: the disk filled up. In every failure the output directory is left as it was.
+        DiskFullError: the slice does not fit on the output's disk (refused before writing when
+            the free space says so; else when the disk fills up), with its size and the free space.
+        In every failure the output directory is left as it was.
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
     if not ckpt.has_weights:
@@ -224,26 +225,22 @@ def slice_checkpoint(
                   lambda r=r: _blocks(ckpt, r, codes[r.name]))
         for r in rules
     ]
-    try:
-        sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
-        with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
-            w.add_json("config.json", config)
-            if quant is not None and quant.hf_quant_config is not None:
-                from elastic.slicer.quant.layout import HF_QUANT_CONFIG
+    copied = [ckpt.root / f for f in PASSTHROUGH_FILES if (ckpt.root / f).is_file()]
+    if remote_code.needs_code(config):
+        copied += [Path(f) for f in remote_code.FILES]
+    sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
+    with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
+        w.expect(total + sum(f.stat().st_size for f in copied))  # the slice's size: refused now if it cannot fit
+        w.add_json("config.json", config)
+        if quant is not None and quant.hf_quant_config is not None:
+            from elastic.slicer.quant.layout import HF_QUANT_CONFIG
 
-                w.add_json(HF_QUANT_CONFIG, quant.hf_quant_config)
-            w.add_files_from(ckpt.root, PASSTHROUGH_FILES)
-            if remote_code.needs_code(config):
-                for f in remote_code.FILES:
-                    w.add_file(f)
-            w.write_tensors(out_tensors, max_shard_bytes, progress=advance)
-            manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, out_dtype, quant)
-            w.add_json(MANIFEST_NAME, manifest)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ElasticError(f"no space left on the device while writing {out}; nothing was written there "
-                               f"(the slice needs about {total / 2**30:.2f} GiB)") from None
-        raise
+            w.add_json(HF_QUANT_CONFIG, quant.hf_quant_config)
+        for f in copied:
+            w.add_file(f)
+        w.write_tensors(out_tensors, max_shard_bytes, progress=advance)
+        manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, out_dtype, quant)
+        w.add_json(MANIFEST_NAME, manifest)
     return SliceResult(Path(out), manifest["parameters"]["total"], w.bytes_written, manifest)
 
 

@@ -163,18 +163,22 @@ def run_action(action: str, p, budget: str, out: Path, force: bool, progress) ->
 
     if action == "both":
         fit = workflow.fit_my_gpu(p, budget=budget, out=out, force=force, progress=progress)
-        return [*slice_lines(fit.slice, budget, out), *export_lines(fit.to_json()["export"]), smoke_line(fit.smoke)]
+        return [*slice_lines(fit.slice, budget, out, reused=fit.slice_reused), *export_lines(fit.to_json()["export"]),
+                smoke_line(fit.smoke)]
     if action == "slice":
         return slice_lines(workflow.slice_planned(p, budget, out, force=force, progress=progress), budget, out)
     exported = workflow.export_planned(p, out, progress=progress)
     return [*export_lines(exported.to_json()), smoke_line(workflow.smoke(p, out, exported))]
 
 
-def slice_lines(result, budget: str, out: Path) -> list[str]:
+def slice_lines(result, budget: str, out: Path, reused: bool = False) -> list[str]:
     m = result.manifest
     size = f"{human_count(result.parameters)} parameters, {m['dtype']}, {human_bytes(result.bytes_written)}"
-    lines = [f"wrote {Path(out).resolve()}", f"  budget {budget}, {size}", "loads in:"]
+    head = f"kept {Path(out).resolve()} (an earlier run's slice, not written again)" if reused else \
+        f"wrote {Path(out).resolve()}"
+    lines = [head, f"  budget {budget}, {size}", "loads in:"]
     lines += runtime_lines(m["runtimes"])
+    lines += [f"warning: {w}" for w in m.get("warnings", [])]
     lines.append(f"next: elastic inspect {out}")
     return lines
 

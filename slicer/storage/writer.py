@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,9 +158,12 @@ def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[
 class ShardedWriter:
     """Write a checkpoint atomically: into a temporary directory beside ``out``, renamed at the end.
 
-    On any exception inside the ``with`` block (a failed read, a full disk, Ctrl-C) the temporary
-    directory is removed and ``out`` is untouched. The output rules (never a source, replace only
-    what elastic wrote, atomic publish, one writer at a time) live in :mod:`elastic.slicer.storage.outputs`.
+    On any exception inside the ``with`` block (a failed read, a full disk, Ctrl-C, and SIGTERM where
+    the writer runs in the main thread) the temporary directory is removed and ``out`` is untouched;
+    a full disk is reported as ``DiskFullError``. A run killed outright (SIGKILL) leaves its
+    temporary directory, named by its owner; the next writer into the same directory removes it.
+    The output rules (never a source, replace only what elastic wrote, atomic publish, one writer
+    at a time) live in :mod:`elastic.slicer.storage.outputs`.
 
     Example:
         >>> with ShardedWriter("./model") as w:
@@ -170,23 +174,42 @@ class ShardedWriter:
     def __init__(self, out: str | Path, force: bool = False, *, sources=(), source_files=(), kind: str = "checkpoint"):
         import tempfile
 
-        from elastic.slicer.storage.outputs import OutputLock, check_output
+        from elastic.slicer.storage.outputs import (OutputLock, check_output, disk_full, is_disk_full, partial_prefix,
+                                                    remove_stale_leftovers)
 
         self.out = Path(out)
         self.force, self.kind = force, kind
+        self.expected: int | None = None  # bytes this output needs, when the caller knows (see expect)
         check_output(self.out, force=force, sources=sources, source_files=source_files)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock = OutputLock(self.out)
         self.lock.acquire()
         try:
             check_output(self.out, force=force, sources=sources, source_files=source_files)  # again, under the lock
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        except BaseException:
+            remove_stale_leftovers(self.out.parent)  # what killed runs left here (theirs are named by owner)
+            self.tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(self.out), dir=self.out.parent))
+        except BaseException as e:
             self.lock.release()
+            if is_disk_full(e):
+                raise disk_full(self.out, None, self.what, cause=e) from e
             raise
+        self.signals = _ExitOnSignal()  # SIGTERM cleans up as Ctrl-C does (main thread only)
         self.bytes_written = 0
         self.shards: list[str] = []
         self.sha256: dict[str, str] = {}  # shard file name -> sha256 of the file
+
+    @property
+    def what(self) -> str:
+        """The output in words, for messages: "the slice", "the export"."""
+        return f"the {self.kind}" if self.kind in ("slice", "export") else f"the {self.kind} output"
+
+    def expect(self, nbytes: int) -> None:
+        """Say how many bytes this output will take: refused at once (``DiskFullError``, nothing
+        written) when they are known not to fit, and named if the disk fills up anyway."""
+        from elastic.slicer.storage.outputs import require_space
+
+        self.expected = nbytes
+        require_space(self.out, nbytes, self.what)
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -194,17 +217,24 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         import shutil
 
+        from elastic.slicer.storage.outputs import DiskFullError, disk_full, is_disk_full
+
         try:
             if exc_type is None:
                 try:
                     self.commit()
                     return
-                except BaseException:
+                except BaseException as e:
                     shutil.rmtree(self.tmp, ignore_errors=True)
+                    if is_disk_full(e):
+                        raise disk_full(self.out, self.expected, self.what, cause=e) from e
                     raise
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise disk_full(self.out, self.expected, self.what, cause=exc) from exc
         finally:
             self.lock.release()
+            self.signals.restore()
 
     def add_json(self, filename: str, data: dict) -> None:
         self.add_text(filename, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -258,11 +288,50 @@ class ShardedWriter:
         os.umask(umask)
         for p in self.tmp.rglob("*"):  # mkdtemp uses 0700; give the modes any new file would get
             p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        self.tmp.chmod(0o777 & ~umask)
+        try:  # a directory being replaced keeps its mode (a read-only one stays read-only)
+            mode = stat.S_IMODE(self.out.stat().st_mode) if self.force and self.out.is_dir() else None
+        except OSError:
+            mode = None
+        self.tmp.chmod(mode if mode is not None else 0o777 & ~umask)
         self.bytes_written = sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())
         publish(self.tmp, self.out, replace=self.force)
         _fsync_dir(self.out.parent)
         return self.out
+
+
+class Terminated(SystemExit):
+    """SIGTERM (or SIGHUP) arrived while a :class:`ShardedWriter` wrote in the main thread: its
+    temporary directory was removed, as for Ctrl-C, and the process exits with 128 + the signal."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
+class _ExitOnSignal:
+    """While a writer writes, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread, so
+    the ``with`` block cleans up. Only where the signal still has its default action (a program
+    with its own handler keeps it) and only in the main thread (Python sets handlers there alone:
+    a writer in another thread changes nothing)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.saved: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                self.saved[sig] = signal.signal(sig, _terminate)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved = {}
 
 
 def _fsync_dir(path: Path) -> None:
