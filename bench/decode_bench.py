@@ -12,7 +12,10 @@ falls on all of them alike):
   ``ort_over_torch`` (full model);
 - ours against transformers' ``NemotronHForCausalLM`` on the same checkpoint, both through their
   greedy ``generate`` (transformers: ``use_cache=True``), decode rate = (N - 1) / (t(N) - t(1)) so
-  the prefill cancels: ``ours_over_transformers``.
+  the prefill cancels: ``ours_over_transformers``;
+- llama.cpp itself (llama-cpp-python) on GGUFs of the full model written by ``elastic export --format
+  gguf``: f32 and q8_0 (llama.cpp's quantizer), the same decode loop: ``llama_f32_over_ort``,
+  ``llama_q8_0_over_ort`` (skipped, and said, when llama-cpp-python is not installed).
 The last line is one JSON object.
 """
 
@@ -70,6 +73,53 @@ def build(root: Path) -> tuple[Path, Path, dict]:
     if not (half / "config.json").is_file():
         slice_checkpoint(full, half, spec=root / "half_spec.json", force=True)
     return full, half, spec
+
+
+def add_tokenizer(model_dir: Path) -> None:
+    """A small byte-level BPE tokenizer.json (GPT-2's pre-tokenizer) for the random model: a GGUF carries
+    its tokenizer. The prompt is random ids; the tokenizer only has to exist."""
+    if (model_dir / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([Path(__file__).read_text()] * 4, trainer)
+    tok.save(str(model_dir / "tokenizer.json"))
+
+
+def gguf_export(model_dir: Path, out: Path, precision: str) -> Path | None:
+    """The model as a GGUF at ``precision`` (None when llama-cpp-python is missing)."""
+    from importlib.util import find_spec
+
+    if find_spec("llama_cpp") is None or find_spec("gguf") is None:
+        return None
+    from elastic.export.gguf import export_gguf
+
+    add_tokenizer(model_dir)
+    file = out / f"model-{precision}.gguf"
+    if not file.is_file():
+        export_gguf(model_dir, out, precision=precision, force=True)
+    return file
+
+
+def llama_decode(gguf: Path, prompt, tokens: int, threads: int):
+    """A function timing llama.cpp's decode loop (same loop as ``ort_decode``); returns tokens/s."""
+    from elastic.export.llama_runtime import LlamaCppModel
+
+    model = LlamaCppModel(gguf, n_ctx=256, threads=threads)
+
+    def run() -> float:
+        logits, state = model.prefill(prompt.tolist())
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            logits, state = model.step(logits[:, -1].argmax(-1), state)
+        return tokens / (time.perf_counter() - t0)
+
+    return run
 
 
 def export(model_dir: Path, out: Path) -> None:
@@ -151,6 +201,7 @@ def main() -> None:
     full_dir, half_dir, _ = build(args.dir)
     export(full_dir, args.dir / "full-onnx")
     export(half_dir, args.dir / "half-onnx")
+    ggufs = {p: gguf_export(full_dir, args.dir / f"full-gguf-{p}", p) for p in ("f32", "q8_0")}
     print(f"built and exported in {time.perf_counter() - t0:.1f} s ({args.dir})")
 
     full, half = load_model(full_dir), load_model(half_dir)
@@ -175,6 +226,11 @@ def main() -> None:
         "ours_generate_full": generate_decode(lambda n: generate(full, prompt, n), args.tokens),
         "transformers_generate_full": generate_decode(hf_gen, args.tokens),
     }
+    for p, file in ggufs.items():
+        if file is not None:
+            runs[f"llama_{p}_full"] = llama_decode(file, prompt, args.tokens, args.threads)
+        else:
+            print(f"llama.cpp {p}: skipped (pip install -e '.[gguf]' for llama-cpp-python)")
     samples: dict[str, list] = {k: [] for k in runs}
     outs = {}
     for r in range(args.repeat + 1):  # round 0 warms up; then every measurement once per round, in turn,
@@ -192,7 +248,12 @@ def main() -> None:
     print(f"full  generate(): ours {rate['ours_generate_full']:7.1f} tok/s   transformers NemotronHForCausalLM "
           f"{rate['transformers_generate_full']:7.1f} tok/s   same greedy tokens: {same}")
 
+    for p in ggufs:
+        if f"llama_{p}_full" in rate:
+            print(f"full  llama.cpp {p:5} GGUF decode loop {rate[f'llama_{p}_full']:7.1f} tok/s")
     result = {
+        **{f"llama_{p}_over_ort": round(rate[f"llama_{p}_full"] / rate["ort_full"], 3)
+           for p in ggufs if f"llama_{p}_full" in rate},
         "ort_over_torch": round(rate["ort_full"] / rate["torch_full"], 3),
         "ort_over_torch_half": round(rate["ort_half"] / rate["torch_half"], 3),
         "half_over_full": round(rate["ort_half"] / rate["ort_full"], 3),

@@ -1,4 +1,4 @@
-"""``elastic export`` (ONNX graphs, TensorRT engines or their build script) and ``elastic generate``."""
+"""``elastic export``: ONNX graphs, TensorRT engines or their build script, or a GGUF for llama.cpp."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from elastic.slicer.formats.precision import AUTO, ENGINES, WEIGHTS
+from elastic.slicer.formats.precision import AUTO, ENGINES, GGUF, WEIGHTS
 
 from .common import (JsonOpt, boundary, canonical_precision, human_bytes, one_checkpoint, precision_choice,
-                     print_json)
+                     print_json, progress_bar)
 
 
 class Format(str, Enum):
     onnx = "onnx"
     tensorrt = "tensorrt"
     all = "all"
+    gguf = "gguf"
 
 
-
-
-EnginePrecision = precision_choice("EnginePrecision", ENGINES, AUTO)
+# TensorRT's precisions for the engines, llama.cpp's for a GGUF (the library refuses one the format lacks)
+EnginePrecision = precision_choice("EnginePrecision", tuple(dict.fromkeys(ENGINES + GGUF)), AUTO)
 GraphDType = precision_choice("GraphDType", WEIGHTS)  # the library says why bfloat16 graphs are refused
 
 
@@ -40,7 +40,8 @@ def export(
                                                 "--force).", show_default=False)] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="onnx: graphs only; tensorrt: graphs + engines "
                                         "(or build_engines.sh where TensorRT is absent); all: both, and the "
-                                        "script even when engines were built.")] = Format.onnx,
+                                        "script even when engines were built; gguf: one GGUF file for llama.cpp "
+                                        "(pip install -e \".\\[gguf]\").")] = Format.onnx,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Device profile for the engine build "
                                                   "(see `elastic profiles`). Default: this machine.",
                                                   show_default=False)] = None,
@@ -48,7 +49,9 @@ def export(
                                                "free memory).", show_default=False)] = None,
     precision: Annotated[EnginePrecision, typer.Option("--precision", case_sensitive=False,
                                            help="TensorRT precision: auto (bf16 where the device has it, else "
-                                           "fp16), or any spelling of bfloat16, float16, float32.")] = EnginePrecision(AUTO),
+                                           "fp16), or any spelling of bfloat16, float16, float32. GGUF: f32, f16, "
+                                           "bf16, or llama.cpp's q8_0, q6_k, q5_k_m, q4_k_m (made by llama.cpp's "
+                                           "quantizer); auto: the slice's own float dtype.")] = EnginePrecision(AUTO),
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.", min=1)] = 1,
     context: Annotated[int, typer.Option("--context", help="Longest sequence (prompt + output) the engines "
                                          "accept.", min=2)] = 4096,
@@ -78,11 +81,15 @@ def export(
 
       elastic export ./model-50 --out ./model-50-trt --format all --target orin-nano-8gb
 
+      elastic export ./model-75 --out ./model-75-gguf --format gguf --precision q4_k_m
+
       elastic export ./model-50 --check-only --json
     """
     with boundary(json_out):
         model_dir = one_checkpoint(model_dir, checkpoint, required=True)
-        if check_only:
+        if fmt is Format.gguf:
+            gguf = _export_gguf(model_dir, out, precision, force, check_only, not json_out)
+        elif check_only:
             from elastic.export.pipeline import check_only as run_check
 
             report = run_check(model_dir, dtype=canonical_precision(dtype, WEIGHTS), opset=opset, progress=_stage(not json_out))
@@ -100,6 +107,12 @@ def export(
                                    precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
                                    max_context=context, dtype=canonical_precision(dtype, WEIGHTS), opset=opset,
                                    parity=parity, force=force, progress=_stage(not json_out)).to_json()
+    if fmt is Format.gguf:
+        if json_out:
+            print_json(gguf)
+        else:
+            typer.echo("\n".join(_gguf_lines(gguf)))
+        return
     if check_only:
         if json_out:
             print_json(report)
@@ -112,6 +125,32 @@ def export(
         print_json(summary)
         return
     typer.echo("\n".join(_summary_lines(summary)))
+
+
+def _export_gguf(model_dir: Path, out: Path | None, precision, force: bool, check_only: bool, show: bool) -> dict:
+    from elastic.export.gguf import export_gguf
+    from elastic.slicer.errors import ElasticError
+
+    if check_only:
+        raise ElasticError("--check-only checks ONNX graphs against TensorRT; a GGUF has none (leave out --format gguf)")
+    if out is None:
+        raise ElasticError("--out is required: the directory the GGUF is written to")
+    p = canonical_precision(precision, GGUF, AUTO)
+    with progress_bar(f"GGUF to {out}", enabled=show) as advance:
+        return export_gguf(model_dir, out, precision=None if p == AUTO else p, force=force, progress=advance).to_json()
+
+
+def _gguf_lines(g: dict) -> list[str]:
+    kinds = ", ".join(f"{n} {k}" for k, n in g["tensor_types"].items())
+    lines = [f"wrote {g['file']}  ({g['architecture']}, {g['precision']}, {human_bytes(g['bytes'])}; tensors: {kinds})",
+             f"tokenizer gpt2 BPE, pre-tokenizer {g['tokenizer_pre']}"]
+    if g["fallbacks"]:
+        lines.append(f"fallback  llama.cpp quantized {len(g['fallbacks'])} tensor(s) to another type than "
+                     f"{g['precision']} (K-quants need rows of 256): "
+                     + ", ".join(f"{n} {t}" for n, t in list(g["fallbacks"].items())[:6])
+                     + (" ..." if len(g["fallbacks"]) > 6 else ""))
+    lines.append(f"next:     {g['next']}")
+    return lines
 
 
 def _check_lines(report: dict) -> list[str]:

@@ -1,4 +1,5 @@
-"""``elastic generate``: greedy text from a model directory (PyTorch) or an export directory (ONNX Runtime)."""
+"""``elastic generate``: greedy text from a model directory (PyTorch), an export directory (ONNX Runtime)
+or a GGUF (llama.cpp)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,21 @@ from .common import JsonOpt, boundary, one_checkpoint, print_json
 class Backend(str, Enum):
     torch = "torch"
     onnx = "onnx"
+    llama_cpp = "llama.cpp"
 
 
 def generate(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="A model directory (torch) or an export directory "
-                                                        "(onnx); or give it with -c, and the prompt alone.",
+    model_dir: Annotated[Optional[Path], typer.Argument(help="A model directory (torch), an export directory "
+                                                        "(onnx) or a .gguf / a directory holding one (llama.cpp); "
+                                                        "or give it with -c, and the prompt alone.",
                                                         show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt (default: Hello).", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="The model or export directory, "
                                                        "as an option.", show_default=False)] = None,
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="torch: the PyTorch reference "
-                                                       "model; onnx: ONNX Runtime. Default: onnx for an export "
-                                                       "directory, else torch.", show_default=False)] = None,
+                                                       "model; onnx: ONNX Runtime; llama.cpp: llama.cpp itself. "
+                                                       "Default: onnx for an export directory, llama.cpp for a "
+                                                       "GGUF, else torch.", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate (stops "
                                                 "early at the end-of-sequence token).", min=1)] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: the runtime's "
@@ -39,6 +43,8 @@ def generate(
       elastic generate ./model-50 "The capital of France is"
 
       elastic generate ./model-50-onnx "The capital of France is" --backend onnx --json
+
+      elastic generate ./model-75-gguf/model-q4_k_m.gguf "def main(" --backend llama.cpp
     """
     from elastic.export.runtime import generate_text
 

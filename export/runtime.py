@@ -21,7 +21,7 @@ from .deps import require
 from .layout import DECODE, ENGINE_META, MANIFEST, PAST, PREFILL, PRESENT
 from .weights import external_initializers, mapped_weights
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "llama.cpp")
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -133,11 +133,14 @@ def max_context(export_dir: str | Path) -> int | None:
 
 def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, max_new_tokens: int = 32,
                   threads: int | None = None, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Greedy generation from a model directory (PyTorch) or an export directory (ONNX Runtime), timed.
+    """Greedy generation from a model directory (PyTorch), an export directory (ONNX Runtime) or a
+    GGUF (llama.cpp), timed.
 
     Args:
-        path: a model directory (config.json + safetensors) for ``torch``, an export directory for ``onnx``.
-        backend: "torch" or "onnx"; None picks "onnx" for an export directory, else "torch".
+        path: a model directory (config.json + safetensors) for ``torch``, an export directory for
+            ``onnx``, a ``.gguf`` file or a directory holding one for ``llama.cpp``.
+        backend: "torch", "onnx" or "llama.cpp"; None picks "onnx" for an export directory,
+            "llama.cpp" for a GGUF, else "torch".
         max_new_tokens: tokens to generate; stops early at the config's ``eos_token_id``.
         on_text: called with each new piece of text as it is decoded (for streaming).
 
@@ -153,10 +156,14 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
     from elastic.slicer.nn.generate import config_eos_token_id, generate_text as run
     from elastic.slicer.nn.smoke import smoke_test
 
+    from .llama_runtime import find_gguf, generate_gguf
+
     path = Path(path)
-    backend = backend or ("onnx" if is_export_dir(path) else "torch")
+    backend = backend or ("onnx" if is_export_dir(path) else "llama.cpp" if find_gguf(path) else "torch")
     if backend not in BACKENDS:
         raise ElasticError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "llama.cpp":
+        return generate_gguf(path, prompt, max_new_tokens=max_new_tokens, threads=threads, on_text=on_text)
     if backend == "torch":
         if threads:
             import torch

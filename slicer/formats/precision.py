@@ -37,15 +37,17 @@ class Precision:
     block: int | None = None  # elements along the input dimension that share one scale (None: per tensor)
     modelopt_config: str | None = None  # the modelopt.torch.quantization config that produces it
     quant_algo: str | None = None  # hf_quant_config.json's quantization.quant_algo
+    # ---- GGUF (llama.cpp) ----
+    gguf_ftype: str | None = None  # llama.cpp's file type (LLAMA_FTYPE_<this>, gguf.LlamaFileType.<this>)
 
     @property
     def spellings(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.name, self.short, *self.aliases)))
 
 
-FLOAT32 = Precision("float32", "fp32", ("f32", "float"), 4, "F32", "float32", "", None)
-FLOAT16 = Precision("float16", "fp16", ("f16", "half"), 2, "F16", "float16", "--fp16", "fp16")
-BFLOAT16 = Precision("bfloat16", "bf16", (), 2, "BF16", "bfloat16", "--bf16", "bf16")
+FLOAT32 = Precision("float32", "fp32", ("f32", "float"), 4, "F32", "float32", "", None, gguf_ftype="ALL_F32")
+FLOAT16 = Precision("float16", "fp16", ("f16", "half"), 2, "F16", "float16", "--fp16", "fp16", gguf_ftype="MOSTLY_F16")
+BFLOAT16 = Precision("bfloat16", "bf16", (), 2, "BF16", "bfloat16", "--bf16", "bf16", gguf_ftype="MOSTLY_BF16")
 # a raw float8 cast (no scales): how an F8_E4M3 tensor reads; quantized fp8 weights are FP8 below
 FLOAT8 = Precision("float8", "float8", ("float8_e4m3fn", "f8"), 1, "F8_E4M3", "float8_e4m3fn", "--fp8", "fp8")
 # Quantized weights, as NVIDIA Model Optimizer 0.47 exports them (checked on CPU: FP8 weight F8_E4M3 with
@@ -61,7 +63,16 @@ INT4 = Precision("int4", "int4", ("int4_awq", "w4a16", "awq"), 0.5, "U8", "uint8
                  quantized=True, scale_bytes=4 / 128, block=128, modelopt_config="INT4_AWQ_CFG", quant_algo="W4A16_AWQ")
 NVFP4 = Precision("nvfp4", "nvfp4", ("fp4",), 0.5, "U8", "uint8", "--fp4", "nvfp4",
                   quantized=True, scale_bytes=1 / 16, block=16, modelopt_config="NVFP4_DEFAULT_CFG", quant_algo="NVFP4")
-ALL = (FLOAT32, FLOAT16, BFLOAT16, FLOAT8, FP8, INT8, INT8_WO, INT4, NVFP4)
+# llama.cpp's quantized GGUF types, made by llama.cpp's own quantizer (``llama_model_quantize``); bytes per
+# weight from its block sizes (ggml-common.h: q8_0 34 B / 32, q6_K 210 B / 256, q5_K 176 B / 256, q4_K 144 B /
+# 256); the _M mixes give some tensors the next larger K type, so they are a little larger in all.
+Q8_0 = Precision("q8_0", "q8_0", ("gguf_q8_0",), 34 / 32, "", "", "", None, gguf_ftype="MOSTLY_Q8_0")
+Q6_K = Precision("q6_k", "q6_k", ("gguf_q6_k",), 210 / 256, "", "", "", None, gguf_ftype="MOSTLY_Q6_K")
+Q5_K_M = Precision("q5_k_m", "q5_k_m", ("gguf_q5_k_m",), 176 / 256, "", "", "", None, gguf_ftype="MOSTLY_Q5_K_M")
+Q4_K_M = Precision("q4_k_m", "q4_k_m", ("gguf_q4_k_m",), 144 / 256, "", "", "", None, gguf_ftype="MOSTLY_Q4_K_M")
+ALL = (FLOAT32, FLOAT16, BFLOAT16, FLOAT8, FP8, INT8, INT8_WO, INT4, NVFP4, Q8_0, Q6_K, Q5_K_M, Q4_K_M)
+# what a GGUF is written in: floats directly, the rest by llama.cpp's quantizer
+GGUF = (FLOAT32, FLOAT16, BFLOAT16, Q8_0, Q6_K, Q5_K_M, Q4_K_M)
 QUANTIZED = (FP8, INT8, INT8_WO, INT4, NVFP4)
 # what weights can be sliced to and planned with, best first (FLOAT8 is a raw cast, not offered for weights)
 WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32)
