@@ -272,13 +272,15 @@ def test_plan_json_keys():
     assert chosen["terms"] == same["terms"] and chosen["fits"] and same["fits"]
 
 
-def test_int4_needs_whole_groups_of_128():
-    """The demo's Linear widths (32, 48, ...) are not multiples of 128: Model Optimizer's int4
-    export refuses them, so int4 is never chosen there, however small it is."""
+def test_int4_takes_the_group_the_slice_writes():
+    """The demo's Linear widths (32, 48, ...) are not multiples of 128: int4 AWQ falls back to the
+    largest group that divides them (``layout.weight_group``, what `elastic slice --precision int4`
+    writes), so the plan offers int4 there instead of refusing it."""
     from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
     p = plan(DEMO_CHECKPOINT, target_from_profile(get_profile("orin-nano-8gb")), Workload(weights="int4"))
-    assert p.chosen is None and p.candidates
-    assert all(c.fits and "multiples of 128" in c.refused for c in p.candidates)
+    assert p.chosen == "100%" and p.candidates
+    assert all(c.fits and c.refused is None for c in p.candidates)
     auto = plan(DEMO_CHECKPOINT, target_from_profile(get_profile("orin-nano-8gb")), Workload(dtype="auto"))
-    assert auto.chosen_precision == "bf16" and all("int4" not in b.fits_at for b in auto.budgets)
+    # the device's float precision first: int4 fits too, but bf16 already holds the largest budget
+    assert auto.chosen_precision == "bf16" and all("int4" in b.fits_at for b in auto.budgets)

@@ -28,6 +28,32 @@ REMOTE_CODE_TOKENIZER = (
     "PreTrainedTokenizerFast.from_pretrained(dir)")
 
 
+# what each runtime does with a slice that ships no tokenizer (no tokenizer.json, tokenizer.model,
+# or vocab.json + merges.txt): none of them can turn text into its token ids or back
+NO_TOKENIZER = {
+    "transformers": "no tokenizer: the model loads, AutoTokenizer fails; token ids in and out only",
+    "vllm": "no tokenizer: vLLM loads one when it starts; serve with --skip-tokenizer-init for token ids in and out "
+            "only",
+    "sglang": "no tokenizer: sglang loads one when it starts; launch with --skip-tokenizer-init for token ids in and "
+              "out only",
+    "onnxruntime": "no tokenizer: the graphs run on token ids only (`elastic generate` refuses it)",
+}
+NO_TOKENIZER_GGUF = "no tokenizer: llama.cpp's converter writes the GGUF vocabulary from the tokenizer files"
+
+
+def without_tokenizer(runtimes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``runtimes`` for a slice without a tokenizer: no entry claims text; llama.cpp cannot convert it."""
+    out = {}
+    for name, r in runtimes.items():
+        if name not in NO_TOKENIZER:
+            out[name] = _no(f"{r['why']}; {NO_TOKENIZER_GGUF}" if not r["loads"] else NO_TOKENIZER_GGUF)
+        elif r["loads"]:
+            out[name] = {**r, "how": f"{r['how']}; {NO_TOKENIZER[name]}", "text": False}
+        else:
+            out[name] = r
+    return out
+
+
 def llama_cpp_tokenizer(tokenizer_json: Path | None) -> dict | None:
     """What bench/llama_cpp_check.py observed of this tokenizer with llama.cpp's converter, if anything."""
     if tokenizer_json is None or not tokenizer_json.is_file():
@@ -46,7 +72,8 @@ def _no(why: str) -> dict[str, Any]:
 
 
 def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
-                    tokenizer: dict | None = None) -> dict[str, dict[str, Any]]:
+                    tokenizer: dict | None = None, quant_group: int | None = None,
+                    has_tokenizer: bool = True) -> dict[str, dict[str, Any]]:
     """The ``runtimes`` entry of a slice's manifest: per runtime ``{"loads": True, "how": ...}`` or
     ``{"loads": False, "why": ...}``.
 
@@ -56,6 +83,9 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
             ``quantization_config`` routes to ``elastic.slicer.quant.runtimes``).
         tokenizer_config: the tokenizer_config.json copied beside it, if any.
         tokenizer: :func:`llama_cpp_tokenizer`'s observation of the tokenizer, if any.
+        has_tokenizer: False when the slice ships no tokenizer (see :func:`without_tokenizer`).
+        quant_group: a quantized slice's group size (hf_quant_config.json's ``group_size``, which
+            Model Optimizer 0.47 leaves out of config.json's ``quantization_config``).
     """
     form = arch.config_form()
     out: dict[str, dict[str, Any]] = {}
@@ -139,5 +169,5 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
     if config.get("quantization_config"):  # a quantized slice: what the runtimes read of its format
         from elastic.slicer.quant.runtimes import quantized_runtime_support
 
-        return quantized_runtime_support(arch, config, out)
-    return out
+        out = quantized_runtime_support(arch, config, out, group=quant_group)
+    return out if has_tokenizer else without_tokenizer(out)

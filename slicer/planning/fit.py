@@ -451,14 +451,22 @@ def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, tried:
                 allowed: tuple[Precision, ...] = PLAN_WEIGHTS) -> list[str]:
     """What would fit when nothing does: a shorter context, a smaller batch, another weights
     precision (saying so when it is not in ``allowed``), a bigger device (for the smallest budget
-    at the smallest precision tried)."""
+    at the smallest precision tried).
+
+    Every suggestion is true of the plan: a context is only suggested when it is shorter than the
+    one asked for, a batch when smaller, more memory only by a positive amount. When the smallest
+    budget's memory already fits and only its precision is refused (``BudgetPlan.refused``), less
+    context, batch or memory would not help: only another precision is suggested.
+    """
     smallest = min(rows, key=lambda r: r.parameters)
     name, child, w = smallest.name, smallest.spec.child_arch(ckpt.arch), smallest.workload
+    need = smallest.terms["total"]
+    short = need - target.usable_bytes  # > 0: the memory it lacks
     out = []
-    ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
-    if ctx >= 256:
-        out.append(f"budget {name} fits with a context of {ctx} (instead of {w.context})")
-    if w.batch > 1:
+    if short > 0 and smallest.refused is None:
+        ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
+        if 256 <= ctx < w.context:
+            out.append(f"budget {name} fits with a context of {ctx} (instead of {w.context})")
         for b in range(w.batch - 1, 0, -1):
             if footprint(child, replace(w, batch=b), target.overhead_bytes)["total"] <= target.usable_bytes:
                 out.append(f"budget {name} fits with a batch of {b} (instead of {w.batch})")
@@ -469,11 +477,20 @@ def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, tried:
                    + ("" if alt[1] in allowed else f" (slicing here writes {', '.join(q.short for q in allowed)} weights"
                       + ("; quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"
                          if len(allowed) == len(WEIGHTS) else ")")))
-    need = smallest.terms["total"]
-    out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
-               f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {(need - target.usable_bytes) / 2**30:.2f} "
-               "GiB more would run it")
+    if short > 0 and smallest.refused is None:
+        out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
+                   f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {_at_least(short)} more "
+                   "would run it")
     return out
+
+
+def _at_least(n: int) -> str:
+    """``n`` bytes (> 0) rounded up to a hundredth of a GiB, or of a MiB below 1 GiB: never less
+    than ``n``, never "0.00"."""
+    import math
+
+    unit, size = ("GiB", 2**30) if n >= 2**30 else ("MiB", 2**20)
+    return f"{math.ceil(n * 100 / size) / 100:.2f} {unit}"
 
 
 def resolve_target(target: str | None, gpu: int | None = None):

@@ -26,11 +26,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.formats.precision import FP8, INT4, INT8, INT8_WO, NVFP4, Precision, lookup
 from elastic.slicer.formats.safetensors import DTYPES
+from elastic.slicer.formats.values import is_int
+from elastic.slicer.quant.layout import weight_group
 
 F32 = 4
+# The longest context a plan takes: 16M tokens. Not the config's max_position_embeddings: Nemotron-H has
+# no position embedding (position comes from its Mamba layers), so that number is what a model was
+# trained or served at, not a limit of the architecture, and it is often absent (transformers then
+# assumes 4096). 2**24 is 16x the 1M-token contexts Nemotron-H models are served at and 4x the longest
+# context ``max_context`` searches; beyond it the terms describe no deployment (a context of 10**21 once
+# printed a KV cache of 10**14 GiB beside a budget that "fits").
+MAX_CONTEXT = 2**24
+# The most sequences a plan decodes together: serving runtimes schedule hundreds to a few thousand at once.
+MAX_BATCH = 2**16
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,12 @@ class Workload:
     One ``dtype`` alone means what it always did: weights, activations and KV cache in it, the SSM
     state in float32. ``weights`` and ``kv`` set those two apart from it. Given to
     ``fit.plan``, "auto" (or None) in any of them lets the plan decide for the device.
+
+    Raises:
+        ConfigError: a context, batch or prefill chunk that is not a whole number in its range
+            (1..:data:`MAX_CONTEXT` tokens, 1..:data:`MAX_BATCH` sequences), or a margin outside
+            0..1, every problem listed (:func:`workload_problems`): every front end (CLI, TUI,
+            export) builds a Workload, so all get the same refusal.
     """
 
     context: int = 8192  # tokens held per sequence (prompt + generated)
@@ -50,6 +68,37 @@ class Workload:
     weights: str | None = None  # weights precision (float or quantized); None: dtype
     kv: str | None = None  # attention KV cache precision; None: dtype
     state: str = "float32"  # Mamba SSM state precision
+
+    def __post_init__(self) -> None:
+        problems = workload_problems(self)
+        if problems:
+            setting = problems[0][0]
+            hint = (Hint(setting, f"give a {setting} of at most {LIMITS[setting]:,}", value=LIMITS[setting])
+                    if setting in ("context", "batch") else None)
+            raise ConfigError(f"invalid workload to plan ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                              problems=[text for _, text in problems], hint=hint)
+
+
+LIMITS = {"context": MAX_CONTEXT, "batch": MAX_BATCH, "prefill_chunk": MAX_CONTEXT}  # each a whole number in 1..
+_WHAT = {"context": "tokens per sequence, prompt + output", "batch": "sequences decoded together",
+         "prefill_chunk": "prompt tokens per forward"}
+
+
+def workload_problems(w: Workload) -> list[tuple[str, str]]:
+    """Every way ``w``'s sizes are out of range, as (setting, what is wrong): context, batch and
+    prefill chunk whole numbers in 1..:data:`LIMITS`, the margin a number in 0..1."""
+    out = []
+    for name, top in LIMITS.items():
+        v = getattr(w, name)
+        if not is_int(v) or not 1 <= v <= top:
+            why = (f"no deployment holds more than {top:,} (2**{top.bit_length() - 1}), and past it the memory terms "
+                   "describe none" if is_int(v) and v > top else "it counts whole things, at least one")
+            out.append((name, f"{name} ({_WHAT[name]}) must be a whole number in 1..{top:,}, found {v!r:.40}: {why}"))
+    m = w.margin
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and 0 <= m <= 1):
+        out.append(("margin", f"margin (a safety fraction on top of every term) must be a number in 0..1, "
+                              f"found {m!r:.40}"))
+    return out
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -86,9 +135,12 @@ def ssm_state_bytes(arch: Arch, batch: int, dtype: str, state: str = "float32") 
 # put a weight quantizer on every quantizable module and then import
 # modelopt_recipes/configs/ptq/units/default_disabled_quantizers.yaml, which turns off "*lm_head*",
 # "*mixer.conv1d*", "*router*", "*mlp.gate.*" and every nn.Embedding. In a Nemotron-H checkpoint that
-# leaves quantized: Mamba in_proj/out_proj, attention q/k/v/o_proj, MLP up/down_proj (and an MoE
-# layer's routed experts, one Linear each on disk, shared experts and latent projections: not checked
-# against an export, the reference model refuses MoE). Unquantized, in the base float precision: the embeddings
+# leaves quantized: Mamba in_proj/out_proj, attention q/k/v/o_proj, MLP up/down_proj and an MoE
+# layer's routed experts (one Linear each on disk) and shared experts (checked against `elastic slice`
+# of the MoE demo by tests/test_issue22_quant_plan.py; latent projections not checked). Routed experts
+# get no smoothing: transformers 5.23 holds them as 3-D parameters that Model Optimizer quantizes with
+# one input quantizer shared by all experts and no AWQ / SmoothQuant scale, so no pre_quant_scale is
+# written for them. Unquantized, in the base float precision: the embeddings
 # (nn.Embedding: a table lookup, no GEMM to speed up) and lm_head (kept out by name: the logits are
 # the output), the Mamba conv1d (kept out by name: a 4-tap depthwise filter), the norms, A_log, D
 # and dt_bias (parameters of non-Linear modules: nothing attaches a quantizer to them), the MoE
@@ -105,12 +157,14 @@ SHARED_INPUT = ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")
 
 
 def quantized_linear(name: str, shape: tuple[int, ...], p: Precision, base: Precision,
-                     shared_input: bool = False, group: int | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+                     shared_input: bool = False, group: int | None = None,
+                     smoothed: bool = True) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The tensors Model Optimizer 0.47's ``export_hf_checkpoint`` writes for one Linear weight
     ``name`` (ending in ".weight", or an MoE expert stack) of ``shape`` [..., out, in] at ``p``:
     name -> (safetensors dtype, shape). Checked on CPU for fp8, int8, int8_wo, int4 and nvfp4 by
     tests/test_precision_plan.py. Scales are float32 except nvfp4's per-block fp8 scales and the
-    pre_quant_scale (AWQ / SmoothQuant smoothing), which is in the base precision.
+    pre_quant_scale (AWQ / SmoothQuant smoothing), which is in the base precision; ``smoothed``
+    False (a routed expert): no smoothing, no pre_quant_scale. ``group``: int4's AWQ group.
 
     Example:
         >>> quantized_linear("x.weight", (512, 256), INT4, BFLOAT16)["x.weight_scale"]
@@ -123,14 +177,16 @@ def quantized_linear(name: str, shape: tuple[int, ...], p: Precision, base: Prec
     if p is FP8:  # per-tensor scales
         return {w: ("F8_E4M3", shape), f"{stem}.weight_scale": ("F32", ()), f"{stem}.input_scale": ("F32", ())}
     if p is INT8:  # per-output-channel weight scale, per-tensor activation scale, SmoothQuant's smoothing
-        return {w: ("I8", shape), f"{stem}.weight_scale": ("F32", (*L, out)), f"{stem}.input_scale": ("F32", ()),
-                f"{stem}.pre_quant_scale": (base.safetensors, (inn,))}
+        out_t = {w: ("I8", shape), f"{stem}.weight_scale": ("F32", (*L, out)), f"{stem}.input_scale": ("F32", ())}
+        if smoothed:
+            out_t[f"{stem}.pre_quant_scale"] = (base.safetensors, (inn,))
+        return out_t
     if p is INT8_WO:
         return {w: ("I8", shape), f"{stem}.weight_scale": ("F32", (*L, out))}
     if p is INT4:  # two 4-bit values per byte along out; one float32 scale per group (128) of inputs
         g = group or INT4.block
         out_t = {w: ("U8", (*L, -(-out // 2), inn)), f"{stem}.weight_scale": ("F32", (*L, out, -(-inn // g)))}
-        if not shared_input:
+        if smoothed and not shared_input:
             out_t[f"{stem}.pre_quant_scale"] = (base.safetensors, (inn,))
         return out_t
     if p is NVFP4:  # two 4-bit values per byte along in (padded to 16); fp8 scale per 16, float32 per tensor
@@ -158,20 +214,20 @@ def weight_tensors(arch: Arch, weights: str, base: str | None = None) -> dict[st
     for name, shape in shapes.items():
         linear = _quantized_linear(name)
         if linear:
-            out.update(quantized_linear(name, shape, p, b, shared_input=linear in SHARED_INPUT, group=group))
+            out.update(quantized_linear(name, shape, p, b, shared_input=linear in SHARED_INPUT, group=group,
+                                        smoothed=linear not in MOE_EXPERTS))
         else:
             out[name] = (b.safetensors, shape)
     return out
 
 
 def _int4_group(shapes: dict[str, tuple[int, ...]]) -> int:
-    """The AWQ group ``elastic slice --precision int4`` uses for this model (``slicer.quant.layout``):
-    128 when every input width allows it, else the largest power of two that divides them all."""
+    """The AWQ group ``elastic slice --precision int4`` uses for this model (``slicer.quant.layout``:
+    128 when every input width allows it, else the largest power of two that divides them all)."""
     from elastic.slicer.errors import ConfigError
-    from elastic.slicer.quant.layout import int4_group
 
     try:
-        return int4_group(shapes, INT4.block)
+        return weight_group(shapes, INT4)
     except ConfigError:
         return INT4.block  # it cannot be quantized to int4 at all; block_problem says so
 
@@ -221,19 +277,21 @@ def weights_bytes(arch: Arch, weights: str, base: str | None = None) -> int:
 
 
 def block_problem(arch: Arch, weights: str) -> str | None:
-    """Why Model Optimizer 0.47 cannot export ``arch`` at ``weights``, or None: int4 (AWQ, group
-    128) packs whole groups only (``export/quant_utils.py`` ``_validate_int4_block_size``: "partial
-    blocks are not supported"), and TensorRT Edge-LLM's int4 takes group 128 only, so every
-    quantized Linear's input width must be a multiple of 128. (nvfp4 pads a partial block of 16.)"""
+    """Why ``elastic slice --precision`` cannot write ``arch`` at ``weights``, or None: the rule the
+    slicer applies before it quantizes (``slicer.quant.layout.weight_group``), asked here too, so a
+    plan offers a format exactly where a slice can write it. int4 (AWQ) packs whole groups of 128,
+    else of the largest power of two down to 8 that divides every quantized Linear's input width;
+    nvfp4 needs input widths that are multiples of 16."""
+    from elastic.slicer.errors import ConfigError
+
     p = lookup(weights)
-    if p is not INT4:
+    if not p.quantized:
         return None
-    widths = sorted({shape[-1] for name, shape in arch.tensor_shapes().items()
-                     if _quantized_linear(name) and shape[-1] % INT4.block})
-    if not widths:
-        return None
-    return (f"int4 (AWQ, group {INT4.block}) needs Linear input widths that are multiples of {INT4.block}; "
-            f"this budget has {', '.join(map(str, widths))}")
+    try:
+        weight_group(arch.tensor_shapes(), p)
+    except ConfigError as e:
+        return "; ".join([e.message, *e.problems[:3], *(["..."] if len(e.problems) > 3 else [])])
+    return None
 
 
 def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> int:

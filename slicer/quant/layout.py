@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elastic.slicer.errors import ConfigError
+from elastic.slicer.errors import ConfigError, Hint
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 QUANT_METHOD = "modelopt"
@@ -267,20 +267,71 @@ def describe(layout: QuantLayout) -> dict[str, Any]:
 
 
 MIN_INT4_GROUP = 8  # the smallest AWQ group elastic writes
+NVFP4_BLOCK = 16  # elements per NVFP4 scale (formats.precision.NVFP4.block)
+
+
+# ---- which models a format can hold, and with which group: the one place these rules live --------
+# `elastic slice --precision` checks them before any work, and the planner (planning.memory) asks the
+# same functions, so a plan offers a quantized format exactly where a slice can write it. An engine's
+# own rule (say, an int4 runtime that takes group 128 only) belongs here too.
+
+
+def quantized_widths(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """The Linears Model Optimizer quantizes among an architecture's tensors (every Linear but
+    lm_head, routed experts included): module name -> (out, in)."""
+    return {m: oi for m, oi in linear_modules(shapes).items() if m != "lm_head"}
 
 
 def int4_group(shapes: dict[str, tuple[int, ...]], block: int) -> int:
-    """The AWQ group size for a model: ``block`` (128) when it divides the input width of every
-    Linear, else the largest power of two that does (a narrow slice such as the demo's).
+    """The AWQ group size ``elastic slice --precision int4`` writes a model with: ``block`` (128)
+    when it divides the input width of every quantized Linear, else the largest power of two that
+    does (a narrow slice such as the demo's: 64, 16, 8). Model Optimizer packs whole groups only and
+    two output rows per byte.
+
+    Example:
+        >>> int4_group({"backbone.layers.0.mixer.in_proj.weight": (132, 56)}, 128)
+        8
 
     Raises:
-        ConfigError: no group of at least MIN_INT4_GROUP fits.
+        ConfigError: no group of at least MIN_INT4_GROUP divides every input width, or a Linear has
+            an odd number of output rows (every such Linear listed).
     """
-    widths = sorted({inp for module, (out, inp) in linear_modules(shapes).items() if module != "lm_head"})
+    linears = quantized_widths(shapes)
+    widths = sorted({inp for out, inp in linears.values()})
     g = block
     while g >= MIN_INT4_GROUP and any(w % g for w in widths):
         g //= 2
+    problems = [f"{m}: {out} output rows cannot be packed two per byte" for m, (out, _) in linears.items() if out % 2]
     if g < MIN_INT4_GROUP:
-        raise ConfigError(f"int4 needs input widths that are multiples of a group of at least {MIN_INT4_GROUP}; "
-                          f"this model has {widths}")
+        problems.insert(0, f"input widths {widths}: no group of {MIN_INT4_GROUP} or more divides them all")
+    if problems:
+        raise ConfigError(f"int4 (AWQ) cannot hold this model: it needs every quantized Linear's input width to be "
+                          f"a multiple of one group of at least {MIN_INT4_GROUP} and its output rows to be even",
+                          problems=problems,
+                          hint=Hint("precision", "choose fp8, int8 or int8_wo, which take any width"))
     return g
+
+
+def nvfp4_check(shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise ConfigError unless every quantized Linear's input width is a multiple of NVFP4's
+    block of 16 (every such Linear listed)."""
+    bad = [f"{m}: {inp} inputs" for m, (out, inp) in quantized_widths(shapes).items() if inp % NVFP4_BLOCK]
+    if bad:
+        raise ConfigError(f"nvfp4 needs Linear input widths that are multiples of {NVFP4_BLOCK}", problems=bad,
+                          hint=Hint("precision", "choose fp8, int8 or int8_wo, which take any width"))
+
+
+def weight_group(shapes: dict[str, tuple[int, ...]], p) -> int | None:
+    """The group size of the weight scales ``elastic slice --precision`` writes for a model of
+    ``shapes`` at ``p`` (a ``formats.precision.Precision``): int4, :func:`int4_group` of ``p.block``;
+    nvfp4, 16; None for a format with per-tensor or per-channel scales.
+
+    Raises:
+        ConfigError: the format cannot hold this model (see :func:`int4_group`, :func:`nvfp4_check`).
+    """
+    if p.name == "int4":
+        return int4_group(shapes, p.block)
+    if p.name == "nvfp4":
+        nvfp4_check(shapes)
+        return NVFP4_BLOCK
+    return None

@@ -35,8 +35,9 @@ from elastic.slicer import remote_code
 from elastic.slicer.errors import ConfigError, ElasticError, MissingDependencyError
 from elastic.slicer.formats.arch import read_config
 from elastic.slicer.formats.precision import QUANTIZED, WEIGHTS, Precision, lookup
+# int4_group is imported from here by callers (tests/test_quant.py)
 from elastic.slicer.quant.layout import (HF_QUANT_CONFIG, QuantLayout, clean_exclude_name, describe, int4_group,
-                                         keeps_dtype, linear_modules)
+                                         keeps_dtype, weight_group)
 
 Progress = Callable[[str, int, "int | None"], None]
 INSTALL = "pip install 'elastic[modelopt]'"
@@ -166,10 +167,81 @@ def quantize_model(model, p: Precision, ids, group: int | None = None, progress:
                 if progress:
                     progress("calibrate", k + 1, len(batches))
 
-    with _quiet(), torch.no_grad():
+    with _quiet(), torch.no_grad(), fused_experts_export():
         mtq.quantize(model, modelopt_config(p, group), forward_loop)
+        calibrate_unrouted_experts(model)
         fuse_shared_inputs(model)
     return model
+
+
+# ---- MoE experts (Model Optimizer 0.47 with transformers 5.23's fused NemotronHExperts) -----------
+#
+# transformers 5.23 holds a MoE layer's routed experts as 3-D parameters (``NemotronHExperts``);
+# Model Optimizer wraps them as ``_QuantNonGatedFusedExperts``: one weight quantizer per expert, one
+# input quantizer shared by all of them. Two defects of 0.47 break AWQ (int4) on it, both fixed
+# upstream in NVIDIA/Model-Optimizer commit 1efcd42f5 (pull request 2017, not released in 0.47):
+# the exporter's AWQ-only expert resmoothing indexes the experts as a list ("object of type
+# 'QuantNemotronHExperts' has no len()"), and an expert no calibration token was routed to gets a
+# scalar amax at export, which a block format cannot use ("IndexError: too many indices").
+
+
+def _is_fused_experts(module) -> bool:
+    """A Model Optimizer fused-experts wrapper: per-expert weight quantizers on 3-D parameters."""
+    return hasattr(module, f"{getattr(module, '_first_proj_attr', 'gate_up_proj')}_weight_quantizers")
+
+
+@contextmanager
+def fused_experts_export():
+    """Skip Model Optimizer's AWQ resmoothing of fused MoE experts while inside (what its fix does).
+
+    The step averages the experts' separate input smoothing (``pre_quant_scale``) so they can share
+    one; fused experts already share one input quantizer and AWQ gives them no smoothing, so there
+    is nothing to average. A Model Optimizer that has the fix (``_has_fused_experts``) is left alone.
+    """
+    hf_export = _import("modelopt.torch.export.unified_export_hf")
+    if hasattr(hf_export, "_has_fused_experts"):
+        yield
+        return
+    original = hf_export.get_experts_list
+
+    def get_experts_list(module, model_type):
+        return [] if _is_fused_experts(getattr(module, "experts", None)) else original(module, model_type)
+
+    hf_export.get_experts_list = get_experts_list
+    try:
+        yield
+    finally:
+        hf_export.get_experts_list = original
+
+
+def calibrate_unrouted_experts(model) -> int:
+    """Calibrate the weight quantizer of every routed expert that no calibration token reached
+    (AWQ calibrates an expert's weight only when a token is routed to it) on that expert's weight,
+    with the quantizer's own max calibrator: the amax, per tensor, channel or block as the format
+    says, that a routed expert's weight gets. Returns how many quantizers it calibrated.
+
+    The simulated model quantizes such an expert's weight with the same amax (it takes the max of
+    the weight when none is stored), so the export and the simulation agree.
+    """
+    import torch
+
+    done = 0
+    for module in model.modules():
+        if not _is_fused_experts(module):
+            continue
+        for weight, q in module.iter_weights_for_calibration():
+            amax = getattr(q, "_amax", None)
+            if not q.is_enabled or getattr(q, "_calibrator", None) is None or \
+                    (amax is not None and bool(torch.any(amax != 0))):
+                continue
+            q.disable_quant()
+            q.enable_calib()
+            q(weight)
+            q.load_calib_amax()
+            q.enable_quant()
+            q.disable_calib()
+            done += 1
+    return done
 
 
 def quantize_slice(source: str | Path, out: str | Path, precision: str | Precision, *, dtype: str | None = None,
@@ -201,6 +273,7 @@ def quantize_slice(source: str | Path, out: str | Path, precision: str | Precisi
     ckpt = Checkpoint.open(source, require_weights=True)
     _refuse_quantized(ckpt)
     rest = _rest_dtype(dtype, ckpt.dtype)
+    weight_group(ckpt.arch.tensor_shapes(), p)  # a model the format cannot hold is refused before any work
     with ShardedWriter(out, force=force, sources=[ckpt.root, *ckpt.weight_files], kind="slice") as w:
         manifest = _quantize_into(w, ckpt.root, p, rest, samples, seq_len, device, progress, _manifest_of(ckpt.root),
                                   {"path": str(ckpt.root.resolve())})
@@ -218,7 +291,7 @@ def slice_and_quantize(source, out: str | Path, precision: str | Precision, *, b
     The output is checked (and locked) before any work; the float slice is removed in every case.
     ``dtype`` (the unquantized tensors) defaults to the source's stored dtype.
     """
-    from elastic.slicer.slice import slice_checkpoint
+    from elastic.slicer.slice import choose_spec, slice_checkpoint
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.storage.writer import ShardedWriter
 
@@ -228,6 +301,8 @@ def slice_and_quantize(source, out: str | Path, precision: str | Precision, *, b
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, require_weights=True)
     _refuse_quantized(ckpt)
     rest = _rest_dtype(dtype, ckpt.dtype)
+    resolved = resolved or choose_spec(ckpt, budget, spec)
+    weight_group(resolved[0].child_arch(ckpt.arch).tensor_shapes(), p)  # a model the format cannot hold: refused here
     out = Path(out)
     sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
     with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
@@ -350,12 +425,8 @@ def _quantize_into(w, float_dir: Path, p: Precision, rest: str, samples: int, se
     from elastic.slicer.formats.tokenizer import load_tokenizer
     from elastic.slicer.quant.text import calibration_ids
 
-    shapes = read_arch_shapes(float_dir)
-    group = int4_group(shapes, p.block) if p.name == "int4" else None
-    if p.name == "nvfp4":
-        bad = [f"{m}: {inp} inputs" for m, (o, inp) in linear_modules(shapes).items() if inp % p.block]
-        if bad:
-            raise ConfigError(f"nvfp4 needs input widths that are multiples of {p.block}", problems=bad)
+    group = weight_group(read_arch_shapes(float_dir), p)  # refuses a model the format cannot hold
+    group = group if p.name == "int4" else None  # nvfp4's 16 is its config's own
     ids, corpus = calibration_ids(load_tokenizer(float_dir), samples, seq_len)
     if progress:
         progress("load", 0, None)
@@ -378,7 +449,7 @@ def _export_into(w, model, float_dir: Path, p: Precision, rest: str, group: int 
     export = Path(tempfile.mkdtemp(prefix=f".{w.out.name}.modelopt-", dir=w.out.parent))
     try:
         export_hf_checkpoint = _import("modelopt.torch.export").export_hf_checkpoint
-        with _quiet():
+        with _quiet(), fused_experts_export():
             export_hf_checkpoint(model, dtype=getattr(torch, rest), export_dir=export)
         config, hf_quant = _output_configs(float_dir, export, rest)
         (export / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -474,6 +545,7 @@ def _manifest(ckpt, float_dir: Path, float_manifest: dict, float_source: dict, p
     from importlib.metadata import version
 
     from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
+    from elastic.slicer.formats.tokenizer import missing_tokenizer
     from elastic.slicer.slice import _tokenizer_config
 
     layout: QuantLayout = ckpt.quant
@@ -496,6 +568,7 @@ def _manifest(ckpt, float_dir: Path, float_manifest: dict, float_source: dict, p
         },
         "shards": [{"file": name, "sha256": w.sha256[name]} for name in w.shards],
         "runtimes": runtime_support(ckpt.arch, config, _tokenizer_config(float_dir),
-                                    llama_cpp_tokenizer(float_dir / "tokenizer.json")),
+                                    llama_cpp_tokenizer(float_dir / "tokenizer.json"), quant_group=layout.group_size,
+                                    has_tokenizer=missing_tokenizer(float_dir) is None),
     })
     return m

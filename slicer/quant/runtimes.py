@@ -58,15 +58,18 @@ def quant_facts(config: dict) -> tuple[str, int | None]:
     return algo, group
 
 
-def quantized_runtime_support(arch: Arch, config: dict, float_claims: dict[str, dict]) -> dict[str, dict]:
+def quantized_runtime_support(arch: Arch, config: dict, float_claims: dict[str, dict],
+                              group: int | None = None) -> dict[str, dict]:
     """The ``runtimes`` of a quantized slice.
 
     Args:
         arch: the slice's architecture (its config form decides what TensorRT-LLM builds).
         config: the config.json written, with ``quantization_config``.
         float_claims: what ``runtime_support`` says of the same slice in float (the form's claims).
+        group: the group size from hf_quant_config.json (default: what config.json says, if anything).
     """
-    algo, group = quant_facts(config)
+    algo, stated = quant_facts(config)
+    group = group or stated
     form = arch.config_form()
     out: dict[str, dict] = {}
     out["transformers"] = _no(
