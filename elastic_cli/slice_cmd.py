@@ -98,6 +98,7 @@ def slice_(
                 f"quantized with {q['tool']} {q['modelopt_config']}, calibrated on {q['calibration']['windows']} x "
                 f"{q['calibration']['seq_len']} tokens of train-split standard-library text")
     lines = [head, f"layers  {m['layer_pattern']}", "loads in:", *runtime_lines(m["runtimes"])]
+    lines += [f"warning: {w}" for w in m.get("warnings", [])]
     lines.append(f"next:   elastic inspect {result.out}" if quantized is None else
                  f"next:   elastic eval {result.out}    elastic generate {result.out} \"Hello\"")
     typer.echo("\n".join(lines))

@@ -27,7 +27,8 @@ from elastic.slicer import remote_code
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.storage.writer import OutTensor, ShardedWriter
-from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget
+from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget, router_warning
+from elastic.slicer.formats.tokenizer import missing_tokenizer
 from elastic.slicer.errors import CheckpointError, ConfigError
 from elastic.slicer.formats.rules import TensorRule, tensor_rules
 from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
@@ -51,10 +52,10 @@ class SliceResult:
 
     def to_json(self) -> dict[str, Any]:
         """`elastic slice --json`: ``out``, ``parameters``, ``bytes_written``, ``budget``, ``dtype``,
-        ``layer_pattern``, ``homogeneous``, ``runtimes``."""
+        ``layer_pattern``, ``homogeneous``, ``runtimes``, ``warnings``."""
         m = self.manifest
         return {"out": str(self.out), "parameters": self.parameters, "bytes_written": self.bytes_written,
-                **{k: m[k] for k in ("budget", "dtype", "layer_pattern", "homogeneous", "runtimes")}}
+                **{k: m[k] for k in ("budget", "dtype", "layer_pattern", "homogeneous", "runtimes", "warnings")}}
 
 
 def parse_dtype(name: str | None) -> str | None:
@@ -276,6 +277,15 @@ def _tokenizer_config(root: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _warnings(ckpt: Checkpoint, budget: str | None, spec_source: str) -> list[str]:
+    """What the user should know about a slice that was written: no tokenizer; a router that
+    router.file names but that is not there (the budget came from elastic_config.json's choices)."""
+    notes = [missing_tokenizer(ckpt.root)]
+    if budget is not None and spec_source == "elastic_config.json":
+        notes.append(router_warning(ckpt.root, ElasticConfig.read(ckpt.root, ckpt.arch)))
+    return [n for n in notes if n]
+
+
 def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, quant) -> dict[str, Any]:
     cfg_bytes = (ckpt.root / "config.json").read_bytes()
     extra: dict[str, Any] = {}
@@ -302,6 +312,9 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, qua
         "dtype": dtype,  # of the tensors left unquantized, for a quantized slice
         "shards": [{"file": name, "sha256": writer.sha256[name]} for name in writer.shards],
         "runtimes": runtime_support(child, config, _tokenizer_config(ckpt.root),
-                                    llama_cpp_tokenizer(ckpt.root / "tokenizer.json")),
+                                    llama_cpp_tokenizer(ckpt.root / "tokenizer.json"),
+                                    quant_group=quant.layout.group_size if quant is not None else None,
+                                    has_tokenizer=missing_tokenizer(ckpt.root) is None),
+        "warnings": _warnings(ckpt, budget, spec_source),
         **extra,
     }

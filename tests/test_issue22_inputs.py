@@ -79,7 +79,6 @@ def test_missing_tokenizer_says_what_a_runtime_lacks(demo):
         require_tokenizer(demo)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the slice.py / runtimes.py changes of issue 22 item 6 (other owners)")
 def test_a_slice_without_a_tokenizer_says_so(demo, tmp_path):
     (demo / "tokenizer.json").unlink()
     r = runner.invoke(app, ["slice", "-c", str(demo), "--budget", "50%", "--out", str(tmp_path / "s"), "--json"])

@@ -324,6 +324,8 @@ class Arch:
             # llama.cpp's converter takes MoE keys (transformers 5 writes defaults) as a MoE model
             for key in MOE_KEYS:
                 cfg.pop(key, None)
+        else:  # stated, as NVIDIA's configs do: llama.cpp's converter reads it (KeyError without it)
+            cfg["n_shared_experts"] = 1
         # global sizes: the first layer of each kind (all of them when homogeneous)
         for kind in LAYER_FIELDS:
             first = next((layer for layer in self.layers if layer.kind == kind), None)
