@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from elastic.slicer.errors import ConfigError, ElasticError, Hint, MissingDependencyError
-from elastic.slicer.formats.llama_cpp import LLAMA_CPP, gguf_arch, gguf_problems, pre_tokenizer_type
+from elastic.slicer.formats.llama_cpp import (LLAMA_CPP, gguf_arch, gguf_problems, gguf_tokenizer_problem,
+                                              pre_tokenizer_type)
 from elastic.slicer.formats.precision import GGUF, Precision, lookup
 
 MANIFEST = "gguf_manifest.json"
@@ -170,14 +171,11 @@ def read_vocab(root: Path, vocab_size: int) -> Vocab:
             vocabulary, or a pre-tokenizer llama.cpp has no type for.
     """
     path = root / "tokenizer.json"
-    if not path.is_file():
-        raise ConfigError("no tokenizer.json: a GGUF carries its tokenizer, and llama.cpp cannot tokenize without one",
-                          path=str(root))
+    problem = gguf_tokenizer_problem(root)
+    if problem:
+        raise ConfigError(f"{problem}; nothing was written", path=str(path))
     tok = json.loads(path.read_text())
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ConfigError(f"the tokenizer is {model.get('type')!r}, not a BPE: only byte-level BPE tokenizers are "
-                          "written to GGUF here", path=str(path))
+    model = tok["model"]
     pre = pre_tokenizer_type(tok, path)
     vocab = dict(model.get("vocab") or {})
     added = {t["id"]: t for t in tok.get("added_tokens") or []}

@@ -28,6 +28,7 @@ from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.storage.writer import OutTensor, ShardedWriter
 from elastic.slicer.formats.elastic_format import ElasticConfig, resolve_budget, router_warning
+from elastic.slicer.formats.llama_cpp import gguf_tokenizer_problem
 from elastic.slicer.formats.tokenizer import missing_tokenizer
 from elastic.slicer.errors import CheckpointError, ConfigError
 from elastic.slicer.formats.rules import TensorRule, tensor_rules
@@ -277,10 +278,15 @@ def _tokenizer_config(root: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _warnings(ckpt: Checkpoint, budget: str | None, spec_source: str) -> list[str]:
-    """What the user should know about a slice that was written: no tokenizer; a router that
-    router.file names but that is not there (the budget came from elastic_config.json's choices)."""
+def _warnings(ckpt: Checkpoint, budget: str | None, spec_source: str, child) -> list[str]:
+    """What the user should know about a slice that was written: no tokenizer; no attention layer
+    left (llama.cpp and transformers' generate cannot run it); a router that router.file names but
+    that is not there (the budget came from elastic_config.json's choices)."""
     notes = [missing_tokenizer(ckpt.root)]
+    if any(layer.kind == "attention" for layer in ckpt.arch.layers) and \
+            not any(layer.kind == "attention" for layer in child.layers):
+        notes.append("this slice keeps no attention layer: llama.cpp cannot run it (it aborts in its KV cache) and "
+                     "transformers 5.23's generate() fails on it; keep one attention layer to run it there")
     if budget is not None and spec_source == "elastic_config.json":
         notes.append(router_warning(ckpt.root, ElasticConfig.read(ckpt.root, ckpt.arch)))
     return [n for n in notes if n]
@@ -314,7 +320,8 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, qua
         "runtimes": runtime_support(child, config, _tokenizer_config(ckpt.root),
                                     llama_cpp_tokenizer(ckpt.root / "tokenizer.json"),
                                     quant_group=quant.layout.group_size if quant is not None else None,
-                                    has_tokenizer=missing_tokenizer(ckpt.root) is None),
-        "warnings": _warnings(ckpt, budget, spec_source),
+                                    has_tokenizer=missing_tokenizer(ckpt.root) is None,
+                                    gguf_tokenizer=gguf_tokenizer_problem(ckpt.root)),
+        "warnings": _warnings(ckpt, budget, spec_source, child),
         **extra,
     }

@@ -106,7 +106,7 @@ def test_per_layer_slice_loads_with_remote_code(parents, tmp_path, name, form, v
     result = slice_checkpoint(src, tmp_path / "child", spec=spec)
     assert json.loads((tmp_path / "child" / "config.json").read_text())["model_type"] == form
     runtimes = result.manifest["runtimes"]
-    assert runtimes["vllm"]["loads"] is vllm and not runtimes["sglang"]["loads"] and not runtimes["llama.cpp"]["loads"]
+    assert runtimes["vllm"]["loads"] is vllm and not runtimes["sglang"]["loads"] and not runtimes["llama.cpp converter"]["loads"]
     assert "trust_remote_code=True" in runtimes["transformers"]["how"]
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "child", trust_remote_code=True,
                                                     output_loading_info=True)

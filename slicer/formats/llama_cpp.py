@@ -9,6 +9,7 @@ cache (``GGML_ASSERT(buffer)``); in ``nemotron_h_moe`` every FFN layer is MoE.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from elastic.slicer.errors import ConfigError
@@ -62,3 +63,23 @@ def pre_tokenizer_type(tok: dict, path: Path) -> str:
     raise ConfigError(f"its pre-tokenizer ({what}) is not GPT-2's byte-level one, the only definition elastic maps "
                       "to a llama.cpp pre-tokenizer type by itself; convert it with llama.cpp's "
                       "convert_hf_to_gguf.py, which knows registered tokenizers by their hash", path=str(path))
+
+
+def gguf_tokenizer_problem(root: Path) -> str | None:
+    """Why ``root``'s tokenizer cannot go into a GGUF (None: it can): no tokenizer.json, not a BPE, or
+    a pre-tokenizer llama.cpp has no type for (:func:`pre_tokenizer_type`)."""
+    path = Path(root) / "tokenizer.json"
+    if not path.is_file():
+        return "no tokenizer.json: a GGUF carries its tokenizer"
+    try:
+        tok = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"tokenizer.json cannot be read ({e})"
+    kind = (tok.get("model") or {}).get("type")
+    if kind != "BPE":
+        return f"the tokenizer is {kind!r}, not a BPE: only byte-level BPE tokenizers are written to GGUF here"
+    try:
+        pre_tokenizer_type(tok, path)
+    except ConfigError as e:
+        return e.message
+    return None

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.formats.arch import FORM_EXTENSION, FORM_PUZZLE, FORM_STOCK, Arch
+from elastic.slicer.formats.llama_cpp import LLAMA_CPP, gguf_arch, gguf_problems
 
 LLAMA_CPP_TOKENIZERS = Path(__file__).parent / "llama_cpp_tokenizers.json"
 LLAMA_CPP_HOW = ("convert_hf_to_gguf.py, run with the transformers llama.cpp pins (4.57.6: transformers 5 adds MoE "
                  "defaults to the config and the converter then writes a MoE model)")
+# transformers 5.23's generate() asks the cache's attention layers for the mask sizes (checked on CPU)
+NO_ATTENTION_GENERATE = (
+    "; without an attention layer its generate() fails in transformers 5.23 (ValueError: get_mask_sizes can only "
+    "be called on Attention layers: the cache asks an attention layer for the mask sizes); a plain forward "
+    "works (use_cache=False), or slice a budget that keeps an attention layer")
 REMOTE_CODE_TOKENIZER = (
     "; AutoTokenizer needs trust_remote_code=True as well (transformers 5 loads the model config before the "
     "tokenizer and asks before running a config class it does not know), or load the tokenizer with "
@@ -71,9 +77,19 @@ def _no(why: str) -> dict[str, Any]:
     return {"loads": False, "why": why}
 
 
+def llama_cpp_support(arch: Arch, gguf_tokenizer: str | None) -> dict[str, Any]:
+    """llama.cpp itself, through elastic's own GGUF writer (``elastic export --format gguf``): the
+    runtime's rules (:func:`elastic.slicer.formats.llama_cpp.gguf_problems`) and the tokenizer's."""
+    problems = gguf_problems(arch) + ([gguf_tokenizer] if gguf_tokenizer else [])
+    if problems:
+        return _no("; ".join(problems))
+    return _yes(f"after `elastic export DIR --format gguf` ({gguf_arch(arch)}; f32/f16/bf16, or q8_0/q6_k/q5_k_m/"
+                f"q4_k_m made by llama.cpp's quantizer; {LLAMA_CPP})")
+
+
 def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
                     tokenizer: dict | None = None, quant_group: int | None = None,
-                    has_tokenizer: bool = True) -> dict[str, dict[str, Any]]:
+                    has_tokenizer: bool = True, gguf_tokenizer: str | None = None) -> dict[str, dict[str, Any]]:
     """The ``runtimes`` entry of a slice's manifest: per runtime ``{"loads": True, "how": ...}`` or
     ``{"loads": False, "why": ...}``.
 
@@ -84,6 +100,8 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
         tokenizer_config: the tokenizer_config.json copied beside it, if any.
         tokenizer: :func:`llama_cpp_tokenizer`'s observation of the tokenizer, if any.
         has_tokenizer: False when the slice ships no tokenizer (see :func:`without_tokenizer`).
+        gguf_tokenizer: why the tokenizer cannot go into a GGUF, if it cannot
+            (:func:`elastic.slicer.formats.llama_cpp.gguf_tokenizer_problem`).
         quant_group: a quantized slice's group size (hf_quant_config.json's ``group_size``, which
             Model Optimizer 0.47 leaves out of config.json's ``quantization_config``).
     """
@@ -165,7 +183,10 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
     how = LLAMA_CPP_HOW if tokenizer is not None else (
         LLAMA_CPP_HOW + "; the converter must also recognise the tokenizer's pre-tokenizer (a hash of its output), "
         "unchecked here: bench/llama_cpp_check.py checks it")
-    out["llama.cpp"] = _no("; ".join(reasons)) if reasons else _yes(how)
+    out["llama.cpp converter"] = _no("; ".join(reasons)) if reasons else _yes(how)
+    out["llama.cpp"] = llama_cpp_support(arch, gguf_tokenizer)
+    if not any(layer.kind == "attention" for layer in arch.layers):
+        out["transformers"] = {**out["transformers"], "how": out["transformers"]["how"] + NO_ATTENTION_GENERATE}
     if config.get("quantization_config"):  # a quantized slice: what the runtimes read of its format
         from elastic.slicer.quant.runtimes import quantized_runtime_support
 

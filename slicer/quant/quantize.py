@@ -545,6 +545,7 @@ def _manifest(ckpt, float_dir: Path, float_manifest: dict, float_source: dict, p
     from importlib.metadata import version
 
     from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
+    from elastic.slicer.formats.llama_cpp import gguf_tokenizer_problem
     from elastic.slicer.formats.tokenizer import missing_tokenizer
     from elastic.slicer.slice import _tokenizer_config
 
@@ -569,6 +570,7 @@ def _manifest(ckpt, float_dir: Path, float_manifest: dict, float_source: dict, p
         "shards": [{"file": name, "sha256": w.sha256[name]} for name in w.shards],
         "runtimes": runtime_support(ckpt.arch, config, _tokenizer_config(float_dir),
                                     llama_cpp_tokenizer(float_dir / "tokenizer.json"), quant_group=layout.group_size,
-                                    has_tokenizer=missing_tokenizer(float_dir) is None),
+                                    has_tokenizer=missing_tokenizer(float_dir) is None,
+                                    gguf_tokenizer=gguf_tokenizer_problem(float_dir)),
     })
     return m

@@ -24,8 +24,8 @@ that ``quant_algo``. The facts, from each runtime's source:
   NemotronHPuzzleForCausalLM, rewrites ``backbone`` to ``model`` in exclude_modules, and sizes MLP
   layers from the global ``intermediate_size`` (an int or a per-layer list), never from
   ``block_configs``, which is where the Puzzle form keeps them.
-- llama.cpp's converter reads float checkpoints. elastic's ONNX export builds its graphs from the
-  reference model, which loads a quantized slice dequantized (checked: ONNX Runtime parity).
+- llama.cpp's converter reads float checkpoints. elastic's ONNX export and its GGUF writer read a
+  quantized slice dequantized (checked: ONNX Runtime parity; llama.cpp generation in tests/test_gguf.py).
 """
 
 from __future__ import annotations
@@ -113,8 +113,12 @@ def quantized_runtime_support(arch: Arch, config: dict, float_claims: dict[str, 
     out["onnxruntime"] = _yes("after `elastic export DIR`: ONNX graphs of the dequantized weights (stored in float: "
                               "no memory saving" + (", fp8/int8 activations quantize-dequantized in the graph)"
                                                     if algo in ("FP8", "W8A8_SQ_PER_CHANNEL") else ")"))
-    out["llama.cpp"] = _no("llama.cpp's converter reads float checkpoints, not Model Optimizer's quantized layout; "
-                           "convert the float slice")
+    out["llama.cpp converter"] = _no("llama.cpp's converter reads float checkpoints, not Model Optimizer's quantized "
+                                     "layout; convert the float slice")
+    # elastic's GGUF writer reads the slice through the same dequantizing source as the ONNX export
+    engine = float_claims["llama.cpp"]
+    out["llama.cpp"] = engine if not engine["loads"] else _yes(
+        engine["how"] + "; the quantized weights are dequantized first (llama.cpp quantizes again in its own types)")
     out["elastic"] = _yes("`elastic generate DIR` / `elastic eval DIR`: the reference model dequantizes the weights "
                           + ("and simulates the quantized activations" if algo in ("FP8", "W8A8_SQ_PER_CHANNEL")
                              else "(activations in float)"))
