@@ -102,6 +102,9 @@ def train(
     router_lr: Annotated[float, typer.Option(help="Router learning rate.")] = 1e-2,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
     drop_layers: Annotated[int, typer.Option(help="Least important layers the router may drop.")] = 2,
+    keep_attention: Annotated[bool, typer.Option(
+        "--keep-attention/--no-keep-attention", help="Never let the router drop the most important attention "
+        "layer, so every budget keeps one (llama.cpp and transformers' generate() need one).")] = True,
     micro_batches: Annotated[int, typer.Option(
         help="Budgets mixed in every step: the batch is split into this many micro-batches, each with its own "
         "budget (drawn with the stage's weights), gradients accumulated. 0: one per budget.")] = 0,
@@ -168,7 +171,8 @@ def train(
             weights = (0.5, 0.3, 0.2) if len(b) == 3 else tuple(1.0 / len(b) for _ in b)
         cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
                           stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
-                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, micro_batches=micro_batches,
+                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, keep_attention=keep_attention,
+                          micro_batches=micro_batches,
                           per_layer_mamba=per_layer_mamba, budget_tolerance=budget_tolerance, budget_dead_zone=budget_dead_zone,
                           fsdp=fsdp.value,
                           activation_checkpointing=activation_checkpointing, save_every=save_every, seed=seed)

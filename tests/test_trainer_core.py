@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from elastic.slicer.nn.model import load_model
-from elastic.trainer.importance import depth_order, width_importance
+from elastic.trainer.importance import depth_candidates, depth_order, width_importance
 from elastic.trainer.permute import orders, permute_
 
 from conftest import make_hf_checkpoint
@@ -52,6 +52,27 @@ def test_depth_order_removes_least_harmful_first(tmp_path):
     assert len(order) == 3 and len({j for j, _ in order}) == 3
     assert all(err >= 0 for _, err in order)
     assert all(type(b).__name__ == "Block" for b in model.backbone.layers)  # layers restored
+
+
+def test_every_budget_keeps_the_attention_layer_whose_removal_hurts_most(tmp_path):
+    """The depth candidates leave out one attention layer: the one whose removal alone changes the
+    logits most (computed here directly, layer by layer), unless keep_attention is off."""
+    make_hf_checkpoint(tmp_path / "p", hybrid_override_pattern="M*M-*-")
+    model = load_model(tmp_path / "p")
+    data = batches(2)
+    layers = model.backbone.layers
+    with torch.no_grad():
+        full = [model(ids) for ids in data]
+        harm = {}
+        for j in (1, 4):  # the attention layers
+            block = layers[j]
+            layers[j] = torch.nn.Identity()  # a skipped layer: its residual passes through
+            layers[j].forward = lambda x, *a, **k: x
+            harm[j] = sum(float((f - model(ids)).pow(2).sum()) for f, ids in zip(full, data))
+            layers[j] = block
+        kept = max(harm, key=harm.get)
+        assert depth_candidates(model, data) == [i for i in range(6) if i != kept]
+        assert depth_candidates(model, data, keep_attention=False) == list(range(6))
 
 
 @pytest.mark.parametrize("per_layer_mamba", [False, True], ids=["shared", "per_layer"])

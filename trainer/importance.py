@@ -107,6 +107,19 @@ class _Skip(torch.nn.Module):
 
 
 @torch.no_grad()
+def depth_candidates(model: NemotronH, batches: list[torch.Tensor], keep_attention: bool = True) -> list[int]:
+    """The layers the router may drop: all of them, except (``keep_attention``) the attention layer
+    whose removal changes the logits most (ranked by :func:`depth_order` among the attention
+    layers), so that every budget keeps one attention layer."""
+    layers = list(range(len(model.arch.layers)))
+    attention = [i for i in layers if model.arch.layers[i].kind == "attention"]
+    if not keep_attention or not attention:
+        return layers
+    removable = {j for j, _ in depth_order(model, batches, attention, len(attention) - 1)}
+    kept = next(i for i in attention if i not in removable)
+    return [i for i in layers if i != kept]
+
+
 def depth_order(model: NemotronH, batches: list[torch.Tensor], candidates: Iterable[int], steps: int) -> list[tuple[int, float]]:
     """Greedy layer removal: ``steps`` times, remove the candidate whose removal changes the logits
     least (normalized MSE against the full model), recomputed with the earlier removals in place.

@@ -37,7 +37,7 @@ from elastic.slicer.formats.spec import SliceSpec
 from .data import TokenDataset
 from .elastic import (Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params,
                       nested_forward, sample)
-from .importance import depth_order, width_importance
+from .importance import depth_candidates, depth_order, width_importance
 from .permute import orders, permute_
 
 STATE_NAME = "train_state.pt"
@@ -70,6 +70,9 @@ class TrainConfig:
     logit_scale: tuple[float, float] = (1.0, 10.0)  # router logit scale, annealed
     importance_batches: int = 8
     drop_layers: int = 2  # least important layers the router may drop
+    # never a depth candidate: the attention layer whose removal changes the logits most, so every budget
+    # keeps one (llama.cpp aborts on a model without attention; transformers' generate() fails on it)
+    keep_attention: bool = True
     micro_batches: int = 0  # budgets per optimizer step, one per micro-batch (0: one per budget)
     per_layer_mamba: bool = False  # Mamba/attention sizes per layer (transformers-only slices) instead of per budget
     budget_tolerance: float = 0.05  # at the end every resolved budget within this of its target, or the run fails
@@ -99,7 +102,7 @@ CLI_OPTIONS = {
     "budgets": "--budgets", "stage1.steps": "--stage1-steps", "stage1.context": "--stage1-context",
     "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
     "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
-    "drop_layers": "--drop-layers", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba",
+    "drop_layers": "--drop-layers", "keep_attention": "--keep-attention", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba",
     "budget_tolerance": "--budget-tolerance", "budget_dead_zone": "--budget-dead-zone", "fsdp": "--fsdp", "activation_checkpointing": "--activation-checkpointing",
     "save_every": "--save-every", "seed": "--seed",
 }
@@ -471,7 +474,8 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
         calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0].to(device) for _ in range(cfg.importance_batches)]
         scores = width_importance(student, calib)
         permute_(student, orders(student, scores))
-        depth = depth_order(student, calib[:2], candidates=range(arch.num_hidden_layers), steps=cfg.drop_layers)
+        depth = depth_order(student, calib[:2], candidates=depth_candidates(student, calib[:2], cfg.keep_attention),
+                            steps=cfg.drop_layers)
         dims = default_search_space(arch, [j for j, _ in depth], cfg.per_layer_mamba)
         full = SliceSpec.full(arch).to_json(arch)
         ec = ElasticConfig(budgets, dims, {b.name: full for b in budgets})
