@@ -270,19 +270,23 @@ def fit_my_gpu(
         return
     text = f" -> {smoke['text']!r}" if smoke.get("text") is not None else ""
     speed = smoke["tokens_per_s"]
-    runner = "ONNX Runtime" if smoke["backend"] == "onnx" else "PyTorch reference"
+    runner = {"onnx": "ONNX Runtime", "llama.cpp": "llama.cpp"}.get(smoke["backend"], "PyTorch reference")
     lines = [
         "",
         f"{'kept' if fit.slice_reused else 'wrote':<12}{dest}  (budget {p['chosen']}, "
         f"{human_count(result.parameters)} parameters, {_weights_words(chosen)}, {human_bytes(result.bytes_written)}"
         + ("; an earlier run's slice, not written again)" if fit.slice_reused else ")"),
     ]
-    if "out" in exported:
+    if exported.get("format") == "gguf":
+        fell = f"; {len(exported['fallbacks'])} tensor(s) fell back" if exported["fallbacks"] else ""
+        lines.append(f"exported    {exported['file']}  (GGUF {exported['precision']} for llama.cpp, "
+                     f"{human_bytes(exported['bytes'])}{fell})")
+    elif "out" in exported:
         trt = exported.get("tensorrt") or {}
         lines.append(f"exported    {exported['out']}  (ONNX opset {exported.get('opset')}; TensorRT engine "
                      + ("built)" if trt.get("built") else "not built here: run build_engines.sh on the device)"))
     else:
         lines.append(f"export      skipped: {exported['skipped']}")
     lines.append(f"smoke test  {smoke['new_tokens']} tokens{text}, {speed} tokens/s ({runner})")
-    lines.append(f"next        elastic generate {exported.get('out', dest)} \"Hello\"")
+    lines.append(f"next        elastic generate {exported.get('file', exported.get('out', dest))} \"Hello\"")
     typer.echo("\n".join(lines))

@@ -55,13 +55,36 @@ def export_unavailable() -> str | None:
     return None
 
 
-def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None = None):
-    """Export a sliced model into MODEL_DIR/export for the plan's target, context and batch: ONNX
-    graphs, the TensorRT engine or its build script. Returns ``pipeline.ExportResult``.
+def llama_cpp_engine(p: Plan, name: str) -> bool:
+    """Whether budget ``name`` goes to llama.cpp: a CPU target (llama.cpp is the fast engine there),
+    llama-cpp-python installed, a float budget, and a model and tokenizer llama.cpp can hold."""
+    from importlib.util import find_spec
+
+    from elastic.slicer.formats.llama_cpp import gguf_problems, gguf_tokenizer_problem
+
+    if p.target.kind != "cpu" or _quantized(p.budget(name)) or None in (find_spec("gguf"), find_spec("llama_cpp")):
+        return False
+    spec = p.budget(name).spec
+    return not gguf_problems(spec.child_arch(p.checkpoint.arch)) and gguf_tokenizer_problem(p.checkpoint.root) is None
+
+
+def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None = None, budget: str | None = None):
+    """Export a sliced model for the plan's target, context and batch: on a CPU target that
+    llama.cpp runs (:func:`llama_cpp_engine`), a GGUF in MODEL_DIR/gguf (``gguf.GgufResult``);
+    otherwise ONNX graphs and the TensorRT engine or its build script in MODEL_DIR/export
+    (``pipeline.ExportResult``).
 
     Raises:
         MissingDependencyError: the onnx extra is not installed (:func:`export_unavailable` says so first).
     """
+    name = budget or p.chosen
+    if name is not None and llama_cpp_engine(p, name):
+        from elastic.slicer.formats.precision import lookup
+
+        from .gguf import export_gguf
+
+        return export_gguf(model_dir, Path(model_dir) / "gguf", precision=lookup(p.budget(name).dtype).name,
+                           force=True, progress=progress)
     from .pipeline import export_model
 
     return export_model(model_dir, Path(model_dir) / "export", format="all", target=p.target,
@@ -69,11 +92,13 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
 
 
 def smoke(p: Plan, model_dir: str | Path, exported=None) -> dict[str, Any]:
-    """A short greedy generation from what was produced: the exported graphs (an ExportResult)
-    when there are some, else the PyTorch reference (float32 on a CPU target)."""
+    """A short greedy generation from what was produced: the GGUF in llama.cpp or the exported
+    graphs in ONNX Runtime when there are some, else the PyTorch reference (float32 on a CPU target)."""
     if exported is not None:
         from .runtime import generate_text
 
+        if exported.to_json().get("format") == "gguf":
+            return generate_text(exported.file, "Hello", backend="llama.cpp", max_new_tokens=16)
         return generate_text(exported.out, "Hello", backend="onnx", max_new_tokens=16)
     from elastic.slicer.nn.smoke import smoke_test
 
@@ -133,6 +158,8 @@ def _slice_kept(dest: Path, result, reused: bool, reusable: bool, e: ElasticErro
 
 def _export_why(p: Plan, name: str, export: bool) -> str | None:
     """Why fit-my-gpu will not export budget ``name`` (None: it will)."""
+    if export and llama_cpp_engine(p, name):
+        return None  # a GGUF: no ONNX tracing, no engine build
     why = export_unavailable() if export else "export not asked for"
     if why is None and any(layer.kind == "moe" for layer in p.checkpoint.arch.layers):
         why = "elastic export does not trace MoE layers yet; the slice runs in transformers and vLLM"
@@ -164,7 +191,7 @@ def reusable_slice(p: Plan, name: str, dest: Path):
 
     b, ckpt = p.budget(name), p.checkpoint
     files = own_output(dest, "slice")
-    if files is None or _quantized(b) or (dest / "export").exists():
+    if files is None or _quantized(b) or any((dest / d).exists() for d in ("export", "gguf")):
         return None
     try:
         m = json.loads((dest / MANIFEST_NAME).read_text())
@@ -230,7 +257,7 @@ def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = N
     exported = None
     if why is None:
         try:
-            exported = export_planned(p, dest, progress=progress)
+            exported = export_planned(p, dest, progress=progress, budget=name)
         except (ElasticError, OSError) as e:
             raise _slice_kept(dest, result, reused, not _quantized(p.budget(name)), e) from e
     if progress:

@@ -177,7 +177,10 @@ def test_plan_counts_the_export_and_the_engine_build():
 def test_fit_my_gpu_skips_an_export_that_would_not_fit(tmp_path, monkeypatch):
     import elastic.slicer.planning.memory as memory
 
+    import elastic.export.workflow as workflow
+
     monkeypatch.setattr(memory, "EXPORT_FIXED_BYTES", 1 << 50)  # exporting anything needs a petabyte
+    monkeypatch.setattr(workflow, "llama_cpp_engine", lambda p, name: False)  # the ONNX export, not a GGUF
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--target", "cpu", "--out", "m", "--json"])
     assert r.exit_code == 0, r.output

@@ -188,7 +188,7 @@ def test_fit_my_gpu_on_a_full_disk_names_the_slice_it_kept_and_the_rerun_reuses_
     # export and smoke test here: the real ones are tested in test_export.py)
     exports = []
 
-    def fake_export(p, model_dir, progress=None):
+    def fake_export(p, model_dir, progress=None, budget=None):
         with ShardedWriter(Path(model_dir) / "export", force=True, kind="export") as w:
             w.add_text("decode.onnx", "x")
         exports.append(model_dir)

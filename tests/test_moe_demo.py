@@ -1,6 +1,7 @@
 """The bundled MoE demo (slicer/moe_demo_checkpoint, made by `elastic train`, examples/make_moe_demo_checkpoint.py):
 every budget sliced computes what the masked parent computes, and loads in transformers as it is."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -119,8 +120,17 @@ def test_export_refuses_moe_and_fit_my_gpu_says_why(tmp_path):
 
     from elastic.cli.main import app
 
-    r = CliRunner().invoke(app, ["fit-my-gpu", "-c", str(MOE_DEMO), "--target", "cpu", "--out", str(tmp_path / "fit"),
-                                 "--json"])
+    import elastic.export.workflow as workflow
+
+    with pytest.MonkeyPatch.context() as m:  # the ONNX route (no llama.cpp, or a GPU target)
+        m.setattr(workflow, "llama_cpp_engine", lambda p, name: False)
+        r = CliRunner().invoke(app, ["fit-my-gpu", "-c", str(MOE_DEMO), "--target", "cpu", "--out",
+                                     str(tmp_path / "fit"), "--json"])
     assert r.exit_code == 0, r.output
     fit = json.loads(r.stdout)
     assert "MoE" in fit["export"]["skipped"] and fit["smoke"]["new_tokens"] >= 1
+    if importlib.util.find_spec("llama_cpp") is not None:  # on a CPU host llama.cpp runs MoE slices
+        r = CliRunner().invoke(app, ["fit-my-gpu", "-c", str(MOE_DEMO), "--target", "cpu", "--out",
+                                     str(tmp_path / "fit-gguf"), "--json"])
+        fit = json.loads(r.stdout)
+        assert fit["export"]["architecture"] == "nemotron_h_moe" and fit["smoke"]["backend"] == "llama.cpp"

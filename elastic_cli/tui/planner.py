@@ -167,7 +167,7 @@ def run_action(action: str, p, budget: str, out: Path, force: bool, progress) ->
                 smoke_line(fit.smoke)]
     if action == "slice":
         return slice_lines(workflow.slice_planned(p, budget, out, force=force, progress=progress), budget, out)
-    exported = workflow.export_planned(p, out, progress=progress)
+    exported = workflow.export_planned(p, out, progress=progress, budget=budget)
     return [*export_lines(exported.to_json()), smoke_line(workflow.smoke(p, out, exported))]
 
 
@@ -186,6 +186,9 @@ def slice_lines(result, budget: str, out: Path, reused: bool = False) -> list[st
 def export_lines(info: dict) -> list[str]:
     if "out" not in info:
         return [f"export skipped: {info['skipped']}"]
+    if info.get("format") == "gguf":
+        return [f"exported {info['file']} (GGUF {info['precision']} for llama.cpp, {human_bytes(info['bytes'])})",
+                f"next: {info['next']}"]
     trt = info.get("tensorrt") or {}
     settings = trt.get("settings") or {}
     return [f"exported {info['out']} (ONNX opset {info.get('opset')})",
