@@ -14,7 +14,8 @@ from .common import CheckpointOpt, JsonOpt, boundary, one_checkpoint, print_json
 
 def eval_(
     model_dir: Annotated[Optional[Path], typer.Argument(help="A model directory: a slice (float or quantized) or an "
-                                                        "elastic checkpoint (or -c; default: see --checkpoint).",
+                                                        "elastic checkpoint (or -c; default: see --checkpoint); or a "
+                                                        ".gguf file, run by llama.cpp.",
                                                         show_default=False)] = None,
     checkpoint: CheckpointOpt = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens predicted per window.", min=1)] = 256,
@@ -40,6 +41,8 @@ def eval_(
       elastic eval ./model-50-int4 --max-windows 32
 
       elastic eval ./model-50 --json | jq .perplexity
+
+      elastic eval ./model-75-gguf/model-q4_k_m.gguf --max-windows 32
     """
     from elastic.slicer.planning.describe import default_checkpoint
     from elastic.slicer.quant.evaluate import perplexity
@@ -47,8 +50,14 @@ def eval_(
     with boundary(json_out):
         path = one_checkpoint(model_dir, checkpoint) or default_checkpoint()
         with _windows_bar(f"evaluating {path}", enabled=not json_out) as advance:
-            r = perplexity(path, seq_len=seq_len, max_windows=max_windows, max_tokens=max_tokens,
-                           batch_size=batch_size, progress=advance)
+            if Path(path).suffix == ".gguf":  # llama.cpp itself, on the same windows
+                from elastic.export.llama_runtime import perplexity_gguf
+
+                r = perplexity_gguf(path, seq_len=seq_len, max_windows=max_windows, max_tokens=max_tokens,
+                                    progress=advance)
+            else:
+                r = perplexity(path, seq_len=seq_len, max_windows=max_windows, max_tokens=max_tokens,
+                               batch_size=batch_size, progress=advance)
     if json_out:
         print_json(r.to_json())
         return

@@ -32,13 +32,13 @@ class LlamaCppModel:
 
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, threads: int | None = None):
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False):
         llama_cpp = require_llama_cpp()
         silence_llama_cpp(llama_cpp)
         self.llama_cpp, self.path = llama_cpp, Path(path)
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_batch=512,
-                                       verbose=False)
+                                       logits_all=logits_all, verbose=False)
         except ValueError as e:  # llama-cpp-python's words for a file llama.cpp refused
             raise ElasticError(f"llama.cpp cannot load this GGUF ({e}); ELASTIC_DEBUG=1 shows llama.cpp's log",
                                path=str(self.path)) from None
@@ -105,3 +105,59 @@ def generate_gguf(path: str | Path, prompt: str, *, max_new_tokens: int = 32, th
     tok = model.tokenizer()
     return run(model, tok, prompt, max_new_tokens, eos_token_id=tok.eos_id, max_context=model.max_context,
                on_text=on_text, path=str(gguf))
+
+
+def perplexity_gguf(path: str | Path, *, seq_len: int = 256, max_windows: int | None = None,
+                    max_tokens: int | None = None, threads: int | None = None, progress=None):
+    """Perplexity of a GGUF run by llama.cpp on the held-out text (the windows ``elastic eval`` uses,
+    tokenized by llama.cpp's own tokenizer): the same :class:`~elastic.slicer.quant.evaluate.EvalResult`
+    as the reference model's, so a GGUF precision compares with its slice.
+
+    Raises:
+        ElasticError: no GGUF at ``path``, llama.cpp refuses it, or the logits are not finite.
+    """
+    import math
+    import time
+
+    import numpy as np
+
+    from elastic.slicer.quant.evaluate import EvalResult
+    from elastic.slicer.quant.text import heldout_windows
+
+    t0 = time.perf_counter()
+    file = find_gguf(path)
+    if file is None:
+        raise ElasticError("no .gguf file here: write one with `elastic export DIR --format gguf --out DIR`",
+                           path=str(path))
+    model = LlamaCppModel(file, n_ctx=seq_len + 1, threads=threads, logits_all=True)
+    windows, corpus = heldout_windows(model.tokenizer(), seq_len, max_windows, max_tokens)
+    nll, n = 0.0, 0
+    for k, w in enumerate(windows):
+        ids = w.tolist()
+        model.llm.reset()
+        model.llm.eval(ids[:-1])
+        logits = np.asarray(model.llm.scores[: len(ids) - 1], dtype=np.float64)  # (seq_len, vocab)
+        top = logits.max(axis=1, keepdims=True)
+        logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
+        nll += float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+        n += len(ids) - 1
+        if progress:
+            progress("eval", k + 1, len(windows))
+    mean = nll / n
+    if not math.isfinite(mean):
+        raise ElasticError("llama.cpp produced non-finite logits on the held-out text", path=str(file))
+    precision = gguf_precision(file, model.llama_cpp)
+    return EvalResult(str(file), precision, math.exp(mean), mean, n, len(windows), seq_len, corpus.to_json(),
+                      time.perf_counter() - t0)
+
+
+def gguf_precision(file: Path, llama_cpp) -> str:
+    """The precision a GGUF was written in, by its ``general.file_type`` (llama.cpp's LLAMA_FTYPE_*)."""
+    from elastic.slicer.formats.precision import GGUF
+
+    from .gguf import gguf_name, require_gguf
+
+    field = require_gguf().GGUFReader(file).fields.get("general.file_type")
+    ftype = int(field.contents()) if field is not None else None
+    return next((gguf_name(p) for p in GGUF if getattr(llama_cpp, f"LLAMA_FTYPE_{p.gguf_ftype}", None) == ftype),
+                "gguf")

@@ -142,3 +142,23 @@ def test_llama_cpp_quantizes_and_says_what_fell_back(slices, tmp_path, llama, pr
         assert all(tensors[n].tensor_type.name == t for n, t in res.fallbacks.items())
     out = generate_text(res.file, PROMPT, max_new_tokens=8)
     assert out["backend"] == "llama.cpp" and out["new_tokens"] == 8 and out["text"]
+
+
+def test_llama_cpp_perplexity_of_an_f32_gguf_equals_the_reference_models(slices, tmp_path, llama):
+    """The same held-out windows through llama.cpp and through the PyTorch reference: f32 agrees to
+    float rounding; q8_0 costs a little (llama.cpp's own quantizer), and `elastic eval` takes a GGUF."""
+    from typer.testing import CliRunner
+
+    from elastic.cli.main import app
+    from elastic.export.llama_runtime import perplexity_gguf
+    from elastic.slicer.quant.evaluate import perplexity
+
+    ref = perplexity(slices["100"], max_windows=3)
+    f32 = perplexity_gguf(export_gguf(slices["100"], tmp_path / "f32", precision="f32").file, max_windows=3)
+    assert f32.tokens == ref.tokens and f32.precision == "f32"
+    assert abs(f32.nll - ref.nll) < 1e-4 * ref.nll
+    q8 = export_gguf(slices["100"], tmp_path / "q8", precision="q8_0").file
+    r = CliRunner().invoke(app, ["eval", str(q8), "--max-windows", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["precision"] == "q8_0" and abs(got["nll"] - ref.nll) < 0.05 * ref.nll
