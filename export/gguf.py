@@ -127,7 +127,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, precision: str | None
                        kind="gguf") as w:
         float_p = want if want.gguf_ftype in ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16") else _intermediate(ckpt)
         first = w.tmp / (name if float_p is want else f".float-{gguf_name(float_p)}.gguf")
-        write_float_gguf(ckpt, first, float_p, vocab, checkpoint_source(ckpt), gguf, say)
+        write_float_gguf(ckpt, first, float_p, vocab, checkpoint_source(ckpt, fold_smoothing=True), gguf, say)
         if float_p is not want:
             say(f"llama.cpp quantizing to {gguf_name(want)}", 0, None)
             quantize_gguf(first, w.tmp / name, want)

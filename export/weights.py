@@ -47,12 +47,18 @@ class Placement:
     shape: tuple[int, ...]
 
 
-def checkpoint_source(ckpt) -> Callable[[str], Any]:
+def checkpoint_source(ckpt, fold_smoothing: bool = False) -> Callable[[str], Any]:
     """``get(param_name) -> torch.Tensor`` for the reference model's parameters, one at a time.
 
     A float checkpoint is read tensor by tensor (a tied ``lm_head.weight`` is the embeddings). In a
     quantized one the unquantized tensors are read the same way and a quantized Linear's weight is
     dequantized from its own tensors alone (``elastic.slicer.quant.dequant``), one Linear at a time.
+
+    Args:
+        fold_smoothing: for a runtime that feeds the Linear its input unchanged (llama.cpp): fold
+            the input's smoothing (SmoothQuant / AWQ ``pre_quant_scale``, which the quantized graph
+            applies to the activations) into the weight's input columns, so ``x @ W.T`` is what the
+            quantized model computes before its activation rounding.
     """
     q = ckpt.quant
 
@@ -63,7 +69,10 @@ def checkpoint_source(ckpt) -> Callable[[str], Any]:
         if q is not None and name.endswith(".weight") and f"{module}.weight_scale" in ckpt.tensors:
             from elastic.slicer.quant.dequant import dequantize_module
 
-            return dequantize_module(ckpt, module)[0]
+            w, inp = dequantize_module(ckpt, module)
+            if fold_smoothing and inp is not None and inp.pre_quant_scale is not None:
+                w = w * inp.pre_quant_scale.float()[None, :]  # (out, in) * (1, in)
+            return w
         return ckpt.read(name)
 
     return get

@@ -162,3 +162,20 @@ def test_llama_cpp_perplexity_of_an_f32_gguf_equals_the_reference_models(slices,
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert got["precision"] == "q8_0" and abs(got["nll"] - ref.nll) < 0.05 * ref.nll
+
+
+def test_a_smoothquant_slice_keeps_its_smoothing_in_the_gguf(slices, tmp_path, llama):
+    """SmoothQuant divides each input channel by its smoothing factor and the quantized graph
+    multiplies the activations back (pre_quant_scale); llama.cpp feeds the Linear its input
+    unchanged, so the GGUF's weight must carry the factor: the int8 slice's perplexity in llama.cpp
+    stays with the float slice's (it was 187 against 6.84 without the fold)."""
+    pytest.importorskip("modelopt", reason="nvidia-modelopt makes the int8 slice")
+    from elastic.export.llama_runtime import perplexity_gguf
+    from elastic.slicer.quant.evaluate import perplexity
+    from elastic.slicer.quant.quantize import slice_and_quantize
+
+    int8 = slice_and_quantize(Checkpoint.open(DEMO_CHECKPOINT, require_weights=True), tmp_path / "int8", "int8",
+                              budget="100%", samples=4, seq_len=64).out
+    ref = perplexity(slices["100"], max_windows=3)
+    got = perplexity_gguf(export_gguf(int8, tmp_path / "g", precision="f32").file, max_windows=3)
+    assert abs(got.nll - ref.nll) < 0.02 * ref.nll, (got.perplexity, ref.perplexity)
