@@ -8,3 +8,13 @@ ENGINE_META, SCRIPT = "engine_meta.json", "build_engines.sh"
 ENGINES = {PREFILL: "prefill.engine", DECODE: "decode.engine"}
 PAST, PRESENT = "past_", "present_"  # graph input / output prefixes of the state tensors
 DYNAMIC_DIMS = ("batch", "seq", "past")  # names of the dynamic axes in both graphs
+
+# graph initializer names: the graph wrappers hold the reference model as ``.model``; a Linear weight
+# stored transposed (as the graphs' MatMuls read it) carries a suffix
+PARAM_PREFIX = "model."
+TRANSPOSED = ".T"
+
+
+def param_of(name: str) -> tuple[str, bool]:
+    """The reference model's parameter a graph initializer holds, and whether it holds it transposed."""
+    return name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED), name.endswith(TRANSPOSED)

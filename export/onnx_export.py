@@ -28,7 +28,7 @@ from elastic.slicer.errors import ElasticError
 from elastic.slicer.nn.model import NemotronH
 
 from .graphs import DecodeGraph, PrefillGraph, state_tensors
-from .layout import DECODE, PAST, PREFILL, PRESENT, WEIGHTS
+from .layout import DECODE, PAST, PARAM_PREFIX, PREFILL, PRESENT, TRANSPOSED, WEIGHTS, param_of
 
 # TensorRT 10.x's parser takes opsets 9..20 (onnx-tensorrt docs/operators.md); 18 is the opset
 # torch's dynamo exporter emits natively (no version conversion) and predates ops TensorRT 10.3
@@ -100,14 +100,6 @@ def _export_one(module: torch.nn.Module, args: tuple, names: dict[str, list[str]
 
 
 FOLD_LIMIT = 256  # elements: parameters up to this size may be folded into graph constants (A_log, D, ...)
-PARAM_PREFIX = "model."  # the graph wrappers hold the reference model as ``.model``
-TRANSPOSED = ".T"  # suffix of an initializer that holds a parameter transposed
-
-
-def param_of(name: str) -> tuple[str, bool]:
-    """The reference model's parameter a graph initializer holds, and whether it holds it transposed."""
-    return name.removeprefix(PARAM_PREFIX).removesuffix(TRANSPOSED), name.endswith(TRANSPOSED)
-
 
 def _fold_weight_transposes(graph) -> None:
     """``Transpose(W, perm=[1, 0])`` of a parameter W becomes an initializer ``W.T`` stored transposed

@@ -35,7 +35,7 @@ def shared_model(arch, views: dict[str, np.ndarray], get, dtype: torch.dtype) ->
 
     from elastic.slicer.nn.model import build_model
 
-    from .onnx_export import param_of
+    from .layout import param_of
 
     model = build_model(arch, dtype=dtype, device="meta")
     params = dict(model.named_parameters())

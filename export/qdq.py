@@ -107,8 +107,7 @@ def rewrite(graph, q: QdqPlan) -> set[str]:
     """
     import onnx_ir as ir
 
-    from .layout import WEIGHTS
-    from .onnx_export import TRANSPOSED
+    from .layout import TRANSPOSED, WEIGHTS
 
     float_type = ir.DataType.FLOAT16 if str(q.dtype).endswith("float16") else ir.DataType.FLOAT
     wtype = getattr(ir.DataType, q.weight_type)

@@ -161,7 +161,7 @@ def verify_weights(views: dict[str, Any], get: Callable[[str], Any], dtype) -> l
 
     import torch
 
-    from .onnx_export import param_of
+    from .layout import param_of
 
     bad = []
     with warnings.catch_warnings():

@@ -48,8 +48,8 @@ def tui(checkpoint: CheckpointOpt = None, target: TargetOpt = None) -> None:
       elastic tui -c ./Nemotron-Elastic-12B --target orin-nano-8gb
     """
     with boundary():
+        app = build_app(checkpoint, target)  # bad input is said first, as `elastic plan` says it
         _require_terminal()
-        app = build_app(checkpoint, target)
     app.run()
 
 

@@ -19,7 +19,7 @@ from textual.widgets import Footer, Input, Label, ProgressBar, RichLog, Select, 
 from elastic.slicer.errors import ElasticError
 
 from ..common import debug
-from . import planner as pl
+import elastic.cli.tui.planner as pl  # the module, not its names: tests patch them there
 from .widgets import BudgetTable, Controls
 
 

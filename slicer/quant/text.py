@@ -1,5 +1,5 @@
 """Bundled text for calibration and evaluation: the Python standard-library documents the demo
-checkpoint was trained on (``elastic.trainer.data.stdlib_corpus``, no download), split as
+checkpoint was trained on (``elastic.slicer.corpus.stdlib_corpus``, no download), split as
 ``elastic train`` split them (``is_val_document``: a hash of each document's content).
 
 Calibration takes the train split only; evaluation takes the held-out split only, so a
@@ -45,8 +45,7 @@ class CorpusInfo:
 
 def documents(split: str) -> list[str]:
     """The documents of one split ("train" or "val"), in corpus order."""
-    # slicer sits below trainer; the corpus and its split rule live there, one place for both
-    from elastic.trainer.data import is_val_document, iter_texts, stdlib_corpus
+    from elastic.slicer.corpus import is_val_document, iter_texts, stdlib_corpus
 
     if split not in ("train", "val"):
         raise ValueError(split)
