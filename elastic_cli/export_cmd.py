@@ -1,4 +1,5 @@
-"""``elastic export``: ONNX graphs, TensorRT engines or their build script, or a GGUF for llama.cpp."""
+"""``elastic export``: ONNX Runtime graphs (and a trtexec script), a GGUF for llama.cpp, or a TensorRT
+Edge-LLM bundle for a Jetson."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elastic.slicer.formats.precision import AUTO, ENGINES, GGUF, WEIGHTS
+from elastic.slicer.formats.precision import AUTO, ENGINES, GGUF, QUANTIZED, WEIGHTS
 
 from .common import (JsonOpt, boundary, canonical_precision, human_bytes, one_checkpoint, precision_choice,
                      print_json, progress_bar)
@@ -19,10 +20,12 @@ class Format(str, Enum):
     tensorrt = "tensorrt"
     all = "all"
     gguf = "gguf"
+    edgellm = "edgellm"
 
 
-# TensorRT's precisions for the engines, llama.cpp's for a GGUF (the library refuses one the format lacks)
-EnginePrecision = precision_choice("EnginePrecision", tuple(dict.fromkeys(ENGINES + GGUF)), AUTO)
+# TensorRT's precisions for trtexec, llama.cpp's for a GGUF, Edge-LLM's (Model Optimizer's quantized
+# formats) for a bundle: the library refuses one the format or the device lacks
+EnginePrecision = precision_choice("EnginePrecision", tuple(dict.fromkeys(ENGINES + GGUF + QUANTIZED)), AUTO)
 GraphDType = precision_choice("GraphDType", WEIGHTS)  # the library says why bfloat16 graphs are refused
 
 
@@ -38,20 +41,28 @@ def export(
                                                        "option.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (must not exist unless "
                                                 "--force).", show_default=False)] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="onnx: graphs only; tensorrt: graphs + engines "
-                                        "(or build_engines.sh where TensorRT is absent); all: both, and the "
-                                        "script even when engines were built; gguf: one GGUF file for llama.cpp "
-                                        "(pip install -e \".\\[gguf]\").")] = Format.onnx,
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Device profile for the engine build "
-                                                  "(see `elastic profiles`). Default: this machine.",
-                                                  show_default=False)] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="onnx: elastic's own ONNX Runtime graphs (prefill/"
+                                        "decode with explicit state; `elastic generate --backend onnx` runs them); "
+                                        "tensorrt: the same graphs plus a trtexec script (trtexec engines of these "
+                                        "graphs where TensorRT and a GPU are here; no deployment runtime loads "
+                                        "them); all: both; gguf: one GGUF file for llama.cpp (pip install -e "
+                                        "\".\\[gguf]\"); edgellm: a TensorRT Edge-LLM bundle for a Jetson Orin / "
+                                        "Thor (--target): Edge-LLM's own ONNX and the commands that build and run "
+                                        "its TensorRT engine there (its exporter in .venv-edgellm, see README).")]
+    = Format.onnx,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Device profile (see `elastic "
+                                                  "profiles`): the trtexec settings, or the Jetson of an edgellm "
+                                                  "bundle. Default: this machine.", show_default=False)] = None,
     gpu: Annotated[Optional[int], typer.Option("--gpu", help="Which GPU when there are several (default: most "
                                                "free memory).", show_default=False)] = None,
     precision: Annotated[EnginePrecision, typer.Option("--precision", case_sensitive=False,
-                                           help="TensorRT precision: auto (bf16 where the device has it, else "
+                                           help="trtexec precision: auto (bf16 where the device has it, else "
                                            "fp16), or any spelling of bfloat16, float16, float32. GGUF: f32, f16, "
                                            "bf16, or llama.cpp's q8_0, q6_k, q5_k_m, q4_k_m (made by llama.cpp's "
-                                           "quantizer); auto: the slice's own float dtype.")] = EnginePrecision(AUTO),
+                                           "quantizer); auto: the slice's own float dtype. edgellm: auto (fp16, or "
+                                           "the model's own quantized format), fp16, or what Edge-LLM runs on the "
+                                           "Jetson: int4 (AWQ, group 128), int8, fp8, nvfp4 (Model Optimizer; "
+                                           "MoE needs nvfp4).")] = EnginePrecision(AUTO),
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.", min=1)] = 1,
     context: Annotated[int, typer.Option("--context", help="Longest sequence (prompt + output) the engines "
                                          "accept.", min=2)] = 4096,
@@ -67,11 +78,20 @@ def export(
     check_only: Annotated[bool, typer.Option("--check-only", help="Only check the graphs' operators against "
                                              "TensorRT's ONNX parser; write nothing. Exit code 1 when an "
                                              "operator is unsupported.")] = False,
+    chat_template: Annotated[Optional[Path], typer.Option("--chat-template", show_default=False,
+                                                          help="edgellm: a Jinja chat template for a model that "
+                                                          "has none (Edge-LLM needs one; default: a plain "
+                                                          "'role: content' template).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export a dense model for an edge runtime: ONNX prefill/decode graphs with explicit state, a
-    TensorRT operator check, parity with PyTorch, and TensorRT engines (or a trtexec script).
+    """Export a dense model for an edge runtime.
+
+    onnx / tensorrt / all: elastic's own ONNX Runtime graphs (prefill/decode with explicit state),
+    a TensorRT operator check, parity with PyTorch, and a trtexec script for them. gguf: a GGUF for
+    llama.cpp. edgellm: a bundle for NVIDIA TensorRT Edge-LLM on a Jetson Orin or Thor, the TensorRT
+    engine for Jetson: the model padded to one width per layer kind, exported by Edge-LLM's own
+    exporter, with the commands that build and run its engine on the device.
 
     Written to a temporary directory and renamed when complete: a failed run leaves nothing under --out.
 
@@ -79,7 +99,7 @@ def export(
 
       elastic export ./model-50 --out ./model-50-onnx
 
-      elastic export ./model-50 --out ./model-50-trt --format all --target orin-nano-8gb
+      elastic export ./model-50 --out ./model-50-edgellm --format edgellm --target orin-nx-16gb
 
       elastic export ./model-75 --out ./model-75-gguf --format gguf --precision q4_k_m
 
@@ -89,6 +109,9 @@ def export(
         model_dir = one_checkpoint(model_dir, checkpoint, required=True)
         if fmt is Format.gguf:
             gguf = _export_gguf(model_dir, out, precision, force, check_only, not json_out)
+        elif fmt is Format.edgellm:
+            bundle = _export_edgellm(model_dir, out, target, precision, max_batch, context, chat_template, force,
+                                     check_only, not json_out)
         elif check_only:
             from elastic.export.pipeline import check_only as run_check
 
@@ -107,11 +130,12 @@ def export(
                                    precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
                                    max_context=context, dtype=canonical_precision(dtype, WEIGHTS), opset=opset,
                                    parity=parity, force=force, progress=_stage(not json_out)).to_json()
-    if fmt is Format.gguf:
+    if fmt in (Format.gguf, Format.edgellm):
+        result = gguf if fmt is Format.gguf else bundle
         if json_out:
-            print_json(gguf)
+            print_json(result)
         else:
-            typer.echo("\n".join(_gguf_lines(gguf)))
+            typer.echo("\n".join((_gguf_lines if fmt is Format.gguf else _edgellm_lines)(result)))
         return
     if check_only:
         if json_out:
@@ -138,6 +162,45 @@ def _export_gguf(model_dir: Path, out: Path | None, precision, force: bool, chec
     p = canonical_precision(precision, GGUF, AUTO)
     with progress_bar(f"GGUF to {out}", enabled=show) as advance:
         return export_gguf(model_dir, out, precision=None if p == AUTO else p, force=force, progress=advance).to_json()
+
+
+def _export_edgellm(model_dir: Path, out: Path | None, target, precision, max_batch: int, context: int,
+                    chat_template: Path | None, force: bool, check_only: bool, show: bool) -> dict:
+    from elastic.export.edgellm import export_edgellm
+    from elastic.slicer.errors import ElasticError
+
+    if check_only:
+        raise ElasticError("--check-only checks elastic's ONNX graphs against TensorRT; an Edge-LLM bundle is "
+                           "checked by Edge-LLM's exporter (leave out --check-only)")
+    if out is None:
+        raise ElasticError("--out is required: the directory the Edge-LLM bundle is written to")
+    with progress_bar(f"Edge-LLM bundle to {out}", enabled=show) as advance:
+        return export_edgellm(model_dir, out, target=target, precision=getattr(precision, "value", precision),
+                              max_batch=max_batch, max_context=context, chat_template=chat_template, force=force,
+                              progress=advance).to_json()
+
+
+def _edgellm_lines(b: dict) -> list[str]:
+    from elastic.export.edgellm_readme import commands
+    from .slice_cmd import form_lines
+
+    d, cfg = b["device"], b["edgellm"]["config"]
+    lines = [f"wrote {b['out']}  (TensorRT Edge-LLM {b['edgellm']['version']} bundle for {d['name']}, "
+             f"{d['platform']}, {b['precision']})",
+             "edge-llm  " + ", ".join(f"{k} {v}" for k, v in cfg.items() if k in (
+                 "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_layers",
+                 "num_linear_attn_layers")),
+             *form_lines(b["form"])]
+    t = b["chat_template"]
+    if t["source"] == "elastic":
+        lines.append("chat template: the model has none; elastic added a plain 'role: content' template "
+                     "(Edge-LLM needs one; give the model's own with --chat-template)")
+    lines += [f"warning: {w}" for w in b["warnings"] if not w.startswith("the model has no chat template")]
+    c = commands(b, f"~/{Path(b['out']).name}")
+    lines += ["next, on the Jetson (see README.md there: copy, check, build the runtime once):",
+              *("  " + line for line in c["build_engine"].splitlines()),
+              *("  " + line for line in c["run"].splitlines())]
+    return lines
 
 
 def _gguf_lines(g: dict) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from elastic.slicer.formats.padding import ONE_WIDTH_RUNTIMES, RUNTIMES
 from elastic.slicer.formats.precision import KEEP, QUANTIZED, WEIGHTS
 
 from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
@@ -14,6 +16,15 @@ from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, huma
 
 SliceDType = precision_choice("SliceDType", WEIGHTS, KEEP)
 SlicePrecision = precision_choice("SlicePrecision", WEIGHTS + QUANTIZED)
+
+
+class Form(str, Enum):
+    auto = "auto"
+    stock = "stock"
+    puzzle = "puzzle"
+
+
+Runtime = Enum("Runtime", {r: r for r in RUNTIMES}, type=str)
 
 
 def slice_(
@@ -36,6 +47,17 @@ def slice_(
         help="A float precision (as --dtype), or a quantized one made with NVIDIA Model Optimizer: fp8, int8 "
         "(SmoothQuant W8A8), int8_wo, int4 (AWQ), nvfp4; calibrated on bundled text "
         "(pip install 'elastic\\[modelopt]').")] = None,
+    form: Annotated[Form, typer.Option("--form", case_sensitive=False, help="stock: one size per layer kind, every "
+                                       "MLP width (and attention head count) zero-padded to the largest, a stock "
+                                       "nemotron_h every runtime loads (exact: relu2(0) = 0); per-layer Mamba sizes "
+                                       "cannot be padded and are refused. puzzle: as cut (NVIDIA's Puzzle form for "
+                                       "per-layer MLP widths). auto: stock when --runtime takes one MLP width ("
+                                       + ", ".join(ONE_WIDTH_RUNTIMES) + "), else puzzle.")] = Form.auto,
+    pad_multiple: Annotated[Optional[int], typer.Option("--pad-multiple", min=1, show_default=False,
+                                                        help="Round every MLP width up to a multiple of this "
+                                                        "(128: int4 AWQ's group), with zeros.")] = None,
+    runtime: Annotated[Optional[Runtime], typer.Option("--runtime", case_sensitive=False, show_default=False,
+                                                       help="The runtime the slice is for (decides --form auto).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -58,6 +80,8 @@ def slice_(
 
       elastic slice -c ./Nemotron-Elastic-12B --budget 6B --precision int4 --out ./model-6B-int4
 
+      elastic slice --budget 50% --form stock --pad-multiple 128 --out ./model-50-stock
+
       elastic slice -c ./dense-model --spec spec.json --out ./pruned --json
     """
     from elastic.slicer.storage.reader import Checkpoint
@@ -72,15 +96,16 @@ def slice_(
             require_modelopt()  # refused before the checkpoint is read
             require_device(quantized_precision(quantized))
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
+        shape = {"form": form.value, "pad_multiple": pad_multiple, "runtime": runtime.value if runtime else None}
         with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
             if quantized is None:
                 result = slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,
-                                          progress=advance)
+                                          progress=advance, **shape)
             else:
                 from elastic.slicer.quant.quantize import slice_and_quantize
 
                 result = slice_and_quantize(ckpt, out, quantized, budget=budget, spec=spec, dtype=dtype_name,
-                                            force=force, progress=advance)
+                                            force=force, progress=advance, **shape)
     m = result.manifest
     if json_out:
         print_json(result.to_json())
@@ -97,7 +122,8 @@ def slice_(
                 f"{human_bytes(result.weights_bytes)}, {human_bytes(result.bytes_written)} in all)\n"
                 f"quantized with {q['tool']} {q['modelopt_config']}, calibrated on {q['calibration']['windows']} x "
                 f"{q['calibration']['seq_len']} tokens of train-split standard-library text")
-    lines = [head, f"layers  {m['layer_pattern']}", "loads in:", *runtime_lines(m["runtimes"])]
+    lines = [head, f"layers  {m['layer_pattern']}", *form_lines(m.get("form")), "loads in:",
+             *runtime_lines(m["runtimes"])]
     lines += [f"warning: {w}" for w in m.get("warnings", [])]
     lines.append(f"next:   elastic inspect {result.out}" if quantized is None else
                  f"next:   elastic eval {result.out}    elastic generate {result.out} \"Hello\"")
@@ -120,3 +146,17 @@ def _precisions(precision, dtype) -> tuple[str | None, str | None]:
     if dtype_name not in (None, p.name):
         raise ConfigError(f"--precision {p.name} and --dtype {dtype_name} say two things; give one")
     return None, p.name
+
+
+def form_lines(form: dict | None) -> list[str]:
+    """The manifest's ``form`` in words: the config form written and each padded size with its cost."""
+    if not form:
+        return []
+    if not form["padding"]:
+        return [f"form    {form['config_form']} (no padding)"]
+    pads = ", ".join(f"layer {p['layer']} {p['field']} {p['from']} -> {p['to']}" for p in form["padding"][:6])
+    more = f" and {len(form['padding']) - 6} more" if len(form["padding"]) > 6 else ""
+    c = form["cost"]
+    return [f"form    {form['config_form']} (was {form['compact_config_form']}), zero-padded: {pads}{more}",
+            f"        padding costs {human_count(c['parameters'])} parameters, {human_bytes(c['bytes'])} "
+            f"({c['fraction']:.1%} of the compact slice), all zeros"]

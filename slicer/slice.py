@@ -33,6 +33,7 @@ from elastic.slicer.formats.tokenizer import missing_tokenizer
 from elastic.slicer.errors import CheckpointError, ConfigError
 from elastic.slicer.formats.rules import TensorRule, tensor_rules
 from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
+from elastic.slicer.formats.padding import portable_form
 from elastic.slicer.formats.spec import SliceSpec
 
 MANIFEST_NAME = "slice_manifest.json"
@@ -53,10 +54,12 @@ class SliceResult:
 
     def to_json(self) -> dict[str, Any]:
         """`elastic slice --json`: ``out``, ``parameters``, ``bytes_written``, ``budget``, ``dtype``,
-        ``layer_pattern``, ``homogeneous``, ``runtimes``, ``warnings``."""
+        ``layer_pattern``, ``homogeneous``, ``runtimes``, ``warnings``, ``form`` (the form written and
+        its padding: ``elastic.slicer.formats.padding.Portable.to_json``)."""
         m = self.manifest
         return {"out": str(self.out), "parameters": self.parameters, "bytes_written": self.bytes_written,
-                **{k: m[k] for k in ("budget", "dtype", "layer_pattern", "homogeneous", "runtimes", "warnings")}}
+                **{k: m[k] for k in ("budget", "dtype", "layer_pattern", "homogeneous", "runtimes", "warnings")},
+                "form": m.get("form")}
 
 
 def parse_dtype(name: str | None) -> str | None:
@@ -165,6 +168,9 @@ def slice_checkpoint(
     max_shard_bytes: int = 5 * 10**9,
     progress: Callable[[str, int, int | None], None] | None = None,
     resolved: tuple[SliceSpec, str] | None = None,
+    form: str = "auto",
+    pad_multiple: int | None = None,
+    runtime: str | None = None,
 ) -> SliceResult:
     """Slice ``source`` along a budget (elastic checkpoints) or a spec (any nemotron_h checkpoint).
 
@@ -179,11 +185,19 @@ def slice_checkpoint(
         progress: called as ``progress("slice", bytes_done, bytes_total)`` while tensors are written
             (the one progress protocol: stage, done, total or None).
         resolved: the (spec, where it came from) a plan already resolved for ``budget``.
+        form: "puzzle" writes the slice as cut (stock config when homogeneous, NVIDIA's Puzzle form
+            for per-layer MLP widths, elastic's extension for per-layer Mamba/attention sizes);
+            "stock" zero-pads every MLP / MoE width and attention head count to the largest of its
+            kind, a stock ``nemotron_h`` any runtime loads (exact: ``elastic.slicer.formats.padding``);
+            "auto": stock when ``runtime`` takes one MLP width, else puzzle.
+        pad_multiple: round the MLP / MoE widths up to a multiple of this (128: int4 AWQ's group).
+        runtime: the runtime the slice is for ("edgellm", "tensorrt-llm", "sglang", "vllm", ...).
 
     Raises:
         ConfigError: not elastic, unknown budget, invalid spec or dtype; for a quantized source, a
             kept range that cuts through a packed byte or a scale block (NVFP4's 16-element blocks,
-            AWQ's groups and row pairs).
+            AWQ's groups and row pairs); a form that cannot hold the slice exactly (stock with
+            per-layer Mamba sizes; padding a quantized source).
         CheckpointError: broken source, output exists, a read failed mid-run.
         DiskFullError: the slice does not fit on the output's disk (refused before writing when
             the free space says so; else when the disk fills up), with its size and the free space.
@@ -195,9 +209,13 @@ def slice_checkpoint(
     # a plan hands its resolved (spec, source) down with the budget's name: nothing is resolved twice
     chosen, spec_source = resolved if resolved is not None else choose_spec(ckpt, budget, spec)
     code = parse_dtype(dtype)
-    parent, child = ckpt.arch, chosen.child_arch(ckpt.arch)
+    parent, compact = ckpt.arch, chosen.child_arch(ckpt.arch)
     rules = tensor_rules(parent, chosen)
-    assert {r.name: r.shape for r in rules} == child.tensor_shapes(), "slicing rules disagree with the child layout"
+    assert {r.name: r.shape for r in rules} == compact.tensor_shapes(), "slicing rules disagree with the child layout"
+    # the form it is written in: padded to one size per kind where asked (refused before any work)
+    port = portable_form(compact, form, pad_multiple, runtime, quantized=ckpt.quant is not None)
+    child = port.arch
+    assert {r.name: port.shape(r.name, r.shape) for r in rules} == child.tensor_shapes(), "padding disagrees"
     config = child.to_config()
     quant = None
     if ckpt.quant is not None:  # packed weights and scales: cut at their own resolution, never cast
@@ -205,7 +223,7 @@ def slice_checkpoint(
 
         quant = plan_quantized(ckpt, rules, chosen)  # refuses a cut through a block before anything is written
         rules = list(quant.rules)
-        assert _quantized_shapes_agree(quant, child), "quantized slicing rules disagree with the child layout"
+        assert _quantized_shapes_agree(quant, compact), "quantized slicing rules disagree with the child layout"
         if quant.quantization_config is not None:
             config["quantization_config"] = quant.quantization_config
     codes = {r.name: None if quant is not None and r.name in quant.stored else code for r in rules}
@@ -214,7 +232,8 @@ def slice_checkpoint(
     if "torch_dtype" in config:
         config["torch_dtype"] = out_dtype
 
-    total = sum(_nbytes(r, ckpt, codes[r.name]) for r in rules)
+    shapes = {r.name: port.shape(r.name, r.shape) for r in rules}
+    total = sum(math.prod(shapes[r.name]) * DTYPES[codes[r.name] or ckpt.tensors[r.source].dtype][1] for r in rules)
     done = [0]
 
     def advance(n: int) -> None:
@@ -223,8 +242,8 @@ def slice_checkpoint(
             progress("slice", done[0], total)
 
     out_tensors = [
-        OutTensor(r.name, codes[r.name] or ckpt.tensors[r.source].dtype, r.shape,
-                  lambda r=r: _blocks(ckpt, r, codes[r.name]))
+        OutTensor(r.name, codes[r.name] or ckpt.tensors[r.source].dtype, shapes[r.name],
+                  lambda r=r: port.blocks(r.name, _blocks(ckpt, r, codes[r.name]), r.shape))
         for r in rules
     ]
     copied = [ckpt.root / f for f in PASSTHROUGH_FILES if (ckpt.root / f).is_file()]
@@ -242,12 +261,14 @@ def slice_checkpoint(
             w.add_file(f)
         w.write_tensors(out_tensors, max_shard_bytes, progress=advance)
         manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, out_dtype, quant)
+        manifest["form"] = port.to_json(DTYPES[code][1] if code else _dtype_bytes(out_dtype))
         w.add_json(MANIFEST_NAME, manifest)
     return SliceResult(Path(out), manifest["parameters"]["total"], w.bytes_written, manifest)
 
 
-def _nbytes(rule: TensorRule, ckpt: Checkpoint, code: str | None) -> int:
-    return math.prod(rule.shape) * DTYPES[code or ckpt.tensors[rule.source].dtype][1]
+def _dtype_bytes(name: str | None) -> int:
+    """Bytes of one element of the float dtype ``name`` ("float16"); 4 when unknown."""
+    return next((size for n, size in DTYPES.values() if n == name), 4)
 
 
 def _float_dtype(ckpt: Checkpoint) -> str | None:

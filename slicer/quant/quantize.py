@@ -284,13 +284,17 @@ def slice_and_quantize(source, out: str | Path, precision: str | Precision, *, b
                        spec=None, dtype: str | None = None, force: bool = False,
                        samples: int = CALIBRATION_SAMPLES, seq_len: int = CALIBRATION_LEN,
                        device: str | None = None, progress: Progress | None = None,
-                       resolved=None) -> QuantizeResult:
+                       resolved=None, form: str = "auto", pad_multiple: int | None = None,
+                       runtime: str | None = None) -> QuantizeResult:
     """Slice ``source`` (a budget or a spec, as ``slice_checkpoint``) in float32 into a temporary
     directory beside ``out``, then quantize it into ``out`` (see :func:`quantize_slice`).
 
     The output is checked (and locked) before any work; the float slice is removed in every case.
-    ``dtype`` (the unquantized tensors) defaults to the source's stored dtype.
+    ``dtype`` (the unquantized tensors) defaults to the source's stored dtype. ``form``,
+    ``pad_multiple`` and ``runtime`` choose the form of the float slice, padding included
+    (``slice_checkpoint``): the quantized model is the padded one.
     """
+    from elastic.slicer.formats.padding import portable_form
     from elastic.slicer.slice import choose_spec, slice_checkpoint
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.storage.writer import ShardedWriter
@@ -302,14 +306,16 @@ def slice_and_quantize(source, out: str | Path, precision: str | Precision, *, b
     _refuse_quantized(ckpt)
     rest = _rest_dtype(dtype, ckpt.dtype)
     resolved = resolved or choose_spec(ckpt, budget, spec)
-    weight_group(resolved[0].child_arch(ckpt.arch).tensor_shapes(), p)  # a model the format cannot hold: refused here
+    written = portable_form(resolved[0].child_arch(ckpt.arch), form, pad_multiple, runtime).arch  # padded if asked
+    weight_group(written.tensor_shapes(), p)  # a model the format cannot hold: refused here
     out = Path(out)
     sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
     with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.float32-", dir=out.parent))
         try:
             float_slice = slice_checkpoint(ckpt, tmp / "slice", budget=budget, spec=spec, dtype="float32",
-                                           progress=progress, resolved=resolved)
+                                           progress=progress, resolved=resolved, form=form,
+                                           pad_multiple=pad_multiple, runtime=runtime)
             manifest = _quantize_into(w, float_slice.out, p, rest, samples, seq_len, device, progress,
                                       {**float_slice.manifest, "dtype": rest},
                                       {"path": None, "note": "sliced in float32 into a temporary directory"})
@@ -551,6 +557,9 @@ def _manifest(ckpt, float_dir: Path, float_manifest: dict, float_source: dict, p
 
     layout: QuantLayout = ckpt.quant
     m = dict(float_manifest)
+    if m.get("form"):  # the padding's zeros are quantized weights now (all of them sit in quantized Linears)
+        cost = m["form"]["cost"]
+        m["form"] = {**m["form"], "cost": {**cost, "bytes": int(cost["parameters"] * (p.bytes + p.scale_bytes))}}
     m.setdefault("format", "elastic-slice")
     m.setdefault("version", 1)
     m.setdefault("parameters", ckpt.arch.param_counts())
