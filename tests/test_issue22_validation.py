@@ -339,3 +339,13 @@ def test_plan_cli_refuses_an_absurd_context():
     """The issue's reproduction: a garbage table with exit 0; now the library's refusal, exit 2."""
     r = runner.invoke(app, ["plan", "--context", "999999999999999999999"])
     assert r.exit_code == 2 and "context" in r.stderr and "budget" not in r.stdout
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_dtype_torch_does_not_know_is_refused(key):
+    """Found by the 3,000-case fuzz run: config.json with dtype 'abc' sliced with exit 0 into a
+    config transformers cannot load (it loads the weights in that dtype)."""
+    with pytest.raises(ConfigError) as e:
+        Arch.from_config(demo_config(**{key: "abc"}))
+    assert any(key in p and "bfloat16" in p for p in e.value.problems)
+    assert Arch.from_config(demo_config(**{key: "bfloat16"})).hidden_size == 64

@@ -478,6 +478,10 @@ def _alias_problems(cfg: dict[str, Any]) -> list[str]:
             for key, alias in ALIASES if key in cfg and alias in cfg and not same(cfg[key], cfg[alias])]
 
 
+# what config.json's dtype / torch_dtype may name (torch's floating dtypes; transformers' "auto")
+CONFIG_DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+
+
 def _global_problems(cfg: dict[str, Any]) -> list[str]:
     """Keys checked whatever the layers: token ids, strings, the sizes a slice copies, the model type,
     aliases that disagree."""
@@ -499,6 +503,11 @@ def _global_problems(cfg: dict[str, Any]) -> list[str]:
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
             problems.append(f"{key} must be a finite number >= 0, found {v!r:.40}")
+    for key in ("dtype", "torch_dtype"):  # transformers loads the weights in it: a name torch knows
+        v = cfg.get(key)
+        if v is not None and v not in CONFIG_DTYPES:
+            problems.append(f"{key} must be one of {', '.join(CONFIG_DTYPES)} (the weights' dtype transformers "
+                            f"loads), found {v!r:.40}")
     model_type = cfg.get("model_type")
     if model_type is not None and model_type not in FORMS:
         problems.append(f"model_type is {model_type!r}; elastic reads nemotron_h checkpoints only "
