@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,6 +40,19 @@ StateOpt = Annotated[PlanState, typer.Option("--state-precision", case_sensitive
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
 
 
+class Fit(str, Enum):
+    budgets = "budgets"
+    exact = "exact"
+
+
+FitOpt = Annotated[Fit, typer.Option(
+    "--fit", case_sensitive=False,
+    help="budgets: choose among the trained budgets. exact: also the largest architecture of any size whose "
+    "memory fits (an exact integer program over the checkpoint's search space; the router's favourite within 2% "
+    "below the largest size that fits), at the chosen budget's precision, shown beside the largest trained budget "
+    "(plan --json: \"exact_fit\").")]
+
+
 def _weights(dtype, precision) -> str:
     """The weights precision asked for: --precision, or --dtype (its older name); both only when they agree."""
     from elastic.slicer.errors import ConfigError
@@ -54,7 +68,7 @@ def _weights(dtype, precision) -> str:
 
 
 def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision=None, kv=AUTO, state=AUTO,
-          for_slicing=False):
+          for_slicing=False, fit=Fit.budgets):
     """The one plan of a command: the target decided once (``fit.resolve_target``), then
     ``fit.plan`` with every precision. (``export.workflow.make_plan`` takes one dtype only.)"""
     from elastic.slicer.planning.describe import default_checkpoint
@@ -65,7 +79,8 @@ def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precisi
     w = Workload(context=context, batch=batch, dtype=AUTO, prefill_chunk=prefill_chunk,
                  weights=_weights(dtype, precision), kv=canonical_precision(kv, KV, AUTO),
                  state=canonical_precision(state, STATE, AUTO))
-    return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing)
+    return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing,
+                fit=getattr(fit, "value", fit))
 
 
 def _weights_words(b) -> str:
@@ -117,9 +132,9 @@ def render_plan(p: dict) -> str:
         lines.append(f"{'total at':<8}" + "".join(f"{q:>9}" for q in tried) + f"   ({unit}; * fits)")
         for b in p["budgets"]:
             cells = {c["weights_precision"]: c for c in p["candidates"] if c["budget"] == b["name"]}
-            lines.append(f"{b['name']:<8}" + "".join(
+            lines.append(f"{b['name']:<8}" + "".join(  # (an exact fit is planned at one precision only)
                 f"{gib(cells[q]['terms']['total']):>8}{'*' if cells[q]['fits'] and not cells[q]['refused'] else ' '}"
-                for q in tried))
+                if q in cells else f"{'-':>8} " for q in tried))
     lines.append("")
     where = ("here" if dev["unified"] or dev["kind"] == "cpu" else "host RAM")
     lines.append(f"{'export':<8}{'export peak':>12}{'engine build':>13}   ({unit}; `elastic export` and a TensorRT "
@@ -140,7 +155,26 @@ def render_plan(p: dict) -> str:
     else:
         lines.append("chosen      none: no budget fits")
         lines += [f"try         {s}" for s in p["suggestions"]]
+    if "exact_fit" in p:
+        lines += render_exact_fit(p)
     return "\n".join(lines)
+
+
+def render_exact_fit(p: dict) -> list[str]:
+    """`--fit exact`'s lines: the exact fit beside the largest trained budget that fits."""
+    e, dev = p["exact_fit"], p["device"]
+    if e is None:
+        return ["exact fit   none: no architecture of the search space fits"]
+    fitting = [b for b in p["budgets"] if b["fits"] and b["name"] != e["name"]]
+    trained = max(fitting, key=lambda b: b["parameters"]) if fitting else None
+    beside = (f"the largest trained budget that fits: {trained['name']}, {human_count(trained['parameters'])}"
+              if trained else "no trained budget fits")
+    return [f"exact fit   {human_count(e['parameters'])} parameters at {e['weights_precision']}: "
+            f"{human_bytes(e['terms']['total'])} of {human_bytes(dev['usable_bytes'])} usable "
+            f"(headroom {human_bytes(e['headroom_bytes'])}); {beside}",
+            f"            layers {e['layer_pattern']}, hidden {e['spec']['hidden_size']}; {e['resolved_by']}",
+            "            its spec: elastic plan ... --fit exact --json | jq .exact_fit.spec > spec.json; "
+            "elastic slice --spec spec.json"]
 
 
 def plan(
@@ -154,6 +188,7 @@ def plan(
     kv_precision: KvOpt = PlanKV(AUTO),
     state_precision: StateOpt = PlanState(AUTO),
     prefill_chunk: ChunkOpt = 512,
+    fit: FitOpt = Fit.budgets,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the memory every budget needs on this machine (or --target), at every weights precision
@@ -170,10 +205,12 @@ def plan(
       elastic plan --target rtx-4090 --precision fp8 --kv-precision fp8
 
       elastic plan --target rtx-4090 --json | jq '.chosen, .chosen_precision'
+
+      elastic plan -c examples/nemotron-elastic-12b --target orin-nano-8gb --fit exact
     """
     with boundary(json_out):
         p = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
-                  state_precision).to_json()
+                  state_precision, fit=fit).to_json()
     if json_out:
         print_json(p)
     else:
@@ -218,6 +255,7 @@ def fit_my_gpu(
     kv_precision: KvOpt = PlanKV(AUTO),
     state_precision: StateOpt = PlanState(AUTO),
     prefill_chunk: ChunkOpt = 512,
+    fit: FitOpt = Fit.budgets,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the model "
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
@@ -246,7 +284,7 @@ def fit_my_gpu(
 
     with boundary(json_out) as on_error:
         planned = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
-                        state_precision, for_slicing=True)
+                        state_precision, for_slicing=True, fit=fit).choose_exact()
         p = planned.to_json()
         if not json_out:
             typer.echo(render_plan(p))

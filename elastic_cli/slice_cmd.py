@@ -30,7 +30,9 @@ Runtime = Enum("Runtime", {r: r for r in RUNTIMES}, type=str)
 def slice_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, or with --force an empty one or one elastic wrote).")],
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="A budget of the elastic checkpoint "
-                                                  "(see `elastic inspect`).", show_default=False)] = None,
+                                                  "(see `elastic inspect`), or any size: 60%, 7.5B, 6GiB (resolved "
+                                                  "between the trained budgets; the manifest says so).",
+                                                  show_default=False)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="A slice spec JSON file instead of a budget "
                                                  "(works on any nemotron_h checkpoint): per-layer sizes, or one flat "
                                                  "object in NVIDIA's terms (hidden_size, mamba_num_heads, "

@@ -116,8 +116,9 @@ def train(
         help="No cost loss while the sampled model is within this fraction of its budget's target (the router's "
         "cost is the sampled model's parameters against the target).")] = 0.02,
     budget_tolerance: Annotated[float, typer.Option(
-        help="At the end every budget must have resolved within this fraction of its target parameters, or the run "
-        "fails (exit 2) naming both numbers; the checkpoint is written either way.")] = 0.05,
+        help="At the end every budget is resolved to the router's most probable architecture within this fraction "
+        "of its target parameters (at most 10%); where none exists the run fails (exit 2) naming both numbers, and "
+        "the checkpoint is written either way.")] = 0.05,
     fsdp: Annotated[Fsdp, typer.Option("--fsdp", help="Shard parameters, gradients, optimizer state and teacher across "
                                        "processes (FSDP2). auto: when several processes and DDP's per-rank memory "
                                        "would not fit in 90% of the GPU.")] = Fsdp.auto,

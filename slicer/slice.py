@@ -308,6 +308,9 @@ def _warnings(ckpt: Checkpoint, budget: str | None, spec_source: str, child) -> 
             not any(layer.kind == "attention" for layer in child.layers):
         notes.append("this slice keeps no attention layer: llama.cpp cannot run it (it aborts in its KV cache) and "
                      "transformers 5.23's generate() fails on it; keep one attention layer to run it there")
+    if budget is not None and "not trained" in spec_source:
+        notes.append(f"{budget} is not a trained budget ({spec_source.split('not trained: ', 1)[1]}): its quality "
+                     "is not measured; compare it with the trained budgets with `elastic eval`")
     if budget is not None and spec_source == "elastic_config.json":
         notes.append(router_warning(ckpt.root, ElasticConfig.read(ckpt.root, ckpt.arch)))
     return [n for n in notes if n]
@@ -332,6 +335,7 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, qua
         },
         "budget": budget,
         "spec_source": spec_source,
+        "trained": budget is None or "not trained" not in spec_source,
         "spec": spec.to_json(ckpt.arch),
         "parameters": child.param_counts(),
         "layer_pattern": child.layer_pattern,

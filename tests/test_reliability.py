@@ -63,15 +63,27 @@ def test_budget_target_beyond_the_parent_is_refused(demo, tmp_path):
     one_error(slice_args(demo, tmp_path / "out", "75%"), "target_parameters must be an integer in 1..267528")
 
 
-def test_budget_the_router_misses_is_refused_with_both_numbers(demo, tmp_path):
-    # claim a target the 50% router misses by far more than 10%
+def test_budget_the_router_misses_lands_or_is_refused_with_the_nearest_size(demo, tmp_path):
+    # a target the 50% router's argmax misses by far more than 10%: the budget is resolved by constrained
+    # choice (issue 25), the router's best architecture within the tolerance
     routed = json.loads(runner.invoke(app, ["inspect", str(demo), "--json"]).stdout)["budgets"][2]["parameters"]
     edit_json(demo / "elastic_config.json", lambda d: d["budgets"][2].__setitem__("target_parameters", 100000))
-    one_error(slice_args(demo, tmp_path / "out"), f"{routed:,} parameters",
-              f"{routed / 100000 - 1:+.1%} off its target of 100,000", "tolerance 10%")
+    r = runner.invoke(app, slice_args(demo, tmp_path / "landed") + ["--json"])
+    assert r.exit_code == 0, r.output
+    assert abs(json.loads(r.stdout)["parameters"] / 100000 - 1) <= 0.10 and routed > 110000
+    # a target no architecture of the search space reaches: refused, naming the nearest size
+    edit_json(demo / "elastic_config.json", lambda d: d["budgets"][2].__setitem__("target_parameters", 20000))
+    one_error(slice_args(demo, tmp_path / "out"), "no architecture of the search space has 20,000 parameters "
+              "(tolerance 10%)", "the nearest has 58,468")
+    assert not (tmp_path / "out").exists()
     # inspect still shows the checkpoint, naming the budget that cannot be sliced
     r = runner.invoke(app, ["inspect", str(demo), "--json"])
     assert r.exit_code == 0 and "tolerance 10%" in json.loads(r.stdout)["budgets"][2]["error"]
+    # without the router the stored choice is all there is: a miss is refused with both numbers
+    (demo / "router.safetensors").unlink()
+    edit_json(demo / "elastic_config.json", lambda d: d["budgets"][2].__setitem__("target_parameters", 100000))
+    one_error(slice_args(demo, tmp_path / "out"), f"{routed:,} parameters",
+              f"{routed / 100000 - 1:+.1%} off its target of 100,000", "tolerance 10%")
     # a budget may state a wider tolerance of its own
     edit_json(demo / "elastic_config.json", lambda d: d["budgets"][2].__setitem__("tolerance", 0.5))
     assert runner.invoke(app, slice_args(demo, tmp_path / "out")).exit_code == 0

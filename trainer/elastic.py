@@ -316,3 +316,46 @@ def anneal(step: int, total: int, start: float, end: float) -> float:
     """Geometric interpolation from ``start`` to ``end`` over ``total`` steps."""
     t = min(1.0, step / max(1, total))
     return start * math.exp(t * math.log(end / start))
+
+
+def resolve_budgets(weights: dict, ec: ElasticConfig, arch: Arch, *, tolerance: float, scale: float,
+                    keep_attention: bool) -> tuple[ElasticConfig, dict[str, dict]]:
+    """The end-of-run resolution (DESIGN.md section 6): every budget by constrained choice, the
+    architecture of highest router log-probability within ``tolerance`` of its target
+    (``elastic_format.resolve_trained``, the function slicing calls with the router written here,
+    so both resolve the same architecture); the parent's own budget is the parent. A budget that no
+    architecture reaches gets the nearest one (the caller reports the miss).
+
+    Args:
+        weights: the router as ``Router.numpy_state()`` returns it (what ``router.safetensors`` holds).
+        tolerance: how far a budget may land from its target (stored as each budget's tolerance).
+        scale: the logit scale training ended at (stored as ``router.logit_scale``).
+
+    Returns:
+        the elastic config to write (budgets' tolerance, router scale and resolved specs set), and
+        per budget: ``log_prob`` of the resolved architecture, and ``argmax_log_prob`` and
+        ``argmax_parameters`` of each row's own argmax (what the run would have resolved to before).
+    """
+    from dataclasses import replace
+
+    from elastic.slicer.formats.elastic_format import budget_log_probs, resolve_trained, route
+    from elastic.slicer.formats.resolve import UnreachableBudget, score
+
+    ec = replace(ec, budgets=tuple(replace(b, tolerance=tolerance) for b in ec.budgets), router_scale=scale)
+    total = arch.param_counts()["total"]
+    resolved, report = {}, {}
+    for b in ec.budgets:
+        if b.target_parameters >= total:
+            resolved[b.name] = SliceSpec.full(arch).to_json(arch)
+            continue
+        try:
+            r = resolve_trained(weights, ec, arch, b.name, keep_attention=keep_attention)
+        except UnreachableBudget as e:
+            r = e.nearest
+        resolved[b.name] = r.spec.to_json(arch)
+        picks, logp = route(weights, ec, b.name), budget_log_probs(weights, ec, b.name)
+        argmax = SliceSpec.from_json(spec_from_choices(picks, ec, arch), arch)
+        report[b.name] = {"log_prob": score(r.picks, ec.dimensions, logp), "solved": r.solved,
+                          "argmax_parameters": argmax.parameters(arch),
+                          "argmax_log_prob": score(picks, ec.dimensions, logp)}
+    return replace(ec, resolved=resolved), report

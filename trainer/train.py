@@ -16,7 +16,7 @@ import math
 import numbers
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +27,7 @@ from torch import nn
 from elastic.slicer.storage.reader import Checkpoint
 
 from elastic.slicer.storage.writer import ShardedWriter
-from elastic.slicer.formats.elastic_format import CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
+from elastic.slicer.formats.elastic_format import BUDGET_TOLERANCE, CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
 from elastic.slicer.errors import ConfigError, ElasticError
 from elastic.slicer.nn.model import NemotronH, load_model, write_model
 from elastic.slicer.storage.outputs import check_output
@@ -36,7 +36,7 @@ from elastic.slicer.formats.spec import SliceSpec
 
 from .data import TokenDataset
 from .elastic import (Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params,
-                      nested_forward, sample)
+                      nested_forward, resolve_budgets, sample)
 from .importance import depth_candidates, depth_order, width_importance
 from .permute import orders, permute_
 
@@ -592,13 +592,11 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
 
     if end < cfg.total_steps:  # stopped early on purpose: the state is saved, nothing else
         return {"stopped_at": end, "history": history}
-    # resolve each budget with the router's argmax and write the elastic checkpoint
-    resolved = {}
-    with torch.no_grad():
-        for i, b in enumerate(budgets):
-            resolved[b.name] = sample(router, ec, arch, i, 1.0, cfg.logit_scale[1], None,
-                                      full=b.target_parameters >= total_params).spec.to_json(arch)
-    ec = replace(ec, resolved=resolved)
+    # resolve each budget by constrained choice over the router's scores (each budget's tolerance: the run's, at
+    # most the format's default) and write the elastic checkpoint
+    tol = min(cfg.budget_tolerance, BUDGET_TOLERANCE)
+    ec, resolution = resolve_budgets(router.numpy_state(), ec, arch, tolerance=tol, scale=cfg.logit_scale[1],
+                                     keep_attention=cfg.keep_attention)
     ElasticConfig.from_json(ec.to_json(), arch)  # what we write must read back
     tokens = sum(cfg.batch_size * (cfg.stage1.context if s < cfg.stage1.steps else cfg.stage2.context)
                  for s in range(cfg.total_steps))
@@ -610,12 +608,14 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
         "budgets": {},
     }
     for b in budgets:
-        spec = SliceSpec.from_json(resolved[b.name], arch)
+        spec = SliceSpec.from_json(ec.resolved[b.name], arch)
         summary["budgets"][b.name] = {
             "target_parameters": b.target_parameters, "parameters": spec.parameters(arch),
             "val_loss": eval_loss(student, val_ds, val_ctx, cfg.eval_batches, spec=spec),
             # the tokens this budget's micro-batches saw (all processes): what training it alone costs at equal tokens
             "tokens": sum(r.get("tokens", 0) for r in history if r["budget"] == b.name),
+            # the resolver's log-probability against each row's argmax (its parameters too)
+            **resolution.get(b.name, {}),
         }
     model_sd, _ = _full_state(em)
     if rank == 0:
@@ -629,16 +629,20 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
                                  training={"config": asdict(cfg), **summary}, sources=[parent_dir, data_dir, work])
     if world > 1:
         torch.distributed.barrier()
-    misses = [f"budget {name}: resolved to {r['parameters']:,} parameters, target {r['target_parameters']:,} "
-              f"({r['parameters'] / r['target_parameters'] - 1:+.1%}, tolerance {cfg.budget_tolerance:.0%})"
-              for name, r in summary["budgets"].items()
-              if abs(r["parameters"] / r["target_parameters"] - 1) > cfg.budget_tolerance]
+    misses = _misses(summary, cfg.budget_tolerance)
     if misses:
         raise BudgetMissError(
             f"training finished, but {len(misses)} budget(s) resolved outside the tolerance; the checkpoint is "
             f"written (its training.json has every number) and the training state kept in {work}; train longer "
             "(more --stage1-steps) or raise --budget-tolerance", summary, problems=misses, path=str(out))
     return summary
+
+
+def _misses(summary: dict, tolerance: float) -> list[str]:
+    """One line for each budget of a run's summary that landed further than ``tolerance`` from its target."""
+    return [f"budget {name}: resolved to {r['parameters']:,} parameters, target {r['target_parameters']:,} "
+            f"({r['parameters'] / r['target_parameters'] - 1:+.1%}, tolerance {tolerance:.0%})"
+            for name, r in summary["budgets"].items() if abs(r["parameters"] / r["target_parameters"] - 1) > tolerance]
 
 
 def _use_fsdp(cfg: TrainConfig, world: int, arch: Any, device: str) -> tuple[bool, str]:

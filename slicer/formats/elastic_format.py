@@ -29,6 +29,9 @@ from elastic.slicer.formats.arch import Arch
 from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.safetensors import _cap
 from elastic.slicer.formats.values import is_int
+from elastic.slicer.formats.resolve import (SIZE_FORMS, Resolution, UnreachableBudget, log_probs, mix, nearest,
+                                            parameter_cost, parse_size, resolve, router_logits)
+from elastic.slicer.formats.resolve import spec_from_choices as _spec_from_choices
 from elastic.slicer.formats.spec import SPEC_FIELDS, SliceSpec, layer_problems
 
 FORMAT = "nemotron-elastic"
@@ -50,6 +53,7 @@ DIMENSIONS = {
 # A resolved budget may miss its target by this fraction (per budget: "tolerance" in budgets[]);
 # further off, the router or the resolved spec is broken and slicing it would mislabel the model.
 BUDGET_TOLERANCE = 0.10
+SIZE_TOLERANCE = 0.05  # a size no budget was trained for ("60%", "7.5B") resolves within this of it
 HEAD_ORDER = "group_prefix"  # Mamba heads kept as a prefix inside each group (DESIGN.md section 3)
 
 
@@ -100,6 +104,9 @@ class ElasticConfig:
     router_hidden: int = 256
     head_order: str = HEAD_ORDER
     router_file: str = ROUTER_NAME  # router.file: the router's path inside the checkpoint directory
+    # router.logit_scale: the trainer samples with softmax(scale * logits); the log-probabilities a budget
+    # is resolved by (formats/resolve.py) use the scale training ended at
+    router_scale: float = 1.0
 
     def budget(self, name: str) -> Budget:
         for b in self.budgets:
@@ -125,6 +132,7 @@ class ElasticConfig:
                 "hidden": self.router_hidden,
                 "activation": "leaky_relu(0.1)",
                 "outputs": {d.name: [d.rows, len(d.choices)] for d in self.dimensions},
+                **({"logit_scale": self.router_scale} if self.router_scale != 1.0 else {}),
             },
             "head_order": self.head_order,
             "resolved": self.resolved,
@@ -161,14 +169,15 @@ class ElasticConfig:
                 SliceSpec.from_json(resolved[name], parent)
             except ConfigError as e:
                 problems += [f"resolved[{name!r}]: {p}" for p in e.problems] or [f"resolved[{name!r}]: {e.message}"]
-        hidden, router_file = _parse_router(data.get("router"), problems)
+        hidden, router_file, scale = _parse_router(data.get("router"), problems)
         if problems:
             raise ConfigError(
                 f"invalid elastic config ({len(problems)} problem{'s' * (len(problems) > 1)})",
                 problems=list(dict.fromkeys(problems)),
                 path=source,
             )
-        ec = cls(tuple(budgets), tuple(dims), dict(resolved), hidden, data.get("head_order", HEAD_ORDER), router_file)
+        ec = cls(tuple(budgets), tuple(dims), dict(resolved), hidden, data.get("head_order", HEAD_ORDER), router_file,
+                 scale)
         problems = check_choices(ec, parent)
         if problems:
             raise ConfigError("the resolved budgets leave the search space", problems=problems, path=source)
@@ -293,10 +302,10 @@ def _layer_problems(k: int, name: str, kind: str | None, choices: list, layers: 
     return problems
 
 
-def _parse_router(router: Any, problems: list[str]) -> tuple[int, str]:
-    """(``router.hidden``, ``router.file``); problems appended. The file must be a relative path that
-    stays inside the checkpoint directory: no absolute path, no ``..`` (its link may point anywhere,
-    as every file of a Hugging Face cache snapshot does)."""
+def _parse_router(router: Any, problems: list[str]) -> tuple[int, str, float]:
+    """(``router.hidden``, ``router.file``, ``router.logit_scale``); problems appended. The file must
+    be a relative path that stays inside the checkpoint directory: no absolute path, no ``..`` (its
+    link may point anywhere, as every file of a Hugging Face cache snapshot does)."""
     router = {} if router is None else router
     if not isinstance(router, dict):
         problems.append(f"router must be an object, found {router!r:.40}")
@@ -321,7 +330,11 @@ def _parse_router(router: Any, problems: list[str]) -> tuple[int, str]:
         problems.append(f"router.file {file!r:.60} names a directory; it must name the router's file (e.g. "
                         f"{ROUTER_NAME!r})")
         file = ROUTER_NAME
-    return hidden, file
+    scale = router.get("logit_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        problems.append(f"router.logit_scale must be a finite number > 0, found {scale!r:.40}")
+        scale = 1.0
+    return hidden, file, float(scale)
 
 
 # ---- the router -------------------------------------------------------------------------------
@@ -404,48 +417,44 @@ def read_router(root: str | Path, ec: ElasticConfig) -> dict | None:
     return weights
 
 
-def route(weights: dict, ec: ElasticConfig, budget: str) -> dict[str, list]:
-    """The router's choice for ``budget``: per dimension, one choice per layer (or one, if global)."""
+def budget_log_probs(weights: dict, ec: ElasticConfig, budget: str) -> dict:
+    """The router's log-probabilities for a trained ``budget``: per dimension (rows, choices),
+    ``log_softmax(router.logit_scale * logits)`` of the budget's one-hot input."""
     import numpy as np
 
     names = [b.name for b in ec.budgets]
-    x = np.zeros(len(names), dtype=np.float32)
+    x = np.zeros(len(names))
     x[names.index(budget)] = 1.0
-    out = {}
-    for d in ec.dimensions:
-        h = weights[f"{d.name}.0.weight"] @ x + weights[f"{d.name}.0.bias"]
-        h = np.where(h > 0, h, 0.1 * h)  # LeakyReLU(0.1)
-        logits = (weights[f"{d.name}.2.weight"] @ h + weights[f"{d.name}.2.bias"]).reshape(-1, len(d.choices))
-        if not np.isfinite(logits).all():  # finite weights can still overflow float32
-            raise ConfigError(f"the router's output for budget {budget!r} is not finite ({d.name}); the router "
-                              "weights are broken", path=ec.router_file)
-        out[d.name] = [d.choices[int(k)] for k in logits.argmax(-1)]
-    return out
+    try:
+        logits = router_logits(weights, ec.dimensions, x)
+    except ConfigError:
+        raise ConfigError(f"the router's output for budget {budget!r} is not finite; the router weights are broken",
+                          path=ec.router_file) from None
+    return log_probs(logits, ec.router_scale)
+
+
+def route(weights: dict, ec: ElasticConfig, budget: str) -> dict[str, list]:
+    """Each row's own best choice for ``budget`` (the argmax, row by row; :func:`resolve_budget`
+    chooses under the budget's constraint instead)."""
+    logp = budget_log_probs(weights, ec, budget)
+    return {d.name: [d.choices[int(k)] for k in logp[d.name].argmax(-1)] for d in ec.dimensions}
 
 
 def spec_from_choices(choices: dict[str, list], ec: ElasticConfig, parent: Arch) -> dict:
     """Spec JSON from per-dimension choices (as :func:`route` returns them)."""
-    per_layer: dict[int, dict] = {}
-    hidden = parent.hidden_size
-    for d in ec.dimensions:
-        picks = choices[d.name]
-        if d.layers is None:
-            hidden = picks[0]
-            continue
-        for i, v in zip(d.layers, d.per_layer(picks)):
-            entry = per_layer.setdefault(i, {"index": i})
-            if d.name == "depth":
-                if v == "drop":
-                    entry["keep"] = False
-            else:
-                entry[d.name] = v
-    layers = []
-    for i in sorted(per_layer):
-        e = per_layer[i]
-        if e.get("keep") is False:
-            e = {"index": i, "keep": False}
-        layers.append(e)
-    return {"hidden_size": hidden, "layers": layers}
+    return _spec_from_choices(choices, ec.dimensions, parent)
+
+
+def keeps_attention(ec: ElasticConfig, parent: Arch) -> bool:
+    """Whether every size resolved from this checkpoint keeps an attention layer: when its search
+    space cannot drop them all (``elastic train`` leaves the most important attention layer out of
+    the depth choices). A checkpoint whose depth choices include every attention layer (trained
+    before that rule) may drop them all, as its budgets may. Decided by the search space alone, never
+    by the stored choices, so editing those cannot change what the router resolves."""
+    attention = {i for i, layer in enumerate(parent.layers) if layer.kind == "attention"}
+    depth = next((d for d in ec.dimensions if d.name == "depth"), None)
+    droppable = set(depth.layers or ()) if depth is not None else set()
+    return bool(attention - droppable)
 
 
 _UNREAD = object()
@@ -453,20 +462,33 @@ _UNREAD = object()
 
 def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: str,
                    weights: Any = _UNREAD) -> tuple[SliceSpec, str]:
-    """The slice spec of a budget: the parent itself when the budget's target is the parent's
-    size; else from the router when ``router.file`` (``router.safetensors``) is present, else from the
-    resolved choices in elastic_config.json (:func:`router_warning` says so). Returns (spec, where it
-    came from)."""
-    b = ec.budget(budget)  # unknown name -> error listing the budgets
+    """The slice spec of a budget, and where it came from.
+
+    A trained budget (a name in elastic_config.json): the parent itself when its target is the
+    parent's size; else, with the router (``router.file``), the architecture of highest router
+    log-probability whose parameters lie within the budget's tolerance of its target (an exact
+    integer program, ``formats/resolve.py``; the row-by-row argmax whenever that already lands);
+    without it, the resolved choice stored in elastic_config.json (:func:`router_warning` says so).
+
+    Any other size (:data:`resolve.SIZE_FORMS`: ``"60%"``, ``"7.5B"``, ``"6GiB"``) is resolved
+    between the trained budgets: :func:`resolve_size`.
+
+    Raises:
+        ConfigError: an unknown budget that is no size either (the budgets listed); a budget no
+            architecture of the search space meets (:class:`resolve.UnreachableBudget`, naming the
+            nearest size); a stored choice outside the tolerance.
+    """
+    if budget not in [b.name for b in ec.budgets]:
+        return resolve_size(root, ec, parent, budget, weights)
+    b = ec.budget(budget)
     total = parent.param_counts()["total"]
     if b.target_parameters >= total:  # the full budget is the parent itself
         return SliceSpec.full(parent), "full model"
     if weights is _UNREAD:  # callers resolving every budget read the router once and pass it
         weights = read_router(root, ec)
     if weights is not None:
-        data, source = spec_from_choices(route(weights, ec, budget), ec, parent), "router"
-    else:
-        data, source = ec.resolved[budget], "elastic_config.json"
+        return resolve_trained(weights, ec, parent, budget, root=root).spec, "router"
+    data, source = ec.resolved[budget], "elastic_config.json"
     spec = SliceSpec.from_json(data, parent, source=f"budget {budget!r} ({source})")
     got = spec.parameters(parent)
     miss = got / b.target_parameters - 1
@@ -477,6 +499,149 @@ def resolve_budget(root: str | Path, ec: ElasticConfig, parent: Arch, budget: st
             "slicing it would mislabel the model. Retrain the router", path=str(root),
             hint=Hint("spec", "or cut the sizes you want with a slice spec file"))
     return spec, source
+
+
+def resolve_trained(weights: dict, ec: ElasticConfig, parent: Arch, budget: str, *,
+                    keep_attention: bool | None = None, root: str | Path | None = None) -> Resolution:
+    """A trained budget by constrained choice: the architecture of highest router log-probability
+    (:func:`budget_log_probs`) within the budget's tolerance of its target. ``elastic train`` calls
+    it at the end of a run with the router it writes, so slicing resolves the same architecture.
+
+    Args:
+        keep_attention: keep an attention layer; None: :func:`keeps_attention`.
+
+    Raises:
+        UnreachableBudget: no architecture of the search space lands there; ``nearest`` is the closest.
+    """
+    b = ec.budget(budget)
+    return _resolve_parameters(root, ec, parent, budget_log_probs(weights, ec, budget), b.target_parameters,
+                               b.tolerance, budget, keep_attention)
+
+
+def _resolve_parameters(root, ec: ElasticConfig, parent: Arch, logp: dict, target: int, tolerance: float,
+                        what: str, keep: bool | None = None) -> Resolution:
+    """The best architecture under ``logp`` within ``tolerance`` of ``target`` parameters.
+
+    Raises:
+        UnreachableBudget: no architecture of the search space lands there; names the nearest.
+    """
+    lo, hi = target * (1 - tolerance), target * (1 + tolerance)
+    keep = keeps_attention(ec, parent) if keep is None else keep
+    r = resolve(ec.dimensions, parent, logp, [parameter_cost(parent, lo, hi)], keep_attention=keep)
+    if r is not None:
+        return r
+    near = nearest(ec.dimensions, parent, [parameter_cost(parent, lo, hi)], keep_attention=keep)
+    raise UnreachableBudget(
+        f"budget {what!r}: no architecture of the search space has {target:,} parameters (tolerance "
+        f"{tolerance:.0%}); the nearest has {near.parameters:,} ({near.parameters / target - 1:+.1%})"
+        + ("; an attention layer is always kept" if keep else "") + f": ask for --budget {near.parameters}",
+        near, path=None if root is None else str(root),
+        hint=Hint("spec", "or cut the size you want with a slice spec file"))
+
+
+def resolve_size(root: str | Path, ec: ElasticConfig, parent: Arch, size: str,
+                 weights: Any = _UNREAD) -> tuple[SliceSpec, str]:
+    """A size no budget was trained for (:data:`resolve.SIZE_FORMS`): ``"60%"``, ``"7.5B"`` (within
+    :data:`SIZE_TOLERANCE` of it) or ``"6GiB"`` (at most that, and within :data:`SIZE_TOLERANCE`
+    below it, by ``elastic plan``'s memory terms at the default workload, ``Workload()``: bf16,
+    context 8192, batch 1, margin 5%, no device's runtime overhead).
+
+    Its log-probabilities (:func:`size_log_probs`) mix those of the two trained budgets whose sizes
+    (their stored choices') it lies between, in proportion to where it lies (``resolve.mix``); below
+    the smallest, the smallest's alone; above the largest budget below the parent, that budget's
+    mixed with the parent's own choices (:func:`parent_log_probs`: training pins the parent's budget
+    to the parent, so its router row is never trained). Without a router, each budget's stored
+    choice stands in for it (:func:`synthetic_router`). The source says the size was not trained
+    and where it sits.
+
+    Raises:
+        ConfigError: not a budget name nor a size; more parameters than the parent's; a size no
+            architecture reaches (:class:`resolve.UnreachableBudget`, the nearest named).
+    """
+    total = parent.param_counts()["total"]
+    parsed = parse_size(size, total)
+    if parsed is None or parsed[1] <= 0:
+        raise ConfigError(f"unknown budget {size!r}; this checkpoint has: {', '.join(b.name for b in ec.budgets)}; "
+                          f"or give a size: {SIZE_FORMS}")
+    kind, value = parsed
+    if kind == "parameters" and value > total:
+        raise ConfigError(f"unknown budget {size!r}; this checkpoint has: {', '.join(b.name for b in ec.budgets)}; as "
+                          f"a size, {size} ({value:,} parameters) is more than the parent's {total:,}")
+    same = next((b for b in ec.budgets if kind == "parameters" and b.target_parameters == value), None)
+    if same is not None:
+        return resolve_budget(root, ec, parent, same.name, weights)
+    if weights is _UNREAD:
+        weights = read_router(root, ec)
+    via = "router" if weights is not None else f"{CONFIG_NAME}'s choices"
+    if kind == "parameters":
+        measure = lambda spec: spec.parameters(parent)  # noqa: E731
+    else:
+        from elastic.slicer.planning.exact import default_memory
+
+        measure = default_memory(parent).exact
+        if measure(SliceSpec.full(parent)) <= value:
+            return SliceSpec.full(parent), "full model"
+    logp, where = size_log_probs(ec, parent, weights, value, measure, what=size)
+    if kind == "parameters":
+        r = _resolve_parameters(root, ec, parent, logp, value, SIZE_TOLERANCE, size)
+    else:
+        from elastic.slicer.planning.exact import resolve_bytes
+
+        r = resolve_bytes(ec.dimensions, parent, logp, value, SIZE_TOLERANCE, what=size,
+                          keep_attention=keeps_attention(ec, parent))
+    return r.spec, f"{via}, not trained: {where}"
+
+
+def size_log_probs(ec: ElasticConfig, parent: Arch, weights: dict | None, value: float, measure=None,
+                   what: str = "this size") -> tuple[dict, str]:
+    """Log-probabilities for a size no budget was trained for, and where it sits in words
+    (:func:`resolve_size` says how). ``measure(spec)``: the size of a spec in the units of
+    ``value`` (default: parameters); ``weights`` None: the stored choices stand in for the router."""
+    total = parent.param_counts()["total"]
+    measure = measure or (lambda spec: spec.parameters(parent))
+    trained = sorted(((measure(SliceSpec.from_json(ec.resolved[b.name], parent)), b) for b in ec.budgets
+                      if b.target_parameters < total), key=lambda vb: -vb[0])
+    if not trained:
+        raise ConfigError(f"this checkpoint has no budget below the parent's size to resolve {what!r} from",
+                          hint=Hint("spec", "cut the size you want with a slice spec file"))
+    weights = weights if weights is not None else synthetic_router(ec, parent)
+    above = [(v, b) for v, b in trained if v >= value]
+    below = [(v, b) for v, b in trained if v < value]
+    if above and below:
+        (va, a), (vb, b) = above[-1], below[0]
+        alpha = (value - vb) / (va - vb)
+        return (mix(budget_log_probs(weights, ec, a.name), budget_log_probs(weights, ec, b.name), alpha),
+                f"between budgets {a.name} and {b.name}")
+    if below:  # above the largest budget the router was trained for: toward the parent's own choices
+        (vb, b), vp = below[0], measure(SliceSpec.full(parent))
+        alpha = min(1.0, (value - vb) / (vp - vb)) if vp > vb else 1.0
+        return (mix(parent_log_probs(ec, parent), budget_log_probs(weights, ec, b.name), alpha),
+                f"between the parent and budget {b.name}")
+    a = above[-1][1]
+    return budget_log_probs(weights, ec, a.name), f"below the smallest budget, {a.name}"
+
+
+PARENT_GAP = 10.0  # parent_log_probs: how much less than the parent's own choice every other scores
+
+
+def parent_log_probs(ec: ElasticConfig, parent: Arch) -> dict:
+    """Log-probabilities that choose the parent itself, as a budget's would: its own size (and keep)
+    on every row, every other choice :data:`PARENT_GAP` less. A size above the largest budget the
+    router was trained for mixes these with that budget's (the parent's budget has no trained router
+    row: training pins it to the parent)."""
+    import numpy as np
+
+    out = {}
+    for d in ec.dimensions:
+        rows = []
+        for r in range(d.rows):
+            if d.layers is None:
+                own = parent.hidden_size
+            else:
+                own = "keep" if d.name == "depth" else getattr(parent.layers[d.layers[r]], d.name)
+            rows.append([0.0 if c == own else -PARENT_GAP for c in d.choices])
+        out[d.name] = log_probs({d.name: np.array(rows)})[d.name]
+    return out
 
 
 def synthetic_router(ec: ElasticConfig, parent: Arch, scale: float = 10.0) -> dict:

@@ -280,12 +280,29 @@ class Plan:
     suggestions: tuple[str, ...] = ()  # what would fit instead, when nothing does
     detection: Any = None  # elastic.profiles.detect.Detection when the target was detected
     candidates: tuple[Candidate, ...] = ()  # every budget x weights precision tried
+    fit: str = "budgets"  # "exact": also the largest architecture of any size that fits (``exact_fit``)
+    exact_fit: BudgetPlan | None = None  # its row, named "exact" (None: nothing fits, or not asked)
+    exact_candidates: tuple[Candidate, ...] = ()  # the exact fit at its precision
 
     def budget(self, name: str) -> BudgetPlan:
         for b in self.budgets:
             if b.name == name:
                 return b
         raise ConfigError(f"unknown budget {name!r}; this plan has: {', '.join(b.name for b in self.budgets)}")
+
+    def choose_exact(self) -> "Plan":
+        """This plan with its exact fit (``fit="exact"``) added as a budget named "exact" and chosen
+        when it has more parameters than the chosen budget (``fit-my-gpu --fit exact`` slices it);
+        the plan itself otherwise."""
+        e = self.exact_fit
+        if e is None or not e.fits:
+            return self
+        if self.chosen is not None and self.budget(self.chosen).parameters >= e.parameters:
+            return self
+        return replace(self, budgets=self.budgets + (e,), chosen=e.name,
+                       candidates=self.candidates + self.exact_candidates,
+                       notes=self.notes + (f"exact fit chosen: {e.parameters:,} parameters, no trained budget "
+                                           f"({e.resolved_by})",))
 
     @property
     def chosen_precision(self) -> str | None:
@@ -298,7 +315,8 @@ class Plan:
         ``active_parameters`` (per token), ``terms`` and its ``weights_precision``,
         ``kv_precision``, ``state_precision``), ``chosen``, ``chosen_precision``, ``candidates``
         (every budget x weights precision: ``budget``, ``weights_precision``, ``fits``, ``terms``),
-        ``notes``, ``suggestions`` (and ``detection`` for a detected target)."""
+        ``notes``, ``suggestions`` (and ``detection`` for a detected target); with ``fit`` "exact",
+        ``exact_fit``: a budget row (``parameters``, ``terms``, ``spec``, ...) or None."""
         out = {
             "checkpoint": str(self.checkpoint.root.resolve()),
             "weights_present": self.checkpoint.has_weights,
@@ -311,6 +329,9 @@ class Plan:
             "notes": list(self.notes),
             "suggestions": list(self.suggestions),
         }
+        if self.fit == "exact":
+            e = self.exact_fit
+            out["exact_fit"] = None if e is None else {**e.to_json(), "spec": e.spec.to_json(self.checkpoint.arch)}
         if self.detection is not None:
             out["detection"] = {"devices": [d.name for d in self.detection.devices],
                                 "reasons": list(self.detection.reasons)}
@@ -329,7 +350,7 @@ def slice_precisions() -> tuple[Precision, ...]:
 
 
 def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None,
-         for_slicing: bool = False) -> Plan:
+         for_slicing: bool = False, fit: str = "budgets") -> Plan:
     """The memory table of every budget x weights precision on ``target`` and the budget chosen:
     the largest that fits, at the best precision that fits it (see :class:`Plan`).
 
@@ -341,6 +362,8 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
         detection: the Detection the target came from, reported in the JSON form.
         for_slicing: the plan will be sliced (fit-my-gpu, the TUI): choose only among
             :func:`slice_precisions`, and say what a quantized precision would have fitted.
+        fit: "budgets" (the trained budgets), or "exact": also the largest architecture of any size
+            that fits (:func:`exact_fit_row`), beside them.
 
     Raises:
         ConfigError: a pinned precision the target does not run, or (``for_slicing``) one that
@@ -349,23 +372,13 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     allowed = slice_precisions() if for_slicing else PLAN_WEIGHTS
     pr = resolve_precisions(workload, target, allowed)
+    if fit not in ("budgets", "exact"):
+        raise ConfigError(f"fit is {fit!r}; choose budgets (the trained ones) or exact (any size that fits)")
     rows, candidates = [], []
     for name, spec, source in budget_specs(ckpt):
-        child = spec.child_arch(ckpt.arch)
-        tried = [candidate(name, child, p, pr, workload, target) for p in pr.weights]
+        row, tried = budget_row(ckpt, name, spec, source, pr, workload, target)
+        rows.append(row)
         candidates += tried
-        best = next((c for c in tried if c.usable), tried[-1])
-        export_peak, build, here = export_terms(child, target, best.terms["weights"])
-        counts = child.param_counts()
-        rows.append(BudgetPlan(
-            name=name, spec=spec, resolved_by=source, parameters=counts["total"],
-            active_parameters=counts["active"], dtype=pr.base.name,
-            fits=best.usable, headroom_bytes=best.headroom_bytes, terms=best.terms, layer_pattern=child.layer_pattern,
-            weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
-            fits_at=tuple(c.weights.short for c in tried if c.usable), weights_detail=best.weights_detail,
-            workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
-            refused=None if best.usable else best.refused,
-        ))
     fitting = [r for r in rows if r.fits]
     chosen = max(fitting, key=lambda r: r.parameters) if fitting else None
     notes = list(pr.notes)
@@ -380,13 +393,77 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
                          f"{', '.join(q.short for q in allowed)} weights"
                          + ("" if len(allowed) > len(WEIGHTS) else
                             " (quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"))
+    exact, exact_tried = None, []
+    if fit == "exact":
+        exact, exact_tried, why = exact_fit_row(ckpt, pr, workload, target, chosen)
+        notes += [why] if why else []
     w = replace(workload, dtype=pr.base.name, weights=pr.weights[0].name if pr.pinned else AUTO,
                 kv=pr.kv.name, state=pr.state.name)
     return Plan(
         checkpoint=ckpt, target=target, workload=w, budgets=tuple(rows), chosen=chosen.name if chosen else None,
         notes=tuple(notes), suggestions=() if chosen else tuple(suggestions(ckpt, rows, target, pr.weights, allowed)),
-        detection=detection, candidates=tuple(candidates),
+        detection=detection, candidates=tuple(candidates), fit=fit, exact_fit=exact,
+        exact_candidates=tuple(exact_tried),
     )
+
+
+def budget_row(ckpt: Checkpoint, name: str, spec: SliceSpec, source: str, pr: Precisions, workload: Workload,
+               target: Target) -> tuple[BudgetPlan, list[Candidate]]:
+    """One row of the plan: ``spec`` at every weights precision of ``pr`` on ``target``, the best
+    that fits (else the smallest tried) shown; and every precision tried."""
+    child = spec.child_arch(ckpt.arch)
+    tried = [candidate(name, child, p, pr, workload, target) for p in pr.weights]
+    best = next((c for c in tried if c.usable), tried[-1])
+    export_peak, build, here = export_terms(child, target, best.terms["weights"])
+    counts = child.param_counts()
+    return BudgetPlan(
+        name=name, spec=spec, resolved_by=source, parameters=counts["total"],
+        active_parameters=counts["active"], dtype=pr.base.name,
+        fits=best.usable, headroom_bytes=best.headroom_bytes, terms=best.terms, layer_pattern=child.layer_pattern,
+        weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
+        fits_at=tuple(c.weights.short for c in tried if c.usable), weights_detail=best.weights_detail,
+        workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
+        refused=None if best.usable else best.refused,
+    ), tried
+
+
+EXACT_TOLERANCE = 0.02  # --fit exact: the router's favourite within this below the largest size that fits
+
+
+def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: Target,
+                  chosen: BudgetPlan | None) -> tuple[BudgetPlan | None, list[Candidate], str | None]:
+    """``--fit exact``: the architecture of any size, not only a trained budget, that fits
+    ``target``: the most parameters whose memory (every term of the plan) fits, then the router's
+    favourite within :data:`EXACT_TOLERANCE` below that size (``planning.exact.exact_fit``; the
+    router's scores interpolated there as for ``elastic slice --budget 60%``). At the chosen
+    budget's weights precision, else the first of the plan's that fits anything.
+
+    Returns:
+        (its row, named "exact", and its candidate at that precision; or None, [] and why there is none).
+    """
+    from elastic.slicer.formats.elastic_format import keeps_attention, size_log_probs
+    from elastic.slicer.planning.exact import exact_fit, memory_cost
+
+    if not ckpt.is_elastic:
+        return None, [], "--fit exact needs an elastic checkpoint (a dense one has no search space)"
+    parent = ckpt.arch
+    ec = ElasticConfig.read(ckpt.root, parent)
+    weights = read_router(ckpt.root, ec)
+    keep = keeps_attention(ec, parent)
+    for p in [lookup(chosen.weights_precision)] if chosen is not None else list(pr.weights):
+        cost = memory_cost(parent, pr.workload(workload, p), target.overhead_bytes, max_bytes=target.usable_bytes)
+        r = exact_fit(ec.dimensions, parent, lambda size: size_log_probs(ec, parent, weights, size)[0], cost,
+                      EXACT_TOLERANCE, keep_attention=keep)
+        if r is None:
+            continue
+        if r.spec.is_full(parent):
+            source = "full model"
+        else:
+            where = size_log_probs(ec, parent, weights, r.parameters)[1]
+            source = f"exact fit: {'router' if weights is not None else 'stored choices'}, not trained: {where}"
+        row, tried = budget_row(ckpt, "exact", r.spec, source, replace(pr, weights=(p,)), workload, target)
+        return row, tried, None
+    return None, [], f"--fit exact: no architecture of the search space fits {target.name}"
 
 
 def export_terms(child, target: Target, engine_weight_bytes: int) -> tuple[int, int, bool | None]:
