@@ -153,7 +153,8 @@ def parse_bytes(text: str, option: str) -> int:
 
 def runtime_lines(runtimes: dict[str, dict]) -> list[str]:
     """A slice manifest's ``runtimes``, one line each: "yes: how" or "no: why"."""
-    return [f"  {name:<13}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}" for name, r in runtimes.items()]
+    width = max((len(name) for name in runtimes), default=0) + 2
+    return [f"  {name:<{width}}{'yes: ' + r['how'] if r['loads'] else 'no: ' + r['why']}" for name, r in runtimes.items()]
 
 
 def human_count(n: int) -> str:

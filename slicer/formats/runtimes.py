@@ -52,7 +52,10 @@ def without_tokenizer(runtimes: dict[str, dict[str, Any]]) -> dict[str, dict[str
     out = {}
     for name, r in runtimes.items():
         if name not in NO_TOKENIZER:
-            out[name] = _no(f"{r['why']}; {NO_TOKENIZER_GGUF}" if not r["loads"] else NO_TOKENIZER_GGUF)
+            if not r["loads"] and "no tokenizer" in r["why"]:  # said already (llama.cpp itself)
+                out[name] = r
+            else:
+                out[name] = _no(f"{r['why']}; {NO_TOKENIZER_GGUF}" if not r["loads"] else NO_TOKENIZER_GGUF)
         elif r["loads"]:
             out[name] = {**r, "how": f"{r['how']}; {NO_TOKENIZER[name]}", "text": False}
         else:
