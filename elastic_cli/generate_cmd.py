@@ -34,6 +34,10 @@ def generate(
                                                 "early at the end-of-sequence token).", min=1)] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: the runtime's "
                                                    "choice).", min=1, show_default=False)] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Run this budget of an elastic "
+                                                  "checkpoint (a trained name like 50%, or a size) on the "
+                                                  "parent's tensors, without slicing (torch).",
+                                                  show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a model greedily and print the text as it comes, then the decode speed.
@@ -45,6 +49,8 @@ def generate(
       elastic generate ./model-50-onnx "The capital of France is" --backend onnx --json
 
       elastic generate ./model-75-gguf/model-q4_k_m.gguf "def main(" --backend llama.cpp
+
+      elastic generate -c ./elastic-ckpt --budget 50% "The capital of France is"
     """
     from elastic.export.runtime import generate_text
 
@@ -63,7 +69,8 @@ def generate(
         model_dir = one_checkpoint(model_dir, checkpoint, required=True)
         try:
             r = generate_text(model_dir, prompt, backend=backend.value if backend else None,
-                              max_new_tokens=max_new_tokens, threads=threads, on_text=None if json_out else stream)
+                              max_new_tokens=max_new_tokens, threads=threads, on_text=None if json_out else stream,
+                              budget=budget)
         finally:
             if shown:
                 typer.echo("")  # end the streamed line, even when generation fails half-way
@@ -73,5 +80,6 @@ def generate(
     if not shown:  # no text came: the prompt, then the ids when they are not decodable
         text = r["text"] if r["text"] is not None else " ".join(str(t) for t in r["tokens"])
         typer.echo(f"{prompt}{text}")
-    typer.echo(f"[{r['backend']}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
+    where = f" budget {r['budget']}" if r.get("budget") else ""
+    typer.echo(f"[{r['backend']}{where}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
                f"prefill {r['prefill_s'] * 1000:.1f} ms, decode {r['tokens_per_s']} tokens/s", err=True)

@@ -10,6 +10,7 @@ from .export_cmd import export
 from .generate_cmd import generate
 from .inspect_cmd import inspect
 from .plan_cmd import fit_my_gpu, plan, profiles_
+from .serve_cmd import serve
 from .slice_cmd import slice_
 from .tui import tui
 from .train_cmd import train
@@ -50,6 +51,7 @@ app.command(name="inspect")(inspect)
 app.command(name="profiles")(profiles_)
 app.command(name="export")(export)
 app.command(name="generate")(generate)
+app.command(name="serve")(serve)
 app.command(name="eval")(eval_)
 app.command(name="tui")(tui)
 app.command(name="train")(train)

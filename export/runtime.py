@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from elastic.slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError, Hint
 
 from .deps import require
 from .layout import DECODE, ENGINE_META, MANIFEST, PAST, PREFILL, PRESENT
@@ -132,7 +132,8 @@ def max_context(export_dir: str | Path) -> int | None:
 
 
 def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, max_new_tokens: int = 32,
-                  threads: int | None = None, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  threads: int | None = None, on_text: Callable[[str], None] | None = None,
+                  budget: str | None = None) -> dict[str, Any]:
     """Greedy generation from a model directory (PyTorch), an export directory (ONNX Runtime) or a
     GGUF (llama.cpp), timed.
 
@@ -143,10 +144,13 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
             "llama.cpp" for a GGUF, else "torch".
         max_new_tokens: tokens to generate; stops early at the config's ``eos_token_id``.
         on_text: called with each new piece of text as it is decoded (for streaming).
+        budget: run this budget of an elastic checkpoint on views of the parent's tensors, without
+            slicing (``elastic.slicer.nn.budget.generate_budget``; torch only).
 
     Returns:
         ``backend``, ``prompt_tokens``, ``tokens`` (generated ids), ``text`` (None when the ids
-        cannot be decoded), ``new_tokens``, ``prefill_s``, ``decode_s``, ``tokens_per_s`` (decode).
+        cannot be decoded), ``new_tokens``, ``prefill_s``, ``decode_s``, ``tokens_per_s`` (decode);
+        with ``budget`` also ``budget``, ``spec_source`` and ``storage`` (view and copied bytes).
 
     Raises:
         ElasticError: not a model/export directory, or prompt + ``max_new_tokens`` is longer than the
@@ -162,6 +166,18 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
     backend = backend or ("onnx" if is_export_dir(path) else "llama.cpp" if find_gguf(path) else "torch")
     if backend not in BACKENDS:
         raise ElasticError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if budget is not None:
+        if backend != "torch":
+            raise ElasticError(f"--budget runs on the PyTorch reference model, not {backend}: a budget of an "
+                               "elastic checkpoint is computed from the parent's tensors", path=str(path),
+                               hint=Hint("backend", "use --backend torch, or slice the budget and export that"))
+        from elastic.slicer.nn.budget import generate_budget
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return generate_budget(path, budget, prompt, max_new_tokens, on_text=on_text)
     if backend == "llama.cpp":
         return generate_gguf(path, prompt, max_new_tokens=max_new_tokens, threads=threads, on_text=on_text)
     if backend == "torch":

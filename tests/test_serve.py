@@ -1,0 +1,228 @@
+"""Budgets run on the resident parent's views (``elastic generate --budget``, ``elastic serve``).
+
+The oracle is the physically sliced child (``slice_checkpoint`` then the reference model on its
+files): same greedy tokens and logits; the server's text equals the library's for the same budget.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import elastic.slicer as slicer_pkg
+from elastic.cli.main import app
+from elastic.export.runtime import generate_text
+from elastic.slicer.nn.budget import RangeLinear, ResidentParent, storage_report
+from elastic.slicer.nn.model import load_model
+from elastic.slicer.slice import slice_checkpoint
+
+DEMO = Path(slicer_pkg.__file__).parent / "demo_checkpoint"
+MOE = Path(slicer_pkg.__file__).parent / "moe_demo_checkpoint"
+PROMPT = "The capital of France is"
+IDS = torch.tensor([[1, 5, 9, 33, 100, 7, 8, 200, 3, 4, 17, 18, 19, 20, 21, 22, 23, 24]])
+
+
+@pytest.fixture(scope="module")
+def demo() -> ResidentParent:
+    return ResidentParent(DEMO)
+
+
+@pytest.fixture(scope="module")
+def moe() -> ResidentParent:
+    return ResidentParent(MOE)
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory) -> dict:
+    """(checkpoint, budget) -> the physically sliced child's directory."""
+    out = {}
+    for root in (DEMO, MOE):
+        for budget in ("100%", "75%", "50%"):
+            d = tmp_path_factory.mktemp("child") / "c"
+            slice_checkpoint(root, d, budget=budget)
+            out[root.name, budget] = d
+    return out
+
+
+@pytest.mark.parametrize("which", ["demo", "moe"])
+@pytest.mark.parametrize("budget", ["100%", "75%", "50%"])
+def test_budget_on_views_equals_sliced_child(request, children, which, budget):
+    resident = request.getfixturevalue(which)
+    child_dir = children[resident.root.name, budget]
+    ref = generate_text(child_dir, PROMPT, backend="torch", max_new_tokens=16)
+    got = resident.generate(budget, PROMPT, 16)
+    assert got["tokens"] == ref["tokens"] and len(got["tokens"]) == 16
+    assert got["text"] == ref["text"]
+    with torch.no_grad():
+        torch.testing.assert_close(resident.model(budget)(IDS), load_model(child_dir)(IDS), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("budget", ["75%", "50%"])
+def test_budget_shares_the_parents_storage(demo, budget):
+    model = demo.model(budget)
+    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+             for t in demo.parent.parameters()]
+    matrices = [t for t in [*model.parameters(), *model.buffers()] if t is not None and t.dim() == 2]
+    assert matrices and all(any(a <= t.data_ptr() < b for a, b in spans) for t in matrices)  # every matrix a view
+    assert any(isinstance(m, RangeLinear) for m in model.modules())  # the multi-range in_proj/out_proj
+    r = storage_report(demo.parent, model)
+    assert r["copied_bytes"] < 0.02 * r["view_bytes"]  # only per-channel vectors and conv taps are gathered
+    assert all(n.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias", "weight", "bias") and ".in_proj" not in n
+               and ".out_proj" not in n for n in r["copied"])
+    # the view really is the parent: a change to the parent's weight shows in the budget's output
+    w = demo.parent.lm_head.weight
+    with torch.no_grad():
+        before = model(IDS[:, :4])
+        saved = w[0].clone()
+        w[0] += 1.0
+        after = model(IDS[:, :4])
+        w[0] = saved
+    assert not torch.equal(before, after)
+
+
+def test_cli_generate_budget_equals_sliced_child(children):
+    r = CliRunner().invoke(app, ["generate", "-c", str(DEMO), PROMPT, "--budget", "50%", "-n", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    ref = generate_text(children["demo_checkpoint", "50%"], PROMPT, backend="torch", max_new_tokens=16)
+    assert got["tokens"] == ref["tokens"] and got["budget"] == "50%"
+    r = CliRunner().invoke(app, ["generate", "-c", str(DEMO), PROMPT, "--budget", "nope"])
+    assert r.exit_code == 2 and "unknown budget 'nope'" in r.output and "75%" in r.output
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(demo):
+    from elastic.export.serve import Engine
+
+    return Engine(demo)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from starlette.testclient import TestClient
+
+    from elastic.export.serve import build_app
+
+    return TestClient(build_app(engine))
+
+
+def _sse(client, path: str, body: dict) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_models_and_health(client):
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["100%", "75%", "50%"]  # elastic_config.json's budgets
+    assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("budget", ["75%", "50%"])
+def test_completions_equal_generate_budget(client, children, budget):
+    ref = generate_text(children["demo_checkpoint", budget], PROMPT, backend="torch", max_new_tokens=16)
+    r = client.post("/v1/completions", json={"model": budget, "prompt": PROMPT, "max_tokens": 16})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == budget
+    assert body["choices"][0]["text"] == ref["text"]
+    assert body["usage"]["completion_tokens"] == 16 and body["usage"]["budgets"] == {budget: 16}
+    chunks = _sse(client, "/v1/completions", {"model": budget, "prompt": PROMPT, "max_tokens": 16})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["budgets"] == {budget: 16}
+
+
+def test_chat_uses_the_fallback_template(client, demo):
+    from elastic.export.serve import chat_prompt
+
+    messages = [{"role": "user", "content": "Hello"}]
+    prompt, source = chat_prompt(DEMO, messages)
+    assert (prompt, source) == ("user: Hello\nassistant:", "fallback")  # the demo's tokenizer has no template
+    ref = demo.generate("50%", prompt, 8)["text"]
+    r = client.post("/v1/chat/completions", json={"model": "50%", "messages": messages, "max_tokens": 8})
+    assert r.status_code == 200 and r.headers["x-elastic-chat-template"] == "fallback"
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": ref}
+    chunks = _sse(client, "/v1/chat/completions", {"model": "50%", "messages": messages, "max_tokens": 8})
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref
+
+
+def test_chat_template_from_the_checkpoint(tmp_path):
+    from elastic.export.serve import chat_prompt
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                                             "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"}))
+    assert chat_prompt(tmp_path, [{"role": "user", "content": "hi"}]) == ("<s><user>hi<assistant>", "checkpoint")
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "9B", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "50%", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"model": "50%", "prompt": "x " * 3000, "max_tokens": 2000}, 400, "max_tokens"),  # past the context
+    ({"model": "50%", "prompt": "x", "temperature": 0.7}, 400, "temperature"),
+    ({"model": "50%", "prompt": 5}, 400, "prompt"),
+    ({"model": "50%", "messages": "hi"}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(client, body, status, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = client.post(path, json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+    if status == 404:
+        assert "100%, 75%, 50%" in err["message"]
+    assert client.post("/v1/completions", json={"model": "50%", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_malformed_json(client):
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_client_against_a_running_server(engine, children):
+    openai = pytest.importorskip("openai")
+    import uvicorn
+
+    from elastic.export.serve import build_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 10
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        ref = generate_text(children["demo_checkpoint", "50%"], PROMPT, backend="torch", max_new_tokens=16)["text"]
+        assert [m.id for m in c.models.list()] == ["100%", "75%", "50%"]
+        assert c.completions.create(model="50%", prompt=PROMPT, max_tokens=16).choices[0].text == ref
+        stream = c.completions.create(model="50%", prompt=PROMPT, max_tokens=16, stream=True)
+        assert "".join(ch.choices[0].text for ch in stream) == ref
+        with pytest.raises(openai.NotFoundError, match="the budgets are"):
+            c.completions.create(model="9B", prompt=PROMPT, max_tokens=4)
+        chat = c.chat.completions.create(model="75%", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert chat.usage.completion_tokens == 4
+    finally:
+        server.should_exit = True
+        thread.join(10)
