@@ -37,6 +37,9 @@ KvOpt = Annotated[PlanKV, typer.Option("--kv-precision", case_sensitive=False,
                                        "fp16, fp8 (where the device runs fp8), fp32.")]
 StateOpt = Annotated[PlanState, typer.Option("--state-precision", case_sensitive=False,
                                              help="Mamba SSM state: auto (fp32), fp32, bf16, fp16.")]
+RuntimeOpt = Annotated[Optional[str], typer.Option(
+    "--runtime", help="Pin the engine: edgellm (TensorRT Edge-LLM), vllm, tensorrt-llm, llama.cpp; one the device "
+    "runs (default: every engine of the device, preferred first).", show_default=False)]
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward pass.", min=1)]
 
 
@@ -68,7 +71,7 @@ def _weights(dtype, precision) -> str:
 
 
 def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision=None, kv=AUTO, state=AUTO,
-          for_slicing=False, fit=Fit.budgets):
+          for_slicing=False, fit=Fit.budgets, runtime=None):
     """The one plan of a command: the target decided once (``fit.resolve_target``), then
     ``fit.plan`` with every precision. (``export.workflow.make_plan`` takes one dtype only.)"""
     from elastic.slicer.planning.describe import default_checkpoint
@@ -80,7 +83,7 @@ def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precisi
                  weights=_weights(dtype, precision), kv=canonical_precision(kv, KV, AUTO),
                  state=canonical_precision(state, STATE, AUTO))
     return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing,
-                fit=getattr(fit, "value", fit))
+                fit=getattr(fit, "value", fit), runtime=runtime)
 
 
 def _weights_words(b) -> str:
@@ -111,7 +114,7 @@ def render_plan(p: dict) -> str:
     # MoE: total parameters are resident (the weights term); active ones are computed per token
     moe = any(b["active_parameters"] != b["parameters"] for b in p["budgets"])
     lines.append(f"{'budget':<8}{'params':>9} " + (f"{'active':>8} " if moe else "")
-                 + f"{'prec':>6} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} "
+                 + f"{'engine':>12} {'prec':>6} {'weights':>8} {'kv':>8} {'ssm':>8} {'activ':>8} "
                  f"{'overhd':>8} {'margin':>8} {'total':>8} {'headroom':>9}  fits   ({unit})")
     for b in p["budgets"]:
         t = b["terms"]
@@ -119,19 +122,23 @@ def render_plan(p: dict) -> str:
         if b["name"] == p["chosen"]:
             mark += "  <- chosen"
         active = f"{human_count(b['active_parameters']):>8} " if moe else ""
-        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {active}{b['weights_precision']:>6} "
+        lines.append(f"{b['name']:<8}{human_count(b['parameters']):>9} {active}{b.get('runtime', ''):>12} "
+                     f"{b['weights_precision']:>6} "
                      f"{gib(t['weights'])} "
                      f"{gib(t['kv_cache'])} {gib(t['ssm_state'])} {gib(t['activations'])} {gib(t['overhead'])} "
                      f"{gib(t['margin'])} {gib(t['total'])} {gib(b['headroom_bytes']):>9}  {mark}")
     for b in p["budgets"]:
         if b.get("refused"):
             lines.append(f"refused     {b['name']} at {b['weights_precision']}: {b['refused']}")
-    tried = list(dict.fromkeys(c["weights_precision"] for c in p["candidates"]))
-    if len(tried) > 1:  # the alternatives: every budget at every precision tried
-        lines.append("")
-        lines.append(f"{'total at':<8}" + "".join(f"{q:>9}" for q in tried) + f"   ({unit}; * fits)")
+    for engine in dict.fromkeys(c.get("runtime", "") for c in p["candidates"]):
+        tried = list(dict.fromkeys(c["weights_precision"] for c in p["candidates"] if c.get("runtime", "") == engine))
+        if len(tried) < 2 and len(p["candidates"]) <= len(p["budgets"]):
+            continue  # one option per budget: the table above says it all
+        lines.append("")  # the alternatives: every budget at every precision tried, per engine
+        lines.append(f"{'total at':<8}" + "".join(f"{q:>9}" for q in tried) + f"   ({unit}; * fits; {engine or 'any'})")
         for b in p["budgets"]:
-            cells = {c["weights_precision"]: c for c in p["candidates"] if c["budget"] == b["name"]}
+            cells = {c["weights_precision"]: c for c in p["candidates"]
+                     if c["budget"] == b["name"] and c.get("runtime", "") == engine}
             lines.append(f"{b['name']:<8}" + "".join(  # (an exact fit is planned at one precision only)
                 f"{gib(cells[q]['terms']['total']):>8}{'*' if cells[q]['fits'] and not cells[q]['refused'] else ' '}"
                 if q in cells else f"{'-':>8} " for q in tried))
@@ -144,8 +151,8 @@ def render_plan(p: dict) -> str:
         lines.append(f"{b['name']:<8}{gib(b['export_peak_bytes']):>12}{gib(b['engine_build_bytes']):>13}   {ok}")
     lines.append("")
     if p["chosen"]:
-        lines.append(f"chosen      {p['chosen']} at {p['chosen_precision']}: the largest budget that fits, "
-                     "at the best precision that fits it")
+        lines.append(f"chosen      {p['chosen']} at {p['chosen_precision']} on {p.get('chosen_runtime')}: the largest "
+                     "budget that fits, on the device's preferred engine that holds it, at its best precision that fits")
         b = next(b for b in p["budgets"] if b["name"] == p["chosen"])
         d = b["weights_detail"]
         if d["quantized"]:
@@ -189,6 +196,7 @@ def plan(
     state_precision: StateOpt = PlanState(AUTO),
     prefill_chunk: ChunkOpt = 512,
     fit: FitOpt = Fit.budgets,
+    runtime: RuntimeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the memory every budget needs on this machine (or --target), at every weights precision
@@ -207,10 +215,12 @@ def plan(
       elastic plan --target rtx-4090 --json | jq '.chosen, .chosen_precision'
 
       elastic plan -c examples/nemotron-elastic-12b --target orin-nano-8gb --fit exact
+
+      elastic plan -c examples/nemotron-elastic-12b --target orin-nx-16gb --runtime llama.cpp
     """
     with boundary(json_out):
         p = _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision, kv_precision,
-                  state_precision, fit=fit).to_json()
+                  state_precision, fit=fit, runtime=runtime).to_json()
     if json_out:
         print_json(p)
     else:
@@ -297,7 +307,10 @@ def fit_my_gpu(
             if json_out:
                 print_json(p | {"out": None})
             else:
-                typer.echo(f"\ndry run: would write budget {planned.chosen} ({_weights_words(chosen)}) to {dest}")
+                from elastic.export.workflow import run_commands
+
+                typer.echo(f"\ndry run: would write budget {planned.chosen} ({_weights_words(chosen)}) to {dest}, "
+                           f"for {chosen.why}; then run it with: " + "; ".join(run_commands(planned, chosen.name, dest)))
             return
         with progress_bar(f"{planned.chosen} to {dest}", enabled=not json_out) as advance:
             fit = run_fit(planned, out=dest, force=force, export=export, progress=advance)
@@ -326,5 +339,5 @@ def fit_my_gpu(
     else:
         lines.append(f"export      skipped: {exported['skipped']}")
     lines.append(f"smoke test  {smoke['new_tokens']} tokens{text}, {speed} tokens/s ({runner})")
-    lines.append(f"next        elastic generate {exported.get('file', exported.get('out', dest))} \"Hello\"")
+    lines += [f"{'run' if i == 0 else '':<12}{c}" for i, c in enumerate(p["run"])]
     typer.echo("\n".join(lines))

@@ -56,13 +56,15 @@ def export_unavailable() -> str | None:
 
 
 def llama_cpp_engine(p: Plan, name: str) -> bool:
-    """Whether budget ``name`` goes to llama.cpp: a CPU target (llama.cpp is the fast engine there),
-    llama-cpp-python installed, a float budget, and a model and tokenizer llama.cpp can hold."""
+    """Whether budget ``name`` goes to llama.cpp: the plan chose llama.cpp for it (the CPU host's
+    engine; elsewhere when no engine before it holds the budget), llama-cpp-python installed, no
+    Model Optimizer format, and a model and tokenizer llama.cpp can hold."""
     from importlib.util import find_spec
 
     from elastic.slicer.formats.llama_cpp import gguf_problems, gguf_tokenizer_problem
 
-    if p.target.kind != "cpu" or _quantized(p.budget(name)) or None in (find_spec("gguf"), find_spec("llama_cpp")):
+    b = p.budget(name)
+    if b.runtime != "llama.cpp" or _quantized(b) or None in (find_spec("gguf"), find_spec("llama_cpp")):
         return False
     spec = p.budget(name).spec
     return not gguf_problems(spec.child_arch(p.checkpoint.arch)) and gguf_tokenizer_problem(p.checkpoint.root) is None
@@ -83,7 +85,8 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
 
         from .gguf import export_gguf
 
-        return export_gguf(model_dir, Path(model_dir) / "gguf", precision=lookup(p.budget(name).dtype).name,
+        b = p.budget(name)  # a llama.cpp type (q4_k_m, ...) is made by llama.cpp's quantizer from the float slice
+        return export_gguf(model_dir, Path(model_dir) / "gguf", precision=lookup(b.weights_precision or b.dtype).name,
                            force=True, progress=progress)
     from .pipeline import export_model
 
@@ -105,6 +108,30 @@ def smoke(p: Plan, model_dir: str | Path, exported=None) -> dict[str, Any]:
     return smoke_test(model_dir, dtype="float32" if p.target.kind == "cpu" else None)
 
 
+def run_commands(p: Plan, name: str, dest: str | Path, exported=None) -> list[str]:
+    """The commands that run budget ``name`` of ``p``, sliced to ``dest``, on the engine the plan
+    chose for it: a GGUF in llama.cpp, an Edge-LLM bundle built on the Jetson, or the Hugging Face
+    directory served by vLLM / TensorRT-LLM."""
+    import shlex
+
+    b, d = p.budget(name), shlex.quote(str(dest))
+    done = exported.to_json() if exported is not None else {}
+    if b.runtime == "llama.cpp":
+        if done.get("format") == "gguf":
+            f = shlex.quote(str(done["file"]))
+            return [f"elastic generate {f} \"Hello\"", f"llama-cli -m {f}"]
+        return [f"elastic export {d} --format gguf --precision {b.weights_precision} --out {d}/gguf",
+                f"llama-cli -m {d}/gguf/<the .gguf file it wrote>"]
+    if b.runtime == "edgellm":
+        where = p.target.profile or "<this Jetson's profile>"
+        bundle = shlex.quote(f"{dest}-edgellm")
+        return [f"elastic export {d} --format edgellm --target {where} --precision {b.weights_precision} "
+                f"--out {bundle}", f"then, on the Jetson, the commands in {bundle}/README.md (build the engine, run it)"]
+    if b.runtime == "tensorrt-llm":
+        return [f"trtllm-serve {d}"]
+    return [f"vllm serve {d}"]  # vllm, and the default of a plan made without engines
+
+
 @dataclass(frozen=True)
 class FitResult:
     """What ``fit_my_gpu`` did: the plan, where the model went, the slice, the export, the smoke test."""
@@ -120,8 +147,10 @@ class FitResult:
 
     def to_json(self) -> dict[str, Any]:
         """`elastic fit-my-gpu --json`: the plan's keys plus ``out``, ``slice`` (``reused``: an
-        earlier run's slice, not written again), ``export``, ``smoke``."""
+        earlier run's slice, not written again), ``export``, ``smoke``, ``run`` (the commands that run
+        it on the engine the plan chose)."""
         return self.plan.to_json() | {
+            "run": run_commands(self.plan, self.budget, self.out, self.export),
             "out": str(self.out),
             "slice": {"parameters": self.slice.parameters, "bytes_written": self.slice.bytes_written,
                       "runtimes": self.slice.manifest["runtimes"], "reused": self.slice_reused},

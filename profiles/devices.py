@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,6 +49,9 @@ class DeviceProfile:
     # runtimes that load Model Optimizer's checkpoints in each quantized precision here, by the
     # precision's short name ("int4"); what their documentation says, not a promise for every model
     runtimes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    # engines that run a model here, preferred first (--runtime names): the entry's own `engines`,
+    # else its kind's [engines] table; what each takes is slicer/planning/engines.py's rule
+    engines: tuple[str, ...] = ()
 
     @property
     def usable_bytes(self) -> int:
@@ -99,6 +102,7 @@ _FIELDS = {
     "int4": (bool, False),
     "nvfp4": (bool, False),
     "runtimes": (dict, False),
+    "engines": (list, False),
     "compute_capability": (str, False),
     "reserve_gib": (_NUM, True),
     "runtime_overhead_gib": (_NUM, True),
@@ -160,6 +164,8 @@ def _check_entry(e: dict) -> list[str]:
                         + ", ".join(f"{k}={v}" for k, v in capability_flags(cc)._asdict().items()))
     if kind == "cpu" and any(_flags(e)[k] for k in ("fp8", "int8", "int4", "nvfp4")):
         errs.append("the CPU host plans no quantized weights: 'fp8', 'int8', 'int4' and 'nvfp4' must be false")
+    if any(not isinstance(n, str) or not n for n in e.get("engines", [])):
+        errs.append("'engines' must hold non-empty engine names")
     for precision, names in e.get("runtimes", {}).items():
         if precision not in QUANTIZED_FLAGS:
             errs.append(f"'runtimes' key {precision!r} is not one of {', '.join(QUANTIZED_FLAGS)}")
@@ -170,7 +176,7 @@ def _check_entry(e: dict) -> list[str]:
     return errs
 
 
-def _profile(e: dict, source: str) -> DeviceProfile:
+def _profile(e: dict, source: str, engines: dict[str, tuple[str, ...]] | None = None) -> DeviceProfile:
     return DeviceProfile(
         name=e["name"],
         display_name=e["display_name"],
@@ -184,6 +190,7 @@ def _profile(e: dict, source: str) -> DeviceProfile:
         int4=_flags(e)["int4"],
         nvfp4=_flags(e)["nvfp4"],
         runtimes={k: tuple(v) for k, v in e.get("runtimes", {}).items()},
+        engines=tuple(e["engines"]) if "engines" in e else (engines or {}).get(e["kind"], ()),
         compute_capability=e.get("compute_capability"),
         reserve_bytes=_bytes(e["reserve_gib"]),
         runtime_overhead_bytes=_bytes(e["runtime_overhead_gib"]),
@@ -192,7 +199,29 @@ def _profile(e: dict, source: str) -> DeviceProfile:
     )
 
 
-def _load(data_dir: Path) -> tuple[dict[str, DeviceProfile], dict[str, tuple[int, int]]]:
+def _read_engines(table, source: str, engines: dict[str, tuple[str, ...]]) -> list[str]:
+    """Add one file's [engines] table (kind -> engine names) to ``engines``; its problems."""
+    if not isinstance(table, dict):
+        return [f"{source}: [engines] must be a table of kind = [engine names]"]
+    problems = []
+    for kind, names in table.items():
+        if kind not in KINDS:
+            problems.append(f"{source}: [engines] key {kind!r} is not one of {', '.join(KINDS)}")
+        elif not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            problems.append(f"{source}: [engines] {kind} must be a non-empty list of engine names")
+        elif kind in engines:
+            problems.append(f"{source}: [engines] {kind} is defined twice")
+        else:
+            engines[kind] = tuple(names)
+    return problems
+
+
+def kind_engines(kind: str) -> tuple[str, ...]:
+    """The engines of a device of ``kind`` that no profile describes (a detected, unmatched GPU)."""
+    return _default()[2].get(kind, ())
+
+
+def _load(data_dir: Path) -> tuple[dict[str, DeviceProfile], dict[str, tuple[int, int]], dict[str, tuple[str, ...]]]:
     """Profiles by name and the fallback (reserve, overhead) bytes by kind; every problem at once."""
     files = sorted(Path(data_dir).glob("*.toml"))
     if not files:
@@ -200,13 +229,14 @@ def _load(data_dir: Path) -> tuple[dict[str, DeviceProfile], dict[str, tuple[int
     problems: list[str] = []
     profiles: dict[str, DeviceProfile] = {}
     fallbacks: dict[str, tuple[int, int]] = {}
+    engines: dict[str, tuple[str, ...]] = {}  # kind -> engine names, from the [engines] tables
     for path in files:
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             problems.append(f"{path.name}: not readable TOML ({exc})")
             continue
-        problems += [f"{path.name}: unknown table {k!r}" for k in doc if k not in ("device", "fallback")]
+        problems += [f"{path.name}: unknown table {k!r}" for k in doc if k not in ("device", "fallback", "engines")]
         entries = doc.get("device", [])
         for i, e in enumerate(entries if isinstance(entries, list) else []):
             label = e.get("name", "?") if isinstance(e, dict) else "?"
@@ -217,6 +247,7 @@ def _load(data_dir: Path) -> tuple[dict[str, DeviceProfile], dict[str, tuple[int
             if label in profiles:
                 problems.append(f"{path.name}: {label!r} is already defined in {profiles[label].source}")
             profiles[label] = _profile(e, path.name)
+        problems += _read_engines(doc.get("engines", {}), path.name, engines)
         for kind, fb in doc.get("fallback", {}).items():
             ok = isinstance(fb, dict) and set(fb) == {"reserve_gib", "runtime_overhead_gib"}
             ok = ok and all(isinstance(v, _NUM) and not isinstance(v, bool) and v >= 0 for v in fb.values())
@@ -230,14 +261,15 @@ def _load(data_dir: Path) -> tuple[dict[str, DeviceProfile], dict[str, tuple[int
             else:
                 fallbacks[kind] = (_bytes(fb["reserve_gib"]), _bytes(fb["runtime_overhead_gib"]))
     problems += [f"no [fallback.{k}] table in any file" for k in ("jetson", "gpu") if k not in fallbacks]
+    profiles = {k: p if p.engines else replace(p, engines=engines.get(p.kind, ())) for k, p in profiles.items()}
     if problems:
         raise ProfileError(f"{len(problems)} problem(s) in the device tables", problems, str(data_dir))
     order = sorted(profiles.values(), key=lambda p: (KINDS.index(p.kind), p.memory_bytes, p.name))
-    return {p.name: p for p in order}, fallbacks
+    return {p.name: p for p in order}, fallbacks, engines
 
 
 @functools.lru_cache(maxsize=None)
-def _default() -> tuple[dict[str, DeviceProfile], dict[str, tuple[int, int]]]:
+def _default() -> tuple[dict[str, DeviceProfile], dict[str, tuple[int, int]], dict[str, tuple[str, ...]]]:
     return _load(DATA_DIR)
 
 

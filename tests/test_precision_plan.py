@@ -26,8 +26,9 @@ E12B = ROOT / "examples" / "nemotron-elastic-12b"
 runner = CliRunner()
 
 
-def on(profile: str, **workload):
-    return plan(E12B, target_from_profile(get_profile(profile)), Workload(**{"dtype": "auto", **workload}))
+def on(profile: str, runtime: str | None = None, **workload):
+    return plan(E12B, target_from_profile(get_profile(profile)), Workload(**{"dtype": "auto", **workload}),
+                runtime=runtime)
 
 
 def cli_plan(*args) -> dict:
@@ -135,15 +136,19 @@ def test_a_runtime_for_a_precision_the_device_lacks_is_refused(tmp_path):
 
 # ---- the choice -----------------------------------------------------------------------------------
 
-def test_orin_nano_8gb_chooses_a_budget_at_int4():
+def test_orin_nano_8gb_chooses_6b_on_llama_cpp_where_edgellm_int4_is_refused():
+    """Engines in the plan (issue 24): Edge-LLM's int4 would fit 6B, but its GEMM needs 64-aligned
+    output rows and 6B's in_proj has 12368; llama.cpp holds 6B at q6_k."""
     p = on("orin-nano-8gb", context=8192)
-    assert p.chosen == "6B" and p.chosen_precision == "int4"
-    assert [c.weights.short for c in p.candidates if c.budget == "6B"] == ["bf16", "int8", "int4"]  # no fp8/nvfp4
+    assert (p.chosen, p.chosen_precision, p.chosen_runtime) == ("6B", "q6_k", "llama.cpp")
+    edge = [c for c in p.candidates if c.budget == "6B" and c.runtime == "edgellm"]
+    assert [c.weights.short for c in edge] == ["fp16", "int8", "int4"]  # no fp8/nvfp4
+    assert edge[-1].fits and "outputs of 64" in edge[-1].refused and "(12368, 4480)" in edge[-1].refused
 
 
 @pytest.mark.parametrize("profile, context, chosen, precision", [
     ("rtx-4090", 8192, "12B", "fp8"),  # bf16 12B needs 25.9 GiB: fp8 keeps the largest budget
-    ("thor-128gb", 32768, "12B", "bf16"),  # everything fits: the best precision
+    ("thor-128gb", 32768, "12B", "fp16"),  # everything fits: the best precision (Edge-LLM's float is fp16)
     ("orin-nx-16gb", 8192, "12B", "int4"),  # the largest budget first, even at int4
 ])
 def test_largest_budget_then_best_precision(profile, context, chosen, precision):
@@ -156,30 +161,35 @@ def test_largest_budget_then_best_precision(profile, context, chosen, precision)
 def test_nvfp4_ranks_after_fp8_and_before_int8():
     """A Blackwell target just too small for 12B at fp8: nvfp4 keeps 12B."""
     bw = target_from_profile(get_profile("rtx-5090"))
-    full = plan(E12B, bw, Workload(dtype="auto"))
+    full = plan(E12B, bw, Workload(dtype="auto"), runtime="tensorrt-llm")  # no int8 SmoothQuant in TensorRT-LLM
     at = {c.weights.short: c.terms["total"] for c in full.candidates if c.budget == "12B"}
-    assert list(at) == ["bf16", "fp8", "nvfp4", "int8", "int4"]
+    assert list(at) == ["bf16", "fp8", "nvfp4", "int4"]
     small = replace(bw, usable_bytes=(at["fp8"] + at["nvfp4"]) // 2)
-    p = plan(E12B, small, Workload(dtype="auto"))
+    p = plan(E12B, small, Workload(dtype="auto"), runtime="tensorrt-llm")
     assert (p.chosen, p.chosen_precision) == ("12B", "nvfp4")
 
 
 def test_never_below_int4_and_nothing_fits_says_what_would():
     p = on("orin-nano-4gb", context=8192)
     assert p.chosen is None and p.chosen_precision is None
-    assert {c.weights.short for c in p.candidates} == {"bf16", "int8", "int4"}
+    assert {c.weights.short for c in p.candidates if c.runtime == "edgellm"} == {"fp16", "int8", "int4"}
+    assert {c.weights.short for c in p.candidates if c.runtime == "llama.cpp"} == {"bf16", "q8_0", "q6_k", "q5_k_m",
+                                                                                   "q4_k_m"}
     assert any("budget 6B needs" in s for s in p.suggestions)
 
 
 def test_a_target_that_says_nothing_of_quantization_plans_floats():
     t = Target("test", "gpu", 20 * 2**30, 2**29, True, True, False, False, "profile")
-    p = plan(E12B, t, Workload(dtype="auto"))
+    p = plan(E12B, t, Workload(dtype="auto"), runtime="vllm")
     assert {c.weights.short for c in p.candidates} == {"bf16"} and p.chosen == "9B"
+    every = plan(E12B, t, Workload(dtype="auto"))  # llama.cpp's own types need no capability
+    assert not any(c.weights.quantized for c in every.candidates)
 
 
 def test_the_cpu_host_plans_no_quantized_weights():
-    p = on("cpu")
-    assert {c.weights.short for c in p.candidates} == {"bf16"}
+    p = on("cpu")  # no Model Optimizer format; llama.cpp's own GGUF types are llama.cpp's business
+    assert {c.weights.short for c in p.candidates} == {"bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"}
+    assert {c.runtime for c in p.candidates} == {"llama.cpp"} and not any(c.weights.quantized for c in p.candidates)
 
 
 # ---- pins -----------------------------------------------------------------------------------------
@@ -243,10 +253,11 @@ def test_fit_my_gpu_chooses_among_what_slicing_writes(monkeypatch):
 def test_slicing_a_quantized_row_needs_the_quantizer(monkeypatch):
     import elastic.slicer.planning.fit as fit
 
-    p = on("orin-nano-8gb")
+    p = on("orin-nx-16gb")
+    assert (p.chosen, p.chosen_precision) == ("12B", "int4")
     monkeypatch.setattr(fit, "slice_precisions", lambda: fit.WEIGHTS)
     with pytest.raises(ConfigError, match="planned with int4 weights.*elastic.modelopt"):
-        slice_budget(p, "6B", "unused")
+        slice_budget(p, "12B", "unused")
 
 
 # ---- the JSON scripts read -------------------------------------------------------------------------
@@ -255,20 +266,20 @@ def test_plan_json_keys():
     p = cli_plan("--target", "orin-nano-8gb", "--context", "8192")
     assert {"checkpoint", "weights_present", "device", "workload", "budgets", "chosen", "notes", "suggestions",
             "chosen_precision", "candidates"} <= set(p)
-    assert p["chosen"] == "6B" and p["chosen_precision"] == "int4"
+    assert (p["chosen"], p["chosen_precision"], p["chosen_runtime"]) == ("6B", "q6_k", "llama.cpp")
     assert {"context", "batch", "dtype", "weights", "kv", "state"} <= set(p["workload"])
     for b in p["budgets"]:
         assert {"name", "parameters", "dtype", "fits", "headroom_bytes", "terms", "weights_precision", "kv_precision",
                 "state_precision"} <= set(b)
         assert b["dtype"] == "bfloat16" and b["kv_precision"] == "bf16" and b["state_precision"] == "fp32"
-    assert len(p["candidates"]) == 3 * 3  # 12B, 9B, 6B x bf16, int8, int4
+    assert len(p["candidates"]) == 3 * (3 + 5)  # 12B, 9B, 6B x Edge-LLM fp16/int8/int4, llama.cpp bf16/q8_0..q4_k_m
     for c in p["candidates"]:
-        assert {"budget", "weights_precision", "fits", "terms"} <= set(c)
+        assert {"budget", "weights_precision", "fits", "terms", "runtime", "why"} <= set(c)
         t = c["terms"]
         assert set(t) == {"weights", "kv_cache", "ssm_state", "activations", "overhead", "margin", "total"}
         assert t["total"] == sum(v for k, v in t.items() if k != "total")
     chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
-    same = next(c for c in p["candidates"] if c["budget"] == "6B" and c["weights_precision"] == "int4")
+    same = next(c for c in p["candidates"] if c["budget"] == "6B" and c["weights_precision"] == "q6_k")
     assert chosen["terms"] == same["terms"] and chosen["fits"] and same["fits"]
 
 
@@ -278,9 +289,15 @@ def test_int4_takes_the_group_the_slice_writes():
     writes), so the plan offers int4 there instead of refusing it."""
     from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
+    from elastic.slicer.planning.memory import block_problem
+
     p = plan(DEMO_CHECKPOINT, target_from_profile(get_profile("orin-nano-8gb")), Workload(weights="int4"))
-    assert p.chosen == "100%" and p.candidates
-    assert all(c.fits and c.refused is None for c in p.candidates)
+    for b in p.budgets:  # the slicer writes int4 with a smaller group ...
+        assert block_problem(b.spec.child_arch(p.checkpoint.arch), "int4") is None
+    # ... but on Orin only TensorRT Edge-LLM runs int4, and its AWQ takes groups of 128 (issue 24)
+    assert p.chosen is None and p.candidates and all(
+        c.runtime == "edgellm" and c.fits and "multiples of 128" in c.refused for c in p.candidates)
     auto = plan(DEMO_CHECKPOINT, target_from_profile(get_profile("orin-nano-8gb")), Workload(dtype="auto"))
-    # the device's float precision first: int4 fits too, but bf16 already holds the largest budget
-    assert auto.chosen_precision == "bf16" and all("int4" in b.fits_at for b in auto.budgets)
+    # the preferred engine's float precision first: Edge-LLM's fp16 already holds the largest budget
+    assert (auto.chosen_precision, auto.chosen_runtime) == ("fp16", "edgellm")
+    assert all("int4" not in b.fits_at for b in auto.budgets)

@@ -78,7 +78,9 @@ QUANTIZED = (FP8, INT8, INT8_WO, INT4, NVFP4)
 WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32)
 # What `elastic plan --precision` takes for the weights (a float one is also the base precision of every
 # unquantized tensor; a quantized one keeps the base float for those). WEIGHTS stays what slicing writes.
-PLAN_WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32, FP8, NVFP4, INT8, INT8_WO, INT4)
+# llama.cpp's quantized types, best first (what the planner tries on llama.cpp after the float precision)
+GGUF_QUANTIZED = (Q8_0, Q6_K, Q5_K_M, Q4_K_M)
+PLAN_WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32, FP8, NVFP4, INT8, INT8_WO, INT4, *GGUF_QUANTIZED)
 # The order the planner tries quantized weights in when nothing pins them, after the device's float
 # precision: fp8 (8-bit, per-tensor scales), then nvfp4 (Blackwell's native 4-bit format, fp8 scales per
 # 16 elements), int8 SmoothQuant (W8A8), int4 AWQ (W4A16, group 128). Never below int4 unless pinned;

@@ -21,10 +21,11 @@ from typing import Any
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
 from elastic.slicer.errors import ConfigError, Hint
-from elastic.slicer.formats.precision import (AUTO, FLOAT32, KV, PLAN_WEIGHTS, QUANT_RANKING, STATE, WEIGHTS,
-                                              Precision, choose, lookup, supported)
+from elastic.slicer.formats.precision import (AUTO, FLOAT32, GGUF_QUANTIZED, KV, PLAN_WEIGHTS, QUANT_RANKING, STATE,
+                                              WEIGHTS, Precision, choose, lookup, supported)
+from elastic.slicer.planning.engines import EngineOption, engine_options, with_base
 from elastic.slicer.planning.memory import (Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
-                                            max_context, weights_breakdown)
+                                            gguf_quantized, max_context, weights_breakdown)
 from elastic.slicer.formats.spec import SliceSpec
 
 
@@ -48,12 +49,14 @@ class Target:
     int4: bool = False
     nvfp4: bool = False
     runtimes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # precision -> runtimes
+    engines: tuple[str, ...] = ()  # engines that run here, preferred first (empty: its kind's; planning.engines)
 
 
 def _quant_flags(d, profile) -> dict[str, Any]:
     """int8/int4/nvfp4 of a DeviceProfile or a detected Device, and its profile's runtime table."""
     return {"int8": d.int8, "int4": d.int4, "nvfp4": d.nvfp4,
-            "runtimes": dict(profile.runtimes) if profile is not None else {}}
+            "runtimes": dict(profile.runtimes) if profile is not None else {},
+            "engines": tuple(profile.engines) if profile is not None else ()}
 
 
 def target_from_profile(profile) -> Target:
@@ -130,7 +133,7 @@ def _pin(req: str, target: Target, allowed: tuple[Precision, ...], what: str, se
     """An asked-for precision on ``target``: a float one falls back as ``precision.choose`` does
     (with a note); a quantized one the device lacks is refused."""
     p = lookup(req, allowed, what)
-    if p.quantized:
+    if p.quantized or gguf_quantized(p):  # a llama.cpp type runs wherever llama.cpp does
         if not supported(p, target):
             raise _refuse(p, target, what, allowed, setting)
         return p
@@ -163,7 +166,7 @@ def resolve_precisions(w: Workload, target: Target, allowed: tuple[Precision, ..
             raise ConfigError(f"{p.short} weights are not available here: slicing writes "
                               f"{', '.join(q.short for q in allowed)} weights only in this build (no quantizer yet)",
                               hint=Hint("precision", "choose float weights", value=choose(AUTO, target)[0].short))
-        if not p.quantized:
+        if not p.quantized and not gguf_quantized(p):
             base = p
         elif base_req is not None:
             base = _pin(base_req, target, WEIGHTS, "dtype", "dtype", notes)
@@ -192,14 +195,18 @@ class Candidate:
     headroom_bytes: int
     terms: dict[str, int]  # weights, kv_cache, ssm_state, activations, overhead, margin, total
     weights_detail: dict[str, int]  # the weights term: quantized, scales, float
-    refused: str | None = None  # why Model Optimizer cannot produce it (int4 needs whole groups)
+    refused: str | None = None  # why it cannot be produced or run (int4 groups, the engine's rules)
+    runtime: str = ""  # the engine that runs it (planning.engines: "edgellm", "vllm", "llama.cpp", ...)
+    why: str = ""  # the engine and precision in words
+    form: str = ""  # the config form the engine loads: "stock" (padded where needed) or "as cut"
 
     @property
     def usable(self) -> bool:
         return self.fits and self.refused is None
 
     def to_json(self) -> dict[str, Any]:
-        return {"budget": self.budget, "weights_precision": self.weights.short, "fits": self.fits,
+        return {"budget": self.budget, "weights_precision": self.weights.short, "runtime": self.runtime,
+                "why": self.why, "form": self.form, "fits": self.fits,
                 "refused": self.refused, "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
                 "weights_detail": dict(self.weights_detail)}
 
@@ -212,6 +219,12 @@ def candidate(budget: str, child, p: Precision, pr: Precisions, w: Workload, tar
                      headroom_bytes=target.usable_bytes - terms["total"], terms=terms,
                      weights_detail=weights_breakdown(child, p.name, pr.base.name),
                      refused=block_problem(child, p.name))
+
+
+def engine_candidate(budget: str, opt: EngineOption, pr: Precisions, w: Workload, target: Target) -> Candidate:
+    """The memory of one engine option (the budget as that engine loads it) on ``target``."""
+    c = candidate(budget, opt.arch, opt.weights, with_base(pr, opt.base), w, target)
+    return replace(c, refused=opt.refused, runtime=opt.engine, why=opt.why, form=opt.form)
 
 
 def budget_specs(ckpt: Checkpoint) -> list[tuple[str, SliceSpec, str]]:
@@ -252,9 +265,11 @@ class BudgetPlan:
     export_here: bool | None = None  # both fit the target's memory (None: they run in host RAM, not known here)
     active_parameters: int = 0  # computed per token: total less the routed experts a token skips (MoE)
     refused: str | None = None  # why the precision shown cannot be written (when its memory would fit)
+    runtime: str = ""  # the engine of the option shown (planning.engines)
+    why: str = ""  # that engine and precision in words
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "parameters": self.parameters, "active_parameters": self.active_parameters,
+        return {"name": self.name, "runtime": self.runtime, "why": self.why, "parameters": self.parameters, "active_parameters": self.active_parameters,
                 "dtype": self.dtype, "fits": self.fits,
                 "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
                 "layer_pattern": self.layer_pattern, "resolved_by": self.resolved_by,
@@ -283,6 +298,7 @@ class Plan:
     fit: str = "budgets"  # "exact": also the largest architecture of any size that fits (``exact_fit``)
     exact_fit: BudgetPlan | None = None  # its row, named "exact" (None: nothing fits, or not asked)
     exact_candidates: tuple[Candidate, ...] = ()  # the exact fit at its precision
+    runtime: str | None = None  # the engine `--runtime` pinned (None: every engine of the target)
 
     def budget(self, name: str) -> BudgetPlan:
         for b in self.budgets:
@@ -305,6 +321,11 @@ class Plan:
                                            f"({e.resolved_by})",))
 
     @property
+    def chosen_runtime(self) -> str | None:
+        """The engine that runs the chosen budget ("edgellm", "vllm", "tensorrt-llm", "llama.cpp"), or None."""
+        return self.budget(self.chosen).runtime if self.chosen else None
+
+    @property
     def chosen_precision(self) -> str | None:
         """The weights precision of the chosen budget, short ("bf16", "int4"), or None."""
         return self.budget(self.chosen).weights_precision if self.chosen else None
@@ -325,6 +346,8 @@ class Plan:
             "budgets": [b.to_json() for b in self.budgets],
             "chosen": self.chosen,
             "chosen_precision": self.chosen_precision,
+            "chosen_runtime": self.chosen_runtime,
+            "chosen_why": self.budget(self.chosen).why if self.chosen else None,
             "candidates": [c.to_json() for c in self.candidates],
             "notes": list(self.notes),
             "suggestions": list(self.suggestions),
@@ -344,13 +367,14 @@ def slice_precisions() -> tuple[Precision, ...]:
     the CPU too). A plan made ``for_slicing`` chooses among these only."""
     from importlib.util import find_spec
 
+    gguf = GGUF_QUANTIZED if None not in (find_spec("gguf"), find_spec("llama_cpp")) else ()  # llama.cpp quantizes
     if find_spec("modelopt") is None:  # imports nothing
-        return WEIGHTS
-    return (*WEIGHTS, *QUANT_RANKING)
+        return (*WEIGHTS, *gguf)
+    return (*WEIGHTS, *QUANT_RANKING, *gguf)
 
 
 def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload, detection: Any = None,
-         for_slicing: bool = False, fit: str = "budgets") -> Plan:
+         for_slicing: bool = False, fit: str = "budgets", runtime: str | None = None) -> Plan:
     """The memory table of every budget x weights precision on ``target`` and the budget chosen:
     the largest that fits, at the best precision that fits it (see :class:`Plan`).
 
@@ -364,19 +388,24 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
             :func:`slice_precisions`, and say what a quantized precision would have fitted.
         fit: "budgets" (the trained budgets), or "exact": also the largest architecture of any size
             that fits (:func:`exact_fit_row`), beside them.
+        runtime: pin the engine (``--runtime``; :func:`elastic.slicer.planning.engines.pin_engine`).
+            None: every engine of the target, preferred first; each budget shows the first
+            (engine, precision) that fits it, and the largest budget that fits is chosen.
 
     Raises:
-        ConfigError: a pinned precision the target does not run, or (``for_slicing``) one that
-            slicing cannot write.
+        ConfigError: a pinned precision the target does not run, (``for_slicing``) one that
+            slicing cannot write, a runtime unknown or not on the target, or a pinned precision no
+            engine of the target runs.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     allowed = slice_precisions() if for_slicing else PLAN_WEIGHTS
     pr = resolve_precisions(workload, target, allowed)
     if fit not in ("budgets", "exact"):
         raise ConfigError(f"fit is {fit!r}; choose budgets (the trained ones) or exact (any size that fits)")
+    _require_engine(ckpt, target, pr, allowed, runtime)
     rows, candidates = [], []
     for name, spec, source in budget_specs(ckpt):
-        row, tried = budget_row(ckpt, name, spec, source, pr, workload, target)
+        row, tried = budget_row(ckpt, name, spec, source, pr, workload, target, allowed, runtime)
         rows.append(row)
         candidates += tried
     fitting = [r for r in rows if r.fits]
@@ -395,7 +424,7 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
                             " (quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"))
     exact, exact_tried = None, []
     if fit == "exact":
-        exact, exact_tried, why = exact_fit_row(ckpt, pr, workload, target, chosen)
+        exact, exact_tried, why = exact_fit_row(ckpt, pr, workload, target, chosen, allowed, runtime)
         notes += [why] if why else []
     w = replace(workload, dtype=pr.base.name, weights=pr.weights[0].name if pr.pinned else AUTO,
                 kv=pr.kv.name, state=pr.state.name)
@@ -403,16 +432,39 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
         checkpoint=ckpt, target=target, workload=w, budgets=tuple(rows), chosen=chosen.name if chosen else None,
         notes=tuple(notes), suggestions=() if chosen else tuple(suggestions(ckpt, rows, target, pr.weights, allowed)),
         detection=detection, candidates=tuple(candidates), fit=fit, exact_fit=exact,
-        exact_candidates=tuple(exact_tried),
+        exact_candidates=tuple(exact_tried), runtime=runtime,
     )
 
 
+def _options(child, target: Target, pr: Precisions, allowed: tuple[Precision, ...], runtime: str | None):
+    """The engine options of ``child`` on ``target`` (``planning.engines.engine_options``)."""
+    return engine_options(child, target, pr.base, allowed, pr.weights if pr.pinned else None, runtime)
+
+
+def _require_engine(ckpt: Checkpoint, target: Target, pr: Precisions, allowed: tuple[Precision, ...],
+                    runtime: str | None) -> None:
+    """Refuse a plan no engine of ``target`` can make at all (a pinned precision none of them runs)."""
+    if _options(ckpt.arch, target, pr, allowed, runtime):
+        return
+    from elastic.slicer.planning.engines import ENGINES, device_engines, engine_precisions
+
+    names = (runtime,) if runtime else device_engines(target)
+    runs = "; ".join(f"{ENGINES[n].title}: " + ", ".join(q.short for q in engine_precisions(ENGINES[n], target,
+                     pr.base, None) if q in allowed) for n in names)
+    raise ConfigError(f"no engine on {target.name} runs {', '.join(q.short for q in pr.weights)} weights "
+                      f"({runs})", hint=Hint("precision", "choose a precision one of them runs, or auto"))
+
+
 def budget_row(ckpt: Checkpoint, name: str, spec: SliceSpec, source: str, pr: Precisions, workload: Workload,
-               target: Target) -> tuple[BudgetPlan, list[Candidate]]:
-    """One row of the plan: ``spec`` at every weights precision of ``pr`` on ``target``, the best
-    that fits (else the smallest tried) shown; and every precision tried."""
+               target: Target, allowed: tuple[Precision, ...] = PLAN_WEIGHTS,
+               runtime: str | None = None) -> tuple[BudgetPlan, list[Candidate]]:
+    """One row of the plan: ``spec`` on every engine of ``target`` at each of its weights
+    precisions (``planning.engines``), the first that fits (engines in the device's order, each
+    best precision first) shown, else the last tried; and every option tried."""
     child = spec.child_arch(ckpt.arch)
-    tried = [candidate(name, child, p, pr, workload, target) for p in pr.weights]
+    tried = [engine_candidate(name, o, pr, workload, target) for o in _options(child, target, pr, allowed, runtime)]
+    if not tried:  # every option of the plan is refused for the parent already (_require_engine)
+        raise ConfigError(f"budget {name}: no engine option on {target.name}")
     best = next((c for c in tried if c.usable), tried[-1])
     export_peak, build, here = export_terms(child, target, best.terms["weights"])
     counts = child.param_counts()
@@ -421,17 +473,18 @@ def budget_row(ckpt: Checkpoint, name: str, spec: SliceSpec, source: str, pr: Pr
         active_parameters=counts["active"], dtype=pr.base.name,
         fits=best.usable, headroom_bytes=best.headroom_bytes, terms=best.terms, layer_pattern=child.layer_pattern,
         weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
-        fits_at=tuple(c.weights.short for c in tried if c.usable), weights_detail=best.weights_detail,
+        fits_at=tuple(dict.fromkeys(c.weights.short for c in tried if c.usable)), weights_detail=best.weights_detail,
         workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
-        refused=None if best.usable else best.refused,
+        refused=None if best.usable else best.refused, runtime=best.runtime, why=best.why,
     ), tried
 
 
 EXACT_TOLERANCE = 0.02  # --fit exact: the router's favourite within this below the largest size that fits
 
 
-def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: Target,
-                  chosen: BudgetPlan | None) -> tuple[BudgetPlan | None, list[Candidate], str | None]:
+def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: Target, chosen: BudgetPlan | None,
+                  allowed: tuple[Precision, ...] = PLAN_WEIGHTS,
+                  runtime: str | None = None) -> tuple[BudgetPlan | None, list[Candidate], str | None]:
     """``--fit exact``: the architecture of any size, not only a trained budget, that fits
     ``target``: the most parameters whose memory (every term of the plan) fits, then the router's
     favourite within :data:`EXACT_TOLERANCE` below that size (``planning.exact.exact_fit``; the
@@ -461,7 +514,8 @@ def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: 
         else:
             where = size_log_probs(ec, parent, weights, r.parameters)[1]
             source = f"exact fit: {'router' if weights is not None else 'stored choices'}, not trained: {where}"
-        row, tried = budget_row(ckpt, "exact", r.spec, source, replace(pr, weights=(p,)), workload, target)
+        row, tried = budget_row(ckpt, "exact", r.spec, source, replace(pr, weights=(p,), pinned=True), workload,
+                                target, allowed, chosen.runtime if chosen is not None else runtime)
         return row, tried, None
     return None, [], f"--fit exact: no architecture of the search space fits {target.name}"
 
@@ -488,19 +542,16 @@ def export_advice(b: BudgetPlan, target: Target) -> str:
 
 
 def _precision_notes(chosen: BudgetPlan, target: Target, tried: list[Candidate]) -> list[str]:
-    """Why the chosen budget has its precision, and what runs it, in words."""
+    """Why the chosen budget has its engine and precision, in words: the options tried before it."""
+    at = next(i for i, c in enumerate(tried) if c.usable and (c.runtime, c.weights.short) ==
+              (chosen.runtime, chosen.weights_precision))
     out = []
-    better = tried[:[c.weights.short for c in tried].index(chosen.weights_precision)]  # tried first, did not fit
-    if better:
-        misses = ", ".join(f"{c.weights.short} needs {c.terms['total'] / 2**30:.2f} GiB" if c.refused is None
-                           else f"{c.weights.short}: {c.refused}" for c in better)
-        out.append(f"{chosen.name} at {chosen.weights_precision}: {misses} "
+    if tried[:at]:  # preferred, but did not fit or was refused
+        misses = ", ".join(f"{c.runtime} {c.weights.short} needs {c.terms['total'] / 2**30:.2f} GiB"
+                           if c.refused is None else f"{c.runtime} {c.weights.short}: {c.refused}" for c in tried[:at])
+        out.append(f"{chosen.name} on {chosen.runtime} at {chosen.weights_precision}: {misses} "
                    f"({target.usable_bytes / 2**30:.2f} GiB usable)")
-    p = lookup(chosen.weights_precision)
-    if p.quantized:
-        runtimes = target.runtimes.get(p.short, ())
-        out.append(f"{p.short} weights on {target.name}: " + (", ".join(runtimes) if runtimes else
-                   "no runtime listed in the device tables") + " (Model Optimizer's checkpoint format)")
+    out.append(f"runs with {chosen.why}")
     return out
 
 
@@ -598,6 +649,8 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
     b = p.budget(budget)
     allowed = slice_precisions()
     weights = lookup(b.weights_precision) if b.weights_precision else lookup(b.dtype)
+    if gguf_quantized(weights) and weights in allowed:  # sliced in float; llama.cpp quantizes the GGUF
+        weights = lookup(b.dtype)
     if weights not in allowed:
         raise ConfigError(f"budget {b.name} was planned with {weights.short} weights; slicing here writes "
                           f"{', '.join(q.short for q in allowed)} weights"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.arch import Arch
-from elastic.slicer.formats.precision import FP8, INT4, INT8, INT8_WO, NVFP4, Precision, lookup
+from elastic.slicer.formats.precision import FP8, GGUF, INT4, INT8, INT8_WO, NVFP4, Precision, lookup
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.formats.values import is_int
 from elastic.slicer.quant.layout import weight_group
@@ -247,10 +247,34 @@ def _quantized_linear(name: str) -> str | None:
     return stem if leaf == "weight" and stem in QUANTIZED_LINEARS else None
 
 
+def gguf_quantized(p: Precision) -> bool:
+    """Whether ``p`` is one of llama.cpp's quantized GGUF types (q8_0 ... q4_k_m), not a float."""
+    return p in GGUF and not p.safetensors
+
+
+def _gguf_breakdown(arch: Arch, p: Precision) -> dict[str, int]:
+    """The weights of ``arch`` as a GGUF of llama.cpp's quantized type ``p``: every matrix at ``p``'s
+    bytes per weight (block scales included), the rest in float32 as llama.cpp keeps them (1-D
+    tensors, norms, the conv, the MoE router). An estimate: the _M mixes give some tensors the next
+    larger K type, and a row width that is not a multiple of 256 falls back to a larger type."""
+    parts = {"quantized": 0, "scales": 0, "float": 0}
+    for name, shape in arch.tensor_shapes().items():
+        n = math.prod(shape)
+        if len(shape) <= 1 or not name.endswith(".weight") or "norm" in name or ".conv1d." in name \
+                or ".gate." in name:
+            parts["float"] += 4 * n
+        else:
+            parts["quantized"] += math.ceil(n * p.bytes)
+    return parts
+
+
 def weights_breakdown(arch: Arch, weights: str, base: str | None = None) -> dict[str, int]:
     """The weights term in three parts: ``quantized`` (the packed Linear weights), ``scales``
-    (their scales and smoothing vectors) and ``float`` (everything kept in the base precision)."""
+    (their scales and smoothing vectors) and ``float`` (everything kept in the base precision).
+    A llama.cpp quantized type (q4_k_m, ...): :func:`_gguf_breakdown`."""
     p = lookup(weights)
+    if gguf_quantized(p):
+        return _gguf_breakdown(arch, p)
     parts = {"quantized": 0, "scales": 0, "float": 0}
     for name, (dt, shape) in weight_tensors(arch, weights, base).items():
         n = math.prod(shape) * DTYPES[dt][1]
