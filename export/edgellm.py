@@ -34,6 +34,10 @@ from typing import Any, Callable
 
 from elastic.profiles.errors import ProfileError
 from elastic.slicer.errors import ConfigError, ElasticError, Hint, MissingDependencyError
+# Edge-LLM's INT4: AWQ groups of 128 along the input, Linears 64-aligned (its default GEMM plugin); decided
+# once, where the plan reads them too
+from elastic.slicer.planning.engines import EDGELLM_INT4_ALIGN as INT4_ALIGN
+from elastic.slicer.planning.engines import EDGELLM_INT4_GROUP as INT4_GROUP
 
 from .edgellm_readme import INPUT, LOG, render
 from .layout import CHECKSUMS, MANIFEST, README
@@ -48,8 +52,6 @@ ENGINE_RUNTIME = "TensorRT Edge-LLM"  # its name in the device tables' runtimes
 # Jetson platforms Edge-LLM builds for, by compute capability: its CMake EMBEDDED_TARGET, the CUDA
 # toolkit of JetPack 7.2 (docs/source/user_guide/getting_started/installation.md, "JetPack 7.2 Orin/Thor")
 PLATFORMS = {"8.7": ("jetson-orin", 87, "13.2"), "11.0": ("jetson-thor", 110, "13.2")}
-INT4_GROUP = 128  # Edge-LLM's INT4 is AWQ with groups of 128 along the input
-INT4_ALIGN = 64  # its default INT4 GEMM plugin (cuteDSL V2) needs N and K multiples of 64
 # written as chat_template.jinja when the model has none: Edge-LLM's runtime renders it with Pantor
 # Inja, so only plain loops, conditions and dotted names
 DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message.role }}: {{ message.content }}\n"
