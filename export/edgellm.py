@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -40,7 +39,7 @@ from elastic.slicer.planning.engines import EDGELLM_INT4_ALIGN as INT4_ALIGN
 from elastic.slicer.planning.engines import EDGELLM_INT4_GROUP as INT4_GROUP
 
 from .edgellm_readme import INPUT, LOG, render
-from .layout import CHECKSUMS, MANIFEST, README
+from .layout import CHECKSUMS, MANIFEST, README, checksums
 
 EDGELLM_VERSION = "0.11.0"  # the exporter this module was checked with
 EXPORTER = "tensorrt-edgellm-export"
@@ -416,16 +415,3 @@ def input_request(prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
     user_guide/getting_started/quick-start-guide.md)."""
     return {"batch_size": 1, "temperature": 0.0, "max_generate_length": max_new_tokens,
             "requests": [{"messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}]}
-
-
-def checksums(root: Path) -> str:
-    """``sha256sum`` lines for every file under ``root`` (paths relative to it, ``llm/`` included):
-    ``sha256sum -c SHA256SUMS`` checks a bundle copied to the Jetson."""
-    lines = []
-    for f in sorted(q for q in Path(root).rglob("*") if q.is_file() and q.name != CHECKSUMS):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        lines.append(f"{h.hexdigest()}  {f.relative_to(root)}\n")
-    return "".join(lines)

@@ -17,7 +17,7 @@ from typing import Any
 
 from elastic.slicer.errors import ElasticError, Hint
 
-from .layout import CHECKSUMS, MANIFEST, README, SCRIPT
+from .layout import CHECKSUMS, MANIFEST, README, SCRIPT, checksums
 
 FORMATS = ("onnx", "tensorrt", "all")
 # files a runtime needs beside the graphs: the tokenizer (``elastic generate``) and the config (eos)
@@ -38,21 +38,6 @@ def _open(model_dir: str | Path, dtype: str):
     import torch
 
     return Checkpoint.open(model_dir, require_weights=True), getattr(torch, p.torch)
-
-
-def checksums(directory: Path) -> str:
-    """``sha256sum`` lines for every file in ``directory`` (a bundle copied to the device is checked
-    there with ``sha256sum -c SHA256SUMS``), read in blocks."""
-    import hashlib
-
-    lines = []
-    for f in sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != CHECKSUMS):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        lines.append(f"{h.hexdigest()}  {f.name}\n")
-    return "".join(lines)
 
 
 @dataclass(frozen=True)
