@@ -38,6 +38,16 @@ def generate(
                                                   "checkpoint (a trained name like 50%, or a size) on the "
                                                   "parent's tensors, without slicing (torch).",
                                                   show_default=False)] = None,
+    think_budget: Annotated[Optional[str], typer.Option("--think-budget", help="Budget control: decode the "
+                                                        "reasoning (up to </think> or --max-think-tokens) with "
+                                                        "this budget; needs --answer-budget.",
+                                                        show_default=False)] = None,
+    answer_budget: Annotated[Optional[str], typer.Option("--answer-budget", help="Budget control: prefill "
+                                                         "prompt + thinking and answer with this budget.",
+                                                         show_default=False)] = None,
+    max_think_tokens: Annotated[Optional[int], typer.Option("--max-think-tokens", help="End the thinking "
+                                                            "after this many tokens (default: at </think>).",
+                                                            min=1, show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a model greedily and print the text as it comes, then the decode speed.
@@ -51,6 +61,8 @@ def generate(
       elastic generate ./model-75-gguf/model-q4_k_m.gguf "def main(" --backend llama.cpp
 
       elastic generate -c ./elastic-ckpt --budget 50% "The capital of France is"
+
+      elastic generate -c ./elastic-ckpt --think-budget 50% --answer-budget 100% -n 256 "Solve ..."
     """
     from elastic.export.runtime import generate_text
 
@@ -70,7 +82,8 @@ def generate(
         try:
             r = generate_text(model_dir, prompt, backend=backend.value if backend else None,
                               max_new_tokens=max_new_tokens, threads=threads, on_text=None if json_out else stream,
-                              budget=budget)
+                              budget=budget, think_budget=think_budget, answer_budget=answer_budget,
+                              max_think_tokens=max_think_tokens)
         finally:
             if shown:
                 typer.echo("")  # end the streamed line, even when generation fails half-way
@@ -81,5 +94,7 @@ def generate(
         text = r["text"] if r["text"] is not None else " ".join(str(t) for t in r["tokens"])
         typer.echo(f"{prompt}{text}")
     where = f" budget {r['budget']}" if r.get("budget") else ""
+    if r.get("think_budget"):
+        where = " budgets " + ", ".join(f"{b}: {n} tokens" for b, n in r["budgets"].items())
     typer.echo(f"[{r['backend']}{where}] {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
                f"prefill {r['prefill_s'] * 1000:.1f} ms, decode {r['tokens_per_s']} tokens/s", err=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from elastic.slicer.errors import ElasticError, Hint
+from elastic.slicer.errors import ElasticError
 
 from .deps import require
 from .layout import DECODE, ENGINE_META, MANIFEST, PAST, PREFILL, PRESENT
@@ -133,7 +133,8 @@ def max_context(export_dir: str | Path) -> int | None:
 
 def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, max_new_tokens: int = 32,
                   threads: int | None = None, on_text: Callable[[str], None] | None = None,
-                  budget: str | None = None) -> dict[str, Any]:
+                  budget: str | None = None, think_budget: str | None = None, answer_budget: str | None = None,
+                  max_think_tokens: int | None = None) -> dict[str, Any]:
     """Greedy generation from a model directory (PyTorch), an export directory (ONNX Runtime) or a
     GGUF (llama.cpp), timed.
 
@@ -146,6 +147,9 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
         on_text: called with each new piece of text as it is decoded (for streaming).
         budget: run this budget of an elastic checkpoint on views of the parent's tensors, without
             slicing (``elastic.slicer.nn.budget.generate_budget``; torch only).
+        think_budget, answer_budget: budget control (both together, instead of ``budget``): think
+            with one budget until ``</think>`` or ``max_think_tokens``, then answer with the other
+            (``elastic.slicer.nn.budget.ResidentParent.generate_split``; torch only).
 
     Returns:
         ``backend``, ``prompt_tokens``, ``tokens`` (generated ids), ``text`` (None when the ids
@@ -166,18 +170,25 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
     backend = backend or ("onnx" if is_export_dir(path) else "llama.cpp" if find_gguf(path) else "torch")
     if backend not in BACKENDS:
         raise ElasticError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if think_budget is not None or answer_budget is not None or max_think_tokens is not None:
+        if budget is not None or think_budget is None or answer_budget is None:
+            raise ElasticError("budget control needs both --think-budget and --answer-budget (--max-think-tokens "
+                               "goes with them) and no --budget, since the answer budget is the model that answers; "
+                               "give --think-budget B1 --answer-budget B2, or --budget B alone", path=str(path))
+        budget = answer_budget
     if budget is not None:
         if backend != "torch":
-            raise ElasticError(f"--budget runs on the PyTorch reference model, not {backend}: a budget of an "
-                               "elastic checkpoint is computed from the parent's tensors", path=str(path),
-                               hint=Hint("backend", "use --backend torch, or slice the budget and export that"))
+            raise ElasticError(f"a budget runs on the PyTorch reference model (backend torch), not {backend}: a "
+                               "budget of an elastic checkpoint is computed from the parent's tensors; to run it "
+                               f"on {backend}, slice the budget and export that", path=str(path))
         from elastic.slicer.nn.budget import generate_budget
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        return generate_budget(path, budget, prompt, max_new_tokens, on_text=on_text)
+        return generate_budget(path, budget, prompt, max_new_tokens, on_text=on_text, think_budget=think_budget,
+                               max_think_tokens=max_think_tokens)
     if backend == "llama.cpp":
         return generate_gguf(path, prompt, max_new_tokens=max_new_tokens, threads=threads, on_text=on_text)
     if backend == "torch":

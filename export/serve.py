@@ -10,6 +10,15 @@ Decoding is greedy: ``temperature`` must be 0 or absent, ``top_p`` 1 or absent, 
 (``user``, ``seed``, penalties) are ignored. Requests queue and run one at a time (one sequence,
 no batching); the event loop stays free while a request runs in a worker thread.
 
+Budget control: a request may name ``think_budget`` and ``answer_budget`` (both, served budgets)
+and optionally ``max_think_tokens``: the reasoning segment decodes with the think budget until the
+generated ids end with ``</think>`` as the tokenizer encodes it, or ``max_think_tokens`` tokens, or
+eos / ``max_tokens`` (then there is no answer); the answer budget then prefills prompt + thinking
+once and decodes the answer; thinking + answer <= ``max_tokens``. ``model`` may be left out (a
+client that needs it: give the answer budget); one that differs from ``answer_budget`` is refused
+(400, code ``model_mismatch``); the response's ``model`` is the answer budget. ``usage.budgets``
+gives the tokens each budget generated (``{think: n1, answer: n2}``; one entry when they are one).
+
 Chat prompts use the checkpoint's ``chat_template`` (tokenizer_config.json) when it has one, else a
 plain fallback, ``"{role}: {content}\\n"`` per message then ``"assistant:"``; the response header
 ``x-elastic-chat-template`` says which (``checkpoint`` or ``fallback``).
@@ -135,6 +144,8 @@ class Engine:
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
         model = body.get("model")
+        if "think_budget" in body or "answer_budget" in body:
+            model = self._answer_model(body)
         if model not in self.budgets:
             raise ApiError(404 if isinstance(model, str) else 400,
                            f"model {model!r} is not served here; the budgets are: {', '.join(self.budgets)}",
@@ -155,6 +166,32 @@ class Engine:
                                 f"got {n!r}", param="max_tokens")
         return model, n
 
+    def _answer_model(self, body: dict[str, Any]) -> str:
+        """The answer budget of a budget-control request, checked: both budgets served, ``model`` absent or equal."""
+        for key in ("think_budget", "answer_budget"):
+            name = body.get(key)
+            if name is None:
+                raise ApiError(400, "`think_budget` and `answer_budget` go together: give both (or neither, and "
+                                    "`model` alone)", param=key)
+            if name not in self.budgets:
+                raise ApiError(404 if isinstance(name, str) else 400, f"{key} {name!r} is not served here; the "
+                               f"budgets are: {', '.join(self.budgets)}", param=key, code="model_not_found")
+        model, answer = body.get("model"), body["answer_budget"]
+        if model is not None and model != answer:
+            raise ApiError(400, f"`model` ({model!r}) must equal `answer_budget` ({answer!r}) or be left out: the "
+                                "answer budget is the model that answers", param="model", code="model_mismatch")
+        return answer
+
+    def think_plan(self, body: dict[str, Any], max_tokens: int) -> tuple[str, int | None] | None:
+        """(think budget, max_think_tokens) of a checked budget-control request; None for a plain one."""
+        if "think_budget" not in body:
+            return None
+        n = body.get("max_think_tokens")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_tokens):
+            raise ApiError(400, f"`max_think_tokens` must be an integer from 1 to max_tokens ({max_tokens}) or "
+                                f"absent (think until </think>), got {n!r}", param="max_think_tokens")
+        return body["think_budget"], n
+
     def prompt_tokens(self, prompt: str, max_tokens: int) -> int:
         from elastic.slicer.nn.generate import encode_prompt
 
@@ -165,9 +202,15 @@ class Engine:
                                 f"{self.max_context} tokens", param="max_tokens", code="context_length_exceeded")
         return len(ids)
 
-    def run(self, budget: str, prompt: str, max_tokens: int, on_text=None) -> dict[str, Any]:
-        """Greedy generation (queued: one request at a time, ``ResidentParent.lock``)."""
-        r = self.resident.generate(budget, prompt, max_tokens, on_text=on_text, max_context=self.max_context)
+    def run(self, budget: str, prompt: str, max_tokens: int, on_text=None,
+            think: tuple[str, int | None] | None = None) -> dict[str, Any]:
+        """Greedy generation (queued: one request at a time, ``ResidentParent.lock``); ``think``: (think
+        budget, max_think_tokens) to think with that budget and answer with ``budget``."""
+        if think is not None:
+            r = self.resident.generate_split(think[0], budget, prompt, max_tokens, max_think_tokens=think[1],
+                                             on_text=on_text, max_context=self.max_context)
+        else:
+            r = self.resident.generate(budget, prompt, max_tokens, on_text=on_text, max_context=self.max_context)
         eos = self.resident.tokenizer.eos_id
         finish = "stop" if r["tokens"] and eos is not None and r["tokens"][-1] == eos else "length"
         return {**r, "text": r["text"] or "", "finish_reason": finish}
@@ -175,7 +218,8 @@ class Engine:
 
 def usage(r: dict[str, Any]) -> dict[str, Any]:
     return {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["new_tokens"],
-            "total_tokens": r["prompt_tokens"] + r["new_tokens"], "budgets": {r["budget"]: r["new_tokens"]}}
+            "total_tokens": r["prompt_tokens"] + r["new_tokens"],
+            "budgets": r.get("budgets") or {r["budget"]: r["new_tokens"]}}
 
 
 # ---- HTTP -------------------------------------------------------------------------------------
@@ -207,7 +251,7 @@ def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _stream(engine: Engine, kind: str, rid: str, budget: str, prompt: str, max_tokens: int):
+async def _stream(engine: Engine, kind: str, rid: str, budget: str, prompt: str, max_tokens: int, think=None):
     """SSE events: the text pieces as they decode, a last chunk with finish_reason and usage, [DONE]."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     created, result = int(time.time()), {}
@@ -215,7 +259,8 @@ async def _stream(engine: Engine, kind: str, rid: str, budget: str, prompt: str,
     def work() -> None:
         try:
             result["r"] = engine.run(budget, prompt, max_tokens,
-                                     on_text=lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+                                     on_text=lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece),
+                                     think=think)
         except Exception as e:  # reported in the stream: the status line has been sent already
             result["error"] = e
         loop.call_soon_threadsafe(queue.put_nowait, None)
@@ -259,6 +304,7 @@ def build_app(engine: Engine):
             except ValueError as e:
                 raise ApiError(400, f"the request body is not valid JSON ({e})") from None
             budget, max_tokens = engine.check(body)
+            think = engine.think_plan(body, max_tokens)
             headers = {}
             if kind == "chat":
                 prompt, source = chat_prompt(engine.resident.root, _messages(body))
@@ -273,10 +319,10 @@ def build_app(engine: Engine):
             return error(e)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
-            return StreamingResponse(_stream(engine, kind, rid, budget, prompt, max_tokens),
+            return StreamingResponse(_stream(engine, kind, rid, budget, prompt, max_tokens, think),
                                      media_type="text/event-stream", headers=headers)
         try:
-            r = await run_in_threadpool(engine.run, budget, prompt, max_tokens)
+            r = await run_in_threadpool(engine.run, budget, prompt, max_tokens, None, think)
         except ElasticError as e:
             return error(ApiError(400, str(e)))
         return JSONResponse(_completion(kind, rid, budget, int(time.time()), r), headers=headers)

@@ -226,3 +226,116 @@ def test_openai_client_against_a_running_server(engine, children):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ---- budget control: think with one budget, answer with another ---------------------------------
+
+
+class _Scripted:
+    """A backend that emits ``script[k]`` as its k-th generated token (k = context length - prompt length)."""
+
+    name, vocab_size = "scripted", 64
+
+    def __init__(self, script, prompt_len):
+        self.script, self.prompt_len, self.prefills = script, prompt_len, []
+
+    def _logits(self, n):
+        out = torch.zeros(1, 1, self.vocab_size)
+        out[0, 0, self.script[min(n - self.prompt_len, len(self.script) - 1)]] = 1.0
+        return out
+
+    def prefill(self, ids):
+        self.prefills.append(list(ids[0]))
+        return self._logits(len(ids[0])), len(ids[0])
+
+    def step(self, nxt, n):
+        return self._logits(n + 1), n + 1
+
+
+def test_think_end_detector_switches_models():
+    from elastic.slicer.nn.budget import THINK_END, ends_thinking, split_decode, think_end_ids
+
+    assert ends_thinking([5, 6, 40, 41], [40, 41]) and not ends_thinking([40, 41, 5], [40, 41])
+    assert not ends_thinking([41], [40, 41]) and not ends_thinking([1, 2], [])
+    tok = ResidentParent(DEMO).tokenizer
+    assert think_end_ids(tok) == tok.encode(THINK_END, add_special_tokens=False) and think_end_ids(tok)
+    prompt = [1, 2, 3]
+    think = _Scripted([7, 8, 40, 41, 9, 9, 9], len(prompt))
+    answer = _Scripted([0] * 4 + [20, 21, 22, 23], len(prompt))  # its k-th token, k counted from the prompt
+    d = split_decode(think, answer, prompt, 8, end_ids=[40, 41], max_think_tokens=6)
+    assert d["tokens"] == [7, 8, 40, 41, 20, 21, 22, 23] and d["think_ended_by"] == "</think>"
+    assert (d["think_tokens"], d["answer_tokens"]) == (4, 4)
+    assert answer.prefills == [[1, 2, 3, 7, 8, 40, 41]]  # one prefill of prompt + thinking
+    d = split_decode(_Scripted([7, 8, 40, 41], 3), _Scripted([5] * 9, 3), prompt, 8, end_ids=[40, 41],
+                     max_think_tokens=2)  # the token budget comes first
+    assert d["tokens"] == [7, 8, 5, 5, 5, 5, 5, 5] and d["think_ended_by"] == "max_think_tokens"
+    d = split_decode(_Scripted([7, 2, 9], 3), _Scripted([5], 3), prompt, 8, end_ids=[40], eos_token_id=2)
+    assert d["tokens"] == [7, 2] and d["answer_tokens"] == 0 and d["think_ended_by"] == "eos"
+
+
+def test_equal_think_and_answer_budgets_are_the_plain_request(client, demo):
+    plain = client.post("/v1/completions", json={"model": "50%", "prompt": PROMPT, "max_tokens": 16}).json()
+    split = client.post("/v1/completions", json={"think_budget": "50%", "answer_budget": "50%", "prompt": PROMPT,
+                                                 "max_tokens": 16, "max_think_tokens": 5}).json()
+    assert split["choices"][0]["text"] == plain["choices"][0]["text"] and split["model"] == "50%"
+    assert split["usage"] == plain["usage"] and split["usage"]["budgets"] == {"50%": 16}
+    assert demo.generate_split("50%", "50%", PROMPT, 16, max_think_tokens=5)["tokens"] == \
+        demo.generate("50%", PROMPT, 16)["tokens"]
+
+
+def test_think_small_answer_large_equals_the_sliced_children(client, demo, children):
+    from elastic.slicer.nn.generate import encode_prompt, greedy
+    from elastic.slicer.nn.model import TorchBackend
+
+    r = demo.generate_split("50%", "100%", PROMPT, 16, max_think_tokens=6)
+    assert (r["think_tokens"], r["answer_tokens"], r["think_ended_by"]) == (6, 10, "max_think_tokens")
+    small = generate_text(children["demo_checkpoint", "50%"], PROMPT, backend="torch", max_new_tokens=6)
+    assert r["tokens"][:6] == small["tokens"]  # the thinking: the small child's greedy tokens
+    ids, _ = encode_prompt(demo.tokenizer, PROMPT, demo.ckpt.arch.vocab_size)
+    large = greedy(TorchBackend(load_model(children["demo_checkpoint", "100%"])), [ids + r["tokens"][:6]], 10, 2)
+    assert r["tokens"][6:] == large.tokens[0]  # the answer: the large child from prompt + thinking
+    body = {"think_budget": "50%", "answer_budget": "100%", "model": "100%", "prompt": PROMPT, "max_tokens": 16,
+            "max_think_tokens": 6}
+    got = client.post("/v1/completions", json=body).json()
+    assert got["choices"][0]["text"] == r["text"] and got["model"] == "100%"
+    u = got["usage"]
+    assert u["budgets"] == {"50%": 6, "100%": 10} and sum(u["budgets"].values()) == u["completion_tokens"] == 16
+    chunks = _sse(client, "/v1/completions", body)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == r["text"]
+    assert chunks[-1]["usage"]["budgets"] == {"50%": 6, "100%": 10}
+    chat = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["usage"]["budgets"] == {"50%": 6, "100%": 10}
+
+
+@pytest.mark.parametrize("extra,status,param", [
+    ({"think_budget": "9B", "answer_budget": "100%"}, 404, "think_budget"),
+    ({"think_budget": "50%", "answer_budget": "9B"}, 404, "answer_budget"),
+    ({"think_budget": "50%"}, 400, "answer_budget"),
+    ({"think_budget": "50%", "answer_budget": "100%", "model": "75%"}, 400, "model"),
+    ({"think_budget": "50%", "answer_budget": "100%", "max_think_tokens": 0}, 400, "max_think_tokens"),
+])
+def test_budget_control_errors(client, extra, status, param):
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, **extra})
+    assert r.status_code == status and r.json()["error"]["param"] == param and r.json()["error"]["message"]
+
+
+def test_cli_think_and_answer_budgets(demo):
+    args = ["generate", "-c", str(DEMO), PROMPT, "--think-budget", "50%", "--answer-budget", "100%", "-n", "12",
+            "--max-think-tokens", "4"]
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["tokens"] == demo.generate_split("50%", "100%", PROMPT, 12, max_think_tokens=4)["tokens"]
+    assert got["budgets"] == {"50%": 4, "100%": 8}
+    r = CliRunner().invoke(app, ["generate", "-c", str(DEMO), PROMPT, "--think-budget", "50%"])
+    assert r.exit_code != 0 and "--answer-budget" in r.output
+
+
+def test_a_budget_on_another_backend_is_refused_with_words_not_a_crash():
+    """The refusal is an ElasticError the CLI turns into one line (a Hint naming a setting the front
+    ends do not know would raise ValueError instead)."""
+    from elastic.export.runtime import generate_text
+    from elastic.slicer.errors import ElasticError
+
+    with pytest.raises(ElasticError, match="PyTorch reference model"):
+        generate_text(DEMO, "Hello", backend="onnx", budget="50%")

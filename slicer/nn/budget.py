@@ -18,10 +18,21 @@ Example:
     >>> resident = ResidentParent("./elastic-ckpt")
     >>> r = resident.generate("50%", "Hello", 16)          # == smoke_test(slice of 50%, "Hello", 16)
     >>> storage_report(resident.parent, resident.model("50%"))["copied_bytes"]   # small vectors only
+    >>> r = resident.generate_split("50%", "100%", "Hello", 64, max_think_tokens=48)  # think small, answer large
+
+Budget control (:meth:`ResidentParent.generate_split`): the reasoning segment decodes greedily with
+the think budget; it ends at the first of (1) the generated ids ending with ``</think>`` as the
+tokenizer encodes it alone (:func:`think_end_ids`; a reasoning model's added token is one id), with
+the ``</think>`` ids counted as thinking, (2) ``max_think_tokens`` thinking tokens, (3) the
+end-of-sequence token or ``max_new_tokens`` (the request ends there: no answer). Then the answer
+budget's model prefills prompt + thinking once and decodes the answer, so that thinking + answer
+<= ``max_new_tokens``. When both budgets are one model, the decode simply goes on with its cache
+(no second prefill): the output is the plain single-budget request's.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.slicer.errors import ConfigError, ElasticError, Hint
+from elastic.slicer.errors import ConfigError, ElasticError
 from elastic.slicer.formats.rules import Ranges, length, tensor_rules
 from elastic.slicer.formats.spec import SliceSpec
 from elastic.slicer.nn.masked import narrow
@@ -80,7 +91,7 @@ def budget_model(parent: NemotronH, spec: SliceSpec) -> NemotronH:
     """
     if any(isinstance(m, FakeQuantLinear) for m in parent.modules()):
         raise ElasticError("budgets of a quantized parent do not run on its views (its Linears quantize "
-                           "their inputs)", hint=Hint("slice", "slice the budget with `elastic slice` and run that"))
+                           "their inputs); slice the budget with `elastic slice` and run that")
     with torch.device("meta"):
         child = NemotronH(spec.child_arch(parent.arch))
     own = {**dict(parent.named_parameters(remove_duplicate=False)), **dict(parent.named_buffers())}
@@ -211,6 +222,52 @@ class ResidentParent:
     def backend(self, budget: str) -> TorchBackend:
         return TorchBackend(self.model(budget))
 
+    def generate_split(self, think_budget: str, answer_budget: str, prompt: str, max_new_tokens: int, *,
+                       max_think_tokens: int | None = None, eos_token_id: int | None = None,
+                       on_text: Callable[[str], None] | None = None, max_context: int | None = None) -> dict[str, Any]:
+        """Think with one budget, answer with another (see the module doc for where thinking ends).
+
+        Returns:
+            :func:`~elastic.slicer.nn.generate.generate_text`'s keys (``tokens``/``text``: thinking +
+            answer) plus ``think_tokens`` / ``answer_tokens`` (counts), ``think_ended_by``
+            (``"</think>"``, ``"max_think_tokens"``, ``"eos"``, ``"max_new_tokens"``), ``budgets``
+            ({name: tokens}, one entry when both are one budget), ``budget`` (the answer budget),
+            ``think_budget``, ``answer_budget``, ``answer_prefill_s``.
+
+        Raises:
+            CheckpointError: the checkpoint has no tokenizer.json.
+            ConfigError: an unknown budget.
+            ElasticError: prompt + ``max_new_tokens`` is longer than ``max_context``; ``max_think_tokens`` < 1.
+        """
+        from elastic.slicer.nn.generate import check_context, config_eos_token_id, encode_prompt
+
+        if max_think_tokens is not None and max_think_tokens < 1:
+            raise ElasticError(f"max_think_tokens must be at least 1, got {max_think_tokens}; leave it out to "
+                               "think until </think>")
+        tok = self.tokenizer
+        eos = eos_token_id if eos_token_id is not None else config_eos_token_id(self.root)
+        think = self.backend(think_budget)
+        answer = think if self.model(answer_budget) is think.model else self.backend(answer_budget)
+        ids, decodable = encode_prompt(tok, prompt, think.vocab_size)
+        fed = ids or [tok.bos_id if tok.bos_id is not None and tok.bos_id < think.vocab_size else 0]
+        check_context(len(fed), max_new_tokens, max_context, str(self.root))
+        with self.lock:
+            d = split_decode(think, answer, fed, max_new_tokens, end_ids=think_end_ids(tok),
+                             max_think_tokens=max_think_tokens, eos_token_id=eos,
+                             on_text=on_text if decodable else None, decode=lambda t: tok.decode(t, skip_special_tokens=True))
+        if not d.pop("finite"):
+            raise ElasticError("the model produced non-finite logits (NaN/inf): the model does not run correctly",
+                               path=str(self.root))
+        n_think, n_answer = d["think_tokens"], d["answer_tokens"]
+        budgets = ({think_budget: n_think + n_answer} if think_budget == answer_budget
+                   else {think_budget: n_think, answer_budget: n_answer})
+        tokens = d["tokens"]
+        return {"backend": think.name, "path": str(self.root), "prompt": prompt, "prompt_tokens": len(ids),
+                "new_tokens": len(tokens), "text": tok.decode(tokens, skip_special_tokens=True) if decodable else None,
+                **d, "tokens_per_s": round(len(tokens) / d["decode_s"], 1) if tokens and d["decode_s"] > 0 else None,
+                "budgets": budgets, "budget": answer_budget, "think_budget": think_budget,
+                "answer_budget": answer_budget, "spec_source": self.spec(answer_budget)[1]}
+
     def generate(self, budget: str, prompt: str, max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_text: Callable[[str], None] | None = None, max_context: int | None = None) -> dict[str, Any]:
         """``elastic.slicer.nn.generate.generate_text`` on the budget, plus ``budget`` and ``spec_source``.
@@ -231,20 +288,95 @@ class ResidentParent:
         return {**r, "budget": budget, "spec_source": self.spec(budget)[1]}
 
 
-def generate_budget(root: str | Path, budget: str, prompt: str, max_new_tokens: int = 32, *,
-                    on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Greedy text from budget ``budget`` of the elastic checkpoint ``root`` without slicing it: the
-    parent loads once and the budget runs on views of its tensors (``elastic generate --budget``).
+THINK_END = "</think>"
+
+
+def think_end_ids(tok) -> list[int]:
+    """The ids of ``</think>`` as ``tok`` encodes it alone (no special tokens added)."""
+    return list(tok.encode(THINK_END, add_special_tokens=False))
+
+
+def ends_thinking(tokens: list[int], end_ids: list[int]) -> bool:
+    """Whether the generated ``tokens`` end with the ``</think>`` ids ``end_ids`` (never for empty ``end_ids``)."""
+    return bool(end_ids) and len(tokens) >= len(end_ids) and tokens[-len(end_ids):] == end_ids
+
+
+def split_decode(think, answer, ids: list[int], max_new_tokens: int, *, end_ids: list[int],
+                 max_think_tokens: int | None = None, eos_token_id: int | None = None,
+                 on_text: Callable[[str], None] | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
+    """Greedy decoding that switches backend once, at the end of the reasoning segment.
+
+    ``think`` prefills ``ids`` and decodes until :func:`ends_thinking`, ``max_think_tokens``, eos or
+    ``max_new_tokens``; then ``answer`` (a backend, see ``elastic.slicer.nn.generate.Backend``)
+    prefills ``ids`` + thinking once and decodes the rest. ``answer is think``: no second prefill.
 
     Returns:
-        :meth:`ResidentParent.generate`'s keys plus ``load_s`` and ``storage`` (:func:`storage_report`
-        without the names).
+        ``tokens``, ``think_tokens``, ``answer_tokens``, ``think_ended_by``, ``prefill_s``,
+        ``answer_prefill_s``, ``decode_s`` (everything after the first prefill), ``finite``.
+    """
+    from elastic.slicer.nn.generate import TextStream
+
+    stream = TextStream(decode) if on_text is not None and decode is not None else None
+    t0 = time.perf_counter()
+    backend = think
+    logits, state = think.prefill([ids])
+    t1 = time.perf_counter()
+    tokens: list[int] = []
+    n_think, ended_by, answer_prefill_s = None, "max_new_tokens", 0.0
+    while len(tokens) < max_new_tokens:
+        nxt = logits[:, -1].argmax(-1)
+        tokens.append(int(nxt.tolist()[0]))
+        if stream is not None and (piece := stream.push(tokens[-1])):
+            on_text(piece)
+        if eos_token_id is not None and tokens[-1] == eos_token_id:
+            ended_by = "eos" if n_think is None else ended_by
+            break
+        if n_think is None and (ends_thinking(tokens, end_ids) or len(tokens) == max_think_tokens):
+            n_think = len(tokens)
+            ended_by = "</think>" if ends_thinking(tokens, end_ids) else "max_think_tokens"
+            if answer is not think:
+                if len(tokens) == max_new_tokens:
+                    break
+                ta = time.perf_counter()
+                backend, (logits, state) = answer, answer.prefill([ids + tokens])
+                answer_prefill_s = time.perf_counter() - ta
+                continue
+            backend = answer
+        logits, state = backend.step(nxt, state)
+    if stream is not None and (piece := stream.finish()):
+        on_text(piece)
+    t2 = time.perf_counter()
+    n_think = len(tokens) if n_think is None else n_think
+    return {"tokens": tokens, "think_tokens": n_think, "answer_tokens": len(tokens) - n_think,
+            "think_ended_by": ended_by, "prefill_s": round(t1 - t0, 4),
+            "answer_prefill_s": round(answer_prefill_s, 4), "decode_s": round(t2 - t1, 4),
+            "finite": math.isfinite(float(abs(logits).max()))}
+
+
+def generate_budget(root: str | Path, budget: str, prompt: str, max_new_tokens: int = 32, *,
+                    on_text: Callable[[str], None] | None = None, think_budget: str | None = None,
+                    max_think_tokens: int | None = None) -> dict[str, Any]:
+    """Greedy text from budget ``budget`` of the elastic checkpoint ``root`` without slicing it: the
+    parent loads once and the budget runs on views of its tensors (``elastic generate --budget``).
+    With ``think_budget``: think with that budget, answer with ``budget``
+    (:meth:`ResidentParent.generate_split`; ``elastic generate --think-budget --answer-budget``).
+
+    Returns:
+        :meth:`ResidentParent.generate`'s (or ``generate_split``'s) keys plus ``load_s`` and
+        ``storage`` (:func:`storage_report` of the answer budget, without the names).
     """
     t0 = time.perf_counter()
     resident = ResidentParent(root)
     model = resident.model(budget)
+    if think_budget is not None:
+        resident.model(think_budget)  # an unknown think budget is refused before generating
     load_s = time.perf_counter() - t0
     report = storage_report(resident.parent, model)
     report.pop("copied")
-    r = resident.generate(budget, prompt, max_new_tokens, on_text=on_text)
+    if think_budget is not None:
+        r = resident.generate_split(think_budget, budget, prompt, max_new_tokens,
+                                    max_think_tokens=max_think_tokens, on_text=on_text)
+    else:
+        r = resident.generate(budget, prompt, max_new_tokens, on_text=on_text)
     return {**r, "load_s": round(load_s, 3), "storage": report}
