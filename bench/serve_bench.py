@@ -45,8 +45,9 @@ def worker(kind: str, path: str, budgets: list[str], n: int) -> dict:
     require_tokenizer(path)
     base = rss_bytes()
     out = {}
-    if kind == "parent":
+    if kind in ("parent", "alone"):  # alone: the parent serving its full budget only, the baseline
         resident = ResidentParent(path)
+        budgets = budgets if kind == "parent" else budgets[:1]
         for b in budgets:
             resident.model(b)
         for b in budgets:
@@ -55,7 +56,10 @@ def worker(kind: str, path: str, budgets: list[str], n: int) -> dict:
     else:
         smoke_test(path, PROMPT, 4)
         out[kind] = smoke_test(path, PROMPT, n)["tokens_per_s"]
-    return {"rss_delta": rss_bytes() - base, "tokens_per_s": out}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"rss_delta": rss_bytes() - base, "peak_delta": peak - base, "tokens_per_s": out}
 
 
 def run_worker(*args: str) -> dict:
@@ -80,6 +84,7 @@ def main() -> None:
     root = Path(a.checkpoint or Path(pkg.__file__).parent / "demo_checkpoint")
     budgets = ResidentParent(root).budgets
     parent = run_worker("parent", str(root), ",".join(budgets), str(a.n))
+    alone = run_worker("alone", str(root), ",".join(budgets), str(a.n))
     children = {}
     with tempfile.TemporaryDirectory() as tmp:
         for b in budgets:
@@ -98,6 +103,10 @@ def main() -> None:
     print(json.dumps({"checkpoint": str(root), "new_tokens": a.n, "rss_parent_all_budgets": parent["rss_delta"],
                       "rss_children_sum": child_rss,
                       "rss_all_budgets_over_children": round(parent["rss_delta"] / child_rss, 3) if child_rss else None,
+                      "rss_parent_alone": alone["rss_delta"], "peak_parent_all_budgets": parent["peak_delta"],
+                      "peak_parent_alone": alone["peak_delta"],
+                      "rss_all_budgets_over_parent": round(parent["peak_delta"] / alone["peak_delta"], 3)
+                      if alone["peak_delta"] > 0 else None,
                       "tokens_per_s_parent": parent["tokens_per_s"],
                       "tokens_per_s_child": {b: c["tokens_per_s"][b] for b, c in children.items()},
                       "tokens_per_s_over_child": ratios}))
