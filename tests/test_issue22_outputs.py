@@ -174,6 +174,7 @@ def test_fit_my_gpu_on_a_full_disk_names_the_slice_it_kept_and_the_rerun_reuses_
             "--out", str(dest)]
     with monkeypatch.context() as m:
         m.setattr(ox, "write_graphs", _child_full)
+        m.setattr(workflow, "llama_cpp_engine", lambda p, name: False)  # the ONNX export, which fills the disk
         r = runner.invoke(app, args)
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     err = " ".join(r.stderr.split())

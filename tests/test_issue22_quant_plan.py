@@ -208,17 +208,26 @@ def test_the_issues_command_slices_the_moe_demo_to_int4(tmp_path):
 # ---- item 4: the plan's int4 against what the slice writes ---------------------------------------
 
 
-def test_plan_offers_int4_for_every_demo_budget_on_orin():
-    """`elastic plan --target orin-nano-8gb` refused int4 for every demo budget ("multiples of
-    128") although the slice writes them with groups of 64, 8 and 16: no candidate is refused now."""
+def test_plan_int4_on_orin_is_the_engines_rule_not_a_blanket_one():
+    """`elastic plan --target orin-nano-8gb` refused int4 for every demo budget with a plan-wide
+    "multiples of 128" although the slice writes them with groups of 64, 8 and 16. The slicer's rule
+    (layout.weight_group) now accepts them; on an Orin the engine that runs int4 is TensorRT Edge-LLM,
+    whose own rule (group 128, 64-aligned) is what refuses them, and the refusal says so."""
+    from elastic.slicer.formats.precision import INT4
+    from elastic.slicer.planning.fit import plan, resolve_target
+    from elastic.slicer.planning.memory import Workload
+    from elastic.slicer.quant.layout import weight_group
+
     r = runner.invoke(app, ["plan", "--target", "orin-nano-8gb", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     int4 = [c for c in p["candidates"] if c["weights_precision"] == "int4"]
-    assert len(int4) == 3 and all(c["refused"] is None and c["fits"] for c in int4)
-    assert all("int4" in b["fits_at"] for b in p["budgets"])
-    pinned = runner.invoke(app, ["plan", "--target", "orin-nano-8gb", "--precision", "int4", "--json"])
-    assert json.loads(pinned.stdout)["chosen"] == "100%" and json.loads(pinned.stdout)["suggestions"] == []
+    assert len(int4) == 3 and all(c["runtime"] == "edgellm" and c["fits"] for c in int4)
+    assert all("Edge-LLM's int4 (AWQ group 128)" in c["refused"] for c in int4)
+    planned = plan(DEMO_CHECKPOINT, resolve_target("orin-nano-8gb", None)[0], Workload())
+    groups = {b.name: weight_group(b.spec.child_arch(planned.checkpoint.arch).tensor_shapes(), INT4)
+              for b in planned.budgets}
+    assert groups == {"100%": 64, "75%": 8, "50%": 16}  # what `elastic slice --precision int4` writes
 
 
 @needs_modelopt
@@ -265,7 +274,10 @@ def test_plan_refuses_int4_where_the_slice_refuses_it_and_suggests_only_what_hel
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     (c,) = p["candidates"]
-    assert c["fits"] and "int4 (AWQ) cannot hold this model" in c["refused"] and p["chosen"] is None
+    # on an Orin the int4 engine is Edge-LLM, whose rule (group 128, 64-aligned) refuses first; the slicer's
+    # own rule refuses this model too (test_slice_refuses_int4_for_that_model_before_any_work)
+    assert c["fits"] and p["chosen"] is None
+    assert "int4 (AWQ) cannot hold this model" in c["refused"] or "Edge-LLM's int4 (AWQ group 128)" in c["refused"]
     assert p["suggestions"] == ["budget full fits with bf16 weights (instead of int4)"]
     text = runner.invoke(app, ["plan", "-c", str(narrow / "float"), "--target", "orin-nano-8gb", "--precision", "int4"])
     assert "context of" not in text.output and "GiB more" not in text.output

@@ -290,7 +290,9 @@ def test_plan_fit_exact_beside_the_trained_budgets():
     assert footprint(spec.child_arch(parent), w, p["device"]["overhead_bytes"]) == e["terms"]
     assert spec.parameters(parent) == e["parameters"]
     text = runner.invoke(app, args[:-1] + ["--fit", "exact"]).stdout
-    assert "exact fit   7.11B parameters at int4" in text and "the largest trained budget that fits: 6B" in text
+    # the engine-aware plan: on an Orin Nano llama.cpp's q6_k holds the 6B (Edge-LLM's int4 refuses it)
+    assert f"exact fit   {e['parameters'] / 1e9:.2f}B parameters at {e['weights_precision']}" in text
+    assert "the largest trained budget that fits: 6B" in text
 
 
 def test_fit_my_gpu_fit_exact_chooses_the_exact_fit_when_it_is_larger():

@@ -25,9 +25,10 @@ from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.resolve import Cost, Resolution, UnreachableBudget, nearest, parameter_cost, resolve
 from elastic.slicer.formats.safetensors import DTYPES
-from elastic.slicer.formats.spec import SliceSpec
+from elastic.slicer.formats.precision import lookup
 from elastic.slicer.planning.memory import (F32, Workload, _layer_activation_bytes, dtype_bytes, footprint,
-                                            kv_cache_bytes, ssm_state_bytes, weight_tensors)
+                                            gguf_quantized, gguf_tensor_bytes, kv_cache_bytes, ssm_state_bytes,
+                                            weight_tensors)
 
 
 def memory_cost(parent: Arch, w: Workload, overhead_bytes: int, max_bytes: float = math.inf,
@@ -37,7 +38,12 @@ def memory_cost(parent: Arch, w: Workload, overhead_bytes: int, max_bytes: float
     s, t = dtype_bytes(w.dtype), min(w.prefill_chunk, w.context)
     weights = w.weights or w.dtype
 
+    p = lookup(weights)
+
     def tensor_bytes(arch: Arch, inside: bool) -> int:
+        if gguf_quantized(p):  # llama.cpp's own types: bytes per weight, no safetensors dtype
+            return sum(gguf_tensor_bytes(name, shape, p) for name, shape in arch.tensor_shapes().items()
+                       if name.startswith("backbone.layers.") == inside)
         tensors = weight_tensors(arch, weights, w.dtype)
         return sum(math.prod(shape) * DTYPES[dt][1] for name, (dt, shape) in tensors.items()
                    if name.startswith("backbone.layers.") == inside)

@@ -259,13 +259,19 @@ def _gguf_breakdown(arch: Arch, p: Precision) -> dict[str, int]:
     larger K type, and a row width that is not a multiple of 256 falls back to a larger type."""
     parts = {"quantized": 0, "scales": 0, "float": 0}
     for name, shape in arch.tensor_shapes().items():
-        n = math.prod(shape)
-        if len(shape) <= 1 or not name.endswith(".weight") or "norm" in name or ".conv1d." in name \
-                or ".gate." in name:
-            parts["float"] += 4 * n
-        else:
-            parts["quantized"] += math.ceil(n * p.bytes)
+        parts["float" if gguf_keeps_float32(name, shape) else "quantized"] += gguf_tensor_bytes(name, shape, p)
     return parts
+
+
+def gguf_keeps_float32(name: str, shape: tuple[int, ...]) -> bool:
+    """Tensors llama.cpp keeps in float32 in a quantized GGUF: 1-D ones, norms, the conv, the MoE router."""
+    return len(shape) <= 1 or not name.endswith(".weight") or "norm" in name or ".conv1d." in name or ".gate." in name
+
+
+def gguf_tensor_bytes(name: str, shape: tuple[int, ...], p: Precision) -> int:
+    """The bytes of one tensor in a GGUF of llama.cpp's quantized type ``p`` (see :func:`_gguf_breakdown`)."""
+    n = math.prod(shape)
+    return 4 * n if gguf_keeps_float32(name, shape) else math.ceil(n * p.bytes)
 
 
 def weights_breakdown(arch: Arch, weights: str, base: str | None = None) -> dict[str, int]:
