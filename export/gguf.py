@@ -31,6 +31,7 @@ from elastic.slicer.errors import ConfigError, ElasticError, Hint, MissingDepend
 from elastic.slicer.formats.llama_cpp import (LLAMA_CPP, gguf_arch, gguf_problems, gguf_tokenizer_problem,
                                               pre_tokenizer_type)
 from elastic.slicer.formats.precision import GGUF, Precision, lookup
+from elastic.slicer.planning.memory import gguf_quantized
 
 MANIFEST = "gguf_manifest.json"
 # llama.cpp's tokenizer.ggml.token_type values (gguf.TokenType)
@@ -119,13 +120,13 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, precision: str | None
         raise ConfigError("llama.cpp cannot run this model; nothing was written", problems=problems,
                           path=str(model_dir))
     vocab = read_vocab(ckpt.root, ckpt.arch.vocab_size)  # refused before writing, like the model
-    if want.gguf_ftype and want.gguf_ftype not in ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"):
+    if gguf_quantized(want):  # llama.cpp's own quantizer makes it
         require_llama_cpp()
     name = f"model-{gguf_name(want)}.gguf"
     say = progress or (lambda stage, done, total: None)
     with ShardedWriter(out, force=force, source_files=[p for p in ckpt.root.iterdir() if p.is_file()],
                        kind="gguf") as w:
-        float_p = want if want.gguf_ftype in ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16") else _intermediate(ckpt)
+        float_p = _intermediate(ckpt) if gguf_quantized(want) else want
         first = w.tmp / (name if float_p is want else f".float-{gguf_name(float_p)}.gguf")
         write_float_gguf(ckpt, first, float_p, vocab, checkpoint_source(ckpt, fold_smoothing=True), gguf, say)
         if float_p is not want:
