@@ -27,7 +27,7 @@ from elastic.trainer import memory
 from elastic.trainer.elastic import Router, default_search_space, elastic_forward, sample
 from elastic.trainer.memory import plan_training, train_memory
 from elastic.trainer.train import TrainConfig
-from test_train_memory import cfg_for, part
+from test_train_memory import cfg_for, part, record_narrow_copies
 
 ROOT = Path(__file__).resolve().parent.parent
 MOE_DEMO = ROOT / "slicer" / "moe_demo_checkpoint"
@@ -168,16 +168,7 @@ def test_moe_masks_and_weight_copies_are_what_the_elastic_forward_makes(name, dr
     tensors it index-selects are the plan's copied ones (an MoE gate's rows only with routing
     groups), within the plan's weight copies."""
     arch, cfg = Arch.from_config(MOE_ARCHS[name]), cfg_for(2, 32, drop_layers=drop)
-    made = []
-    narrow = elastic_module._narrow
-
-    def recording(t, axes):
-        out = narrow(t, axes)
-        if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-            made.append(out.untyped_storage().nbytes())
-        return out
-
-    monkeypatch.setattr(elastic_module, "_narrow", recording)
+    made = record_narrow_copies(monkeypatch)
 
     def extra(batch: int):
         ids = torch.randint(0, arch.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(0))

@@ -47,6 +47,22 @@ def cfg_for(batch: int, context: int, micro: int = 1, **over) -> TrainConfig:
                        stage2=Stage(1, context, (0.5, 0.3, 0.2)), **over)
 
 
+def record_narrow_copies(monkeypatch) -> list[int]:
+    """Record, from now on, the bytes of each copy the elastic forward's ``_narrow`` returns (a view
+    shares its parameter's storage and is not recorded); returns the list it appends to."""
+    made: list[int] = []
+    narrow = elastic_module._narrow
+
+    def recording(t, axes):
+        out = narrow(t, axes)
+        if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            made.append(out.untyped_storage().nbytes())
+        return out
+
+    monkeypatch.setattr(elastic_module, "_narrow", recording)
+    return made
+
+
 def test_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import elastic.trainer.memory"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -221,16 +237,7 @@ def test_weight_copies_are_what_the_elastic_forward_index_selects(name, monkeypa
     elastic forward makes (the second-largest choice everywhere, which splits every head range) lie
     between the plan at the child's sizes and the plan at the parent's (an upper bound)."""
     arch, cfg = arch_of(name), cfg_for(2, 32)
-    made = []  # bytes of each copy _narrow returns (a view shares its parameter's storage)
-    narrow = elastic_module._narrow
-
-    def recording(t, axes):
-        out = narrow(t, axes)
-        if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-            made.append(out.untyped_storage().nbytes())
-        return out
-
-    monkeypatch.setattr(elastic_module, "_narrow", recording)
+    made = record_narrow_copies(monkeypatch)
     ids = torch.randint(0, arch.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     _, spec = elastic_forward_saved_bytes(arch, cfg, ids, pick=1)
     split = {r.source for r in tensor_rules(arch, spec) if any(len(ranges) > 1 for ranges in r.axes)}
