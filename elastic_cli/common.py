@@ -112,7 +112,7 @@ def fail(e: ElasticError, *, code: int = 2, json_out: bool = False, extra: dict[
     hint = hint_text(e)
     typer.echo(f"error: {e.render()}" + (f"\nhint: {hint}" if hint else ""), err=True)
     if json_out:
-        print_json({"error": f"{e.path}: {e.message}" if e.path else e.message, "hint": hint, "problems": e.problems,
+        print_json({"error": e.headline, "hint": hint, "problems": e.problems,
                     "path": None if e.path is None else str(e.path), "exit_code": code, **(extra or {})})
     raise typer.Exit(code) from None
 

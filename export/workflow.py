@@ -174,7 +174,7 @@ def _slice_kept(dest: Path, result, reused: bool, reusable: bool, e: ElasticErro
     if isinstance(e, DiskFullError):  # the disk's numbers, then what to do here (not "another directory")
         why, problems, hint, fix = f"{e.path}: {e.head}", [], None, f"free some space on that disk, then {again}"
     elif isinstance(e, ElasticError):
-        why, problems, hint, fix = (f"{e.path}: {e.message}" if e.path else e.message), e.problems, e.hint, again
+        why, problems, hint, fix = e.headline, e.problems, e.hint, again
     else:
         why, problems, hint, fix = f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", [], None, again
     err = SliceKeptError(

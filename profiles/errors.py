@@ -57,10 +57,14 @@ class ElasticError(Exception):
         self.hint = hint
         super().__init__(self.render())
 
+    @property
+    def headline(self) -> str:
+        """The message, after the path it is about when there is one."""
+        return f"{self.path}: {self.message}" if self.path else self.message
+
     def render(self) -> str:
         """Message and problems, without the hint (front ends add it in their own words)."""
-        head = f"{self.path}: {self.message}" if self.path else self.message
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+        return "\n".join([self.headline, *(f"  - {p}" for p in self.problems)])
 
 
 class ConfigError(ElasticError):
