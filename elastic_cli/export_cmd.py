@@ -48,7 +48,7 @@ def export(
                                         "them); all: both; gguf: one GGUF file for llama.cpp (pip install -e "
                                         "\".\\[gguf]\"); edgellm: a TensorRT Edge-LLM bundle for a Jetson Orin / "
                                         "Thor (--target): Edge-LLM's own ONNX and the commands that build and run "
-                                        "its TensorRT engine there (its exporter in .venv-edgellm, see README).")]
+                                        "its TensorRT engine there (its exporter in .venv-edgellm, see docs/engines.md).")]
     = Format.onnx,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Device profile (see `elastic "
                                                   "profiles`): the trtexec settings, or the Jetson of an edgellm "
