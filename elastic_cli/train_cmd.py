@@ -10,7 +10,18 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from elastic.profiles.units import GIB, gib
+from elastic.slicer.errors import ConfigError
+from elastic.slicer.formats.arch import Arch
+from elastic.slicer.formats.elastic_format import BUDGET_TOLERANCE
+from elastic.trainer.config import CLI_OPTIONS, TrainConfig, check_train_args, defaults, format_budgets
+from elastic.trainer.config import stage2_weights as default_stage2_weights
+from elastic.trainer.memory import HEADROOM, plan_training
+
 from .common import JsonOpt, boundary, human_bytes, human_count, parse_bytes, print_json
+
+# every option's default is the library's (tests/test_train_defaults.py checks that they agree)
+DEFAULTS = defaults()
 
 # what trainer.data really reads (corpus_files, _file_documents) and what TokenDataset opens
 DATA_HELP = ("Training text, UTF-8: a directory, searched recursively (hidden directories, site-packages and "
@@ -20,28 +31,21 @@ DATA_HELP = ("Training text, UTF-8: a directory, searched recursively (hidden di
              "directory holding meta.json (e.g. OUT.work/tokens from an earlier run), used as is.")
 
 
+def _csv(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
 class Fsdp(str, Enum):
     auto = "auto"
     on = "on"
     off = "off"
 
 
-def _budgets(text: str) -> tuple[tuple[str, float], ...]:
+def _parse_budgets(text: str, problems: list[str]) -> tuple[tuple[str, float], ...]:
     """ "100%=1.0,75%=0.75,50%=0.5" or "100%,75%,50%" (shares from the names), largest first.
 
-    Raises ConfigError listing every part that is neither NAME=SHARE nor a percentage; the values
+    Every part that is neither NAME=SHARE nor a percentage is appended to ``problems``; the values
     themselves (finite, in (0, 1], unique names) are checked by ``TrainConfig.validate``."""
-    from elastic.slicer.errors import ConfigError
-
-    problems: list[str] = []
-    out = _parse_budgets(text, problems)
-    if problems:
-        raise ConfigError("invalid --budgets", problems=problems)
-    return out
-
-
-def _parse_budgets(text: str, problems: list[str]) -> tuple[tuple[str, float], ...]:
-    """``_budgets`` that appends what it cannot parse to ``problems`` instead of raising."""
     out, found = [], []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, share = part.partition("=")
@@ -62,8 +66,6 @@ def _floats(text: str | None, option: str = "--stage2-weights", problems: list[s
             ) -> tuple[float, ...] | None:
     """ "0.5,0.3,0.2" -> (0.5, 0.3, 0.2); None stays None. Text that is not comma-separated numbers
     is a ConfigError (or, with ``problems``, appended there)."""
-    from elastic.slicer.errors import ConfigError
-
     if text is None:
         return None
     values, bad = [], []
@@ -81,6 +83,48 @@ def _floats(text: str | None, option: str = "--stage2-weights", problems: list[s
     return tuple(values)
 
 
+# the help of every option that sets a TrainConfig field; its flag is the one CLI_OPTIONS names in messages
+SETTING_HELP = {
+    "budgets": "NAME=SHARE of the parent's parameters, comma separated.",
+    "stage1.steps": "Stage 1 steps (short context, budgets uniform).",
+    "stage1.context": "Stage 1 tokens per sequence.",
+    "stage2.steps": "Stage 2 steps (longer context, weighted to the largest).",
+    "stage2.context": "Stage 2 tokens per sequence.",
+    "stage2.weights": f"Stage 2 budget weights, largest first (default {_csv(default_stage2_weights(3))} for three "
+                      "budgets, equal otherwise).",
+    "batch_size": "Sequences per optimizer step, all processes together (each computes its share; it must divide "
+                  "among them).",
+    "lr": "Model learning rate (AdamW).",
+    "router_lr": "Router learning rate.",
+    "warmup": "Warm-up steps.",
+    "drop_layers": "Least important layers the router may drop.",
+    "keep_attention": "Never let the router drop the most important attention layer, so every budget keeps one "
+                      "(llama.cpp and transformers' generate() need one).",
+    "micro_batches": "Budgets mixed in every step: the batch is split into this many micro-batches, each with its "
+                     "own budget (drawn with the stage's weights), gradients accumulated. 0: one per budget.",
+    "per_layer_mamba": "Let the router choose Mamba and attention sizes per layer, not one per budget. Such slices "
+                       "load only in transformers (elastic's extension format); vLLM, sglang and llama.cpp take one "
+                       "global Mamba and attention size.",
+    "budget_dead_zone": "No cost loss while the sampled model is within this fraction of its budget's target (the "
+                        "router's cost is the sampled model's parameters against the target).",
+    "budget_tolerance": "At the end every budget is resolved to the router's most probable architecture within this "
+                        f"fraction of its target parameters (at most {BUDGET_TOLERANCE:.0%}); where none exists the "
+                        "run fails (exit 2) naming both numbers, and the checkpoint is written either way.",
+    "fsdp": "Shard parameters, gradients, optimizer state and teacher across processes (FSDP2). auto: when several "
+            f"processes and DDP's per-rank memory would not fit in {HEADROOM:.0%} of the GPU.",
+    "activation_checkpointing": "Recompute each layer's activations in the backward (less memory, about a third "
+                                "more compute).",
+    "save_every": "Save the training state every N steps.",
+    "seed": "Seed for data order, router init and Gumbel noise.",
+}
+
+
+def _setting(field: str, decls: str | None = None) -> Any:
+    """The option of the TrainConfig setting ``field``: the flag ``CLI_OPTIONS`` gives it (``decls``
+    for an on/off pair), the help above."""
+    return typer.Option(decls or CLI_OPTIONS[field], help=SETTING_HELP[field])
+
+
 def train(
     parent: Annotated[Path, typer.Option("--parent", "--checkpoint", "-c", help="Dense nemotron_h checkpoint to make "
                                          "elastic.")],
@@ -88,43 +132,26 @@ def train(
                                                  show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The elastic checkpoint to write. Required unless "
                                                 "--dry-run.", show_default=False)] = None,
-    budgets: Annotated[str, typer.Option("--budgets", help="NAME=SHARE of the parent's parameters, comma separated.")]
-    = "100%=1.0,75%=0.75,50%=0.5",
-    stage1_steps: Annotated[int, typer.Option(help="Stage 1 steps (short context, budgets uniform).")] = 300,
-    stage1_context: Annotated[int, typer.Option(help="Stage 1 tokens per sequence.")] = 128,
-    stage2_steps: Annotated[int, typer.Option(help="Stage 2 steps (longer context, weighted to the largest).")] = 100,
-    stage2_context: Annotated[int, typer.Option(help="Stage 2 tokens per sequence.")] = 256,
-    stage2_weights: Annotated[Optional[str], typer.Option(help="Stage 2 budget weights, largest first "
-                                                          "(default 0.5,0.3,0.2 for three budgets).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, all processes together (each "
-                                            "computes its share; it must divide among them).")] = 8,
-    lr: Annotated[float, typer.Option(help="Model learning rate (AdamW).")] = 1e-3,
-    router_lr: Annotated[float, typer.Option(help="Router learning rate.")] = 1e-2,
-    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
-    drop_layers: Annotated[int, typer.Option(help="Least important layers the router may drop.")] = 2,
-    keep_attention: Annotated[bool, typer.Option(
-        "--keep-attention/--no-keep-attention", help="Never let the router drop the most important attention "
-        "layer, so every budget keeps one (llama.cpp and transformers' generate() need one).")] = True,
-    micro_batches: Annotated[int, typer.Option(
-        help="Budgets mixed in every step: the batch is split into this many micro-batches, each with its own "
-        "budget (drawn with the stage's weights), gradients accumulated. 0: one per budget.")] = 0,
-    per_layer_mamba: Annotated[bool, typer.Option(
-        "--per-layer-mamba", help="Let the router choose Mamba and attention sizes per layer, not one per budget. "
-        "Such slices load only in transformers (elastic's extension format); vLLM, sglang and llama.cpp take one "
-        "global Mamba and attention size.")] = False,
-    budget_dead_zone: Annotated[float, typer.Option(
-        help="No cost loss while the sampled model is within this fraction of its budget's target (the router's "
-        "cost is the sampled model's parameters against the target).")] = 0.02,
-    budget_tolerance: Annotated[float, typer.Option(
-        help="At the end every budget is resolved to the router's most probable architecture within this fraction "
-        "of its target parameters (at most 10%); where none exists the run fails (exit 2) naming both numbers, and "
-        "the checkpoint is written either way.")] = 0.05,
-    fsdp: Annotated[Fsdp, typer.Option("--fsdp", help="Shard parameters, gradients, optimizer state and teacher across "
-                                       "processes (FSDP2). auto: when several processes and DDP's per-rank memory "
-                                       "would not fit in 90% of the GPU.")] = Fsdp.auto,
-    activation_checkpointing: Annotated[bool, typer.Option(
-        "--activation-checkpointing", help="Recompute each layer's activations in the backward (less memory, "
-        "about a third more compute).")] = False,
+    budgets: Annotated[str, _setting("budgets")] = format_budgets(DEFAULTS["budgets"]),
+    stage1_steps: Annotated[int, _setting("stage1.steps")] = DEFAULTS["stage1.steps"],
+    stage1_context: Annotated[int, _setting("stage1.context")] = DEFAULTS["stage1.context"],
+    stage2_steps: Annotated[int, _setting("stage2.steps")] = DEFAULTS["stage2.steps"],
+    stage2_context: Annotated[int, _setting("stage2.context")] = DEFAULTS["stage2.context"],
+    stage2_weights: Annotated[Optional[str], _setting("stage2.weights")] = None,  # None: the library's rule
+    batch_size: Annotated[int, _setting("batch_size")] = DEFAULTS["batch_size"],
+    lr: Annotated[float, _setting("lr")] = DEFAULTS["lr"],
+    router_lr: Annotated[float, _setting("router_lr")] = DEFAULTS["router_lr"],
+    warmup: Annotated[int, _setting("warmup")] = DEFAULTS["warmup"],
+    drop_layers: Annotated[int, _setting("drop_layers")] = DEFAULTS["drop_layers"],
+    keep_attention: Annotated[bool, _setting("keep_attention", "--keep-attention/--no-keep-attention")]
+    = DEFAULTS["keep_attention"],
+    micro_batches: Annotated[int, _setting("micro_batches")] = DEFAULTS["micro_batches"],
+    per_layer_mamba: Annotated[bool, _setting("per_layer_mamba")] = DEFAULTS["per_layer_mamba"],
+    budget_dead_zone: Annotated[float, _setting("budget_dead_zone")] = DEFAULTS["budget_dead_zone"],
+    budget_tolerance: Annotated[float, _setting("budget_tolerance")] = DEFAULTS["budget_tolerance"],
+    fsdp: Annotated[Fsdp, _setting("fsdp")] = Fsdp(DEFAULTS["fsdp"]),
+    activation_checkpointing: Annotated[bool, _setting("activation_checkpointing")]
+    = DEFAULTS["activation_checkpointing"],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan per rank (parameters, gradients, "
                                           "optimizer state, teacher, gathered layers, activations) and the GPUs a "
                                           "run needs; read only the parent's config.json, write nothing.")] = False,
@@ -135,8 +162,8 @@ def train(
                                                       "80GB, 24GiB (binary: an 80GB card has 80 GiB). Default: this "
                                                       "machine's GPU; required with --gpus > 1 when there is none.",
                                                       show_default=False)] = None,
-    save_every: Annotated[int, typer.Option(help="Save the training state every N steps.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed for data order, router init and Gumbel noise.")] = 0,
+    save_every: Annotated[int, _setting("save_every")] = DEFAULTS["save_every"],
+    seed: Annotated[int, _setting("seed")] = DEFAULTS["seed"],
     work_dir: Annotated[Optional[Path], typer.Option(help="Training state and tokens (default: OUT.work).",
                                                      show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the work directory's state.")] = False,
@@ -158,25 +185,14 @@ def train(
 
       elastic train --parent examples/nemotron-elastic-12b --dry-run --gpus 8 --gpu-memory 80GB
     """
-    from elastic.slicer.errors import ConfigError
-    from elastic.trainer.train import Stage, TrainConfig, check_train_args
-    from elastic.trainer.train import train as run
-
     with boundary(json_out):
-        problems: list[str] = []
-        b = _parse_budgets(budgets, problems)
-        weights = _floats(stage2_weights, "--stage2-weights", problems)
-        if problems:
-            raise ConfigError("invalid training settings; nothing was written", problems=problems)
-        if weights is None:
-            weights = (0.5, 0.3, 0.2) if len(b) == 3 else tuple(1.0 / len(b) for _ in b)
-        cfg = TrainConfig(budgets=b, stage1=Stage(stage1_steps, stage1_context),
-                          stage2=Stage(stage2_steps, stage2_context, weights), batch_size=batch_size, lr=lr,
-                          router_lr=router_lr, warmup=warmup, drop_layers=drop_layers, keep_attention=keep_attention,
-                          micro_batches=micro_batches,
-                          per_layer_mamba=per_layer_mamba, budget_tolerance=budget_tolerance, budget_dead_zone=budget_dead_zone,
-                          fsdp=fsdp.value,
-                          activation_checkpointing=activation_checkpointing, save_every=save_every, seed=seed)
+        cfg = _config(budgets, stage2_weights, {
+            "stage1.steps": stage1_steps, "stage1.context": stage1_context, "stage2.steps": stage2_steps,
+            "stage2.context": stage2_context, "batch_size": batch_size, "lr": lr, "router_lr": router_lr,
+            "warmup": warmup, "drop_layers": drop_layers, "keep_attention": keep_attention,
+            "micro_batches": micro_batches, "per_layer_mamba": per_layer_mamba, "budget_tolerance": budget_tolerance,
+            "budget_dead_zone": budget_dead_zone, "fsdp": fsdp.value, "activation_checkpointing": activation_checkpointing,
+            "save_every": save_every, "seed": seed})
         if dry_run:  # the plan only: the parent's config.json, nothing written
             cfg.validate()
             plan = _plan(parent, cfg, gpus, gpu_memory)
@@ -185,39 +201,71 @@ def train(
             else:
                 typer.echo("\n".join(_plan_lines(plan, parent)))
             return
-        missing = [flag for flag, value in (("--data", data), ("--out", out)) if value is None]
-        if missing:
-            raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required to train; "
-                              "give the training text and the output directory (or --dry-run to plan only)")
-        # every setting and the output directory, before tokenizing anything
-        work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)
-        tokens = data if (data / "meta.json").is_file() else work / "tokens"
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        if tokens != data and not (tokens / "meta.json").is_file():
-            if not data.exists():
-                raise ConfigError("no such file or directory", path=str(data))
-            if rank0:
-                from elastic.trainer.data import build_token_shards
-                from elastic.trainer.tokenizer import load_tokenizer
-
-                build_token_shards(data, load_tokenizer(parent), tokens)
-            _wait_for(tokens / "meta.json")
-        show = rank0 and not json_out
-
-        def progress(stage: str, step: int, total: int | None) -> None:
-            if show and total and (step % max(1, total // 20) == 0 or step == total):
-                typer.echo(f"step {step:>5}/{total}  {stage}", err=True)
-
-        summary = run(parent, tokens, out, cfg, work_dir=work, resume=resume, force=force, progress=progress)
-    if not rank0:
+        summary = _run(parent, data, out, cfg, work_dir=work_dir, resume=resume, force=force, json_out=json_out)
+    if summary is None:  # not rank 0: rank 0 reports
         return
     if json_out:
         print_json({"out": str(out), **summary})
         return
+    typer.echo("\n".join(_summary_lines(summary, out)))
+
+
+def _run(parent: Path, data: Path | None, out: Path | None, cfg: TrainConfig, *, work_dir: Path | None, resume: bool,
+         force: bool, json_out: bool) -> dict | None:
+    """The options of a real run reconciled (--data and --out given, every setting and the output
+    checked, the text tokenized), then one library call. Returns its summary on rank 0, else None."""
+    from elastic.trainer.train import train as run  # torch
+
+    missing = [flag for flag, value in (("--data", data), ("--out", out)) if value is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required to train; "
+                          "give the training text and the output directory (or --dry-run to plan only)")
+    # every setting and the output directory, before tokenizing anything
+    work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    tokens = _tokens(parent, data, work, rank0)
+    show = rank0 and not json_out
+
+    def progress(stage: str, step: int, total: int | None) -> None:
+        if show and total and (step % max(1, total // 20) == 0 or step == total):
+            typer.echo(f"step {step:>5}/{total}  {stage}", err=True)
+
+    summary = run(parent, tokens, out, cfg, work_dir=work, resume=resume, force=force, progress=progress)
+    return summary if rank0 else None
+
+
+def _config(budgets: str, stage2_weights: str | None, settings: dict[str, Any]) -> TrainConfig:
+    """The options as the library's config: --budgets and --stage2-weights parsed (every unparsable
+    part in one ConfigError), everything else as given; ``TrainConfig.from_flat`` applies the
+    stage-2 default rule."""
+    problems: list[str] = []
+    b = _parse_budgets(budgets, problems)
+    weights = _floats(stage2_weights, "--stage2-weights", problems)
+    if problems:
+        raise ConfigError("invalid training settings; nothing was written", problems=problems)
+    return TrainConfig.from_flat({"budgets": b, "stage2.weights": weights, **settings})
+
+
+def _tokens(parent: Path, data: Path, work: Path, rank0: bool) -> Path:
+    """The token shards to train on: ``data`` itself when it holds them, else ``work/tokens``, built
+    by rank 0 from the text at ``data`` (the other ranks wait for them)."""
+    tokens = data if (data / "meta.json").is_file() else work / "tokens"
+    if tokens != data and not (tokens / "meta.json").is_file():
+        if not data.exists():
+            raise ConfigError("no such file or directory", path=str(data))
+        if rank0:
+            from elastic.trainer.data import build_token_shards
+            from elastic.trainer.tokenizer import load_tokenizer
+
+            build_token_shards(data, load_tokenizer(parent), tokens)
+        _wait_for(tokens / "meta.json")
+    return tokens
+
+
+def _summary_lines(summary: dict, out: Path) -> list[str]:
+    """A finished run as text: what was written, and every budget's size and validation loss."""
     lines = [f"wrote {out}  ({summary['steps']} steps, {summary['tokens']:,} tokens, {summary['world_size']} process(es))",
              f"parent val loss {summary['parent_val_loss']:.4f}"]
-    from elastic.slicer.formats.elastic_format import BUDGET_TOLERANCE
-
     for name, r in summary["budgets"].items():
         miss = r["parameters"] / r["target_parameters"] - 1
         note = (f"  ({miss:+.0%} off target, beyond {BUDGET_TOLERANCE:.0%}: `elastic slice` will refuse it; "
@@ -225,13 +273,11 @@ def train(
         lines.append(f"  {name:<8} {human_count(r['parameters']):>9} params (target {human_count(r['target_parameters'])})"
                      f"  val loss {r['val_loss']:.4f}{note}")
     lines.append(f"next: elastic inspect {out}")
-    typer.echo("\n".join(lines))
+    return lines
 
 
 def _local_world() -> int:
     """$WORLD_SIZE (under torchrun), else the CUDA devices torch sees here, else 1."""
-    from elastic.slicer.errors import ConfigError
-
     env = os.environ.get("WORLD_SIZE")
     if env:
         if not env.strip().isdigit() or int(env) < 1:
@@ -247,10 +293,6 @@ def _local_world() -> int:
 def _plan(parent: Path, cfg: Any, gpus: int | None, gpu_memory: str | None) -> tuple[Any, str]:
     """--gpus and --gpu-memory reconciled with this machine, then one library call. Returns the
     plan and where its device size came from."""
-    from elastic.slicer.errors import ConfigError
-    from elastic.slicer.formats.arch import Arch
-    from elastic.trainer.memory import plan_training
-
     arch = Arch.from_file(parent)  # the config alone: no weights needed
     world = gpus or _local_world()
     if gpu_memory is not None:
@@ -272,7 +314,7 @@ def _plan(parent: Path, cfg: Any, gpus: int | None, gpu_memory: str | None) -> t
 
 def _gb(n: int) -> str:
     """GPU sizes as they are sold: 80GB, 141GB (binary, as ``parse_bytes`` reads them)."""
-    return f"{n / 2**30:.4g}GB"
+    return f"{n / GIB:.4g}GB"
 
 
 PARALLELISM = {"fsdp": "FSDP2 (fully_shard per layer + root)", "ddp": "DDP", "single": "one process"}
@@ -280,8 +322,6 @@ TERM_NAMES = {"optimizer": "optimizer state", "working": "working (gathered)"}
 
 
 def _plan_json(result: tuple[Any, str]) -> dict:
-    from elastic.trainer.memory import HEADROOM
-
     plan, where = result
     m = plan.memory
     return {
@@ -296,15 +336,13 @@ def _plan_json(result: tuple[Any, str]) -> dict:
 
 def _plan_lines(result: tuple[Any, str], parent: Path) -> list[str]:
     """The plan as text: every term with how it was computed, whether it fits, what a run needs."""
-    from elastic.trainer.memory import HEADROOM
-
     plan, where = result
     m, batch = plan.memory, plan.cfg.batch_size
     size = human_count(plan.parameters)
     cannot = (f"none with --batch-size {batch} (at most {batch} processes share a step): a larger --batch-size "
               "spreads the states over more GPUs" +
               ("" if plan.cfg.activation_checkpointing else "; --activation-checkpointing saves more"))
-    g = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
+    g = lambda n: f"{gib(n):>12}"  # noqa: E731
     lines = [f"training memory plan for {parent} ({size} parameters), per rank: an estimate from the config, "
              "not a measurement",
              "parallelism  " + (plan.reason if m.parallelism == "single" else
@@ -317,8 +355,8 @@ def _plan_lines(result: tuple[Any, str], parent: Path) -> list[str]:
     lines += [f"  {'total':<20}{g(m.total)}", ""]
     limit = HEADROOM * plan.device_bytes
     verdict = "yes" if plan.fits else "no"
-    lines.append(f"fits: {verdict}: {m.total / 2**30:.2f} GiB {'<=' if plan.fits else '>'} {limit / 2**30:.2f} GiB "
-                 f"({HEADROOM:.0%} of {plan.device_bytes / 2**30:.2f} GiB; the rest is left for the runtime (CUDA "
+    lines.append(f"fits: {verdict}: {gib(m.total)} {'<=' if plan.fits else '>'} {gib(limit)} "
+                 f"({HEADROOM:.0%} of {gib(plan.device_bytes)}; the rest is left for the runtime (CUDA "
                  "context, NCCL buffers) and fragmentation)")
     needed = dict(plan.gpus_needed)
     if plan.cuda:

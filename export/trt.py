@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.units import GIB, MIB
 from elastic.slicer.errors import ElasticError, Hint
 
 from .layout import DECODE, ENGINE_META, ENGINES, PREFILL, SCRIPT
@@ -38,8 +39,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 TABLE = Path(__file__).with_name("tensorrt_ops.toml")
-GENERIC, GENERIC_WORKSPACE = "generic", 1 << 30  # no device known: generic settings, a 1 GiB workspace
-MIN_WORKSPACE = 256 << 20
+GENERIC, GENERIC_WORKSPACE = "generic", GIB  # no device known: generic settings, a 1 GiB workspace
+MIN_WORKSPACE = 256 * MIB
+DEFAULT_MAX_CONTEXT = 4096  # tokens per sequence the engines accept unless asked for more
+TUNED_SEQ = 512  # the sequence length TensorRT tunes kernels for (at most half the context)
 
 # onnx TensorProto.DataType -> the type names of TensorRT's matrix
 _TYPE_NAMES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE",
@@ -101,30 +104,12 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
         per op and reason: ``op``, ``count``, ``reason``, ``nodes`` (up to three names)),
         ``notes`` (restrictions of the ops used that only a real build can check), ``ok``.
     """
-    import onnx
-
     table = table or load_op_table()
     meta, ops = table["meta"], table["ops"]
-    if not isinstance(model, onnx.ModelProto):
-        model = load_graph(model)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        raise ElasticError(f"not a valid ONNX graph ({str(e).strip().splitlines()[0][:200]})") from None
+    model = _with_shapes(model)
     g = model.graph
-    types: dict[str, int] = {}
-    for v in [*g.input, *g.output, *g.value_info]:
-        types[v.name] = v.type.tensor_type.elem_type
-    for t in g.initializer:
-        types[t.name] = t.data_type
-    constants = {t.name for t in g.initializer}
     nodes = list(_walk(g))
-    for node in nodes:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            constants.update(node.output)
-            for a in node.attribute:
-                if a.name == "value":
-                    types[node.output[0]] = a.t.data_type
+    types, constants = _types_and_constants(g, nodes)
 
     problems: dict[tuple[str, str], list[str]] = {}
 
@@ -133,59 +118,12 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     opset_ok = opset is not None and meta["min_opset"] <= opset <= meta["max_opset"]
-    qdq: dict[tuple[str, str], int] = {}
-    for node in nodes:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
-            i = 2 if node.op_type == "QuantizeLinear" else 0  # the quantized tensor: y_zero_point / x
-            code = types.get(node.input[i], 0) if i < len(node.input) and node.input[i] else 2  # no zero point: UINT8
-            tname = _TYPE_NAMES.get(code, str(code))
-            key = (node.op_type, tname)
-            qdq[key] = qdq.get(key, 0) + 1
-            if key not in QDQ_SUPPORT:
-                refuse(node, f"{tname} {node.op_type} is not a Q/DQ form TensorRT builds (supported: "
-                       + ", ".join(f"{t} {o}" for o, t in QDQ_SUPPORT) + ")")
-            attrs = {a.name: _attr_value(a) for a in node.attribute}
-            if tname == "INT4" and (node.input[0] not in constants or not attrs.get("block_size")):
-                refuse(node, "INT4 must be a blocked (block_size) DequantizeLinear of an initializer: TensorRT "
-                       "quantizes weights only to INT4")
+    qdq = _check_qdq(nodes, types, constants, refuse)
     # opset 21 is taken for INT4 blocked Q/DQ graphs only (the one reason to go past the 10.x matrix's 20)
     if not opset_ok and opset == QDQ_OPSET and ("DequantizeLinear", "INT4") in qdq:
         opset_ok = True
     for node in nodes:
-        op = node.op_type
-        if node.domain not in ("", "ai.onnx"):
-            refuse(node, f"custom domain {node.domain!r}: TensorRT needs a plugin for it")
-            continue
-        row = ops.get(op)
-        if row is None:
-            refuse(node, f"not in TensorRT {meta['table_version']}'s operator matrix")
-            continue
-        if not row["supported"]:
-            refuse(node, f"not supported by TensorRT {meta['table_version']}'s ONNX parser")
-            continue
-        allowed = set(row.get("types", []))
-        typed = [] if op in _NO_TYPED_INPUT else [node.input[i] for i in _TYPED_INPUTS.get(op, (0,))
-                                                    if i < len(node.input) and node.input[i]]
-        typed += [node.output[i] for i in _TYPED_OUTPUTS.get(op, ()) if i < len(node.output)]
-        for name in typed:
-            code = types.get(name, 0)
-            tname = _TYPE_NAMES.get(code, onnx.TensorProto.DataType.Name(code) if code else None)
-            if tname is not None and allowed and tname not in allowed:
-                refuse(node, f"type {tname} (supported: {', '.join(row['types'])})")
-        for i in row.get("const_inputs", []):
-            if i < len(node.input) and node.input[i] and node.input[i] not in constants:
-                refuse(node, f"input {i} must be an initializer ({row.get('notes', '')})")
-        attrs = {a.name: _attr_value(a) for a in node.attribute}
-        for name, want in row.get("attrs", {}).items():
-            got = attrs.get(name)
-            got = got.decode() if isinstance(got, bytes) else got
-            if got is not None and got != want:
-                refuse(node, f"attribute {name}={got!r} (TensorRT needs {want!r})")
-        for name in row.get("forbidden_attrs", []):
-            if name in attrs:
-                refuse(node, f"attribute {name} is unsupported")
-        if "max_outputs" in row and sum(1 for o in node.output[row["max_outputs"]:] if o):
-            refuse(node, f"only the first {row['max_outputs']} output(s) are supported")
+        _check_node(node, meta, ops, types, constants, refuse)
     for v in [*g.input, *g.output]:
         tname = _TYPE_NAMES.get(v.type.tensor_type.elem_type)
         if tname is None or tname not in meta["types"]:
@@ -213,6 +151,100 @@ def check_graph(model: Any, table: dict[str, Any] | None = None) -> dict[str, An
         "min_tensorrt": max((q["tensorrt"] for q in quantized), default=None, key=lambda v: tuple(map(int, v.split(".")))),
         "ok": opset_ok and not unsupported,
     }
+
+
+def _with_shapes(model: Any):
+    """The model (loaded from a path without external data) with ONNX shape inference applied."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = load_graph(model)
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        raise ElasticError(f"not a valid ONNX graph ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def _types_and_constants(g, nodes: list) -> tuple[dict[str, int], set[str]]:
+    """Every tensor's ONNX element type we can tell (graph I/O, inferred values, initializers,
+    Constant outputs), and the names of the constant tensors (initializers and Constant outputs)."""
+    types: dict[str, int] = {}
+    for v in [*g.input, *g.output, *g.value_info]:
+        types[v.name] = v.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    constants = {t.name for t in g.initializer}
+    for node in nodes:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            constants.update(node.output)
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    return types, constants
+
+
+def _check_qdq(nodes: list, types: dict[str, int], constants: set[str],
+               refuse: Callable[[Any, str], None]) -> dict[tuple[str, str], int]:
+    """Every Q/DQ node against the forms TensorRT builds (:data:`QDQ_SUPPORT`); returns the count of
+    each (op, quantized type) found."""
+    qdq: dict[tuple[str, str], int] = {}
+    for node in nodes:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            i = 2 if node.op_type == "QuantizeLinear" else 0  # the quantized tensor: y_zero_point / x
+            code = types.get(node.input[i], 0) if i < len(node.input) and node.input[i] else 2  # no zero point: UINT8
+            tname = _TYPE_NAMES.get(code, str(code))
+            key = (node.op_type, tname)
+            qdq[key] = qdq.get(key, 0) + 1
+            if key not in QDQ_SUPPORT:
+                refuse(node, f"{tname} {node.op_type} is not a Q/DQ form TensorRT builds (supported: "
+                       + ", ".join(f"{t} {o}" for o, t in QDQ_SUPPORT) + ")")
+            attrs = {a.name: _attr_value(a) for a in node.attribute}
+            if tname == "INT4" and (node.input[0] not in constants or not attrs.get("block_size")):
+                refuse(node, "INT4 must be a blocked (block_size) DequantizeLinear of an initializer: TensorRT "
+                       "quantizes weights only to INT4")
+    return qdq
+
+
+def _check_node(node, meta: dict, ops: dict, types: dict[str, int], constants: set[str],
+                refuse: Callable[[Any, str], None]) -> None:
+    """One node against its row of the operator matrix: domain, support, data types, constant
+    inputs, attribute values, outputs."""
+    import onnx
+
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        refuse(node, f"custom domain {node.domain!r}: TensorRT needs a plugin for it")
+        return
+    row = ops.get(op)
+    if row is None:
+        refuse(node, f"not in TensorRT {meta['table_version']}'s operator matrix")
+        return
+    if not row["supported"]:
+        refuse(node, f"not supported by TensorRT {meta['table_version']}'s ONNX parser")
+        return
+    allowed = set(row.get("types", []))
+    typed = [] if op in _NO_TYPED_INPUT else [node.input[i] for i in _TYPED_INPUTS.get(op, (0,))
+                                                if i < len(node.input) and node.input[i]]
+    typed += [node.output[i] for i in _TYPED_OUTPUTS.get(op, ()) if i < len(node.output)]
+    for name in typed:
+        code = types.get(name, 0)
+        tname = _TYPE_NAMES.get(code, onnx.TensorProto.DataType.Name(code) if code else None)
+        if tname is not None and allowed and tname not in allowed:
+            refuse(node, f"type {tname} (supported: {', '.join(row['types'])})")
+    for i in row.get("const_inputs", []):
+        if i < len(node.input) and node.input[i] and node.input[i] not in constants:
+            refuse(node, f"input {i} must be an initializer ({row.get('notes', '')})")
+    attrs = {a.name: _attr_value(a) for a in node.attribute}
+    for name, want in row.get("attrs", {}).items():
+        got = attrs.get(name)
+        got = got.decode() if isinstance(got, bytes) else got
+        if got is not None and got != want:
+            refuse(node, f"attribute {name}={got!r} (TensorRT needs {want!r})")
+    for name in row.get("forbidden_attrs", []):
+        if name in attrs:
+            refuse(node, f"attribute {name} is unsupported")
+    if "max_outputs" in row and sum(1 for o in node.output[row["max_outputs"]:] if o):
+        refuse(node, f"only the first {row['max_outputs']} output(s) are supported")
 
 
 def check_export(export_dir: str | Path, table: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -270,7 +302,7 @@ class EngineSettings:
 
 
 def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
-                    max_context: int = 4096, quantized: str | None = None) -> EngineSettings:
+                    max_context: int = DEFAULT_MAX_CONTEXT, quantized: str | None = None) -> EngineSettings:
     """Settings for the device a plan was made for.
 
     Args:
@@ -328,7 +360,7 @@ def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
     workspace = max(MIN_WORKSPACE, overhead // 2) if overhead else GENERIC_WORKSPACE
     return EngineSettings(device=name, precision=chosen.short, workspace_bytes=workspace, max_batch=max_batch,
                           max_context=max_context, opt_batch=max(1, max_batch // 2) if max_batch > 2 else max_batch,
-                          opt_seq=min(512, max_context // 2), source=source, quantized=quantized)
+                          opt_seq=min(TUNED_SEQ, max_context // 2), source=source, quantized=quantized)
 
 
 def load_graph(path: str | Path):

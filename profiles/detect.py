@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastic.profiles.devices import GIB, Capability, DeviceProfile, capability_flags, fallback_allowance, get_profile
+from elastic.profiles.devices import Capability, DeviceProfile, capability_flags, fallback_allowance, get_profile
+from elastic.profiles.units import gib
 from elastic.profiles.devices import match_profile
 from elastic.profiles.errors import Hint, ProfileError
 
@@ -61,10 +62,6 @@ class Detection:
 
 # a device whose compute capability is unknown: fp16 only, nothing quantized
 _NO_CAPS = Capability(bf16=False, fp16=True, fp8=False, int8=False, int4=False, nvfp4=False)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
 
 
 def _err(exc: BaseException) -> str:
@@ -144,7 +141,7 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
     notes = [f"Jetson found by {model_path}: {model!r}"]
     total, free = mem["MemTotal"], _available(mem, notes)
     notes.append(
-        f"memory from {meminfo}: MemTotal {_gib(total)}, MemAvailable {_gib(free)} "
+        f"memory from {meminfo}: MemTotal {gib(total, 1)}, MemAvailable {gib(free, 1)} "
         "(the GPU shares this RAM with the OS; NVML is not used on a Jetson)"
     )
     if release_note:
@@ -154,17 +151,17 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
         reserve, overhead = profile.reserve_bytes, profile.runtime_overhead_bytes
         cc = profile.compute_capability
         caps = Capability(*(getattr(profile, k) for k in Capability._fields))
-        notes.append(f"profile {profile.name}: the OS keeps {_gib(reserve)} of MemAvailable")
+        notes.append(f"profile {profile.name}: the OS keeps {gib(reserve, 1)} of MemAvailable")
     else:
         reserve, overhead = fallback_allowance("jetson")
         caps, cc = _NO_CAPS, None
         notes.append(
-            f"no device profile matches {model!r} with {_gib(total)}: fp16 only assumed, "
-            f"the OS keeps {_gib(reserve)}; choose a device profile as the target"
+            f"no device profile matches {model!r} with {gib(total, 1)}: fp16 only assumed, "
+            f"the OS keeps {gib(reserve, 1)}; choose a device profile as the target"
         )
     usable = max(0, free - reserve)
     if usable == 0:
-        notes.append(f"MemAvailable is below the {_gib(reserve)} the OS keeps: close programs first")
+        notes.append(f"MemAvailable is below the {gib(reserve, 1)} the OS keeps: close programs first")
     return Device(
         kind="jetson", index=0, name=profile.display_name if profile else model,
         total_bytes=total, free_bytes=free, usable_bytes=usable, unified=True,
@@ -180,7 +177,7 @@ def _nvml_device(nvml, i: int, driver: str | None, several: bool) -> Device:
     name = name.decode("utf-8", errors="replace") if isinstance(name, bytes) else str(name)
     info = nvml.nvmlDeviceGetMemoryInfo(handle)
     total, free = int(info.total), int(info.free)
-    notes = [f"found by NVML as GPU {i}: {name}, {_gib(free)} free of {_gib(total)}"]
+    notes = [f"found by NVML as GPU {i}: {name}, {gib(free, 1)} free of {gib(total, 1)}"]
     if several:
         notes.append("NVML numbers GPUs in PCI bus order: set CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA agrees")
     profile = match_profile("gpu", name, total)
@@ -204,10 +201,10 @@ def _nvml_device(nvml, i: int, driver: str | None, several: bool) -> Device:
         reserve, overhead = profile.reserve_bytes, profile.runtime_overhead_bytes
     else:
         reserve, overhead = fallback_allowance("gpu")
-        notes.append(f"no device profile matches {name!r} with {_gib(total)}: conservative defaults")
+        notes.append(f"no device profile matches {name!r} with {gib(total, 1)}: conservative defaults")
     usable = max(0, min(free, total - reserve))
     if total - free > reserve:
-        notes.append(f"{_gib(total - free)} of this GPU is already in use (desktop or other processes)")
+        notes.append(f"{gib(total - free, 1)} of this GPU is already in use (desktop or other processes)")
     return Device(
         kind="gpu", index=i, name=name, total_bytes=total, free_bytes=free, usable_bytes=usable,
         unified=False, **caps._asdict(), compute_capability=cc, driver=driver,
@@ -273,7 +270,7 @@ def _host_device(roots: Roots, reasons: list[str]) -> Device:
     mem, why = _read_meminfo(meminfo)
     if mem is not None:
         total, free = mem["MemTotal"], _available(mem, notes)
-        notes.append(f"memory from {meminfo}: MemTotal {_gib(total)}, MemAvailable {_gib(free)}")
+        notes.append(f"memory from {meminfo}: MemTotal {gib(total, 1)}, MemAvailable {gib(free, 1)}")
     else:
         try:  # not Linux, or /proc is odd: ask the C library
             page = os.sysconf("SC_PAGE_SIZE")

@@ -16,8 +16,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from elastic.profiles.errors import ProfileError
+from elastic.profiles.units import GIB
 
-GIB = 1 << 30
 DATA_DIR = Path(__file__).parent / "data"
 KINDS = ("jetson", "gpu", "cpu")
 # A name match is refused when the measured memory is this far from the profile's: a laptop

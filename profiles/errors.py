@@ -34,7 +34,7 @@ class Hint:
 
 # the settings hints may name; each front end has one word (flag or control) for each
 SETTINGS = ("replace", "checkpoint", "spec", "target", "gpu", "context", "batch", "dtype", "parity",
-            "max_new_tokens", "precision", "kv_precision", "state_precision")
+            "max_new_tokens", "precision", "kv_precision", "state_precision", "off_curve")
 
 
 class ElasticError(Exception):

@@ -334,7 +334,7 @@ def resolve_budgets(weights: dict, ec: ElasticConfig, arch: Arch, *, tolerance: 
     Returns:
         the elastic config to write (budgets' tolerance, router scale and resolved specs set), and
         per budget: ``log_prob`` of the resolved architecture, and ``argmax_log_prob`` and
-        ``argmax_parameters`` of each row's own argmax (what the run would have resolved to before).
+        ``argmax_parameters`` of each row's own argmax (the unconstrained choice, for comparison).
     """
     from dataclasses import replace
 

@@ -26,7 +26,7 @@ fragmentation, which this plan does not model.
 Example:
     >>> arch = Arch.from_file("examples/nemotron-elastic-12b")
     >>> m = train_memory(arch, TrainConfig(), 8, cuda=True, fsdp=True)
-    >>> m.total / 2**30, m.fits(80 * 2**30)
+    >>> m.total / GIB, m.fits(80 * GIB)
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from elastic.profiles.units import GIB, MIB, gib
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.formats.elastic_format import Dimension
@@ -189,7 +190,7 @@ def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
     layers, layers_how = _layers(arch, c, kernels, B, T, ckpt)
     if kernels and any(layer.kind == "mamba" for layer in arch.layers):
         layers_how += (f"; fused mamba_ssm scan assumed (elastic[kernels]), the pure-PyTorch scan would need "
-                       f"{_gib(_layers(arch, c, False, B, T, ckpt)[0])}")
+                       f"{gib(_layers(arch, c, False, B, T, ckpt)[0], 1)}")
     elif any(layer.kind == "mamba" for layer in arch.layers):
         layers_how += "; pure-PyTorch SSD scan (fp32 chunk tensors)"
     only_full = _only_full(cfg)
@@ -268,8 +269,8 @@ def use_fsdp(setting: str, world: int, arch: Arch, device_bytes: int | None, cud
         what = "the DDP plan's states (activations not counted)"
     limit = HEADROOM * device_bytes
     if need > limit:
-        return True, f"auto: {what} needs {_gib(need)} per rank, more than {HEADROOM:.0%} of {_gib(device_bytes)}"
-    return False, f"auto: {what} needs {_gib(need)} per rank, within {HEADROOM:.0%} of {_gib(device_bytes)}: DDP"
+        return True, f"auto: {what} needs {gib(need, 1)} per rank, more than {HEADROOM:.0%} of {gib(device_bytes, 1)}"
+    return False, f"auto: {what} needs {gib(need, 1)} per rank, within {HEADROOM:.0%} of {gib(device_bytes, 1)}: DDP"
 
 
 def gpus_needed(arch: Arch, cfg: Any, gpu_bytes: int, *, max_gpus: int = 1024) -> int | None:
@@ -285,7 +286,7 @@ def gpus_needed(arch: Arch, cfg: Any, gpu_bytes: int, *, max_gpus: int = 1024) -
     return None
 
 
-GPU_SIZES = tuple(n * 2**30 for n in (24, 48, 80, 141))  # the cards the dry run sizes a run for
+GPU_SIZES = tuple(n * GIB for n in (24, 48, 80, 141))  # the cards the dry run sizes a run for
 
 
 @dataclass(frozen=True)
@@ -312,8 +313,8 @@ def plan_training(arch: Arch, cfg: Any, world: int, device_bytes: int, *, cuda: 
         ConfigError: ``cfg.batch_size`` does not divide among ``world`` processes.
 
     Example:
-        >>> p = plan_training(Arch.from_file("examples/nemotron-elastic-12b"), TrainConfig(), 8, 80 * 2**30)
-        >>> p.memory.parallelism, p.fits, dict(p.gpus_needed)[80 * 2**30]
+        >>> p = plan_training(Arch.from_file("examples/nemotron-elastic-12b"), TrainConfig(), 8, 80 * GIB)
+        >>> p.memory.parallelism, p.fits, dict(p.gpus_needed)[80 * GIB]
     """
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size (--batch-size) is {cfg.batch_size}: sequences per step in all processes; it "
@@ -369,8 +370,8 @@ def _states(arch: Arch, world: int, *, cuda: bool, fsdp: bool, n_router: int) ->
         grads = (root + block) * c + block * F32
         working = gathered + grads
         how["working"] = (f"gathered: (root {_count(root)} + 2 x largest block {_count(block)}) x ({c} B student + "
-                          f"{tb} B teacher) = {_gib(gathered)}; unsharded gradients before their reduce-scatter: "
-                          f"(root + block) x {c} B + block x 4 B fp32 = {_gib(grads)}")
+                          f"{tb} B teacher) = {gib(gathered, 1)}; unsharded gradients before their reduce-scatter: "
+                          f"(root + block) x {c} B + block x 4 B fp32 = {gib(grads, 1)}")
     elif world > 1:
         working = (n_student + n_router) * F32
         how["working"] = "DDP gradient buckets: a second fp32 copy of every gradient (gradient_as_bucket_view off)"
@@ -426,7 +427,7 @@ def mask_elements(arch: Arch, cfg: Any) -> int:
     ``trainer.elastic.nested_forward`` multiplies the looked-up embedding rows (hidden size) and each
     layer's output-projection input (Mamba heads x head_dim, attention heads x head_dim, MLP width)
     by the router's mask; with a sample that carries a gradient the multiply saves that input (the
-    product goes on to the projection, which saves it as it saved the unmasked input before). An MoE
+    product goes on to the projection, which saves its input masked or not). An MoE
     layer (``trainer.elastic._layer_masks``) multiplies, for each of a token's top-k experts, the
     expert's down_proj input (expert width) and its output (the experts' hidden-side width), and the
     shared expert's down_proj input; when it may be dropped (one of the ``drop_layers`` candidates,
@@ -481,7 +482,7 @@ def _layers(arch: Arch, c: int, kernels: bool, B: int, T: int, ckpt: bool) -> tu
     if ckpt:
         return (outside + len(arch.layers) * tokens * d * c + max(per_layer),
                 f"B_m {B} x T {T} tokens x hidden {d} x {c} B (each of {len(arch.layers)} layers' input) + one layer "
-                f"recomputed in full ({_gib(max(per_layer))})")
+                f"recomputed in full ({gib(max(per_layer), 1)})")
     return outside + sum(per_layer), f"B_m {B} x T {T} tokens x bytes saved per token ({_kinds_how(arch, c, kernels)})"
 
 
@@ -561,7 +562,7 @@ def _kinds_how(arch: Arch, c: int, kernels: bool) -> str:
         n_b = seen.setdefault(layer.kind, [0, 0])
         n_b[0] += 1
         n_b[1] += _layer_tokens_bytes(arch, i, c, kernels)
-    return ", ".join(f"{n} {kind} {b / 2**20:.2f} MiB" for kind, (n, b) in seen.items())
+    return ", ".join(f"{n} {kind} {b / MIB:.2f} MiB" for kind, (n, b) in seen.items())
 
 
 def _count(n: int) -> str:
@@ -569,7 +570,3 @@ def _count(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{suffix}"
     return str(n)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -30,10 +29,11 @@ from elastic.slicer.storage.writer import ShardedWriter
 from elastic.slicer.formats.elastic_format import BUDGET_TOLERANCE, CONFIG_NAME, ROUTER_NAME, Budget, ElasticConfig
 from elastic.slicer.errors import ConfigError, ElasticError
 from elastic.slicer.nn.model import NemotronH, load_model, write_model
-from elastic.slicer.storage.outputs import check_output
 from elastic.slicer.slice import PASSTHROUGH_FILES
 from elastic.slicer.formats.spec import SliceSpec
 
+from .config import CLI_OPTIONS, RESUME_MAY_CHANGE, Stage  # noqa: F401 (callers import them from here too)
+from .config import TrainConfig, check_train_args, resume_problems, setting_label
 from .data import TokenDataset
 from .elastic import (Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params,
                       nested_forward, resolve_budgets, sample)
@@ -41,217 +41,6 @@ from .importance import depth_candidates, depth_order, width_importance
 from .permute import orders, permute_
 
 STATE_NAME = "train_state.pt"
-
-
-@dataclass(frozen=True)
-class Stage:
-    steps: int  # optimizer steps in this stage
-    context: int  # tokens per sequence
-    weights: tuple[float, ...] | None = None  # budget sampling weights (None: uniform)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    budgets: tuple[tuple[str, float], ...] = (("100%", 1.0), ("75%", 0.75), ("50%", 0.5))  # name, share of params
-    stage1: Stage = Stage(300, 128)  # short context, budgets uniform
-    stage2: Stage = Stage(100, 256, (0.5, 0.3, 0.2))  # longer context, weighted to the largest
-    batch_size: int = 8
-    lr: float = 1e-3  # model (the paper: 9e-5 at 12B; a miniature trains faster)
-    router_lr: float = 1e-2
-    warmup: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    router_weight: float = 1.0  # weight of the budget loss
-    # no budget loss within this fraction of the target; inside the end-of-run tolerance, because the hard
-    # sample freezes as the temperature anneals and a budget can settle just outside the zone (a 5% zone
-    # left the MoE demo's 50% at -5.5%)
-    budget_dead_zone: float = 0.02
-    tau: tuple[float, float] = (1.0, 0.05)  # Gumbel-softmax temperature, annealed
-    logit_scale: tuple[float, float] = (1.0, 10.0)  # router logit scale, annealed
-    importance_batches: int = 8
-    drop_layers: int = 2  # least important layers the router may drop
-    # never a depth candidate: the attention layer whose removal changes the logits most, so every budget
-    # keeps one (llama.cpp aborts on a model without attention; transformers' generate() fails on it)
-    keep_attention: bool = True
-    micro_batches: int = 0  # budgets per optimizer step, one per micro-batch (0: one per budget)
-    per_layer_mamba: bool = False  # Mamba/attention sizes per layer (transformers-only slices) instead of per budget
-    budget_tolerance: float = 0.05  # at the end every resolved budget within this of its target, or the run fails
-    fsdp: str = "auto"  # "on", "off", or "auto" (on when several processes and the DDP state would not fit)
-    activation_checkpointing: bool = False  # recompute each layer's activations in the backward
-    save_every: int = 50
-    eval_batches: int = 8
-    seed: int = 0
-
-    @property
-    def total_steps(self) -> int:
-        return self.stage1.steps + self.stage2.steps
-
-    def problems(self) -> list[str]:
-        """Every invalid setting, one line each (empty when the configuration can be trained)."""
-        return _config_problems(self)
-
-    def validate(self) -> None:
-        """Raise one :class:`ConfigError` listing every invalid setting."""
-        problems = self.problems()
-        if problems:
-            raise ConfigError("invalid training settings; nothing was written", problems=problems)
-
-
-# TrainConfig fields (dotted for the stages) -> the `elastic train` option that sets them
-CLI_OPTIONS = {
-    "budgets": "--budgets", "stage1.steps": "--stage1-steps", "stage1.context": "--stage1-context",
-    "stage2.steps": "--stage2-steps", "stage2.context": "--stage2-context", "stage2.weights": "--stage2-weights",
-    "batch_size": "--batch-size", "lr": "--lr", "router_lr": "--router-lr", "warmup": "--warmup",
-    "drop_layers": "--drop-layers", "keep_attention": "--keep-attention", "micro_batches": "--micro-batches", "per_layer_mamba": "--per-layer-mamba",
-    "budget_tolerance": "--budget-tolerance", "budget_dead_zone": "--budget-dead-zone", "fsdp": "--fsdp", "activation_checkpointing": "--activation-checkpointing",
-    "save_every": "--save-every", "seed": "--seed",
-}
-# settings a resume may change: they do not alter the trajectory of training
-# (the training state is saved whole, so a resume may also shard it differently)
-RESUME_MAY_CHANGE = frozenset({"save_every", "eval_batches", "fsdp", "activation_checkpointing", "budget_tolerance"})
-
-
-def _label(field: str) -> str:
-    flag = CLI_OPTIONS.get(field)
-    return f"{field} ({flag})" if flag else field
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _config_problems(cfg: TrainConfig) -> list[str]:
-    problems: list[str] = []
-
-    def need_int(field: str, value: Any, low: int) -> None:
-        if not _is_int(value) or value < low:
-            problems.append(f"{_label(field)} is {value!r}; need an integer >= {low}")
-
-    def need_real(field: str, value: Any, positive: bool) -> None:
-        if not _is_real(value) or (value <= 0 if positive else value < 0):
-            problems.append(f"{_label(field)} is {value!r}; need a finite number {'> 0' if positive else '>= 0'}")
-
-    budgets = cfg.budgets if isinstance(cfg.budgets, (tuple, list)) else ()
-    if not budgets:
-        problems.append(f"{_label('budgets')} is empty; give at least one NAME=SHARE")
-    names = []
-    for b in budgets:
-        if not isinstance(b, (tuple, list)) or len(b) != 2:
-            problems.append(f"budget {b!r}: need a (name, share) pair")
-            continue
-        name, share = b
-        if not isinstance(name, str) or not name.strip():
-            problems.append(f"budget {b!r}: needs a non-empty name")
-        names.append(name)
-        if not _is_real(share) or not 0 < share <= 1:
-            problems.append(f"budget {name!r}: share {share!r} of the parent's parameters must be a finite number "
-                            "in (0, 1]")
-    dups = sorted({n for n in names if names.count(n) > 1}, key=str)
-    if dups:
-        problems.append(f"budget names must be unique; repeated: {', '.join(map(str, dups))}")
-
-    for key, stage in (("stage1", cfg.stage1), ("stage2", cfg.stage2)):
-        need_int(f"{key}.steps", stage.steps, 0)
-        need_int(f"{key}.context", stage.context, 1)
-        w = stage.weights
-        if w is None:
-            continue
-        if not isinstance(w, (tuple, list)):
-            problems.append(f"{_label(key + '.weights')} is {w!r}; need one weight per budget")
-            continue
-        if len(w) != len(budgets):
-            problems.append(f"{_label(key + '.weights')} {tuple(w)} has {len(w)} weight(s); need one per budget "
-                            f"({len(budgets)}), largest budget first")
-        if not all(_is_real(x) and x >= 0 for x in w):
-            problems.append(f"{_label(key + '.weights')} {tuple(w)}: every weight must be a finite number >= 0")
-        elif sum(w) <= 0:
-            problems.append(f"{_label(key + '.weights')} {tuple(w)}: the weights must sum to more than 0")
-    if _is_int(cfg.stage1.steps) and _is_int(cfg.stage2.steps) and cfg.stage1.steps >= 0 and cfg.stage2.steps >= 0 \
-            and cfg.stage1.steps + cfg.stage2.steps < 1:
-        problems.append("no training steps: stage1.steps (--stage1-steps) + stage2.steps (--stage2-steps) must be >= 1")
-
-    need_int("batch_size", cfg.batch_size, 1)
-    need_real("lr", cfg.lr, positive=True)
-    need_real("router_lr", cfg.router_lr, positive=True)
-    need_int("warmup", cfg.warmup, 0)
-    need_real("weight_decay", cfg.weight_decay, positive=False)
-    need_real("grad_clip", cfg.grad_clip, positive=True)
-    need_real("router_weight", cfg.router_weight, positive=False)
-    if not _is_real(cfg.budget_dead_zone) or not 0 <= cfg.budget_dead_zone < 1:
-        problems.append(f"{_label('budget_dead_zone')} is {cfg.budget_dead_zone!r}; need a fraction in [0, 1)")
-    for field in ("tau", "logit_scale"):
-        pair = getattr(cfg, field)
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_real(x) and x > 0 for x in pair):
-            problems.append(f"{field} is {pair!r}; need (start, end), both finite numbers > 0")
-    need_int("importance_batches", cfg.importance_batches, 1)
-    need_int("drop_layers", cfg.drop_layers, 0)
-    need_int("micro_batches", cfg.micro_batches, 0)
-    if not isinstance(cfg.per_layer_mamba, bool):
-        problems.append(f"{_label('per_layer_mamba')} is {cfg.per_layer_mamba!r}; need true or false")
-    if not _is_real(cfg.budget_tolerance) or not 0 < cfg.budget_tolerance < 1:
-        problems.append(f"{_label('budget_tolerance')} is {cfg.budget_tolerance!r}; need a fraction in (0, 1)")
-    if cfg.fsdp not in ("auto", "on", "off"):
-        problems.append(f"{_label('fsdp')} is {cfg.fsdp!r}; need auto, on or off")
-    if not isinstance(cfg.activation_checkpointing, bool):
-        problems.append(f"{_label('activation_checkpointing')} is {cfg.activation_checkpointing!r}; need true or false")
-    need_int("save_every", cfg.save_every, 1)
-    need_int("eval_batches", cfg.eval_batches, 1)
-    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**62:
-        problems.append(f"{_label('seed')} is {cfg.seed!r}; need an integer in [0, 2**62)")
-    return problems
-
-
-def check_train_args(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
-                     work_dir: str | Path | None = None, force: bool = False) -> Path:
-    """Everything that can be refused before any slow work: the settings (one :class:`ConfigError`
-    listing every problem) and the output (``elastic.slicer.storage.outputs.check_output``: never a source, replace
-    only what elastic wrote). Returns the work directory."""
-    out = Path(out)
-    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
-    cfg.validate()
-    check_output(out, force=force, sources=[parent_dir, data_dir, work])
-    return work
-
-
-def _fmt_budgets(budgets: Any) -> str:
-    try:
-        return ",".join(f"{name}={share}" for name, share in budgets)
-    except (TypeError, ValueError):
-        return repr(budgets)
-
-
-def _flat(cfg: dict) -> dict[str, Any]:
-    """asdict(TrainConfig) with the stages flattened (stage1.steps, ...), tuples as lists."""
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            out[k] = v
-    return json.loads(json.dumps(out, default=str))
-
-
-def resume_problems(saved: dict, cfg: TrainConfig) -> list[str]:
-    """How the settings of a saved training state differ from ``cfg`` (empty: safe to resume).
-
-    A resume restores the router (one input per budget), the optimizer (its learning rates) and
-    every random stream, so any difference would either fail to load or be silently ignored or
-    mixed in; only ``save_every`` and ``eval_batches`` may change.
-    """
-    was, now = _flat(saved), _flat(asdict(cfg))
-    problems = []
-    for key, value in now.items():
-        if key in RESUME_MAY_CHANGE or key not in was or was[key] == value:
-            continue
-        if key == "budgets":
-            problems.append(f"{_label(key)}: saved {_fmt_budgets(was[key])}, requested {_fmt_budgets(value)}")
-        else:
-            problems.append(f"{_label(key)}: saved {was[key]!r}, requested {value!r}")
-    return problems
 
 
 class ElasticModule(nn.Module):
@@ -372,7 +161,7 @@ def _check_data(cfg: TrainConfig, arch: Any, train_ds: TokenDataset, val_ds: Tok
     needs.append(("val", val_ds, val_key, cfg.stage2.context if cfg.stage2.steps else cfg.stage1.context))
     for split, ds, key, ctx in needs:
         if longest(ds) < ctx + 1:
-            problems.append(f"{_label(key)} is {ctx}: needs a {split} shard of {ctx + 1} tokens, the longest has "
+            problems.append(f"{setting_label(key)} is {ctx}: needs a {split} shard of {ctx + 1} tokens, the longest has "
                             f"{longest(ds)}; lower it or give more text")
     if problems:
         raise ConfigError("the data does not fit these settings; nothing was trained", problems=problems,
@@ -457,11 +246,64 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
     if state is not None:
         _check_resume(state, cfg, budgets, world, state_path)
 
+    run, start = _setup(cfg, ckpt, budgets, train_ds, state, state_path, rank, world)
+    end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
+    t0 = time.perf_counter()
+    last_kd: dict[str, float] = {}  # the latest distillation loss of every budget, for progress
+    for step in range(start, end):
+        records = _step(run, step, train_ds)
+        last_kd.update({r["budget"]: r["kd"] for r in records})
+        if progress:
+            per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last_kd.items())
+            mixed = ", ".join(f"{r['budget']} {r['params']:,} params" for r in records)
+            progress(f"stage {1 if step < cfg.stage1.steps else 2}: kd per budget {per_budget}  (this step: "
+                     f"{mixed})", step + 1, cfg.total_steps)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+            _save_state(run, step + 1, work, state_path)
+    train_s = time.perf_counter() - t0
+
+    if end < cfg.total_steps:  # stopped early on purpose: the state is saved, nothing else
+        return {"stopped_at": end, "history": run.history}
+    return _finish(run, val_ds, train_s, ckpt.root, out, force=force, sources=[parent_dir, data_dir, work], work=work)
+
+
+@dataclass
+class _Run:
+    """What a training run holds from its setup to its checkpoint, shared by the loop's parts."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: str
+    fsdp: bool
+    why_fsdp: str
+    arch: Any
+    budgets: tuple[Budget, ...]
+    teacher: NemotronH
+    student: NemotronH
+    router: Router
+    em: ElasticModule
+    module: nn.Module  # em, or em in DDP
+    opt: torch.optim.Optimizer
+    sched: Any
+    g_data: torch.Generator
+    g_budget: torch.Generator
+    g_gumbel: torch.Generator
+    ec: ElasticConfig
+    importance: dict
+    history: list[dict]
+
+
+def _setup(cfg: TrainConfig, ckpt: Checkpoint, budgets: tuple[Budget, ...], train_ds: TokenDataset,
+           state: dict | None, state_path: Path, rank: int, world: int) -> tuple[_Run, int]:
+    """Models, router, parallelism, optimizer and random streams, fresh or restored from ``state``.
+    Returns the run and the step it starts at."""
+    arch = ckpt.arch
     cuda = torch.cuda.is_available()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
     problems = []
     if cfg.batch_size % world:
-        problems.append(f"{_label('batch_size')} is {cfg.batch_size}: sequences per step in all processes; it must "
+        problems.append(f"{setting_label('batch_size')} is {cfg.batch_size}: sequences per step in all processes; it must "
                         f"divide among the {world} processes")
     fsdp, why_fsdp = _use_fsdp(cfg, world, arch, device)
     if problems:
@@ -469,17 +311,8 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
     # the frozen teacher in bf16 on GPUs (it is only read), fp32 on the CPU (bf16 matmuls are slow there)
     teacher = load_model(ckpt, dtype=torch.bfloat16 if cuda else torch.float32, device=device).requires_grad_(False).eval()
     student = load_model(ckpt, dtype=torch.float32, device=device).requires_grad_(True).train()
-    if state is None:  # importance, permutation, search space (every process alike: same data, same result)
-        g = torch.Generator().manual_seed(cfg.seed + 7)
-        calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0].to(device) for _ in range(cfg.importance_batches)]
-        scores = width_importance(student, calib)
-        permute_(student, orders(student, scores))
-        depth = depth_order(student, calib[:2], candidates=depth_candidates(student, calib[:2], cfg.keep_attention),
-                            steps=cfg.drop_layers)
-        dims = default_search_space(arch, [j for j, _ in depth], cfg.per_layer_mamba)
-        full = SliceSpec.full(arch).to_json(arch)
-        ec = ElasticConfig(budgets, dims, {b.name: full for b in budgets})
-        importance = {"scores": {k: v.clone() for k, v in scores.items()}, "depth": depth}
+    if state is None:
+        ec, importance = _elastic_start(cfg, student, budgets, train_ds, device)
         start = 0
     else:
         _check_state_shapes(state["student"], student.state_dict(), "the parent", state_path)
@@ -495,7 +328,7 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
     em = ElasticModule(student, router, ec, checkpoint=cfg.activation_checkpointing)
     module: nn.Module = em
     if fsdp:
-        shard(student, teacher, cuda)  # the router stays whole on every process; its gradients are averaged below
+        shard(student, teacher, cuda)  # the router stays whole on every process; its gradients are averaged in _step
     elif world > 1:
         module = nn.parallel.DistributedDataParallel(em, find_unused_parameters=True,
                                                      device_ids=[torch.device(device).index] if cuda else None)
@@ -516,82 +349,106 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
         g_budget.set_state(state["g_budget"])
         g_gumbel.set_state(state["g_gumbel"])
         history = state["history"]
+    return _Run(cfg, rank, world, device, fsdp, why_fsdp, arch, budgets, teacher, student, router, em, module, opt,
+                sched, g_data, g_budget, g_gumbel, ec, importance, history), start
 
-    def save_state(step: int) -> None:
-        model_sd, opt_sd = _full_state(em, opt)  # every process takes part; rank 0 holds the whole
-        if rank == 0:
-            work.mkdir(parents=True, exist_ok=True)
-            _atomic_save({
-                "format": 2, "step": step,
-                "student": {k.removeprefix("student."): v for k, v in model_sd.items() if k.startswith("student.")},
-                "router": {k.removeprefix("router."): v for k, v in model_sd.items() if k.startswith("router.")},
-                "optimizer": opt_sd, "scheduler": sched.state_dict(),
-                "g_data": g_data.get_state(), "g_budget": g_budget.get_state(), "g_gumbel": g_gumbel.get_state(),
-                "elastic_config": ec.to_json(), "importance": importance, "history": history, "config": asdict(cfg),
-                "world_size": world, "fsdp": fsdp,
-            }, state_path)
 
-    end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
-    t0 = time.perf_counter()
-    last_kd: dict[str, float] = {}  # the latest distillation loss of every budget, for progress
-    for step in range(start, end):
-        stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
-        weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
-        batch = train_ds.batch(g_data, cfg.batch_size, stage.context)[0]
-        # annealed within stage 1: stage 2 trains the architectures the router has settled on, which
-        # are the ones deployed (the final temperature and logit scale hold through stage 2)
-        tau = anneal(step, cfg.stage1.steps, *cfg.tau)
-        scale = anneal(step, cfg.stage1.steps, *cfg.logit_scale)
-        # every step mixes budgets: one budget per micro-batch, drawn with the stage's weights, and the
-        # gradients of all micro-batches accumulated into one optimizer step; each process computes
-        # its share of every micro-batch (at least one sequence)
-        micro = batch.tensor_split(min(cfg.micro_batches or len(budgets), cfg.batch_size // world))
-        opt.zero_grad(set_to_none=True)
-        for m, chunk in enumerate(micro):
-            x = chunk.tensor_split(world)[rank].to(device)
-            b = int(torch.multinomial(weights, 1, generator=g_budget))
-            last = m == len(micro) - 1
-            if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
-                student.set_requires_gradient_sync(last)
-            with contextlib.nullcontext() if world == 1 or fsdp or last else module.no_sync():
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                s_logits, cost, choice = module(x, b, tau, scale, g_gumbel)
-                kd = forward_kl(t_logits, s_logits)
-                cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
-                # gradients are averaged over processes: this process's sequences count x.shape[0] / batch,
-                # times world to undo the average; the cost is the same on every process
-                (kd * (x.shape[0] * world / batch.shape[0]) +
-                 cfg.router_weight * cost_loss * (chunk.shape[0] / batch.shape[0])).backward()
-            kd_mean = kd.detach()
-            if world > 1:  # the micro-batch's mean over all its sequences (NCCL reduces CUDA tensors only)
-                t = (kd_mean * x.shape[0]).reshape(1).to(device)
-                torch.distributed.all_reduce(t)
-                kd_mean = t[0] / chunk.shape[0]
-            rec = {"step": step, "micro_batch": m, "budget": budgets[b].name, "kd": kd_mean.item(),
-                   "cost": cost_loss.item(), "params": choice.spec.parameters(arch),
-                   "tokens": chunk.shape[0] * stage.context}
-            history.append(rec)
-            last_kd[rec["budget"]] = rec["kd"]
-        if fsdp and world > 1:  # the router is not sharded: average its gradients here
-            for p_ in router.parameters():
-                if p_.grad is not None:
-                    torch.distributed.all_reduce(p_.grad)
-                    p_.grad /= world
-        torch.nn.utils.clip_grad_norm_(list(student.parameters()), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if progress:
-            per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last_kd.items())
-            mixed = ", ".join(f"{r['budget']} {r['params']:,} params" for r in history[-len(micro):])
-            progress(f"stage {1 if step < cfg.stage1.steps else 2}: kd per budget {per_budget}  (this step: "
-                     f"{mixed})", step + 1, cfg.total_steps)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            save_state(step + 1)
-    train_s = time.perf_counter() - t0
+def _elastic_start(cfg: TrainConfig, student: NemotronH, budgets: tuple[Budget, ...], train_ds: TokenDataset,
+                   device: str) -> tuple[ElasticConfig, dict]:
+    """Importance, permutation (of ``student``, in place) and search space; every process alike (same
+    data, same result). Returns the elastic config (every budget resolved to the parent until the end)
+    and the importance scores and depth order."""
+    arch = student.arch
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    calib = [train_ds.batch(g, cfg.batch_size, cfg.stage1.context)[0].to(device) for _ in range(cfg.importance_batches)]
+    scores = width_importance(student, calib)
+    permute_(student, orders(student, scores))
+    depth = depth_order(student, calib[:2], candidates=depth_candidates(student, calib[:2], cfg.keep_attention),
+                        steps=cfg.drop_layers)
+    dims = default_search_space(arch, [j for j, _ in depth], cfg.per_layer_mamba)
+    full = SliceSpec.full(arch).to_json(arch)
+    ec = ElasticConfig(budgets, dims, {b.name: full for b in budgets})
+    importance = {"scores": {k: v.clone() for k, v in scores.items()}, "depth": depth}
+    return ec, importance
 
-    if end < cfg.total_steps:  # stopped early on purpose: the state is saved, nothing else
-        return {"stopped_at": end, "history": history}
+
+def _step(run: _Run, step: int, train_ds: TokenDataset) -> list[dict]:
+    """One optimizer step of the curriculum; appends its micro-batches' records to the history and
+    returns them."""
+    cfg, budgets, world, rank, device = run.cfg, run.budgets, run.world, run.rank, run.device
+    student, router, fsdp, module = run.student, run.router, run.fsdp, run.module
+    stage = cfg.stage1 if step < cfg.stage1.steps else cfg.stage2
+    weights = torch.tensor(stage.weights or [1.0] * len(budgets), dtype=torch.float64)
+    batch = train_ds.batch(run.g_data, cfg.batch_size, stage.context)[0]
+    # annealed within stage 1: stage 2 trains the architectures the router has settled on, which
+    # are the ones deployed (the final temperature and logit scale hold through stage 2)
+    tau = anneal(step, cfg.stage1.steps, *cfg.tau)
+    scale = anneal(step, cfg.stage1.steps, *cfg.logit_scale)
+    # every step mixes budgets: one budget per micro-batch, drawn with the stage's weights, and the
+    # gradients of all micro-batches accumulated into one optimizer step; each process computes
+    # its share of every micro-batch (at least one sequence)
+    micro = batch.tensor_split(min(cfg.micro_batches or len(budgets), cfg.batch_size // world))
+    run.opt.zero_grad(set_to_none=True)
+    records = []
+    for m, chunk in enumerate(micro):
+        x = chunk.tensor_split(world)[rank].to(device)
+        b = int(torch.multinomial(weights, 1, generator=run.g_budget))
+        last = m == len(micro) - 1
+        if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+            student.set_requires_gradient_sync(last)
+        with contextlib.nullcontext() if world == 1 or fsdp or last else module.no_sync():
+            with torch.no_grad():
+                t_logits = run.teacher(x)
+            s_logits, cost, choice = module(x, b, tau, scale, run.g_gumbel)
+            kd = forward_kl(t_logits, s_logits)
+            cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
+            # gradients are averaged over processes: this process's sequences count x.shape[0] / batch,
+            # times world to undo the average; the cost is the same on every process
+            (kd * (x.shape[0] * world / batch.shape[0]) +
+             cfg.router_weight * cost_loss * (chunk.shape[0] / batch.shape[0])).backward()
+        kd_mean = kd.detach()
+        if world > 1:  # the micro-batch's mean over all its sequences (NCCL reduces CUDA tensors only)
+            t = (kd_mean * x.shape[0]).reshape(1).to(device)
+            torch.distributed.all_reduce(t)
+            kd_mean = t[0] / chunk.shape[0]
+        records.append({"step": step, "micro_batch": m, "budget": budgets[b].name, "kd": kd_mean.item(),
+                        "cost": cost_loss.item(), "params": choice.spec.parameters(run.arch),
+                        "tokens": chunk.shape[0] * stage.context})
+    run.history.extend(records)
+    if fsdp and world > 1:  # the router is not sharded: average its gradients here
+        for p_ in router.parameters():
+            if p_.grad is not None:
+                torch.distributed.all_reduce(p_.grad)
+                p_.grad /= world
+    torch.nn.utils.clip_grad_norm_(list(student.parameters()), cfg.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    return records
+
+
+def _save_state(run: _Run, step: int, work: Path, state_path: Path) -> None:
+    """The whole training state after ``step`` steps, written atomically by rank 0 (a collective:
+    every process calls it)."""
+    model_sd, opt_sd = _full_state(run.em, run.opt)  # every process takes part; rank 0 holds the whole
+    if run.rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        _atomic_save({
+            "format": 2, "step": step,
+            "student": {k.removeprefix("student."): v for k, v in model_sd.items() if k.startswith("student.")},
+            "router": {k.removeprefix("router."): v for k, v in model_sd.items() if k.startswith("router.")},
+            "optimizer": opt_sd, "scheduler": run.sched.state_dict(),
+            "g_data": run.g_data.get_state(), "g_budget": run.g_budget.get_state(),
+            "g_gumbel": run.g_gumbel.get_state(), "elastic_config": run.ec.to_json(), "importance": run.importance,
+            "history": run.history, "config": asdict(run.cfg), "world_size": run.world, "fsdp": run.fsdp,
+        }, state_path)
+
+
+def _finish(run: _Run, val_ds: TokenDataset, train_s: float, source: Path, out: Path, *, force: bool,
+            sources: list, work: Path) -> dict:
+    """The end of a run: resolve every budget, evaluate, write the elastic checkpoint, and raise
+    :class:`BudgetMissError` when a budget landed outside the tolerance. Returns the summary."""
+    cfg, arch, ec, router, student, world = run.cfg, run.arch, run.ec, run.router, run.student, run.world
+    history = run.history
     # resolve each budget by constrained choice over the router's scores (each budget's tolerance: the run's, at
     # most the format's default) and write the elastic checkpoint
     tol = min(cfg.budget_tolerance, BUDGET_TOLERANCE)
@@ -602,12 +459,12 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
                  for s in range(cfg.total_steps))
     val_ctx = cfg.stage2.context if cfg.stage2.steps else cfg.stage1.context
     summary = {
-        "steps": cfg.total_steps, "tokens": tokens, "world_size": world, "fsdp": fsdp, "fsdp_reason": why_fsdp,
+        "steps": cfg.total_steps, "tokens": tokens, "world_size": world, "fsdp": run.fsdp, "fsdp_reason": run.why_fsdp,
         "train_seconds": round(train_s, 1),
-        "parent_val_loss": eval_loss(teacher, val_ds, val_ctx, cfg.eval_batches),
+        "parent_val_loss": eval_loss(run.teacher, val_ds, val_ctx, cfg.eval_batches),
         "budgets": {},
     }
-    for b in budgets:
+    for b in run.budgets:
         spec = SliceSpec.from_json(ec.resolved[b.name], arch)
         summary["budgets"][b.name] = {
             "target_parameters": b.target_parameters, "parameters": spec.parameters(arch),
@@ -617,16 +474,16 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
             # the resolver's log-probability against each row's argmax (its parameters too)
             **resolution.get(b.name, {}),
         }
-    model_sd, _ = _full_state(em)
-    if rank == 0:
+    model_sd, _ = _full_state(run.em)
+    if run.rank == 0:
         whole = student
-        if fsdp:  # the gathered weights in a plain model for the writer
+        if run.fsdp:  # the gathered weights in a plain model for the writer
             with torch.device("meta"):
                 whole = NemotronH(arch)
             whole.load_state_dict({k.removeprefix("student."): v for k, v in model_sd.items()
                                    if k.startswith("student.")}, assign=True)
-        write_elastic_checkpoint(whole, ec, router, importance, ckpt.root, out, force=force,
-                                 training={"config": asdict(cfg), **summary}, sources=[parent_dir, data_dir, work])
+        write_elastic_checkpoint(whole, ec, router, run.importance, source, out, force=force,
+                                 training={"config": asdict(cfg), **summary}, sources=sources)
     if world > 1:
         torch.distributed.barrier()
     misses = _misses(summary, cfg.budget_tolerance)
@@ -656,8 +513,9 @@ def _use_fsdp(cfg: TrainConfig, world: int, arch: Any, device: str) -> tuple[boo
 
 
 def _load_optimizer(em: "ElasticModule", opt: torch.optim.Optimizer, saved: dict, fsdp: bool, path: Path) -> None:
-    """Restore the optimizer from a saved state: the whole-state form (parameter names as keys) into
-    any layout, or an older state (parameter positions as keys) into an unsharded model."""
+    """Restore the optimizer from a saved state: format 2 (the whole state, parameter names as keys)
+    into any layout, format 1 (``opt.state_dict()``, parameter positions as keys) into an unsharded
+    model."""
     if all(isinstance(k, int) for k in saved.get("state", {})):  # format 1: opt.state_dict()
         if fsdp:
             raise ConfigError("cannot resume this older training state under FSDP; resume with --fsdp off",
