@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from elastic.slicer.errors import ElasticError
+from elastic.slicer.errors import ElasticError, debug_enabled
 from elastic.slicer.nn.model import NemotronH
 
 from .graphs import DecodeGraph, PrefillGraph, state_tensors
@@ -210,15 +210,115 @@ def _child_graph(child, out_dir: Path) -> Any:
     try:
         if proc.returncode:
             last = [line for line in err.strip().splitlines() if line.strip()]
-            import os
-
             raise ElasticError(f"tracing the {path.name.strip('.').removesuffix('.traced')} graph failed: "
                                f"{last[-1] if last else f'exit {proc.returncode}'}"
-                               + ("\n" + err if os.environ.get("ELASTIC_DEBUG") else
+                               + ("\n" + err if debug_enabled() else
                                   " (ELASTIC_DEBUG=1 shows the traceback)"))
         return ir.load(path)
     finally:
         path.unlink(missing_ok=True)
+
+
+# Traced graphs hold no weights (placeholders into weights.bin) and depend only on the architecture,
+# the dtype, the opset, the exporter's versions and the code traced: a second export of the same
+# architecture (fit-my-gpu run again, another context or target) loads them instead of tracing
+# (tens of seconds of the export's time). The cache lives in $ELASTIC_CACHE_DIR (default
+# $XDG_CACHE_HOME/elastic, else ~/.cache/elastic); ELASTIC_CACHE_DIR=off turns it off.
+TRACED_SOURCES = ("slicer/nn", "export/graphs.py", "export/layout.py", "export/onnx_export.py")
+
+
+def _graph_cache(arch, dtype: torch.dtype, opset: int) -> Path | None:
+    """This architecture's cache directory of traced graphs, or None when caching is off."""
+    import hashlib
+    import json
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = os.environ.get("ELASTIC_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("", "0", "off", "no", "false"):
+        return None
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "elastic"
+    h = hashlib.sha256(json.dumps([arch.to_config(), str(dtype), opset], sort_keys=True, default=str).encode())
+    for pkg in ("torch", "onnxscript", "onnx-ir", "onnx"):
+        try:
+            h.update(f"{pkg}={version(pkg)}".encode())
+        except PackageNotFoundError:
+            h.update(pkg.encode())
+    top = Path(__file__).resolve().parent.parent
+    for rel in TRACED_SOURCES:  # the code that is traced: a change of it traces again
+        for f in sorted((top / rel).rglob("*.py")) if (top / rel).is_dir() else [top / rel]:
+            h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b""))
+    return Path(root) / "onnx-graphs" / h.hexdigest()[:32]
+
+
+def _drop_trace_metadata(g) -> None:
+    """The exporter's stack traces and FX dumps: 1.5 kB a node, local paths."""
+    for node in g.graph.all_nodes():
+        for key in [k for k in node.metadata_props if k != "namespace"]:
+            del node.metadata_props[key]
+
+
+def _cached_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path) -> dict[str, Any] | None:
+    """Both graphs from the cache (their initializers placeholders into ``out_dir``'s weights.bin), or None."""
+    import onnx_ir as ir
+
+    where = _graph_cache(arch, dtype, opset)
+    if where is None or not all((where / name).is_file() for name in (PREFILL, DECODE)):
+        return None
+    try:
+        graphs = {name: ir.load(where / name) for name in (PREFILL, DECODE)}
+    except Exception:  # a damaged entry (a disk filled while it was written): trace again
+        return None
+    for g in graphs.values():
+        for value in g.graph.initializers.values():
+            value.const_value = ir.ExternalTensor(WEIGHTS, 0, 0, value.dtype, shape=value.shape, name=value.name,
+                                                  base_dir=out_dir)
+    return graphs
+
+
+def _cache_graphs(graphs: dict[str, Any], arch, dtype: torch.dtype, opset: int) -> None:
+    """Keep freshly traced graphs for the next export of this architecture; a cache that cannot be
+    written is no error (the export does not depend on it)."""
+    import os
+    import tempfile
+
+    where = _graph_cache(arch, dtype, opset)
+    if where is None:
+        return
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        for name, g in graphs.items():
+            _drop_trace_metadata(g)
+            fd, tmp = tempfile.mkstemp(dir=where, prefix=f".{name}.")
+            os.close(fd)
+            save_traced(g, Path(tmp))  # placeholders only: never a weight
+            os.replace(tmp, where / name)  # whole files only, for a process reading beside us
+    except OSError:
+        return
+
+
+def _traced_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Both graphs, unoptimised, weights as placeholders: from the cache, else traced (the decode
+    graph in another process, beside the prefill) and kept in the cache."""
+    graphs = _cached_graphs(arch, dtype, opset, out_dir)
+    if graphs is not None:
+        say("exporting the prefill and decode graphs (traced before: from the cache)")
+        return graphs
+    say("exporting the prefill and decode graphs (in two processes)")
+    child = _trace_in_child(arch, dtype, opset, DECODE, out_dir)  # the decode graph traces beside the prefill
+    try:
+        prefill = trace(arch, dtype, opset, PREFILL)
+    except BaseException:
+        child[0].kill()
+        child[0].wait()
+        child[1].unlink(missing_ok=True)
+        raise
+    graphs = {PREFILL: prefill, DECODE: _child_graph(child, out_dir)}
+    _cache_graphs(graphs, arch, dtype, opset)
+    # as the next export will load them (the optimiser names nodes by a counter that a graph traced in
+    # this process has advanced): the first export writes the same bytes as every later one
+    return _cached_graphs(arch, dtype, opset, out_dir) or graphs
 
 
 def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor] | None = None,
@@ -284,17 +384,7 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
     say = progress or (lambda msg: None)
     io_names = graph_io(build_model(arch, dtype=dtype, device="meta"))
 
-    say("exporting the prefill and decode graphs (in two processes)")
-    child = _trace_in_child(arch, dtype, opset, DECODE, out_dir)  # the decode graph traces beside the prefill
-    try:
-        prefill = trace(arch, dtype, opset, PREFILL)
-    except BaseException:
-        child[0].kill()
-        child[0].wait()
-        child[1].unlink(missing_ok=True)
-        raise
-    decode = _child_graph(child, out_dir)
-    graphs = {PREFILL: prefill, DECODE: decode}
+    graphs = _traced_graphs(arch, dtype, opset, out_dir, say)
     raw: set[str] = set()
     for g in graphs.values():
         _fold_weight_transposes(g.graph)
@@ -324,9 +414,7 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
         with _quiet():
             optimize_ir(g, should_fold=should_fold)  # folds small constants (A = -exp(A_log), ...)
         g.producer_name, g.producer_version = "elastic", _version()
-        for node in g.graph.all_nodes():  # the exporter's stack traces and FX dumps: 1.5 kB a node, local paths
-            for key in [k for k in node.metadata_props if k != "namespace"]:
-                del node.metadata_props[key]
+        _drop_trace_metadata(g)
     for name, g in graphs.items():
         ir.save(g, out_dir / name)
     return {

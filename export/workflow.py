@@ -275,6 +275,7 @@ def fit_my_gpu(p: Plan, *, budget: str | None = None, out: str | Path | None = N
     if name is None:
         raise ElasticError("no budget fits this device; see the plan's suggestions")
     dest = Path(out) if out is not None else default_out(name)
+    p.checkpoint.require_weights()  # a config-only checkpoint is said before any disk is asked for
     why = _export_why(p, name, export)
     result = None if force or why is not None else reusable_slice(p, name, dest)
     reused = result is not None

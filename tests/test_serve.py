@@ -87,6 +87,39 @@ def test_budget_shares_the_parents_storage(demo, budget):
     assert not torch.equal(before, after)
 
 
+@pytest.mark.parametrize("rows,cols", [
+    (((0, 6), (8, 14), (16, 22), (24, 30), (40, 44), (50, 52), (60, 62)), ((0, 20),)),  # runs of rows (in_proj)
+    (((0, 24),), ((0, 4), (8, 12), (16, 20), (30, 31))),  # dense columns: one matmul over their span
+    (((0, 24),), ((0, 2), (10, 12), (20, 22), (30, 31))),  # sparse runs of columns: a batched matmul per run
+    (((2, 5), (9, 12), (20, 30)), ((1, 3), (7, 9), (11, 18))),  # both axes split: block by block
+    (((0, 17),), ((0, 9),)),  # one block
+])
+def test_range_linear_equals_the_gathered_matrix(rows, cols):
+    from elastic.slicer.formats.rules import indices
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
+    r, c = torch.tensor(indices(rows)), torch.tensor(indices(cols))
+    x = torch.randn(2, 5, len(c), generator=g)
+    for bias in (None, b):
+        lin = RangeLinear(w, bias, rows, cols)
+        ref = torch.nn.functional.linear(x, w[r][:, c], None if bias is None else bias[r])  # the gathered copy
+        torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+        assert lin(x[0, :1]).shape == (1, len(r))
+        # every weight the layer holds is a view into w's storage: same storage pointer, nothing allocated
+        held = [t for t in lin.buffers()]
+        assert held and all(t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() or
+                            t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for t in held)
+
+
+def test_budget_views_share_storage_pointers(demo):
+    """Every matrix of a budget model is the parent's storage itself (``untyped_storage().data_ptr()``)."""
+    parent = {p.untyped_storage().data_ptr() for p in demo.parent.parameters()}
+    for budget in ("75%", "50%"):
+        held = [t for t in [*demo.model(budget).parameters(), *demo.model(budget).buffers()] if t.dim() == 2]
+        assert held and {t.untyped_storage().data_ptr() for t in held} <= parent
+
+
 def test_cli_generate_budget_equals_sliced_child(children):
     r = CliRunner().invoke(app, ["generate", "-c", str(DEMO), PROMPT, "--budget", "50%", "-n", "16", "--json"])
     assert r.exit_code == 0, r.output

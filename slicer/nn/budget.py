@@ -4,8 +4,10 @@
 weights are *views* of the parent's: a kept prefix (``W[:f, :d]``) is a strided view of the
 parent's storage. A weight matrix whose rule keeps several ranges on an axis (Mamba ``in_proj``
 rows ``[z[kept] | x[kept] | B | C | dt[kept]]``, ``out_proj`` columns, attention heads kept inside
-each KV group) is not one view: :class:`RangeLinear` holds one view per (row range, column range)
-block and computes ``x W[rows, cols]^T`` block by block, so it is not copied either. Only small
+each KV group) is not one view: :class:`RangeLinear` computes ``x W[rows, cols]^T`` from a few
+views built once: kept rows as strided runs (one batched matmul per run of equal, evenly spaced
+ranges), kept columns as the span they lie in (one matmul, the input zero-padded), so it is not
+copied either. Only small
 per-channel vectors (``A_log``, ``D``, ``dt_bias``, gated-norm weights, the depthwise conv's taps,
 the MoE gate's rows) are gathered, when their kept entries are not one range:
 :func:`storage_report` counts those bytes.
@@ -44,42 +46,147 @@ import torch.nn.functional as F
 from torch import nn
 
 from elastic.slicer.errors import ConfigError, ElasticError
-from elastic.slicer.formats.rules import Ranges, length, tensor_rules
+from elastic.slicer.formats.rules import Ranges, indices, length, tensor_rules
 from elastic.slicer.formats.spec import SliceSpec
 from elastic.slicer.nn.masked import narrow
 from elastic.slicer.nn.model import FakeQuantLinear, NemotronH, TorchBackend, load_model
 
 FULL = "100%"  # the name a parent without elastic_config.json serves itself under
+# RangeLinear reads the whole span of an output's kept input columns (zero-padding the input) when
+# they are at least this fraction of it: measured on a 390 MB parent's Mamba out_proj (37.5% kept:
+# half the heads' channels of 3/4 of the heads), one pass over the span took half the time of a
+# batched matmul over the strided pieces (bench/serve_bench.py)
+PAD_FRACTION = 0.25
+
+
+def runs(ranges: Ranges) -> list[tuple[int, int, int, int]]:
+    """``ranges`` as regular runs ``(start, length, count, step)``: ``count`` ranges of one ``length``
+    whose starts are ``step`` apart (``step`` 0 when ``count`` is 1).
+
+    Example:
+        >>> runs(((0, 4), (8, 12), (16, 20), (40, 42)))
+        [(0, 4, 3, 8), (40, 2, 1, 0)]
+    """
+    out: list[list[int]] = []
+    for a, b in ranges:
+        last = out[-1] if out else None
+        if last and b - a == last[1] and (last[2] == 1 or a - (last[0] + (last[2] - 1) * last[3]) == last[3]):
+            if last[2] == 1:
+                last[3] = a - last[0]
+            last[2] += 1
+        else:
+            out.append([a, b - a, 1, 0])
+    return [tuple(r) for r in out]
+
+
+def _strided(t: torch.Tensor, dim: int, run: tuple[int, int, int, int],
+             keep: tuple[int, int] | None = None) -> torch.Tensor:
+    """A view of ``t`` (1-D or 2-D) holding one run of ranges on axis ``dim``: ``t[start:start+length]``
+    (``count`` 1) or ``(count, ...)`` with the ranges stacked on a new leading axis; ``keep``
+    narrows the other axis of a 2-D ``t`` to ``[a, b)``. Never a copy."""
+    start, size, count, step = run
+    if t.dim() == 2 and keep is not None:
+        t = t.narrow(1 - dim, keep[0], keep[1] - keep[0])
+    t = t.narrow(dim, start, size)
+    if count == 1:
+        return t
+    return t.as_strided((count, *t.shape), (step * t.stride(dim), *t.stride()), t.storage_offset())
 
 
 class RangeLinear(nn.Module):
-    """``x W[rows, cols]^T (+ b[rows])`` from views of the parent's ``W``, one matmul per block.
+    """``x W[rows, cols]^T (+ b[rows])`` from views of the parent's ``W``, no weight copy.
 
     ``rows`` / ``cols`` are the kept ranges of the parent's output / input axis (sorted, as the
-    slicer keeps them): the child's input is their concatenation, and so is its output.
+    slicer keeps them): the child's input is their concatenation, and so is its output. Kept rows:
+    ranges of one length at a constant spacing (a run: the kept channels of the heads of one group,
+    the kept heads of every group) are one strided 3-D view and one batched matmul, so a Mamba
+    ``in_proj`` costs a few matmuls per group, not one per head. Kept columns (``out_proj``,
+    ``o_proj``): one matmul over the span they lie in, the input zero-padded (:data:`PAD_FRACTION`).
+    The views and the plan are built once, here; ``forward`` only walks the plan.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: Ranges, cols: Ranges):
         super().__init__()
-        self.rows, self.in_features, self.out_features = len(rows), length(cols), length(rows)
-        starts = [0]
-        for a, b in cols:
-            starts.append(starts[-1] + b - a)
-        self.col_slices = [(starts[j], starts[j + 1]) for j in range(len(cols))]  # child input columns
-        for i, (r0, r1) in enumerate(rows):
-            for j, (c0, c1) in enumerate(cols):  # non-persistent buffers: listed by named_buffers, no copy
-                self.register_buffer(f"w{i}_{j}", weight[r0:r1, c0:c1], persistent=False)
-            self.register_buffer(f"b{i}", None if bias is None else bias[r0:r1], persistent=False)
+        self.in_features, self.out_features = length(cols), length(rows)
+        # plan: one entry per matmul; "rows": a run of output rows over one column range; "pad": one
+        # output-row range over the span of the kept columns; "cols": one output-row range over a run
+        # of input columns; "block" / "add": the general case, one range x one range
+        self.plan: list[tuple[str, str, str | None, int, int]] = []
+        if len(cols) == 1:
+            for i, run in enumerate(runs(rows)):
+                self._add("rows", i, _strided(weight, 0, run, cols[0]),
+                          None if bias is None else _strided(bias, 0, run), 0, self.in_features)
+        elif len(rows) == 1 and length(cols) >= PAD_FRACTION * (cols[-1][1] - cols[0][0]):
+            # fine column ranges (a Mamba out_proj's kept channels of each head, an o_proj's heads):
+            # one matmul over the span of the kept columns, the input zero where a column is dropped.
+            # A row's kept pieces are short, so strided blocks read about the whole row anyway, in
+            # many small passes; one pass over the span is faster than a batched matmul per run
+            lo, hi = cols[0][0], cols[-1][1]
+            self.span = hi - lo
+            self.index = torch.tensor([i - lo for i in indices(cols)], device=weight.device)  # not a buffer: an index
+            r0, r1 = rows[0]
+            self._add("pad", 0, weight[r0:r1, lo:hi], None if bias is None else bias[r0:r1], 0, self.in_features)
+        elif len(rows) == 1:
+            offset = 0
+            for j, run in enumerate(runs(cols)):
+                n = run[1] * run[2]
+                self._add("cols", j, _strided(weight, 1, run, rows[0]), None, offset, offset + n)
+                offset += n
+            if bias is not None:
+                self.register_buffer("bias", bias[rows[0][0]:rows[0][1]], persistent=False)
+        else:
+            starts = [0]
+            for a, b in cols:
+                starts.append(starts[-1] + b - a)
+            k = 0
+            for r0, r1 in rows:
+                for j, (c0, c1) in enumerate(cols):
+                    b = bias[r0:r1] if bias is not None and j == 0 else None
+                    self._add("block" if j == 0 else "add", k, weight[r0:r1, c0:c1], b, starts[j], starts[j + 1])
+                    k += 1
+        if not hasattr(self, "bias"):
+            self.bias = None
+
+    def _add(self, kind: str, k: int, w: torch.Tensor, b: torch.Tensor | None, c0: int, c1: int) -> None:
+        # non-persistent buffers: listed by named_buffers (storage_report), never saved, no copy
+        self.register_buffer(f"w{k}", w, persistent=False)
+        if b is not None:
+            self.register_buffer(f"b{k}", b, persistent=False)
+        self.plan.append((kind, f"w{k}", f"b{k}" if b is not None else None, c0, c1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = [x[..., a:b] for a, b in self.col_slices]  # views of the input, (..., cols_j)
-        outs = []
-        for i in range(self.rows):
-            y = F.linear(xs[0], getattr(self, f"w{i}_0"), getattr(self, f"b{i}"))
-            for j in range(1, len(xs)):
-                y = y + F.linear(xs[j], getattr(self, f"w{i}_{j}"))
-            outs.append(y)  # (..., rows_i)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (N, in)
+        n, buf = x.shape[0], self._buffers
+        outs: list[torch.Tensor] = []
+        y = None
+        for kind, wn, bn, c0, c1 in self.plan:
+            w, b = buf[wn], (buf[bn] if bn is not None else None)
+            xs = x if c0 == 0 and c1 == x.shape[1] else x[:, c0:c1]
+            if kind == "pad":  # (N, span): the input placed at its columns, zero elsewhere
+                xp = x.new_zeros(n, self.span).index_copy_(1, self.index, x)
+                outs.append(F.linear(xp, w, b))
+            elif kind == "rows" and w.dim() == 3:  # (count, length, in): one bmm, rows of the run in order
+                z = torch.matmul(xs, w.transpose(1, 2))  # (count, N, length)
+                if b is not None:
+                    z = z + b[:, None, :]
+                outs.append(z.transpose(0, 1).reshape(n, -1))
+            elif kind == "cols" and w.dim() == 3:  # (count, out, length): a sum over the run's column blocks
+                z = torch.matmul(xs.reshape(n, w.shape[0], w.shape[2]).transpose(0, 1), w.transpose(1, 2)).sum(0)
+                y = z if y is None else y + z
+            elif kind == "cols" or kind == "add":
+                z = F.linear(xs, w)
+                if kind == "add":
+                    outs[-1] = outs[-1] + z
+                else:
+                    y = z if y is None else y + z
+            else:  # a 2-D block of rows
+                outs.append(F.linear(xs, w, b))
+        if y is not None:
+            out = y if self.bias is None else y + self.bias
+        else:
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out.reshape(*lead, self.out_features)
 
 
 def budget_model(parent: NemotronH, spec: SliceSpec) -> NemotronH:
