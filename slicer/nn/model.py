@@ -353,7 +353,10 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, arch: Arch):
         super().__init__()
-        self.embeddings = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        weight = torch.empty(arch.vocab_size, arch.hidden_size)
+        if not weight.is_meta:  # N(0, 1) as nn.Embedding's own init; on meta, init would import torch._dynamo (1.3 s)
+            nn.init.normal_(weight)
+        self.embeddings = nn.Embedding(arch.vocab_size, arch.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(arch, layer) for layer in arch.layers)
         self.norm_f = RMSNorm(arch.hidden_size, arch.layer_norm_epsilon)
 
