@@ -1,36 +1,83 @@
-"""Check the memory model against a measurement on the CPU target.
+"""Check the plan's memory terms against the engines that run the model here.
 
-    python bench/plan_accuracy.py [--prompt 1024] [--decode 32] [--chunk 256]
+    python bench/plan_accuracy.py [--sizes S,M,L] [--contexts 512,32768] [--precisions bf16,q8_0,q4_k_m]
+                                  [--work /tmp/elastic-plan-accuracy] [--no-reference]
 
-For the bundled demo model and a generated model of a few hundred MB (written to a temporary
-directory), a fresh process imports torch, notes its RSS, loads the model in float32, runs a
-chunked prefill (full logits per chunk, like the ONNX prefill graph) and a greedy decode, and
-reports its peak RSS increase. The prediction is ``elastic.slicer.planning.memory.footprint`` for the same
-workload with the host profile's runtime overhead and no safety margin (the margin is headroom,
-not an estimate). Last line: one JSON object with ``worst_error`` = max |predicted - measured| /
-measured over the two models.
+Models: the bundled demo (0.27M parameters, vocabulary 512: its compute buffer is its layers', not its
+logits) and three random Nemotron-H parents (S 47M parameters, ~95 MB in bf16; M 179M, ~360 MB; L 660M,
+~1.3 GB; the demo's byte-level tokenizer), built once into ``--work`` and reused (about 4.7 GB with their
+GGUFs: delete it afterwards). For each:
+
+- llama.cpp (the oracle is llama.cpp's own report): each GGUF precision (``export_gguf``; bf16 written
+  directly, q8_0 / q4_k_m by llama.cpp's quantizer) at each context, loaded in a fresh process with
+  llama.cpp's defaults for its tools (KV cache f16, flash attention on, n_batch = n_ubatch = 512, one
+  sequence). Measured: the bytes of the model's tensors (``llama_model_size``, the sum of its "model
+  buffer size" lines: CPU and CPU_REPACK), "KV buffer size", "RS buffer size" (Mamba conv + SSM
+  state), "compute buffer size" + "output buffer size" (against the plan's activations). Predicted:
+  ``footprint(..., engine="llama.cpp")`` with no overhead and no margin. Error: |predicted - measured|
+  / measured of the sum of those buffers; the process's RSS increase is printed beside it as a
+  cross-check (it is lower: llama.cpp reserves its compute buffer for a full 512-token batch and
+  touches only what it runs).
+- the PyTorch reference (``--no-reference`` skips it): the bundled demo and S in float32 at 512 and 4096
+  tokens, a chunked prefill (full logits per chunk, one chunk's held at a time) and a greedy decode in a
+  fresh process; measured its peak RSS increase; predicted: ``footprint`` (engine "reference") with the
+  host profile's runtime overhead and no margin.
+
+The table: engine x size x context x precision -> predicted, measured, error (MiB). Last line: one
+JSON object with ``worst_error`` over every row, and ``worst_error_by_engine``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+DEMO = ROOT / "slicer" / "demo_checkpoint"
 
-GENERATED = {  # ~133M parameters: ~530 MB in float32
-    "model_type": "nemotron_h", "vocab_size": 32768, "hidden_size": 1024, "hybrid_override_pattern": "M-M*-M-M-",
-    "mamba_num_heads": 32, "mamba_head_dim": 64, "n_groups": 4, "ssm_state_size": 128, "conv_kernel": 4,
-    "chunk_size": 128, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
-    "intermediate_size": 4096, "time_step_limit": [0.0, float("inf")],
+_COMMON = {"model_type": "nemotron_h", "vocab_size": 32768, "n_groups": 8, "ssm_state_size": 128, "conv_kernel": 4,
+           "chunk_size": 128, "mamba_head_dim": 64, "mamba_d_head": 64, "head_dim": 128,
+           "time_step_limit": [0.0, float("inf")], "tie_word_embeddings": False,
+           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+SIZES = {  # parameters: S 47M (~95 MB bf16), M 179M (~360 MB), L 660M (~1.3 GB)
+    "S": {**_COMMON, "hidden_size": 512, "hybrid_override_pattern": "M-M*-M-", "mamba_num_heads": 16, "n_groups": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 2048},
+    "M": {**_COMMON, "hidden_size": 1024, "hybrid_override_pattern": "M-M*-M-M*-M-", "mamba_num_heads": 32,
+          "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 6144},
+    "L": {**_COMMON, "hidden_size": 2048, "hybrid_override_pattern": "M-M-M*-M-M-M*-M-", "mamba_num_heads": 64,
+          "num_attention_heads": 16, "num_key_value_heads": 8, "intermediate_size": 10240},
 }
+TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MIB = 2**20
 
-CHILD = """
+LLAMA_CHILD = r"""
+import json, re, sys
+import llama_cpp
+lines = []
+@llama_cpp.llama_log_callback
+def keep(level, text, user):
+    lines.append(text.decode(errors="replace"))
+llama_cpp.llama_log_set(keep, None)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+base = rss()
+llm = llama_cpp.Llama(model_path={path!r}, n_ctx={context}, n_batch=512, n_ubatch=512, flash_attn=True,
+                      use_mmap=False, verbose=True)
+llm.eval(list(range(4, 4 + 64)))  # one short prompt: the run works
+log = "".join(lines)
+def mib(what):
+    return sum(round(float(v) * 2**20) for v in re.findall(r"\S+ " + what + r" buffer size =\s*([0-9.]+) MiB", log))
+print(json.dumps({{"weights": llama_cpp.llama_model_size(llm.model), "model_buffers": mib("model"),
+                  "kv_cache": mib("KV"), "ssm_state": mib("RS"), "activations": mib("compute") + mib("output"),
+                  "rss": rss() - base}}))
+"""
+
+REFERENCE_CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
 import torch
@@ -43,6 +90,7 @@ ids = torch.randint(0, model.arch.vocab_size, (1, {prompt}), generator=torch.Gen
 with torch.no_grad():
     cache = model.new_cache()
     for s in range(0, {prompt}, {chunk}):
+        logits = None  # the last chunk's logits are read: one chunk's at a time, as the plan counts
         logits = model(ids[:, s:s + {chunk}], cache=cache)  # full logits of the chunk
     for _ in range({decode}):
         logits = model(logits[:, -1:].argmax(-1), cache=cache)
@@ -52,47 +100,121 @@ print(json.dumps({{"measured": peak - base}}))
 """
 
 
-def measure(path: Path, prompt: int, decode: int, chunk: int) -> int:
-    code = CHILD.format(root=str(ROOT), path=str(path), prompt=prompt, decode=decode, chunk=chunk)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["measured"]
+def build(work: Path, size: str) -> Path:
+    """``work/size``: a random parent of ``SIZES[size]`` in bf16 with the demo's tokenizer (kept);
+    "demo": the bundled demo checkpoint (vocabulary 512: its compute buffer is its layers', not its logits)."""
+    import torch
+
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.nn.model import build_model, save_model
+
+    if size == "demo":
+        return DEMO
+    out = work / size
+    if not (out / "config.json").is_file():
+        save_model(build_model(Arch.from_config(SIZES[size]), dtype=torch.bfloat16, seed=0), out, force=True)
+        for f in TOKENIZER:
+            shutil.copy(DEMO / f, out / f)
+    return out
+
+
+def gguf(work: Path, model: Path, precision: str) -> Path:
+    """The GGUF of ``model`` at ``precision`` (kept in ``work``)."""
+    from elastic.export.gguf import export_gguf
+
+    out = work / f"{'demo' if model == DEMO else model.name}-{precision}"
+    file = out / f"model-{precision}.gguf"
+    if not file.is_file():
+        export_gguf(model, out, precision=precision, force=True)
+    return file
+
+
+def run_child(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llama_row(arch, file: Path, precision: str, context: int) -> dict:
+    """One llama.cpp measurement against the plan's terms for it."""
+    from elastic.slicer.planning.memory import Workload, footprint, memory_basis
+
+    m = run_child(LLAMA_CHILD.format(path=str(file), context=context))
+    w = Workload(context=context, batch=1, dtype="bfloat16", weights=precision, kv="bfloat16", prefill_chunk=512,
+                 margin=0.0)
+    t = footprint(arch, w, 0, engine="llama.cpp")
+    keys = ("weights", "kv_cache", "ssm_state", "activations")
+    predicted, measured = sum(t[k] for k in keys), sum(m[k] for k in keys)
+    return {"engine": "llama.cpp", "precision": precision, "context": context, "predicted": predicted,
+            "measured": measured, "error": abs(predicted - measured) / measured, "rss": m["rss"],
+            "terms": {k: [t[k], m[k]] for k in keys}, "memory_basis": memory_basis("llama.cpp")}
+
+
+def reference_row(path: Path, context: int, chunk: int = 256, decode: int = 32) -> dict:
+    """The PyTorch reference's peak RSS increase against the plan (float32, the host's overhead)."""
+    from elastic.profiles.devices import get_profile
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.planning.memory import Workload, footprint, memory_basis
+
+    arch = Arch.from_file(path)
+    prompt = context - decode
+    m = run_child(REFERENCE_CHILD.format(root=str(ROOT), path=str(path), prompt=prompt, decode=decode, chunk=chunk))
+    w = Workload(context=context, batch=1, dtype="float32", prefill_chunk=chunk, margin=0.0)
+    t = footprint(arch, w, get_profile("cpu").runtime_overhead_bytes, engine="reference")
+    return {"engine": "reference", "precision": "fp32", "context": context, "predicted": t["total"],
+            "measured": m["measured"], "error": abs(t["total"] - m["measured"]) / m["measured"], "rss": m["measured"],
+            "terms": {k: [t[k], None] for k in ("weights", "kv_cache", "ssm_state", "activations", "overhead")},
+            "memory_basis": memory_basis("reference")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt", type=int, default=1024)
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--sizes", default="demo,S,M,L")
+    ap.add_argument("--contexts", default="512,32768")
+    ap.add_argument("--precisions", default="bf16,q8_0,q4_k_m")
+    ap.add_argument("--reference-contexts", default="512,4096", help="contexts of the PyTorch reference runs")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/elastic-plan-accuracy"))
+    ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference runs")
     args = ap.parse_args()
 
-    import torch
-
-    from elastic.profiles.devices import get_profile
     from elastic.slicer.formats.arch import Arch
-    from elastic.slicer.planning.describe import DEMO_CHECKPOINT
-    from elastic.slicer.planning.memory import Workload, footprint
-    from elastic.slicer.nn.model import build_model, save_model
 
-    overhead = get_profile("cpu").runtime_overhead_bytes
-    w = Workload(context=args.prompt + args.decode, batch=1, dtype="float32", prefill_chunk=args.chunk, margin=0.0)
-    result = {"prompt": args.prompt, "decode": args.decode, "chunk": args.chunk, "models": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        generated = Path(tmp) / "generated"
-        save_model(build_model(Arch.from_config(GENERATED), dtype=torch.float32, seed=0), generated)
-        for name, path in (("demo", DEMO_CHECKPOINT), ("generated", generated)):
-            arch = Arch.from_file(path)
-            terms = footprint(arch, w, overhead)
-            measured = measure(path, args.prompt, args.decode, args.chunk)
-            err = abs(terms["total"] - measured) / measured
-            result["models"][name] = {"parameters": arch.param_counts()["total"], "predicted": terms["total"],
-                                      "measured": measured, "ratio": round(terms["total"] / measured, 3),
-                                      "error": round(err, 3), "terms": terms}
-            mib = lambda n: f"{n / 2**20:8.1f} MiB"  # noqa: E731
-            print(f"{name:<10} {arch.param_counts()['total']:>12,} params  predicted {mib(terms['total'])}  "
-                  f"measured {mib(measured)}  ratio {terms['total'] / measured:.3f}")
-            print("           " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items() if k != "total") + " (MiB)")
-    result["worst_error"] = max(m["error"] for m in result["models"].values())
-    print(json.dumps(result))
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for size in args.sizes.split(","):
+        model = build(args.work, size)
+        arch = Arch.from_file(model)
+        for precision in args.precisions.split(","):
+            file = gguf(args.work, model, precision)
+            for context in contexts:
+                rows.append({"size": size, "parameters": arch.param_counts()["total"],
+                             **llama_row(arch, file, precision, context)})
+                print_row(rows[-1], header=len(rows) == 1)
+    if not args.no_reference:
+        for name, path in (("demo", DEMO), ("S", build(args.work, "S"))):
+            for context in (int(c) for c in args.reference_contexts.split(",")):
+                rows.append({"size": name, "parameters": Arch.from_file(path).param_counts()["total"],
+                             **reference_row(path, context)})
+                print_row(rows[-1], header=False)
+    by_engine: dict[str, float] = {}
+    for r in rows:
+        by_engine[r["engine"]] = max(by_engine.get(r["engine"], 0.0), r["error"])
+    print(json.dumps({"worst_error": round(max(by_engine.values()), 4),
+                      "worst_error_by_engine": {k: round(v, 4) for k, v in by_engine.items()},
+                      "rows": [{**r, "error": round(r["error"], 4)} for r in rows]}))
+
+
+def print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"{'engine':<10}{'size':<6}{'params':>12}{'context':>9}{'prec':>8}{'predicted':>11}{'measured':>11}"
+              f"{'error':>8}{'rss':>10}   terms predicted/measured (MiB)")
+    terms = "  ".join(f"{k} {p / MIB:.1f}" + (f"/{m / MIB:.1f}" if m is not None else "")
+                      for k, (p, m) in r["terms"].items())
+    print(f"{r['engine']:<10}{r['size']:<6}{r['parameters']:>12,}{r['context']:>9}{r['precision']:>8}"
+          f"{r['predicted'] / MIB:>11.1f}{r['measured'] / MIB:>11.1f}{r['error']:>8.1%}{r['rss'] / MIB:>10.1f}   "
+          f"{terms}", flush=True)
 
 
 if __name__ == "__main__":

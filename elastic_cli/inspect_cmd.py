@@ -48,9 +48,11 @@ def inspect(
         "sizes        " + ", ".join(f"{k}={v}" for k, v in info["sizes"].items()),
         f"parameters   {human_count(p['total'])} ({p['total']:,})",
     ]
+    count_note = f"             ({info['parameter_convention']})"
     moe = p["active"] != p["total"]
     if moe:  # all experts are resident; a token computes with top-k of them
         lines[-1] += f" total, {human_count(p['active'])} ({p['active']:,}) active per token"
+    lines.append(count_note)
     for key, n in p.items():
         if key not in ("total", "active"):
             lines.append(f"  {key:<11}{n:>16,}")

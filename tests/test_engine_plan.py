@@ -54,7 +54,9 @@ def test_only_the_engines_precisions_are_offered(plans):
 
 def test_the_six_targets_choose_by_the_rules(plans):
     got = {t: (plans[t].chosen, plans[t].chosen_precision, plans[t].chosen_runtime) for t in SIX}
-    assert got == {"orin-nano-8gb": ("6B", "q6_k", "llama.cpp"), "orin-nx-16gb": ("12B", "int4", "edgellm"),
+    # orin-nano-8gb: the 6B's hidden size (4480) is no multiple of 256, so llama.cpp's K-quants fall back for
+    # every matrix that reads it (Q6_K -> Q8_0, Q5_K -> Q5_1): q6_k needs 6.91 GiB of 6.5, q5_k_m fits
+    assert got == {"orin-nano-8gb": ("6B", "q5_k_m", "llama.cpp"), "orin-nx-16gb": ("12B", "int4", "edgellm"),
                    "agx-orin-64gb": ("12B", "fp16", "edgellm"), "thor-128gb": ("12B", "fp16", "edgellm"),
                    "rtx-4060": ("9B", "q4_k_m", "llama.cpp"), "rtx-4090": ("12B", "fp8", "vllm")}
     for t in SIX:  # each choice is the first option that fits, in the device's engine order
@@ -130,3 +132,19 @@ def test_plan_json_carries_runtime_per_candidate():
     assert all(b["runtime"] for b in p["budgets"])
     text = CliRunner().invoke(app, ["plan", "-c", str(E12B), "--target", "rtx-4090"]).output
     assert "engine" in text and "vllm" in text
+
+
+def test_plan_on_the_cpu_host_shows_llama_cpps_precisions():
+    """`elastic plan --target cpu`: every budget at bf16 and llama.cpp's q8_0 ... q4_k_m, costed as llama.cpp
+    holds them (a GGUF of q4_k_m is smaller than q8_0); pinning Model Optimizer's int4 there is refused
+    with the precisions the host runs."""
+    r = CliRunner().invoke(app, ["plan", "-c", str(E12B), "--target", "cpu"])
+    assert r.exit_code == 0, r.output
+    head = next(line for line in r.output.splitlines() if line.startswith("total at"))
+    assert head.split()[2:7] == ["bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"] and "llama.cpp" in head
+    p = json.loads(CliRunner().invoke(app, ["plan", "-c", str(E12B), "--target", "cpu", "--json"]).stdout)
+    cells = {(c["budget"], c["weights_precision"]): c for c in p["candidates"]}
+    assert cells[("12B", "q4_k_m")]["terms"]["weights"] < cells[("12B", "q8_0")]["terms"]["weights"]
+    assert cells[("12B", "q4_k_m")]["memory_basis"].startswith("measured model: llama.cpp")
+    bad = CliRunner().invoke(app, ["plan", "-c", str(E12B), "--target", "cpu", "--precision", "int4"])
+    assert bad.exit_code == 2 and "q4_k_m" in bad.stderr and "llama.cpp's GGUF types" in bad.stderr

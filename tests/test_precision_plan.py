@@ -138,9 +138,10 @@ def test_a_runtime_for_a_precision_the_device_lacks_is_refused(tmp_path):
 
 def test_orin_nano_8gb_chooses_6b_on_llama_cpp_where_edgellm_int4_is_refused():
     """Engines in the plan (issue 24): Edge-LLM's int4 would fit 6B, but its GEMM needs 64-aligned
-    output rows and 6B's in_proj has 12368; llama.cpp holds 6B at q6_k."""
+    output rows and 6B's in_proj has 12368; llama.cpp holds 6B at q5_k_m (its hidden, 4480, is no multiple
+    of 256: q6_k's matrices fall back to q8_0 and need 6.91 GiB of 6.5)."""
     p = on("orin-nano-8gb", context=8192)
-    assert (p.chosen, p.chosen_precision, p.chosen_runtime) == ("6B", "q6_k", "llama.cpp")
+    assert (p.chosen, p.chosen_precision, p.chosen_runtime) == ("6B", "q5_k_m", "llama.cpp")
     edge = [c for c in p.candidates if c.budget == "6B" and c.runtime == "edgellm"]
     assert [c.weights.short for c in edge] == ["fp16", "int8", "int4"]  # no fp8/nvfp4
     assert edge[-1].fits and "outputs of 64" in edge[-1].refused and "(12368, 4480)" in edge[-1].refused
@@ -266,7 +267,8 @@ def test_plan_json_keys():
     p = cli_plan("--target", "orin-nano-8gb", "--context", "8192")
     assert {"checkpoint", "weights_present", "device", "workload", "budgets", "chosen", "notes", "suggestions",
             "chosen_precision", "candidates"} <= set(p)
-    assert (p["chosen"], p["chosen_precision"], p["chosen_runtime"]) == ("6B", "q6_k", "llama.cpp")
+    assert (p["chosen"], p["chosen_precision"], p["chosen_runtime"]) == ("6B", "q5_k_m", "llama.cpp")
+    assert p["parameter_convention"].startswith("safetensors count")
     assert {"context", "batch", "dtype", "weights", "kv", "state"} <= set(p["workload"])
     for b in p["budgets"]:
         assert {"name", "parameters", "dtype", "fits", "headroom_bytes", "terms", "weights_precision", "kv_precision",
@@ -279,7 +281,7 @@ def test_plan_json_keys():
         assert set(t) == {"weights", "kv_cache", "ssm_state", "activations", "overhead", "margin", "total"}
         assert t["total"] == sum(v for k, v in t.items() if k != "total")
     chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
-    same = next(c for c in p["candidates"] if c["budget"] == "6B" and c["weights_precision"] == "q6_k")
+    same = next(c for c in p["candidates"] if c["budget"] == "6B" and c["weights_precision"] == "q5_k_m")
     assert chosen["terms"] == same["terms"] and chosen["fits"] and same["fits"]
 
 

@@ -98,7 +98,9 @@ class Built:
         self.prompt_ids = tok.encode(PROMPT)
         self.hf_tokens = _naive_greedy(hf, self.prompt_ids, NEW_TOKENS)
         self.out = root / precision
-        self.result = write_quantized(hf, self.float_dir, self.out, p, group=self.group, corpus=corpus)
+        # float32 unquantized tensors (the default is bf16): the oracle is Model Optimizer's float32 simulation
+        self.result = write_quantized(hf, self.float_dir, self.out, p, group=self.group, corpus=corpus,
+                                      dtype="float32")
 
     @staticmethod
     def test_ids() -> torch.Tensor:
@@ -143,6 +145,7 @@ def built(tmp_path_factory):
 # ---- the checkpoint written ---------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_checkpoint_keeps_the_form_and_says_what_it_is(built, budget, precision):
@@ -254,6 +257,7 @@ def _step(b: "Built", module: str, w: torch.Tensor) -> torch.Tensor:
     return scale[:, None].expand_as(w)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_every_linear_matches_modelopt(built, budget, precision):
@@ -268,6 +272,7 @@ def test_every_linear_matches_modelopt(built, budget, precision):
     assert not problems, problems
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_logits_match_modelopt_simulation(built, budget, precision):
@@ -289,6 +294,7 @@ def test_logits_match_modelopt_simulation(built, budget, precision):
     assert float(diff.mean()) <= quant_effect / 50, (float(diff.mean()), quant_effect)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_generate_gives_transformers_greedy_tokens(built, budget, precision):
@@ -298,6 +304,7 @@ def test_generate_gives_transformers_greedy_tokens(built, budget, precision):
     assert json.loads(r.stdout)["tokens"] == b.hf_tokens
 
 
+@pytest.mark.heavy
 def test_eval_runs_on_float_quantized_and_elastic(built, tmp_path):
     b = built("75%", "int4")
     results = {}
@@ -332,6 +339,7 @@ def test_eval_perplexity_is_exp_of_the_mean_nll_over_heldout_windows():
 # ---- what the CLI writes ------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 @needs_modelopt
 def test_cli_slices_and_quantizes_in_one_command(tmp_path):
     out = tmp_path / "m"
@@ -339,7 +347,8 @@ def test_cli_slices_and_quantizes_in_one_command(tmp_path):
     assert r.exit_code == 0, r.output
     j = json.loads(r.stdout)
     assert j["precision"] == "int8" and j["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
-    assert j["dtype"] == "float32" and j["weights_bytes"] == (out / "model.safetensors").stat().st_size
+    # the unquantized tensors in bf16, what the plan counts, though the demo stores float32 (no --dtype given)
+    assert j["dtype"] == "bfloat16" and j["weights_bytes"] == (out / "model.safetensors").stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no float slice or export left beside it
     assert j["quantization"]["calibration"]["tokens"] == 16 * 256
 
@@ -364,6 +373,7 @@ def test_existing_output_is_refused_and_left_alone(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m"] and (tmp_path / "m" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.heavy
 @needs_modelopt
 def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
     import modelopt.torch.export as mte
@@ -410,6 +420,7 @@ def _edit(path, change):
     ("not_excluded", lambda c, h: h["quantization"]["exclude_modules"].remove("lm_head"),
      "missing tensor lm_head.weight_scale"),
 ])
+@pytest.mark.heavy
 def test_checkpoint_refuses_what_it_does_not_understand(built, tmp_path, case, change, message):
     from elastic.slicer.errors import ElasticError
     from elastic.slicer.storage.reader import Checkpoint
@@ -426,6 +437,7 @@ def test_checkpoint_refuses_what_it_does_not_understand(built, tmp_path, case, c
     assert r.exit_code == 2 and message.split("'")[0] in r.stderr
 
 
+@pytest.mark.heavy
 def test_checkpoint_refuses_a_scale_of_the_wrong_shape(built, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -481,9 +493,68 @@ def test_nvfp4_dequantization_follows_modelopt():
     assert float((got - w).abs().max()) > 1e-2  # it is quantized: the comparison could fail
 
 
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes by 3-bit code (bit 3: sign)
+
+
+def nvfp4_by_hand(w: torch.Tensor, amax: float, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 as Model Optimizer packs a float weight (out, in), written here from the format's
+    definition (qtensor/nvfp4_tensor.py read for the conventions, nothing imported):
+
+    - per tensor: ``weight_scale_2 = amax / (6 * 448)`` (largest e2m1 times largest e4m3), where
+      ``amax`` is max |w| over the Linears that share an input (Model Optimizer fuses them first);
+    - per block of 16 inputs: ``weight_scale = fp8_e4m3(block amax / (6 * weight_scale_2))``, an all-zero
+      block taking 1, clamped to [2**-9, 448];
+    - each element: w / (weight_scale * weight_scale_2) rounded to the nearest e2m1 value, a tie to the
+      even code; code = sign << 3 | magnitude; byte j of a row holds columns 2j (low nibble), 2j+1 (high).
+      The exporter packs the elements of ``w.to(dtype)``, its export dtype (the block scales come from
+      the weight it calibrated, ``w``).
+
+    Returns:
+        (packed uint8 (out, in/2), weight_scale fp8 (out, in/16), weight_scale_2 float32 (), the
+        dequantized weight float32 (out, in): e2m1 value * weight_scale * weight_scale_2).
+    """
+    out, n = w.shape
+    scale_2 = torch.tensor(amax, dtype=torch.float32) / (6.0 * 448.0)
+    blocks = w.float().view(out, n // 16, 16)
+    block_scale = blocks.abs().amax(-1) / (6.0 * scale_2)
+    block_scale[block_scale == 0] = 1.0
+    block_scale = block_scale.clamp(2.0**-9, 448.0).to(torch.float8_e4m3fn)
+    elements = w.to(dtype).float().view(out, n // 16, 16)
+    scaled = (elements / (block_scale.float() * scale_2)[..., None]).view(out, n)
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float64)
+    dist = (scaled.abs().double()[..., None] - grid).abs()  # exact in float64: ties stay ties
+    nearest = dist == dist.min(-1, keepdim=True).values
+    even = torch.arange(8) % 2 == 0
+    magnitude = torch.where(nearest.sum(-1) > 1, (nearest & even).float().argmax(-1), nearest.float().argmax(-1))
+    codes = magnitude | ((scaled < 0).long() << 3)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    value = grid.float()[magnitude] * torch.where(scaled < 0, -1.0, 1.0)
+    dequantized = (value.view(out, n // 16, 16) * block_scale.float()[..., None] * scale_2).view(out, n)
+    return packed, block_scale, scale_2, dequantized
+
+
+def test_nvfp4_packing_by_hand_is_model_optimizers():
+    """The hand-written oracle above against Model Optimizer's own NVFP4QTensor.quantize, byte for byte,
+    on weights with all-zero blocks, exact ties and both signs."""
+    if not HAVE_MODELOPT:
+        pytest.skip("needs nvidia-modelopt")
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    w[1, 16:32] = 0.0  # an all-zero block
+    w[2, :16] = torch.tensor([6.0, 0.75, -1.75, 3.5, 0.25, -0.25, 2.5, 5.0, 1.25, 0.5, -6.0, 4.0, 3.0, 1.0, 0.0, -0.0])
+    q, scale, scale_2 = NVFP4QTensor.quantize(w, 16)
+    packed, block_scale, hand_2, _ = nvfp4_by_hand(w, float(w.abs().max()))
+    assert torch.equal(hand_2, scale_2.float())
+    assert torch.equal(block_scale.view(torch.uint8), scale.view(torch.uint8))
+    assert torch.equal(packed, q._quantized_data)
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 @needs_modelopt
 def test_nvfp4_weights_match_modelopt(tmp_path):
     """NVFP4 calibrates and exports on the CPU too (Model Optimizer 0.47); the slice loads and runs in
@@ -514,6 +585,28 @@ def test_nvfp4_weights_match_modelopt(tmp_path):
         mtq.enable_quantizer(hf, "*input_quantizer")
     result = write_quantized(hf, float_dir, tmp_path / "q", "nvfp4", group=None, corpus=corpus)
     assert "activation quantization is not simulated" in result.manifest["quantization"]["simulated_by_elastic"]
+    # every quantized Linear, packed by hand from the float slice: the stored bytes and scales, and the
+    # weight our model computes with, are Model Optimizer's NVFP4 of the float weight
+    from safetensors.torch import load_file
+
+    floats = {k: v for f in sorted(float_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    stored = {k: v for f in sorted((tmp_path / "q").glob("*.safetensors")) for k, v in load_file(f).items()}
+    weights = dict(load_model(tmp_path / "q", dtype=torch.float32).named_parameters())
+    linears = sorted(k[: -len(".weight_scale_2")] for k in stored if k.endswith(".weight_scale_2"))
+    dtype = stored["backbone.norm_f.weight"].dtype  # the export dtype, which the exporter packs from
+    assert dtype == torch.bfloat16
+    assert len(linears) == 16  # the demo's 3 Mamba (in, out), 3 MLP (up, down) and 1 attention layer (q, k, v, o)
+    for m in linears:
+        layer, leaf = m.rsplit(".", 1)
+        qkv = ("q_proj", "k_proj", "v_proj")
+        shared = [f"{layer}.{p}" for p in qkv] if leaf in qkv else [m]
+        amax = max(float(floats[s + ".weight"].abs().max()) for s in shared)  # one input, one scale_2
+        packed, block_scale, scale_2, want = nvfp4_by_hand(floats[m + ".weight"], amax, dtype)
+        assert torch.equal(stored[m + ".weight_scale_2"].float(), scale_2), m
+        assert torch.equal(stored[m + ".weight_scale"].view(torch.uint8), block_scale.view(torch.uint8)), m
+        assert torch.equal(stored[m + ".weight"], packed), m
+        torch.testing.assert_close(weights[m + ".weight"].detach(), want, rtol=1e-6, atol=0,
+                                   msg=lambda e: f"{m}: {e}")
     with torch.no_grad():
         got = load_model(tmp_path / "q")(test)
     assert torch.isfinite(got).all()
@@ -523,6 +616,7 @@ def test_nvfp4_weights_match_modelopt(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.heavy
 @needs_modelopt
 @pytest.mark.parametrize("precision", ["fp8", "int8", "int4"])
 def test_the_plans_weights_term_is_the_slices_bytes(tmp_path, precision):

@@ -12,6 +12,11 @@ from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, re
 from elastic.slicer.errors import CheckpointError, ConfigError, Hint
 
 DEMO_CHECKPOINT = Path(__file__).parents[1] / "demo_checkpoint"
+# How every output counts parameters (``Arch.param_counts``): the elements of every tensor the checkpoint
+# stores, as the Hugging Face Hub's safetensors count does. That includes each MoE router's
+# ``e_score_correction_bias``, which transformers holds as a buffer, so its ``num_parameters()`` is lower by
+# those (one value per routed expert per MoE layer); it is the memory the weights take either way.
+PARAMETER_CONVENTION = "safetensors count, incl. e_score_correction_bias buffers"
 
 
 def default_checkpoint() -> Path:
@@ -37,7 +42,8 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
 
     Returns:
         a JSON-ready dict with the stable keys ``path``, ``layer_pattern``, ``parameters``
-        (``total`` and ``active`` plus one entry per layer kind, embeddings, norm_f, lm_head), ``dtype``,
+        (``total`` and ``active`` plus one entry per layer kind, embeddings, norm_f, lm_head, counted as
+        ``parameter_convention`` says: :data:`PARAMETER_CONVENTION`), ``dtype``,
         ``bytes_on_disk``, ``elastic``; and more.
     """
     root = Path(path) if path is not None else default_checkpoint()
@@ -93,6 +99,7 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
         "homogeneous": arch.is_homogeneous(),
         "sizes": sizes,
         "parameters": params,
+        "parameter_convention": PARAMETER_CONVENTION,
         "dtype": ckpt.dtype,
         "weights_present": ckpt.has_weights,
         # what the shards hold: equals parameters.total unless they carry extra tensors (mtp.*)

@@ -157,9 +157,9 @@ def _problem(e: Engine, arch: Arch, p: Precision) -> str | None:
         if why:
             return why
     if e.name == "tensorrt-llm" and p is INT4:
-        from elastic.slicer.planning.memory import _int4_group
+        from elastic.slicer.planning.memory import _int4_group, int4_hidden
 
-        group = _int4_group(arch.tensor_shapes())
+        group = _int4_group(arch.with_layers(arch.layers, int4_hidden(arch)).tensor_shapes())
         if group not in TRTLLM_AWQ_GROUPS:
             return (f"AWQ group {group}: TensorRT-LLM's int4 GEMMs take groups of "
                     f"{' or '.join(map(str, TRTLLM_AWQ_GROUPS))}")
@@ -179,9 +179,23 @@ def engine_option(name: str, child: Arch, p: Precision, base: Precision, target)
             refused = f"{e.title} takes one size per layer kind: {err.message}"
     refused = refused or _problem(e, arch, p)
     where = "the CPU host" if target.kind == "cpu" else target.name
-    why = (f"{e.title}: {p.short} on {where} ({form}; overhead: the profile's estimate, not measured for "
-           f"{e.title})")
+    why = (f"{e.title}: {p.short} on {where} ({form}{_int4_padding(arch, p, base)}; overhead: the profile's "
+           f"estimate, not measured for {e.title})")
     return EngineOption(name, p, base if (p.quantized or p in GGUF_QUANTIZED) else p, arch, form, refused, why)
+
+
+def _int4_padding(arch: Arch, p: Precision, base: Precision) -> str:
+    """", hidden 56 zero-padded to 64 for int4 AWQ group 64 (8 as cut)" when the int4 slice pads (else "")."""
+    if p is not INT4:
+        return ""
+    from elastic.slicer.planning.memory import _int4_group, int4_hidden
+
+    d = int4_hidden(arch, base.name)
+    if d == arch.hidden_size:
+        return ""
+    as_cut, padded = _int4_group(arch.tensor_shapes()), _int4_group(arch.with_layers(arch.layers, d).tensor_shapes())
+    return (f", hidden {arch.hidden_size} zero-padded to {d} for int4 AWQ group {padded} ({as_cut} as cut: its "
+            "scales would outweigh the 4-bit savings)")
 
 
 def engine_options(child: Arch, target, base: Precision, allowed: tuple[Precision, ...],

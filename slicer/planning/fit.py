@@ -23,9 +23,10 @@ from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, re
 from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.precision import (AUTO, FLOAT32, GGUF_QUANTIZED, KV, PLAN_WEIGHTS, QUANT_RANKING, STATE,
                                               WEIGHTS, Precision, choose, lookup, supported)
+from elastic.slicer.planning.describe import PARAMETER_CONVENTION
 from elastic.slicer.planning.engines import EngineOption, engine_options, with_base
 from elastic.slicer.planning.memory import (Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
-                                            gguf_quantized, max_context, weights_breakdown)
+                                            gguf_quantized, max_context, memory_basis, weights_breakdown)
 from elastic.slicer.formats.spec import SliceSpec
 
 
@@ -123,7 +124,8 @@ def _given(value: str | None) -> str | None:
 def _refuse(p: Precision, target: Target, what: str, allowed: tuple[Precision, ...], setting: str) -> ConfigError:
     runs = ", ".join(q.short for q in allowed if supported(q, target))
     why = f": {p.short} needs {NEEDS[p.needs]}" if p.needs in NEEDS else ""
-    cpu = "; planning uses no quantized formats on the CPU host" if target.kind == "cpu" else ""
+    cpu = ("; the CPU host runs quantized weights as llama.cpp's GGUF types (q8_0, q6_k, q5_k_m, q4_k_m), not Model "
+           "Optimizer's GPU formats" if target.kind == "cpu" else "")
     return ConfigError(f"{target.name} does not run {p.short} {what}{why}. It runs {runs}{cpu}",
                        hint=Hint(setting, f"choose {what} it runs ({runs})"))
 
@@ -199,6 +201,7 @@ class Candidate:
     runtime: str = ""  # the engine that runs it (planning.engines: "edgellm", "vllm", "llama.cpp", ...)
     why: str = ""  # the engine and precision in words
     form: str = ""  # the config form the engine loads: "stock" (padded where needed) or "as cut"
+    memory_basis: str = ""  # what its terms rest on: "measured model: ..." or "estimate: ..." (memory.memory_basis)
 
     @property
     def usable(self) -> bool:
@@ -206,24 +209,26 @@ class Candidate:
 
     def to_json(self) -> dict[str, Any]:
         return {"budget": self.budget, "weights_precision": self.weights.short, "runtime": self.runtime,
-                "why": self.why, "form": self.form, "fits": self.fits,
+                "why": self.why, "form": self.form, "fits": self.fits, "memory_basis": self.memory_basis,
                 "refused": self.refused, "headroom_bytes": self.headroom_bytes, "terms": dict(self.terms),
                 "weights_detail": dict(self.weights_detail)}
 
 
-def candidate(budget: str, child, p: Precision, pr: Precisions, w: Workload, target: Target) -> Candidate:
-    """The memory of budget ``child`` at weights ``p`` (and the plan's other precisions) on ``target``."""
+def candidate(budget: str, child, p: Precision, pr: Precisions, w: Workload, target: Target,
+              engine: str | None = None) -> Candidate:
+    """The memory of budget ``child`` at weights ``p`` (and the plan's other precisions) on ``target``,
+    as ``engine`` sizes it (``memory.footprint``; None: the reference model's terms)."""
     cw = pr.workload(w, p)
-    terms = footprint(child, cw, target.overhead_bytes)
+    terms = footprint(child, cw, target.overhead_bytes, engine)
     return Candidate(budget=budget, weights=p, workload=cw, fits=terms["total"] <= target.usable_bytes,
                      headroom_bytes=target.usable_bytes - terms["total"], terms=terms,
-                     weights_detail=weights_breakdown(child, p.name, pr.base.name),
-                     refused=block_problem(child, p.name))
+                     weights_detail=weights_breakdown(child, p.name, pr.base.name, engine),
+                     refused=block_problem(child, p.name), memory_basis=memory_basis(engine))
 
 
 def engine_candidate(budget: str, opt: EngineOption, pr: Precisions, w: Workload, target: Target) -> Candidate:
     """The memory of one engine option (the budget as that engine loads it) on ``target``."""
-    c = candidate(budget, opt.arch, opt.weights, with_base(pr, opt.base), w, target)
+    c = candidate(budget, opt.arch, opt.weights, with_base(pr, opt.base), w, target, opt.engine)
     return replace(c, refused=opt.refused, runtime=opt.engine, why=opt.why, form=opt.form)
 
 
@@ -267,6 +272,8 @@ class BudgetPlan:
     refused: str | None = None  # why the precision shown cannot be written (when its memory would fit)
     runtime: str = ""  # the engine of the option shown (planning.engines)
     why: str = ""  # that engine and precision in words
+    memory_basis: str = ""  # what its terms rest on: "measured model: ..." or "estimate: ..."
+    quality: Any = None  # the exact fit's formats.size_curve.Quality: what the checkpoint's size curve says of it
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "runtime": self.runtime, "why": self.why, "parameters": self.parameters, "active_parameters": self.active_parameters,
@@ -277,7 +284,8 @@ class BudgetPlan:
                 "state_precision": self.state_precision, "fits_at": list(self.fits_at),
                 "weights_detail": dict(self.weights_detail), "export_peak_bytes": self.export_peak_bytes,
                 "engine_build_bytes": self.engine_build_bytes, "export_here": self.export_here,
-                "refused": self.refused}
+                "refused": self.refused, "memory_basis": self.memory_basis,
+                **({"quality": self.quality.to_json()} if self.quality is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -309,12 +317,15 @@ class Plan:
     def choose_exact(self) -> "Plan":
         """This plan with its exact fit (``fit="exact"``) added as a budget named "exact" and chosen
         when it has more parameters than the chosen budget (``fit-my-gpu --fit exact`` slices it);
-        the plan itself otherwise."""
+        the plan itself otherwise, and when the checkpoint's size curve measured it outside its
+        trained neighbours (``formats.size_curve``: not offered; a note says so)."""
         e = self.exact_fit
         if e is None or not e.fits:
             return self
         if self.chosen is not None and self.budget(self.chosen).parameters >= e.parameters:
             return self
+        if e.quality is not None and not e.quality.offered:
+            return replace(self, notes=self.notes + (f"exact fit not chosen: {e.quality.words()}",))
         return replace(self, budgets=self.budgets + (e,), chosen=e.name,
                        candidates=self.candidates + self.exact_candidates,
                        notes=self.notes + (f"exact fit chosen: {e.parameters:,} parameters, no trained budget "
@@ -337,7 +348,8 @@ class Plan:
         ``kv_precision``, ``state_precision``), ``chosen``, ``chosen_precision``, ``candidates``
         (every budget x weights precision: ``budget``, ``weights_precision``, ``fits``, ``terms``),
         ``notes``, ``suggestions`` (and ``detection`` for a detected target); with ``fit`` "exact",
-        ``exact_fit``: a budget row (``parameters``, ``terms``, ``spec``, ...) or None."""
+        ``exact_fit``: a budget row (``parameters``, ``terms``, ``spec``, ``quality``: what the
+        checkpoint's size-curve record says of it, ``formats.size_curve.Quality.to_json``, ...) or None."""
         out = {
             "checkpoint": str(self.checkpoint.root.resolve()),
             "weights_present": self.checkpoint.has_weights,
@@ -349,6 +361,7 @@ class Plan:
             "chosen_runtime": self.chosen_runtime,
             "chosen_why": self.budget(self.chosen).why if self.chosen else None,
             "candidates": [c.to_json() for c in self.candidates],
+            "parameter_convention": PARAMETER_CONVENTION,  # how "parameters" counts (planning.describe)
             "notes": list(self.notes),
             "suggestions": list(self.suggestions),
         }
@@ -426,6 +439,12 @@ def plan(checkpoint: str | Path | Checkpoint, target: Target, workload: Workload
     if fit == "exact":
         exact, exact_tried, why = exact_fit_row(ckpt, pr, workload, target, chosen, allowed, runtime)
         notes += [why] if why else []
+        if exact is not None:  # the quality measure: what the checkpoint's size_curve.json says of it
+            from elastic.slicer.formats.size_curve import spec_quality
+
+            router_file = ElasticConfig.read(ckpt.root, ckpt.arch).router_file
+            exact = replace(exact, quality=spec_quality(ckpt.root, router_file, exact.spec.to_json(ckpt.arch),
+                                                        exact.parameters))
     w = replace(workload, dtype=pr.base.name, weights=pr.weights[0].name if pr.pinned else AUTO,
                 kv=pr.kv.name, state=pr.state.name)
     return Plan(
@@ -476,6 +495,7 @@ def budget_row(ckpt: Checkpoint, name: str, spec: SliceSpec, source: str, pr: Pr
         fits_at=tuple(dict.fromkeys(c.weights.short for c in tried if c.usable)), weights_detail=best.weights_detail,
         workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
         refused=None if best.usable else best.refused, runtime=best.runtime, why=best.why,
+        memory_basis=best.memory_basis,
     ), tried
 
 
@@ -592,11 +612,12 @@ def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, tried:
     short = need - target.usable_bytes  # > 0: the memory it lacks
     out = []
     if short > 0 and smallest.refused is None:
-        ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes)
+        ctx = max_context(child, w, target.overhead_bytes, target.usable_bytes, smallest.runtime or None)
         if 256 <= ctx < w.context:
             out.append(f"budget {name} fits with a context of {ctx} (instead of {w.context})")
         for b in range(w.batch - 1, 0, -1):
-            if footprint(child, replace(w, batch=b), target.overhead_bytes)["total"] <= target.usable_bytes:
+            if footprint(child, replace(w, batch=b), target.overhead_bytes, smallest.runtime or None)["total"] \
+                    <= target.usable_bytes:
                 out.append(f"budget {name} fits with a batch of {b} (instead of {w.batch})")
                 break
     alt = better_alternative(ckpt, rows, target, tried)

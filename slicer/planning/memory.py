@@ -19,6 +19,13 @@ precision triple on top of the base float precision ``Workload.dtype``:
 
 The activation term follows the tensors the reference implementation (``elastic.slicer.nn.model``) keeps
 alive at its peak; ``bench/plan_accuracy.py`` checks the total against a measured run.
+
+The engine that runs the model sizes some terms its own way: for llama.cpp (``footprint(...,
+engine="llama.cpp")``) every term is the buffer llama.cpp allocates (:func:`llama_cpp_terms`: the GGUF's
+per-tensor types, its f16 KV cache rounded to 256 tokens, float32 recurrent state, and the compute
+buffer its graph allocator reserves, ``planning.llama_graph``), checked against llama.cpp's own report
+by bench/plan_accuracy.py and tests/test_plan_engines_memory.py. :func:`memory_basis` says, for each
+engine, whether its terms are measured here or an estimate, and from what.
 """
 
 from __future__ import annotations
@@ -208,6 +215,46 @@ def weight_tensors(arch: Arch, weights: str, base: str | None = None) -> dict[st
     b = lookup(base) if base is not None else p
     if not p.quantized:
         return {name: (p.safetensors, shape) for name, shape in arch.tensor_shapes().items()}
+    if p is INT4:
+        arch = arch.with_layers(arch.layers, int4_hidden(arch, b.name))
+    return _quantized_tensors(arch, p, b)
+
+
+def int4_hidden(arch: Arch, base: str = "bfloat16") -> int:
+    """The hidden size ``elastic slice --precision int4`` writes ``arch`` with: as cut, or zero-padded
+    (``slicer.quant.hidden_pad``) up to a multiple of 16, 32, 64 or 128 where that lets the AWQ group
+    grow enough to save bytes (the fewest bytes of :func:`weight_tensors` win; as cut on a tie). A
+    model int4 cannot hold as cut is left as cut (and refused: :func:`block_problem`).
+
+    Example:
+        >>> int4_hidden(demo_75)  # hidden 56: group 8 as cut, 64 padded to 64
+        64
+    """
+    from elastic.slicer.errors import ConfigError
+
+    b = lookup(base)
+    d = arch.hidden_size
+    try:
+        weight_group(arch.tensor_shapes(), INT4)
+    except ConfigError:
+        return d
+    size = lambda a: sum(math.prod(s) * DTYPES[t][1] for t, s in _quantized_tensors(a, INT4, b).values())  # noqa: E731
+    best, fewest = d, size(arch)
+    for multiple in (16, 32, 64, 128):
+        padded = -(-d // multiple) * multiple
+        if padded == d:
+            continue
+        try:
+            n = size(arch.with_layers(arch.layers, padded))
+        except ConfigError:
+            continue
+        if n < fewest:
+            best, fewest = padded, n
+    return best
+
+
+def _quantized_tensors(arch: Arch, p: Precision, b: Precision) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """:func:`weight_tensors` of ``arch`` as it is written (int4: already padded)."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     shapes = arch.tensor_shapes()
     group = _int4_group(shapes) if p is INT4 else None
@@ -253,33 +300,213 @@ def gguf_quantized(p: Precision) -> bool:
 
 
 def _gguf_breakdown(arch: Arch, p: Precision) -> dict[str, int]:
-    """The weights of ``arch`` as a GGUF of llama.cpp's quantized type ``p``: every matrix at ``p``'s
-    bytes per weight (block scales included), the rest in float32 as llama.cpp keeps them (1-D
-    tensors, norms, the conv, the MoE router). An estimate: the _M mixes give some tensors the next
-    larger K type, and a row width that is not a multiple of 256 falls back to a larger type."""
+    """The weights of ``arch`` as a GGUF of llama.cpp type ``p`` (quantized or float): every tensor
+    at the type llama.cpp gives it (:func:`gguf_tensor_types`); "quantized" the quantized ones,
+    "float" those it keeps in float32 (and, in a float GGUF, the rest at ``p``)."""
     parts = {"quantized": 0, "scales": 0, "float": 0}
-    for name, shape in arch.tensor_shapes().items():
-        parts["float" if gguf_keeps_float32(name, shape) else "quantized"] += gguf_tensor_bytes(name, shape, p)
+    for kind, n in gguf_tensor_types(arch, p).values():
+        parts["float" if kind in ("f32", "f16", "bf16") else "quantized"] += n
     return parts
 
 
 def gguf_keeps_float32(name: str, shape: tuple[int, ...]) -> bool:
-    """Tensors llama.cpp keeps in float32 in a quantized GGUF: 1-D ones, norms, the conv, the MoE router."""
+    """Tensors llama.cpp keeps in float32 in any GGUF, by their checkpoint names: 1-D ones, norms, the
+    conv, the MoE router (the float writer's rule, export/gguf.keeps_float32, and what llama.cpp's
+    quantizer leaves alone: src/llama-quant.cpp, tensor_allows_quantization)."""
     return len(shape) <= 1 or not name.endswith(".weight") or "norm" in name or ".conv1d." in name or ".gate." in name
 
 
 def gguf_tensor_bytes(name: str, shape: tuple[int, ...], p: Precision) -> int:
-    """The bytes of one tensor in a GGUF of llama.cpp's quantized type ``p`` (see :func:`_gguf_breakdown`)."""
-    n = math.prod(shape)
-    return 4 * n if gguf_keeps_float32(name, shape) else math.ceil(n * p.bytes)
+    """The bytes of one tensor at llama.cpp's main type for ``p`` (its row-width fallback included),
+    without the _M mixes' per-layer choices (:func:`gguf_tensor_types` has them): the per-layer cost
+    ``planning.exact`` sums, where layers are priced one at a time."""
+    if gguf_keeps_float32(name, shape):
+        return 4 * math.prod(shape)
+    return ggml_bytes(_fallback(GGUF_MAIN_TYPE[p.name], shape[-1]), shape)
 
 
-def weights_breakdown(arch: Arch, weights: str, base: str | None = None) -> dict[str, int]:
+# ---- llama.cpp: what it allocates (llama.cpp 0c1e57098, vendored in llama-cpp-python 0.3.36) -------
+#
+# llama.cpp reports four buffers when it loads a model and makes a context, and the plan's terms for
+# the llama.cpp engine are those buffers, each computed the way llama.cpp sizes it:
+# - weights ("model buffer size", src/llama-model.cpp load_tensors; CPU + CPU_REPACK): every tensor at
+#   the type its GGUF holds. The quantizer picks the type per tensor (src/llama-quant.cpp,
+#   llama_tensor_get_type_impl): the file type's main type, but the output matrix gets Q6_K (Q8_0 in a
+#   q8_0 file), and in the _M mixes attn_v and ffn_down get Q6_K in the layers `use_more_bits` picks;
+#   a row width that is not a multiple of the type's block falls back (tensor_type_fallback:
+#   Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, then F16).
+# - KV cache ("KV buffer size", src/llama-kv-cache.cpp, llama_kv_cache constructor): K and V of each
+#   attention layer, n_embd_k_gqa x kv_size x n_stream at type_k/type_v (f16 unless -ctk/-ctv),
+#   kv_size = n_ctx_seq, the context rounded up to 256 (src/llama-context.cpp), one stream per sequence.
+# - recurrent state ("RS buffer size", src/llama-memory-recurrent.cpp): per Mamba layer one row per
+#   sequence of r (the conv window, hparams.n_embd_r: (d_conv - 1) x (d_inner + 2 n_group d_state)) and
+#   s (the SSM state, n_embd_s: d_state x d_inner), both float32 whatever the plan's state precision
+#   (src/llama-model.cpp create_memory passes GGML_TYPE_F32).
+# - compute + output buffers (src/llama-context.cpp sched_reserve, output_reserve): the graph for a
+#   full ubatch of 512 tokens with one output per token, reserved at load; see llama_cpp_compute_bytes.
+
+LLAMA_UBATCH = 512  # llama.cpp's n_batch / n_ubatch default: the graph it reserves compute memory for
+LLAMA_CTX_PAD = 256  # the context is rounded up to a multiple of this (llama_context constructor)
+# GGML types: (elements per block, bytes per block) (ggml/src/ggml-common.h)
+GGML_TYPES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q5_0": (32, 22), "q5_1": (32, 24),
+              "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
+GGUF_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # tensor_type_fallback
+# the file type's main type (llama_ftype_get_default_type), by Precision.name
+GGUF_MAIN_TYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0", "q6_k": "q6_k",
+                  "q5_k_m": "q5_k", "q4_k_m": "q4_k"}
+
+
+def ggml_bytes(kind: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``shape`` (rows along the last axis) at GGML type ``kind``."""
+    block, size = GGML_TYPES[kind]
+    return math.prod(shape[:-1]) * (shape[-1] // block) * size
+
+
+def _fallback(kind: str, ncols: int) -> str:
+    """llama.cpp's type for a row of ``ncols`` when ``kind``'s blocks do not tile it."""
+    if ncols % GGML_TYPES[kind][0] == 0:
+        return kind
+    kind = GGUF_FALLBACK.get(kind, kind)
+    return kind if ncols % GGML_TYPES[kind][0] == 0 else "f16"
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama-quant.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _gguf_category(name: str) -> str:
+    """llama-quant.cpp's tensor_get_category of the GGUF tensor a checkpoint tensor becomes."""
+    if name == "lm_head.weight":
+        return "output"
+    if name == "backbone.embeddings.weight":
+        return "token_embd"
+    leaf = name.rsplit(".", 2)[-2]  # "v_proj" in "...mixer.v_proj.weight"
+    return {"v_proj": "attn_v", "k_proj": "attn_k", "q_proj": "attn_q", "o_proj": "attn_output",
+            "up_proj": "ffn_up", "down_proj": "ffn_down"}.get(leaf, "other")
+
+
+def gguf_tensor_types(arch: Arch, p: Precision) -> dict[str, tuple[str, int]]:
+    """Every checkpoint tensor of ``arch`` in a GGUF of ``p`` (f32 / f16 / bf16 or one of llama.cpp's
+    quantized types): name -> (GGML type, bytes), as llama.cpp's quantizer chooses
+    (llama_tensor_get_type_impl; the comment above this function says which rules apply)."""
+    main = GGUF_MAIN_TYPE[p.name]
+    shapes = arch.tensor_shapes()
+    n_layer = len(arch.layers)
+    moe = [layer.n_routed_experts for layer in arch.layers if layer.kind == "moe"]
+    n_expert = max(moe, default=0)
+    n_attn_v = sum(1 for n in shapes if _gguf_category(n) == "attn_v")
+    i_attn_v = i_ffn_down = 0
+    out = {}
+    for name, shape in shapes.items():  # in layer order, as the GGUF holds them
+        if gguf_keeps_float32(name, shape):
+            out[name] = ("f32", 4 * math.prod(shape))
+            continue
+        kind, cat = main, _gguf_category(name)
+        if not gguf_quantized(p):
+            out[name] = (kind, ggml_bytes(kind, shape))
+            continue
+        if cat == "output":
+            kind = "q8_0" if shape[-1] % GGML_TYPES[kind][0] or kind == "q8_0" else "q6_k"
+        elif cat == "attn_v":
+            if p.name in ("q4_k_m", "q5_k_m") and _more_bits(i_attn_v, n_attn_v):
+                kind = "q6_k"
+            if n_expert == 8:
+                kind = "q8_0"
+            i_attn_v += 1
+        elif cat == "attn_k" and n_expert == 8:
+            kind = "q8_0"
+        elif cat == "ffn_down":
+            i = int(name.split(".")[2]) if n_expert > 1 else i_ffn_down  # MoE: the layer, else a count
+            if p.name in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layer):
+                kind = "q6_k"
+            i_ffn_down += 1
+        elif cat == "attn_output" and n_expert == 8 and p.name == "q4_k_m":
+            kind = "q5_k"
+        kind = _fallback(kind, shape[-1])
+        out[name] = (kind, ggml_bytes(kind, shape))
+    return out
+
+
+def llama_cpp_kv_bytes(arch: Arch, context: int, batch: int, kv: str) -> int:
+    """llama.cpp's KV buffer: K and V per attention layer, the context rounded up to 256 per sequence,
+    at the plan's KV precision (llama.cpp's default, f16, for bf16/fp16; -ctk/-ctv f32 for fp32;
+    q8_0, its 8-bit cache, for fp8)."""
+    size = {1: 34 / 32}.get(dtype_bytes(kv), dtype_bytes(kv))
+    ctx = -(-context // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
+    per_token = sum(2 * layer.num_key_value_heads * arch.head_dim for layer in arch.layers if layer.kind == "attention")
+    return int(per_token * ctx * batch * size)
+
+
+def llama_cpp_state_bytes(arch: Arch, batch: int) -> int:
+    """llama.cpp's RS buffer: per Mamba layer and sequence the conv window and the SSM state, in float32."""
+    total = 0
+    for layer in arch.layers:
+        if layer.kind == "mamba":
+            I, G, N = layer.mamba_num_heads * layer.mamba_head_dim, arch.n_groups, arch.ssm_state_size
+            total += ((arch.conv_kernel - 1) * (I + 2 * G * N) + N * I) * F32
+    return total * max(1, batch)
+
+
+def llama_cpp_compute_bytes(arch: Arch, context: int, batch: int) -> int:
+    """llama.cpp's compute buffer (sched_reserve: the graph of one full ubatch of 512 tokens, one
+    output per token, flash attention on as llama.cpp's tools default to on the CPU), replayed through
+    ggml's allocator by ``planning.llama_graph``, plus its output buffer (output_reserve: one row of
+    float32 logits per sequence). Its largest parts: the ubatch's logits (n_vocab x 512 x 4 bytes),
+    the attention mask (context x 512 x 2 bytes), and the largest layer's transient tensors."""
+    from elastic.slicer.planning.llama_graph import compute_buffer_bytes
+
+    return compute_buffer_bytes(arch, context, LLAMA_UBATCH, batch) + arch.vocab_size * F32 * batch
+
+
+# What each engine's terms rest on (the plan's JSON rows carry it as "memory_basis"). llama.cpp and the
+# reference run here and are measured by bench/plan_accuracy.py; the GPU engines cannot run here, so
+# their terms are the checkpoint's layout and the model's shapes, and what the engine itself adds is
+# said in words: vLLM claims gpu_memory_utilization (0.9 by default) of the GPU and fills what its
+# weights and activation profile leave with KV-cache blocks; TensorRT-LLM gives the KV cache
+# free_gpu_memory_fraction (0.9 by default) of what is free after the engine loads; Edge-LLM's engine
+# holds the KV cache and Mamba state for the maximum lengths it was built with.
+ESTIMATE = ("estimate: not measured for {title} (it needs an NVIDIA GPU): weights from Model Optimizer's checkpoint "
+            "layout, KV cache and Mamba state from the model's shapes, activations from the reference model's "
+            "peak, overhead from the device profile; {own}")
+ENGINE_OWN = {
+    "vllm": "vLLM itself claims gpu_memory_utilization (0.9) of the GPU and fills the rest with KV-cache blocks",
+    "tensorrt-llm": "TensorRT-LLM gives its KV cache free_gpu_memory_fraction (0.9) of the memory left free",
+    "edgellm": "TensorRT Edge-LLM's engine holds KV cache and state for the lengths it was built with",
+}
+LLAMA_CPP_WORST = 0.002  # bench/plan_accuracy.py, llama.cpp 0c1e57098: worst |predicted - measured| / measured
+MEMORY_BASIS = {
+    "llama.cpp": f"measured model: llama.cpp's own buffers (model, KV, RS, compute + output) against these terms in "
+                 f"bench/plan_accuracy.py (4 sizes x 2 contexts x bf16/q8_0/q4_k_m, worst error "
+                 f"{LLAMA_CPP_WORST:.1%}; MoE compute buffers estimated); overhead: the device profile's estimate",
+    "reference": "measured model: the PyTorch reference's peak RSS in bench/plan_accuracy.py",
+}
+
+
+def memory_basis(engine: str | None) -> str:
+    """What the plan's terms for ``engine`` rest on: a model measured against that engine here, or an
+    estimate (and from what)."""
+    if (engine or "reference") in MEMORY_BASIS:
+        return MEMORY_BASIS[engine or "reference"]
+    title = {"vllm": "vLLM", "tensorrt-llm": "TensorRT-LLM", "edgellm": "TensorRT Edge-LLM"}.get(engine, engine)
+    return ESTIMATE.format(title=title, own=ENGINE_OWN.get(engine, "the engine's own memory not known"))
+
+
+def llama_cpp_terms(arch: Arch, w: Workload) -> dict[str, int]:
+    """The plan's terms for llama.cpp (weights, kv_cache, ssm_state, activations), each the buffer
+    llama.cpp allocates for it (see the comment above :data:`LLAMA_UBATCH`)."""
+    return {"weights": sum(n for _, n in gguf_tensor_types(arch, lookup(w.weights or w.dtype)).values()),
+            "kv_cache": llama_cpp_kv_bytes(arch, w.context, w.batch, w.kv or w.dtype),
+            "ssm_state": llama_cpp_state_bytes(arch, w.batch),
+            "activations": llama_cpp_compute_bytes(arch, w.context, w.batch)}
+
+
+def weights_breakdown(arch: Arch, weights: str, base: str | None = None, engine: str | None = None) -> dict[str, int]:
     """The weights term in three parts: ``quantized`` (the packed Linear weights), ``scales``
     (their scales and smoothing vectors) and ``float`` (everything kept in the base precision).
     A llama.cpp quantized type (q4_k_m, ...): :func:`_gguf_breakdown`."""
     p = lookup(weights)
-    if gguf_quantized(p):
+    if gguf_quantized(p) or (engine == "llama.cpp" and p in GGUF):
         return _gguf_breakdown(arch, p)
     parts = {"quantized": 0, "scales": 0, "float": 0}
     for name, (dt, shape) in weight_tensors(arch, weights, base).items():
@@ -358,42 +585,61 @@ def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> i
     return norm + 3 * bt * layer.intermediate_size * s
 
 
+def _attention_context_bytes(arch: Arch, i: int, t: int, w: Workload, s: int) -> int:
+    """What attention layer i holds in the reference model that grows with the context: the causal
+    mask of the chunk against every cached position (bool, and the float copy scaled_dot_product_attention
+    makes of it) and, while torch.cat grows the cache, the layer's K and V twice more (the old tensors and
+    the new ones). Measured by bench/plan_accuracy.py: 1.8 KiB per context token on the demo."""
+    layer = arch.layers[i]
+    if layer.kind != "attention":
+        return 0
+    kv = 2 * layer.num_key_value_heads * arch.head_dim * w.context * w.batch * dtype_bytes(w.kv or w.dtype)
+    return t * w.context * (1 + s) + 2 * kv
+
+
 def activation_bytes(arch: Arch, w: Workload) -> int:
     s = dtype_bytes(w.dtype)
     t = min(w.prefill_chunk, w.context)
-    layers = max((_layer_activation_bytes(arch, i, t, w.batch, s) for i in range(len(arch.layers))), default=0)
+    layers = max((_layer_activation_bytes(arch, i, t, w.batch, s) + _attention_context_bytes(arch, i, t, w, s)
+                  for i in range(len(arch.layers))), default=0)
     residual = 2 * w.batch * t * arch.hidden_size * s  # the stream in and out of the layer
     logits = w.batch * t * arch.vocab_size * (F32 + s)  # the chunk's logits (and their float32 copy)
     return layers + residual + logits
 
 
-def footprint(arch: Arch, w: Workload, overhead_bytes: int) -> dict[str, int]:
+def footprint(arch: Arch, w: Workload, overhead_bytes: int, engine: str | None = None) -> dict[str, int]:
     """Every term in bytes, plus ``total``. ``overhead_bytes`` comes from the device profile; ``w``
-    names its precisions (resolved: no "auto")."""
-    terms = {
-        "weights": weights_bytes(arch, w.weights or w.dtype, w.dtype),
-        "kv_cache": kv_cache_bytes(arch, w.context, w.batch, w.kv or w.dtype),
-        "ssm_state": ssm_state_bytes(arch, w.batch, w.dtype, w.state),
-        "activations": activation_bytes(arch, w),
-        "overhead": overhead_bytes,
-    }
+    names its precisions (resolved: no "auto"). ``engine`` "llama.cpp": that engine's own sizing
+    (:func:`llama_cpp_terms`, measured by bench/plan_accuracy.py); any other (or None): the terms
+    above, which follow the reference model (:func:`memory_basis` says what each rests on)."""
+    if engine == "llama.cpp":
+        terms = {**llama_cpp_terms(arch, w), "overhead": overhead_bytes}
+    else:
+        terms = {
+            "weights": weights_bytes(arch, w.weights or w.dtype, w.dtype),
+            "kv_cache": kv_cache_bytes(arch, w.context, w.batch, w.kv or w.dtype),
+            "ssm_state": ssm_state_bytes(arch, w.batch, w.dtype, w.state),
+            "activations": activation_bytes(arch, w),
+            "overhead": overhead_bytes,
+        }
     terms["margin"] = int(w.margin * sum(terms.values()))
     terms["total"] = sum(terms.values())
     return terms
 
 
-def max_context(arch: Arch, w: Workload, overhead_bytes: int, usable_bytes: int) -> int:
+def max_context(arch: Arch, w: Workload, overhead_bytes: int, usable_bytes: int, engine: str | None = None) -> int:
     """The longest context (a multiple of 256) whose footprint fits ``usable_bytes``; 0 if none."""
     from dataclasses import replace
 
+    fits = lambda c: footprint(arch, replace(w, context=c), overhead_bytes, engine)["total"] <= usable_bytes  # noqa: E731
     lo, hi = 0, 1 << 22  # 4M tokens
     while hi - lo > 256:
         mid = (lo + hi) // 2 // 256 * 256 or 256
-        if footprint(arch, replace(w, context=mid), overhead_bytes)["total"] <= usable_bytes:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
-    return lo if lo and footprint(arch, replace(w, context=lo), overhead_bytes)["total"] <= usable_bytes else 0
+    return lo if lo and fits(lo) else 0
 
 
 # ---- exporting and building where the model runs (bench/export_bench.py measured the export) ----

@@ -254,7 +254,7 @@ def quantize_slice(source: str | Path, out: str | Path, precision: str | Precisi
         out: output directory; must not exist unless ``force`` (then only one elastic wrote).
         precision: fp8, int8 (SmoothQuant W8A8), int8_wo, int4 (AWQ), nvfp4, any spelling.
         dtype: the dtype of the tensors left unquantized (embeddings, norms, LM head, conv1d, Mamba
-            parameters); default: as ``source`` stores them.
+            parameters); default: bfloat16 (:data:`REST_DEFAULT`, what the plan counts).
         samples, seq_len: calibration windows of train-split text.
         device: where calibration runs (default: CUDA when present, else the CPU).
         progress: ``progress(stage, done, total)``: "load", "calibrate", "export", "write".
@@ -275,8 +275,13 @@ def quantize_slice(source: str | Path, out: str | Path, precision: str | Precisi
     rest = _rest_dtype(dtype, ckpt.dtype)
     weight_group(ckpt.arch.tensor_shapes(), p)  # a model the format cannot hold is refused before any work
     with ShardedWriter(out, force=force, sources=[ckpt.root, *ckpt.weight_files], kind="slice") as w:
-        manifest = _quantize_into(w, ckpt.root, p, rest, samples, seq_len, device, progress, _manifest_of(ckpt.root),
-                                  {"path": str(ckpt.root.resolve())})
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.padded-", dir=Path(out).parent))
+        try:
+            src, padding = _int4_padded(p, ckpt.root, tmp, rest)
+            manifest = _quantize_into(w, src, p, rest, samples, seq_len, device, progress,
+                                      {**_manifest_of(ckpt.root), **padding}, {"path": str(ckpt.root.resolve())})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return QuantizeResult(Path(out), p.name, w.bytes_written, _weights_bytes(Path(out), w.shards), manifest)
 
 
@@ -290,7 +295,7 @@ def slice_and_quantize(source, out: str | Path, precision: str | Precision, *, b
     directory beside ``out``, then quantize it into ``out`` (see :func:`quantize_slice`).
 
     The output is checked (and locked) before any work; the float slice is removed in every case.
-    ``dtype`` (the unquantized tensors) defaults to the source's stored dtype. ``form``,
+    ``dtype`` (the unquantized tensors) defaults to bfloat16 (:data:`REST_DEFAULT`). ``form``,
     ``pad_multiple`` and ``runtime`` choose the form of the float slice, padding included
     (``slice_checkpoint``): the quantized model is the padded one.
     """
@@ -316,8 +321,9 @@ def slice_and_quantize(source, out: str | Path, precision: str | Precision, *, b
             float_slice = slice_checkpoint(ckpt, tmp / "slice", budget=budget, spec=spec, dtype="float32",
                                            progress=progress, resolved=resolved, form=form,
                                            pad_multiple=pad_multiple, runtime=runtime)
-            manifest = _quantize_into(w, float_slice.out, p, rest, samples, seq_len, device, progress,
-                                      {**float_slice.manifest, "dtype": rest},
+            src, padding = _int4_padded(p, float_slice.out, tmp, rest)
+            manifest = _quantize_into(w, src, p, rest, samples, seq_len, device, progress,
+                                      {**float_slice.manifest, "dtype": rest, **padding},
                                       {"path": None, "note": "sliced in float32 into a temporary directory"})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -333,6 +339,8 @@ def write_quantized(model, float_dir: str | Path, out: str | Path, precision: st
     Args:
         group: the int4 group size it was quantized with (None for other formats).
         corpus: the calibration text's ``CorpusInfo`` (recorded in the manifest).
+        dtype: the unquantized tensors' dtype (Model Optimizer's export dtype); default: bfloat16
+            (:data:`REST_DEFAULT`, as for every slice).
     """
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.storage.writer import ShardedWriter
@@ -355,16 +363,48 @@ def read_arch_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 # ---- internals -----------------------------------------------------------------------------------
 
 
+def _int4_padded(p: Precision, float_dir: Path, tmp: Path, rest: str) -> tuple[Path, dict[str, Any]]:
+    """The float checkpoint to quantize: ``float_dir``, or for int4 where the plan pads the hidden size
+    (``planning.memory.int4_hidden``: a larger AWQ group, fewer bytes) a zero-padded copy in ``tmp``
+    (``quant.hidden_pad``); and the manifest's ``hidden_padding`` entry saying so (empty: none)."""
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.planning.memory import _int4_group, int4_hidden
+    from elastic.slicer.quant.hidden_pad import pad_hidden
+
+    if p.name != "int4":
+        return float_dir, {}
+    arch = Arch.from_file(float_dir)
+    d = int4_hidden(arch, rest)
+    if d == arch.hidden_size:
+        return float_dir, {}
+    pad_hidden(float_dir, tmp / "hidden-padded", d)
+    padded = arch.with_layers(arch.layers, d)
+    note = {"from": arch.hidden_size, "to": d, "group": _int4_group(padded.tensor_shapes()),
+            "group_as_cut": _int4_group(arch.tensor_shapes()),
+            "zero_parameters": padded.param_counts()["total"] - arch.param_counts()["total"],
+            "why": "int4's AWQ group must divide every quantized input width; the hidden size as cut allows only "
+                   "a small group whose float32 scales outweigh the 4-bit savings, so the hidden size is "
+                   "zero-padded (exact: zero channels, the hidden RMSNorm weights scaled by sqrt(d / padded))"}
+    return tmp / "hidden-padded", {"hidden_padding": note}
+
+
 def _refuse_quantized(ckpt) -> None:
     if ckpt.quant is not None:
         raise ConfigError(f"already quantized ({ckpt.quant.quant_algo}): slice and quantize its float checkpoint "
                           "instead", path=str(ckpt.root))
 
 
+# The float dtype of the tensors Model Optimizer leaves unquantized when none is asked for: bfloat16,
+# what the plan counts them in (planning.memory.weight_tensors with the plan's base), whatever the source
+# stores (the float32 demo once wrote a 50% int4 slice of 273,728 bytes, larger than its bf16 slice).
+REST_DEFAULT = "bfloat16"
+
+
 def _rest_dtype(requested: str | None, stored: str | None) -> str:
-    """The canonical float dtype of the unquantized tensors."""
+    """The canonical float dtype of the unquantized tensors: ``requested`` (``--dtype``), else
+    :data:`REST_DEFAULT` (``stored`` is not used: a float32 source still gets bf16 there)."""
     if requested is None or requested.lower() in ("keep", "auto"):
-        return lookup(stored or "float32", WEIGHTS, "dtype").name
+        return REST_DEFAULT
     return lookup(requested, WEIGHTS, "dtype").name
 
 
