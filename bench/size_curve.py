@@ -1,66 +1,40 @@
 """Issue 25 item 4: held-out perplexity against parameters for the trained budgets of an elastic
-checkpoint and the sizes between them (every 5% from 40% to 100%), each sliced with
-``elastic slice --budget N%`` (``slice_checkpoint``) and measured with ``elastic eval``'s library call
-(``slicer.quant.evaluate.perplexity``).
+checkpoint and the sizes between them (every 5% from 40% to 100%), each sliced as
+``elastic slice --budget N%`` slices it and measured with ``elastic eval``'s library call: the same
+measurement as ``elastic eval --curve`` (``elastic.slicer.planning.measure.measure_curve``).
 
-    python bench/size_curve.py [-c CHECKPOINT] [--max-windows 64] [--png size_curve.png]
+    python bench/size_curve.py [-c CHECKPOINT] [--max-windows 64] [--png size_curve.png] [--write FILE]
 
 An in-between size should lie between its trained neighbours; one that does not is listed under
-``outside`` (with its neighbours' perplexities) instead of being offered as a good size. Writes a PNG
-when matplotlib is installed; ends with one JSON line.
+``outside`` (with its neighbours' perplexities): ``elastic slice`` refuses it once the record is in
+the checkpoint (``--write CHECKPOINT/size_curve.json``; nothing is written without ``--write``).
+Writes a PNG when matplotlib is installed; ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 
-def size_curve(checkpoint: str | Path, shares: list[int], max_windows: int | None) -> dict:
-    """Perplexity and parameters of every trained budget and every ``shares`` percentage."""
+def size_curve(checkpoint: str | Path, shares: list[int], max_windows: int | None):
+    """The measured curve (``SizeCurve``) and its JSON rows: every trained budget and every ``shares`` percentage."""
     from elastic.slicer.formats.elastic_format import ElasticConfig
-    from elastic.slicer.quant.evaluate import perplexity
-    from elastic.slicer.slice import slice_checkpoint
+    from elastic.slicer.planning.measure import curve_sizes, measure_curve
     from elastic.slicer.storage.reader import Checkpoint
 
     ckpt = Checkpoint.open(checkpoint, require_weights=True)
-    ec = ElasticConfig.read(ckpt.root, ckpt.arch)
-    names = [b.name for b in ec.budgets] + [f"{s}%" for s in shares if f"{s}%" not in [b.name for b in ec.budgets]]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            try:
-                result = slice_checkpoint(ckpt, Path(tmp) / name.replace("%", "pct"), budget=name)
-            except Exception as e:  # noqa: BLE001  (a size no architecture reaches: reported, not fatal)
-                rows.append({"budget": name, "error": getattr(e, "message", str(e))})
-                continue
-            m = result.manifest
-            ppl = perplexity(result.out, max_windows=max_windows)
-            rows.append({"budget": name, "trained": name in [b.name for b in ec.budgets],
-                         "parameters": m["parameters"]["total"], "perplexity": round(ppl.perplexity, 4),
-                         "resolved_by": m["spec_source"], "layer_pattern": m["layer_pattern"]})
-    return {"rows": rows, "outside": outside(rows)}
-
-
-def outside(rows: list[dict]) -> list[dict]:
-    """In-between sizes whose perplexity is not between those of the trained budgets on either side
-    (by parameters): sizes not to offer."""
-    trained = sorted((r for r in rows if r.get("trained")), key=lambda r: r["parameters"])
-    out = []
-    for r in rows:
-        if r.get("trained") or "perplexity" not in r:
-            continue
-        below = [t for t in trained if t["parameters"] <= r["parameters"]]
-        above = [t for t in trained if t["parameters"] >= r["parameters"]]
-        lo = above[0]["perplexity"] if above else None  # the larger neighbour: lower perplexity
-        hi = below[-1]["perplexity"] if below else None
-        if (lo is not None and r["perplexity"] < lo) or (hi is not None and r["perplexity"] > hi):
-            out.append({"budget": r["budget"], "perplexity": r["perplexity"],
-                        "neighbours": {t["budget"]: t["perplexity"] for t in (above[:1] + below[-1:])}})
-    return out
+    names = [b.name for b in ElasticConfig.read(ckpt.root, ckpt.arch).budgets]
+    curve, skipped = measure_curve(ckpt, curve_sizes(names, shares), max_windows=max_windows)
+    rows = [{"budget": ", ".join(p.sizes), "trained": p.trained, "parameters": p.parameters,
+             "perplexity": p.perplexity, "resolved_by": p.resolved_by} for p in curve.points]
+    rows += [{"budget": s["size"], "error": s["error"]} for s in skipped]
+    outside = [{"budget": ", ".join(p.sizes), "perplexity": p.perplexity,
+                "neighbours": {n.name: n.perplexity for n in curve.trained_neighbours(p.parameters)}}
+               for p in curve.outside()]
+    return curve, {"rows": rows, "outside": outside}
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -93,15 +67,20 @@ def main() -> None:
     ap.add_argument("-c", "--checkpoint", default=None, help="an elastic checkpoint (default: the bundled demo)")
     ap.add_argument("--max-windows", type=int, default=64, help="held-out windows per size (0: all)")
     ap.add_argument("--png", type=Path, default=Path("size_curve.png"))
+    ap.add_argument("--write", type=Path, default=None, help="write the size-curve record here (a file, or a "
+                    "directory for DIR/size_curve.json); refused if it exists")
     args = ap.parse_args()
+    from elastic.slicer.formats.size_curve import curve_target, write_curve
     from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 
+    target = curve_target(args.write) if args.write else None  # refused before measuring
     t0 = time.perf_counter()
-    out = size_curve(args.checkpoint or DEMO_CHECKPOINT, list(range(40, 101, 5)), args.max_windows or None)
+    curve, out = size_curve(args.checkpoint or DEMO_CHECKPOINT, list(range(40, 101, 5)), args.max_windows or None)
     wrote = plot(out["rows"], args.png)
+    written = write_curve(curve, target) if target else None
     print(json.dumps({"bench": "size_curve", "checkpoint": str(args.checkpoint or "demo"),
                       "max_windows": args.max_windows, "seconds": round(time.perf_counter() - t0, 1),
-                      "png": str(args.png) if wrote else None, **out}))
+                      "png": str(args.png) if wrote else None, "written": str(written) if written else None, **out}))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def debug() -> bool:
 FLAGS = {"replace": "--force", "checkpoint": "--checkpoint DIR", "spec": "--spec FILE", "target": "--target NAME",
          "gpu": "--gpu N", "context": "--context", "batch": "--batch", "dtype": "--dtype", "parity": "--no-parity",
          "max_new_tokens": "--max-new-tokens", "precision": "--precision", "kv_precision": "--kv-precision",
-         "state_precision": "--state-precision"}
+         "state_precision": "--state-precision", "off_curve": "--allow-off-curve"}
 
 
 def hint_text(e: ElasticError) -> str | None:

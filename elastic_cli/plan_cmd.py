@@ -28,8 +28,9 @@ PrecisionOpt = Annotated[Optional[PlanDType], typer.Option(
     "--precision", case_sensitive=False, show_default=False,
     help="Weights precision. auto (default): the largest budget that fits, at the best precision that fits "
     "it: bf16 (fp16 where the device has no bf16), then fp8, nvfp4, int8 (SmoothQuant W8A8), int4 (AWQ W4A16), "
-    "each only where the device runs it. Or pin one: bf16, fp16, fp32, fp8, nvfp4, int8, int8_wo (weight-only), "
-    "int4 (any spelling); a quantized one the device does not run is refused.")]
+    "each only where the device runs it; on llama.cpp (the CPU host's engine) its GGUF types q8_0, q6_k, q5_k_m, "
+    "q4_k_m. Or pin one: bf16, fp16, fp32, fp8, nvfp4, int8, int8_wo (weight-only), int4, q8_0, q6_k, q5_k_m, "
+    "q4_k_m (any spelling); a quantized one the device does not run is refused.")]
 DTypeOpt = Annotated[PlanDType, typer.Option("--dtype", case_sensitive=False,
                                        help="The same as --precision (its older name, kept for scripts).")]
 KvOpt = Annotated[PlanKV, typer.Option("--kv-precision", case_sensitive=False,
@@ -106,6 +107,7 @@ def render_plan(p: dict) -> str:
                  f"prefill chunks of {w['prefill_chunk']}, margin {w['margin']:.0%}")
     lines.append(f"precision   weights {w['weights']}, KV cache {w['kv']}, SSM state {w['state']}, "
                  f"everything else {w['dtype']}")
+    lines.append(f"params      {p['parameter_convention']}")
     lines += [f"note        {n}" for n in p["notes"]]
     big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
     unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
@@ -155,7 +157,11 @@ def render_plan(p: dict) -> str:
                      "budget that fits, on the device's preferred engine that holds it, at its best precision that fits")
         b = next(b for b in p["budgets"] if b["name"] == p["chosen"])
         d = b["weights_detail"]
-        if d["quantized"]:
+        if d["quantized"] and b.get("runtime") == "llama.cpp":  # llama.cpp's GGUF types (planning.memory)
+            lines.append(f"weights     {human_bytes(d['quantized'])} of {b['weights_precision']} matrices (embeddings "
+                         f"and lm_head included) + {human_bytes(d['float'])} kept in float32 by llama.cpp (norms, "
+                         "conv1d, A_log, D, dt_bias" + (", MoE gates)" if moe else ")"))
+        elif d["quantized"]:
             lines.append(f"weights     {human_bytes(d['quantized'])} {b['weights_precision']} Linear weights + "
                          f"{human_bytes(d['scales'])} scales + {human_bytes(d['float'])} kept in {b['dtype']} "
                          "(embeddings, lm_head, norms, conv1d, A_log, D, dt_bias" + (", MoE gates)" if moe else ")"))
@@ -180,8 +186,23 @@ def render_exact_fit(p: dict) -> list[str]:
             f"{human_bytes(e['terms']['total'])} of {human_bytes(dev['usable_bytes'])} usable "
             f"(headroom {human_bytes(e['headroom_bytes'])}); {beside}",
             f"            layers {e['layer_pattern']}, hidden {e['spec']['hidden_size']}; {e['resolved_by']}",
+            *quality_lines(e.get("quality"), trained),
             "            its spec: elastic plan ... --fit exact --json | jq .exact_fit.spec > spec.json; "
             "elastic slice --spec spec.json"]
+
+
+def quality_lines(q: dict | None, trained: dict | None) -> list[str]:
+    """The quality measure under the exact fit: what the checkpoint's size curve (size_curve.json)
+    says of it, and the measured perplexity of the trained budget beside it where the curve has it."""
+    if not q:
+        return []
+    lines = [f"quality     {q['words']}" + ("; not offered: choose the trained budget" if q["verdict"] == "outside"
+                                             else "")]
+    if trained is not None:
+        near = next((n for n in q["neighbours"] if n["budget"] == trained["name"]), None)
+        if near is not None:
+            lines.append(f"            trained budget {trained['name']}: measured perplexity {near['perplexity']:.3f}")
+    return lines
 
 
 def plan(

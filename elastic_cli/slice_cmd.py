@@ -61,6 +61,10 @@ def slice_(
     runtime: Annotated[Optional[Runtime], typer.Option("--runtime", case_sensitive=False, show_default=False,
                                                        help="The runtime the slice is for (decides --form auto).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
+    allow_off_curve: Annotated[bool, typer.Option("--allow-off-curve", help="Slice a size between the trained "
+                                                  "budgets even where the checkpoint's size curve (size_curve.json, "
+                                                  "`elastic eval --curve`) measured its perplexity outside its trained "
+                                                  "neighbours' (refused otherwise).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Physically slice a checkpoint along a budget (or a spec) into dense safetensors.
@@ -73,6 +77,11 @@ def slice_(
     on bundled text (the train split of the demo's standard-library corpus) and writes NVIDIA
     Model Optimizer's checkpoint (what vLLM, TensorRT-LLM and SGLang read); `elastic generate`
     and `elastic eval` run it too.
+
+    A size between the trained budgets (60%, 7.5B, 6GiB) is checked against the checkpoint's
+    measured size curve (size_curve.json, written by `elastic eval --curve --out`): measured
+    between its trained neighbours, the manifest says its perplexity; measured outside them, it is
+    refused; not measured, the manifest and a warning say so.
 
     Examples:
 
@@ -88,7 +97,7 @@ def slice_(
     """
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.planning.describe import default_checkpoint
-    from elastic.slicer.slice import slice_checkpoint
+    from elastic.slicer.slice import choose_spec, slice_checkpoint
 
     with boundary(json_out):
         quantized, dtype_name = _precisions(precision, dtype)
@@ -98,7 +107,8 @@ def slice_(
             require_modelopt()  # refused before the checkpoint is read
             require_device(quantized_precision(quantized))
         ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
-        shape = {"form": form.value, "pad_multiple": pad_multiple, "runtime": runtime.value if runtime else None}
+        shape = {"form": form.value, "pad_multiple": pad_multiple, "runtime": runtime.value if runtime else None,
+                 "resolved": choose_spec(ckpt, budget, spec, allow_off_curve=allow_off_curve)}  # resolved once
         with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
             if quantized is None:
                 result = slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,
@@ -124,7 +134,9 @@ def slice_(
                 f"{human_bytes(result.weights_bytes)}, {human_bytes(result.bytes_written)} in all)\n"
                 f"quantized with {q['tool']} {q['modelopt_config']}, calibrated on {q['calibration']['windows']} x "
                 f"{q['calibration']['seq_len']} tokens of train-split standard-library text")
-    lines = [head, f"layers  {m['layer_pattern']}", *form_lines(m.get("form")), "loads in:",
+    quality = m.get("quality") or {}
+    lines = [head, f"layers  {m['layer_pattern']}", *form_lines(m.get("form")),
+             *([f"quality {quality['words']}"] if quality.get("perplexity") is not None else []), "loads in:",
              *runtime_lines(m["runtimes"])]
     lines += [f"warning: {w}" for w in m.get("warnings", [])]
     lines.append(f"next:   elastic inspect {result.out}" if quantized is None else

@@ -34,6 +34,7 @@ from elastic.slicer.errors import CheckpointError, ConfigError
 from elastic.slicer.formats.rules import TensorRule, tensor_rules
 from elastic.slicer.formats.runtimes import llama_cpp_tokenizer, runtime_support
 from elastic.slicer.formats.padding import portable_form
+from elastic.slicer.formats.size_curve import Quality, refuse_off_curve, spec_quality
 from elastic.slicer.formats.spec import SliceSpec
 
 MANIFEST_NAME = "slice_manifest.json"
@@ -55,11 +56,12 @@ class SliceResult:
     def to_json(self) -> dict[str, Any]:
         """`elastic slice --json`: ``out``, ``parameters``, ``bytes_written``, ``budget``, ``dtype``,
         ``layer_pattern``, ``homogeneous``, ``runtimes``, ``warnings``, ``form`` (the form written and
-        its padding: ``elastic.slicer.formats.padding.Portable.to_json``)."""
+        its padding: ``elastic.slicer.formats.padding.Portable.to_json``), ``trained`` and ``quality``
+        (what the checkpoint's size curve measured of it: ``formats.size_curve.Quality.to_json``)."""
         m = self.manifest
         return {"out": str(self.out), "parameters": self.parameters, "bytes_written": self.bytes_written,
                 **{k: m[k] for k in ("budget", "dtype", "layer_pattern", "homogeneous", "runtimes", "warnings")},
-                "form": m.get("form")}
+                "form": m.get("form"), "trained": m.get("trained"), "quality": m.get("quality")}
 
 
 def parse_dtype(name: str | None) -> str | None:
@@ -72,19 +74,37 @@ def parse_dtype(name: str | None) -> str | None:
     return lookup(name, WEIGHTS, "dtype").safetensors
 
 
-def choose_spec(ckpt: Checkpoint, budget: str | None, spec: SliceSpec | str | Path | None) -> tuple[SliceSpec, str]:
-    """The spec to cut: from a budget of an elastic checkpoint, or an explicit spec (file)."""
+def choose_spec(ckpt: Checkpoint, budget: str | None, spec: SliceSpec | str | Path | None, *,
+                allow_off_curve: bool = False) -> tuple[SliceSpec, str]:
+    """The spec to cut: from a budget of an elastic checkpoint, or an explicit spec (file).
+
+    Raises:
+        OffCurveSize: a size no budget was trained for that the checkpoint's size-curve record
+            measured outside its trained neighbours (``formats.size_curve``), unless ``allow_off_curve``.
+    """
     if (budget is None) == (spec is None):
         raise ConfigError("give exactly one of a budget name or a slice spec file")
     if budget is not None:
         ec = ElasticConfig.read(ckpt.root, ckpt.arch)
-        return resolve_budget(ckpt.root, ec, ckpt.arch, budget)
+        chosen, source = resolve_budget(ckpt.root, ec, ckpt.arch, budget)
+        if "not trained" in source and not allow_off_curve:
+            refuse_off_curve(budget, slice_quality(ckpt, chosen, ec))
+        return chosen, source
     if isinstance(spec, SliceSpec):
         bad = spec.problems(ckpt.arch)
         if bad:
             raise ConfigError("invalid slice spec", problems=bad)
         return spec, "spec"
     return SliceSpec.from_file(spec, ckpt.arch), str(spec)
+
+
+def slice_quality(ckpt: Checkpoint, spec: SliceSpec, ec: ElasticConfig | None = None) -> Quality | None:
+    """What the checkpoint's size-curve record says about ``spec`` (``formats.size_curve.judge``);
+    None for a checkpoint that is not elastic."""
+    if not ckpt.is_elastic:
+        return None
+    ec = ec or ElasticConfig.read(ckpt.root, ckpt.arch)
+    return spec_quality(ckpt.root, ec.router_file, spec.to_json(ckpt.arch), spec.parameters(ckpt.arch))
 
 
 def _blocks(ckpt: Checkpoint, rule: TensorRule, code: str | None):
@@ -171,6 +191,7 @@ def slice_checkpoint(
     form: str = "auto",
     pad_multiple: int | None = None,
     runtime: str | None = None,
+    allow_off_curve: bool = False,
 ) -> SliceResult:
     """Slice ``source`` along a budget (elastic checkpoints) or a spec (any nemotron_h checkpoint).
 
@@ -192,9 +213,12 @@ def slice_checkpoint(
             "auto": stock when ``runtime`` takes one MLP width, else puzzle.
         pad_multiple: round the MLP / MoE widths up to a multiple of this (128: int4 AWQ's group).
         runtime: the runtime the slice is for ("edgellm", "tensorrt-llm", "sglang", "vllm", ...).
+        allow_off_curve: slice a size no budget was trained for even where the checkpoint's
+            size-curve record measured it outside its trained neighbours (``choose_spec``).
 
     Raises:
-        ConfigError: not elastic, unknown budget, invalid spec or dtype; for a quantized source, a
+        ConfigError: not elastic, unknown budget, invalid spec or dtype; an untrained size measured
+            outside its trained neighbours (``OffCurveSize``); for a quantized source, a
             kept range that cuts through a packed byte or a scale block (NVFP4's 16-element blocks,
             AWQ's groups and row pairs); a form that cannot hold the slice exactly (stock with
             per-layer Mamba sizes; padding a quantized source).
@@ -207,7 +231,8 @@ def slice_checkpoint(
     if not ckpt.has_weights:
         raise CheckpointError("no weights to slice (config.json only)", path=str(ckpt.root))
     # a plan hands its resolved (spec, source) down with the budget's name: nothing is resolved twice
-    chosen, spec_source = resolved if resolved is not None else choose_spec(ckpt, budget, spec)
+    chosen, spec_source = resolved if resolved is not None else choose_spec(
+        ckpt, budget, spec, allow_off_curve=allow_off_curve)
     code = parse_dtype(dtype)
     parent, compact = ckpt.arch, chosen.child_arch(ckpt.arch)
     rules = tensor_rules(parent, chosen)
@@ -299,25 +324,42 @@ def _tokenizer_config(root: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _warnings(ckpt: Checkpoint, budget: str | None, spec_source: str, child) -> list[str]:
+def _warnings(ckpt: Checkpoint, budget: str | None, spec_source: str, child, quality: Quality | None) -> list[str]:
     """What the user should know about a slice that was written: no tokenizer; no attention layer
-    left (llama.cpp and transformers' generate cannot run it); a router that router.file names but
-    that is not there (the budget came from elastic_config.json's choices)."""
+    left (llama.cpp and transformers' generate cannot run it); a size no budget was trained for (and
+    what the size-curve record measured of it); a router that router.file names but that is not
+    there (the budget came from elastic_config.json's choices)."""
     notes = [missing_tokenizer(ckpt.root)]
     if any(layer.kind == "attention" for layer in ckpt.arch.layers) and \
             not any(layer.kind == "attention" for layer in child.layers):
         notes.append("this slice keeps no attention layer: llama.cpp cannot run it (it aborts in its KV cache) and "
                      "transformers 5.23's generate() fails on it; keep one attention layer to run it there")
     if budget is not None and "not trained" in spec_source:
-        notes.append(f"{budget} is not a trained budget ({spec_source.split('not trained: ', 1)[1]}): its quality "
-                     "is not measured; compare it with the trained budgets with `elastic eval`")
+        notes.append(_untrained_note(budget, spec_source.split("not trained: ", 1)[1], quality))
+    elif quality is not None and quality.verdict == "outside":  # a spec file cut to an off-curve size
+        notes.append(f"this architecture was measured as {', '.join(quality.measured_as)}: {quality.words()}")
     if budget is not None and spec_source == "elastic_config.json":
         notes.append(router_warning(ckpt.root, ElasticConfig.read(ckpt.root, ckpt.arch)))
     return [n for n in notes if n]
 
 
+def _untrained_note(budget: str, where: str, quality: Quality | None) -> str:
+    """The note on a size no budget was trained for: where it sits, and what was measured of it."""
+    head = f"{budget} is not a trained budget ({where})"
+    if quality is None or quality.verdict == "not measured":
+        why = quality.note if quality is not None and quality.note else "compare it with the trained budgets with " \
+            "`elastic eval`"
+        return f"{head}: its quality is not measured ({why})"
+    if quality.verdict == "interpolated":
+        return f"{head}: its quality is {quality.words()}"
+    if quality.verdict == "outside":
+        return f"{head} and was sliced although it is off the measured curve: {quality.words()}"
+    return f"{head}: {quality.words()}"
+
+
 def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, quant) -> dict[str, Any]:
     cfg_bytes = (ckpt.root / "config.json").read_bytes()
+    quality = slice_quality(ckpt, spec)
     extra: dict[str, Any] = {}
     if quant is not None:  # the source was quantized; the slice was cut without dequantizing
         from elastic.slicer.quant.slicing import describe_slice
@@ -336,6 +378,8 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, qua
         "budget": budget,
         "spec_source": spec_source,
         "trained": budget is None or "not trained" not in spec_source,
+        # held-out perplexity from the checkpoint's size-curve record (formats.size_curve), or "not measured"
+        "quality": quality.to_json() if quality is not None else None,
         "spec": spec.to_json(ckpt.arch),
         "parameters": child.param_counts(),
         "layer_pattern": child.layer_pattern,
@@ -347,6 +391,6 @@ def _manifest(ckpt, budget, spec, spec_source, child, config, writer, dtype, qua
                                     quant_group=quant.layout.group_size if quant is not None else None,
                                     has_tokenizer=missing_tokenizer(ckpt.root) is None,
                                     gguf_tokenizer=gguf_tokenizer_problem(ckpt.root)),
-        "warnings": _warnings(ckpt, budget, spec_source, child),
+        "warnings": _warnings(ckpt, budget, spec_source, child, quality),
         **extra,
     }

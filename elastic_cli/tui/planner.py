@@ -33,7 +33,8 @@ CONTROLS = {"replace": "set 'replace' to yes", "checkpoint": "start it with anot
             "dtype": "change the dtype", "parity": "export it from the command line without the parity check",
             "max_new_tokens": "ask for fewer new tokens", "precision": "change the dtype",
             "kv_precision": "plan it from the command line (elastic plan)",
-            "state_precision": "plan it from the command line (elastic plan)"}
+            "state_precision": "plan it from the command line (elastic plan)",
+            "off_curve": "slice it from the command line (elastic slice --allow-off-curve)"}
 
 
 def error_text(e) -> str:
