@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from elastic.slicer.formats.precision import AUTO, KV, PLAN_WEIGHTS, STATE, lookup
+from elastic.slicer.planning.memory import DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK
 
 from .common import (CheckpointOpt, JsonOpt, boundary, canonical_precision, human_bytes, human_count, precision_choice,
                      print_json, progress_bar)
@@ -73,18 +74,14 @@ def _weights(dtype, precision) -> str:
 
 def _plan(checkpoint, target, gpu, context, batch, dtype, prefill_chunk, precision=None, kv=AUTO, state=AUTO,
           for_slicing=False, fit=Fit.budgets, runtime=None):
-    """The one plan of a command: the target decided once (``fit.resolve_target``), then
-    ``fit.plan`` with every precision. (``export.workflow.make_plan`` takes one dtype only.)"""
-    from elastic.slicer.planning.describe import default_checkpoint
-    from elastic.slicer.planning.fit import plan, resolve_target
-    from elastic.slicer.planning.memory import Workload
+    """The plan of a command (``plan``, ``fit-my-gpu``): its options as the one plan builder
+    (``planning.fit.build_plan``) takes them."""
+    from elastic.slicer.planning.fit import build_plan
 
-    tgt, detection = resolve_target(target, gpu)
-    w = Workload(context=context, batch=batch, dtype=AUTO, prefill_chunk=prefill_chunk,
-                 weights=_weights(dtype, precision), kv=canonical_precision(kv, KV, AUTO),
-                 state=canonical_precision(state, STATE, AUTO))
-    return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing,
-                fit=getattr(fit, "value", fit), runtime=runtime)
+    return build_plan(checkpoint, target=target, gpu=gpu, context=context, batch=batch, dtype=AUTO,
+                      prefill_chunk=prefill_chunk, weights=_weights(dtype, precision),
+                      kv=canonical_precision(kv, KV, AUTO), state=canonical_precision(state, STATE, AUTO),
+                      for_slicing=for_slicing, fit=getattr(fit, "value", fit), runtime=runtime)
 
 
 def _weights_words(b) -> str:
@@ -209,13 +206,13 @@ def plan(
     checkpoint: CheckpointOpt = None,
     target: TargetOpt = None,
     gpu: GpuOpt = None,
-    context: ContextOpt = 8192,
+    context: ContextOpt = DEFAULT_CONTEXT,
     batch: BatchOpt = 1,
     precision: PrecisionOpt = None,
     dtype: DTypeOpt = PlanDType(AUTO),
     kv_precision: KvOpt = PlanKV(AUTO),
     state_precision: StateOpt = PlanState(AUTO),
-    prefill_chunk: ChunkOpt = 512,
+    prefill_chunk: ChunkOpt = DEFAULT_PREFILL_CHUNK,
     fit: FitOpt = Fit.budgets,
     runtime: RuntimeOpt = None,
     json_out: JsonOpt = False,
@@ -279,13 +276,13 @@ def fit_my_gpu(
     checkpoint: CheckpointOpt = None,
     target: TargetOpt = None,
     gpu: GpuOpt = None,
-    context: ContextOpt = 8192,
+    context: ContextOpt = DEFAULT_CONTEXT,
     batch: BatchOpt = 1,
     precision: PrecisionOpt = None,
     dtype: DTypeOpt = PlanDType(AUTO),
     kv_precision: KvOpt = PlanKV(AUTO),
     state_precision: StateOpt = PlanState(AUTO),
-    prefill_chunk: ChunkOpt = 512,
+    prefill_chunk: ChunkOpt = DEFAULT_PREFILL_CHUNK,
     fit: FitOpt = Fit.budgets,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the model "
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,

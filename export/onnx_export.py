@@ -369,7 +369,7 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
         raise ElasticError("write_graphs with a Q/DQ plan needs quantized=elastic.export.qdq.quantized_source(...)")
     if external_data is False:
         raise ElasticError("weights are always written once to weights.bin, shared by both graphs (the graphs "
-                           "alone stay small); external_data=False is no longer offered")
+                           "alone stay small); external_data=False is not offered")
     if isinstance(model, NemotronH):
         arch = model.arch
         dtype = dtype or next(model.parameters()).dtype

@@ -140,7 +140,7 @@ def export_model(
     if moe:  # the reference MoE layer runs only the experts some token chose: a data-dependent loop
         raise ElasticError(f"{model_dir}: layers {moe} are MoE layers, which elastic export does not trace yet (the "
                            "expert dispatch depends on the tokens); serve MoE slices with transformers or vLLM")
-    q = qdq_plan(ckpt, torch_dtype)  # None: a float checkpoint, float graphs exactly as before
+    q = qdq_plan(ckpt, torch_dtype)  # None: a float checkpoint, plain float graphs
     settings = (engine_settings(target, precision, max_batch, max_context,
                                 quantized=q.layout.format.precision if q else None) if format != "onnx" else None)
     weights = checkpoint_source(ckpt)

@@ -22,21 +22,12 @@ from typing import Any
 
 from elastic.slicer.errors import ElasticError, MissingDependencyError
 from elastic.slicer.storage.outputs import check_output
-from elastic.slicer.planning.fit import Plan, default_out, plan, resolve_target, slice_budget
-from elastic.slicer.planning.memory import Workload
+from elastic.slicer.planning.fit import Plan, build_plan, default_out, slice_budget
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, done, total or None)
 
 
-def make_plan(checkpoint=None, *, target: str | None = None, gpu: int | None = None, context: int = 8192,
-              batch: int = 1, dtype: str = "auto", prefill_chunk: int = 512) -> Plan:
-    """``elastic plan``: the target decided once (a profile, or this machine's GPU ``gpu``), every
-    budget's memory at ``context`` x ``batch`` in ``dtype`` (any spelling, or "auto")."""
-    from elastic.slicer.planning.describe import default_checkpoint
-
-    tgt, detection = resolve_target(target, gpu)
-    w = Workload(context=context, batch=batch, dtype=dtype, prefill_chunk=prefill_chunk)
-    return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection)
+make_plan = build_plan  # ``elastic plan`` as a library call: the one plan builder (``planning.fit.build_plan``)
 
 
 def slice_planned(p: Plan, budget: str, out: str | Path, *, force: bool = False, progress: Progress | None = None):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.slicer.formats.precision import AUTO, WEIGHTS
+from elastic.slicer.planning.memory import DEFAULT_CONTEXT
 
 from ..common import human_bytes, human_count, runtime_lines
 
@@ -51,7 +52,7 @@ class Choice:
     """What to plan for: the values of the TUI's controls (defaults: those of `elastic plan`)."""
 
     target: str = HERE  # a profile name (`elastic profiles`), or HERE
-    context: int = 8192  # tokens per sequence
+    context: int = DEFAULT_CONTEXT  # tokens per sequence
     batch: int = 1  # sequences decoded together
     dtype: str = "auto"  # one of DTYPES
 
@@ -82,14 +83,12 @@ class Planner:
         return self._targets[name]
 
     def plan(self, choice: Choice):
-        """``elastic.slicer.planning.fit.plan`` for ``choice``: a ``Plan`` (raises ProfileError for an
-        unknown profile). The checkpoint was opened once, at construction."""
-        from elastic.slicer.planning.fit import plan
-        from elastic.slicer.planning.memory import Workload
+        """The one plan builder (``planning.fit.build_plan``) for ``choice``: a ``Plan`` (raises
+        ProfileError for an unknown profile). The checkpoint was opened once, at construction."""
+        from elastic.slicer.planning.fit import build_plan
 
-        tgt, detection = self.target(choice.target)
-        return plan(self.ckpt, tgt, Workload(context=choice.context, batch=choice.batch, dtype=choice.dtype),
-                    detection=detection, for_slicing=True)  # its actions slice the chosen budget
+        return build_plan(self.ckpt, resolved=self.target(choice.target), context=choice.context,
+                          batch=choice.batch, dtype=choice.dtype, for_slicing=True)  # its actions slice the chosen budget
 
 
 # ---- text ---------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ PLAN_WEIGHTS = (BFLOAT16, FLOAT16, FLOAT32, FP8, NVFP4, INT8, INT8_WO, INT4, *GG
 # 16 elements), int8 SmoothQuant (W8A8), int4 AWQ (W4A16, group 128). Never below int4 unless pinned;
 # int8_wo (weight-only, the same bytes as int8) only when pinned.
 QUANT_RANKING = (FP8, NVFP4, INT8, INT4)
-# what the attention KV cache can be held in (float32 only with float32 weights, as before)
+# what the attention KV cache can be held in (float32 only with float32 weights)
 KV = (BFLOAT16, FLOAT16, FP8, FLOAT32)
 # what the Mamba SSM state can be held in (float32 unless asked: it accumulates over the whole sequence)
 STATE = (FLOAT32, BFLOAT16, FLOAT16)

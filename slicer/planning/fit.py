@@ -25,7 +25,7 @@ from elastic.slicer.formats.precision import (AUTO, FLOAT32, GGUF_QUANTIZED, KV,
                                               WEIGHTS, Precision, choose, lookup, supported)
 from elastic.slicer.planning.describe import PARAMETER_CONVENTION
 from elastic.slicer.planning.engines import EngineOption, engine_options, with_base
-from elastic.slicer.planning.memory import (Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
+from elastic.slicer.planning.memory import (DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK, Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
                                             gguf_quantized, max_context, memory_basis, weights_breakdown)
 from elastic.slicer.formats.spec import SliceSpec
 
@@ -653,6 +653,32 @@ def resolve_target(target: str | None, gpu: int | None = None):
 
     detection = detect(gpu=gpu)
     return target_from_device(detection.chosen), detection
+
+
+def build_plan(checkpoint: str | Path | Checkpoint | None = None, *, target: str | None = None,
+               gpu: int | None = None, resolved: tuple[Target, Any] | None = None, context: int = DEFAULT_CONTEXT,
+               batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, dtype: str = AUTO,
+               weights: str | None = None, kv: str | None = None, state: str | None = None, for_slicing: bool = False,
+               fit: str = "budgets", runtime: str | None = None) -> Plan:
+    """The one plan builder of every front end (``elastic plan``, fit-my-gpu, the TUI): the target
+    decided once (``resolved``, or :func:`resolve_target` of ``target``/``gpu``), the workload built
+    once (a :class:`Workload`, which refuses bad values), then :func:`plan`.
+
+    Args:
+        checkpoint: a directory or an opened Checkpoint; None: the bundled demo.
+        resolved: (Target, Detection or None) already resolved (the TUI detects once per session).
+        dtype: the base float precision ("auto": the device's); alone it also pins the weights.
+        weights, kv, state: the precisions of the weights, KV cache and SSM state (None/"auto": the plan
+            decides; the state: float32).
+        for_slicing, fit, runtime: as :func:`plan`.
+    """
+    from elastic.slicer.planning.describe import default_checkpoint
+
+    tgt, detection = resolved if resolved is not None else resolve_target(target, gpu)
+    w = Workload(context=context, batch=batch, dtype=dtype, prefill_chunk=prefill_chunk, weights=weights, kv=kv,
+                 **({} if state is None else {"state": state}))
+    return plan(checkpoint or default_checkpoint(), tgt, w, detection=detection, for_slicing=for_slicing, fit=fit,
+                runtime=runtime)
 
 
 def default_out(budget: str) -> Path:

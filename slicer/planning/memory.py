@@ -52,11 +52,15 @@ MAX_CONTEXT = 2**24
 MAX_BATCH = 2**16
 
 
+DEFAULT_CONTEXT = 8192  # the plan's context when none is given (plan, fit-my-gpu, the TUI)
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per forward the plan assumes when none is given
+
+
 @dataclass(frozen=True)
 class Workload:
     """What the model will be asked to do, and in which precisions.
 
-    One ``dtype`` alone means what it always did: weights, activations and KV cache in it, the SSM
+    One ``dtype`` alone means weights, activations and KV cache in it, the SSM
     state in float32. ``weights`` and ``kv`` set those two apart from it. Given to
     ``fit.plan``, "auto" (or None) in any of them lets the plan decide for the device.
 
@@ -67,10 +71,10 @@ class Workload:
             export) builds a Workload, so all get the same refusal.
     """
 
-    context: int = 8192  # tokens held per sequence (prompt + generated)
+    context: int = DEFAULT_CONTEXT  # tokens held per sequence (prompt + generated)
     batch: int = 1  # sequences decoded together
     dtype: str = "bfloat16"  # the base float precision: activations, conv window, unquantized tensors
-    prefill_chunk: int = 512  # prompt tokens per forward (caps the activation peak)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per forward (caps the activation peak)
     margin: float = 0.05  # safety fraction on top of everything else
     weights: str | None = None  # weights precision (float or quantized); None: dtype
     kv: str | None = None  # attention KV cache precision; None: dtype
