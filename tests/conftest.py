@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("ELASTIC_KERNELS", "0")
-# remote-code loads copy modeling files into HF_HOME; keep them out of the user's cache
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="elastic-tests-hf-"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up the tmp_path_factory
+def pytest_configure(config):
+    """The session's environment, undone when it ends: remote-code loads copy modeling files into
+    ``HF_HOME`` (transformers reads it when imported, during collection, hence a hook and not a
+    fixture), so it points into pytest's own temporary directory (which pytest prunes) and never at
+    the user's cache; the Hub stays offline; the pure-PyTorch path unless ELASTIC_KERNELS is set."""
+    env = pytest.MonkeyPatch()
+    config.stash[_ENV] = env
+    env.setenv("HF_HOME", str(config._tmp_path_factory.mktemp("hf-home")))  # the tmp_path_factory fixture's
+    env.setenv("HF_HUB_OFFLINE", "1")
+    if "ELASTIC_KERNELS" not in os.environ:
+        env.setenv("ELASTIC_KERNELS", "0")
+
+
+def pytest_unconfigure(config):
+    env = config.stash.get(_ENV, None)
+    if env is not None:
+        env.undo()
+
+
+_ENV = pytest.StashKey[pytest.MonkeyPatch]()
 
 
 def tiny_config(**over) -> dict:

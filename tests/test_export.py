@@ -44,6 +44,7 @@ def _ids(b, l, vocab, seed):
     return torch.randint(0, vocab, (b, l), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("b,l", [(1, 1), (2, 16), (3, 37)])  # one token; exactly one chunk; several + padding
 def test_prefill_matches_pytorch(exported, b, l):
     _, out, _, model = exported
@@ -61,6 +62,7 @@ def test_prefill_matches_pytorch(exported, b, l):
         np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
 
 
+@pytest.mark.heavy
 def test_decode_matches_pytorch_over_several_steps(exported):
     _, out, _, model = exported
     gen = OnnxGenerator(out)
@@ -79,6 +81,7 @@ def test_decode_matches_pytorch_over_several_steps(exported):
     assert all(state[k].shape[2] == 21 + 6 for k in keys)  # the KV cache grew by one per step
 
 
+@pytest.mark.heavy
 def test_greedy_tokens_equal_pytorch(exported):
     _, out, _, model = exported
     ids = _ids(2, 9, model.arch.vocab_size, seed=2)
@@ -87,6 +90,7 @@ def test_greedy_tokens_equal_pytorch(exported):
     assert got.tolist() == want.tolist()
 
 
+@pytest.mark.heavy
 def test_summary_parity_checker_and_operators(exported):
     _, out, summary, model = exported
     p = summary["parity"]
@@ -101,6 +105,7 @@ def test_summary_parity_checker_and_operators(exported):
     assert "Opset 18" in readme and all(f"`{s.name}`" in readme for s in state_tensors(model.arch))
 
 
+@pytest.mark.heavy
 def test_graph_inputs_and_outputs(exported):
     _, out, _, model = exported
     vocab, states = model.arch.vocab_size, state_tensors(model.arch)
@@ -200,6 +205,7 @@ def test_op_table_is_the_tensorrt_10_matrix():
 # ---- engines: the trtexec script where TensorRT is absent, the real build where it is not --------
 
 
+@pytest.mark.heavy
 def test_trtexec_script_and_engine_meta(exported, tmp_path, monkeypatch):
     _, out, _, _ = exported
     work = tmp_path / "e"
@@ -255,6 +261,7 @@ def test_engine_settings():
         trt.engine_settings("rtx-4090", precision="int3")
 
 
+@pytest.mark.heavy
 def test_engine_build_calls_the_tensorrt_api(exported, tmp_path, monkeypatch):
     """The TensorRT path without TensorRT: a stand-in module records the calls of the documented
     TensorRT 10 Python API that build_or_script makes (the real build is the GPU test below)."""
@@ -364,6 +371,7 @@ def test_tensorrt_engine_build(tmp_path):
 # ---- external data -------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("budget", ["100%", "50%"])
 def test_both_graphs_reference_one_weights_file(tmp_path, budget):
     """At every size: the weights are stored once, in weights.bin, and both graphs point at the same
@@ -411,6 +419,7 @@ def test_export_beyond_the_2gb_protobuf_limit(tmp_path):
 # ---- CLI -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_cli_export_json_and_generate(tmp_path):
     model_dir = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "model", budget="50%").out
     out = tmp_path / "out"

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -132,6 +133,7 @@ def test_fit_my_gpu_needs_weights(tmp_path):
     assert r.exit_code == 2 and "config.json only" in r.stderr and not (tmp_path / "m").exists()
 
 
+@pytest.mark.heavy
 def test_fit_my_gpu_builds_engine_settings_for_the_gpu_it_planned_for(tmp_path, monkeypatch):
     """Two GPUs behind a fake NVML: GPU 0 has the most free memory, `--gpu 1` asks for the other.
     The plan, the slice's dtype and the engine settings all use GPU 1 (nothing re-detects)."""
@@ -158,9 +160,9 @@ def test_plan_counts_the_export_and_the_engine_build():
     the plan says so per budget and says how to export it elsewhere."""
     from elastic.slicer.planning.memory import EXPORT_FIXED_BYTES, export_peak_bytes
 
-    r = runner.invoke(app, ["plan", "-c", "examples/nemotron-elastic-12b", "--target", "orin-nx-16gb", "--json"])
+    r = runner.invoke(app, ["plan", "-c", str(E12B), "--target", "orin-nx-16gb", "--json"])
     p = json.loads(r.stdout)
-    arch = Checkpoint.open("examples/nemotron-elastic-12b").arch
+    arch = Checkpoint.open(E12B).arch
     b = next(b for b in p["budgets"] if b["name"] == p["chosen"])
     assert b["fits"] and b["export_here"] is False
     assert b["export_peak_bytes"] > b["parameters"] * 4 + EXPORT_FIXED_BYTES  # float32 graphs + the tracer
@@ -169,7 +171,7 @@ def test_plan_counts_the_export_and_the_engine_build():
                for n in p["notes"])
     assert export_peak_bytes(arch) == next(x for x in p["budgets"] if x["name"] == "12B")["export_peak_bytes"]
     # a desktop GPU exports in host RAM, which a profile does not know
-    gpu = json.loads(runner.invoke(app, ["plan", "-c", "examples/nemotron-elastic-12b", "--target", "rtx-4090",
+    gpu = json.loads(runner.invoke(app, ["plan", "-c", str(E12B), "--target", "rtx-4090",
                                          "--json"]).stdout)
     assert all(x["export_here"] is None for x in gpu["budgets"])
 
@@ -189,11 +191,10 @@ def test_fit_my_gpu_skips_an_export_that_would_not_fit(tmp_path, monkeypatch):
     assert p["smoke"]["new_tokens"] >= 1  # the sliced model still runs (PyTorch)
 
 
+@pytest.mark.heavy
 def test_fit_my_gpu_slices_the_quantized_precision_it_planned(tmp_path, monkeypatch):
     """With Model Optimizer installed, fit-my-gpu writes what the plan chose: here int8 pinned for an
     Orin Nano (which runs int8), and the smoke test runs the quantized slice."""
-    import pytest
-
     pytest.importorskip("modelopt")
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--target", "orin-nano-8gb", "--precision",

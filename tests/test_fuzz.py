@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from fuzz_checkpoint import run
+
+pytestmark = pytest.mark.heavy  # 300 slices
 
 
 def test_fuzzed_checkpoints_slice_identically_or_fail_with_one_message(tmp_path):

@@ -91,6 +91,7 @@ def test_on_token_receives_the_tokens_in_order(tiny):
     assert [list(r) for r in zip(*steps)] == out.tokens == naive_greedy(tiny, ids, 7)
 
 
+@pytest.mark.heavy
 def test_onnx_backend_equals_torch(exported, demo):
     from elastic.export.runtime import OnnxGenerator
 
@@ -115,6 +116,7 @@ def test_text_stream_holds_back_split_characters():
     assert [stream.push(i) for i in ids[:2]] == ["a", ""] and stream.finish() == "\ufffd"  # cut short
 
 
+@pytest.mark.heavy
 def test_streamed_text_is_the_text(demo):
     tok = load_tokenizer(DEMO_CHECKPOINT)
     pieces = []
@@ -138,6 +140,7 @@ def test_one_tokenizer_loader(tmp_path, tiny):
 # ---- the CLI -------------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_cli_streams_prompt_then_text(exported, monkeypatch):
     import elastic.export.runtime as runtime
 
@@ -162,6 +165,7 @@ def test_cli_streams_prompt_then_text(exported, monkeypatch):
         assert f"[{want['backend']}]" in r.stderr and "tokens/s" in r.stderr
 
 
+@pytest.mark.heavy
 def test_cli_refuses_a_request_longer_than_the_export(exported):
     from elastic.export.runtime import max_context
 

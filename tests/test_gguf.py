@@ -15,6 +15,8 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install -e '.[ggu
 
 from elastic.export.gguf import export_gguf  # noqa: E402
 
+pytestmark = pytest.mark.heavy  # llama.cpp loads, quantizes and generates: many seconds each
+
 MOE_DEMO = DEMO_CHECKPOINT.parent / "moe_demo_checkpoint"
 PROMPT = "def main(args):\n    return"
 # per-layer FFN widths, the attention layer kept: NVIDIA's Puzzle form (layers "M-M*-M-")

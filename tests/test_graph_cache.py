@@ -18,6 +18,7 @@ def _digests(d: Path) -> dict[str, str]:
             if f.suffix in (".onnx", ".bin")}
 
 
+@pytest.mark.heavy
 def test_second_export_loads_the_traced_graphs_and_writes_the_same_bytes(tmp_path, monkeypatch):
     pytest.importorskip("onnxscript")
     import onnx

@@ -124,6 +124,7 @@ MOE_PRECISIONS = [pytest.param("int4", id="int4"), pytest.param("fp8", id="fp8",
                   pytest.param("int8", id="int8", marks=pytest.mark.slow)]
 
 
+@pytest.mark.heavy
 @needs_modelopt
 @pytest.mark.parametrize("precision", MOE_PRECISIONS)
 def test_moe_experts_are_model_optimizers_quantized_experts(moe_built, precision):
@@ -150,6 +151,7 @@ def test_moe_experts_are_model_optimizers_quantized_experts(moe_built, precision
     assert not problems, problems
 
 
+@pytest.mark.heavy
 @needs_modelopt
 @pytest.mark.parametrize("precision", MOE_PRECISIONS)
 def test_moe_logits_match_modelopt_simulation(moe_built, precision):
@@ -171,6 +173,7 @@ def test_moe_logits_match_modelopt_simulation(moe_built, precision):
     assert float(diff.mean()) <= quant_effect / 50
 
 
+@pytest.mark.heavy
 @needs_modelopt
 @pytest.mark.parametrize("precision", MOE_PRECISIONS)
 def test_moe_checkpoint_holds_exactly_the_plans_tensors(moe_built, precision):
@@ -190,6 +193,7 @@ def test_moe_checkpoint_holds_exactly_the_plans_tensors(moe_built, precision):
         assert not trt["loads"] and "group size 8" in trt["why"]  # the group the slice has, not "None"
 
 
+@pytest.mark.heavy
 @needs_modelopt
 @pytest.mark.slow
 def test_the_issues_command_slices_the_moe_demo_to_int4(tmp_path):
@@ -233,6 +237,7 @@ def test_plan_int4_on_orin_is_the_engines_rule_not_a_blanket_one():
 @needs_modelopt
 @pytest.mark.parametrize("budget, group", [pytest.param("100%", 64, id="100"),
                                            pytest.param("75%", 8, id="75", marks=pytest.mark.slow)])
+@pytest.mark.heavy
 def test_plans_int4_tensors_are_what_the_slice_writes(tmp_path, budget, group):
     """The plan's int4 weights term is the bytes of the tensors `elastic slice --precision int4`
     writes (tolerance: 0 bytes), tensor by tensor: each weight_scale has in/group columns of the

@@ -147,6 +147,7 @@ def test_one_search_space_for_the_router_and_its_plan():
             assert memory.router_parameters(arch, cfg) == real, name
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", MOE_ARCHS)
 def test_moe_layer_activations_are_what_a_forward_saves(name):
     """The MoE layers' per-token formula against the tensors a real CPU forward keeps for its
@@ -160,6 +161,7 @@ def test_moe_layer_activations_are_what_a_forward_saves(name):
         assert abs(estimate / measured - 1) <= tolerance, (pattern, estimate, measured)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,drop", [("grouped", 0), ("grouped", 2), ("latent", 1)])
 def test_moe_masks_and_weight_copies_are_what_the_elastic_forward_makes(name, drop, monkeypatch):
     """A smaller child's elastic forward keeps, per two more sequences beyond the same child's plain

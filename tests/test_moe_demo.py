@@ -46,6 +46,7 @@ def test_the_moe_demo_is_an_elastic_moe_checkpoint():
     assert len({json.dumps(v, sort_keys=True) for v in resolved.values()}) == len(resolved)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("budget", ["100%", "75%", "50%"])
 def test_every_budget_slices_to_what_the_masked_parent_computes(budget, tmp_path):
     from elastic.slicer.slice import choose_spec
@@ -71,6 +72,48 @@ def test_every_budget_slices_to_what_the_masked_parent_computes(budget, tmp_path
         torch.testing.assert_close(hf(ids).logits.float(), child(ids), rtol=1e-4, atol=1e-4)
 
 
+def test_a_spec_cut_keeps_the_positions_written_by_hand(tmp_path):
+    """DESIGN.md section 5 applied by hand (not through the slicer's rules) to a cut of the demo in NVIDIA's
+    vocabulary: hidden 48 of 64; 6 of 8 Mamba heads = the first 3 of each of the 2 groups of 4 (heads
+    0, 1, 2, 4, 5, 6); 6 of 8 routed experts = the first 3 of each of the 2 routing groups of 4, child
+    expert j being parent expert [0, 1, 2, 4, 5, 6][j]; expert widths 32 of 48, the shared expert 64 of 96."""
+    from safetensors.torch import load_file
+
+    spec = {"hidden_size": 48, "mamba_num_heads": 6, "mamba_head_dim": 16, "num_moe_experts": 6,
+            "moe_ffn_hidden_size": 32, "moe_shared_expert_intermediate_size": 64}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    slice_checkpoint(MOE_DEMO, tmp_path / "out", spec=tmp_path / "spec.json", dtype="float32")
+    src = load_file(MOE_DEMO / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    d = list(range(48))
+    heads = [0, 1, 2, 4, 5, 6]
+    x = [h * 16 + c for h in heads for c in range(16)]  # 16 channels per head, all kept
+    experts = [0, 1, 2, 4, 5, 6]
+    want = {"backbone.embeddings.weight": (list(range(512)), d), "lm_head.weight": (list(range(512)), d),
+            "backbone.norm_f.weight": (d,)}
+    for i in (0, 2, 5):  # the Mamba layers of MEM*EME; in_proj rows [z | x | B | C | dt], I = 128, 2GN = 64
+        m = f"backbone.layers.{i}.mixer."
+        want |= {m + "in_proj.weight": (x + [128 + c for c in x] + list(range(256, 320)) + [320 + h for h in heads], d),
+                 m + "conv1d.weight": (x + list(range(128, 192)), [0], list(range(4))),
+                 m + "A_log": (heads,), m + "dt_bias": (heads,), m + "D": (heads,),
+                 m + "norm.weight": (x,), m + "out_proj.weight": (d, x)}
+    for i in (1, 4, 6):  # the MoE layers
+        m = f"backbone.layers.{i}.mixer."
+        want |= {m + "gate.weight": (experts, d), m + "gate.e_score_correction_bias": (experts,),
+                 m + "shared_experts.up_proj.weight": (list(range(64)), d),
+                 m + "shared_experts.down_proj.weight": (d, list(range(64)))}
+        for j, e in enumerate(experts):
+            want |= {m + f"experts.{j}.up_proj.weight": ((m + f"experts.{e}.up_proj.weight"), list(range(32)), d),
+                     m + f"experts.{j}.down_proj.weight": ((m + f"experts.{e}.down_proj.weight"), d, list(range(32)))}
+    for name, axes in want.items():
+        source, axes = (axes[0], axes[1:]) if isinstance(axes[0], str) else (name, axes)
+        t = src[source]
+        for dim, idx in enumerate(axes):
+            t = t.index_select(dim, torch.tensor(idx))
+        assert got[name].shape == t.shape and torch.equal(got[name], t), name
+
+
+@pytest.mark.heavy
 @pytest.mark.parametrize("algo", ["FP8", "NVFP4"])
 def test_quantized_moe_sources_slice_to_their_kept_quantized_values(algo, tmp_path):
     """FP8 and NVFP4 copies of the MoE demo (written in Model Optimizer's layout: it does not quantize
@@ -104,6 +147,7 @@ def test_quantized_moe_sources_slice_to_their_kept_quantized_values(algo, tmp_pa
         check_slice(src, out, spec)
 
 
+@pytest.mark.heavy
 def test_export_refuses_moe_and_fit_my_gpu_says_why(tmp_path):
     """The reference MoE layer's expert dispatch depends on the tokens, which the ONNX tracer cannot
     follow: export refuses with the reason, the manifest does not claim ONNX Runtime, and fit-my-gpu

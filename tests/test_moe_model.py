@@ -82,6 +82,7 @@ def test_transformers_saves_one_tensor_per_expert(tmp_path):
     assert on_disk == Arch.from_file(tmp_path / "ckpt").tensor_shapes()
 
 
+@pytest.mark.heavy
 def test_every_routing_term_changes_the_logits(tmp_path):
     """The oracle tests can fail: the router bias, the group limit and the scaling each matter."""
     make_moe_checkpoint(tmp_path / "ckpt", **CASES[1][1])

@@ -175,6 +175,7 @@ def hf_count(config: dict) -> tuple[int, int]:
     return total, total - idle
 
 
+@pytest.mark.heavy
 def test_example_budgets_match_transformers_count():
     parent = Arch.from_file(EXAMPLE)
     ec = ElasticConfig.read(EXAMPLE, parent)

@@ -59,6 +59,7 @@ def _greedy(model, ids, steps=8):
     return ids
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,what,multiple", CASES, ids=[c[0] for c in CASES])
 def test_padded_slice_computes_the_compact_one(tmp_path, name, what, multiple):
     compact = _slice(tmp_path, "compact", what, form="puzzle")

@@ -30,6 +30,16 @@ EXPECTED = {"fp8": (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FN, 19),
             "int8": (TensorProto.INT8, TensorProto.INT8, 18),
             "int4": (TensorProto.INT4, None, 21)}
 PROMPT = "def read_config(path):\n    "
+# Parity of a Q/DQ export with the dequantizing reference, judged here and not with the exporter's own
+# numbers: both compute the same quantized arithmetic, except that a float32 sum just before an
+# activation QuantizeLinear can differ in its last bits between the runtimes and put a value on the other
+# side of a rounding boundary, one quantization step away (one int8 step is input_scale; one fp8 step up
+# to 1/16 of the value); times a weight and carried on by the Mamba state, that moves later logits by up
+# to about 0.1 (the exporter's note records 7.2e-2 on the demo's 75% int8 slice). A wrong scale, axis or
+# nibble order moves every logit by O(1) instead. So: the same greedy tokens, every |logit difference|
+# at most 0.25 and their mean at most 2e-2 (seen: 4.3e-3).
+MAX_ABS_DIFF = 0.25
+MAX_MEAN_DIFF = 2e-2
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,6 @@ def _external(path, name):
 @pytest.mark.parametrize("precision", list(EXPECTED))
 @pytest.mark.parametrize("budget", ["100%", "75%"])
 def test_quantized_export(exported, budget, precision):
-    from elastic.export.parity import QDQ_MEAN_TOLERANCE, QDQ_TOLERANCE
     from elastic.export.runtime import generate_text
     from elastic.slicer.quant.dequant import unpack_int4_rows
     from elastic.slicer.storage.reader import Checkpoint
@@ -118,9 +127,10 @@ def test_quantized_export(exported, budget, precision):
 
     # parity with the reference (dequantized, fake-quantized), same greedy tokens, TensorRT check
     p = m["parity"]
-    assert p["ok"] and p["greedy_tokens_equal"] and p["tolerance"] == QDQ_TOLERANCE
-    assert max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"]) <= QDQ_TOLERANCE
-    assert p["mean_abs_diff"] <= QDQ_MEAN_TOLERANCE  # a wrong scale, axis or nibble order moves every logit
+    assert p["ok"] and p["greedy_tokens_equal"]
+    assert p["tolerance"] <= MAX_ABS_DIFF  # the check the export ran itself is no looser than this one
+    assert max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"]) <= MAX_ABS_DIFF
+    assert p["mean_abs_diff"] <= MAX_MEAN_DIFF  # a wrong scale, axis or nibble order moves every logit
     assert m["unsupported_ops"] == [] and m["tensorrt_check"]["ok"]
     torch_run = generate_text(model_dir, PROMPT, backend="torch", max_new_tokens=12)
     onnx_run = generate_text(out, PROMPT, backend="onnx", max_new_tokens=12)

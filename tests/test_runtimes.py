@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from elastic.cli.main import app
@@ -75,6 +76,7 @@ print("LOADED", type(tok).__name__, tok.encode("def main"))
 """
 
 
+@pytest.mark.heavy
 def test_auto_tokenizer_loads_every_demo_slice_without_a_prompt(tmp_path):
     """stdin closed, as in a script: a stock slice's tokenizer loads with no question asked; a
     remote-code form's loads with trust_remote_code=True as its manifest says (transformers 5

@@ -113,3 +113,60 @@ def test_cast_matches_torch(bf16_source, tmp_path, dtype):
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[to.itemsize]
     for name, want, got in kept(src, tmp_path / "out"):
         assert got.dtype == to and torch.equal(got.view(bits), want.to(to).view(bits)), name
+
+
+def test_kept_positions_written_by_hand(bf16_source, tmp_path):
+    """DESIGN.md section 5 applied by hand to SPEC on PARENT (not through tensor_rules): Mamba keeps the
+    first heads of each of the 2 groups of 4, attention the first query head of each KV group, every
+    hidden axis its first 24 entries, FFNs a prefix. Each listed tensor equals the source at exactly
+    these positions."""
+    src, out = bf16_source / "bf16", tmp_path / "out"
+    slice_checkpoint(src, out, spec=bf16_source / "spec.json")
+    ckpt = Checkpoint.open(src)
+    source = {k: v for f in ckpt.weight_files for k, v in load_torch(f).items()}
+    got = {k: v for f in Checkpoint.open(out).weight_files for k, v in load_torch(f).items()}
+    d = list(range(24))  # hidden 32 -> 24
+    I, BC = 48, list(range(96, 116))  # 8 heads x 6 channels; B and C: 2 groups x 5 states x 2
+    # layer 0: 4 of 8 Mamba heads -> heads 0, 1 (group 0) and 4, 5 (group 1); 5 of 6 channels each
+    h0 = [0, 1, 4, 5]
+    x0 = [h * 6 + c for h in h0 for c in range(5)]
+    # layer 2: 6 of 8 heads -> 0, 1, 2 and 4, 5, 6; all 6 channels
+    h2 = [0, 1, 2, 4, 5, 6]
+    x2 = [h * 6 + c for h in h2 for c in range(6)]
+    # layer 3: 2 of 4 query heads, 2 KV groups of 2 -> heads 0 and 2 (8 channels each)
+    q3 = [h * 8 + c for h in (0, 2) for c in range(8)]
+    # layer 5: all 8 heads, 3 of 6 channels
+    x5 = [h * 6 + c for h in range(8) for c in range(3)]
+    want = {
+        "backbone.embeddings.weight": (list(range(97)), d),
+        "backbone.norm_f.weight": (d,),
+        "lm_head.weight": (list(range(97)), d),
+        "backbone.layers.0.norm.weight": (d,),
+        # in_proj rows: [z | x | B | C | dt]
+        "backbone.layers.0.mixer.in_proj.weight": (x0 + [I + i for i in x0] + BC + [116 + h for h in h0], d),
+        "backbone.layers.0.mixer.conv1d.weight": (x0 + list(range(48, 68)), [0], [0, 1, 2, 3]),  # [x | B | C]
+        "backbone.layers.0.mixer.conv1d.bias": (x0 + list(range(48, 68)),),
+        "backbone.layers.0.mixer.A_log": (h0,),
+        "backbone.layers.0.mixer.D": (h0,),
+        "backbone.layers.0.mixer.dt_bias": (h0,),
+        "backbone.layers.0.mixer.norm.weight": (x0,),
+        "backbone.layers.0.mixer.out_proj.weight": (d, x0),
+        "backbone.layers.1.mixer.up_proj.weight": (list(range(40)), d),
+        "backbone.layers.1.mixer.down_proj.weight": (d, list(range(40))),
+        "backbone.layers.2.mixer.in_proj.weight": (x2 + [I + i for i in x2] + BC + [116 + h for h in h2], d),
+        "backbone.layers.2.mixer.dt_bias": (h2,),
+        "backbone.layers.2.mixer.out_proj.weight": (d, x2),
+        "backbone.layers.3.mixer.q_proj.weight": (q3, d),
+        "backbone.layers.3.mixer.k_proj.weight": (list(range(16)), d),
+        "backbone.layers.3.mixer.v_proj.weight": (list(range(16)), d),
+        "backbone.layers.3.mixer.o_proj.weight": (d, q3),
+        "backbone.layers.4.mixer.up_proj.weight": (list(range(16)), d),
+        "backbone.layers.5.mixer.in_proj.weight": (x5 + [I + i for i in x5] + BC + list(range(116, 124)), d),
+        "backbone.layers.5.mixer.norm.weight": (x5,),
+        "backbone.layers.5.mixer.out_proj.weight": (d, x5),
+    }
+    for name, axes in want.items():
+        t = source[name]
+        for dim, idx in enumerate(axes):
+            t = t.index_select(dim, torch.tensor(idx))
+        assert got[name].shape == t.shape and torch.equal(got[name].view(torch.int16), t.view(torch.int16)), name

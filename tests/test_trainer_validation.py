@@ -137,6 +137,7 @@ def test_force_does_not_replace_a_directory_elastic_did_not_write(setup, tmp_pat
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.heavy
 def test_resume_with_other_budgets_names_both_lists(setup, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     train(setup / "parent", setup / "tokens", out, FAST_CFG, work_dir=work, stop_after=1)

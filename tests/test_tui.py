@@ -241,6 +241,7 @@ def test_export_without_the_onnx_extra_starts_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.heavy
 def test_slice_and_export(tmp_path):
     app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
 
@@ -258,6 +259,7 @@ def test_slice_and_export(tmp_path):
     assert any("exported" in line for line in app.logged), app.logged
 
 
+@pytest.mark.heavy
 def test_cancel(tmp_path, monkeypatch):
     import elastic.slicer.slice
 
@@ -360,6 +362,7 @@ def test_snapshot_nothing_fits(snap_compare, monkeypatch):
     assert snap_compare(build_app(EXAMPLE_12B, "orin-nano-8gb"), terminal_size=(80, 24))
 
 
+@pytest.mark.heavy
 def test_slice_and_export_is_fit_my_gpus_workflow(tmp_path):
     """'both' runs fit-my-gpu's workflow: the engine settings are for the planned target, context
     and batch, the export's real stages show in the state line, and the smoke test runs."""
