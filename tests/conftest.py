@@ -15,11 +15,13 @@ def pytest_configure(config):
     """The session's environment, undone when it ends: remote-code loads copy modeling files into
     ``HF_HOME`` (transformers reads it when imported, during collection, hence a hook and not a
     fixture), so it points into pytest's own temporary directory (which pytest prunes) and never at
-    the user's cache; the Hub stays offline; the pure-PyTorch path unless ELASTIC_KERNELS is set."""
+    the user's cache; the Hub stays offline; the graph cache is the session's own; the pure-PyTorch path unless ELASTIC_KERNELS is set."""
     env = pytest.MonkeyPatch()
     config.stash[_ENV] = env
     env.setenv("HF_HOME", str(config._tmp_path_factory.mktemp("hf-home")))  # the tmp_path_factory fixture's
     env.setenv("HF_HUB_OFFLINE", "1")
+    # traced ONNX graphs (export.onnx_export) are cached per session, never in the user's ~/.cache/elastic
+    env.setenv("ELASTIC_CACHE_DIR", str(config._tmp_path_factory.mktemp("elastic-cache")))
     if "ELASTIC_KERNELS" not in os.environ:
         env.setenv("ELASTIC_KERNELS", "0")
 

@@ -210,11 +210,16 @@ def test_memory_sizes():
     ec = ElasticConfig.read(DEMO, parent)
     assert resolve_budget(DEMO, ec, parent, "1GiB") == (SliceSpec.full(parent), "full model")
     cost = default_memory(parent)
-    full, half = cost.exact(SliceSpec.full(parent)), cost.exact(SliceSpec.from_json(ec.resolved["50%"], parent))
-    kib = int((full + half) / 2) // 2**10
+    # between the parent and 75% (both keep the attention layer, whose context-long mask dominates the
+    # demo's memory: between 75% and 50%, which has none, no architecture lands)
+    full, three_q = cost.exact(SliceSpec.full(parent)), cost.exact(SliceSpec.from_json(ec.resolved["75%"], parent))
+    kib = int((full + three_q) / 2) // 2**10
     spec, source = resolve_budget(DEMO, ec, parent, f"{kib}KiB")
     got = footprint(spec.child_arch(parent), Workload(), 0)["total"]
     assert 0.95 * kib * 2**10 <= got <= kib * 2**10 and "not trained" in source
+    half = cost.exact(SliceSpec.from_json(ec.resolved["50%"], parent))
+    with pytest.raises(UnreachableBudget, match="the nearest needs"):
+        resolve_budget(DEMO, ec, parent, f"{int((three_q + half) / 2) // 2**10}KiB")
 
 
 def test_unknown_budget_lists_the_forms():
@@ -287,10 +292,10 @@ def test_plan_fit_exact_beside_the_trained_budgets():
     parent = Arch.from_file(example)
     spec = SliceSpec.from_json(e["spec"], parent)
     w = W(**{**p["workload"], "weights": e["weights_precision"]})
-    assert footprint(spec.child_arch(parent), w, p["device"]["overhead_bytes"]) == e["terms"]
+    assert footprint(spec.child_arch(parent), w, p["device"]["overhead_bytes"], e["runtime"]) == e["terms"]
     assert spec.parameters(parent) == e["parameters"]
     text = runner.invoke(app, args[:-1] + ["--fit", "exact"]).stdout
-    # the engine-aware plan: on an Orin Nano llama.cpp's q6_k holds the 6B (Edge-LLM's int4 refuses it)
+    # the engine-aware plan: on an Orin Nano llama.cpp (q5_k_m) holds the 6B (Edge-LLM's int4 refuses it)
     assert f"exact fit   {e['parameters'] / 1e9:.2f}B parameters at {e['weights_precision']}" in text
     assert "the largest trained budget that fits: 6B" in text
 

@@ -26,15 +26,17 @@ from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.resolve import Cost, Resolution, UnreachableBudget, nearest, parameter_cost, resolve
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.formats.precision import lookup
-from elastic.slicer.planning.memory import (F32, Workload, _layer_activation_bytes, dtype_bytes, footprint,
+from elastic.slicer.planning.memory import (F32, Workload, _attention_context_bytes, _layer_activation_bytes, dtype_bytes, footprint,
                                             gguf_quantized, gguf_tensor_bytes, kv_cache_bytes, ssm_state_bytes,
                                             weight_tensors)
 
 
 def memory_cost(parent: Arch, w: Workload, overhead_bytes: int, max_bytes: float = math.inf,
-                min_bytes: float = 0.0) -> Cost:
-    """``footprint(child, w, overhead_bytes)["total"]`` in ``[min_bytes, max_bytes]``, as a
-    :class:`~elastic.slicer.formats.resolve.Cost`. ``w`` has its precisions set (no "auto")."""
+                min_bytes: float = 0.0, engine: str | None = None) -> Cost:
+    """``footprint(child, w, overhead_bytes, engine)["total"]`` in ``[min_bytes, max_bytes]``, as a
+    :class:`~elastic.slicer.formats.resolve.Cost`. ``w`` has its precisions set (no "auto"). The
+    program's terms are the reference model's; an engine's own sizing (llama.cpp's) is the exact
+    value every answer is checked against (the resolver narrows its window where they differ)."""
     s, t = dtype_bytes(w.dtype), min(w.prefill_chunk, w.context)
     weights = w.weights or w.dtype
 
@@ -64,10 +66,10 @@ def memory_cost(parent: Arch, w: Workload, overhead_bytes: int, max_bytes: float
                 + ssm_state_bytes(a, w.batch, w.dtype, w.state))
 
     def peak(d: int, la: LayerArch) -> float:
-        return _layer_activation_bytes(one(d, la), 0, t, w.batch, s)
+        return _layer_activation_bytes(one(d, la), 0, t, w.batch, s) + _attention_context_bytes(one(d, la), 0, t, w, s)
 
     return Cost("bytes", root=root, layer=layer, peak=peak, factor=1 + w.margin, lo=min_bytes, hi=max_bytes,
-                exact=lambda spec: footprint(spec.child_arch(parent), w, overhead_bytes)["total"])
+                exact=lambda spec: footprint(spec.child_arch(parent), w, overhead_bytes, engine)["total"])
 
 
 def default_memory(parent: Arch) -> Cost:

@@ -523,8 +523,10 @@ def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: 
     ec = ElasticConfig.read(ckpt.root, parent)
     weights = read_router(ckpt.root, ec)
     keep = keeps_attention(ec, parent)
+    engine = chosen.runtime if chosen is not None else runtime
     for p in [lookup(chosen.weights_precision)] if chosen is not None else list(pr.weights):
-        cost = memory_cost(parent, pr.workload(workload, p), target.overhead_bytes, max_bytes=target.usable_bytes)
+        cost = memory_cost(parent, pr.workload(workload, p), target.overhead_bytes, max_bytes=target.usable_bytes,
+                           engine=engine)
         r = exact_fit(ec.dimensions, parent, lambda size: size_log_probs(ec, parent, weights, size)[0], cost,
                       EXACT_TOLERANCE, keep_attention=keep)
         if r is None:
@@ -535,7 +537,7 @@ def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: 
             where = size_log_probs(ec, parent, weights, r.parameters)[1]
             source = f"exact fit: {'router' if weights is not None else 'stored choices'}, not trained: {where}"
         row, tried = budget_row(ckpt, "exact", r.spec, source, replace(pr, weights=(p,), pinned=True), workload,
-                                target, allowed, chosen.runtime if chosen is not None else runtime)
+                                target, allowed, engine)
         return row, tried, None
     return None, [], f"--fit exact: no architecture of the search space fits {target.name}"
 
