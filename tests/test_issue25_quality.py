@@ -78,6 +78,7 @@ def test_refusal_names_the_perplexities_and_the_neighbours():
 # ---- the shipped record: measured, and what slicing does with it ---------------------------------------
 
 
+@pytest.mark.heavy  # measures the demo curve again
 def test_shipped_record_matches_a_fresh_measurement(tmp_path):
     """The record was measured, not written by hand: slicing one of its sizes again and evaluating
     it with the record's settings gives its perplexity."""

@@ -65,6 +65,7 @@ def tiny_bf16():
 
 
 @pytest.mark.parametrize("precision, config", MODELOPT_CONFIGS)
+@pytest.mark.heavy  # Model Optimizer export
 def test_weights_term_equals_model_optimizers_export(tiny_bf16, tmp_path, precision, config):
     """Quantize on CPU with Model Optimizer's preset, export its unified HF checkpoint, and compare
     every tensor (name, dtype, shape) and the bytes with the plan's weights term. (nvfp4 calibrates
