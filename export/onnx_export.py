@@ -165,17 +165,6 @@ def trace(arch, dtype: torch.dtype, opset: int, which: str) -> Any:
                        {"input_ids": {0: batch}, "past": state_dims}, opset)
 
 
-_CHILD = """
-import json, sys, torch
-from pathlib import Path
-from elastic.slicer.formats.arch import Arch
-from elastic.export.onnx_export import save_traced, trace
-args = json.loads(sys.argv[1])
-graph = trace(Arch.from_config(args["config"]), getattr(torch, args["dtype"]), args["opset"], args["which"])
-save_traced(graph, Path(args["path"]))
-"""
-
-
 def save_traced(graph, path: Path) -> None:
     """Save a traced graph without weights: every initializer a placeholder reference into weights.bin."""
     import onnx_ir as ir
@@ -196,7 +185,7 @@ def _trace_in_child(arch, dtype: torch.dtype, opset: int, which: str, out_dir: P
     path = out_dir / f".{which}.traced"
     args = {"config": arch.to_config(), "dtype": str(dtype).removeprefix("torch."), "opset": opset, "which": which,
             "path": str(path)}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "elastic.export.trace_child", json.dumps(args)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, path
 

@@ -26,7 +26,10 @@
 - The cost: the parameters of the hard sample actually taken (``Choice.hard``: exact in the
   forward, differentiable through the straight-through Gumbel sample), relative to the budget's
   target, with a dead zone (:func:`budget_loss`), as NVIDIA's elastic budget loss does: the
-  router is pulled toward the model that is deployed, not toward an expectation over models.
+  router is pulled toward the model that is deployed, not toward an expectation over models. Its
+  gradient reaches the logits through the soft sample and vanishes once the router saturates, so
+  the step adds :func:`move_loss` (:func:`router_cost` sums both): outside the dead zone, a
+  cross-entropy pull toward the single row switch that lowers the cost most, which does not vanish.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch import nn
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.elastic_format import Dimension, ElasticConfig, spec_from_choices
 from elastic.slicer.formats.rules import tensor_rules
-from elastic.slicer.nn.masked import _child_module
+from elastic.slicer.nn.masked import child_module
 from elastic.slicer.nn.masked import narrow as _narrow  # one name here: tests record its copies
 from elastic.slicer.nn.model import NemotronH
 from elastic.slicer.formats.spec import SliceSpec
@@ -84,6 +87,8 @@ class Choice:
     picks: dict[str, list]  # dimension -> chosen value per row
     probs: dict[str, torch.Tensor]  # dimension -> (rows, choices) softmax of the scaled logits
     hard: dict[str, torch.Tensor]  # dimension -> (rows, choices) the sample's one-hot, straight-through
+    # dimension -> (rows, choices) log-softmax of the scaled logits (None: a pinned choice, no router)
+    log_probs: dict[str, torch.Tensor] | None = None
 
 
 def sample(router: Router, ec: ElasticConfig, parent: Arch, budget: int, tau: float, scale: float,
@@ -93,10 +98,10 @@ def sample(router: Router, ec: ElasticConfig, parent: Arch, budget: int, tau: fl
     ``full`` pins the choice to the parent itself (the largest choice everywhere, every layer kept):
     a budget of 100% is the parent, not whatever the router happens to prefer.
     """
-    picks, probs, hard_st = {}, {}, {}
+    picks, probs, hard_st, log_probs = {}, {}, {}, {}
     for d, (name, logits) in zip(ec.dimensions, router.logits(budget).items()):
         z = logits * scale
-        probs[name] = z.softmax(-1)
+        probs[name], log_probs[name] = z.softmax(-1), z.log_softmax(-1)
         if full:
             idx = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)  # choices are largest first
             probs[name] = hard_st[name] = F.one_hot(idx, z.shape[-1]).to(z.dtype)
@@ -111,7 +116,7 @@ def sample(router: Router, ec: ElasticConfig, parent: Arch, budget: int, tau: fl
             hard_st[name] = F.one_hot(idx, z.shape[-1]).to(soft.dtype) + (soft - soft.detach())
         picks[name] = [d.choices[int(k)] for k in idx]  # one per router row (d.per_layer expands)
     spec = SliceSpec.from_json(spec_from_choices(picks, ec, parent), parent)
-    return Choice(spec, picks, probs, hard_st)
+    return Choice(spec, picks, probs, hard_st, None if full else log_probs)
 
 
 def unit_mask(sample_row: torch.Tensor, sizes: tuple, kept: int, groups: int = 1) -> torch.Tensor:
@@ -216,7 +221,7 @@ def nested_forward(parent: NemotronH, spec: SliceSpec, ids: torch.Tensor, checkp
     """
     arch = parent.arch
     root_rules, layer_rules = _layer_rules(arch, spec)
-    child = _child_module(arch, spec)
+    child = child_module(arch, spec)
     kept = spec.kept_layers()
     child_arch = spec.child_arch(arch)
 
@@ -310,6 +315,52 @@ def expected_params(arch: Arch, ec: ElasticConfig, probs: dict[str, torch.Tensor
 def budget_loss(params: torch.Tensor, target: float, dead_zone: float) -> torch.Tensor:
     """``max(0, |params / target - 1| - dead_zone)``: zero within ``dead_zone`` of the target."""
     return ((params / target - 1).abs() - dead_zone).clamp(min=0)
+
+
+def move_loss(arch: Arch, ec: ElasticConfig, choice: Choice, target: float, dead_zone: float) -> torch.Tensor:
+    """Zero in value; its gradient pulls the router toward the best one-row move of the sample taken.
+
+    The straight-through cost's gradient reaches the logits through the soft sample, whose Jacobian
+    vanishes once the router saturates (a one-hot softmax): a router whose argmax settled outside the
+    dead zone then stays there. This term does not vanish: the cost is affine in each router row's
+    one-hot (products only join different rows), so one backward gives, exactly, the parameters after
+    switching any single row to any other choice; of the switches that lower :func:`budget_loss`,
+    the one that lowers it most gets a cross-entropy pull (gradient ``p - onehot``, size one at
+    saturation). A switch that would overshoot the target past the dead zone's far side into a worse
+    loss is never pulled toward; inside the dead zone no switch lowers a zero loss, so the term is
+    zero there and the dead zone keeps its meaning.
+    """
+    zero = torch.zeros((), device=next(iter(choice.hard.values())).device)
+    if choice.log_probs is None:  # pinned to the parent: no router to pull
+        return zero
+    hard = {n: h.detach().clone().requires_grad_(True) for n, h in choice.hard.items()}
+    cost = expected_params(arch, ec, hard)
+    now = budget_loss(cost.detach(), target, dead_zone)
+    if float(now) <= 0:
+        return zero
+    grads = torch.autograd.grad(cost, list(hard.values()), allow_unused=True)
+    best = None  # (gain, dimension, row, choice)
+    for (name, h), g in zip(hard.items(), grads):
+        if g is None:
+            continue
+        switched = cost.detach() + g - (g * h.detach()).sum(-1, keepdim=True)  # (rows, choices) after one switch
+        gain = now - budget_loss(switched, target, dead_zone)  # (rows, choices)
+        i = int(gain.argmax())
+        if float(gain.flatten()[i]) > 0 and (best is None or float(gain.flatten()[i]) > best[0]):
+            best = (float(gain.flatten()[i]), name, *divmod(i, gain.shape[-1]))
+    if best is None:  # no single switch helps: the straight-through cost is all there is
+        return zero
+    _, name, row, k = best
+    ce = -choice.log_probs[name][row, k]
+    return ce - ce.detach()
+
+
+def router_cost(cost: torch.Tensor, choice: Choice, arch: Arch, ec: ElasticConfig, target: float,
+                dead_zone: float) -> torch.Tensor:
+    """The per-step budget loss: :func:`budget_loss` of ``cost`` (the parameters of ``choice``'s hard
+    sample, :func:`expected_params` of ``choice.hard``), whose gradient flows through the straight-through
+    sample, plus :func:`move_loss`, whose gradient does not vanish when the router saturates."""
+    return budget_loss(cost, target, dead_zone) + move_loss(arch, ec, choice, target, dead_zone)
 
 
 def anneal(step: int, total: int, start: float, end: float) -> float:

@@ -35,8 +35,8 @@ from elastic.slicer.formats.spec import SliceSpec
 from .config import CLI_OPTIONS, RESUME_MAY_CHANGE, Stage  # noqa: F401 (callers import them from here too)
 from .config import TrainConfig, check_train_args, resume_problems, setting_label
 from .data import TokenDataset
-from .elastic import (Router, anneal, budget_loss, default_search_space, elastic_forward, expected_params,
-                      nested_forward, resolve_budgets, sample)
+from .elastic import (Router, anneal, default_search_space, elastic_forward, expected_params, nested_forward,
+                      resolve_budgets, router_cost, sample)
 from .importance import depth_candidates, depth_order, width_importance
 from .permute import orders, permute_
 
@@ -401,7 +401,7 @@ def _step(run: _Run, step: int, train_ds: TokenDataset) -> list[dict]:
                 t_logits = run.teacher(x)
             s_logits, cost, choice = module(x, b, tau, scale, run.g_gumbel)
             kd = forward_kl(t_logits, s_logits)
-            cost_loss = budget_loss(cost, budgets[b].target_parameters, cfg.budget_dead_zone)
+            cost_loss = router_cost(cost, choice, run.arch, run.ec, budgets[b].target_parameters, cfg.budget_dead_zone)
             # gradients are averaged over processes: this process's sequences count x.shape[0] / batch,
             # times world to undo the average; the cost is the same on every process
             (kd * (x.shape[0] * world / batch.shape[0]) +

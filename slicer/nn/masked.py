@@ -23,7 +23,9 @@ from elastic.slicer.formats.spec import SliceSpec
 
 
 @functools.lru_cache(maxsize=64)
-def _child_module(parent_arch: Arch, spec: SliceSpec) -> NemotronH:
+def child_module(parent_arch: Arch, spec: SliceSpec) -> NemotronH:
+    """The module tree of the nested model ``spec`` cuts from ``parent_arch``, on ``meta`` (no weights:
+    a forward runs it with the parent's narrowed tensors); one per (arch, spec), cached."""
     with torch.device("meta"):
         return NemotronH(spec.child_arch(parent_arch))
 
@@ -52,7 +54,7 @@ def masked_forward(parent: NemotronH, spec: SliceSpec, input_ids: torch.Tensor, 
 
     A ``cache`` must come from ``new_masked_cache`` (the child's layer count).
     """
-    child = _child_module(parent.arch, spec)
+    child = child_module(parent.arch, spec)
     return torch.func.functional_call(child, masked_params(parent, spec), (input_ids,),
                                       {"cache": cache, "last_only": last_only})
 
