@@ -58,7 +58,7 @@ def slices(work: Path) -> dict[str, Path | str]:
         except ElasticError as e:
             out[key] = e.message
     if find_spec("modelopt") is not None:
-        from elastic.slicer.quant.quantize import slice_and_quantize
+        from elastic.slicer.quantize.workflow import slice_and_quantize
         from elastic.slicer.storage.reader import Checkpoint
 
         dest = work / "slices" / "int8"
@@ -108,7 +108,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from elastic.export.runtime import generate_text
-    from elastic.slicer.quant.evaluate import perplexity
+    from elastic.slicer.quantize.evaluate import perplexity
 
     if args.clean:
         shutil.rmtree(args.dir, ignore_errors=True)

@@ -55,28 +55,6 @@ SIZES = {  # parameters: S 47M (~95 MB bf16), M 179M (~360 MB), L 660M (~1.3 GB)
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MIB = 2**20
 
-LLAMA_CHILD = r"""
-import json, re, sys
-import llama_cpp
-lines = []
-@llama_cpp.llama_log_callback
-def keep(level, text, user):
-    lines.append(text.decode(errors="replace"))
-llama_cpp.llama_log_set(keep, None)
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-base = rss()
-llm = llama_cpp.Llama(model_path={path!r}, n_ctx={context}, n_batch=512, n_ubatch=512, flash_attn=True,
-                      use_mmap=False, verbose=True)
-llm.eval(list(range(4, 4 + 64)))  # one short prompt: the run works
-log = "".join(lines)
-def mib(what):
-    return sum(round(float(v) * 2**20) for v in re.findall(r"\S+ " + what + r" buffer size =\s*([0-9.]+) MiB", log))
-print(json.dumps({{"weights": llama_cpp.llama_model_size(llm.model), "model_buffers": mib("model"),
-                  "kv_cache": mib("KV"), "ssm_state": mib("RS"), "activations": mib("compute") + mib("output"),
-                  "rss": rss() - base}}))
-"""
-
 REFERENCE_CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
@@ -140,7 +118,9 @@ def llama_row(arch, file: Path, precision: str, context: int) -> dict:
     """One llama.cpp measurement against the plan's terms for it."""
     from elastic.slicer.planning.memory import Workload, footprint, memory_basis
 
-    m = run_child(LLAMA_CHILD.format(path=str(file), context=context))
+    from elastic.export.llama_buffers import measure
+
+    m = measure(file, context)
     w = Workload(context=context, batch=1, dtype="bfloat16", weights=precision, kv="bfloat16", prefill_chunk=512,
                  margin=0.0)
     t = footprint(arch, w, 0, engine="llama.cpp")

@@ -40,7 +40,7 @@ def precisions() -> list[str]:
 
 def build(budget: str, precision: str, out: Path) -> dict:
     """Slice ``budget`` at ``precision`` into ``out``; returns the weight bytes and the seconds it took."""
-    from elastic.slicer.quant.quantize import slice_and_quantize
+    from elastic.slicer.quantize.workflow import slice_and_quantize
     from elastic.slicer.slice import slice_checkpoint
 
     t0 = time.perf_counter()
@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the slices")
     args = ap.parse_args()
 
-    from elastic.slicer.quant.evaluate import perplexity
-    from elastic.slicer.quant.quantize import require_modelopt
+    from elastic.slicer.quantize.evaluate import perplexity
+    from elastic.slicer.quantize.workflow import require_modelopt
 
     require_modelopt()
     work = args.work or Path(tempfile.mkdtemp(prefix="elastic-precision-"))

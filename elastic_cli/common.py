@@ -10,6 +10,8 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
+from elastic.profiles.progress import quiet
+from elastic.profiles.units import GIB, KIB, MIB, TIB, human_bytes  # noqa: F401 (the CLI's formatter)
 from elastic.slicer.errors import ElasticError
 
 CheckpointOpt = Annotated[
@@ -121,15 +123,7 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def human_bytes(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-_SIZE_UNITS = {"": None, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_SIZE_UNITS = {"": None, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
 
 
 def parse_bytes(text: str, option: str) -> int:
@@ -166,11 +160,11 @@ def human_count(n: int) -> str:
 
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator:
-    """A rich progress bar on stderr, driven by the library's ``progress(stage, done, total)``
-    callbacks (total None: a stage of unknown size). Disabled (a no-op callback) for --json output
-    or when stderr is not a terminal."""
+    """A rich progress bar on stderr, driven by the library's ``progress(stage, done, total, **detail)``
+    callbacks (``elastic.profiles.progress``; total None: a stage of unknown size). Disabled (a no-op
+    callback) for --json output or when stderr is not a terminal."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda stage, done, total: None
+        yield quiet
         return
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -179,7 +173,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator:
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=None)
 
-        def advance(stage: str, done: int, total: int | None) -> None:
-            bar.update(task, description=f"{description}: {stage}", completed=done, total=total)
+        def advance(stage: str, done: int, total: int | None, /, message: str | None = None, **_) -> None:
+            bar.update(task, description=f"{description}: {message or stage}", completed=done, total=total)
 
         yield advance

@@ -9,6 +9,8 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 
+from elastic.profiles.progress import quiet
+
 from .common import CheckpointOpt, JsonOpt, boundary, human_count, one_checkpoint, print_json
 
 
@@ -56,7 +58,7 @@ def eval_(
       elastic eval -c ./my-elastic --curve --out ./my-elastic/size_curve.json
     """
     from elastic.slicer.planning.describe import default_checkpoint
-    from elastic.slicer.quant.evaluate import perplexity
+    from elastic.slicer.quantize.evaluate import perplexity
 
     if curve or out is not None:
         return _curve(one_checkpoint(model_dir, checkpoint), out, force, curve, json_out,
@@ -121,10 +123,10 @@ def render_curve(curve, skipped: list[dict], written: Path | None) -> str:
 
 @contextmanager
 def _windows_bar(description: str, enabled: bool = True, unit: str = "windows") -> Iterator:
-    """The library's ``progress(stage, done, total)`` as a bar counting windows (common.progress_bar
-    counts bytes), on stderr when it is a terminal."""
+    """The library's ``progress(stage, done, total, **detail)`` as a bar counting windows
+    (common.progress_bar counts bytes), on stderr when it is a terminal."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda stage, done, total: None
+        yield quiet
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -133,7 +135,7 @@ def _windows_bar(description: str, enabled: bool = True, unit: str = "windows") 
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=None)
 
-        def advance(stage: str, done: int, total: int | None) -> None:
+        def advance(stage: str, done: int, total: int | None, /, **detail) -> None:
             bar.update(task, completed=done, total=total)
 
         yield advance

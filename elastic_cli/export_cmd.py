@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from elastic.slicer.formats.precision import AUTO, ENGINES, GGUF, QUANTIZED, WEIGHTS
+from elastic.slicer.planning.memory import DEFAULT_EXPORT_CONTEXT
 
 from .common import (JsonOpt, boundary, canonical_precision, human_bytes, one_checkpoint, precision_choice,
                      print_json, progress_bar)
@@ -30,7 +31,18 @@ GraphDType = precision_choice("GraphDType", WEIGHTS)  # the library says why bfl
 
 
 def _stage(enabled: bool):
-    return (lambda stage, done, total: typer.echo(f"  {stage} ...", err=True)) if enabled else None
+    """The library's progress on stderr: a line for each new stage or message (the message, else the
+    stage's name), not one per step of a stage."""
+    if not enabled:
+        return None
+    shown = {"stage": None, "message": None}
+
+    def say(stage: str, done: int, total: int | None, /, message: str | None = None, **_) -> None:
+        if stage != shown["stage"] or (message and message != shown["message"]):
+            typer.echo(f"  {message or stage} ...", err=True)
+        shown["stage"], shown["message"] = stage, message or shown["message"]
+
+    return say
 
 
 def export(
@@ -65,7 +77,7 @@ def export(
                                            "MoE needs nvfp4).")] = EnginePrecision(AUTO),
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engines accept.", min=1)] = 1,
     context: Annotated[int, typer.Option("--context", help="Longest sequence (prompt + output) the engines "
-                                         "accept.", min=2)] = 4096,
+                                         "accept.", min=2)] = DEFAULT_EXPORT_CONTEXT,
     dtype: Annotated[GraphDType, typer.Option("--dtype", case_sensitive=False,
                                        help="Weights of the ONNX graphs, float32 or float16 (any spelling; float16 halves the files; "
                                               "no parity check then). TensorRT builds fp16/bf16 engines from "

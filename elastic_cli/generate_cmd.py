@@ -48,6 +48,9 @@ def generate(
     max_think_tokens: Annotated[Optional[int], typer.Option("--max-think-tokens", help="End the thinking "
                                                             "after this many tokens (default: at </think>).",
                                                             min=1, show_default=False)] = None,
+    allow_off_curve: Annotated[bool, typer.Option("--allow-off-curve", help="Run a --budget size between the "
+                                                  "trained budgets even where the checkpoint's size_curve.json "
+                                                  "measured it outside its trained neighbours.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a model greedily and print the text as it comes, then the decode speed.
@@ -83,7 +86,7 @@ def generate(
             r = generate_text(model_dir, prompt, backend=backend.value if backend else None,
                               max_new_tokens=max_new_tokens, threads=threads, on_text=None if json_out else stream,
                               budget=budget, think_budget=think_budget, answer_budget=answer_budget,
-                              max_think_tokens=max_think_tokens)
+                              max_think_tokens=max_think_tokens, allow_off_curve=allow_off_curve)
         finally:
             if shown:
                 typer.echo("")  # end the streamed line, even when generation fails half-way

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from elastic.profiles.units import GIB, table_unit
 from elastic.slicer.formats.precision import AUTO, KV, PLAN_WEIGHTS, STATE, lookup
 from elastic.slicer.planning.memory import DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK
 
@@ -106,8 +107,7 @@ def render_plan(p: dict) -> str:
                  f"everything else {w['dtype']}")
     lines.append(f"params      {p['parameter_convention']}")
     lines += [f"note        {n}" for n in p["notes"]]
-    big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
-    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
+    unit, div = table_unit(max(b["terms"]["total"] for b in p["budgets"]))
     gib = lambda n: f"{n / div:8.2f}"  # noqa: E731
     lines.append("")
     # MoE: total parameters are resident (the weights term); active ones are computed per token
@@ -254,21 +254,19 @@ def profiles_(json_out: JsonOpt = False) -> None:
 
       elastic plan --target agx-orin-64gb
     """
-    from dataclasses import asdict
-
     from elastic.profiles.devices import load_profiles
 
     with boundary(json_out):
         profs = load_profiles()
     if json_out:
-        print_json([asdict(p) for p in profs.values()])
+        print_json([p.to_json() for p in profs.values()])
         return
     typer.echo(f"{'name':<18}{'device':<34}{'memory':>9}{'reserve':>9}  {'bf16':<5}{'fp8':<4} {'unified':<8}"
                "quantized")
     for p in profs.values():
-        quantized = " ".join(q for q in ("fp8", "nvfp4", "int8", "int4") if getattr(p, q)) or "-"
-        typer.echo(f"{p.name:<18}{p.display_name:<34}{p.memory_bytes / 2**30:>8.0f}G{p.reserve_bytes / 2**30:>8.1f}G  "
-                   f"{'yes' if p.bf16 else 'no':<5}{'yes' if p.fp8 else 'no':<4} {'yes' if p.unified else 'no':<8}"
+        quantized = " ".join(q for q in ("fp8", "nvfp4", "int8", "int4") if getattr(p.caps, q)) or "-"
+        typer.echo(f"{p.name:<18}{p.display_name:<34}{p.memory_bytes / GIB:>8.0f}G{p.reserve_bytes / GIB:>8.1f}G  "
+                   f"{'yes' if p.caps.bf16 else 'no':<5}{'yes' if p.caps.fp8 else 'no':<4} {'yes' if p.unified else 'no':<8}"
                    f"{quantized}")
 
 

@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from elastic.export.serve import DEFAULT_MAX_CONTEXT
+
 from .common import CheckpointOpt, boundary
 
 
@@ -17,7 +19,10 @@ def serve(
                                                          "for several). Default: every trained budget.",
                                                          show_default=False)] = None,
     max_context: Annotated[int, typer.Option("--max-context", help="Refuse requests whose prompt + max_tokens "
-                                             "is longer than this.", min=1)] = 4096,
+                                             "is longer than this.", min=1)] = DEFAULT_MAX_CONTEXT,
+    allow_off_curve: Annotated[bool, typer.Option("--allow-off-curve", help="Serve a size between the trained "
+                                                  "budgets even where the checkpoint's size_curve.json measured "
+                                                  "it outside its trained neighbours.")] = False,
 ) -> None:
     """Serve every budget of one elastic checkpoint from one copy of its weights (OpenAI API).
 
@@ -39,4 +44,4 @@ def serve(
 
     with boundary():
         run(checkpoint or default_checkpoint(), host=host, port=port, budgets=budgets or None,
-            max_context=max_context, on_ready=ready)
+            max_context=max_context, on_ready=ready, allow_off_curve=allow_off_curve)

@@ -102,7 +102,7 @@ def slice_(
     with boundary(json_out):
         quantized, dtype_name = _precisions(precision, dtype)
         if quantized is not None:
-            from elastic.slicer.quant.quantize import quantized_precision, require_device, require_modelopt
+            from elastic.slicer.quantize.workflow import quantized_precision, require_device, require_modelopt
 
             require_modelopt()  # refused before the checkpoint is read
             require_device(quantized_precision(quantized))
@@ -114,7 +114,7 @@ def slice_(
                 result = slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,
                                           progress=advance, **shape)
             else:
-                from elastic.slicer.quant.quantize import slice_and_quantize
+                from elastic.slicer.quantize.workflow import slice_and_quantize
 
                 result = slice_and_quantize(ckpt, out, quantized, budget=budget, spec=spec, dtype=dtype_name,
                                             force=force, progress=advance, **shape)

@@ -18,7 +18,7 @@ from elastic.trainer.config import CLI_OPTIONS, TrainConfig, check_train_args, d
 from elastic.trainer.config import stage2_weights as default_stage2_weights
 from elastic.trainer.memory import HEADROOM, plan_training
 
-from .common import JsonOpt, boundary, human_bytes, human_count, parse_bytes, print_json
+from .common import JsonOpt, boundary, human_bytes, human_count, parse_bytes, print_json, progress_bar
 
 # every option's default is the library's (tests/test_train_defaults.py checks that they agree)
 DEFAULTS = defaults()
@@ -223,12 +223,14 @@ def _run(parent: Path, data: Path | None, out: Path | None, cfg: TrainConfig, *,
     # every setting and the output directory, before tokenizing anything
     work = check_train_args(parent, data, out, cfg, work_dir=work_dir, force=force)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    tokens = _tokens(parent, data, work, rank0)
     show = rank0 and not json_out
+    tokens = _tokens(parent, data, work, rank0, show)
 
-    def progress(stage: str, step: int, total: int | None) -> None:
+    def progress(stage: str, step: int, total: int | None, /, kd=None, sampled=(), **_) -> None:
         if show and total and (step % max(1, total // 20) == 0 or step == total):
-            typer.echo(f"step {step:>5}/{total}  {stage}", err=True)
+            per_budget = "  ".join(f"{name} {loss:.4f}" for name, loss in (kd or {}).items())
+            mixed = ", ".join(f"{name} {params:,} params" for name, params in sampled)
+            typer.echo(f"step {step:>5}/{total}  {stage}: kd per budget {per_budget}  (this step: {mixed})", err=True)
 
     summary = run(parent, tokens, out, cfg, work_dir=work, resume=resume, force=force, progress=progress)
     return summary if rank0 else None
@@ -246,7 +248,7 @@ def _config(budgets: str, stage2_weights: str | None, settings: dict[str, Any]) 
     return TrainConfig.from_flat({"budgets": b, "stage2.weights": weights, **settings})
 
 
-def _tokens(parent: Path, data: Path, work: Path, rank0: bool) -> Path:
+def _tokens(parent: Path, data: Path, work: Path, rank0: bool, show: bool = False) -> Path:
     """The token shards to train on: ``data`` itself when it holds them, else ``work/tokens``, built
     by rank 0 from the text at ``data`` (the other ranks wait for them)."""
     tokens = data if (data / "meta.json").is_file() else work / "tokens"
@@ -257,7 +259,8 @@ def _tokens(parent: Path, data: Path, work: Path, rank0: bool) -> Path:
             from elastic.trainer.data import build_token_shards
             from elastic.trainer.tokenizer import load_tokenizer
 
-            build_token_shards(data, load_tokenizer(parent), tokens)
+            with progress_bar(f"tokenizing {data}", enabled=show) as advance:
+                build_token_shards(data, load_tokenizer(parent), tokens, progress=advance)
         _wait_for(tokens / "meta.json")
     return tokens
 
@@ -298,9 +301,9 @@ def _plan(parent: Path, cfg: Any, gpus: int | None, gpu_memory: str | None) -> t
     if gpu_memory is not None:
         size = parse_bytes(gpu_memory, "--gpu-memory")
         return plan_training(arch, cfg, world, size, cuda=True), f"{_gb(size)} per GPU (--gpu-memory {gpu_memory})"
-    from elastic.profiles.detect import detect
+    from elastic.profiles.target import resolve_target
 
-    found = detect()
+    _, found = resolve_target(None)  # this machine, decided as `elastic plan` decides it
     dev = found.chosen
     if dev.kind != "cpu":  # a GPU here; a Jetson shares its RAM with the OS: what the OS leaves counts
         size = dev.usable_bytes if dev.unified else dev.total_bytes

@@ -29,13 +29,15 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from elastic.profiles.errors import ProfileError
+from elastic.profiles.progress import Progress
 from elastic.slicer.errors import ConfigError, ElasticError, Hint, MissingDependencyError
 # Edge-LLM's INT4: AWQ groups of 128 along the input, Linears 64-aligned (its default GEMM plugin); decided
 # once, where the plan reads them too
 from elastic.slicer.planning.engines import EDGELLM_INT4_ALIGN as INT4_ALIGN
+from elastic.slicer.planning.memory import DEFAULT_EXPORT_CONTEXT
 from elastic.slicer.planning.engines import EDGELLM_INT4_GROUP as INT4_GROUP
 
 from .edgellm_readme import INPUT, LOG, render
@@ -229,9 +231,9 @@ def _int4_check(arch) -> None:
 
 
 def export_edgellm(model_dir: str | Path, out: str | Path, *, target: str | None = None, precision: str = "auto",
-                   max_batch: int = 1, max_context: int = 4096, chat_template: str | Path | None = None,
+                   max_batch: int = 1, max_context: int = DEFAULT_EXPORT_CONTEXT, chat_template: str | Path | None = None,
                    prompt: str = "Hello", force: bool = False,
-                   progress: Callable[[str, int, int | None], None] | None = None) -> EdgeLLMResult:
+                   progress: Progress | None = None) -> EdgeLLMResult:
     """Write a TensorRT Edge-LLM bundle of ``model_dir`` for the Jetson ``target``.
 
     Args:
@@ -244,7 +246,8 @@ def export_edgellm(model_dir: str | Path, out: str | Path, *, target: str | None
         chat_template: a Jinja file to use when the model has no chat template (default: a plain
             "role: content" template, said in the manifest's warnings).
         prompt: the request in the bundle's ``input.json``.
-        progress: ``progress(stage, done, total)``: "slice" (bytes), "quantize" stages, "edgellm export".
+        progress: ``progress(stage, done, total, **detail)`` (``elastic.profiles.progress``): "slice"
+            (bytes), the quantizer's stages, "edgellm export".
 
     Returns:
         the bundle's manifest: device, precision, form and padding, chat template, Edge-LLM's
@@ -267,7 +270,7 @@ def export_edgellm(model_dir: str | Path, out: str | Path, *, target: str | None
     template = Path(chat_template).read_text() if chat_template else None
     exporter = find_exporter()
     if p != "fp16" and source_quant is None:
-        from elastic.slicer.quant.quantize import require_modelopt
+        from elastic.slicer.quantize.workflow import require_modelopt
 
         require_modelopt()
     sources = [ckpt.root, *ckpt.weight_files]
@@ -300,7 +303,7 @@ def _stage(ckpt, dest: Path, precision: str, source_quant: str | None, progress)
     shape = {"form": "stock", "runtime": "edgellm", "pad_multiple": INT4_GROUP if precision == "int4" else None}
     if precision == "fp16" or source_quant is not None:  # a quantized model keeps its packed weights
         return slice_checkpoint(ckpt, dest, spec=full, dtype="float16", progress=progress, **shape).manifest
-    from elastic.slicer.quant.quantize import slice_and_quantize
+    from elastic.slicer.quantize.workflow import slice_and_quantize
 
     return slice_and_quantize(ckpt, dest, precision, spec=full, dtype="float16", progress=progress, **shape).manifest
 

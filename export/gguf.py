@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from elastic.profiles.progress import Progress, quiet
 from elastic.slicer.errors import ConfigError, ElasticError, Hint, MissingDependencyError
 from elastic.slicer.formats.llama_cpp import (LLAMA_CPP, gguf_arch, gguf_problems, gguf_tokenizer_problem,
                                               pre_tokenizer_type)
@@ -36,7 +37,6 @@ from elastic.slicer.planning.memory import gguf_quantized
 MANIFEST = "gguf_manifest.json"
 # llama.cpp's tokenizer.ggml.token_type values (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-Progress = Callable[[str, int, int | None], None]
 
 
 def require_gguf():
@@ -93,7 +93,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, precision: str | None
         out: the output directory (new, or with ``force`` an empty one or one elastic wrote).
         precision: f32, f16, bf16 (written directly) or q8_0, q6_k, q5_k_m, q4_k_m (any spelling;
             llama.cpp quantizes a float GGUF); None: the slice's own float dtype.
-        progress: ``progress(stage, done, total)``.
+        progress: ``progress(stage, done, total, message=...)``: "write gguf" (tensors), "quantize gguf".
 
     Returns:
         A :class:`GgufResult`; ``fallbacks`` names the tensors llama.cpp quantized to another type
@@ -123,14 +123,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, precision: str | None
     if gguf_quantized(want):  # llama.cpp's own quantizer makes it
         require_llama_cpp()
     name = f"model-{gguf_name(want)}.gguf"
-    say = progress or (lambda stage, done, total: None)
+    say = progress or quiet
     with ShardedWriter(out, force=force, source_files=[p for p in ckpt.root.iterdir() if p.is_file()],
                        kind="gguf") as w:
         float_p = _intermediate(ckpt) if gguf_quantized(want) else want
         first = w.tmp / (name if float_p is want else f".float-{gguf_name(float_p)}.gguf")
         write_float_gguf(ckpt, first, float_p, vocab, checkpoint_source(ckpt, fold_smoothing=True), gguf, say)
         if float_p is not want:
-            say(f"llama.cpp quantizing to {gguf_name(want)}", 0, None)
+            say("quantize gguf", 0, None, message=f"llama.cpp quantizing to {gguf_name(want)}")
             quantize_gguf(first, w.tmp / name, want)
             first.unlink()
         types, fallbacks = tensor_report(w.tmp / name, want)
@@ -344,12 +344,12 @@ def write_float_gguf(ckpt, path: Path, p: Precision, vocab: Vocab, get, gguf, sa
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for k, (name, shape, load) in enumerate(tensors):
-        say(f"writing {path.name}", k, len(tensors))
+        say("write gguf", k, len(tensors), message=f"writing {path.name}")
         data = load()
         assert data.shape == tuple(shape), (name, data.shape, shape)
         writer.write_tensor_data(gguf.quants.quantize(data, types[name]))
     writer.close()
-    say(f"writing {path.name}", len(tensors), len(tensors))
+    say("write gguf", len(tensors), len(tensors), message=f"writing {path.name}")
 
 
 def quantize_gguf(src: Path, dst: Path, p: Precision) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from elastic.profiles.progress import Progress
 from elastic.slicer.errors import ElasticError
 from elastic.slicer.formats.tokenizer import Tok
 from elastic.slicer.planning.memory import LLAMA_UBATCH
@@ -110,9 +111,10 @@ def generate_gguf(path: str | Path, prompt: str, *, max_new_tokens: int = 32, th
 
 
 def perplexity_gguf(path: str | Path, *, seq_len: int = 256, max_windows: int | None = None,
-                    max_tokens: int | None = None, threads: int | None = None, progress=None):
+                    max_tokens: int | None = None, threads: int | None = None,
+                    progress: Progress | None = None):
     """Perplexity of a GGUF run by llama.cpp on the held-out text (the windows ``elastic eval`` uses,
-    tokenized by llama.cpp's own tokenizer): the same :class:`~elastic.slicer.quant.evaluate.EvalResult`
+    tokenized by llama.cpp's own tokenizer): the same :class:`~elastic.slicer.quantize.evaluate.EvalResult`
     as the reference model's, so a GGUF precision compares with its slice.
 
     Raises:
@@ -123,8 +125,8 @@ def perplexity_gguf(path: str | Path, *, seq_len: int = 256, max_windows: int | 
 
     import numpy as np
 
-    from elastic.slicer.quant.evaluate import EvalResult
-    from elastic.slicer.quant.text import heldout_windows
+    from elastic.slicer.quantize.evaluate import EvalResult
+    from elastic.slicer.quantize.text import heldout_windows
 
     t0 = time.perf_counter()
     file = find_gguf(path)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from elastic.profiles.progress import Progress, quiet
 from elastic.slicer.errors import ElasticError, debug_enabled
 from elastic.slicer.nn.model import NemotronH
 
@@ -287,14 +288,14 @@ def _cache_graphs(graphs: dict[str, Any], arch, dtype: torch.dtype, opset: int) 
         return
 
 
-def _traced_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def _traced_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path, say: Progress) -> dict[str, Any]:
     """Both graphs, unoptimised, weights as placeholders: from the cache, else traced (the decode
     graph in another process, beside the prefill) and kept in the cache."""
     graphs = _cached_graphs(arch, dtype, opset, out_dir)
     if graphs is not None:
-        say("exporting the prefill and decode graphs (traced before: from the cache)")
+        say("trace", 0, None, message="exporting the prefill and decode graphs (traced before: from the cache)")
         return graphs
-    say("exporting the prefill and decode graphs (in two processes)")
+    say("trace", 0, None, message="exporting the prefill and decode graphs (in two processes)")
     child = _trace_in_child(arch, dtype, opset, DECODE, out_dir)  # the decode graph traces beside the prefill
     try:
         prefill = trace(arch, dtype, opset, PREFILL)
@@ -312,7 +313,7 @@ def _traced_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path, say: Cal
 
 def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, opset: int | None = None, external_data: bool | None = None,
-                 progress: Callable[[str], None] | None = None, qdq=None,
+                 progress: Progress | None = None, qdq=None,
                  quantized: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Export ``prefill.onnx`` and ``decode.onnx`` into the existing directory ``out_dir``, with their
     weights once in ``weights.bin``.
@@ -331,7 +332,8 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
             Q/DQ plan's (``qdq.opset``); within :data:`OPSET_RANGE`.
         external_data: kept for callers of the earlier API: weights are always in ``weights.bin``;
             False is refused.
-        progress: called with a short message before each stage.
+        progress: ``progress(stage, done, total, message=...)``: "trace", "write weights" (tensors),
+            "optimise".
         qdq: an ``elastic.export.qdq.QdqPlan`` (a quantized checkpoint): each quantized Linear's
             weight is stored quantized and dequantized in the graph; ``quantized`` is then
             ``elastic.export.qdq.quantized_source`` (its tensors' bytes), ``weights`` gives the rest.
@@ -370,7 +372,7 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
     if weights is None:
         raise ElasticError("write_graphs needs the weights: a loaded model or weights=get(name)")
     dtype = dtype or torch.float32
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     io_names = graph_io(build_model(arch, dtype=dtype, device="meta"))
 
     graphs = _traced_graphs(arch, dtype, opset, out_dir, say)
@@ -383,14 +385,14 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
             raw |= rewrite(g.graph, qdq)
     entries = _entries(graphs.values(), raw)
 
-    say("writing the weights once, shared by both graphs")
-    placed = write_weights(out_dir / WEIGHTS, entries, weights, dtype, raw=quantized)
+    say("write weights", 0, len(entries), message="writing the weights once, shared by both graphs")
+    placed = write_weights(out_dir / WEIGHTS, entries, weights, dtype, progress=progress, raw=quantized)
     for g in graphs.values():
         for name, value in g.graph.initializers.items():
             p = placed[name]
             value.const_value = ir.ExternalTensor(WEIGHTS, p.offset, p.length, value.dtype, shape=ir.Shape(p.shape),
                                                   name=name, base_dir=out_dir)
-    say("optimising and writing the graphs")
+    say("optimise", 0, None, message="optimising and writing the graphs")
 
     def should_fold(node) -> bool | None:  # a weight is never copied into a graph by folding
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):

@@ -1,7 +1,7 @@
 """``elastic export`` as one library call: graphs, checks, parity, engines, README — written atomically.
 
 Example:
-    >>> summary = export_model("./model-50", "./model-50-onnx", format="all", target="orin-nano-8gb")
+    >>> summary = export_model("./model-50", "./model-50-onnx", format="all", target=get_profile("orin-nano-8gb"))
     >>> summary["files"], summary["unsupported_ops"], summary["parity"]["ok"]
 """
 
@@ -11,11 +11,12 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.progress import Progress, quiet
 from elastic.slicer.errors import ElasticError, Hint
+from elastic.slicer.planning.memory import DEFAULT_EXPORT_CONTEXT
 
 from .layout import CHECKSUMS, MANIFEST, README, SCRIPT, checksums
 
@@ -66,13 +67,13 @@ def export_model(
     target=None,
     precision: str = "auto",
     max_batch: int = 1,
-    max_context: int = 4096,
+    max_context: int = DEFAULT_EXPORT_CONTEXT,
     dtype: str = "float32",
     opset: int | None = None,
     parity: bool = True,
     external_data: bool | None = None,
     force: bool = False,
-    progress: Callable[[str, int, int | None], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Export a dense model directory for an edge runtime.
 
@@ -87,8 +88,9 @@ def export_model(
         out: the export directory; must not exist unless ``force``.
         format: "onnx" (graphs only), "tensorrt" (graphs + engines or the script), "all" (both,
             and the script even when the engines were built, to rebuild on another device).
-        target: the device the engines are for: a ``Target`` decided by the caller (fit-my-gpu's,
-            with its ``--gpu``), a profile name (``elastic profiles``), or None: this machine.
+        target: the device the engines are for: the ``Target`` its caller decided
+            (``elastic.profiles.target.resolve_target``: a profile, or the GPU ``--gpu`` picks), a
+            ``DeviceProfile``, or None: generic engine settings (nothing is detected here).
         precision: TensorRT precision: "auto" or any spelling of bfloat16 / float16 / float32.
         max_batch, max_context: the largest shapes the engines accept.
         dtype: dtype of the graphs' weights: "float32", or "float16" (half the files; the parity
@@ -97,8 +99,9 @@ def export_model(
         parity: compare ONNX Runtime with PyTorch (float32 only); a mismatch refuses the export.
         external_data: kept for earlier callers: the weights always go once to ``weights.bin``,
             shared by both graphs (False is refused).
-        progress: ``progress(stage, k, None)`` before each stage (the one progress protocol;
-            stages have no size).
+        progress: ``progress(stage, done, total, message=...)`` (``elastic.profiles.progress``):
+            "open", "trace", "write weights" (tensors), "optimise", "check onnx", "check operators",
+            "parity", "build engine" (engines), "checksums"; a stage without a size has total None.
 
     Returns:
         ``out``, ``files``, ``opset``, ``exporter``, ``external_data``, ``unsupported_ops``,
@@ -108,7 +111,6 @@ def export_model(
     Raises:
         CheckpointError / ConfigError: ``model_dir`` is not a loadable checkpoint.
         MissingDependencyError: onnx / onnxscript / onnxruntime are not installed.
-        ProfileError: unknown ``target``.
         ElasticError: ``out`` exists, bad options, or the graphs disagree with PyTorch.
         DiskFullError: the export does not fit on the disk of ``out`` (refused before writing when
             the free space says so; else when the disk fills up, tracing included), with the size
@@ -124,17 +126,13 @@ def export_model(
     from .trt import build_or_script, check_export, engine_settings
 
     dtype = _graph_dtype(format, dtype)  # any spelling; canonical from here on
-    stages = iter(range(1, 1000))
-
-    def say(msg: str) -> None:
-        if progress:
-            progress(msg, next(stages), None)
+    say = progress or quiet
 
     from elastic.slicer.storage.outputs import MARKER, check_output
 
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
-    say(f"opening {model_dir}")
+    say("open", 0, None, message=f"opening {model_dir}")
     ckpt, torch_dtype = _open(model_dir, dtype)  # validated, not loaded
     moe = [i for i, layer in enumerate(ckpt.arch.layers) if layer.kind == "moe"]
     if moe:  # the reference MoE layer runs only the experts some token chose: a data-dependent loop
@@ -151,25 +149,25 @@ def export_model(
         if q is None:  # weights.bin in the graph dtype; refused now when it cannot fit
             w.expect(export_disk_bytes(arch.param_counts()["total"], dtype) + sum(f.stat().st_size for f in copied))
         info = write_graphs(arch, tmp, weights=weights, dtype=torch_dtype, opset=opset or (q.opset if q else DEFAULT_OPSET),
-                            external_data=external_data, progress=say, qdq=q,
+                            external_data=external_data, progress=progress, qdq=q,
                             quantized=quantized_source(ckpt, q) if q else None)
         release_memory()  # the tracer's graphs and the write buffers, before the checks and the parity run
-        say("onnx.checker")
+        say("check onnx", 0, None, message="onnx.checker")
         check_onnx(tmp)
-        say("checking operators against TensorRT's ONNX parser")
+        say("check operators", 0, None, message="checking operators against TensorRT's ONNX parser")
         compat = check_export(tmp)
         result = None
         if parity and dtype == "float32":
-            say("comparing ONNX Runtime with PyTorch")
+            say("parity", 0, None, message="comparing ONNX Runtime with PyTorch")
             result = _parity(ckpt, tmp, info, weights, torch_dtype, q)
-        trt = build_or_script(tmp, settings, always_script=format == "all", progress=say) if settings else None
+        trt = build_or_script(tmp, settings, always_script=format == "all", progress=progress) if settings else None
         for f in copied:
             w.add_file(f)
         summary = _summary(out, ckpt, format, dtype, info, q, compat, result, parity, trt)
         w.add_text(README, render(summary, state_tensors(arch), dtype))
         summary["files"] = sorted([*(p.name for p in tmp.iterdir()), MANIFEST, MARKER, CHECKSUMS])
         w.add_json(MANIFEST, summary)
-        say("checksums")
+        say("checksums", 0, None, message="checksums")
         w.add_text(CHECKSUMS, checksums(tmp))
     if (Path(out) / SCRIPT).is_file():  # the writer gives every file 0666 & ~umask; the script runs
         umask = os.umask(0)
@@ -273,7 +271,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, **kwargs) -> ExportR
 
 
 def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = None,
-               progress: Callable[[str, int, int | None], None] | None = None) -> dict[str, Any]:
+               progress: Progress | None = None) -> dict[str, Any]:
     """The TensorRT operator check alone, writing nothing (progress as in :func:`export_model`).
 
     Args:
@@ -301,10 +299,9 @@ def check_only(path: str | Path, *, dtype: str = "float32", opset: int | None = 
     ckpt, torch_dtype = _open(path, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=".elastic-check-"))
     try:
-        say = (lambda msg: progress(msg, 0, None)) if progress else None
         q = qdq_plan(ckpt, torch_dtype)
         info = write_graphs(ckpt.arch, tmp, weights=checkpoint_source(ckpt), dtype=torch_dtype,
-                            opset=opset or (q.opset if q else DEFAULT_OPSET), progress=say, qdq=q,
+                            opset=opset or (q.opset if q else DEFAULT_OPSET), progress=progress, qdq=q,
                             quantized=quantized_source(ckpt, q) if q else None)
         return {"path": str(path), "opset": info["opset"], **check_export(tmp)}
     finally:

@@ -134,7 +134,7 @@ def max_context(export_dir: str | Path) -> int | None:
 def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, max_new_tokens: int = 32,
                   threads: int | None = None, on_text: Callable[[str], None] | None = None,
                   budget: str | None = None, think_budget: str | None = None, answer_budget: str | None = None,
-                  max_think_tokens: int | None = None) -> dict[str, Any]:
+                  max_think_tokens: int | None = None, allow_off_curve: bool = False) -> dict[str, Any]:
     """Greedy generation from a model directory (PyTorch), an export directory (ONNX Runtime) or a
     GGUF (llama.cpp), timed.
 
@@ -150,6 +150,8 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
         think_budget, answer_budget: budget control (both together, instead of ``budget``): think
             with one budget until ``</think>`` or ``max_think_tokens``, then answer with the other
             (``elastic.slicer.nn.budget.ResidentParent.generate_split``; torch only).
+        allow_off_curve: run a budget size the checkpoint's size curve measured outside its trained
+            neighbours (refused otherwise, as ``elastic slice`` refuses it).
 
     Returns:
         ``backend``, ``prompt_tokens``, ``tokens`` (generated ids), ``text`` (None when the ids
@@ -188,7 +190,7 @@ def generate_text(path: str | Path, prompt: str, *, backend: str | None = None, 
 
             torch.set_num_threads(threads)
         return generate_budget(path, budget, prompt, max_new_tokens, on_text=on_text, think_budget=think_budget,
-                               max_think_tokens=max_think_tokens)
+                               max_think_tokens=max_think_tokens, allow_off_curve=allow_off_curve)
     if backend == "llama.cpp":
         return generate_gguf(path, prompt, max_new_tokens=max_new_tokens, threads=threads, on_text=on_text)
     if backend == "torch":

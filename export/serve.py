@@ -344,12 +344,14 @@ def build_app(engine: Engine):
 
 
 def serve(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, budgets: Iterable[str] | None = None,
-          max_context: int = DEFAULT_MAX_CONTEXT, on_ready=None) -> None:
+          max_context: int = DEFAULT_MAX_CONTEXT, on_ready=None, allow_off_curve: bool = False) -> None:
     """Load ``root`` once and serve its budgets until interrupted (uvicorn; blocks).
 
     Args:
         budgets: the budget names to serve (default: every trained budget of elastic_config.json).
         on_ready: called with the :class:`Engine` once the parent is loaded, before serving.
+        allow_off_curve: serve a size the checkpoint's size curve measured outside its trained
+            neighbours (refused at start otherwise, as ``elastic slice`` refuses it).
 
     Raises:
         MissingDependencyError: starlette or uvicorn is not installed (``pip install 'elastic[serve]'``).
@@ -360,7 +362,7 @@ def serve(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, budget
 
     from elastic.slicer.nn.budget import ResidentParent
 
-    engine = Engine(ResidentParent(root), budgets, max_context)
+    engine = Engine(ResidentParent(root, allow_off_curve=allow_off_curve), budgets, max_context)
     if on_ready is not None:
         on_ready(engine)
     uvicorn.run(build_app(engine), host=host, port=port, log_level="warning")

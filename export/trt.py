@@ -12,7 +12,7 @@ Example:
     >>> report = check_export("./model-50-onnx")
     >>> report["unsupported_ops"]
     []
-    >>> build_or_script("./model-50-onnx", engine_settings("orin-nano-8gb"))["built"]
+    >>> build_or_script("./model-50-onnx", engine_settings(get_profile("orin-nano-8gb")))["built"]
     False
 """
 
@@ -28,8 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.progress import Progress, quiet
+from elastic.profiles.devices import CAPABILITY_WORDS, DeviceProfile
+from elastic.profiles.target import Target
 from elastic.profiles.units import GIB, MIB
 from elastic.slicer.errors import ElasticError, Hint
+from elastic.slicer.planning.memory import DEFAULT_EXPORT_CONTEXT
 
 from .layout import DECODE, ENGINE_META, ENGINES, PREFILL, SCRIPT
 
@@ -41,7 +45,7 @@ except ModuleNotFoundError:  # Python 3.10
 TABLE = Path(__file__).with_name("tensorrt_ops.toml")
 GENERIC, GENERIC_WORKSPACE = "generic", GIB  # no device known: generic settings, a 1 GiB workspace
 MIN_WORKSPACE = 256 * MIB
-DEFAULT_MAX_CONTEXT = 4096  # tokens per sequence the engines accept unless asked for more
+DEFAULT_MAX_CONTEXT = DEFAULT_EXPORT_CONTEXT  # tokens per sequence the engines accept unless asked for more
 TUNED_SEQ = 512  # the sequence length TensorRT tunes kernels for (at most half the context)
 
 # onnx TensorProto.DataType -> the type names of TensorRT's matrix
@@ -301,41 +305,47 @@ class EngineSettings:
         return out
 
 
-def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
+def engine_settings(target: Target | DeviceProfile | None = None, precision: str = "auto", max_batch: int = 1,
                     max_context: int = DEFAULT_MAX_CONTEXT, quantized: str | None = None) -> EngineSettings:
     """Settings for the device a plan was made for.
 
     Args:
-        target: the ``elastic.slicer.planning.fit.Target`` decided once by the caller (a profile,
-            or the GPU detected with ``--gpu``); a profile name; or None, which detects this
-            machine (the GPU with the most free memory) and falls back to generic settings.
+        target: the ``elastic.profiles.target.Target`` decided once by the caller
+            (``resolve_target``: a profile, or the GPU detected with ``--gpu``), or a
+            ``DeviceProfile``; None: no device known, generic settings. Nothing is detected here.
         precision: "auto" or any spelling of bfloat16 / float16 / float32
             (``elastic.slicer.formats.precision``); "auto" is bf16 where the device has it
             (Ampere and newer, Jetson Orin), else fp16, as ``elastic plan`` chooses its dtype.
 
         quantized: the checkpoint's quantized precision ("fp8", "int8", "int8_wo", "int4") when the
             graphs are Q/DQ graphs: refused where the device cannot run it (fp8 needs Ada, Hopper or
-            Blackwell: ``Target.fp8``; int8 ``Target.int8``; int4 ``Target.int4``).
+            Blackwell: ``Target.caps.fp8``; int8 ``caps.int8``; int4 ``caps.int4``).
 
     Workspace: half the device's runtime-overhead allowance (the rest is the CUDA context), at
     least 256 MiB; 1 GiB when nothing is known.
 
     Raises:
-        ProfileError: unknown profile name (the message lists the known devices).
         ElasticError: a CPU profile, a precision the device lacks, or a bad size.
+        TypeError: ``target`` is not a Target, a DeviceProfile or None (a name: resolve it first,
+            ``elastic.profiles.target.resolve_target``).
     """
     from elastic.slicer.formats.precision import ENGINES, FLOAT16, choose, lookup, supported
-    from elastic.slicer.planning.fit import Target, resolve_target
 
     requested = None if precision in (None, "auto") else lookup(precision, ENGINES, "TensorRT precision")
     if max_batch < 1 or max_context < 2:
         raise ElasticError(f"engine shapes need max_batch >= 1 and max_context >= 2 (got {max_batch}, {max_context})")
-    if not isinstance(target, Target):
-        target = resolve_target(target)[0]
-    if target.kind == "cpu" and target.profile:
+    if isinstance(target, DeviceProfile):
+        target = Target.from_profile(target)
+    elif target is not None and not isinstance(target, Target):
+        raise TypeError(f"engine_settings takes the Target its caller resolved (profiles.target.resolve_target), "
+                        f"a DeviceProfile or None, not {type(target).__name__}")
+    if target is None:  # nothing known of the device: settings any GPU takes, fp16 unless asked otherwise
+        name, source, overhead = GENERIC, "no device given: generic settings", None
+        chosen = requested or FLOAT16
+    elif target.kind == "cpu" and target.profile:
         raise ElasticError(f"{target.profile!r} is a CPU host: TensorRT needs an NVIDIA GPU; pick a GPU or Jetson "
                            "profile (see `elastic profiles`)")
-    if target.kind == "cpu":  # nothing to build here: settings any GPU takes, fp16 unless asked otherwise
+    elif target.kind == "cpu":  # nothing to build here: settings any GPU takes, fp16 unless asked otherwise
         name, source, overhead = GENERIC, "no GPU here: generic settings", None
         chosen = requested or FLOAT16
     else:
@@ -347,15 +357,12 @@ def engine_settings(target=None, precision: str = "auto", max_batch: int = 1,
             raise ElasticError(f"{name} has no {requested.short} support; ask for {auto.short} (what auto picks here)")
         chosen = requested or auto
         if quantized:
-            from elastic.slicer.formats.precision import lookup as find
-            from elastic.slicer.planning.fit import NEEDS
-
-            qp = find(quantized)
+            qp = lookup(quantized)
             if not supported(qp, target):
                 raise ElasticError(
                     f"{name} cannot run {qp.short} engines: TensorRT builds {qp.short} Q/DQ layers only on "
-                    f"{NEEDS.get(qp.needs, qp.needs)}; slice the model again with a precision this device runs "
-                    f"(`elastic plan --target {name}` lists them) or export for another --target",
+                    f"{CAPABILITY_WORDS.get(qp.needs, qp.needs)}; slice the model again with a precision this device "
+                    f"runs (`elastic plan --target {name}` lists them) or export for another --target",
                     hint=Hint("precision", "re-slice with a precision the device runs"))
     workspace = max(MIN_WORKSPACE, overhead // 2) if overhead else GENERIC_WORKSPACE
     return EngineSettings(device=name, precision=chosen.short, workspace_bytes=workspace, max_batch=max_batch,
@@ -452,11 +459,12 @@ def tensorrt_available() -> tuple[bool, str]:
 
 
 def build_engines(export_dir: str | Path, settings: EngineSettings,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None) -> dict[str, Any]:
     """Build ``prefill.engine`` and ``decode.engine`` with the TensorRT 10 Python API.
 
     ONNX parser (external data is found beside the graph), builder config with the workspace pool
     limit and the precision flag, one optimization profile spanning :meth:`EngineSettings.shapes`.
+    ``progress("build engine", engines built, 2, message=...)`` before each engine.
 
     Raises:
         ElasticError: the parser refuses a graph (every parser error listed) or the build fails.
@@ -464,12 +472,12 @@ def build_engines(export_dir: str | Path, settings: EngineSettings,
     import tensorrt as trt
 
     export_dir = Path(export_dir)
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     built = {}
-    for graph in (PREFILL, DECODE):
-        say(f"building {ENGINES[graph]} with TensorRT {trt.__version__}")
+    for k, graph in enumerate((PREFILL, DECODE)):
+        say("build engine", k, 2, message=f"building {ENGINES[graph]} with TensorRT {trt.__version__}")
         # TensorRT 10: every network is explicit-batch; Q/DQ graphs are built strongly typed (see trtexec_script)
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.quantized else 0
         network = builder.create_network(flags)
@@ -498,6 +506,7 @@ def build_engines(export_dir: str | Path, settings: EngineSettings,
         with open(export_dir / ENGINES[graph], "wb") as f:
             f.write(blob)  # IHostMemory exposes the buffer protocol
         built[ENGINES[graph]] = _shape_table(shapes)
+    say("build engine", len(built), 2)
     return built
 
 
@@ -510,7 +519,7 @@ def _device_info() -> dict[str, Any]:
 
 
 def build_or_script(export_dir: str | Path, settings: EngineSettings, *, always_script: bool = False,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None) -> dict[str, Any]:
     """Build the engines here when TensorRT and a GPU are present, else write ``build_engines.sh``.
 
     Writes ``engine_meta.json`` in both cases (``built`` false, with the reason, when not built).

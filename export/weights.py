@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.progress import Progress
+
 from .layout import WEIGHTS
 
 ALIGN_LARGE = 65536  # tensors of 1 MiB and more start on a 64 KiB boundary (mmap-friendly)
@@ -79,12 +81,14 @@ def checkpoint_source(ckpt, fold_smoothing: bool = False) -> Callable[[str], Any
 
 
 def write_weights(path: Path, entries: list[Entry], get: Callable[[str], Any], dtype,
-                  progress: Callable[[int, int], None] | None = None,
+                  progress: Progress | None = None,
                   raw: Callable[[str], Any] | None = None) -> dict[str, Placement]:
     """Write every entry's values to ``path`` in ``dtype``; returns name -> where it is.
 
     A ``raw`` entry comes from ``raw(e.param) -> (tensor, logical shape)`` and is written byte for
     byte (a quantized weight; INT4 holds two elements per byte, so its shape is not the tensor's).
+
+    ``progress("write weights", tensors written, tensors)`` after each one.
 
     Memory: one tensor (and its cast/transposed copy) at a time.
     """
@@ -110,7 +114,7 @@ def write_weights(path: Path, entries: list[Entry], get: Callable[[str], Any], d
             f.write(memoryview(data) if length else b"")
             del t, data
             if progress:
-                progress(k + 1, len(entries))
+                progress("write weights", k + 1, len(entries))
     return out
 
 

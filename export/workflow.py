@@ -5,7 +5,7 @@ test). The front ends parse, call one of these and render what they return.
 The plan is made once (one checkpoint opening, one target decision, every budget resolved once)
 and handed down: slicing takes the planned spec and dtype, the export takes the planned target,
 context and batch. Everything reports through one progress protocol, ``progress(stage, done,
-total)`` with ``total`` None when a stage has no size.
+total, **detail)`` (``elastic.profiles.progress``) with ``total`` None when a stage has no size.
 
 Example:
     >>> p = make_plan("./Nemotron-Elastic-12B", target="orin-nx-16gb", context=32768)
@@ -15,16 +15,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.progress import Progress
 from elastic.slicer.errors import ElasticError, MissingDependencyError
 from elastic.slicer.storage.outputs import check_output
 from elastic.slicer.planning.fit import Plan, build_plan, default_out, slice_budget
-
-Progress = Callable[[str, int, "int | None"], None]  # (stage, done, total or None)
 
 
 make_plan = build_plan  # ``elastic plan`` as a library call: the one plan builder (``planning.fit.build_plan``)

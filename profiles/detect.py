@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastic.profiles.devices import Capability, DeviceProfile, capability_flags, fallback_allowance, get_profile
+from elastic.profiles.devices import (Capability, DeviceProfile, capability_flags, fallback_allowance, get_profile,
+                                      match_profile)
 from elastic.profiles.units import gib
-from elastic.profiles.devices import match_profile
 from elastic.profiles.errors import Hint, ProfileError
 
 
@@ -37,18 +37,12 @@ class Device:
     free_bytes: int  # NVML free for a GPU; MemAvailable for a Jetson or the CPU host
     usable_bytes: int  # what a model may plan for, before runtime overhead (see `detect`)
     unified: bool  # memory shared with the OS: what the OS leaves available is what counts
-    bf16: bool
-    fp16: bool
-    fp8: bool
+    caps: Capability  # the precisions it runs (capability_flags; the CPU host: no quantized one, for planning)
     compute_capability: str | None  # "8.9"; None for the CPU host or when unknown
     driver: str | None  # NVIDIA driver version, or "L4T R36.4.0" on a Jetson
     profile: DeviceProfile | None  # the matched device table entry
     runtime_overhead_bytes: int  # CUDA context + workspaces: a term of the memory plan
     notes: tuple[str, ...]  # how it was detected, and anything doubtful
-    # quantized weights it runs (capability_flags; the CPU host: none, for planning)
-    int8: bool = False
-    int4: bool = False
-    nvfp4: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,7 +144,7 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
     if profile is not None:
         reserve, overhead = profile.reserve_bytes, profile.runtime_overhead_bytes
         cc = profile.compute_capability
-        caps = Capability(*(getattr(profile, k) for k in Capability._fields))
+        caps = profile.caps
         notes.append(f"profile {profile.name}: the OS keeps {gib(reserve, 1)} of MemAvailable")
     else:
         reserve, overhead = fallback_allowance("jetson")
@@ -165,7 +159,7 @@ def _probe_jetson(roots: Roots, reasons: list[str]) -> Device | None:
     return Device(
         kind="jetson", index=0, name=profile.display_name if profile else model,
         total_bytes=total, free_bytes=free, usable_bytes=usable, unified=True,
-        **caps._asdict(), compute_capability=cc, driver=driver, profile=profile,
+        caps=caps, compute_capability=cc, driver=driver, profile=profile,
         runtime_overhead_bytes=overhead, notes=tuple(notes),
     )
 
@@ -207,7 +201,7 @@ def _nvml_device(nvml, i: int, driver: str | None, several: bool) -> Device:
         notes.append(f"{gib(total - free, 1)} of this GPU is already in use (desktop or other processes)")
     return Device(
         kind="gpu", index=i, name=name, total_bytes=total, free_bytes=free, usable_bytes=usable,
-        unified=False, **caps._asdict(), compute_capability=cc, driver=driver,
+        unified=False, caps=caps, compute_capability=cc, driver=driver,
         profile=profile, runtime_overhead_bytes=overhead, notes=tuple(notes),
     )
 
@@ -282,8 +276,7 @@ def _host_device(roots: Roots, reasons: list[str]) -> Device:
     return Device(
         kind="cpu", index=None, name=_cpu_name(roots), total_bytes=total, free_bytes=free,
         usable_bytes=max(0, free - profile.reserve_bytes), unified=profile.unified,
-        bf16=profile.bf16, fp16=profile.fp16, fp8=profile.fp8, compute_capability=None,
-        int8=profile.int8, int4=profile.int4, nvfp4=profile.nvfp4,
+        caps=profile.caps, compute_capability=None,
         driver=None, profile=profile, runtime_overhead_bytes=profile.runtime_overhead_bytes,
         notes=tuple(notes),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +25,52 @@ KINDS = ("jetson", "gpu", "cpu")
 MATCH_TOLERANCE = 0.25
 
 
+class Capability(NamedTuple):
+    """The precisions a device runs in hardware: the one capability set of a DeviceProfile, a
+    detected Device and a planning Target (``.caps``), decided once (``capability_flags``)."""
+
+    bf16: bool
+    fp16: bool
+    fp8: bool
+    int8: bool  # int8 tensor cores: W8A8 SmoothQuant, int8 weight-only
+    int4: bool  # W4A16 AWQ kernels
+    nvfp4: bool  # Blackwell's fp4 tensor cores
+
+    def runs(self, precision: str) -> bool:
+        """Whether a precision, by its short name (``formats.precision``: "bf16", "int4", ...), runs
+        here; one that needs no capability (fp32, llama.cpp's GGUF types) runs everywhere."""
+        flag = PRECISION_NEEDS.get(precision)
+        return flag is None or getattr(self, flag)
+
+
+# The one map of precision -> the capability it needs, by the precision's short name
+# (``formats.precision.Precision.needs`` reads it); a precision not here needs none.
+PRECISION_NEEDS = {"fp16": "fp16", "bf16": "bf16", "float8": "fp8", "fp8": "fp8", "int8": "int8",
+                   "int8_wo": "int8", "int4": "int4", "nvfp4": "nvfp4"}
+# the quantized precisions (Model Optimizer's) a profile's `runtimes` table may name -> the flag each needs
+QUANTIZED_FLAGS = {p: PRECISION_NEEDS[p] for p in ("fp8", "nvfp4", "int8", "int8_wo", "int4")}
+# what each quantized capability means in hardware, in words (the thresholds of capability_flags)
+CAPABILITY_WORDS = {"fp8": "compute capability 8.9 or newer (Ada, Hopper, Blackwell)",
+                    "nvfp4": "a Blackwell GPU (compute capability 10.0 or newer)",
+                    "int8": "int8 tensor cores (compute capability 7.2 or newer)",
+                    "int4": "compute capability 7.5 or newer"}
+
+
+def flat_caps(record: dict, caps: Capability, after: tuple[str, str]) -> dict:
+    """``record`` (a record's ``asdict``) with ``caps`` written as the six keys its JSON form has
+    always had: bf16/fp16/fp8 after the key ``after[0]``, int8/int4/nvfp4 after ``after[1]``."""
+    flags = caps._asdict()
+    out = {}
+    for k, v in record.items():
+        if k != "caps":
+            out[k] = v
+        if k == after[0]:
+            out.update((f, flags[f]) for f in ("bf16", "fp16", "fp8"))
+        if k == after[1]:
+            out.update((f, flags[f]) for f in ("int8", "int4", "nvfp4"))
+    return out
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """One known device, as the device tables describe it."""
@@ -34,18 +80,12 @@ class DeviceProfile:
     kind: str  # "jetson" | "gpu" | "cpu"
     memory_bytes: int  # nominal total memory; detection measures the real one
     unified: bool  # the GPU shares system RAM with the OS (Jetson), or the model lives in RAM (CPU)
-    bf16: bool
-    fp16: bool
-    fp8: bool
+    caps: Capability  # the precisions it runs (its compute capability's; the CPU host plans no quantized one)
     compute_capability: str | None  # "8.7"; None for the CPU host
     reserve_bytes: int  # kept by the OS/desktop/driver; the model may never plan to use it
     runtime_overhead_bytes: int  # CUDA context + cuBLAS/TensorRT workspace
     match: tuple[str, ...]  # lowercase substrings of an NVML name or a device-tree model string
     source: str  # the TOML file the entry came from
-    # quantized weights the hardware runs (see capability_flags); the CPU host plans none of them
-    int8: bool = False  # int8 tensor cores: W8A8 SmoothQuant, int8 weight-only
-    int4: bool = False  # W4A16 AWQ kernels
-    nvfp4: bool = False  # Blackwell's fp4 tensor cores
     # runtimes that load Model Optimizer's checkpoints in each quantized precision here, by the
     # precision's short name ("int4"); what their documentation says, not a promise for every model
     runtimes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
@@ -58,16 +98,9 @@ class DeviceProfile:
         """What a model may plan to use on this device when nothing is measured (--target)."""
         return self.memory_bytes - self.reserve_bytes
 
-
-class Capability(NamedTuple):
-    """What a compute capability runs in hardware (the names are Target/DeviceProfile attributes)."""
-
-    bf16: bool
-    fp16: bool
-    fp8: bool
-    int8: bool
-    int4: bool
-    nvfp4: bool
+    def to_json(self) -> dict:
+        """The record as `elastic profiles --json` prints it: the six flags as keys of their own."""
+        return flat_caps(asdict(self), self.caps, after=("unified", "source"))
 
 
 def capability_flags(cc: str) -> Capability:
@@ -85,8 +118,6 @@ def capability_flags(cc: str) -> Capability:
                       nvfp4=v >= (10, 0))
 
 
-# a quantized precision's short name -> the capability flag it needs
-QUANTIZED_FLAGS = {"fp8": "fp8", "nvfp4": "nvfp4", "int8": "int8", "int8_wo": "int8", "int4": "int4"}
 # key -> (accepted types, required)
 _NUM = (int, float)
 _FIELDS = {
@@ -116,12 +147,12 @@ def _bytes(gib: float) -> int:
     return int(round(gib * GIB))
 
 
-def _flags(e: dict) -> dict[str, bool]:
-    """An entry's Capability fields; int8/int4/nvfp4 left out follow its compute capability (an
+def _flags(e: dict) -> Capability:
+    """An entry's capability set; int8/int4/nvfp4 left out follow its compute capability (an
     entry that passed the type checks)."""
     cc = e.get("compute_capability")
     derived = capability_flags(cc)._asdict() if cc and _CC.fullmatch(cc) else {}
-    return {k: e[k] if k in e else derived.get(k, False) for k in Capability._fields}
+    return Capability(**{k: e[k] if k in e else derived.get(k, False) for k in Capability._fields})
 
 
 def _check_entry(e: dict) -> list[str]:
@@ -159,17 +190,17 @@ def _check_entry(e: dict) -> list[str]:
     if kind in ("jetson", "gpu"):
         if cc is None or not _CC.fullmatch(cc):
             errs.append("'compute_capability' must look like '8.9'")
-        elif tuple(capability_flags(cc)) != tuple(_flags(e).values()):
+        elif capability_flags(cc) != _flags(e):
             errs.append(f"compute capability {cc} means "
                         + ", ".join(f"{k}={v}" for k, v in capability_flags(cc)._asdict().items()))
-    if kind == "cpu" and any(_flags(e)[k] for k in ("fp8", "int8", "int4", "nvfp4")):
+    if kind == "cpu" and any(getattr(_flags(e), k) for k in ("fp8", "int8", "int4", "nvfp4")):
         errs.append("the CPU host plans no quantized weights: 'fp8', 'int8', 'int4' and 'nvfp4' must be false")
     if any(not isinstance(n, str) or not n for n in e.get("engines", [])):
         errs.append("'engines' must hold non-empty engine names")
     for precision, names in e.get("runtimes", {}).items():
         if precision not in QUANTIZED_FLAGS:
             errs.append(f"'runtimes' key {precision!r} is not one of {', '.join(QUANTIZED_FLAGS)}")
-        elif not _flags(e)[QUANTIZED_FLAGS[precision]]:
+        elif not _flags(e).runs(precision):
             errs.append(f"'runtimes' lists {precision} but the device does not run it")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
             errs.append(f"'runtimes.{precision}' must be a non-empty list of names")
@@ -183,12 +214,7 @@ def _profile(e: dict, source: str, engines: dict[str, tuple[str, ...]] | None = 
         kind=e["kind"],
         memory_bytes=_bytes(e["memory_gib"]),
         unified=e["unified"],
-        bf16=e["bf16"],
-        fp16=e["fp16"],
-        fp8=e["fp8"],
-        int8=_flags(e)["int8"],
-        int4=_flags(e)["int4"],
-        nvfp4=_flags(e)["nvfp4"],
+        caps=_flags(e),
         runtimes={k: tuple(v) for k, v in e.get("runtimes", {}).items()},
         engines=tuple(e["engines"]) if "engines" in e else (engines or {}).get(e["kind"], ()),
         compute_capability=e.get("compute_capability"),

@@ -21,8 +21,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from elastic.profiles.progress import Progress
+from elastic.profiles.units import MIB
 from elastic.slicer import remote_code
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.storage.reader import Checkpoint
@@ -43,7 +45,7 @@ PASSTHROUGH_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )
-BLOCK_BYTES = 16 * 2**20  # rows read and written at a time (under glibc's 32 MiB mmap cap: buffers get reused)
+BLOCK_BYTES = 16 * MIB  # rows read and written at a time (under glibc's 32 MiB mmap cap: buffers get reused)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def _cast(bits, src: str, dst: str):
     return raw.view(getattr(torch, DTYPES[src][0])).reshape(bits.shape).to(to)
 
 
-def _spans(ranges, row_bytes: int, max_gap_bytes: int = 4 * 2**20):
+def _spans(ranges, row_bytes: int, max_gap_bytes: int = 4 * MIB):
     """Group kept ranges into read spans: neighbours closer than ``max_gap_bytes`` share one."""
     spans: list[list] = []
     for a, b in ranges:
@@ -186,7 +188,7 @@ def slice_checkpoint(
     dtype: str | None = None,
     force: bool = False,
     max_shard_bytes: int = 5 * 10**9,
-    progress: Callable[[str, int, int | None], None] | None = None,
+    progress: Progress | None = None,
     resolved: tuple[SliceSpec, str] | None = None,
     form: str = "auto",
     pad_multiple: int | None = None,
@@ -284,7 +286,7 @@ def slice_checkpoint(
             w.add_json(HF_QUANT_CONFIG, quant.hf_quant_config)
         for f in copied:
             w.add_file(f)
-        w.write_tensors(out_tensors, max_shard_bytes, progress=advance)
+        w.write_tensors(out_tensors, max_shard_bytes, on_bytes=advance)
         manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, out_dtype, quant)
         manifest["form"] = port.to_json(DTYPES[code][1] if code else _dtype_bytes(out_dtype))
         w.add_json(MANIFEST_NAME, manifest)

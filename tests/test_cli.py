@@ -158,7 +158,13 @@ def test_train_without_data_is_refused_unless_dry_run(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     import elastic.profiles.detect as detect
-    monkeypatch.setattr(detect, "detect", lambda: SimpleNamespace(chosen=SimpleNamespace(kind="cpu"),
-                                                                  reasons=("NVML: library not found",)))
+    from elastic.profiles.devices import get_profile
+
+    cpu = get_profile("cpu")
+    host = detect.Device(kind="cpu", index=None, name="CPU host", total_bytes=0, free_bytes=0, usable_bytes=0,
+                         unified=True, caps=cpu.caps, compute_capability=None, driver=None, profile=cpu,
+                         runtime_overhead_bytes=0, notes=())
+    monkeypatch.setattr(detect, "detect", lambda gpu=None: SimpleNamespace(chosen=host,
+                                                                           reasons=("NVML: library not found",)))
     r = runner.invoke(app, [*TRAIN_12B, "--dry-run", "--gpus", "2"])
     assert r.exit_code == 2 and "--gpu-memory is needed to plan for 2 GPUs" in r.output

@@ -72,10 +72,11 @@ def test_slice_takes_every_spelling(spelling, tmp_path):
 @pytest.mark.parametrize("spelling", ["bf16", "BFloat16", "fp16", "half", "fp32", "float", "auto"])
 def test_export_precision_takes_every_spelling(spelling):
     from elastic.export.trt import engine_settings
+    from elastic.profiles.devices import get_profile
     from elastic.slicer.formats.precision import lookup
 
     want = "bf16" if spelling == "auto" else lookup(spelling).short
-    assert engine_settings("rtx-4090", precision=spelling).precision == want
+    assert engine_settings(get_profile("rtx-4090"), precision=spelling).precision == want
     # and the CLI accepts it (refused for another reason: no model given)
     r = runner.invoke(app, ["export", "--precision", spelling])
     assert r.exit_code == 2 and "no checkpoint given" in r.stderr

@@ -23,6 +23,7 @@ from elastic.export import trt
 from elastic.export.graphs import state_tensors
 from elastic.export.pipeline import export_model
 from elastic.export.runtime import OnnxGenerator
+from elastic.profiles.devices import get_profile
 from elastic.slicer.planning.describe import DEMO_CHECKPOINT
 from elastic.slicer.nn.model import generate, load_model
 from elastic.slicer.slice import slice_checkpoint
@@ -213,13 +214,11 @@ def test_trtexec_script_and_engine_meta(exported, tmp_path, monkeypatch):
     for name in ("prefill.onnx", "decode.onnx"):
         (work / name).write_bytes((out / name).read_bytes())
     monkeypatch.setattr(trt, "tensorrt_available", lambda: (False, "the tensorrt Python package is not installed"))
-    settings = trt.engine_settings("orin-nano-8gb", max_batch=4, max_context=2048)
+    settings = trt.engine_settings(get_profile("orin-nano-8gb"), max_batch=4, max_context=2048)
     meta = trt.build_or_script(work, settings)
     script = (work / "build_engines.sh").read_text()
     assert meta["built"] is False and "not installed" in meta["reason"] and meta["script"] == "build_engines.sh"
     assert json.loads((work / "engine_meta.json").read_text()) == meta
-    from elastic.profiles.devices import get_profile
-
     ws = max(256 << 20, get_profile("orin-nano-8gb").runtime_overhead_bytes // 2)
     assert settings.precision == "bf16" and settings.workspace_bytes == ws
     assert script.count(f"--memPoolSize=workspace:{ws >> 20} ") == 2 and script.count("--bf16") == 2  # MiB
@@ -248,17 +247,20 @@ def test_trtexec_script_and_engine_meta(exported, tmp_path, monkeypatch):
 
 
 def test_engine_settings():
-    assert trt.engine_settings("orin-nano-8gb", precision="fp16").precision == "fp16"
-    assert trt.engine_settings("rtx-4090").precision == "bf16"
-    from elastic.profiles.errors import ProfileError
+    from elastic.profiles.target import Target
+
+    assert trt.engine_settings(get_profile("orin-nano-8gb"), precision="fp16").precision == "fp16"
+    assert trt.engine_settings(Target.from_profile(get_profile("rtx-4090"))).precision == "bf16"
+    generic = trt.engine_settings(None)  # no device given: nothing is detected, generic settings
+    assert (generic.device, generic.precision, generic.workspace_bytes) == (trt.GENERIC, "fp16", trt.GENERIC_WORKSPACE)
     from elastic.slicer.errors import ElasticError
 
-    with pytest.raises(ProfileError, match="unknown device"):
-        trt.engine_settings("no-such-gpu")
+    with pytest.raises(TypeError, match="resolve_target"):
+        trt.engine_settings("rtx-4090")  # a name is the front end's to resolve
     with pytest.raises(ElasticError, match="CPU host"):
-        trt.engine_settings("cpu")
+        trt.engine_settings(get_profile("cpu"))
     with pytest.raises(ElasticError, match="precision"):
-        trt.engine_settings("rtx-4090", precision="int3")
+        trt.engine_settings(get_profile("rtx-4090"), precision="int3")
 
 
 @pytest.mark.heavy
@@ -331,7 +333,7 @@ def test_engine_build_calls_the_tensorrt_api(exported, tmp_path, monkeypatch):
     work.mkdir()
     for name in ("prefill.onnx", "decode.onnx"):
         (work / name).write_bytes((out / name).read_bytes())
-    settings = trt.engine_settings("orin-nano-8gb", max_context=1024)
+    settings = trt.engine_settings(get_profile("orin-nano-8gb"), max_context=1024)
     meta = trt.build_or_script(work, settings)
     assert meta["built"] is True and meta["tensorrt"] == "10.3.0" and meta["script"] is None
     assert (work / "prefill.engine").read_bytes() == b"engine" and (work / "decode.engine").read_bytes() == b"engine"

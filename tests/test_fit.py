@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from elastic.cli.main import app
-from elastic.profiles.devices import get_profile
+from elastic.profiles.devices import Capability, get_profile
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.planning.fit import Target, budget_specs, choose_dtype, plan, target_from_profile
 from elastic.slicer.planning.memory import Workload, footprint, kv_cache_bytes, ssm_state_bytes
@@ -46,7 +46,8 @@ def test_state_terms_equal_the_real_cache(hf_ckpt):
 
 
 def cpu_target(gib: float, **kw) -> Target:
-    return Target("test", "gpu", int(gib * 2**30), 2**29, kw.get("bf16", True), True, False, False, "profile")
+    caps = Capability(bf16=kw.get("bf16", True), fp16=True, fp8=False, int8=False, int4=False, nvfp4=False)
+    return Target("test", "gpu", int(gib * 2**30), 2**29, caps=caps, unified=False, source="profile")
 
 
 def test_largest_fitting_budget_is_chosen():

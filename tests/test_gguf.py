@@ -153,7 +153,7 @@ def test_llama_cpp_perplexity_of_an_f32_gguf_equals_the_reference_models(slices,
 
     from elastic.cli.main import app
     from elastic.export.llama_runtime import perplexity_gguf
-    from elastic.slicer.quant.evaluate import perplexity
+    from elastic.slicer.quantize.evaluate import perplexity
 
     ref = perplexity(slices["100"], max_windows=3)
     f32 = perplexity_gguf(export_gguf(slices["100"], tmp_path / "f32", precision="f32").file, max_windows=3)
@@ -173,8 +173,8 @@ def test_a_smoothquant_slice_keeps_its_smoothing_in_the_gguf(slices, tmp_path, l
     stays with the float slice's (it was 187 against 6.84 without the fold)."""
     pytest.importorskip("modelopt", reason="nvidia-modelopt makes the int8 slice")
     from elastic.export.llama_runtime import perplexity_gguf
-    from elastic.slicer.quant.evaluate import perplexity
-    from elastic.slicer.quant.quantize import slice_and_quantize
+    from elastic.slicer.quantize.evaluate import perplexity
+    from elastic.slicer.quantize.workflow import slice_and_quantize
 
     int8 = slice_and_quantize(Checkpoint.open(DEMO_CHECKPOINT, require_weights=True), tmp_path / "int8", "int8",
                               budget="100%", samples=4, seq_len=64).out

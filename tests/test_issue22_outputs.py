@@ -58,7 +58,7 @@ _HELD = textwrap.dedent("""
     from pathlib import Path
     from elastic.slicer.slice import slice_checkpoint
     src, out, started = sys.argv[1:4]
-    def progress(stage, done, total):
+    def progress(stage, done, total, /, **detail):
         Path(started).touch()
         time.sleep(120)  # held mid-write until the test kills it
     slice_checkpoint(src, out, budget="50%", progress=progress)
@@ -310,7 +310,7 @@ def test_force_refuses_a_folder_whose_files_could_not_be_removed(tmp_path, monke
 def test_disk_full_while_slicing_names_the_real_size(tmp_path, monkeypatch):
     real = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "real", budget="50%").bytes_written
 
-    def full(path, tensors, progress):
+    def full(path, tensors, on_bytes):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(writer_mod, "_write_safetensors", full)

@@ -68,9 +68,9 @@ class MoeBuilt:
     routed experts see none): the oracle's numbers recorded before export, then the checkpoint."""
 
     def __init__(self, root: Path, precision: str, monkeypatch):
-        import elastic.slicer.quant.quantize as q
+        import elastic.slicer.quantize.workflow as q
         from elastic.slicer.formats.tokenizer import load_tokenizer
-        from elastic.slicer.quant.text import calibration_ids
+        from elastic.slicer.quantize.text import calibration_ids
         from elastic.slicer.slice import slice_checkpoint
 
         float_dir = root / "float32"
@@ -247,7 +247,7 @@ def test_plans_int4_tensors_are_what_the_slice_writes(tmp_path, budget, group):
     from elastic.slicer.planning.memory import weights_bytes
     from elastic.slicer.storage.reader import Checkpoint
 
-    from elastic.slicer.quant.quantize import slice_and_quantize
+    from elastic.slicer.quantize.workflow import slice_and_quantize
 
     out = tmp_path / "q"  # what `elastic slice --budget B --precision int4` writes, on less calibration text
     slice_and_quantize(DEMO_CHECKPOINT, out, "int4", budget=budget, samples=2, seq_len=32)

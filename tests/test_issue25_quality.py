@@ -82,7 +82,7 @@ def test_refusal_names_the_perplexities_and_the_neighbours():
 def test_shipped_record_matches_a_fresh_measurement(tmp_path):
     """The record was measured, not written by hand: slicing one of its sizes again and evaluating
     it with the record's settings gives its perplexity."""
-    from elastic.slicer.quant.evaluate import perplexity
+    from elastic.slicer.quantize.evaluate import perplexity
     from elastic.slicer.slice import slice_checkpoint
 
     curve = shipped()
@@ -129,6 +129,27 @@ def test_slice_refuses_a_size_measured_outside(tmp_path):
     m = json.loads((tmp_path / "x" / "slice_manifest.json").read_text())
     assert m["quality"]["verdict"] == "outside" and m["quality"]["perplexity"] == bad.perplexity
     assert any("off the measured curve" in w for w in m["warnings"])
+
+
+def test_generate_and_serve_refuse_a_size_measured_outside_as_slice_does():
+    """A budget run on the resident parent (elastic generate --budget, elastic serve --budgets)
+    follows the same record: refused without --allow-off-curve, run with it."""
+    from elastic.slicer.nn.budget import ResidentParent
+
+    curve = shipped()
+    if not curve.outside():
+        pytest.skip("every in-between size of the demo measures between its neighbours")
+    bad = curve.outside()[0].sizes[0]
+    r = runner.invoke(app, ["generate", "-c", str(DEMO), "--budget", bad, "-n", "2", "def"])
+    assert r.exit_code == 2 and "--allow-off-curve" in r.output and "is not offered" in r.output
+    r = runner.invoke(app, ["generate", "-c", str(DEMO), "--budget", bad, "-n", "2", "def", "--allow-off-curve",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["new_tokens"] == 2
+    with pytest.raises(OffCurveSize):
+        ResidentParent(DEMO).spec(bad)
+    assert ResidentParent(DEMO, allow_off_curve=True).spec(bad)[0].parameters(Arch.from_file(DEMO)) == \
+        curve.outside()[0].parameters
 
 
 def test_slice_of_a_measured_size_says_its_perplexity(tmp_path):
@@ -199,6 +220,7 @@ def test_plan_exact_fit_shows_the_quality_measure():
 def test_plan_exact_fit_between_sizes_interpolates(demo):
     """A device that holds only part of the demo: the exact fit's quality is its measured point,
     or the straight line between the measured points on either side, computed here."""
+    from elastic.profiles.devices import Capability
     from elastic.slicer.planning.fit import Target, plan
     from elastic.slicer.planning.memory import Workload, footprint
     from elastic.slicer.formats.spec import SliceSpec
@@ -208,7 +230,8 @@ def test_plan_exact_fit_between_sizes_interpolates(demo):
     w = Workload(context=256, dtype="float32", weights="float32")
     mid = (footprint(SliceSpec.from_json(ec.resolved["75%"], parent).child_arch(parent), w, 0)["total"]
            + footprint(parent, w, 0)["total"]) // 2
-    t = Target("test", "cpu", mid, 0, True, True, False, False, "profile")
+    t = Target("test", "cpu", mid, 0, caps=Capability(True, True, False, False, False, False),
+               unified=False, source="profile")  # bf16 and fp16, nothing quantized
     e = plan(demo, t, w, fit="exact").to_json()["exact_fit"]
     q, curve = e["quality"], shipped()
     p = curve.point(e["spec"])
@@ -231,11 +254,13 @@ def test_plan_exact_fit_without_a_record_says_not_measured():
 
 
 def test_an_exact_fit_off_the_curve_is_not_chosen(demo):
+    from elastic.profiles.devices import Capability
     from elastic.slicer.formats.size_curve import Quality
     from elastic.slicer.planning.fit import Target, plan
     from elastic.slicer.planning.memory import Workload
 
-    t = Target("test", "cpu", 2**40, 0, True, True, False, False, "profile")
+    t = Target("test", "cpu", 2**40, 0, caps=Capability(True, True, False, False, False, False),
+               unified=False, source="profile")  # bf16 and fp16, nothing quantized
     p = plan(demo, t, Workload(context=256), fit="exact")
     chosen = p.budget(p.chosen)
     bigger = replace(p.exact_fit, parameters=chosen.parameters + 1)

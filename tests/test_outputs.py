@@ -108,7 +108,7 @@ _RACER = textwrap.dedent("""
     from pathlib import Path
     from elastic.slicer.slice import slice_checkpoint
     src, out, started, go, action = sys.argv[1:6]
-    def progress(stage, done, total, _first=[True]):
+    def progress(stage, done, total, /, _first=[True], **detail):
         if _first[0]:
             _first[0] = False
             Path(started).touch()

@@ -3,10 +3,6 @@ when it loads a GGUF and makes a context), on the bundled demo, and what the pla
 
 bench/plan_accuracy.py runs the same comparison on models of 50 MB to 1.3 GB at 512 and 32k tokens."""
 
-import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,21 +15,6 @@ from elastic.slicer.planning.memory import Workload, footprint, gguf_tensor_type
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-CHILD = r"""
-import json, re, sys
-import llama_cpp
-lines = []
-@llama_cpp.llama_log_callback
-def keep(level, text, user):
-    lines.append(text.decode(errors="replace"))
-llama_cpp.llama_log_set(keep, None)
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=512, n_ubatch=512, flash_attn=True,
-                      use_mmap=False, verbose=True)
-log = "".join(lines)
-mib = lambda what: sum(float(v) for v in re.findall(r"\S+ " + what + r" buffer size =\s*([0-9.]+) MiB", log))
-print(json.dumps({"weights": llama_cpp.llama_model_size(llm.model), "kv": mib("KV"), "rs": mib("RS"),
-                  "compute": mib("compute"), "output": mib("output")}))
-"""
 MIB = 2**20
 REPORTED = 0.005 * MIB + 1  # llama.cpp prints MiB with two decimals
 
@@ -47,9 +28,9 @@ def ggufs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _llama(file: Path, context: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(file), str(context)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from elastic.export.llama_buffers import measure
+
+    return measure(file, context)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "q4_k_m"])
@@ -61,9 +42,9 @@ def test_llama_cpp_terms_are_the_buffers_llama_cpp_reports(ggufs, precision, con
     m = _llama(ggufs[precision], context)
     t = footprint(arch, Workload(context=context, weights=precision, kv="bf16", margin=0.0), 0, engine="llama.cpp")
     assert t["weights"] == m["weights"]
-    assert abs(t["kv_cache"] - m["kv"] * MIB) <= REPORTED
-    assert abs(t["ssm_state"] - m["rs"] * MIB) <= REPORTED
-    assert abs(t["activations"] - (m["compute"] + m["output"]) * MIB) <= 2 * REPORTED
+    assert abs(t["kv_cache"] - m["kv_cache"]) <= REPORTED
+    assert abs(t["ssm_state"] - m["ssm_state"]) <= REPORTED
+    assert abs(t["activations"] - m["activations"]) <= 2 * REPORTED
 
 
 def test_q4_k_m_types_are_the_ones_llama_cpp_wrote(ggufs):

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from elastic.cli.main import app
-from elastic.profiles.devices import get_profile, load_profiles
+from elastic.profiles.devices import Capability, get_profile, load_profiles
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.precision import lookup
 from elastic.slicer.planning.fit import Target, plan, slice_budget, target_from_profile
@@ -118,7 +118,7 @@ def test_float_weights_are_parameters_times_bytes_and_scales_are_counted():
 ])
 def test_quantized_capability_per_device(name, runs):
     p = get_profile(name)
-    assert {q for q in ("fp8", "nvfp4", "int8", "int4") if getattr(p, q)} == runs
+    assert {q for q in ("fp8", "nvfp4", "int8", "int4") if getattr(p.caps, q)} == runs
     assert set(p.runtimes) <= runs  # a runtime is listed only for what the device runs
 
 
@@ -181,7 +181,8 @@ def test_never_below_int4_and_nothing_fits_says_what_would():
 
 
 def test_a_target_that_says_nothing_of_quantization_plans_floats():
-    t = Target("test", "gpu", 20 * 2**30, 2**29, True, True, False, False, "profile")
+    t = Target("test", "gpu", 20 * 2**30, 2**29, caps=Capability(True, True, False, False, False, False),
+               unified=False, source="profile")  # bf16 and fp16, nothing quantized
     p = plan(E12B, t, Workload(dtype="auto"), runtime="vllm")
     assert {c.weights.short for c in p.candidates} == {"bf16"} and p.chosen == "9B"
     every = plan(E12B, t, Workload(dtype="auto"))  # llama.cpp's own types need no capability

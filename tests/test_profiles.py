@@ -125,7 +125,7 @@ def test_every_profile_loads_and_the_brief_devices_are_there():
 )
 def test_profile_facts(name, cc, bf16, fp8, gib):
     p = get_profile(name)
-    assert (p.compute_capability, p.bf16, p.fp16, p.fp8) == (cc, bf16, True, fp8)
+    assert (p.compute_capability, p.caps.bf16, p.caps.fp16, p.caps.fp8) == (cc, bf16, True, fp8)
     assert p.memory_bytes == gib * GIB
 
 
@@ -201,7 +201,7 @@ def test_jetson_trees(tree, profile, total_kb, avail_kb, reserve_gib, l4t):
     assert d.total_bytes == total_kb * KB and d.free_bytes == avail_kb * KB
     assert d.usable_bytes == avail_kb * KB - int(reserve_gib * GIB)
     assert d.runtime_overhead_bytes == d.profile.runtime_overhead_bytes
-    assert (d.bf16, d.fp8) == (True, profile == "thor-128gb")
+    assert (d.caps.bf16, d.caps.fp8) == (True, profile == "thor-128gb")
     assert detect(gpu=0, roots=roots, nvml=nvml).chosen == d
     with pytest.raises(ProfileError, match="GPU 1 is not a GPU on this machine; GPUs here: 0: Jetson"):
         detect(gpu=1, roots=roots, nvml=nvml)
@@ -227,8 +227,8 @@ def test_two_rtx_cards_through_nvml(tmp_path):
     assert found.chosen == small  # the 4090 is busy: the 3060 has more free memory
     assert big.usable_bytes == 10 * GIB  # free is below total - reserve
     assert small.usable_bytes == 12288 * 2**20 - GIB // 2  # total - reserve is below free
-    assert (big.profile.name, big.compute_capability, big.fp8) == ("rtx-4090", "8.9", True)
-    assert (small.profile.name, small.compute_capability, small.fp8) == ("rtx-3060", "8.6", False)
+    assert (big.profile.name, big.compute_capability, big.caps.fp8) == ("rtx-4090", "8.9", True)
+    assert (small.profile.name, small.compute_capability, small.caps.fp8) == ("rtx-3060", "8.6", False)
     assert big.driver == "560.35.03" and not big.unified
     assert any("CUDA_DEVICE_ORDER=PCI_BUS_ID" in n for n in big.notes)
     assert any("already in use" in n for n in big.notes)
@@ -251,7 +251,7 @@ def test_a_gpu_nvml_cannot_describe_is_skipped_with_a_reason(tmp_path):
 def test_unknown_gpu_gets_conservative_defaults(tmp_path):
     found = detect(roots=bare_host(tmp_path), nvml=FakeNVML([("Tesla T4", 15 * GIB, 14 * GIB, (7, 5))]))
     d = found.chosen
-    assert d.profile is None and (d.bf16, d.fp16, d.fp8) == (False, True, False)
+    assert d.profile is None and d.caps[:3] == (False, True, False)  # bf16, fp16, fp8 of sm_75
     assert d.usable_bytes == 14 * GIB and d.runtime_overhead_bytes == GIB
     assert any("no device profile matches 'Tesla T4'" in n for n in d.notes)
 
@@ -321,3 +321,26 @@ def test_detection_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_one_capability_set_written_as_the_six_keys_scripts_read():
+    """Precision -> capability is one table, and it agrees with the precision vocabulary; a
+    profile's and a plan target's JSON keep the flags as keys of their own, in their places."""
+    from elastic.profiles.devices import PRECISION_NEEDS, QUANTIZED_FLAGS, Capability
+    from elastic.profiles.target import Target
+    from elastic.slicer.formats import precision as P
+
+    assert set(QUANTIZED_FLAGS) == {p.short for p in P.QUANTIZED}
+    assert set(PRECISION_NEEDS) <= {p.short for p in P.ALL} and set(PRECISION_NEEDS.values()) == set(Capability._fields)
+    assert {p.short: p.needs for p in P.ALL if p.needs} == PRECISION_NEEDS
+    p = get_profile("thor-128gb")
+    assert list(p.to_json()) == ["name", "display_name", "kind", "memory_bytes", "unified", "bf16", "fp16", "fp8",
+                                 "compute_capability", "reserve_bytes", "runtime_overhead_bytes", "match", "source",
+                                 "int8", "int4", "nvfp4", "runtimes", "engines"]
+    t = Target.from_profile(p)
+    assert list(t.to_json()) == ["name", "kind", "usable_bytes", "overhead_bytes", "bf16", "fp16", "fp8", "unified",
+                                 "source", "notes", "profile", "int8", "int4", "nvfp4", "runtimes", "engines"]
+    assert t.caps is p.caps and {k: t.to_json()[k] for k in Capability._fields} == p.caps._asdict()
+    assert p.caps == (True, True, True, True, True, True)  # sm_110: every precision
+    assert [P.supported(q, t) for q in (P.FP8, P.NVFP4, P.Q4_K_M)] == [True, True, True]
+    assert not P.supported(P.FP8, Target.from_profile(get_profile("orin-nano-8gb")))

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from elastic.export import trt
+from elastic.profiles.devices import get_profile
 from elastic.slicer.errors import ElasticError
 
 HAVE_MODELOPT = all(importlib.util.find_spec(m) is not None for m in ("modelopt", "transformers"))
@@ -59,8 +60,8 @@ def exported(tmp_path_factory):
             r = CliRunner().invoke(app, ["slice", "-c", str(DEMO_CHECKPOINT), "--budget", budget, "--precision",
                                          precision, "--out", str(root / "model")])
             assert r.exit_code == 0, r.output
-            res = export_model(root / "model", root / "onnx", format="all", target="orin-nano-8gb"
-                               if precision != "fp8" else "rtx-4090")
+            res = export_model(root / "model", root / "onnx", format="all", target=get_profile(
+                               "orin-nano-8gb" if precision != "fp8" else "rtx-4090"))
             cache[budget, precision] = (root / "model", root / "onnx", res)
         return cache[budget, precision]
     return get
@@ -200,10 +201,10 @@ def test_check_graph_knows_the_qdq_forms():
 
 def test_engine_settings_refuse_a_format_the_device_cannot_run():
     with pytest.raises(ElasticError, match="fp8"):
-        trt.engine_settings("orin-nano-8gb", quantized="fp8")  # Ampere: no fp8
-    s = trt.engine_settings("orin-nano-8gb", quantized="int4")
+        trt.engine_settings(get_profile("orin-nano-8gb"), quantized="fp8")  # Ampere: no fp8
+    s = trt.engine_settings(get_profile("orin-nano-8gb"), quantized="int4")
     assert s.quantized == "int4"
-    assert trt.engine_settings("orin-nano-8gb").quantized is None
+    assert trt.engine_settings(get_profile("orin-nano-8gb")).quantized is None
 
 
 def test_float_opset_range_is_unchanged():

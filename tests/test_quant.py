@@ -67,9 +67,9 @@ class Built:
 
     def __init__(self, root, budget: str, precision: str):
         from elastic.slicer.formats.tokenizer import load_tokenizer
-        from elastic.slicer.quant.quantize import (int4_group, load_hf, quantize_model, quantized_precision,
+        from elastic.slicer.quantize.workflow import (int4_group, load_hf, quantize_model, quantized_precision,
                                                    read_arch_shapes, write_quantized)
-        from elastic.slicer.quant.text import calibration_ids
+        from elastic.slicer.quantize.text import calibration_ids
         from elastic.slicer.slice import slice_checkpoint
 
         self.float_dir = root / "float32"
@@ -322,8 +322,8 @@ def test_eval_perplexity_is_exp_of_the_mean_nll_over_heldout_windows():
     """Oracle: the same windows through the reference model, cross-entropy by hand."""
     from elastic.slicer.formats.tokenizer import load_tokenizer
     from elastic.slicer.nn.model import load_model
-    from elastic.slicer.quant.evaluate import perplexity
-    from elastic.slicer.quant.text import documents, heldout_windows
+    from elastic.slicer.quantize.evaluate import perplexity
+    from elastic.slicer.quantize.text import documents, heldout_windows
 
     r = perplexity(DEMO_CHECKPOINT, seq_len=32, max_windows=3, batch_size=2)
     windows, _ = heldout_windows(load_tokenizer(DEMO_CHECKPOINT), 32, max_windows=3)
@@ -567,8 +567,8 @@ def test_nvfp4_weights_match_modelopt(tmp_path):
     from elastic.slicer.formats.precision import NVFP4
     from elastic.slicer.formats.tokenizer import load_tokenizer
     from elastic.slicer.nn.model import load_model
-    from elastic.slicer.quant.quantize import load_hf, quantize_model, write_quantized
-    from elastic.slicer.quant.text import calibration_ids
+    from elastic.slicer.quantize.workflow import load_hf, quantize_model, write_quantized
+    from elastic.slicer.quantize.text import calibration_ids
     from elastic.slicer.slice import slice_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

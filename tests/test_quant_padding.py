@@ -1,5 +1,5 @@
 """int4 slices: the unquantized tensors in bf16 by default, the hidden size zero-padded where the AWQ group
-would otherwise be too small (slicer/quant/hidden_pad.py, planning.memory.int4_hidden), a narrower budget
+would otherwise be too small (slicer/quantize/hidden_pad.py, planning.memory.int4_hidden), a narrower budget
 never planned larger than a wider one, and the plan equal to the slice's file byte for byte."""
 
 import json
@@ -57,7 +57,7 @@ def test_zero_padding_the_hidden_size_computes_the_same_logits(tmp_path):
     to float rounding; with the real epsilon the greedy tokens agree."""
     from elastic.slicer.nn.generate import greedy
     from elastic.slicer.nn.model import TorchBackend, load_model
-    from elastic.slicer.quant.hidden_pad import pad_hidden
+    from elastic.slicer.quantize.hidden_pad import pad_hidden
     from elastic.slicer.slice import slice_checkpoint
 
     cut = slice_checkpoint(DEMO_CHECKPOINT, tmp_path / "cut", budget="75%", dtype="float32").out
@@ -89,7 +89,7 @@ def test_the_int4_slice_file_is_what_the_plan_counts(tmp_path, budget):
     are bf16, and every byte of tensor data in the written file is the plan's int4 weights term (whole
     file: its size less the safetensors header). Before this change the 50% slice was 273,728 bytes, more
     than its bf16 slice (263,792)."""
-    from elastic.slicer.quant.quantize import slice_and_quantize
+    from elastic.slicer.quantize.workflow import slice_and_quantize
 
     out = tmp_path / "q"
     slice_and_quantize(DEMO_CHECKPOINT, out, "int4", budget=budget, samples=2, seq_len=32)

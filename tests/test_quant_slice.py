@@ -72,13 +72,13 @@ def source(tmp_path_factory):
 
 
 def _quantize(root, precision: str):
-    from elastic.slicer.quant.quantize import slice_and_quantize
+    from elastic.slicer.quantize.workflow import slice_and_quantize
 
     out = root / precision
     if precision == "int4":  # AWQ groups of 16 (the default, 64 for the demo, would be cut by hidden 48)
         from elastic.slicer.formats.tokenizer import load_tokenizer
-        from elastic.slicer.quant.quantize import load_hf, quantize_model, quantized_precision, write_quantized
-        from elastic.slicer.quant.text import calibration_ids
+        from elastic.slicer.quantize.workflow import load_hf, quantize_model, quantized_precision, write_quantized
+        from elastic.slicer.quantize.text import calibration_ids
         from elastic.slicer.slice import slice_checkpoint
 
         float_dir = slice_checkpoint(DEMO_CHECKPOINT, root / "float32", budget="100%", dtype="float32").out

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Protocol
+from typing import Any, BinaryIO, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -26,11 +26,11 @@ import torch
 # the corpus lives below (the quantizer's calibration text reads it too); re-exported for training
 from elastic.slicer.corpus import (SPLIT_RULE, Source, corpus_files, file_documents, is_val_document,  # noqa: F401
                                    iter_texts, stdlib_corpus)
+from elastic.profiles.progress import Progress
 from elastic.slicer.errors import ElasticError
 
 META_NAME = "meta.json"
 SHARDS_FORMAT = "elastic-token-shards"
-Progress = Callable[[int, int], None]  # (bytes read so far, bytes in the corpus)
 
 
 class TokenizerLike(Protocol):
@@ -112,7 +112,7 @@ def build_token_shards(
         val_fraction: expected fraction of documents held out for validation (0 disables it).
         seed: salts the split hash; another seed gives another split.
         overwrite: replace an existing ``out_dir``.
-        progress: called after each file with (bytes read, corpus bytes).
+        progress: ``progress("tokenize", bytes read, corpus bytes, file=path)`` after each file.
     Returns:
         The contents of ``meta.json``: format, dtype, tokenizer, split rule, per-split shard token
         counts and document counts, and the source files with their sha256.
@@ -156,7 +156,7 @@ def _write_shards(files: list[Path], tok: TokenizerLike, out: Path, shard_tokens
             sources.append({"path": str(path.resolve()), "bytes": size, "sha256": hasher.hexdigest()})
             done += size
             if progress:
-                progress(done, total)
+                progress("tokenize", done, total, file=str(path))
     finally:
         for w in writers.values():
             w.close()

@@ -4,11 +4,11 @@ fixed nested model distilled from a teacher (the baselines the elastic run is co
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from elastic.profiles.progress import Progress
 from elastic.slicer.nn.masked import masked_forward
 from elastic.slicer.nn.model import NemotronH
 from elastic.slicer.formats.spec import SliceSpec
@@ -18,10 +18,11 @@ from .data import TokenDataset
 
 def fit(model: NemotronH, ds: TokenDataset, steps: int, *, batch_size: int = 8, context: int = 128,
         lr: float = 1e-3, warmup: int = 20, seed: int = 0, teacher: NemotronH | None = None,
-        spec: SliceSpec | None = None, progress: Callable[[int, int, float], None] | None = None) -> dict:
+        spec: SliceSpec | None = None, progress: Progress | None = None) -> dict:
     """Train ``model`` in place (or only the nested model ``spec`` of it) for ``steps`` steps.
 
     With a ``teacher``: forward KL from the teacher's logits; otherwise cross-entropy on the data.
+    ``progress("pretrain", step, steps, loss=...)`` after each step ("distill" with a teacher).
 
     Returns:
         ``{"steps", "tokens", "losses"}``.
@@ -34,6 +35,7 @@ def fit(model: NemotronH, ds: TokenDataset, steps: int, *, batch_size: int = 8, 
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup))))))
     g = torch.Generator().manual_seed(seed)
     losses = []
+    stage = "pretrain" if teacher is None else "distill"
     for step in range(steps):
         x, y = ds.batch(g, batch_size, context)
         logits = model(x) if spec is None else masked_forward(model, spec, x)
@@ -50,5 +52,5 @@ def fit(model: NemotronH, ds: TokenDataset, steps: int, *, batch_size: int = 8, 
         sched.step()
         losses.append(loss.item())
         if progress:
-            progress(step + 1, steps, losses[-1])
+            progress(stage, step + 1, steps, loss=losses[-1])
     return {"steps": steps, "tokens": steps * batch_size * context, "losses": losses}

@@ -17,12 +17,13 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elastic.profiles.progress import Progress
 from elastic.slicer.storage.reader import Checkpoint
 
 from elastic.slicer.storage.writer import ShardedWriter
@@ -199,7 +200,7 @@ def _check_state_shapes(saved: dict, current: dict, what: str, state_path: Path)
 
 def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
           work_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-          progress: Callable[[str, int, int | None], None] | None = None, stop_after: int | None = None) -> dict:
+          progress: Progress | None = None, stop_after: int | None = None) -> dict:
     """Build an elastic checkpoint at ``out`` from the dense ``parent_dir``.
 
     Args:
@@ -210,9 +211,10 @@ def train(parent_dir: str | Path, data_dir: str | Path, out: str | Path, cfg: Tr
         cfg: the settings; every invalid one is reported in one :class:`ConfigError` before any work.
         work_dir: where training state goes (default ``<out>.work``); ``resume`` continues from it, and
             refuses (ConfigError) when ``cfg`` differs from the saved run's settings.
-        progress: the one progress protocol, ``progress(stage, step, total_steps)``; ``stage`` is a
-            status line: the curriculum stage, the latest distillation loss of every budget, and
-            this step's budget, size and cost loss.
+        progress: ``progress(stage, step, total_steps, kd=..., sampled=...)`` after each step
+            (``elastic.profiles.progress``): ``stage`` "stage 1" or "stage 2" (the curriculum), ``kd``
+            the latest distillation loss of every budget (name -> loss), ``sampled`` this step's
+            budgets as (name, parameters) pairs.
         stop_after: stop (state saved) after this many steps, for tests of resuming.
 
     Returns:
@@ -254,10 +256,8 @@ def _train(parent_dir, data_dir, out, cfg: TrainConfig, *, work_dir, resume, for
         records = _step(run, step, train_ds)
         last_kd.update({r["budget"]: r["kd"] for r in records})
         if progress:
-            per_budget = "  ".join(f"{name} {kd:.4f}" for name, kd in last_kd.items())
-            mixed = ", ".join(f"{r['budget']} {r['params']:,} params" for r in records)
-            progress(f"stage {1 if step < cfg.stage1.steps else 2}: kd per budget {per_budget}  (this step: "
-                     f"{mixed})", step + 1, cfg.total_steps)
+            progress(f"stage {1 if step < cfg.stage1.steps else 2}", step + 1, cfg.total_steps, kd=dict(last_kd),
+                     sampled=[(r["budget"], r["params"]) for r in records])
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             _save_state(run, step + 1, work, state_path)
     train_s = time.perf_counter() - t0

@@ -26,8 +26,9 @@ from .widgets import BudgetTable, Controls
 @dataclass
 class JobProgress(Message):
     stage: str  # what the job is doing ("slice", an export stage, "smoke test")
-    done: int  # bytes written so far, or stages passed
-    total: int | None  # bytes the stage writes; None: a stage of unknown size
+    done: int  # in the stage's unit: bytes written so far, tensors, engines
+    total: int | None  # the stage's size in that unit; None: a stage of unknown size
+    message: str | None = None  # the library's sentence about the stage, if it gave one
 
 
 @dataclass
@@ -72,7 +73,7 @@ class ElasticApp(App):
         super().__init__()
         self.planner, self.choice, self.profiles = planner, choice, profiles
         self.plan = None  # the current elastic.slicer.planning.fit.Plan
-        self._stage_shown, self.job_action = "", ""
+        self._stage_shown, self.job_action = ("", None), ""
         self.budget: str | None = None  # the row under the cursor
         # the running job's cancel flag, until its JobDone arrives. A flag rather than
         # Worker.cancel: that ends the worker at once while its thread runs on, and cancels a
@@ -164,7 +165,7 @@ class ElasticApp(App):
             out, force = self.out_path(), self.query_one("#force", Select).value
             self.say(f"{action} {self.budget} -> {out}")
             self.set_state(f"{action} {self.budget}")
-            self.job_action, self._stage_shown = f"{action} {self.budget}", ""
+            self.job_action, self._stage_shown = f"{action} {self.budget}", ("", None)
             self.query_one("#bar", ProgressBar).update(total=None, progress=0)
             self.job = threading.Event()
             self.run_job(action, self.plan, self.budget, out, force, self.job)
@@ -183,10 +184,10 @@ class ElasticApp(App):
 
     @work(thread=True, exit_on_error=False, group="job")
     def run_job(self, action: str, p, budget: str, out: Path, force: bool, cancel: threading.Event) -> None:
-        def progress(stage: str, done: int, total: int | None) -> None:
+        def progress(stage: str, done: int, total: int | None, /, message: str | None = None, **_) -> None:
             if cancel.is_set():
                 raise Cancelled
-            self.post_message(JobProgress(stage, done, total))
+            self.post_message(JobProgress(stage, done, total, message))
 
         try:
             done = JobDone("done", pl.run_action(action, p, budget, out, force, progress))
@@ -201,11 +202,12 @@ class ElasticApp(App):
 
     def on_job_progress(self, event: JobProgress) -> None:
         self.query_one("#bar", ProgressBar).update(total=event.total, progress=event.done)
-        if event.stage != self._stage_shown:  # the export's real stages, as the library reports them
-            self._stage_shown = event.stage
+        stage, message = self._stage_shown
+        if event.stage != stage or (event.message and event.message != message):  # the library's own stages
+            self._stage_shown = (event.stage, event.message or message)
             self.set_state(f"{self.job_action}: {event.stage}")
-            if event.total is None:  # a stage without a size: say it in the log too
-                self.say(f"  {event.stage}")
+            if event.total is None or event.message:  # a stage without a size, or with a sentence: log it too
+                self.say(f"  {event.message or event.stage}")
 
     def on_job_done(self, event: JobDone) -> None:
         self.job = None

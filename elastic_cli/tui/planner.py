@@ -10,11 +10,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.progress import Progress
+from elastic.profiles.units import table_unit
 from elastic.slicer.formats.precision import AUTO, WEIGHTS
 from elastic.slicer.planning.memory import DEFAULT_CONTEXT
 
@@ -26,7 +27,6 @@ ACTIONS = ("slice", "export", "both")
 EXPORT_MISSING = 'export: needs the onnx extra (pip install -e ".[onnx]")'
 COLUMNS = ("budget", "params", "weights", "kv", "state", "total", "headroom", "fits")
 
-Progress = Callable[[int, int], None]
 # how the TUI says each hint's setting (elastic.profiles.errors.SETTINGS): its controls
 CONTROLS = {"replace": "set 'replace' to yes", "checkpoint": "start it with another checkpoint (-c)",
             "spec": "cut it from the command line with a spec file", "target": "pick another target",
@@ -110,8 +110,7 @@ def device_line(plan) -> str:
 def budget_rows(plan) -> tuple[str, list[tuple[str, ...]]]:
     """The unit and one row per budget, in COLUMNS order: the numbers of `elastic plan`'s table."""
     p = plan.to_json()
-    big = max(b["terms"]["total"] for b in p["budgets"]) >= 2**30
-    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
+    unit, div = table_unit(max(b["terms"]["total"] for b in p["budgets"]))
     rows = []
     for b in p["budgets"]:
         t = b["terms"]
@@ -154,10 +153,10 @@ def unavailable(action: str) -> str | None:
     return EXPORT_MISSING if export_unavailable() else None
 
 
-def run_action(action: str, p, budget: str, out: Path, force: bool, progress) -> list[str]:
+def run_action(action: str, p, budget: str, out: Path, force: bool, progress: Progress) -> list[str]:
     """Run one action for ``budget`` of plan ``p`` (an ``elastic.slicer.planning.fit.Plan``): the
     workflows of ``elastic.export.workflow``, so "both" is fit-my-gpu's (the plan's target,
-    context and batch, and its smoke test). ``progress(stage, done, total)``. Returns the lines
+    context and batch, and its smoke test). ``progress(stage, done, total, **detail)``. Returns the lines
     that report it; raises what the CLI would and whatever ``progress`` raises."""
     from elastic.export import workflow
 

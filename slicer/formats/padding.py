@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
+from elastic.profiles.units import MIB
 from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.arch import FORM_STOCK, Arch, LayerArch
 
@@ -45,7 +46,7 @@ ROUNDED = ("intermediate_size", "moe_intermediate_size", "moe_shared_expert_inte
 MAMBA_NOT_EXACT = ("zero-padding a Mamba layer is not exact: its gated RMSNorm normalises groups of "
                    "mamba_num_heads * mamba_head_dim / n_groups channels and divides by that count, so added zero "
                    "channels change every output")
-ZERO_BLOCK_BYTES = 16 * 2**20  # zeros are yielded in pieces of at most this many bytes
+ZERO_BLOCK_BYTES = 16 * MIB  # zeros are yielded in pieces of at most this many bytes
 
 Inserts = tuple[tuple[int, int], ...]  # (position on the compact axis, zeros inserted there), sorted
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from elastic.profiles.devices import PRECISION_NEEDS
 from elastic.slicer.errors import ConfigError
 
 AUTO = "auto"  # let the device decide: bfloat16 where it has it, else float16, else float32
@@ -30,7 +31,6 @@ class Precision:
     safetensors: str  # dtype code in safetensors headers (quantized: of the packed weight tensor)
     torch: str  # attribute of the torch module (quantized: of the packed weight tensor)
     trt_flag: str  # trtexec flag ("" for the default fp32)
-    needs: str | None  # device capability it needs (an attribute of Target / DeviceProfile), None: every device
     # ---- quantized weights only (Model Optimizer's unified Hugging Face checkpoint) ----
     quantized: bool = False
     scale_bytes: float = 0.0  # bytes of block scales per quantized weight element (per-tensor scalars excluded)
@@ -41,35 +41,41 @@ class Precision:
     gguf_ftype: str | None = None  # llama.cpp's file type (LLAMA_FTYPE_<this>, gguf.LlamaFileType.<this>)
 
     @property
+    def needs(self) -> str | None:
+        """The device capability it needs (a ``profiles.devices.Capability`` field), None: every
+        device runs it. Decided by the one table ``profiles.devices.PRECISION_NEEDS``."""
+        return PRECISION_NEEDS.get(self.short)
+
+    @property
     def spellings(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.name, self.short, *self.aliases)))
 
 
-FLOAT32 = Precision("float32", "fp32", ("f32", "float"), 4, "F32", "float32", "", None, gguf_ftype="ALL_F32")
-FLOAT16 = Precision("float16", "fp16", ("f16", "half"), 2, "F16", "float16", "--fp16", "fp16", gguf_ftype="MOSTLY_F16")
-BFLOAT16 = Precision("bfloat16", "bf16", (), 2, "BF16", "bfloat16", "--bf16", "bf16", gguf_ftype="MOSTLY_BF16")
+FLOAT32 = Precision("float32", "fp32", ("f32", "float"), 4, "F32", "float32", "", gguf_ftype="ALL_F32")
+FLOAT16 = Precision("float16", "fp16", ("f16", "half"), 2, "F16", "float16", "--fp16", gguf_ftype="MOSTLY_F16")
+BFLOAT16 = Precision("bfloat16", "bf16", (), 2, "BF16", "bfloat16", "--bf16", gguf_ftype="MOSTLY_BF16")
 # a raw float8 cast (no scales): how an F8_E4M3 tensor reads; quantized fp8 weights are FP8 below
-FLOAT8 = Precision("float8", "float8", ("float8_e4m3fn", "f8"), 1, "F8_E4M3", "float8_e4m3fn", "--fp8", "fp8")
+FLOAT8 = Precision("float8", "float8", ("float8_e4m3fn", "f8"), 1, "F8_E4M3", "float8_e4m3fn", "--fp8")
 # Quantized weights, as NVIDIA Model Optimizer 0.47 exports them (checked on CPU: FP8 weight F8_E4M3 with
 # scalar F32 weight_scale and input_scale; W4A16 AWQ weight U8 [out/2, in] with F32 weight_scale
 # [out, in/128] and pre_quant_scale [in]); embeddings, lm_head and Mamba conv1d stay unquantized.
-FP8 = Precision("fp8", "fp8", ("w8a8_fp8",), 1, "F8_E4M3", "float8_e4m3fn", "--fp8", "fp8",
+FP8 = Precision("fp8", "fp8", ("w8a8_fp8",), 1, "F8_E4M3", "float8_e4m3fn", "--fp8",
                 quantized=True, modelopt_config="FP8_DEFAULT_CFG", quant_algo="FP8")
-INT8 = Precision("int8", "int8", ("int8_sq", "w8a8", "smoothquant"), 1, "I8", "int8", "--int8", "int8",
+INT8 = Precision("int8", "int8", ("int8_sq", "w8a8", "smoothquant"), 1, "I8", "int8", "--int8",
                  quantized=True, modelopt_config="INT8_SMOOTHQUANT_CFG", quant_algo="W8A8_SQ_PER_CHANNEL")
-INT8_WO = Precision("int8_wo", "int8_wo", ("w8a16", "int8_weight_only"), 1, "I8", "int8", "--int8", "int8",
+INT8_WO = Precision("int8_wo", "int8_wo", ("w8a16", "int8_weight_only"), 1, "I8", "int8", "--int8",
                     quantized=True, modelopt_config="INT8_WEIGHT_ONLY_CFG", quant_algo="W8A16")
-INT4 = Precision("int4", "int4", ("int4_awq", "w4a16", "awq"), 0.5, "U8", "uint8", "--int4", "int4",
+INT4 = Precision("int4", "int4", ("int4_awq", "w4a16", "awq"), 0.5, "U8", "uint8", "--int4",
                  quantized=True, scale_bytes=4 / 128, block=128, modelopt_config="INT4_AWQ_CFG", quant_algo="W4A16_AWQ")
-NVFP4 = Precision("nvfp4", "nvfp4", ("fp4",), 0.5, "U8", "uint8", "--fp4", "nvfp4",
+NVFP4 = Precision("nvfp4", "nvfp4", ("fp4",), 0.5, "U8", "uint8", "--fp4",
                   quantized=True, scale_bytes=1 / 16, block=16, modelopt_config="NVFP4_DEFAULT_CFG", quant_algo="NVFP4")
 # llama.cpp's quantized GGUF types, made by llama.cpp's own quantizer (``llama_model_quantize``); bytes per
 # weight from its block sizes (ggml-common.h: q8_0 34 B / 32, q6_K 210 B / 256, q5_K 176 B / 256, q4_K 144 B /
 # 256); the _M mixes give some tensors the next larger K type, so they are a little larger in all.
-Q8_0 = Precision("q8_0", "q8_0", ("gguf_q8_0",), 34 / 32, "", "", "", None, gguf_ftype="MOSTLY_Q8_0")
-Q6_K = Precision("q6_k", "q6_k", ("gguf_q6_k",), 210 / 256, "", "", "", None, gguf_ftype="MOSTLY_Q6_K")
-Q5_K_M = Precision("q5_k_m", "q5_k_m", ("gguf_q5_k_m",), 176 / 256, "", "", "", None, gguf_ftype="MOSTLY_Q5_K_M")
-Q4_K_M = Precision("q4_k_m", "q4_k_m", ("gguf_q4_k_m",), 144 / 256, "", "", "", None, gguf_ftype="MOSTLY_Q4_K_M")
+Q8_0 = Precision("q8_0", "q8_0", ("gguf_q8_0",), 34 / 32, "", "", "", gguf_ftype="MOSTLY_Q8_0")
+Q6_K = Precision("q6_k", "q6_k", ("gguf_q6_k",), 210 / 256, "", "", "", gguf_ftype="MOSTLY_Q6_K")
+Q5_K_M = Precision("q5_k_m", "q5_k_m", ("gguf_q5_k_m",), 176 / 256, "", "", "", gguf_ftype="MOSTLY_Q5_K_M")
+Q4_K_M = Precision("q4_k_m", "q4_k_m", ("gguf_q4_k_m",), 144 / 256, "", "", "", gguf_ftype="MOSTLY_Q4_K_M")
 ALL = (FLOAT32, FLOAT16, BFLOAT16, FLOAT8, FP8, INT8, INT8_WO, INT4, NVFP4, Q8_0, Q6_K, Q5_K_M, Q4_K_M)
 # what a GGUF is written in: floats directly, the rest by llama.cpp's quantizer
 GGUF = (FLOAT32, FLOAT16, BFLOAT16, Q8_0, Q6_K, Q5_K_M, Q4_K_M)
@@ -122,9 +128,10 @@ def by_safetensors(code: str) -> Precision | None:
 
 
 def supported(p: Precision, device) -> bool:
-    """Whether ``device`` (anything with bf16/fp16/fp8/int8/int4/nvfp4 attributes: a Target, a
-    DeviceProfile, a detected Device) runs ``p``; a device that does not say runs none of them."""
-    return p.needs is None or bool(getattr(device, p.needs, False))
+    """Whether ``device`` (a Target, a DeviceProfile or a detected Device: anything with a
+    ``caps`` capability set) runs ``p``; a device without one runs only what needs nothing."""
+    caps = getattr(device, "caps", None)
+    return p.needs is None if caps is None else caps.runs(p.short)
 
 
 def choose(requested: str | None, device, allowed: tuple[Precision, ...] = WEIGHTS) -> tuple[Precision, str | None]:

@@ -40,6 +40,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
+from elastic.profiles.units import GIB, KIB, MIB, TIB
 from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.spec import SliceSpec
@@ -480,8 +481,8 @@ def nearest(dims: Sequence, parent: Arch, costs: Sequence[Cost], *, keep_attenti
 # ---- what users type ----------------------------------------------------------------------------
 
 _PARAMS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
-_BYTES = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_BYTES = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": KIB, "mib": MIB, "gib": GIB,
+          "tib": TIB}
 SIZE_FORMS = "a share of the parent (60%), parameters (7.5B, 300M, 120000) or memory (6GiB, 512MiB, 8GB)"
 
 

@@ -258,13 +258,13 @@ def refuse_off_curve(size: str, quality: Quality) -> None:
                        "monotone here, so the measurement does not vouch for it")
         elif n.parameters < quality.parameters and ppl > n.perplexity:
             why.append(f"worse than the smaller trained budget {n.name}'s {n.perplexity:.4f}: that budget serves better")
-    problems = [f"{size} as sliced: {quality.parameters:,} parameters, perplexity {ppl:.4f}"]
+    problems = [f"{size} as resolved: {quality.parameters:,} parameters, perplexity {ppl:.4f}"]
     problems += [f"trained budget {n.name}: {n.parameters:,} parameters, perplexity {n.perplexity:.4f}"
                  for n in quality.neighbours]
     raise OffCurveSize(
         f"size {size!r} is not offered: its measured perplexity {ppl:.4f} lies outside its trained neighbours' "
         f"({'; '.join(why)}); choose a trained budget or another size", problems=problems, path=quality.record,
-        hint=Hint("off_curve", "or slice it anyway"))
+        hint=Hint("off_curve", "or use it anyway"))
 
 
 def curve_target(out: str | Path, force: bool = False) -> Path:

@@ -272,9 +272,12 @@ class ResidentParent:
         root: an elastic checkpoint directory (config.json + safetensors + elastic_config.json); a
             plain model directory serves only itself, as :data:`FULL`.
         dtype: run in this dtype (default: as stored).
+        allow_off_curve: run a size no budget was trained for even where the checkpoint's size-curve
+            record measured it outside its trained neighbours (refused otherwise, as ``elastic slice``
+            refuses it).
     """
 
-    def __init__(self, root: str | Path, dtype: torch.dtype | None = None):
+    def __init__(self, root: str | Path, dtype: torch.dtype | None = None, allow_off_curve: bool = False):
         from elastic.slicer.formats.elastic_format import ElasticConfig
         from elastic.slicer.storage.reader import Checkpoint
 
@@ -286,6 +289,7 @@ class ResidentParent:
         self._models: dict[str, NemotronH] = {}
         self._specs: dict[str, tuple[SliceSpec, str]] = {}
         self._tok = None
+        self.allow_off_curve = allow_off_curve
 
     @property
     def tokenizer(self):
@@ -306,8 +310,14 @@ class ResidentParent:
         return [b.name for b in self.ec.budgets] if self.ec is not None else [FULL]
 
     def spec(self, budget: str) -> tuple[SliceSpec, str]:
-        """(spec, source) of a budget, resolved as ``elastic slice --budget`` resolves it."""
+        """(spec, source) of a budget, resolved as ``elastic slice --budget`` resolves it.
+
+        Raises:
+            OffCurveSize: a size no budget was trained for that the size-curve record measured
+                outside its trained neighbours, unless ``allow_off_curve``.
+        """
         from elastic.slicer.formats.elastic_format import resolve_budget
+        from elastic.slicer.formats.size_curve import refuse_off_curve, spec_quality
 
         if budget not in self._specs:
             if self.ec is None:
@@ -316,7 +326,12 @@ class ResidentParent:
                                       f"serves only itself as {FULL!r}", path=str(self.root))
                 self._specs[budget] = SliceSpec.full(self.ckpt.arch), "full model"
             else:
-                self._specs[budget] = resolve_budget(self.root, self.ec, self.ckpt.arch, budget)
+                spec, source = resolve_budget(self.root, self.ec, self.ckpt.arch, budget)
+                if "not trained" in source and not self.allow_off_curve:
+                    arch = self.ckpt.arch
+                    refuse_off_curve(budget, spec_quality(self.root, self.ec.router_file, spec.to_json(arch),
+                                                          spec.parameters(arch)))
+                self._specs[budget] = spec, source
         return self._specs[budget]
 
     def model(self, budget: str) -> NemotronH:
@@ -463,7 +478,7 @@ def split_decode(think, answer, ids: list[int], max_new_tokens: int, *, end_ids:
 
 def generate_budget(root: str | Path, budget: str, prompt: str, max_new_tokens: int = 32, *,
                     on_text: Callable[[str], None] | None = None, think_budget: str | None = None,
-                    max_think_tokens: int | None = None) -> dict[str, Any]:
+                    max_think_tokens: int | None = None, allow_off_curve: bool = False) -> dict[str, Any]:
     """Greedy text from budget ``budget`` of the elastic checkpoint ``root`` without slicing it: the
     parent loads once and the budget runs on views of its tensors (``elastic generate --budget``).
     With ``think_budget``: think with that budget, answer with ``budget``
@@ -474,7 +489,7 @@ def generate_budget(root: str | Path, budget: str, prompt: str, max_new_tokens: 
         ``storage`` (:func:`storage_report` of the answer budget, without the names).
     """
     t0 = time.perf_counter()
-    resident = ResidentParent(root)
+    resident = ResidentParent(root, allow_off_curve=allow_off_curve)
     model = resident.model(budget)
     if think_budget is not None:
         resident.model(think_budget)  # an unknown think budget is refused before generating

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elastic.profiles.units import GIB
 from elastic.slicer.nn import kernels
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.storage.reader import Checkpoint
@@ -550,7 +551,7 @@ def generate(model: NemotronH, input_ids: torch.Tensor, max_new_tokens: int, eos
     return torch.cat([input_ids, new], dim=1)
 
 
-def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_config: dict | None = None) -> None:
+def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * GIB, extra_config: dict | None = None) -> None:
     """Write ``model``'s config.json and weights into an open ``ShardedWriter`` (tied LM heads are
     stored once, as transformers does), and the modeling code a config with per-layer sizes needs."""
     from elastic.slicer import remote_code
@@ -571,7 +572,7 @@ def write_model(w, model: NemotronH, max_shard_bytes: int = 2 * 2**30, extra_con
     w.write_tensors(tensors, max_shard_bytes)
 
 
-def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * 2**30, force: bool = False,
+def save_model(model: NemotronH, out: str | Path, max_shard_bytes: int = 2 * GIB, force: bool = False,
                extra_config: dict | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint (config.json + safetensors, in the form
     ``Arch.config_form`` names), atomically."""

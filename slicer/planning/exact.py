@@ -21,6 +21,7 @@ import math
 from dataclasses import replace
 from typing import Sequence
 
+from elastic.profiles.units import binary
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.resolve import Cost, Resolution, UnreachableBudget, nearest, parameter_cost, resolve
@@ -92,17 +93,9 @@ def resolve_bytes(dims: Sequence, parent: Arch, logp: dict, max_bytes: int, tole
         return r
     near = nearest(dims, parent, [cost], keep_attention=keep_attention)
     raise UnreachableBudget(
-        f"budget {what!r}: no architecture of the search space needs between {_words(cost.lo)} and "
-        f"{_words(max_bytes)} (the plan's memory at its default workload: bf16, context 8192, batch 1); the nearest "
-        f"needs {_words(near.values[0])} ({near.parameters:,} parameters)", near)
-
-
-def _words(n: float) -> str:
-    """Bytes in the largest binary unit that keeps them above 1 (``"3.07 MiB"``)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} bytes"
+        f"budget {what!r}: no architecture of the search space needs between {binary(cost.lo)} and "
+        f"{binary(max_bytes)} (the plan's memory at its default workload: bf16, context 8192, batch 1); the nearest "
+        f"needs {binary(near.values[0])} ({near.parameters:,} parameters)", near)
 
 
 def largest_fitting(dims: Sequence, parent: Arch, cost: Cost, *, keep_attention: bool) -> Resolution | None:

@@ -18,6 +18,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from elastic.profiles.progress import Progress
+from elastic.profiles.units import gib, table_unit
+from elastic.profiles.devices import CAPABILITY_WORDS
+# the plan's target is decided in profiles (profiles.target); re-exported for the importers of this module
+from elastic.profiles.target import Target, resolve_target, target_from_device, target_from_profile  # noqa: F401
 from elastic.slicer.storage.reader import Checkpoint
 from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
 from elastic.slicer.errors import ConfigError, Hint
@@ -28,58 +33,6 @@ from elastic.slicer.planning.engines import EngineOption, engine_options, with_b
 from elastic.slicer.planning.memory import (DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK, Workload, block_problem, engine_build_bytes, export_peak_bytes, footprint,
                                             gguf_quantized, max_context, memory_basis, weights_breakdown)
 from elastic.slicer.formats.spec import SliceSpec
-
-
-@dataclass(frozen=True)
-class Target:
-    """The device a plan is for: detected here, or a profile for a device you do not have."""
-
-    name: str
-    kind: str  # "gpu" | "jetson" | "cpu"
-    usable_bytes: int  # what the model may use (after the OS/driver reserve, or free now)
-    overhead_bytes: int  # runtime overhead: CUDA context + workspace, or the CPU runtime
-    bf16: bool
-    fp16: bool
-    fp8: bool
-    unified: bool  # GPU memory is the system RAM (Jetson)
-    source: str  # "detected" or "profile"
-    notes: tuple[str, ...] = ()
-    profile: str | None = None  # the profile's name (`--target`), None when detected
-    # quantized weights it runs (a Target that does not say runs none of them)
-    int8: bool = False
-    int4: bool = False
-    nvfp4: bool = False
-    runtimes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # precision -> runtimes
-    engines: tuple[str, ...] = ()  # engines that run here, preferred first (empty: its kind's; planning.engines)
-
-
-def _quant_flags(d, profile) -> dict[str, Any]:
-    """int8/int4/nvfp4 of a DeviceProfile or a detected Device, and its profile's runtime table."""
-    return {"int8": d.int8, "int4": d.int4, "nvfp4": d.nvfp4,
-            "runtimes": dict(profile.runtimes) if profile is not None else {},
-            "engines": tuple(profile.engines) if profile is not None else ()}
-
-
-def target_from_profile(profile) -> Target:
-    """Plan for a device profile (``elastic.profiles.devices.DeviceProfile``): usable = memory - reserve."""
-    return Target(
-        name=profile.display_name, kind=profile.kind,
-        usable_bytes=max(0, profile.memory_bytes - profile.reserve_bytes),
-        overhead_bytes=profile.runtime_overhead_bytes, bf16=profile.bf16, fp16=profile.fp16, fp8=profile.fp8,
-        unified=profile.unified, source="profile", profile=profile.name,
-        notes=(f"profile {profile.name}: {profile.memory_bytes / 2**30:.1f} GiB, "
-               f"{profile.reserve_bytes / 2**30:.1f} GiB kept for the OS/driver",),
-        **_quant_flags(profile, profile),
-    )
-
-
-def target_from_device(device) -> Target:
-    """Plan for a detected device (``elastic.profiles.detect.Device``)."""
-    return Target(
-        name=device.name, kind=device.kind, usable_bytes=device.usable_bytes,
-        overhead_bytes=device.runtime_overhead_bytes, bf16=device.bf16, fp16=device.fp16, fp8=device.fp8,
-        unified=device.unified, source="detected", notes=tuple(device.notes), **_quant_flags(device, device.profile),
-    )
 
 
 def choose_dtype(requested: str | None, target: Target) -> tuple[str, str | None]:
@@ -94,10 +47,7 @@ def choose_dtype(requested: str | None, target: Target) -> tuple[str, str | None
 
 
 # what each quantized precision needs of the hardware, in words (profiles.devices.capability_flags)
-NEEDS = {"fp8": "compute capability 8.9 or newer (Ada, Hopper, Blackwell)",
-         "nvfp4": "a Blackwell GPU (compute capability 10.0 or newer)",
-         "int8": "int8 tensor cores (compute capability 7.2 or newer)",
-         "int4": "compute capability 7.5 or newer"}
+NEEDS = CAPABILITY_WORDS
 
 
 @dataclass(frozen=True)
@@ -353,7 +303,7 @@ class Plan:
         out = {
             "checkpoint": str(self.checkpoint.root.resolve()),
             "weights_present": self.checkpoint.has_weights,
-            "device": {**asdict(self.target), "notes": list(self.target.notes)},
+            "device": self.target.to_json(),
             "workload": asdict(self.workload),
             "budgets": [b.to_json() for b in self.budgets],
             "chosen": self.chosen,
@@ -554,10 +504,10 @@ def export_terms(child, target: Target, engine_weight_bytes: int) -> tuple[int, 
 
 def export_advice(b: BudgetPlan, target: Target) -> str:
     """What to do when ``b`` runs on ``target`` but cannot be exported or built there."""
-    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     where = f"--target {target.profile}" if target.profile else "--target <this device's profile>"
-    return (f"{b.name} runs on {target.name}, but exporting it needs {gib(b.export_peak_bytes)} and a TensorRT engine "
-            f"build about {gib(b.engine_build_bytes)} ({gib(target.usable_bytes)} usable here): on a machine with more "
+    return (f"{b.name} runs on {target.name}, but exporting it needs {gib(b.export_peak_bytes, 1)} and a "
+            f"TensorRT engine build about {gib(b.engine_build_bytes, 1)} ({gib(target.usable_bytes, 1)} usable "
+            "here): on a machine with more "
             f"memory run `elastic export MODEL_DIR --format all {where} --out BUNDLE`, copy BUNDLE here, check it with "
             "`sha256sum -c SHA256SUMS` and run its build_engines.sh (or build the engine on that machine if it has "
             "the same GPU)")
@@ -569,10 +519,10 @@ def _precision_notes(chosen: BudgetPlan, target: Target, tried: list[Candidate])
               (chosen.runtime, chosen.weights_precision))
     out = []
     if tried[:at]:  # preferred, but did not fit or was refused
-        misses = ", ".join(f"{c.runtime} {c.weights.short} needs {c.terms['total'] / 2**30:.2f} GiB"
+        misses = ", ".join(f"{c.runtime} {c.weights.short} needs {gib(c.terms['total'])}"
                            if c.refused is None else f"{c.runtime} {c.weights.short}: {c.refused}" for c in tried[:at])
         out.append(f"{chosen.name} on {chosen.runtime} at {chosen.weights_precision}: {misses} "
-                   f"({target.usable_bytes / 2**30:.2f} GiB usable)")
+                   f"({gib(target.usable_bytes)} usable)")
     out.append(f"runs with {chosen.why}")
     return out
 
@@ -629,8 +579,8 @@ def suggestions(ckpt: Checkpoint, rows: list[BudgetPlan], target: Target, tried:
                       + ("; quantized ones need NVIDIA Model Optimizer: pip install 'elastic[modelopt]')"
                          if len(allowed) == len(WEIGHTS) else ")")))
     if short > 0 and smallest.refused is None:
-        out.append(f"budget {name} needs {need / 2**30:.2f} GiB at context {w.context}; {target.name} has "
-                   f"{target.usable_bytes / 2**30:.2f} GiB usable: a device with {_at_least(short)} more "
+        out.append(f"budget {name} needs {gib(need)} at context {w.context}; {target.name} has "
+                   f"{gib(target.usable_bytes)} usable: a device with {_at_least(short)} more "
                    "would run it")
     return out
 
@@ -640,21 +590,8 @@ def _at_least(n: int) -> str:
     than ``n``, never "0.00"."""
     import math
 
-    unit, size = ("GiB", 2**30) if n >= 2**30 else ("MiB", 2**20)
+    unit, size = table_unit(n)
     return f"{math.ceil(n * 100 / size) / 100:.2f} {unit}"
-
-
-def resolve_target(target: str | None, gpu: int | None = None):
-    """The planning target: the profile named ``target``, or this machine (detected; ``gpu``
-    picks among several). Returns (Target, the Detection or None for a profile)."""
-    if target:
-        from elastic.profiles.devices import get_profile
-
-        return target_from_profile(get_profile(target)), None
-    from elastic.profiles.detect import detect
-
-    detection = detect(gpu=gpu)
-    return target_from_device(detection.chosen), detection
 
 
 def build_plan(checkpoint: str | Path | Checkpoint | None = None, *, target: str | None = None,
@@ -690,7 +627,7 @@ def default_out(budget: str) -> Path:
     return Path(f"elastic-model-{re.sub(r'[^A-Za-z0-9._-]+', '', budget) or 'budget'}")
 
 
-def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, progress=None):
+def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, progress: Progress | None = None):
     """Slice one budget of a plan: its resolved spec, in the plan's dtype, from the checkpoint the
     plan opened (nothing is opened or resolved again). Returns ``elastic.slicer.slice.SliceResult``."""
     from elastic.slicer.slice import slice_checkpoint
@@ -708,7 +645,7 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
                           hint=Hint("precision", "plan with float weights", value=lookup(b.dtype).short))
     p.checkpoint.require_weights()  # planning works without them; slicing does not
     if weights.quantized:
-        from elastic.slicer.quant.quantize import slice_and_quantize
+        from elastic.slicer.quantize.workflow import slice_and_quantize
 
         kind = {"budget": b.name} if p.checkpoint.is_elastic else {}
         return slice_and_quantize(p.checkpoint, out, weights, dtype=b.dtype, force=force, progress=progress,

@@ -1,6 +1,6 @@
 """Measure an elastic checkpoint's size curve (``elastic eval --curve``; issue 25 item 4): every
 trained budget and every in-between size asked for, sliced as ``elastic slice --budget`` slices it,
-then held-out perplexity of each distinct architecture (``quant.evaluate.perplexity``, the
+then held-out perplexity of each distinct architecture (``quantize.evaluate.perplexity``, the
 function ``elastic eval`` calls). The result is a :class:`~elastic.slicer.formats.size_curve.SizeCurve`;
 writing it is the caller's explicit step (``size_curve.write_curve``).
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
+from elastic.profiles.progress import Progress
 from elastic.slicer.errors import ConfigError
 from elastic.slicer.formats.size_curve import CurvePoint, SizeCurve, fingerprint
 
@@ -31,7 +32,7 @@ def curve_sizes(budget_names: Iterable[str], shares: Iterable[int] = SHARES) -> 
 def measure_curve(checkpoint, sizes: Iterable[str] | None = None, *, seq_len: int | None = None,
                   max_windows: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
                   work_dir: str | Path | None = None,
-                  progress: Callable[[str, int, int | None], None] | None = None) -> tuple[SizeCurve, list[dict]]:
+                  progress: Progress | None = None) -> tuple[SizeCurve, list[dict]]:
     """Perplexity against parameters for the sizes of an elastic checkpoint.
 
     Args:
@@ -51,7 +52,7 @@ def measure_curve(checkpoint, sizes: Iterable[str] | None = None, *, seq_len: in
         ConfigError: not an elastic checkpoint; no size could be resolved.
     """
     from elastic.slicer.formats.elastic_format import ElasticConfig, read_router, resolve_budget
-    from elastic.slicer.quant.evaluate import BATCH, SEQ_LEN, perplexity
+    from elastic.slicer.quantize.evaluate import BATCH, SEQ_LEN, perplexity
     from elastic.slicer.slice import slice_checkpoint
     from elastic.slicer.storage.reader import Checkpoint
 

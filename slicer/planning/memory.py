@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from elastic.profiles.units import MIB
 from elastic.slicer.errors import ConfigError, Hint
 from elastic.slicer.formats.arch import Arch
 from elastic.slicer.formats.precision import FP8, GGUF, INT4, INT8, INT8_WO, NVFP4, Precision, lookup
@@ -54,6 +55,7 @@ MAX_BATCH = 2**16
 
 DEFAULT_CONTEXT = 8192  # the plan's context when none is given (plan, fit-my-gpu, the TUI)
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per forward the plan assumes when none is given
+DEFAULT_EXPORT_CONTEXT = 4096  # tokens per sequence an exported engine accepts unless asked for more
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def weight_tensors(arch: Arch, weights: str, base: str | None = None) -> dict[st
 
 def int4_hidden(arch: Arch, base: str = "bfloat16") -> int:
     """The hidden size ``elastic slice --precision int4`` writes ``arch`` with: as cut, or zero-padded
-    (``slicer.quant.hidden_pad``) up to a multiple of 16, 32, 64 or 128 where that lets the AWQ group
+    (``slicer.quantize.hidden_pad``) up to a multiple of 16, 32, 64 or 128 where that lets the AWQ group
     grow enough to save bytes (the fewest bytes of :func:`weight_tensors` win; as cut on a tie). A
     model int4 cannot hold as cut is left as cut (and refused: :func:`block_problem`).
 
@@ -651,8 +653,8 @@ def max_context(arch: Arch, w: Workload, overhead_bytes: int, usable_bytes: int,
 # `elastic export`'s peak RSS beyond the weights, measured by bench/export_bench.py (torch 2.13, CPU,
 # parity on; hidden 1024, vocab 32000): 0.74 GB at 7 layers, 0.91 GB at 28, 1.67 GB at 98: the imports
 # and the tracer's fixed cost, plus about 10 MB per layer (the traced graphs, the parity run's activations).
-EXPORT_FIXED_BYTES = 640 * 2**20
-EXPORT_PER_LAYER_BYTES = 10 * 2**20
+EXPORT_FIXED_BYTES = 640 * MIB
+EXPORT_PER_LAYER_BYTES = 10 * MIB
 GRAPH_WEIGHT_BYTES = 4  # the graphs hold float32 weights (TensorRT builds bf16/fp16 engines from them)
 
 

@@ -34,6 +34,7 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
+from elastic.profiles.units import human_bytes as size_text  # sizes in messages: "1.06 MiB", "812 B"
 from elastic.slicer.errors import ElasticError, Hint
 
 MARKER = ".elastic-output.json"  # written into every directory this tool produces
@@ -435,15 +436,6 @@ def disk_full_errno(e: BaseException | None) -> int | None:
 def is_disk_full(e: BaseException | None) -> bool:
     """``e`` (or what caused it) is a full disk or an exhausted quota (see :func:`disk_full_errno`)."""
     return disk_full_errno(e) is not None
-
-
-def size_text(n: int | float) -> str:
-    """A size in bytes for a message: "1.06 MiB", "2.50 GiB", "812 B"."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def free_bytes(path: str | Path) -> int | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from elastic.profiles.units import GIB
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.storage.reader import INDEX_NAME, SINGLE_NAME
 
@@ -120,7 +121,7 @@ def _block_nbytes(t: OutTensor, block) -> int:
     return block.numel() * block.element_size()
 
 
-def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[[int], None] | None) -> tuple[int, str]:
+def _write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None) -> tuple[int, str]:
     """Stream tensors into one safetensors file: header first (all shapes are known), then data.
 
     Tensors are written in name order, so the same inputs give byte-identical files. Returns
@@ -144,8 +145,8 @@ def _write_safetensors(path: Path, tensors: list[OutTensor], progress: Callable[
                     nbytes = _block_nbytes(t, block)
                     sink.put(block)  # written (and made contiguous) on the sink's thread
                     written += nbytes
-                    if progress:
-                        progress(nbytes)
+                    if on_bytes:
+                        on_bytes(nbytes)
                 if written != t.nbytes:
                     raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
         finally:
@@ -253,10 +254,11 @@ class ShardedWriter:
             if (root / name).is_file():
                 self.add_file(root / name)
 
-    def write_tensors(self, tensors: list[OutTensor], max_shard_bytes: int = 2 * 2**30,
-                      progress: Callable[[int], None] | None = None) -> None:
+    def write_tensors(self, tensors: list[OutTensor], max_shard_bytes: int = 2 * GIB,
+                      on_bytes: Callable[[int], None] | None = None) -> None:
         """Write all tensors, split into shards of at most ``max_shard_bytes`` (one tensor may exceed it).
 
+        ``on_bytes(n)`` is called as each block of n bytes is written (the caller turns it into progress).
         One shard is ``model.safetensors``; several are ``model-0000k-of-0000n.safetensors`` with
         ``model.safetensors.index.json``. Memory holds one block of one tensor at a time.
         """
@@ -272,7 +274,7 @@ class ShardedWriter:
         names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         total = 0
         for name, group in zip(names, groups):
-            nbytes, self.sha256[name] = _write_safetensors(self.tmp / name, group, progress)
+            nbytes, self.sha256[name] = _write_safetensors(self.tmp / name, group, on_bytes)
             total += nbytes
         if n > 1:
             weight_map = {t.name: name for name, group in zip(names, groups) for t in group}

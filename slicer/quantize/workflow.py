@@ -29,17 +29,17 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from elastic.profiles.progress import Progress
 from elastic.slicer import remote_code
-from elastic.slicer.errors import ConfigError, ElasticError, MissingDependencyError
+from elastic.slicer.errors import ConfigError, ElasticError, MissingDependencyError, debug_enabled
 from elastic.slicer.formats.arch import read_config
 from elastic.slicer.formats.precision import QUANTIZED, WEIGHTS, Precision, lookup
 # int4_group is imported from here by callers (tests/test_quant.py)
 from elastic.slicer.quant.layout import (HF_QUANT_CONFIG, QuantLayout, clean_exclude_name, describe, int4_group,
                                          keeps_dtype, weight_group)
 
-Progress = Callable[[str, int, "int | None"], None]
 INSTALL = "pip install 'elastic[modelopt]'"
 MANIFEST_NAME = "slice_manifest.json"
 CALIBRATION_SAMPLES = 16  # windows of train-split text
@@ -369,7 +369,7 @@ def _int4_padded(p: Precision, float_dir: Path, tmp: Path, rest: str) -> tuple[P
     (``quant.hidden_pad``); and the manifest's ``hidden_padding`` entry saying so (empty: none)."""
     from elastic.slicer.formats.arch import Arch
     from elastic.slicer.planning.memory import _int4_group, int4_hidden
-    from elastic.slicer.quant.hidden_pad import pad_hidden
+    from elastic.slicer.quantize.hidden_pad import pad_hidden
 
     if p.name != "int4":
         return float_dir, {}
@@ -426,11 +426,10 @@ def _quiet():
     bars on the way (deprecations, CPU fallbacks): none of it reaches the user's terminal, where
     elastic reports progress itself (and ``--json`` owns stdout). ``ELASTIC_DEBUG=1`` lets it through."""
     import io
-    import os
     import warnings
     from contextlib import redirect_stdout
 
-    if os.environ.get("ELASTIC_DEBUG", "") not in ("", "0"):
+    if debug_enabled():
         yield
         return
     try:
@@ -469,7 +468,7 @@ def _quantize_into(w, float_dir: Path, p: Precision, rest: str, samples: int, se
     """Load, calibrate and quantize ``float_dir``, then export it into the open writer ``w``.
     Returns the manifest written."""
     from elastic.slicer.formats.tokenizer import load_tokenizer
-    from elastic.slicer.quant.text import calibration_ids
+    from elastic.slicer.quantize.text import calibration_ids
 
     group = weight_group(read_arch_shapes(float_dir), p)  # refuses a model the format cannot hold
     group = group if p.name == "int4" else None  # nvfp4's 16 is its config's own
@@ -577,7 +576,7 @@ def _write(w, ckpt, float_dir: Path, config: dict, hf_quant: dict, rest: str,
     if remote_code.needs_code(config):
         for f in remote_code.FILES:
             w.add_file(f)
-    w.write_tensors(tensors, progress=advance)
+    w.write_tensors(tensors, on_bytes=advance)
 
 
 def _size(code: str) -> int:

@@ -1,5 +1,5 @@
 """Perplexity on held-out text: the held-out split of the bundled standard-library corpus
-(``elastic.slicer.quant.text``), through the reference model, for any model directory elastic
+(``elastic.slicer.quantize.text``), through the reference model, for any model directory elastic
 reads: an elastic checkpoint, a float slice, a quantized slice (dequantized, W8A8 activations
 simulated).
 
@@ -18,8 +18,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from elastic.profiles.progress import Progress
 from elastic.slicer.errors import ConfigError, ElasticError
 
 SEQ_LEN = 256  # tokens predicted per window (the demo's stage-2 training context)
@@ -47,7 +48,7 @@ class EvalResult:
 
 def perplexity(model_dir: str | Path, *, seq_len: int = SEQ_LEN, max_windows: int | None = None,
                max_tokens: int | None = None, batch_size: int = BATCH,
-               progress: Callable[[str, int, int | None], None] | None = None) -> EvalResult:
+               progress: Progress | None = None) -> EvalResult:
     """Perplexity of the model at ``model_dir`` on the held-out text, streamed in windows.
 
     Args:
@@ -66,7 +67,7 @@ def perplexity(model_dir: str | Path, *, seq_len: int = SEQ_LEN, max_windows: in
 
     from elastic.slicer.formats.tokenizer import load_tokenizer
     from elastic.slicer.nn.model import load_model
-    from elastic.slicer.quant.text import heldout_windows
+    from elastic.slicer.quantize.text import heldout_windows
     from elastic.slicer.storage.reader import Checkpoint
 
     bad = [f"{name} is {v}; it must be at least 1" for name, v in
