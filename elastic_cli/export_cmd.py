@@ -186,6 +186,10 @@ def _export_edgellm(model_dir: Path, out: Path | None, target, precision, max_ba
                            "checked by Edge-LLM's exporter (leave out --check-only)")
     if out is None:
         raise ElasticError("--out is required: the directory the Edge-LLM bundle is written to")
+    if not target:  # this machine, when it is a Jetson with a profile (detected here, once)
+        from elastic.profiles.detect import detect
+
+        target = detect().chosen.profile
     with progress_bar(f"Edge-LLM bundle to {out}", enabled=show) as advance:
         return export_edgellm(model_dir, out, target=target, precision=getattr(precision, "value", precision),
                               max_batch=max_batch, max_context=context, chat_template=chat_template, force=force,

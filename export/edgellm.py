@@ -109,21 +109,17 @@ def find_exporter() -> list[str]:
         f"build of torch first, so pip keeps it). Or set {EXPORTER_ENV} to the command that runs it")
 
 
-def edgellm_device(target: str | None) -> EdgeDevice:
-    """The Jetson a bundle is for: the profile ``target`` names, else this machine when it is a
-    Jetson with a profile.
+def edgellm_device(target) -> EdgeDevice:
+    """The Jetson a bundle is for: ``target`` is a profile name, a ``DeviceProfile`` (the front end's
+    detected one: nothing here detects), or None (no device known: refused).
 
     Raises:
-        ProfileError: an unknown profile, or a device Edge-LLM does not build engines for.
+        ProfileError: an unknown profile, no device, or a device Edge-LLM does not build engines for.
     """
     from elastic.profiles.devices import get_profile
 
-    if target:
-        profile = get_profile(target)
-    else:
-        from elastic.profiles.detect import detect
-
-        profile = detect().chosen.profile
+    profile = get_profile(target) if isinstance(target, str) and target else (target or None)
+    if not isinstance(target, str) or not target:
         if profile is None or profile.kind != "jetson":
             raise ProfileError("TensorRT Edge-LLM builds its engine on the Jetson it runs on, and this machine is not "
                                "a Jetson elastic knows: name the device the bundle is for",
@@ -239,7 +235,8 @@ def export_edgellm(model_dir: str | Path, out: str | Path, *, target: str | None
     Args:
         model_dir: a model directory (an ``elastic slice`` output: any form, float or quantized).
         out: the bundle directory; must not exist unless ``force``.
-        target: a Jetson Orin / Thor profile name; None: this machine, if it is one.
+        target: a Jetson Orin / Thor profile name, or its ``DeviceProfile`` (``elastic export`` passes this
+            machine's when it is one).
         precision: "auto" (fp16, or the model's own quantized format), fp16, or int4 / int8 / fp8 /
             nvfp4 where Edge-LLM runs it on the device (quantized with Model Optimizer from a float model).
         max_batch, max_context: the engine's limits, written into the build command.

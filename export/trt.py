@@ -305,14 +305,15 @@ class EngineSettings:
         return out
 
 
-def engine_settings(target: Target | DeviceProfile | None = None, precision: str = "auto", max_batch: int = 1,
+def engine_settings(target: Target | DeviceProfile | str | None = None, precision: str = "auto", max_batch: int = 1,
                     max_context: int = DEFAULT_MAX_CONTEXT, quantized: str | None = None) -> EngineSettings:
     """Settings for the device a plan was made for.
 
     Args:
         target: the ``elastic.profiles.target.Target`` decided once by the caller
             (``resolve_target``: a profile, or the GPU detected with ``--gpu``), or a
-            ``DeviceProfile``; None: no device known, generic settings. Nothing is detected here.
+            ``DeviceProfile``, or a profile's name (looked up in the device tables); None: no device
+            known, generic settings. Nothing is detected here.
         precision: "auto" or any spelling of bfloat16 / float16 / float32
             (``elastic.slicer.formats.precision``); "auto" is bf16 where the device has it
             (Ampere and newer, Jetson Orin), else fp16, as ``elastic plan`` chooses its dtype.
@@ -326,19 +327,23 @@ def engine_settings(target: Target | DeviceProfile | None = None, precision: str
 
     Raises:
         ElasticError: a CPU profile, a precision the device lacks, or a bad size.
-        TypeError: ``target`` is not a Target, a DeviceProfile or None (a name: resolve it first,
-            ``elastic.profiles.target.resolve_target``).
+        ProfileError: an unknown profile name.
+        TypeError: ``target`` is not a Target, a DeviceProfile, a name or None.
     """
     from elastic.slicer.formats.precision import ENGINES, FLOAT16, choose, lookup, supported
 
     requested = None if precision in (None, "auto") else lookup(precision, ENGINES, "TensorRT precision")
     if max_batch < 1 or max_context < 2:
         raise ElasticError(f"engine shapes need max_batch >= 1 and max_context >= 2 (got {max_batch}, {max_context})")
+    if isinstance(target, str):
+        from elastic.profiles.devices import get_profile
+
+        target = get_profile(target)
     if isinstance(target, DeviceProfile):
         target = Target.from_profile(target)
     elif target is not None and not isinstance(target, Target):
         raise TypeError(f"engine_settings takes the Target its caller resolved (profiles.target.resolve_target), "
-                        f"a DeviceProfile or None, not {type(target).__name__}")
+                        f"a DeviceProfile, a profile name or None, not {type(target).__name__}")
     if target is None:  # nothing known of the device: settings any GPU takes, fp16 unless asked otherwise
         name, source, overhead = GENERIC, "no device given: generic settings", None
         chosen = requested or FLOAT16

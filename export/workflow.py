@@ -70,12 +70,10 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
     """
     name = budget or p.chosen
     if name is not None and llama_cpp_engine(p, name):
-        from elastic.slicer.formats.precision import lookup
-
         from .gguf import export_gguf
 
         b = p.budget(name)  # a llama.cpp type (q4_k_m, ...) is made by llama.cpp's quantizer from the float slice
-        return export_gguf(model_dir, Path(model_dir) / "gguf", precision=lookup(b.weights_precision or b.dtype).name,
+        return export_gguf(model_dir, Path(model_dir) / "gguf", precision=b.written_weights.name,
                            force=True, progress=progress)
     from .pipeline import export_model
 
@@ -190,9 +188,7 @@ def _export_why(p: Plan, name: str, export: bool) -> str | None:
 
 
 def _quantized(b) -> bool:
-    from elastic.slicer.formats.precision import lookup
-
-    return bool(b.weights_precision) and lookup(b.weights_precision).quantized
+    return b.weights is not None and b.weights.quantized
 
 
 def reusable_slice(p: Plan, name: str, dest: Path):

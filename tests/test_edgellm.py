@@ -195,3 +195,15 @@ def test_edgellm_exporter_takes_a_padded_fp8_slice_for_thor(slices, tmp_path):
     assert r.manifest["form"]["cost"]["bytes"] == r.manifest["form"]["cost"]["parameters"]  # one byte per zero
     llm = json.loads((r.out / "llm" / "config.json").read_text())
     assert llm["intermediate_size"] == 256 and llm["hidden_size"] == 48
+
+
+def test_the_device_comes_resolved_from_the_front_end():
+    """edgellm_device takes a name or a profile and never detects: None (no device) and a profile
+    that is no Jetson are refused; a Jetson profile object is the same device as its name."""
+    from elastic.profiles.devices import get_profile
+
+    with pytest.raises(ProfileError, match="name the device the bundle is for"):
+        edgellm.edgellm_device(None)
+    with pytest.raises(ProfileError, match="not a Jetson elastic knows"):
+        edgellm.edgellm_device(get_profile("rtx-4090"))
+    assert edgellm.edgellm_device(get_profile("orin-nx-16gb")) == edgellm.edgellm_device("orin-nx-16gb")

@@ -255,8 +255,9 @@ def test_engine_settings():
     assert (generic.device, generic.precision, generic.workspace_bytes) == (trt.GENERIC, "fp16", trt.GENERIC_WORKSPACE)
     from elastic.slicer.errors import ElasticError
 
+    assert trt.engine_settings("rtx-4090") == trt.engine_settings(get_profile("rtx-4090"))  # a table lookup
     with pytest.raises(TypeError, match="resolve_target"):
-        trt.engine_settings("rtx-4090")  # a name is the front end's to resolve
+        trt.engine_settings(4090)
     with pytest.raises(ElasticError, match="CPU host"):
         trt.engine_settings(get_profile("cpu"))
     with pytest.raises(ElasticError, match="precision"):

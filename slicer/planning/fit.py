@@ -209,9 +209,9 @@ class BudgetPlan:
     headroom_bytes: int
     terms: dict[str, int]  # weights, kv_cache, ssm_state, activations, overhead, margin, total
     layer_pattern: str
-    weights_precision: str = ""  # short names, as the CLI spells them: "int4"
-    kv_precision: str = ""
-    state_precision: str = ""
+    weights: Precision | None = None  # the precisions it is planned at (typed: nothing below parses a name)
+    kv: Precision | None = None
+    state: Precision | None = None
     fits_at: tuple[str, ...] = ()  # every weights precision tried that fits, best first
     weights_detail: dict[str, int] = field(default_factory=dict, hash=False)  # quantized, scales, float
     workload: Workload | None = None  # the precisions it was planned at
@@ -224,6 +224,24 @@ class BudgetPlan:
     why: str = ""  # that engine and precision in words
     memory_basis: str = ""  # what its terms rest on: "measured model: ..." or "estimate: ..."
     quality: Any = None  # the exact fit's formats.size_curve.Quality: what the checkpoint's size curve says of it
+
+    @property
+    def weights_precision(self) -> str:
+        """The weights precision's short name, as the CLI spells it ("int4"; "" when not planned)."""
+        return self.weights.short if self.weights is not None else ""
+
+    @property
+    def kv_precision(self) -> str:
+        return self.kv.short if self.kv is not None else ""
+
+    @property
+    def state_precision(self) -> str:
+        return self.state.short if self.state is not None else ""
+
+    @property
+    def written_weights(self) -> Precision:
+        """The precision its weights are written in: the planned one, else the base dtype."""
+        return self.weights if self.weights is not None else lookup(self.dtype)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "runtime": self.runtime, "why": self.why, "parameters": self.parameters, "active_parameters": self.active_parameters,
@@ -441,7 +459,7 @@ def budget_row(ckpt: Checkpoint, name: str, spec: SliceSpec, source: str, pr: Pr
         name=name, spec=spec, resolved_by=source, parameters=counts["total"],
         active_parameters=counts["active"], dtype=pr.base.name,
         fits=best.usable, headroom_bytes=best.headroom_bytes, terms=best.terms, layer_pattern=child.layer_pattern,
-        weights_precision=best.weights.short, kv_precision=pr.kv.short, state_precision=pr.state.short,
+        weights=best.weights, kv=pr.kv, state=pr.state,
         fits_at=tuple(dict.fromkeys(c.weights.short for c in tried if c.usable)), weights_detail=best.weights_detail,
         workload=best.workload, export_peak_bytes=export_peak, engine_build_bytes=build, export_here=here,
         refused=None if best.usable else best.refused, runtime=best.runtime, why=best.why,
@@ -474,7 +492,7 @@ def exact_fit_row(ckpt: Checkpoint, pr: Precisions, workload: Workload, target: 
     weights = read_router(ckpt.root, ec)
     keep = keeps_attention(ec, parent)
     engine = chosen.runtime if chosen is not None else runtime
-    for p in [lookup(chosen.weights_precision)] if chosen is not None else list(pr.weights):
+    for p in [chosen.weights] if chosen is not None else list(pr.weights):
         cost = memory_cost(parent, pr.workload(workload, p), target.overhead_bytes, max_bytes=target.usable_bytes,
                            engine=engine)
         r = exact_fit(ec.dimensions, parent, lambda size: size_log_probs(ec, parent, weights, size)[0], cost,
@@ -634,7 +652,7 @@ def slice_budget(p: Plan, budget: str, out: str | Path, force: bool = False, pro
 
     b = p.budget(budget)
     allowed = slice_precisions()
-    weights = lookup(b.weights_precision) if b.weights_precision else lookup(b.dtype)
+    weights = b.written_weights
     if gguf_quantized(weights) and weights in allowed:  # sliced in float; llama.cpp quantizes the GGUF
         weights = lookup(b.dtype)
     if weights not in allowed:
