@@ -119,31 +119,42 @@ def export(
     """
     with boundary(json_out):
         model_dir = one_checkpoint(model_dir, checkpoint, required=True)
-        if fmt is Format.gguf:
-            gguf = _export_gguf(model_dir, out, precision, force, check_only, not json_out)
-        elif fmt is Format.edgellm:
-            bundle = _export_edgellm(model_dir, out, target, precision, max_batch, context, chat_template, force,
-                                     check_only, not json_out)
-        elif check_only:
-            from elastic.export.pipeline import check_only as run_check
+        result = _run(model_dir, out, fmt, target, gpu, precision, max_batch, context, dtype, opset, parity,
+                      check_only, chat_template, force, not json_out)
+    _show(result, fmt, check_only, json_out)
 
-            report = run_check(model_dir, dtype=canonical_precision(dtype, WEIGHTS), opset=opset, progress=_stage(not json_out))
-        else:
-            if out is None:
-                from elastic.slicer.errors import ElasticError
 
-                raise ElasticError("--out is required (or pass --check-only)")
-            from elastic.export.pipeline import export_model
-            from elastic.slicer.planning.fit import resolve_target
+def _run(model_dir: Path, out: Path | None, fmt: Format, target, gpu, precision, max_batch: int, context: int,
+         dtype, opset: int | None, parity: bool, check_only: bool, chat_template: Path | None, force: bool,
+         show: bool) -> dict:
+    """The export (or the operator check) the options ask for, as its JSON object."""
+    if fmt is Format.gguf:
+        return _export_gguf(model_dir, out, precision, force, check_only, show)
+    if fmt is Format.edgellm:
+        return _export_edgellm(model_dir, out, target, precision, max_batch, context, chat_template, force,
+                               check_only, show)
+    if check_only:
+        from elastic.export.pipeline import check_only as run_check
 
-            # the device is decided once, here (a profile, or the GPU --gpu picks), and handed down
-            device = resolve_target(target, gpu)[0] if fmt.value != "onnx" else None
-            summary = export_model(model_dir, out, format=fmt.value, target=device,
-                                   precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
-                                   max_context=context, dtype=canonical_precision(dtype, WEIGHTS), opset=opset,
-                                   parity=parity, force=force, progress=_stage(not json_out)).to_json()
+        return run_check(model_dir, dtype=canonical_precision(dtype, WEIGHTS), opset=opset, progress=_stage(show))
+    if out is None:
+        from elastic.slicer.errors import ElasticError
+
+        raise ElasticError("--out is required (or pass --check-only)")
+    from elastic.export.pipeline import export_model
+    from elastic.slicer.planning.fit import resolve_target
+
+    # the device is decided once, here (a profile, or the GPU --gpu picks), and handed down
+    device = resolve_target(target, gpu)[0] if fmt.value != "onnx" else None
+    return export_model(model_dir, out, format=fmt.value, target=device,
+                        precision=canonical_precision(precision, ENGINES, AUTO), max_batch=max_batch,
+                        max_context=context, dtype=canonical_precision(dtype, WEIGHTS), opset=opset,
+                        parity=parity, force=force, progress=_stage(show)).to_json()
+
+
+def _show(result: dict, fmt: Format, check_only: bool, json_out: bool) -> None:
+    """The result as JSON or lines; exit code 1 when an operator check found an unsupported operator."""
     if fmt in (Format.gguf, Format.edgellm):
-        result = gguf if fmt is Format.gguf else bundle
         if json_out:
             print_json(result)
         else:
@@ -151,16 +162,16 @@ def export(
         return
     if check_only:
         if json_out:
-            print_json(report)
+            print_json(result)
         else:
-            typer.echo("\n".join(_check_lines(report)))
-        if not report["ok"]:
+            typer.echo("\n".join(_check_lines(result)))
+        if not result["ok"]:
             raise typer.Exit(1)
         return
     if json_out:
-        print_json(summary)
+        print_json(result)
         return
-    typer.echo("\n".join(_summary_lines(summary)))
+    typer.echo("\n".join(_summary_lines(result)))
 
 
 def _export_gguf(model_dir: Path, out: Path | None, precision, force: bool, check_only: bool, show: bool) -> dict:

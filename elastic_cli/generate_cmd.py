@@ -90,10 +90,15 @@ def generate(
         finally:
             if shown:
                 typer.echo("")  # end the streamed line, even when generation fails half-way
+    _show(r, prompt, bool(shown), json_out)
+
+
+def _show(r: dict, prompt: str, streamed: bool, json_out: bool) -> None:
+    """The result as JSON, or the text when none was streamed and the speed line on stderr."""
     if json_out:
         print_json(r)
         return
-    if not shown:  # no text came: the prompt, then the ids when they are not decodable
+    if not streamed:  # no text came: the prompt, then the ids when they are not decodable
         text = r["text"] if r["text"] is not None else " ".join(str(t) for t in r["tokens"])
         typer.echo(f"{prompt}{text}")
     where = f" budget {r['budget']}" if r.get("budget") else ""

@@ -330,11 +330,16 @@ def fit_my_gpu(
             return
         with progress_bar(f"{planned.chosen} to {dest}", enabled=not json_out) as advance:
             fit = run_fit(planned, out=dest, force=force, export=export, progress=advance)
+    if json_out:
+        print_json(fit.to_json())
+        return
+    typer.echo("\n".join(_fit_lines(fit, dest, chosen)))
+
+
+def _fit_lines(fit, dest: Path, chosen) -> list[str]:
+    """What fit-my-gpu did, in words: the slice, the export, the smoke test and how to run it."""
     p = fit.to_json()
     result, exported, smoke = fit.slice, p["export"], fit.smoke
-    if json_out:
-        print_json(p)
-        return
     text = f" -> {smoke['text']!r}" if smoke.get("text") is not None else ""
     speed = smoke["tokens_per_s"]
     runner = {"onnx": "ONNX Runtime", "llama.cpp": "llama.cpp"}.get(smoke["backend"], "PyTorch reference")
@@ -356,4 +361,4 @@ def fit_my_gpu(
         lines.append(f"export      skipped: {exported['skipped']}")
     lines.append(f"smoke test  {smoke['new_tokens']} tokens{text}, {speed} tokens/s ({runner})")
     lines += [f"{'run' if i == 0 else '':<12}{c}" for i, c in enumerate(p["run"])]
-    typer.echo("\n".join(lines))
+    return lines

@@ -95,33 +95,45 @@ def slice_(
 
       elastic slice -c ./dense-model --spec spec.json --out ./pruned --json
     """
+    with boundary(json_out):
+        quantized, dtype_name = _precisions(precision, dtype)
+        result = _run(checkpoint, out, budget, spec, quantized, dtype_name, form, pad_multiple, runtime, force,
+                      allow_off_curve, not json_out)
+    if json_out:
+        print_json(result.to_json())
+        return
+    typer.echo("\n".join(_result_lines(result, budget, spec, quantized)))
+
+
+def _run(checkpoint: Path | None, out: Path, budget: str | None, spec: Path | None, quantized: str | None,
+         dtype_name: str | None, form: Form, pad_multiple: int | None, runtime, force: bool,
+         allow_off_curve: bool, show: bool):
+    """The slice (quantized where asked): the checkpoint opened, the spec resolved once, one library call."""
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.planning.describe import default_checkpoint
     from elastic.slicer.slice import choose_spec, slice_checkpoint
 
-    with boundary(json_out):
-        quantized, dtype_name = _precisions(precision, dtype)
-        if quantized is not None:
-            from elastic.slicer.quantize.workflow import quantized_precision, require_device, require_modelopt
+    if quantized is not None:
+        from elastic.slicer.quantize.workflow import quantized_precision, require_device, require_modelopt
 
-            require_modelopt()  # refused before the checkpoint is read
-            require_device(quantized_precision(quantized))
-        ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
-        shape = {"form": form.value, "pad_multiple": pad_multiple, "runtime": runtime.value if runtime else None,
-                 "resolved": choose_spec(ckpt, budget, spec, allow_off_curve=allow_off_curve)}  # resolved once
-        with progress_bar(f"slicing to {out}", enabled=not json_out) as advance:
-            if quantized is None:
-                result = slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,
-                                          progress=advance, **shape)
-            else:
-                from elastic.slicer.quantize.workflow import slice_and_quantize
+        require_modelopt()  # refused before the checkpoint is read
+        require_device(quantized_precision(quantized))
+    ckpt = Checkpoint.open(checkpoint or default_checkpoint(), require_weights=True)
+    shape = {"form": form.value, "pad_multiple": pad_multiple, "runtime": runtime.value if runtime else None,
+             "resolved": choose_spec(ckpt, budget, spec, allow_off_curve=allow_off_curve)}  # resolved once
+    with progress_bar(f"slicing to {out}", enabled=show) as advance:
+        if quantized is None:
+            return slice_checkpoint(ckpt, out, budget=budget, spec=spec, dtype=dtype_name, force=force,
+                                    progress=advance, **shape)
+        from elastic.slicer.quantize.workflow import slice_and_quantize
 
-                result = slice_and_quantize(ckpt, out, quantized, budget=budget, spec=spec, dtype=dtype_name,
-                                            force=force, progress=advance, **shape)
+        return slice_and_quantize(ckpt, out, quantized, budget=budget, spec=spec, dtype=dtype_name,
+                                  force=force, progress=advance, **shape)
+
+
+def _result_lines(result, budget: str | None, spec: Path | None, quantized: str | None) -> list[str]:
+    """What was written, in words: the head line, layers, form, quality, runtimes, warnings, next."""
     m = result.manifest
-    if json_out:
-        print_json(result.to_json())
-        return
     what = f"budget {budget}" if budget else f"spec {spec}"
     if quantized is None:
         head = (f"wrote {result.out}  ({what}, {human_count(result.parameters)} parameters, {m['dtype']}, "
@@ -141,7 +153,7 @@ def slice_(
     lines += [f"warning: {w}" for w in m.get("warnings", [])]
     lines.append(f"next:   elastic inspect {result.out}" if quantized is None else
                  f"next:   elastic eval {result.out}    elastic generate {result.out} \"Hello\"")
-    typer.echo("\n".join(lines))
+    return lines
 
 
 def _precisions(precision, dtype) -> tuple[str | None, str | None]:

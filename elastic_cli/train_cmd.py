@@ -195,11 +195,7 @@ def train(
             "save_every": save_every, "seed": seed})
         if dry_run:  # the plan only: the parent's config.json, nothing written
             cfg.validate()
-            plan = _plan(parent, cfg, gpus, gpu_memory)
-            if json_out:
-                print_json(_plan_json(plan))
-            else:
-                typer.echo("\n".join(_plan_lines(plan, parent)))
+            _show_plan(_plan(parent, cfg, gpus, gpu_memory), parent, json_out)
             return
         summary = _run(parent, data, out, cfg, work_dir=work_dir, resume=resume, force=force, json_out=json_out)
     if summary is None:  # not rank 0: rank 0 reports
@@ -208,6 +204,14 @@ def train(
         print_json({"out": str(out), **summary})
         return
     typer.echo("\n".join(_summary_lines(summary, out)))
+
+
+def _show_plan(plan, parent: Path, json_out: bool) -> None:
+    """The dry run's memory plan, as JSON or lines."""
+    if json_out:
+        print_json(_plan_json(plan))
+    else:
+        typer.echo("\n".join(_plan_lines(plan, parent)))
 
 
 def _run(parent: Path, data: Path | None, out: Path | None, cfg: TrainConfig, *, work_dir: Path | None, resume: bool,

@@ -343,35 +343,13 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
         ("dynamo"), ``io`` (names of each graph's inputs and outputs), ``weight_bytes``.
     """
     import onnx_ir as ir
-    from onnxscript.optimizer import optimize_ir
 
-    from elastic.slicer.nn.model import NemotronH, build_model
+    from elastic.slicer.nn.model import build_model
 
     from .weights import write_weights
 
-    opset = opset or (qdq.opset if qdq is not None else DEFAULT_OPSET)
-    lo, hi = OPSET_RANGE if qdq is not None else FLOAT_OPSET_RANGE
-    if not lo <= opset <= hi:
-        raise ElasticError(f"opset {opset} is outside {lo}..{hi}: torch's dynamo exporter starts at {lo}, TensorRT "
-                           f"10's ONNX parser stops at {hi}" + (" for these graphs" if qdq is not None else ""))
-    if qdq is not None and opset < qdq.opset:
-        raise ElasticError(f"{qdq.layout.quant_algo} Q/DQ graphs need opset {qdq.opset} or newer (asked: {opset})")
-    if qdq is not None and quantized is None:
-        raise ElasticError("write_graphs with a Q/DQ plan needs quantized=elastic.export.qdq.quantized_source(...)")
-    if external_data is False:
-        raise ElasticError("weights are always written once to weights.bin, shared by both graphs (the graphs "
-                           "alone stay small); external_data=False is not offered")
-    if isinstance(model, NemotronH):
-        arch = model.arch
-        dtype = dtype or next(model.parameters()).dtype
-        if weights is None:
-            params = dict(model.named_parameters())
-            weights = lambda name: params[name].detach()  # noqa: E731
-    else:
-        arch = model
-    if weights is None:
-        raise ElasticError("write_graphs needs the weights: a loaded model or weights=get(name)")
-    dtype = dtype or torch.float32
+    opset = _checked_opset(opset, qdq, quantized, external_data)
+    arch, weights, dtype = _model_weights(model, weights, dtype)
     say = progress or quiet
     io_names = graph_io(build_model(arch, dtype=dtype, device="meta"))
 
@@ -393,6 +371,55 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
             value.const_value = ir.ExternalTensor(WEIGHTS, p.offset, p.length, value.dtype, shape=ir.Shape(p.shape),
                                                   name=name, base_dir=out_dir)
     say("optimise", 0, None, message="optimising and writing the graphs")
+    _optimise_and_save(graphs, out_dir)
+    return {
+        "files": [*graphs, WEIGHTS],
+        "opset": opset,
+        "external_data": True,
+        "exporter": "dynamo",
+        "io": io_names,
+        "weight_bytes": sum(p.length for p in placed.values()),
+        "qdq": sorted(raw),
+    }
+
+
+def _checked_opset(opset: int | None, qdq, quantized, external_data: bool | None) -> int:
+    """The opset to write (given, else the Q/DQ plan's, else the default), once it and the options are checked."""
+    opset = opset or (qdq.opset if qdq is not None else DEFAULT_OPSET)
+    lo, hi = OPSET_RANGE if qdq is not None else FLOAT_OPSET_RANGE
+    if not lo <= opset <= hi:
+        raise ElasticError(f"opset {opset} is outside {lo}..{hi}: torch's dynamo exporter starts at {lo}, TensorRT "
+                           f"10's ONNX parser stops at {hi}" + (" for these graphs" if qdq is not None else ""))
+    if qdq is not None and opset < qdq.opset:
+        raise ElasticError(f"{qdq.layout.quant_algo} Q/DQ graphs need opset {qdq.opset} or newer (asked: {opset})")
+    if qdq is not None and quantized is None:
+        raise ElasticError("write_graphs with a Q/DQ plan needs quantized=elastic.export.qdq.quantized_source(...)")
+    if external_data is False:
+        raise ElasticError("weights are always written once to weights.bin, shared by both graphs (the graphs "
+                           "alone stay small); external_data=False is not offered")
+    return opset
+
+
+def _model_weights(model, weights: Callable[[str], torch.Tensor] | None,
+                   dtype: torch.dtype | None) -> tuple[Any, Callable[[str], torch.Tensor], torch.dtype]:
+    """(arch, weights, graph dtype) of ``write_graphs``'s model: an ``Arch``, or a loaded model's own."""
+    if isinstance(model, NemotronH):
+        arch = model.arch
+        dtype = dtype or next(model.parameters()).dtype
+        if weights is None:
+            params = dict(model.named_parameters())
+            weights = lambda name: params[name].detach()  # noqa: E731
+    else:
+        arch = model
+    if weights is None:
+        raise ElasticError("write_graphs needs the weights: a loaded model or weights=get(name)")
+    return arch, weights, dtype or torch.float32
+
+
+def _optimise_and_save(graphs: dict[str, Any], out_dir: Path) -> None:
+    """Optimise each graph (never folding a weight into it), stamp it as elastic's, and save it."""
+    import onnx_ir as ir
+    from onnxscript.optimizer import optimize_ir
 
     def should_fold(node) -> bool | None:  # a weight is never copied into a graph by folding
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -408,15 +435,6 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
         _drop_trace_metadata(g)
     for name, g in graphs.items():
         ir.save(g, out_dir / name)
-    return {
-        "files": [*graphs, WEIGHTS],
-        "opset": opset,
-        "external_data": True,
-        "exporter": "dynamo",
-        "io": io_names,
-        "weight_bytes": sum(p.length for p in placed.values()),
-        "qdq": sorted(raw),
-    }
 
 
 def _version() -> str:

@@ -116,31 +116,50 @@ def export_model(
             the free space says so; else when the disk fills up, tracing included), with the size
             of a float export and the free space. Nothing of the export is kept.
     """
-    from elastic.slicer.storage.writer import ShardedWriter
+    from elastic.slicer.storage.outputs import check_output
 
-    from .graphs import state_tensors
-    from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
-    from .qdq import plan as qdq_plan, quantized_source
-    from .weights import checkpoint_source, release_memory
-    from .readme import render
-    from .trt import build_or_script, check_export, engine_settings
+    from .trt import engine_settings
 
     dtype = _graph_dtype(format, dtype)  # any spelling; canonical from here on
-    say = progress or quiet
-
-    from elastic.slicer.storage.outputs import MARKER, check_output
-
     model_files = [p for p in Path(model_dir).iterdir() if p.is_file()] if Path(model_dir).is_dir() else [model_dir]
     check_output(out, force=force, source_files=model_files)  # before the slow part (the writer checks again)
+    ckpt, torch_dtype, q = _open_exportable(model_dir, dtype, progress or quiet)
+    settings = (engine_settings(target, precision, max_batch, max_context,
+                                quantized=q.layout.format.precision if q else None) if format != "onnx" else None)
+    summary = _write_export(out, ckpt, torch_dtype, q, settings, model_files, format=format, dtype=dtype, opset=opset,
+                            parity=parity, external_data=external_data, force=force, progress=progress)
+    _let_script_run(out)
+    return ExportResult(Path(out), summary)
+
+
+def _open_exportable(model_dir: str | Path, dtype: str, say: Progress):
+    """(checkpoint, torch dtype of the graphs, Q/DQ plan or None) once MoE layers, which are not traced, are refused."""
+    from .qdq import plan as qdq_plan
+
     say("open", 0, None, message=f"opening {model_dir}")
     ckpt, torch_dtype = _open(model_dir, dtype)  # validated, not loaded
     moe = [i for i, layer in enumerate(ckpt.arch.layers) if layer.kind == "moe"]
     if moe:  # the reference MoE layer runs only the experts some token chose: a data-dependent loop
         raise ElasticError(f"{model_dir}: layers {moe} are MoE layers, which elastic export does not trace yet (the "
                            "expert dispatch depends on the tokens); serve MoE slices with transformers or vLLM")
-    q = qdq_plan(ckpt, torch_dtype)  # None: a float checkpoint, plain float graphs
-    settings = (engine_settings(target, precision, max_batch, max_context,
-                                quantized=q.layout.format.precision if q else None) if format != "onnx" else None)
+    return ckpt, torch_dtype, qdq_plan(ckpt, torch_dtype)  # a None plan: a float checkpoint, plain float graphs
+
+
+def _write_export(out: str | Path, ckpt, torch_dtype, q, settings, model_files: list, *, format: str, dtype: str,
+                  opset: int | None, parity: bool, external_data: bool | None, force: bool,
+                  progress: Progress | None) -> dict[str, Any]:
+    """The export written atomically (graphs, checks, parity, engines or script, README, checksums); its manifest."""
+    from elastic.slicer.storage.outputs import MARKER
+    from elastic.slicer.storage.writer import ShardedWriter
+
+    from .graphs import state_tensors
+    from .onnx_export import DEFAULT_OPSET, check_onnx, write_graphs
+    from .qdq import quantized_source
+    from .weights import checkpoint_source, release_memory
+    from .readme import render
+    from .trt import build_or_script, check_export
+
+    say = progress or quiet
     weights = checkpoint_source(ckpt)
     arch = ckpt.arch
     copied = [ckpt.root / f for f in PASSTHROUGH if (ckpt.root / f).is_file()]
@@ -169,11 +188,15 @@ def export_model(
         w.add_json(MANIFEST, summary)
         say("checksums", 0, None, message="checksums")
         w.add_text(CHECKSUMS, checksums(tmp))
-    if (Path(out) / SCRIPT).is_file():  # the writer gives every file 0666 & ~umask; the script runs
+    return summary
+
+
+def _let_script_run(out: str | Path) -> None:
+    """Make the engine build script executable: the writer gives every file 0666 & ~umask."""
+    if (Path(out) / SCRIPT).is_file():
         umask = os.umask(0)
         os.umask(umask)
         (Path(out) / SCRIPT).chmod(0o777 & ~umask)
-    return ExportResult(Path(out), summary)
 
 
 def _graph_dtype(format: str, dtype: str) -> str:

@@ -46,17 +46,14 @@ def _shape(s) -> str:
     return "(" + ", ".join(str(d) for d in s.shape) + ")"
 
 
-def render(summary: dict[str, Any], states: list, dtype: str) -> str:
-    """The README text for an export described by ``summary`` (see ``elastic.export.pipeline.export_model``)."""
-    ext = summary["external_data"]
-    q = summary.get("quantization")
+def _files(ext: bool, trt: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The README's file table: (file, what it is) for each file of the export."""
     files = [
         (PREFILL, "prompt -> logits of every position + the state of every layer"),
         (DECODE, "one token per sequence + the state -> logits + the new state"),
     ]
     if ext:
         files.append((WEIGHTS, "the weights of both graphs (ONNX external data; keep it beside the graphs)"))
-    trt = summary.get("tensorrt")
     if trt:
         if trt["built"]:
             files += [(e, "TensorRT engine") for e in ENGINES.values()]
@@ -65,6 +62,62 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         files.append((ENGINE_META, "what was built (or why not): TensorRT version, device, shapes"))
     files.append((MANIFEST, "everything `elastic export` reported, as JSON"))
     files.append((CHECKSUMS, "sha256 of every file: after copying the directory, `sha256sum -c SHA256SUMS`"))
+    return files
+
+
+def _parity(parity: dict[str, Any] | None, q: dict[str, Any] | None) -> list[str]:
+    """The "Parity with PyTorch" section; no lines when parity was not checked."""
+    if not parity:
+        return []
+    return [
+        "## Parity with PyTorch",
+        "",
+        (f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
+        f"decode ({parity['decode_steps']} steps) {parity['decode_max_abs_diff']:.2e}, state "
+        f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}"
+        + ("; the reference dequantizes and fake-quantizes as the graphs do" if q else "") + "); greedy tokens "
+        f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}."),
+        "",
+    ]
+
+
+def _tensorrt(check: dict[str, Any], trt: dict[str, Any] | None) -> list[str]:
+    """The "TensorRT" section: the operator check, then the engines built, their script, or how to get one."""
+    lines = [
+        "## TensorRT",
+        "",
+        f"Every node was checked against TensorRT {check['tensorrt']['table']}'s ONNX-parser support matrix "
+        f"({check['tensorrt']['source']}), for TensorRT {check['tensorrt']['target']}: "
+        + ("no unsupported operator." if check["ok"] else
+           f"**unsupported: {', '.join(check['unsupported_ops'])}** (see `{MANIFEST}`)."),
+        "",
+    ]
+    if trt and trt["built"]:
+        lines += [(f"Engines built here with TensorRT {trt['tensorrt']} on {trt['device']['name']}. An engine "
+                  "only runs on the GPU model and TensorRT version that built it."), ""]
+    elif trt:
+        s = trt["settings"]
+        lines += [
+            (f"No engine was built here ({trt['reason'].split('. ')[0].removeprefix('not built here: ')}). "
+            f"On the target device run `sh {SCRIPT}` (trtexec from TensorRT 10; on JetPack "
+            "`/usr/src/tensorrt/bin/trtexec`). It builds `prefill.engine` and `decode.engine` with "
+            + (f"{s['quantized']} Q/DQ layers, strongly typed" if s.get("quantized") else f"precision {s['precision']}")
+            + f", a {s['workspace_bytes'] >> 20} MiB workspace, batch 1..{s['max_batch']} "
+            f"and up to {s['max_context']} tokens per sequence ({s['source']})."),
+            "",
+        ]
+    else:
+        lines += [("Build engines with `elastic export MODEL_DIR --format tensorrt --target DEVICE`, which writes "
+                  f"`{SCRIPT}` where TensorRT is absent."), ""]
+    return lines
+
+
+def render(summary: dict[str, Any], states: list, dtype: str) -> str:
+    """The README text for an export described by ``summary`` (see ``elastic.export.pipeline.export_model``)."""
+    ext = summary["external_data"]
+    q = summary.get("quantization")
+    trt = summary.get("tensorrt")
+    files = _files(ext, trt)
     state_name = {"conv_state": "causal-conv window: the last K-1 inputs of the conv over [x | B | C]",
                   "ssm_state": "SSM state, always float32", "key": "attention keys so far",
                   "value": "attention values so far"}
@@ -120,43 +173,6 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         lines += [(f"The weights live in `{WEIGHTS}`, written once straight from the checkpoint; both graphs point "
                   "into the same file (ONNX external data), and `elastic generate --backend onnx` maps it once for "
                   "both sessions. Keep the three files together."), ""]
-    parity = summary.get("parity")
-    if parity:
-        lines += [
-            "## Parity with PyTorch",
-            "",
-            (f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
-            f"decode ({parity['decode_steps']} steps) {parity['decode_max_abs_diff']:.2e}, state "
-            f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}"
-            + ("; the reference dequantizes and fake-quantizes as the graphs do" if q else "") + "); greedy tokens "
-            f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}."),
-            "",
-        ]
-    check = summary["tensorrt_check"]
-    lines += [
-        "## TensorRT",
-        "",
-        f"Every node was checked against TensorRT {check['tensorrt']['table']}'s ONNX-parser support matrix "
-        f"({check['tensorrt']['source']}), for TensorRT {check['tensorrt']['target']}: "
-        + ("no unsupported operator." if check["ok"] else
-           f"**unsupported: {', '.join(check['unsupported_ops'])}** (see `{MANIFEST}`)."),
-        "",
-    ]
-    if trt and trt["built"]:
-        lines += [(f"Engines built here with TensorRT {trt['tensorrt']} on {trt['device']['name']}. An engine "
-                  "only runs on the GPU model and TensorRT version that built it."), ""]
-    elif trt:
-        s = trt["settings"]
-        lines += [
-            (f"No engine was built here ({trt['reason'].split('. ')[0].removeprefix('not built here: ')}). "
-            f"On the target device run `sh {SCRIPT}` (trtexec from TensorRT 10; on JetPack "
-            "`/usr/src/tensorrt/bin/trtexec`). It builds `prefill.engine` and `decode.engine` with "
-            + (f"{s['quantized']} Q/DQ layers, strongly typed" if s.get("quantized") else f"precision {s['precision']}")
-            + f", a {s['workspace_bytes'] >> 20} MiB workspace, batch 1..{s['max_batch']} "
-            f"and up to {s['max_context']} tokens per sequence ({s['source']})."),
-            "",
-        ]
-    else:
-        lines += [("Build engines with `elastic export MODEL_DIR --format tensorrt --target DEVICE`, which writes "
-                  f"`{SCRIPT}` where TensorRT is absent."), ""]
+    lines += _parity(summary.get("parity"), q)
+    lines += _tensorrt(summary["tensorrt_check"], trt)
     return "\n".join(lines)

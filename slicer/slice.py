@@ -236,6 +236,25 @@ def slice_checkpoint(
     chosen, spec_source = resolved if resolved is not None else choose_spec(
         ckpt, budget, spec, allow_off_curve=allow_off_curve)
     code = parse_dtype(dtype)
+    rules, port, quant, config, codes, out_dtype = _layout(ckpt, chosen, code, form, pad_multiple, runtime)
+    out_tensors, total, advance = _out_tensors(ckpt, rules, port, codes, progress)
+    copied = [ckpt.root / f for f in PASSTHROUGH_FILES if (ckpt.root / f).is_file()]
+    if remote_code.needs_code(config):
+        copied += [Path(f) for f in remote_code.FILES]
+    sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
+    with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
+        w.expect(total + sum(f.stat().st_size for f in copied))  # the slice's size: refused now if it cannot fit
+        _add_files(w, config, quant, copied)
+        w.write_tensors(out_tensors, max_shard_bytes, on_bytes=advance)
+        manifest = _manifest(ckpt, budget, chosen, spec_source, port.arch, config, w, out_dtype, quant)
+        manifest["form"] = port.to_json(DTYPES[code][1] if code else _dtype_bytes(out_dtype))
+        w.add_json(MANIFEST_NAME, manifest)
+    return SliceResult(Path(out), manifest["parameters"]["total"], w.bytes_written, manifest)
+
+
+def _layout(ckpt: Checkpoint, chosen: SliceSpec, code: str | None, form: str, pad_multiple: int | None,
+            runtime: str | None):
+    """The slice's layout: (rules, form, quantized plan or None, config, dtype code per tensor, output dtype)."""
     parent, compact = ckpt.arch, chosen.child_arch(ckpt.arch)
     rules = tensor_rules(parent, chosen)
     assert {r.name: r.shape for r in rules} == compact.tensor_shapes(), "slicing rules disagree with the child layout"
@@ -258,7 +277,11 @@ def slice_checkpoint(
     config["dtype"] = out_dtype
     if "torch_dtype" in config:
         config["torch_dtype"] = out_dtype
+    return rules, port, quant, config, codes, out_dtype
 
+
+def _out_tensors(ckpt: Checkpoint, rules, port, codes: dict, progress: Progress | None):
+    """(the tensors to write, their total bytes, the writer's on_bytes callback reporting progress)."""
     shapes = {r.name: port.shape(r.name, r.shape) for r in rules}
     total = sum(math.prod(shapes[r.name]) * DTYPES[codes[r.name] or ckpt.tensors[r.source].dtype][1] for r in rules)
     done = [0]
@@ -273,24 +296,18 @@ def slice_checkpoint(
                   lambda r=r: port.blocks(r.name, _blocks(ckpt, r, codes[r.name]), r.shape))
         for r in rules
     ]
-    copied = [ckpt.root / f for f in PASSTHROUGH_FILES if (ckpt.root / f).is_file()]
-    if remote_code.needs_code(config):
-        copied += [Path(f) for f in remote_code.FILES]
-    sources = [ckpt.root, *ckpt.weight_files, *([spec] if isinstance(spec, (str, Path)) else [])]
-    with ShardedWriter(out, force=force, sources=sources, kind="slice") as w:
-        w.expect(total + sum(f.stat().st_size for f in copied))  # the slice's size: refused now if it cannot fit
-        w.add_json("config.json", config)
-        if quant is not None and quant.hf_quant_config is not None:
-            from elastic.slicer.quant.layout import HF_QUANT_CONFIG
+    return out_tensors, total, advance
 
-            w.add_json(HF_QUANT_CONFIG, quant.hf_quant_config)
-        for f in copied:
-            w.add_file(f)
-        w.write_tensors(out_tensors, max_shard_bytes, on_bytes=advance)
-        manifest = _manifest(ckpt, budget, chosen, spec_source, child, config, w, out_dtype, quant)
-        manifest["form"] = port.to_json(DTYPES[code][1] if code else _dtype_bytes(out_dtype))
-        w.add_json(MANIFEST_NAME, manifest)
-    return SliceResult(Path(out), manifest["parameters"]["total"], w.bytes_written, manifest)
+
+def _add_files(w: ShardedWriter, config: dict, quant, copied: list[Path]) -> None:
+    """config.json, a quantized slice's hf_quant_config.json, and the files copied from the source."""
+    w.add_json("config.json", config)
+    if quant is not None and quant.hf_quant_config is not None:
+        from elastic.slicer.quant.layout import HF_QUANT_CONFIG
+
+        w.add_json(HF_QUANT_CONFIG, quant.hf_quant_config)
+    for f in copied:
+        w.add_file(f)
 
 
 def _dtype_bytes(name: str | None) -> int:

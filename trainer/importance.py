@@ -120,6 +120,7 @@ def depth_candidates(model: NemotronH, batches: list[torch.Tensor], keep_attenti
     return [i for i in layers if i != kept]
 
 
+@torch.no_grad()
 def depth_order(model: NemotronH, batches: list[torch.Tensor], candidates: Iterable[int], steps: int) -> list[tuple[int, float]]:
     """Greedy layer removal: ``steps`` times, remove the candidate whose removal changes the logits
     least (normalized MSE against the full model), recomputed with the earlier removals in place.

@@ -152,6 +152,21 @@ class TrainMemory:
         return self.total <= HEADROOM * device_bytes
 
 
+def _copies_how(arch: Arch, n_copies: int, c: int, ckpt: bool, only_full: bool) -> str:
+    """How the weight copies term of the activations was computed."""
+    if only_full:
+        return "none: every budget is the parent itself, nothing is narrowed"
+    copies_how = (f"{_count(n_copies)} weights x {c} B: what the elastic forward index-selects for a smaller "
+                  "child, at the parent's sizes (an upper bound): Mamba in_proj, conv1d, A_log, D, dt_bias, gated "
+                  "norm and out_proj (heads kept per group); attention q_proj and o_proj (query heads per KV "
+                  "group)" + ("; MoE gate rows and correction bias (experts kept per routing group)"
+                              if copied(arch, "moe") and any(x.kind == "moe" for x in arch.layers) else "")
+                  + ". MLP, experts, embedding and LM head are narrowed views")
+    if ckpt:
+        copies_how += "; with checkpointing one block's at a time (made again in the backward)"
+    return copies_how
+
+
 def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
                  kernels: bool | None = None) -> TrainMemory:
     """The per-rank memory of ``elastic train`` with ``cfg`` on ``world`` processes.
@@ -196,17 +211,7 @@ def train_memory(arch: Arch, cfg: Any, world: int, *, cuda: bool, fsdp: bool,
     only_full = _only_full(cfg)
     n_copies = weight_copy_elements(arch, cfg)
     copies = n_copies * c
-    if only_full:
-        copies_how = "none: every budget is the parent itself, nothing is narrowed"
-    else:
-        copies_how = (f"{_count(n_copies)} weights x {c} B: what the elastic forward index-selects for a smaller "
-                      "child, at the parent's sizes (an upper bound): Mamba in_proj, conv1d, A_log, D, dt_bias, gated "
-                      "norm and out_proj (heads kept per group); attention q_proj and o_proj (query heads per KV "
-                      "group)" + ("; MoE gate rows and correction bias (experts kept per routing group)"
-                                  if copied(arch, "moe") and any(x.kind == "moe" for x in arch.layers) else "")
-                      + ". MLP, experts, embedding and LM head are narrowed views")
-        if ckpt:
-            copies_how += "; with checkpointing one block's at a time (made again in the backward)"
+    copies_how = _copies_how(arch, n_copies, c, ckpt, only_full)
     per_token = mask_elements(arch, cfg)
     masks = tokens * per_token * c
     if only_full:

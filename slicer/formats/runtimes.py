@@ -90,74 +90,64 @@ def llama_cpp_support(arch: Arch, gguf_tokenizer: str | None) -> dict[str, Any]:
                 f"q4_k_m made by llama.cpp's quantizer; {LLAMA_CPP})")
 
 
-def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
-                    tokenizer: dict | None = None, quant_group: int | None = None,
-                    has_tokenizer: bool = True, gguf_tokenizer: str | None = None) -> dict[str, dict[str, Any]]:
-    """The ``runtimes`` entry of a slice's manifest: per runtime ``{"loads": True, "how": ...}`` or
-    ``{"loads": False, "why": ...}``.
-
-    Args:
-        arch: the slice's architecture; its ``config_form()`` decides most answers.
-        config: the config.json written (``mamba_d_head`` matters to llama.cpp; a
-            ``quantization_config`` routes to ``elastic.slicer.quant.runtimes``).
-        tokenizer_config: the tokenizer_config.json copied beside it, if any.
-        tokenizer: :func:`llama_cpp_tokenizer`'s observation of the tokenizer, if any.
-        has_tokenizer: False when the slice ships no tokenizer (see :func:`without_tokenizer`).
-        gguf_tokenizer: why the tokenizer cannot go into a GGUF, if it cannot
-            (:func:`elastic.slicer.formats.llama_cpp.gguf_tokenizer_problem`).
-        quant_group: a quantized slice's group size (hf_quant_config.json's ``group_size``, which
-            Model Optimizer 0.47 leaves out of config.json's ``quantization_config``).
-    """
-    form = arch.config_form()
-    out: dict[str, dict[str, Any]] = {}
-
+def _transformers(form: str) -> dict[str, Any]:
+    """transformers' answer for a slice written in config form ``form``."""
     # transformers 5: nemotron_h is built in; the other two forms are classes only the shipped files
     # define, which AutoConfig runs only with trust_remote_code (configuration_auto.py, from_pretrained)
     if form == FORM_STOCK:
-        out["transformers"] = _yes("AutoModelForCausalLM / NemotronHForCausalLM, stock nemotron_h config, no remote code")
-    else:
-        name = "NVIDIA's Puzzle form (per-layer MLP widths)" if form == FORM_PUZZLE else \
-            "elastic's extension form (per-layer Mamba/attention sizes)"
-        out["transformers"] = _yes(f"AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True): {name}, "
-                                   "modeling file included" + REMOTE_CODE_TOKENIZER)
+        return _yes("AutoModelForCausalLM / NemotronHForCausalLM, stock nemotron_h config, no remote code")
+    name = "NVIDIA's Puzzle form (per-layer MLP widths)" if form == FORM_PUZZLE else \
+        "elastic's extension form (per-layer Mamba/attention sizes)"
+    return _yes(f"AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True): {name}, "
+                "modeling file included" + REMOTE_CODE_TOKENIZER)
 
+
+def _vllm(form: str) -> dict[str, Any]:
+    """vLLM's answer for a slice written in config form ``form``."""
     # vLLM 0.33: architectures[0] NemotronHPuzzleForCausalLM is registered to the nemotron_h model
     # (model_executor/models/registry.py:186-187); a model_type vLLM has no class for goes through
     # AutoConfig with its --trust-remote-code (transformers_utils/config.py:342-470); per-layer sizes
     # come from get_nemotron_h_config_for_layer for MLP/MoE/attention layers, never for Mamba
     # layers (model_executor/models/nemotron_h.py:278-313, 377-402)
     if form == FORM_STOCK:
-        out["vllm"] = _yes("nemotron_h")
-    elif form == FORM_PUZZLE:
-        out["vllm"] = _yes("NemotronHPuzzleForCausalLM (vLLM's nemotron_h model, per-layer MLP widths through "
-                           "get_nemotron_h_config_for_layer); serve with --trust-remote-code, vLLM has no config class "
-                           "for nemotron_h_puzzle")
-    else:
-        out["vllm"] = _no("NemotronHElasticForCausalLM (per-layer Mamba/attention sizes) is elastic's extension, not "
-                          "an architecture vLLM registers; vLLM's nemotron_h model sizes every Mamba layer from the "
-                          "global mamba_num_heads/mamba_head_dim. Slice a budget with one Mamba and attention size "
-                          "(train without --per-layer-mamba)")
+        return _yes("nemotron_h")
+    if form == FORM_PUZZLE:
+        return _yes("NemotronHPuzzleForCausalLM (vLLM's nemotron_h model, per-layer MLP widths through "
+                    "get_nemotron_h_config_for_layer); serve with --trust-remote-code, vLLM has no config class "
+                    "for nemotron_h_puzzle")
+    return _no("NemotronHElasticForCausalLM (per-layer Mamba/attention sizes) is elastic's extension, not "
+               "an architecture vLLM registers; vLLM's nemotron_h model sizes every Mamba layer from the "
+               "global mamba_num_heads/mamba_head_dim. Slice a budget with one Mamba and attention size "
+               "(train without --per-layer-mamba)")
 
+
+def _sglang(form: str) -> dict[str, Any]:
+    """sglang's answer for a slice written in config form ``form``."""
     # sglang 0.5.23: MLP layers read the global intermediate_size (srt/models/nemotron_h.py:529-561),
     # and its Puzzle loader sizes experts with max() over moe blocks, which fails without one
     # (srt/configs/nemotron_h.py:550-559); Mamba sizes are global (:425-439)
     if form == FORM_STOCK:
-        out["sglang"] = _yes("nemotron_h")
-    elif form == FORM_PUZZLE:
-        out["sglang"] = _no("sglang builds MLP layers from the global intermediate_size (it does not read per-layer "
-                            "MLP widths from block_configs), and its Puzzle loader needs at least one MoE block")
-    else:
-        out["sglang"] = _no("sglang takes one global Mamba size and one global FFN width; this slice has per-layer "
-                            "sizes (elastic's extension form)")
+        return _yes("nemotron_h")
+    if form == FORM_PUZZLE:
+        return _no("sglang builds MLP layers from the global intermediate_size (it does not read per-layer "
+                   "MLP widths from block_configs), and its Puzzle loader needs at least one MoE block")
+    return _no("sglang takes one global Mamba size and one global FFN width; this slice has per-layer "
+               "sizes (elastic's extension form)")
 
+
+def _onnxruntime(arch: Arch) -> dict[str, Any]:
+    """ONNX Runtime's answer: the graphs of ``elastic export``, which does not trace MoE layers."""
     # ONNX Runtime runs the graphs elastic export writes from our reference model, which builds
     # every layer at its own size whatever the form (tests/test_export.py checks it against ORT)
     if any(layer.kind == "moe" for layer in arch.layers):  # export/pipeline.py refuses them
-        out["onnxruntime"] = _no("`elastic export` does not trace MoE layers yet (the reference model's expert "
-                                 "dispatch depends on the tokens)")
-    else:
-        out["onnxruntime"] = _yes("after `elastic export DIR`: ONNX prefill/decode graphs with explicit state")
+        return _no("`elastic export` does not trace MoE layers yet (the reference model's expert "
+                   "dispatch depends on the tokens)")
+    return _yes("after `elastic export DIR`: ONNX prefill/decode graphs with explicit state")
 
+
+def _llama_cpp_converter(arch: Arch, form: str, config: dict, tokenizer_config: dict | None,
+                         tokenizer: dict | None) -> dict[str, Any]:
+    """llama.cpp's converter's answer (convert_hf_to_gguf.py): the form, Mamba sizes and the tokenizer."""
     # llama.cpp (convert_hf_to_gguf.py, conversion/nemotron.py): the architecture name picks the
     # converter; NemotronHPuzzleForCausalLM is its MoE Puzzle converter (:514-596)
     reasons = []
@@ -186,7 +176,33 @@ def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = No
     how = LLAMA_CPP_HOW if tokenizer is not None else (
         LLAMA_CPP_HOW + "; the converter must also recognise the tokenizer's pre-tokenizer (a hash of its output), "
         "unchecked here: bench/llama_cpp_check.py checks it")
-    out["llama.cpp converter"] = _no("; ".join(reasons)) if reasons else _yes(how)
+    return _no("; ".join(reasons)) if reasons else _yes(how)
+
+
+def runtime_support(arch: Arch, config: dict, tokenizer_config: dict | None = None,
+                    tokenizer: dict | None = None, quant_group: int | None = None,
+                    has_tokenizer: bool = True, gguf_tokenizer: str | None = None) -> dict[str, dict[str, Any]]:
+    """The ``runtimes`` entry of a slice's manifest: per runtime ``{"loads": True, "how": ...}`` or
+    ``{"loads": False, "why": ...}``.
+
+    Args:
+        arch: the slice's architecture; its ``config_form()`` decides most answers.
+        config: the config.json written (``mamba_d_head`` matters to llama.cpp; a
+            ``quantization_config`` routes to ``elastic.slicer.quant.runtimes``).
+        tokenizer_config: the tokenizer_config.json copied beside it, if any.
+        tokenizer: :func:`llama_cpp_tokenizer`'s observation of the tokenizer, if any.
+        has_tokenizer: False when the slice ships no tokenizer (see :func:`without_tokenizer`).
+        gguf_tokenizer: why the tokenizer cannot go into a GGUF, if it cannot
+            (:func:`elastic.slicer.formats.llama_cpp.gguf_tokenizer_problem`).
+        quant_group: a quantized slice's group size (hf_quant_config.json's ``group_size``, which
+            Model Optimizer 0.47 leaves out of config.json's ``quantization_config``).
+    """
+    form = arch.config_form()
+    out: dict[str, dict[str, Any]] = {
+        "transformers": _transformers(form), "vllm": _vllm(form), "sglang": _sglang(form),
+        "onnxruntime": _onnxruntime(arch),
+        "llama.cpp converter": _llama_cpp_converter(arch, form, config, tokenizer_config, tokenizer),
+    }
     out["llama.cpp"] = llama_cpp_support(arch, gguf_tokenizer)
     if not any(layer.kind == "attention" for layer in arch.layers):
         out["transformers"] = {**out["transformers"], "how": out["transformers"]["how"] + NO_ATTENTION_GENERATE}

@@ -84,18 +84,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse and validate a safetensors header. Returns (header dict, byte offset where data starts).
-
-    Checks what the safetensors library itself checks, every problem at once: a header length
-    within its 100 MB limit, a JSON object without repeated keys, ``__metadata__`` a map of
-    strings, and for every tensor a known dtype, a shape of non-negative integers and
-    ``data_offsets`` ``[start, end]`` covering exactly shape x element size, the tensors laid out
-    one after another from 0 with no gap or overlap, ending exactly at the end of the file.
-
-    Raises:
-        CheckpointError: the file is missing, truncated, or its header is not valid.
-    """
+def _read_json(path: Path) -> tuple[Any, int, int]:
+    """(the parsed JSON header, its length in bytes, the file's size): the 8-byte length and the JSON checked."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -120,6 +110,22 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         why = str(e) if str(e).startswith("repeated keys") else "not JSON"
         raise CheckpointError(f"corrupt safetensors header ({why})", path=str(path)) from None
+    return header, n, size
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and validate a safetensors header. Returns (header dict, byte offset where data starts).
+
+    Checks what the safetensors library itself checks, every problem at once: a header length
+    within its 100 MB limit, a JSON object without repeated keys, ``__metadata__`` a map of
+    strings, and for every tensor a known dtype, a shape of non-negative integers and
+    ``data_offsets`` ``[start, end]`` covering exactly shape x element size, the tensors laid out
+    one after another from 0 with no gap or overlap, ending exactly at the end of the file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, or its header is not valid.
+    """
+    header, n, size = _read_json(path)
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header (not an object)", path=str(path))
     data_start = 8 + n
