@@ -286,8 +286,10 @@ def fit_my_gpu(
                                                 "(default: ./elastic-model-<budget>).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and choose, write nothing.")] = False,
-    export: Annotated[bool, typer.Option("--export/--no-export", help="Export ONNX graphs (and a TensorRT engine "
-                                         "or its build script) into OUT/export after slicing.")] = True,
+    export: Annotated[bool, typer.Option("--export/--no-export", help="After slicing, export what the planned "
+                                         "engine needs: a GGUF for llama.cpp (OUT/gguf), ONNX graphs and a TensorRT "
+                                         "build script for a Jetson (OUT/export); vLLM and TensorRT-LLM load OUT "
+                                         "itself.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Detect the GPU, pick the largest budget that fits, slice it, export it, and check that it runs.

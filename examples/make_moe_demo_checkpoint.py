@@ -9,18 +9,13 @@ tokenizes the Python standard library's source files (5% of the documents held o
 with the shape below is pretrained from scratch; then
 
     elastic train --parent WORK/parent --data WORK/tokens --out WORK/elastic --budgets 100%=1.0,75%=0.75,50%=0.5 \\
-        --stage1-steps 300 --stage1-context 128 --stage2-steps 60 --stage2-context 256 --batch-size 16 \\
-        --router-lr 2e-3 --force
+        --stage1-steps 300 --stage1-context 128 --stage2-steps 60 --stage2-context 256 --batch-size 16 --force
 
 makes it elastic (experts ranked by router-weighted activation and permuted inside their routing
 groups; the router chooses the expert count, expert and shared-expert widths with the other
-dimensions), and its files are copied over OUT. The router's learning rate is a fifth of the
-default. At the default (1e-2) the run lands too: the budgets are resolved by constrained choice at
-the end, and the per-step cost keeps pulling a saturated router (trainer.elastic.move_loss); one such
-run (2026-12-07) ended 75% at 261,978 parameters (-1.6%, val loss 2.41) and 50% at 183,448 (+3.3%,
-val loss 2.86; its argmax sat at 220,312, +24%, and the resolver chose within 0.5 nats of it). At
-2e-3 the shipped files have 75% at 260,316 (val loss 2.59) and 50% at 169,976 (val loss 2.64):
-the smallest budget, the one a small device runs, is better, so the demo keeps 2e-3.
+dimensions), and its files are copied over OUT. The router trains at the default learning rate:
+the per-step cost pulls each budget's argmax toward its target (trainer.elastic.move_loss), and the
+end of the run resolves the budgets by constrained choice.
 """
 
 import argparse
@@ -72,7 +67,7 @@ def train_command(work: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "elastic.cli.main", "train", "--parent", str(work / "parent"),
             "--data", str(work / "tokens"), "--out", str(out), "--budgets", "100%=1.0,75%=0.75,50%=0.5",
             "--stage1-steps", "300", "--stage1-context", "128", "--stage2-steps", "60", "--stage2-context", "256",
-            "--batch-size", "16", "--router-lr", "2e-3", "--force"]
+            "--batch-size", "16", "--force"]
 
 
 def main() -> None:

@@ -172,10 +172,19 @@ def _slice_kept(dest: Path, result, reused: bool, reusable: bool, e: ElasticErro
     return err
 
 
+# engines that load the slice's Hugging Face directory itself: fit-my-gpu's deliverable for them is the slice
+DIRECTORY_ENGINES = ("vllm", "tensorrt-llm")
+
+
 def _export_why(p: Plan, name: str, export: bool) -> str | None:
     """Why fit-my-gpu will not export budget ``name`` (None: it will)."""
     if export and llama_cpp_engine(p, name):
         return None  # a GGUF: no ONNX tracing, no engine build
+    if export and p.budget(name).runtime in DIRECTORY_ENGINES:
+        from elastic.slicer.planning.engines import ENGINES
+
+        return (f"{ENGINES[p.budget(name).runtime].title} loads the slice's Hugging Face directory as it is: "
+                "there is nothing to export for it")
     why = export_unavailable() if export else "export not asked for"
     if why is None and any(layer.kind == "moe" for layer in p.checkpoint.arch.layers):
         why = "elastic export does not trace MoE layers yet; the slice runs in transformers and vLLM"

@@ -135,12 +135,18 @@ def test_fit_my_gpu_needs_weights(tmp_path):
 
 
 @pytest.mark.heavy
-def test_fit_my_gpu_builds_engine_settings_for_the_gpu_it_planned_for(tmp_path, monkeypatch):
+def test_fit_my_gpu_plans_for_the_gpu_asked_for_and_hands_vllm_the_slice(tmp_path, monkeypatch):
     """Two GPUs behind a fake NVML: GPU 0 has the most free memory, `--gpu 1` asks for the other.
-    The plan, the slice's dtype and the engine settings all use GPU 1 (nothing re-detects)."""
+    The plan and the slice's dtype use GPU 1 (nothing re-detects); the engine there is vLLM, which
+    loads the slice's directory itself, so nothing is exported (no ONNX tracing for an engine that
+    does not use it) and the smoke test runs the slice in the PyTorch reference; the TensorRT engine
+    settings of the detected GPU are the ones a TensorRT export would use."""
     import sys
 
     from test_profiles import RTX3060, RTX4090, FakeNVML
+
+    from elastic.export import trt
+    from elastic.profiles.target import resolve_target
 
     nvml = FakeNVML([RTX3060, RTX4090])  # 11.5 GiB free on GPU 0, 10 GiB on GPU 1
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
@@ -148,12 +154,14 @@ def test_fit_my_gpu_builds_engine_settings_for_the_gpu_it_planned_for(tmp_path, 
     r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--gpu", "1", "--out", "m", "--json"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
-    assert p["device"]["name"] == RTX4090[0]
-    settings = p["export"]["tensorrt"]["settings"]
-    assert settings["device"] == RTX4090[0] and settings["source"] == f"detected {RTX4090[0]}"
-    assert settings["precision"] == "bf16" and p["budgets"][0]["dtype"] == "bfloat16"
-    assert settings["max_context"] == 8192 and settings["max_batch"] == 1  # the plan's context and batch
-    assert "build_engines.sh" in p["export"]["files"] and p["smoke"]["new_tokens"] >= 1
+    assert p["device"]["name"] == RTX4090[0] and p["budgets"][0]["dtype"] == "bfloat16"
+    chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
+    assert chosen["runtime"] == "vllm" and p["run"] == ["vllm serve m"]
+    assert p["export"] == {"skipped": "vLLM loads the slice's Hugging Face directory as it is: there is nothing "
+                                      "to export for it"}
+    assert not (tmp_path / "m" / "export").exists() and p["smoke"]["new_tokens"] >= 1
+    settings = trt.engine_settings(resolve_target(None, gpu=1)[0], max_context=8192)
+    assert settings.device == RTX4090[0] and settings.source == f"detected {RTX4090[0]}" and settings.precision == "bf16"
 
 
 def test_plan_counts_the_export_and_the_engine_build():

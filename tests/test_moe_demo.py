@@ -131,9 +131,11 @@ def test_quantized_moe_sources_slice_to_their_kept_quantized_values(algo, tmp_pa
     src = write_quantized_layout(MOE_DEMO, tmp_path / algo, algo)
     ckpt = Checkpoint.open(src)
     cuts = [(budget, choose_spec(ckpt, budget, None)[0]) for budget in ("75%", "50%")]
-    if algo == "NVFP4":  # the trained budgets keep 56 hidden channels: a 16-block cut, refused with the reason
-        for budget, _ in cuts:
-            with pytest.raises(ConfigError, match=r"cut through \[48, 64\): NVFP4 keeps one fp8 scale per block of 16"):
+    if algo == "NVFP4":  # the trained budgets cut NVFP4's blocks of 16 inputs, refused with the reason:
+        # 75% keeps 56 hidden channels (the block [48, 64) cut); 50% keeps 8 of each Mamba head's 16
+        # channels (out_proj's inputs [0, 8) of the block [0, 16))
+        for budget, cut in (("75%", r"\[48, 64\)"), ("50%", r"columns \[0, 8\) cut through \[0, 16\)")):
+            with pytest.raises(ConfigError, match=cut + r".*NVFP4 keeps one fp8 scale per block of 16"):
                 slice_checkpoint(src, tmp_path / budget, budget=budget)
             assert not (tmp_path / budget).exists()
         # a cut in whole blocks, in NVIDIA's vocabulary: hidden 48, 6 of 8 experts, widths 32 and 64

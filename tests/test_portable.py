@@ -94,11 +94,17 @@ def test_padded_slice_computes_the_compact_one(tmp_path, name, what, multiple):
 
 
 def test_moe_expert_widths_are_padded(tmp_path):
-    """MoE expert and shared-expert widths (the MoE demo's 50%, rounded up to a multiple of 32):
-    transformers' own MoE layer computes the same logits."""
+    """MoE expert and shared-expert widths (40 and 80 of the MoE demo's 48 and 96, 6 of its 8 experts,
+    rounded up to a multiple of 32): transformers' own MoE layer computes the same logits."""
+    from elastic.slicer.formats.spec import SliceSpec
+
     moe = DEMO.parent / "moe_demo_checkpoint"
-    compact = slice_checkpoint(moe, tmp_path / "c", budget="50%", form="puzzle")
-    padded = slice_checkpoint(moe, tmp_path / "p", budget="50%", form="stock", pad_multiple=32)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"moe_ffn_hidden_size": 40, "moe_shared_expert_intermediate_size": 80,
+                                "num_moe_experts": 6}))  # NVIDIA's names
+    spec = SliceSpec.from_file(spec, Checkpoint.open(moe).arch)
+    compact = slice_checkpoint(moe, tmp_path / "c", spec=spec, form="puzzle")
+    padded = slice_checkpoint(moe, tmp_path / "p", spec=spec, form="stock", pad_multiple=32)
     assert {(p["field"], p["from"], p["to"]) for p in padded.manifest["form"]["padding"]} == {
         ("moe_intermediate_size", 40, 64), ("moe_shared_expert_intermediate_size", 80, 96)}
     ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(1))
