@@ -16,14 +16,25 @@ from typing import Any
 
 from elastic.profiles.progress import Progress, quiet
 from elastic.slicer.errors import ElasticError, Hint
+from elastic.slicer.slice import PASSTHROUGH_FILES
 from elastic.slicer.planning.memory import DEFAULT_EXPORT_CONTEXT
 
 from .layout import CHECKSUMS, MANIFEST, README, SCRIPT, checksums
 
 FORMATS = ("onnx", "tensorrt", "all")
-# files a runtime needs beside the graphs: the tokenizer (``elastic generate``) and the config (eos)
-PASSTHROUGH = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "tokenizer.model", "generation_config.json", "chat_template.jinja")
+# files a runtime needs beside the graphs: the config (eos) and the files a slice carries (the tokenizer
+# in any of its forms, the chat template, the generation config)
+PASSTHROUGH = ("config.json", *PASSTHROUGH_FILES)
+
+
+def untraced_layers(arch) -> str | None:
+    """Why elastic export cannot trace ``arch`` (its MoE layers), or None when it can."""
+    moe = [i for i, layer in enumerate(arch.layers) if layer.kind == "moe"]
+    if not moe:
+        return None
+    # the reference MoE layer runs only the experts some token chose: a data-dependent loop
+    return (f"layers {moe} are MoE layers, which elastic export does not trace yet (the expert dispatch depends "
+            "on the tokens); serve MoE slices with transformers or vLLM")
 
 
 def _open(model_dir: str | Path, dtype: str):
@@ -138,10 +149,9 @@ def _open_exportable(model_dir: str | Path, dtype: str, say: Progress):
 
     say("open", 0, None, message=f"opening {model_dir}")
     ckpt, torch_dtype = _open(model_dir, dtype)  # validated, not loaded
-    moe = [i for i, layer in enumerate(ckpt.arch.layers) if layer.kind == "moe"]
-    if moe:  # the reference MoE layer runs only the experts some token chose: a data-dependent loop
-        raise ElasticError(f"{model_dir}: layers {moe} are MoE layers, which elastic export does not trace yet (the "
-                           "expert dispatch depends on the tokens); serve MoE slices with transformers or vLLM")
+    why = untraced_layers(ckpt.arch)
+    if why:
+        raise ElasticError(f"{model_dir}: {why}")
     return ckpt, torch_dtype, qdq_plan(ckpt, torch_dtype)  # a None plan: a float checkpoint, plain float graphs
 
 

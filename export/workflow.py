@@ -186,8 +186,10 @@ def _export_why(p: Plan, name: str, export: bool) -> str | None:
         return (f"{ENGINES[p.budget(name).runtime].title} loads the slice's Hugging Face directory as it is: "
                 "there is nothing to export for it")
     why = export_unavailable() if export else "export not asked for"
-    if why is None and any(layer.kind == "moe" for layer in p.checkpoint.arch.layers):
-        why = "elastic export does not trace MoE layers yet; the slice runs in transformers and vLLM"
+    if why is None:
+        from .pipeline import untraced_layers
+
+        why = untraced_layers(p.checkpoint.arch)
     b = p.budget(name)
     if why is None and b.export_here is False:  # it runs here, but exporting it here would run out of memory
         from elastic.slicer.planning.fit import export_advice

@@ -23,8 +23,6 @@ from pathlib import Path
 
 from elastic.slicer.storage.writer import OutTensor
 
-COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-          "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def hidden_axes(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, ...]:
@@ -43,6 +41,7 @@ def pad_hidden(src: str | Path, out: str | Path, hidden: int) -> Path:
 
     import torch
 
+    from elastic.slicer.slice import PASSTHROUGH_FILES
     from elastic.slicer.storage.reader import Checkpoint
     from elastic.slicer.storage.writer import ShardedWriter
 
@@ -68,7 +67,7 @@ def pad_hidden(src: str | Path, out: str | Path, hidden: int) -> Path:
     config["hidden_size"] = hidden
     with ShardedWriter(out, force=True, sources=[ckpt.root, *ckpt.weight_files], kind="slice") as w:
         w.add_json("config.json", config)
-        w.add_files_from(ckpt.root, [*COPIED, *(f.name for f in ckpt.root.glob("*.py"))])  # + remote code
+        w.add_files_from(ckpt.root, [*PASSTHROUGH_FILES, *(f.name for f in ckpt.root.glob("*.py"))])  # + remote code
         w.write_tensors([OutTensor(name, ckpt.tensors[name].dtype, after[name], lambda n=name: padded(n))
                          for name in before])
     return Path(out)
