@@ -287,9 +287,8 @@ def fit_my_gpu(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists and is empty or written by elastic (anything else is refused).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and choose, write nothing.")] = False,
     export: Annotated[bool, typer.Option("--export/--no-export", help="After slicing, export what the planned "
-                                         "engine needs: a GGUF for llama.cpp (OUT/gguf), ONNX graphs and a TensorRT "
-                                         "build script for a Jetson (OUT/export); vLLM and TensorRT-LLM load OUT "
-                                         "itself.")] = True,
+                                         "engine needs: a GGUF for llama.cpp (OUT/gguf), a TensorRT Edge-LLM bundle "
+                                         "for a Jetson (OUT/edgellm); vLLM and TensorRT-LLM load OUT itself.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Detect the GPU, pick the largest budget that fits, slice it, export it, and check that it runs.
@@ -355,6 +354,9 @@ def _fit_lines(fit, dest: Path, chosen) -> list[str]:
         fell = f"; {len(exported['fallbacks'])} tensor(s) fell back" if exported["fallbacks"] else ""
         lines.append(f"exported    {exported['file']}  (GGUF {exported['precision']} for llama.cpp, "
                      f"{human_bytes(exported['bytes'])}{fell})")
+    elif exported.get("format") == "edgellm":
+        lines.append(f"exported    {exported['out']}  (TensorRT Edge-LLM bundle for {exported['device']['name']}, "
+                     f"{exported['precision']}; the engine is built on the Jetson: see its README.md)")
     elif "out" in exported:
         trt = exported.get("tensorrt") or {}
         lines.append(f"exported    {exported['out']}  (ONNX opset {exported.get('opset')}; TensorRT engine "

@@ -77,7 +77,8 @@ class EdgeLLMResult:
     manifest: dict[str, Any]  # export_manifest.json as written
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.manifest)
+        """The manifest, and ``out``: where the bundle is."""
+        return {**self.manifest, "out": str(self.out)}
 
 
 def find_exporter() -> list[str]:
@@ -270,9 +271,13 @@ def export_edgellm(model_dir: str | Path, out: str | Path, *, target: str | None
         from elastic.slicer.quantize.workflow import require_modelopt
 
         require_modelopt()
-    sources = [ckpt.root, *ckpt.weight_files]
-    with ShardedWriter(out, force=force, sources=sources, kind="export") as w:
-        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.edgellm-", dir=Path(out).parent))
+    # the files read may share a directory with the bundle (fit-my-gpu writes it to MODEL_DIR/edgellm)
+    read = [p for p in ckpt.root.iterdir() if p.is_file()]
+    with ShardedWriter(out, force=force, source_files=[*read, *ckpt.weight_files], kind="export") as w:
+        # staged beside the bundle (one filesystem), but never inside the model being read
+        beside = Path(out).resolve().parent
+        beside = ckpt.root.resolve().parent if ckpt.root.resolve() in (beside, *beside.parents) else beside
+        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.edgellm-", dir=beside))
         try:
             sliced = _stage(ckpt, staging / "model", p, source_quant, progress)
             template_note = _chat_template(staging / "model", template, chat_template)

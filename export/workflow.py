@@ -60,15 +60,27 @@ def llama_cpp_engine(p: Plan, name: str) -> bool:
 
 
 def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None = None, budget: str | None = None):
-    """Export a sliced model for the plan's target, context and batch: on a CPU target that
-    llama.cpp runs (:func:`llama_cpp_engine`), a GGUF in MODEL_DIR/gguf (``gguf.GgufResult``);
-    otherwise ONNX graphs and the TensorRT engine or its build script in MODEL_DIR/export
-    (``pipeline.ExportResult``).
+    """Export a sliced model for the engine the plan chose, at the plan's target, context and batch:
+    llama.cpp (:func:`llama_cpp_engine`): a GGUF in MODEL_DIR/gguf (``gguf.GgufResult``); TensorRT
+    Edge-LLM: its exporter's bundle in MODEL_DIR/edgellm (``edgellm.EdgeLLMResult``), the engine built
+    on the Jetson; otherwise elastic's ONNX graphs and the TensorRT engine or its build script in
+    MODEL_DIR/export (``pipeline.ExportResult``).
 
     Raises:
-        MissingDependencyError: the onnx extra is not installed (:func:`export_unavailable` says so first).
+        ElasticError: the engine loads the slice's directory itself (vLLM, TensorRT-LLM): nothing to export.
+        MissingDependencyError: the engine's exporter is not installed (:func:`_export_why` says so first).
     """
     name = budget or p.chosen
+    runtime = p.budget(name).runtime if name is not None else ""
+    if runtime in DIRECTORY_ENGINES:
+        raise ElasticError(_directory_engine(runtime))
+    if runtime == "edgellm":
+        from .edgellm import export_edgellm
+
+        device = p.detection.chosen.profile if p.detection is not None else None  # detected here: its profile
+        return export_edgellm(model_dir, Path(model_dir) / "edgellm", target=p.target.profile or device,
+                              max_batch=p.workload.batch, max_context=p.workload.context, force=True,
+                              progress=progress)
     if name is not None and llama_cpp_engine(p, name):
         from .gguf import export_gguf
 
@@ -84,7 +96,7 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
 def smoke(p: Plan, model_dir: str | Path, exported=None) -> dict[str, Any]:
     """A short greedy generation from what was produced: the GGUF in llama.cpp or the exported
     graphs in ONNX Runtime when there are some, else the PyTorch reference (float32 on a CPU target)."""
-    if exported is not None:
+    if exported is not None and exported.to_json().get("format") != "edgellm":  # its engine is built on the Jetson
         from .runtime import generate_text
 
         if exported.to_json().get("format") == "gguf":
@@ -111,7 +123,9 @@ def run_commands(p: Plan, name: str, dest: str | Path, exported=None) -> list[st
                 f"llama-cli -m {d}/gguf/<the .gguf file it wrote>"]
     if b.runtime == "edgellm":
         where = p.target.profile or "<this Jetson's profile>"
-        bundle = shlex.quote(f"{dest}-edgellm")
+        bundle = shlex.quote(f"{dest}/edgellm")
+        if done.get("format") == "edgellm":
+            return [f"on the Jetson, the commands in {bundle}/README.md (build the engine, run it)"]
         return [f"elastic export {d} --format edgellm --target {where} --precision {b.weights_precision} "
                 f"--out {bundle}", f"then, on the Jetson, the commands in {bundle}/README.md (build the engine, run it)"]
     if b.runtime == "tensorrt-llm":
@@ -176,26 +190,45 @@ def _slice_kept(dest: Path, result, reused: bool, reusable: bool, e: ElasticErro
 DIRECTORY_ENGINES = ("vllm", "tensorrt-llm")
 
 
+def _directory_engine(runtime: str) -> str:
+    from elastic.slicer.planning.engines import ENGINES
+
+    return f"{ENGINES[runtime].title} loads the slice's Hugging Face directory as it is: there is nothing to export for it"
+
+
 def _export_why(p: Plan, name: str, export: bool) -> str | None:
     """Why fit-my-gpu will not export budget ``name`` (None: it will)."""
     if export and llama_cpp_engine(p, name):
         return None  # a GGUF: no ONNX tracing, no engine build
     if export and p.budget(name).runtime in DIRECTORY_ENGINES:
-        from elastic.slicer.planning.engines import ENGINES
-
-        return (f"{ENGINES[p.budget(name).runtime].title} loads the slice's Hugging Face directory as it is: "
-                "there is nothing to export for it")
-    why = export_unavailable() if export else "export not asked for"
-    if why is None:
-        from .pipeline import untraced_layers
-
-        why = untraced_layers(p.checkpoint.arch)
+        return _directory_engine(p.budget(name).runtime)
     b = p.budget(name)
+    if export and b.runtime == "edgellm":  # its own exporter, installed apart (its transformers pin)
+        why = _edgellm_why(p, b)
+    else:
+        why = export_unavailable() if export else "export not asked for"
+        if why is None:
+            from .pipeline import untraced_layers
+
+            why = untraced_layers(p.checkpoint.arch)
     if why is None and b.export_here is False:  # it runs here, but exporting it here would run out of memory
         from elastic.slicer.planning.fit import export_advice
 
         why = export_advice(b, p.target)
     return why
+
+
+def _edgellm_why(p: Plan, b) -> str | None:
+    """Why TensorRT Edge-LLM's exporter will not run on budget ``b`` here (None: it will)."""
+    from .edgellm import find_exporter
+
+    if any(layer.kind == "moe" for layer in p.checkpoint.arch.layers) and b.weights_precision != "nvfp4":
+        return "TensorRT Edge-LLM runs MoE layers in nvfp4 only (plan with --precision nvfp4 on a Jetson Thor)"
+    try:
+        find_exporter()
+    except MissingDependencyError as e:
+        return e.message
+    return None
 
 
 def _quantized(b) -> bool:

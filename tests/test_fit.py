@@ -176,7 +176,7 @@ def test_plan_counts_the_export_and_the_engine_build():
     assert b["fits"] and b["export_here"] is False
     assert b["export_peak_bytes"] > b["parameters"] * 4 + EXPORT_FIXED_BYTES  # float32 graphs + the tracer
     assert b["engine_build_bytes"] > b["parameters"] * 4 + 2 * b["terms"]["weights"]
-    assert any("elastic export MODEL_DIR --format all --target orin-nx-16gb" in n and "SHA256SUMS" in n
+    assert any("elastic export MODEL_DIR --format edgellm --target orin-nx-16gb" in n and "SHA256SUMS" in n
                for n in p["notes"])
     assert export_peak_bytes(arch) == next(x for x in p["budgets"] if x["name"] == "12B")["export_peak_bytes"]
     # a desktop GPU exports in host RAM, which a profile does not know

@@ -242,7 +242,12 @@ def test_export_without_the_onnx_extra_starts_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.heavy
-def test_slice_and_export(tmp_path):
+def test_slice_and_export_without_the_engines_exporter(tmp_path, monkeypatch):
+    """On a Jetson the planned engine is TensorRT Edge-LLM; without its exporter installed the slice
+    is written, the export is skipped saying how to install it, and the smoke test runs the slice."""
+    from elastic.export import edgellm
+
+    monkeypatch.setenv(edgellm.EXPORTER_ENV, "no-such-edgellm-exporter")
     app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
 
     async def script(p):
@@ -255,8 +260,9 @@ def test_slice_and_export(tmp_path):
                 break
 
     pilot(app, script)
-    assert (tmp_path / "m" / "export" / "prefill.onnx").is_file()
-    assert any("exported" in line for line in app.logged), app.logged
+    assert (tmp_path / "m" / "slice_manifest.json").is_file() and not (tmp_path / "m" / "edgellm").exists()
+    assert any(line.startswith("export skipped:") and edgellm.INSTALL in line for line in app.logged), app.logged
+    assert any(line.startswith("smoke test:") for line in app.logged), app.logged
 
 
 @pytest.mark.heavy
@@ -363,10 +369,13 @@ def test_snapshot_nothing_fits(snap_compare, monkeypatch):
 
 
 @pytest.mark.heavy
-def test_slice_and_export_is_fit_my_gpus_workflow(tmp_path):
-    """'both' runs fit-my-gpu's workflow: the engine settings are for the planned target, context
-    and batch, the export's real stages show in the state line, and the smoke test runs."""
-    pytest.importorskip("onnx")
+def test_slice_and_export_is_fit_my_gpus_workflow(tmp_path, monkeypatch):
+    """'both' runs fit-my-gpu's workflow on a Jetson: the engine the plan chose there, TensorRT
+    Edge-LLM, gets its own exporter's bundle (a stand-in exporter here, tests/test_edgellm.py) for the
+    planned target, context and batch, and the smoke test runs the slice."""
+    from test_edgellm import _fake_exporter
+
+    _fake_exporter(tmp_path, monkeypatch)
     app = build_app(DEMO_CHECKPOINT, "orin-nx-16gb")
     out = tmp_path / "m50"
     async def script(p):
@@ -380,7 +389,10 @@ def test_slice_and_export_is_fit_my_gpus_workflow(tmp_path):
                     timeout=240)
 
     pilot(app, script)
-    settings = json.loads((out / "export" / "export_manifest.json").read_text())["tensorrt"]["settings"]
-    assert settings["device"] == "orin-nx-16gb" and settings["max_context"] == 2048 and settings["max_batch"] == 1
+    m = json.loads((out / "edgellm" / "export_manifest.json").read_text())
+    assert m["device"]["profile"] == "orin-nx-16gb" and m["engine"]["max_input_len"] == 2048
+    assert m["engine"]["max_batch"] == 1 and m["format"] == "edgellm"
     assert json.loads((out / "slice_manifest.json").read_text())["budget"] == "50%"
-    assert "  onnx.checker" in app.logged  # an export stage, as the exporter names it (no invented count)
+    assert any(line.startswith(f"exported {out / 'edgellm'} (TensorRT Edge-LLM bundle for Jetson Orin NX 16GB")
+               for line in app.logged), app.logged
+    assert not (out / "export").exists()  # no ONNX graphs of elastic's own: Edge-LLM exports its own

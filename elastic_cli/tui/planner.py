@@ -185,6 +185,11 @@ def slice_lines(result, budget: str, out: Path, reused: bool = False) -> list[st
 def export_lines(info: dict) -> list[str]:
     if "out" not in info:
         return [f"export skipped: {info['skipped']}"]
+    if info.get("format") == "edgellm":
+        engine = info["engine"]
+        return [f"exported {info['out']} (TensorRT Edge-LLM bundle for {info['device']['name']}, {info['precision']}, "
+                f"context {engine['max_input_len']} x batch {engine['max_batch']})",
+                f"next: on the Jetson, the commands in {info['out']}/README.md (build the engine, run it)"]
     if info.get("format") == "gguf":
         return [f"exported {info['file']} (GGUF {info['precision']} for llama.cpp, {human_bytes(info['bytes'])})",
                 f"next: {info['next']}"]

@@ -523,6 +523,11 @@ def export_terms(child, target: Target, engine_weight_bytes: int) -> tuple[int, 
 def export_advice(b: BudgetPlan, target: Target) -> str:
     """What to do when ``b`` runs on ``target`` but cannot be exported or built there."""
     where = f"--target {target.profile}" if target.profile else "--target <this device's profile>"
+    if b.runtime == "edgellm":  # TensorRT Edge-LLM's exporter, its engine built on the device
+        return (f"{b.name} runs on {target.name}, but exporting it needs {gib(b.export_peak_bytes, 1)} "
+                f"({gib(target.usable_bytes, 1)} usable here): on a machine with more memory run `elastic export "
+                f"MODEL_DIR --format edgellm {where} --out BUNDLE`, copy BUNDLE here, check it with `sha256sum -c "
+                "SHA256SUMS` and run the commands in its README.md (they build the engine here)")
     return (f"{b.name} runs on {target.name}, but exporting it needs {gib(b.export_peak_bytes, 1)} and a "
             f"TensorRT engine build about {gib(b.engine_build_bytes, 1)} ({gib(target.usable_bytes, 1)} usable "
             "here): on a machine with more "
