@@ -10,7 +10,9 @@ parent with the shape below pretrained from scratch; then the elastic checkpoint
     elastic train --parent WORK/parent --data WORK/tokens --out WORK/elastic --budgets 100%=1.0,75%=0.75,50%=0.5 \\
         --stage1-steps 300 --stage1-context 128 --stage2-steps 100 --stage2-context 256 --batch-size 16 --force
 
-which this script runs (and prints), then copies WORK/elastic's files over OUT.
+which this script runs (and prints), then copies WORK/elastic's files over OUT. Its size curve
+(OUT/size_curve.json, which a rebuilt checkpoint no longer matches) is measured after:
+`elastic eval -c OUT --curve --out OUT --force`.
 """
 
 import argparse

@@ -15,7 +15,8 @@ makes it elastic (experts ranked by router-weighted activation and permuted insi
 groups; the router chooses the expert count, expert and shared-expert widths with the other
 dimensions), and its files are copied over OUT. The router trains at the default learning rate:
 the per-step cost pulls each budget's argmax toward its target (trainer.elastic.move_loss), and the
-end of the run resolves the budgets by constrained choice.
+end of the run resolves the budgets by constrained choice. Its size curve (OUT/size_curve.json, which
+a rebuilt checkpoint no longer matches) is measured after: `elastic eval -c OUT --curve --out OUT --force`.
 """
 
 import argparse
