@@ -95,7 +95,8 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
 
 def smoke(p: Plan, model_dir: str | Path, exported=None) -> dict[str, Any]:
     """A short greedy generation from what was produced: the GGUF in llama.cpp or the exported
-    graphs in ONNX Runtime when there are some, else the PyTorch reference (float32 on a CPU target)."""
+    graphs in ONNX Runtime when there are some, else (nothing exported, or an Edge-LLM bundle, whose
+    engine is built on the Jetson) the slice in the PyTorch reference (float32 on a CPU target)."""
     if exported is not None and exported.to_json().get("format") != "edgellm":  # its engine is built on the Jetson
         from .runtime import generate_text
 
