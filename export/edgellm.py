@@ -119,8 +119,10 @@ def edgellm_device(target) -> EdgeDevice:
     """
     from elastic.profiles.devices import get_profile
 
-    profile = get_profile(target) if isinstance(target, str) and target else (target or None)
-    if not isinstance(target, str) or not target:
+    if isinstance(target, str) and target:
+        profile = get_profile(target)
+    else:
+        profile = target or None
         if profile is None or profile.kind != "jetson":
             raise ProfileError("TensorRT Edge-LLM builds its engine on the Jetson it runs on, and this machine is not "
                                "a Jetson elastic knows: name the device the bundle is for",
@@ -227,7 +229,7 @@ def _int4_check(arch) -> None:
             hint=Hint("precision", "choose fp16, or int8 / fp8 where the device runs them"))
 
 
-def export_edgellm(model_dir: str | Path, out: str | Path, *, target: str | None = None, precision: str = "auto",
+def export_edgellm(model_dir: str | Path, out: str | Path, *, target=None, precision: str = "auto",
                    max_batch: int = 1, max_context: int = DEFAULT_EXPORT_CONTEXT, chat_template: str | Path | None = None,
                    prompt: str = "Hello", force: bool = False,
                    progress: Progress | None = None) -> EdgeLLMResult:

@@ -97,10 +97,11 @@ def smoke(p: Plan, model_dir: str | Path, exported=None) -> dict[str, Any]:
     """A short greedy generation from what was produced: the GGUF in llama.cpp or the exported
     graphs in ONNX Runtime when there are some, else (nothing exported, or an Edge-LLM bundle, whose
     engine is built on the Jetson) the slice in the PyTorch reference (float32 on a CPU target)."""
-    if exported is not None and exported.to_json().get("format") != "edgellm":  # its engine is built on the Jetson
+    made = exported.to_json().get("format") if exported is not None else None
+    if exported is not None and made != "edgellm":  # an Edge-LLM bundle's engine is built on the Jetson
         from .runtime import generate_text
 
-        if exported.to_json().get("format") == "gguf":
+        if made == "gguf":
             return generate_text(exported.file, "Hello", backend="llama.cpp", max_new_tokens=16)
         return generate_text(exported.out, "Hello", backend="onnx", max_new_tokens=16)
     from elastic.slicer.nn.smoke import smoke_test
@@ -201,11 +202,11 @@ def _export_why(p: Plan, name: str, export: bool) -> str | None:
     """Why fit-my-gpu will not export budget ``name`` (None: it will)."""
     if export and llama_cpp_engine(p, name):
         return None  # a GGUF: no ONNX tracing, no engine build
-    if export and p.budget(name).runtime in DIRECTORY_ENGINES:
-        return _directory_engine(p.budget(name).runtime)
     b = p.budget(name)
+    if export and b.runtime in DIRECTORY_ENGINES:
+        return _directory_engine(b.runtime)
     if export and b.runtime == "edgellm":  # its own exporter, installed apart (its transformers pin)
-        why = _edgellm_why(p, b)
+        why = _edgellm_why(b)
     else:
         why = export_unavailable() if export else "export not asked for"
         if why is None:
@@ -219,12 +220,14 @@ def _export_why(p: Plan, name: str, export: bool) -> str | None:
     return why
 
 
-def _edgellm_why(p: Plan, b) -> str | None:
-    """Why TensorRT Edge-LLM's exporter will not run on budget ``b`` here (None: it will)."""
+def _edgellm_why(b) -> str | None:
+    """Why TensorRT Edge-LLM's exporter will not run on budget ``b`` here (None: it will): the plan
+    refused the budget on it (its rules: MoE only as nvfp4, int4 widths; planning.engines), or the
+    exporter is not installed."""
     from .edgellm import find_exporter
 
-    if any(layer.kind == "moe" for layer in p.checkpoint.arch.layers) and b.weights_precision != "nvfp4":
-        return "TensorRT Edge-LLM runs MoE layers in nvfp4 only (plan with --precision nvfp4 on a Jetson Thor)"
+    if b.refused:
+        return b.refused
     try:
         find_exporter()
     except MissingDependencyError as e:

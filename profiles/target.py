@@ -66,14 +66,7 @@ class Target:
         return {**flat_caps(asdict(self), self.caps, after=("overhead_bytes", "profile")), "notes": list(self.notes)}
 
 
-def target_from_profile(profile) -> Target:
-    """:meth:`Target.from_profile`."""
-    return Target.from_profile(profile)
-
-
-def target_from_device(device) -> Target:
-    """:meth:`Target.from_device`."""
-    return Target.from_device(device)
+target_from_profile, target_from_device = Target.from_profile, Target.from_device  # the names planning used
 
 
 def resolve_target(target: str | None, gpu: int | None = None):

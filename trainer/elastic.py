@@ -350,8 +350,9 @@ def move_loss(arch: Arch, ec: ElasticConfig, choice: Choice, target: float, dead
         switched = cost.detach() + g - (g * h.detach()).sum(-1, keepdim=True)  # (rows, choices) after one switch
         gain = now - budget_loss(switched, target, dead_zone)  # (rows, choices)
         i = int(gain.argmax())
-        if float(gain.flatten()[i]) > 0 and (best is None or float(gain.flatten()[i]) > best[0]):
-            best = (float(gain.flatten()[i]), name, *divmod(i, gain.shape[-1]))
+        top = float(gain.flatten()[i])
+        if top > 0 and (best is None or top > best[0]):
+            best = (top, name, *divmod(i, gain.shape[-1]))
     if best is None:  # no single switch helps: the straight-through cost is all there is
         return zero
     _, name, row, k = best

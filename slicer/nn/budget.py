@@ -316,8 +316,7 @@ class ResidentParent:
             OffCurveSize: a size no budget was trained for that the size-curve record measured
                 outside its trained neighbours, unless ``allow_off_curve``.
         """
-        from elastic.slicer.formats.elastic_format import resolve_budget
-        from elastic.slicer.formats.size_curve import refuse_off_curve, spec_quality
+        from elastic.slicer.slice import choose_spec
 
         if budget not in self._specs:
             if self.ec is None:
@@ -325,13 +324,8 @@ class ResidentParent:
                     raise ConfigError(f"unknown budget {budget!r}: {self.root} has no elastic_config.json, so it "
                                       f"serves only itself as {FULL!r}", path=str(self.root))
                 self._specs[budget] = SliceSpec.full(self.ckpt.arch), "full model"
-            else:
-                spec, source = resolve_budget(self.root, self.ec, self.ckpt.arch, budget)
-                if "not trained" in source and not self.allow_off_curve:
-                    arch = self.ckpt.arch
-                    refuse_off_curve(budget, spec_quality(self.root, self.ec.router_file, spec.to_json(arch),
-                                                          spec.parameters(arch)))
-                self._specs[budget] = spec, source
+            else:  # resolved and judged against the size curve as `elastic slice --budget` does
+                self._specs[budget] = choose_spec(self.ckpt, budget, None, allow_off_curve=self.allow_off_curve)
         return self._specs[budget]
 
     def model(self, budget: str) -> NemotronH:

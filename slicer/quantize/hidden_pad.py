@@ -24,7 +24,6 @@ from pathlib import Path
 from elastic.slicer.storage.writer import OutTensor
 
 
-
 def hidden_axes(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, ...]:
     """The axes of a tensor that grow with the hidden size (where its padded shape differs)."""
     return tuple(k for k, (a, b) in enumerate(zip(before, after)) if a != b)
