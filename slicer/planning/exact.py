@@ -27,9 +27,9 @@ from elastic.slicer.formats.arch import Arch, LayerArch
 from elastic.slicer.formats.resolve import Cost, Resolution, UnreachableBudget, nearest, parameter_cost, resolve
 from elastic.slicer.formats.safetensors import DTYPES
 from elastic.slicer.formats.precision import lookup
-from elastic.slicer.planning.memory import (F32, Workload, _attention_context_bytes, _layer_activation_bytes, dtype_bytes, footprint,
-                                            gguf_quantized, gguf_tensor_bytes, kv_cache_bytes, ssm_state_bytes,
-                                            weight_tensors)
+from elastic.slicer.planning.memory import (Workload, _attention_context_bytes, _layer_activation_bytes, dtype_bytes,
+                                            footprint, gguf_quantized, gguf_tensor_bytes, kv_cache_bytes,
+                                            ssm_state_bytes, stream_bytes, weight_tensors)
 
 
 def memory_cost(parent: Arch, w: Workload, overhead_bytes: int, max_bytes: float = math.inf,
@@ -57,8 +57,8 @@ def memory_cost(parent: Arch, w: Workload, overhead_bytes: int, max_bytes: float
 
     @functools.lru_cache(maxsize=None)
     def root(d: int) -> float:
-        stream = 2 * w.batch * t * d * s + w.batch * t * parent.vocab_size * (F32 + s)  # residual, logits
-        return tensor_bytes(one(d, parent.layers[0]), inside=False) + stream + overhead_bytes
+        return tensor_bytes(one(d, parent.layers[0]), inside=False) + stream_bytes(one(d, parent.layers[0]), w) \
+            + overhead_bytes
 
     @functools.lru_cache(maxsize=None)
     def layer(d: int, la: LayerArch) -> float:

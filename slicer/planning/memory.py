@@ -42,6 +42,10 @@ from elastic.slicer.formats.values import is_int
 from elastic.slicer.quant.layout import weight_group
 
 F32 = 4
+# The reference process holds about twice a layer's live tensors at its peak: glibc keeps freed chunks
+# for reuse, and the matmuls' packing buffers are no tensors. bench/plan_accuracy.py, peak RSS (less
+# clean file-backed pages) of a layer's forward over its live tensors: 1.9x-2.4x on its S, M and L.
+HEAP_FACTOR = 2
 # The longest context a plan takes: 16M tokens. Not the config's max_position_embeddings: Nemotron-H has
 # no position embedding (position comes from its Mamba layers), so that number is what a model was
 # trained or served at, not a limit of the architecture, and it is often absent (transformers then
@@ -485,7 +489,9 @@ MEMORY_BASIS = {
     "llama.cpp": f"measured model: llama.cpp's own buffers (model, KV, RS, compute + output) against these terms in "
                  f"bench/plan_accuracy.py (4 sizes x 2 contexts x bf16/q8_0/q4_k_m, worst error "
                  f"{LLAMA_CPP_WORST:.1%}; MoE compute buffers estimated); overhead: the device profile's estimate",
-    "reference": "measured model: the PyTorch reference's peak RSS in bench/plan_accuracy.py",
+    "reference": "measured model: the PyTorch reference's peak anonymous memory in bench/plan_accuracy.py (3 sizes x "
+                 "2 contexts, worst error 3.6%); activations: the tensors alive at each layer's peak (checked by a "
+                 "tracer in tests/test_memory_live.py), twice over for the heap",
 }
 
 
@@ -558,21 +564,35 @@ def block_problem(arch: Arch, weights: str) -> str | None:
 
 
 def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> int:
-    """Peak transient bytes inside layer i's forward for a chunk of t tokens (reference model)."""
+    """Peak transient bytes inside layer i's forward for a chunk of t tokens (reference model): the
+    tensors alive at its peak (tests/test_memory_live.py counts them with a dispatch-mode tracer on
+    the reference model itself), times :data:`HEAP_FACTOR`."""
+    return HEAP_FACTOR * _layer_live_bytes(arch, i, t, batch, s)
+
+
+def _layer_live_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> int:
     layer, d = arch.layers[i], arch.hidden_size
     bt = batch * t
     norm = bt * d * (s + 2 * F32)  # pre-norm output and its float32 temporaries
     if layer.kind == "mamba":
+        # alive at the chunked scan's last einsum (slicer/nn/ssd.py), the mixer's peak: the pre-norm
+        # output; in_proj's [z | x | B | C | dt]; the conv's padded input and output; x padded, x*dt,
+        # einsum's contiguous copy of it and two einsum outputs (float32, plus x's float32 copy below
+        # float32); B and C per head, padded, and einsum's copy of one; the decay matrix and the
+        # scores; the chunk states, the states with the entering one and their decayed sums
         H, P, G, N, K = layer.mamba_num_heads, layer.mamba_head_dim, arch.n_groups, arch.ssm_state_size, arch.conv_kernel
         I, T = H * P, arch.chunk_size
         conv_dim = I + 2 * G * N
         t_pad = math.ceil(t / T) * T
-        proj = bt * (2 * I + 2 * G * N + H) * s  # in_proj output [z | x | B | C | dt]
-        conv = batch * conv_dim * (2 * (t + K - 1) + t) * s  # padded input, conv output, silu
-        scan = batch * t_pad * (2 * H * N + 3 * H * P + 2 * H) * F32  # B/C per head, x, x*dt, y, dt
-        decay = 3 * batch * H * t_pad * T * F32  # within-chunk decay matrix, scores and their product
-        gate = 3 * bt * I * F32  # gated RMSNorm in float32
-        return norm + proj + max(conv, scan + decay, gate + bt * I * s)
+        c = t_pad // T
+        proj = bt * (2 * I + 2 * G * N + H) * s
+        conv = batch * conv_dim * (2 * t + K - 1) * s
+        xs = batch * t_pad * I * F32 * 5 + (bt * I * F32 if s != F32 else 0)
+        bc = 3 * batch * t_pad * H * N * F32
+        decay = 2 * batch * H * t_pad * T * F32
+        states = batch * (3 * c + 2) * H * P * N * F32
+        gate = bt * I * F32 * 4  # y, then the gated RMSNorm's float32 temporaries
+        return bt * d * s + proj + max(conv + xs + bc + decay + states, gate + bt * I * s)
     if layer.kind == "attention":
         # fused attention (flash on CPU, fused MHA in TensorRT) never holds the t x context scores
         A, KV, hd = layer.num_attention_heads, layer.num_key_value_heads, arch.head_dim
@@ -587,15 +607,15 @@ def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> i
         router = 3 * bt * E * F32
         routed = bt * k * (3 * Fe + inner) * s + bt * inner * (s + F32)
         return norm + router + routed + 3 * bt * Fs * s
-    # mlp: up projection, its square, the product
-    return norm + 3 * bt * layer.intermediate_size * s
+    # mlp: the up projection and its squared ReLU
+    return norm + 2 * bt * layer.intermediate_size * s
 
 
 def _attention_context_bytes(arch: Arch, i: int, t: int, w: Workload, s: int) -> int:
     """What attention layer i holds in the reference model that grows with the context: the causal
     mask of the chunk against every cached position (bool, and the float copy scaled_dot_product_attention
     makes of it) and, while torch.cat grows the cache, the layer's K and V twice more (the old tensors and
-    the new ones). Measured by bench/plan_accuracy.py: 1.8 KiB per context token on the demo."""
+    the new ones)."""
     layer = arch.layers[i]
     if layer.kind != "attention":
         return 0
@@ -608,9 +628,15 @@ def activation_bytes(arch: Arch, w: Workload) -> int:
     t = min(w.prefill_chunk, w.context)
     layers = max((_layer_activation_bytes(arch, i, t, w.batch, s) + _attention_context_bytes(arch, i, t, w, s)
                   for i in range(len(arch.layers))), default=0)
-    residual = 2 * w.batch * t * arch.hidden_size * s  # the stream in and out of the layer
-    logits = w.batch * t * arch.vocab_size * (F32 + s)  # the chunk's logits (and their float32 copy)
-    return layers + residual + logits
+    return layers + stream_bytes(arch, w)
+
+
+def stream_bytes(arch: Arch, w: Workload) -> int:
+    """What every layer's peak sits on: the residual stream in and out of a layer, and the chunk's
+    logits, float32 (the reference model returns float32 logits; below float32, the model's own are
+    alive beside their float32 copy)."""
+    s, t = dtype_bytes(w.dtype), min(w.prefill_chunk, w.context)
+    return 2 * w.batch * t * arch.hidden_size * s + w.batch * t * arch.vocab_size * (F32 + (s if s != F32 else 0))
 
 
 def footprint(arch: Arch, w: Workload, overhead_bytes: int, engine: str | None = None) -> dict[str, int]:
