@@ -94,22 +94,41 @@ def test_budget_shares_the_parents_storage(demo, budget):
     (((2, 5), (9, 12), (20, 30)), ((1, 3), (7, 9), (11, 18))),  # both axes split: block by block
     (((0, 17),), ((0, 9),)),  # one block
 ])
-def test_range_linear_equals_the_gathered_matrix(rows, cols):
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_range_linear_equals_the_gathered_matrix(rows, cols, layout):
+    """Both layouts (ResidentParent stores Mamba out_proj column-major), a decode-wide input (one row)
+    and a prefill-wide one (10 rows > WIDE_INPUT: the span pass for a column-major weight)."""
     from elastic.slicer.formats.rules import indices
+    from elastic.slicer.nn.budget import WIDE_INPUT, column_major
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
+    if layout == "column-major":
+        w = w.t().contiguous().t()
+        assert column_major(w)
     r, c = torch.tensor(indices(rows)), torch.tensor(indices(cols))
     x = torch.randn(2, 5, len(c), generator=g)
+    assert 2 * 5 > WIDE_INPUT
     for bias in (None, b):
         lin = RangeLinear(w, bias, rows, cols)
         ref = torch.nn.functional.linear(x, w[r][:, c], None if bias is None else bias[r])  # the gathered copy
         torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
-        assert lin(x[0, :1]).shape == (1, len(r))
+        torch.testing.assert_close(lin(x[0, :1]), ref[0, :1], rtol=1e-5, atol=1e-5)
         # every weight the layer holds is a view into w's storage: same storage pointer, nothing allocated
         held = [t for t in lin.buffers()]
         assert held and all(t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() or
                             t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for t in held)
+
+
+def test_resident_parent_stores_mamba_out_proj_column_major(demo):
+    from elastic.slicer.nn.budget import column_major
+    from elastic.slicer.nn.model import Mamba2Mixer, load_model
+
+    mixers = [m for m in demo.parent.modules() if isinstance(m, Mamba2Mixer)]
+    assert mixers and all(column_major(m.out_proj.weight) for m in mixers)
+    plain = load_model(demo.root)
+    assert not column_major(next(m for m in plain.modules() if isinstance(m, Mamba2Mixer)).out_proj.weight)
+    torch.testing.assert_close(demo.parent(IDS), plain(IDS), rtol=1e-5, atol=1e-5)  # same model, other layout
 
 
 def test_budget_views_share_storage_pointers(demo):

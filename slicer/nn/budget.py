@@ -53,10 +53,17 @@ from elastic.slicer.nn.model import FakeQuantLinear, NemotronH, TorchBackend, lo
 
 FULL = "100%"  # the name a parent without elastic_config.json serves itself under
 # RangeLinear reads the whole span of an output's kept input columns (zero-padding the input) when
-# they are at least this fraction of it: measured on a 390 MB parent's Mamba out_proj (37.5% kept:
-# half the heads' channels of 3/4 of the heads), one pass over the span took half the time of a
-# batched matmul over the strided pieces (bench/serve_bench.py)
+# they are at least this fraction of it and the weight is stored row-major: measured on a 390 MB
+# parent's Mamba out_proj (37.5% kept: half the heads' channels of 3/4 of the heads), one pass over
+# the span took half the time of a batched matmul over the strided pieces (bench/serve_bench.py)
 PAD_FRACTION = 0.25
+# ResidentParent stores each Mamba out_proj column-major (the same tensor, transposed in memory), so a
+# kept input channel is one contiguous row of memory: a budget's strided channels of each head are
+# then a batched matmul over contiguous rows, about the sliced child's speed where the span pass read
+# twice the bytes (the 50% budget of bench/serve_bench.py: decode CPU time child/view 0.83 -> 0.94).
+# Inputs of more rows than this (a prefill) take the span pass instead, which holds no per-run partial
+# outputs (count x rows x out)
+WIDE_INPUT = 8
 
 
 def runs(ranges: Ranges) -> list[tuple[int, int, int, int]]:
@@ -101,7 +108,9 @@ class RangeLinear(nn.Module):
     ranges of one length at a constant spacing (a run: the kept channels of the heads of one group,
     the kept heads of every group) are one strided 3-D view and one batched matmul, so a Mamba
     ``in_proj`` costs a few matmuls per group, not one per head. Kept columns (``out_proj``,
-    ``o_proj``): one matmul over the span they lie in, the input zero-padded (:data:`PAD_FRACTION`).
+    ``o_proj``) of a row-major weight: one matmul over the span they lie in, the input zero-padded
+    (:data:`PAD_FRACTION`); of a column-major one (:func:`store_column_major`): a batched matmul per
+    run of columns, and the span for a wide input (:data:`WIDE_INPUT`).
     The views and the plan are built once, here; ``forward`` only walks the plan.
     """
 
@@ -109,24 +118,26 @@ class RangeLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = length(cols), length(rows)
         # plan: one entry per matmul; "rows": a run of output rows over one column range; "pad": one
-        # output-row range over the span of the kept columns; "cols": one output-row range over a run
-        # of input columns; "block" / "add": the general case, one range x one range
+        # output-row range over the span of the kept columns (the "span" buffer); "cols": one
+        # output-row range over a run of input columns; "block" / "add": the general case, one range
+        # x one range
         self.plan: list[tuple[str, str, str | None, int, int]] = []
         if len(cols) == 1:
             for i, run in enumerate(runs(rows)):
                 self._add("rows", i, _strided(weight, 0, run, cols[0]),
                           None if bias is None else _strided(bias, 0, run), 0, self.in_features)
-        elif len(rows) == 1 and length(cols) >= PAD_FRACTION * (cols[-1][1] - cols[0][0]):
-            # fine column ranges (a Mamba out_proj's kept channels of each head, an o_proj's heads):
+        elif len(rows) == 1 and length(cols) >= PAD_FRACTION * (cols[-1][1] - cols[0][0]) and not column_major(weight):
+            # fine column ranges (an o_proj's heads, a row-major out_proj's kept channels of each head):
             # one matmul over the span of the kept columns, the input zero where a column is dropped.
             # A row's kept pieces are short, so strided blocks read about the whole row anyway, in
             # many small passes; one pass over the span is faster than a batched matmul per run
-            lo, hi = cols[0][0], cols[-1][1]
-            self.span = hi - lo
-            self.index = torch.tensor([i - lo for i in indices(cols)], device=weight.device)  # not a buffer: an index
-            r0, r1 = rows[0]
-            self._add("pad", 0, weight[r0:r1, lo:hi], None if bias is None else bias[r0:r1], 0, self.in_features)
+            self._span(weight, rows, cols)
+            if bias is not None:
+                self.register_buffer("bias", bias[rows[0][0]:rows[0][1]], persistent=False)
+            self.plan.append(("pad", "span", None, 0, self.in_features))
         elif len(rows) == 1:
+            if column_major(weight) and len(cols) > 1:  # a wide input (prefill) takes one pass over the span
+                self._span(weight, rows, cols)
             offset = 0
             for j, run in enumerate(runs(cols)):
                 n = run[1] * run[2]
@@ -147,6 +158,15 @@ class RangeLinear(nn.Module):
         if not hasattr(self, "bias"):
             self.bias = None
 
+    def _span(self, weight: torch.Tensor, rows: Ranges, cols: Ranges) -> None:
+        """The view of the kept rows over the whole span of the kept columns, and where the input's
+        columns go in it."""
+        lo, hi = cols[0][0], cols[-1][1]
+        self.span_width = hi - lo
+        self.index = torch.tensor([i - lo for i in indices(cols)], device=weight.device)  # not a buffer: an index
+        r0, r1 = rows[0]
+        self.register_buffer("span", weight[r0:r1, lo:hi], persistent=False)
+
     def _add(self, kind: str, k: int, w: torch.Tensor, b: torch.Tensor | None, c0: int, c1: int) -> None:
         # non-persistent buffers: listed by named_buffers (storage_report), never saved, no copy
         self.register_buffer(f"w{k}", w, persistent=False)
@@ -158,15 +178,16 @@ class RangeLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         n, buf = x.shape[0], self._buffers
+        if "span" in buf and (self.plan[0][0] == "pad" or n > WIDE_INPUT):
+            # (N, span): the input placed at its columns, zero elsewhere; one matmul
+            xp = x.new_zeros(n, self.span_width).index_copy_(1, self.index, x)
+            return F.linear(xp, buf["span"], self.bias).reshape(*lead, self.out_features)
         outs: list[torch.Tensor] = []
         y = None
         for kind, wn, bn, c0, c1 in self.plan:
             w, b = buf[wn], (buf[bn] if bn is not None else None)
             xs = x if c0 == 0 and c1 == x.shape[1] else x[:, c0:c1]
-            if kind == "pad":  # (N, span): the input placed at its columns, zero elsewhere
-                xp = x.new_zeros(n, self.span).index_copy_(1, self.index, x)
-                outs.append(F.linear(xp, w, b))
-            elif kind == "rows" and w.dim() == 3:  # (count, length, in): one bmm, rows of the run in order
+            if kind == "rows" and w.dim() == 3:  # (count, length, in): one bmm, rows of the run in order
                 z = torch.matmul(xs, w.transpose(1, 2))  # (count, N, length)
                 if b is not None:
                     z = z + b[:, None, :]
@@ -187,6 +208,26 @@ class RangeLinear(nn.Module):
         else:
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out.reshape(*lead, self.out_features)
+
+
+def column_major(weight: torch.Tensor) -> bool:
+    """A 2-D weight stored transposed (its rows are columns of memory)."""
+    return weight.dim() == 2 and weight.shape[0] > 1 and weight.stride(0) == 1
+
+
+def store_column_major(parent: NemotronH) -> None:
+    """Store each Mamba ``out_proj`` weight of ``parent`` column-major (see :data:`WIDE_INPUT`): the
+    same values, one matrix copied at a time; the parent computes as before (a matmul reads either
+    layout)."""
+    from elastic.slicer.nn.model import Mamba2Mixer, release_free_memory
+
+    with torch.no_grad():
+        for m in parent.modules():
+            if isinstance(m, Mamba2Mixer) and isinstance(m.out_proj, nn.Linear) and not column_major(m.out_proj.weight):
+                w = m.out_proj.weight
+                m.out_proj.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=False)
+                del w
+    release_free_memory()
 
 
 def budget_model(parent: NemotronH, spec: SliceSpec) -> NemotronH:
@@ -285,6 +326,7 @@ class ResidentParent:
         self.ckpt = Checkpoint.open(self.root, require_weights=True)
         self.ec = ElasticConfig.read(self.root, self.ckpt.arch) if (self.root / "elastic_config.json").is_file() else None
         self.parent = load_model(self.ckpt, dtype=dtype)
+        store_column_major(self.parent)
         self.lock = threading.Lock()
         self._models: dict[str, NemotronH] = {}
         self._specs: dict[str, tuple[SliceSpec, str]] = {}
