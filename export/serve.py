@@ -134,9 +134,13 @@ class Engine:
     def model_list(self) -> dict[str, Any]:
         ec = self.resident.ec
         targets = {b.name: b.target_parameters for b in ec.budgets} if ec is not None else {}
+        arch = self.resident.ckpt.arch
+        # "parameters": what the budget runs (the resolved architecture's count, as `elastic inspect`
+        # counts); "target_parameters": what its training aimed at, where the checkpoint says
         return {"object": "list", "data": [
             {"id": b, "object": "model", "created": self.created, "owned_by": "elastic",
-             "parameters": targets.get(b, self.resident.spec(b)[0].parameters(self.resident.ckpt.arch))}
+             "parameters": self.resident.spec(b)[0].parameters(arch),
+             **({"target_parameters": targets[b]} if b in targets else {})}
             for b in self.budgets]}
 
     def check(self, body: Any) -> tuple[str, int]:

@@ -176,9 +176,28 @@ def _sse(client, path: str, body: dict) -> list:
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
-def test_models_and_health(client):
+def _file_parameters(folder: Path) -> int:
+    """Elements of every tensor in a model folder's safetensors (its header's shapes)."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            total += sum(prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
+
+
+def test_models_and_health(client, children):
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["100%", "75%", "50%"]  # elastic_config.json's budgets
+    # what each budget runs, counted from the sliced child's own file (safetensors header, router
+    # buffer included, as `elastic inspect` counts), and what its training aimed at
+    ec = json.loads((DEMO / "elastic_config.json").read_text())
+    for m in models["data"]:
+        assert m["parameters"] == _file_parameters(children["demo_checkpoint", m["id"]])
+        assert m["target_parameters"] == next(b["target_parameters"] for b in ec["budgets"] if b["name"] == m["id"])
     assert client.get("/health").json()["status"] == "ok"
 
 
