@@ -188,16 +188,8 @@ def release_memory(trim_threshold: bool = False) -> None:
     """Give freed memory back to the OS between stages (the tracer's graphs, one-tensor buffers):
     glibc keeps freed blocks below its mmap threshold in the heap, which would count against the
     next stage's peak. ``trim_threshold``: from now on, blocks of MMAP_THRESHOLD bytes and more are
-    mapped and unmapped on their own (glibc's dynamic threshold otherwise grows to 32 MiB, and
-    the activations of a parity run, freed layer after layer, would stay in the heap)."""
-    import ctypes
-    import gc
+    mapped and unmapped on their own (the activations of a parity run, freed layer after layer,
+    would otherwise stay in the heap). :func:`elastic.slicer.nn.model.release_free_memory`."""
+    from elastic.slicer.nn.model import release_free_memory
 
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-        if trim_threshold:
-            libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    release_free_memory(MMAP_THRESHOLD if trim_threshold else None)

@@ -495,25 +495,34 @@ def load_model(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, 
     return model.eval()
 
 
-def release_free_memory() -> None:
+def release_free_memory(mmap_threshold: int | None = None) -> None:
     """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
 
     Converting each stored tensor (bf16 -> float32, say) frees its source, and glibc keeps such
     chunks for reuse: loading a 360 MB checkpoint into float32 left 18 MiB more resident than the
-    weights (bench/plan_accuracy.py measured 17.6 MiB on its M model, 27 MiB on L) until trimmed."""
+    weights (bench/plan_accuracy.py measured 17.6 MiB on its M model, 27 MiB on L) until trimmed.
+    ``mmap_threshold``: from now on, blocks of that many bytes and more are mapped and unmapped on
+    their own (glibc's dynamic threshold otherwise grows to 32 MiB, and activations freed layer after
+    layer stay in the heap; each such block then costs its page faults again, so only for a stage
+    whose peak matters more than its speed, as an export's parity run)."""
     import ctypes
     import ctypes.util
+    import gc
     import sys
 
+    gc.collect()
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim, mallopt = libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
         return
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
+    if mmap_threshold is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
 
 
 def _load_quantized(model: NemotronH, ckpt: Checkpoint, modules: list[str], dtype: torch.dtype, device: str) -> None:
