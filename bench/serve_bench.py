@@ -19,8 +19,12 @@ for half the tokens, answer with the full one) and the same request on the full 
 over the repetitions: of the tokens/s ratio per pair, and of the same ratio in the thread's CPU time
 (what the decode costs, robust to other work on a shared machine). The last line is one JSON object.
 
+On a GPU (``--device cuda``) the same runs hold the parent and children there; the memory figures are
+then PyTorch's peak allocated GPU memory (tests/test_serve.py has the gpu-marked equality test).
+
 Usage:
     python bench/serve_bench.py [-n 64] [--reps 5] [--work /tmp/serve-bench]   # the generated model
+    python bench/serve_bench.py --device cuda                                   # the same on a GPU
     python bench/serve_bench.py -c ELASTIC_CKPT                                 # e.g. the demo
 """
 
@@ -106,16 +110,18 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _child_backend(path: str):
+def _child_backend(path: str, device: str = "cpu"):
     from elastic.slicer.formats.tokenizer import require_tokenizer
     from elastic.slicer.nn.model import TorchBackend, load_model
 
-    return TorchBackend(load_model(path)), require_tokenizer(path)
+    return TorchBackend(load_model(path, device=device)), require_tokenizer(path)
 
 
-def memory_worker(kind: str, root: str, budgets: list[str], children: dict[str, str], n: int) -> dict:
+def memory_worker(kind: str, root: str, budgets: list[str], children: dict[str, str], n: int,
+                  device: str = "cpu") -> dict:
     """RSS of one way of serving: ``parent`` (every budget on views), ``alone`` (the full budget),
-    ``children`` (every sliced child loaded side by side)."""
+    ``children`` (every sliced child loaded side by side). On CUDA, the peak of PyTorch's allocated
+    GPU memory instead (``torch.cuda.max_memory_allocated``)."""
     import torch
 
     import elastic.slicer.nn.generate  # noqa: F401  (imports before the baseline: the delta is the model's)
@@ -125,22 +131,28 @@ def memory_worker(kind: str, root: str, budgets: list[str], children: dict[str, 
 
     torch.set_num_threads(1)
     require_tokenizer(root)
-    base = rss_bytes()
+    cuda = device.startswith("cuda")
+    base = rss_bytes() if not cuda else torch.cuda.memory_allocated(device)
     if kind in ("parent", "alone"):
-        resident = ResidentParent(root)
+        resident = ResidentParent(root, device=device)
         served = budgets if kind == "parent" else budgets[:1]
         for b in served:
             resident.model(b)
         for b in served:
             resident.generate(b, PROMPT, n)
     else:
-        loaded = [_child_backend(children[b]) for b in budgets]  # side by side
+        loaded = [_child_backend(children[b], device) for b in budgets]  # side by side
         for backend, tok in loaded:
             generate_text(backend, tok, PROMPT, n)
+    if cuda:
+        torch.cuda.synchronize(device)
+        return {"rss_delta": torch.cuda.memory_allocated(device) - base,
+                "peak_delta": torch.cuda.max_memory_allocated(device) - base}
     return {"rss_delta": rss_bytes() - base, "peak_delta": _peak() - base}
 
 
-def speed_worker(root: str, budgets: list[str], children: dict[str, str], n: int, reps: int) -> dict:
+def speed_worker(root: str, budgets: list[str], children: dict[str, str], n: int, reps: int,
+                 device: str = "cpu") -> dict:
     """Decode tokens/s of every budget on the parent's views and of its sliced child, interleaved,
     and a think-small / answer-large request against the full budget; medians over ``reps``."""
     import torch
@@ -149,8 +161,8 @@ def speed_worker(root: str, budgets: list[str], children: dict[str, str], n: int
     from elastic.slicer.nn.generate import generate_text
 
     torch.set_num_threads(1)
-    resident = ResidentParent(root)
-    kids = {b: _child_backend(children[b]) for b in budgets}
+    resident = ResidentParent(root, device=device)
+    kids = {b: _child_backend(children[b], device) for b in budgets}
     for b in budgets:  # warm-up, and the equality the server promises
         got = resident.generate(b, PROMPT, n, eos_token_id=-1)["tokens"]
         ref = generate_text(*kids[b], PROMPT, n, eos_token_id=-1)["tokens"]
@@ -199,14 +211,16 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=64, help="new tokens per request")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--work", default=None, help="where the generated model and the slices go (default: a temp dir)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the same bench on a GPU (memory: PyTorch's "
+                    "peak allocated GPU memory; the CPU-time ratio then means little)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         w = json.loads(a.worker)
         if w["kind"] == "speed":
-            out = speed_worker(w["root"], w["budgets"], w["children"], w["n"], w["reps"])
+            out = speed_worker(w["root"], w["budgets"], w["children"], w["n"], w["reps"], w["device"])
         else:
-            out = memory_worker(w["kind"], w["root"], w["budgets"], w["children"], w["n"])
+            out = memory_worker(w["kind"], w["root"], w["budgets"], w["children"], w["n"], w["device"])
         print(json.dumps(out))
         return
     from elastic.slicer.nn.budget import ResidentParent
@@ -222,7 +236,7 @@ def main() -> None:
             d = work / ("child-" + b.replace("%", "pct"))
             slice_checkpoint(root, d, budget=b, force=True)
             children[b] = str(d)
-        common = {"root": str(root), "budgets": budgets, "children": children, "n": a.n}
+        common = {"root": str(root), "budgets": budgets, "children": children, "n": a.n, "device": a.device}
         mem = {k: run_worker({**common, "kind": k}) for k in ("parent", "alone", "children")}
         speed = run_worker({**common, "kind": "speed", "reps": a.reps})
     finally:
@@ -239,14 +253,16 @@ def report(root: Path, size: int, budgets: list[str], mem: dict, speed: dict, a)
         print(f"{b:>8} {speed['view'][b]:>12.1f} {speed['child'][b]:>12.1f} {speed['ratio'][b]:>6.3f} "
               f"{speed['cpu_ratio'][b]:>15.3f}")
     p, al, ch = mem["parent"]["peak_delta"], mem["alone"]["peak_delta"], mem["children"]["peak_delta"]
-    print(f"peak RSS delta: parent serving {len(budgets)} budgets {mib(p)}, parent alone {mib(al)} "
+    what = "peak RSS delta" if a.device == "cpu" else f"peak allocated {a.device} memory"
+    print(f"{what}: parent serving {len(budgets)} budgets {mib(p)}, parent alone {mib(al)} "
           f"({p / al:.3f}x), {len(budgets)} sliced children side by side {mib(ch)} ({p / ch:.3f}x)")
     s = speed["split"]
     print(f"think {speed['think_budget']} ({speed['think_tokens']} tokens) / answer {speed['answer_budget']}: "
           f"{s['split_s']:.2f} s, {s['split_tps']:.1f} tok/s; all on {speed['answer_budget']}: {s['full_s']:.2f} s, "
           f"{s['full_tps']:.1f} tok/s (latency {s['split_s'] / s['full_s']:.3f}x)")
     print(json.dumps({
-        "bench": "serve_bench", "checkpoint": str(root), "weights_bytes": size, "new_tokens": a.n, "reps": a.reps,
+        "bench": "serve_bench", "checkpoint": str(root), "device": a.device, "weights_bytes": size, "new_tokens": a.n,
+        "reps": a.reps,
         "peak_parent_all_budgets": p, "peak_parent_alone": al, "peak_children_side_by_side": ch,
         "rss_all_budgets_over_parent": round(p / al, 3), "rss_all_budgets_over_children": round(p / ch, 3),
         "tokens_per_s_parent": speed["view"], "tokens_per_s_child": speed["child"],

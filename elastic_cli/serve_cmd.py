@@ -23,6 +23,8 @@ def serve(
     allow_off_curve: Annotated[bool, typer.Option("--allow-off-curve", help="Serve a size between the trained "
                                                   "budgets even where the checkpoint's size_curve.json measured "
                                                   "it outside its trained neighbours.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where the parent lives and every budget runs: cpu, "
+                                        "cuda or cuda:N (a CUDA build of PyTorch).")] = "cpu",
 ) -> None:
     """Serve every budget of one elastic checkpoint from one copy of its weights (OpenAI API).
 
@@ -32,6 +34,8 @@ def serve(
     Examples:
 
       elastic serve -c ./elastic-ckpt --port 8000
+
+      elastic serve -c ./elastic-ckpt --device cuda --budgets 50% --budgets 100%
 
       curl localhost:8000/v1/completions -d '{"model": "50%", "prompt": "Hello", "max_tokens": 16}'
     """
@@ -44,4 +48,4 @@ def serve(
 
     with boundary():
         run(checkpoint or default_checkpoint(), host=host, port=port, budgets=budgets or None,
-            max_context=max_context, on_ready=ready, allow_off_curve=allow_off_curve)
+            max_context=max_context, on_ready=ready, allow_off_curve=allow_off_curve, device=device)

@@ -348,7 +348,8 @@ def build_app(engine: Engine):
 
 
 def serve(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, budgets: Iterable[str] | None = None,
-          max_context: int = DEFAULT_MAX_CONTEXT, on_ready=None, allow_off_curve: bool = False) -> None:
+          max_context: int = DEFAULT_MAX_CONTEXT, on_ready=None, allow_off_curve: bool = False,
+          device: str = "cpu") -> None:
     """Load ``root`` once and serve its budgets until interrupted (uvicorn; blocks).
 
     Args:
@@ -356,6 +357,7 @@ def serve(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, budget
         on_ready: called with the :class:`Engine` once the parent is loaded, before serving.
         allow_off_curve: serve a size the checkpoint's size curve measured outside its trained
             neighbours (refused at start otherwise, as ``elastic slice`` refuses it).
+        device: where the parent lives and every budget runs ("cpu", "cuda").
 
     Raises:
         MissingDependencyError: starlette or uvicorn is not installed (``pip install 'elastic[serve]'``).
@@ -366,7 +368,7 @@ def serve(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, budget
 
     from elastic.slicer.nn.budget import ResidentParent
 
-    engine = Engine(ResidentParent(root, allow_off_curve=allow_off_curve), budgets, max_context)
+    engine = Engine(ResidentParent(root, allow_off_curve=allow_off_curve, device=device), budgets, max_context)
     if on_ready is not None:
         on_ready(engine)
     uvicorn.run(build_app(engine), host=host, port=port, log_level="warning")

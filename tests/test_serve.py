@@ -410,3 +410,31 @@ def test_a_budget_on_another_backend_is_refused_with_words_not_a_crash():
 
     with pytest.raises(ElasticError, match="PyTorch reference model"):
         generate_text(DEMO, "Hello", backend="onnx", budget="50%")
+
+
+def test_a_cuda_device_without_cuda_is_refused_in_words():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from elastic.slicer.errors import ElasticError
+
+    with pytest.raises(ElasticError, match="sees no CUDA device"):
+        ResidentParent(DEMO, device="cuda")
+    r = CliRunner().invoke(app, ["serve", "-c", str(DEMO), "--device", "cuda", "--port", "1"])
+    assert r.exit_code != 0 and "sees no CUDA device" in r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("budget", ["100%", "75%", "50%"])
+def test_budget_on_cuda_views_equals_sliced_child_on_cuda(children, budget):
+    """The resident parent on the GPU: its budgets' greedy tokens equal the sliced child's on the GPU."""
+    resident = ResidentParent(DEMO, device="cuda")
+    assert next(resident.parent.parameters()).is_cuda
+    got = resident.generate(budget, PROMPT, 16, eos_token_id=-1)["tokens"]
+    from elastic.slicer.formats.tokenizer import require_tokenizer
+    from elastic.slicer.nn.generate import generate_text as run
+    from elastic.slicer.nn.model import TorchBackend
+
+    child = children["demo_checkpoint", budget]
+    ref = run(TorchBackend(load_model(child, device="cuda")), require_tokenizer(child), PROMPT, 16, eos_token_id=-1)
+    assert got == ref["tokens"]

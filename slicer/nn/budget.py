@@ -316,16 +316,24 @@ class ResidentParent:
         allow_off_curve: run a size no budget was trained for even where the checkpoint's size-curve
             record measured it outside its trained neighbours (refused otherwise, as ``elastic slice``
             refuses it).
+        device: where the parent's tensors live ("cpu", "cuda", "cuda:1"); every budget runs there.
+
+    Raises:
+        ElasticError: ``device`` is a CUDA device and this PyTorch has none.
     """
 
-    def __init__(self, root: str | Path, dtype: torch.dtype | None = None, allow_off_curve: bool = False):
+    def __init__(self, root: str | Path, dtype: torch.dtype | None = None, allow_off_curve: bool = False,
+                 device: str = "cpu"):
         from elastic.slicer.formats.elastic_format import ElasticConfig
         from elastic.slicer.storage.reader import Checkpoint
 
         self.root = Path(root)
         self.ckpt = Checkpoint.open(self.root, require_weights=True)
         self.ec = ElasticConfig.read(self.root, self.ckpt.arch) if (self.root / "elastic_config.json").is_file() else None
-        self.parent = load_model(self.ckpt, dtype=dtype)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ElasticError(f"device {device!r}: this PyTorch sees no CUDA device "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        self.parent = load_model(self.ckpt, dtype=dtype, device=device)
         store_column_major(self.parent)
         self.lock = threading.Lock()
         self._models: dict[str, NemotronH] = {}
