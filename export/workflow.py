@@ -45,18 +45,26 @@ def export_unavailable() -> str | None:
 
 
 def llama_cpp_engine(p: Plan, name: str) -> bool:
-    """Whether budget ``name`` goes to llama.cpp: the plan chose llama.cpp for it (the CPU host's
-    engine; elsewhere when no engine before it holds the budget), llama-cpp-python installed, no
-    Model Optimizer format, and a model and tokenizer llama.cpp can hold."""
-    from importlib.util import find_spec
-
+    """Whether budget ``name`` goes to llama.cpp as a GGUF: the plan chose llama.cpp for it (the CPU
+    host's engine; elsewhere when no engine before it holds the budget), llama.cpp's tools installed
+    (else :func:`llama_cpp_missing` says so and nothing is exported), no Model Optimizer format, and
+    a model and tokenizer llama.cpp can hold (else elastic's ONNX graphs, for ONNX Runtime)."""
     from elastic.slicer.formats.llama_cpp import gguf_problems, gguf_tokenizer_problem
 
     b = p.budget(name)
-    if b.runtime != "llama.cpp" or _quantized(b) or None in (find_spec("gguf"), find_spec("llama_cpp")):
+    if b.runtime != "llama.cpp" or _quantized(b) or llama_cpp_missing():
         return False
     spec = p.budget(name).spec
     return not gguf_problems(spec.child_arch(p.checkpoint.arch)) and gguf_tokenizer_problem(p.checkpoint.root) is None
+
+
+def llama_cpp_missing() -> str | None:
+    """What to install for llama.cpp's GGUF writer and runtime (None: both are here)."""
+    from importlib.util import find_spec
+
+    if None in (find_spec("gguf"), find_spec("llama_cpp")):
+        return "llama.cpp's tools are not installed: pip install 'elastic[gguf]'"
+    return None
 
 
 def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None = None, budget: str | None = None):
@@ -81,6 +89,8 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
         return export_edgellm(model_dir, Path(model_dir) / "edgellm", target=p.target.profile or device,
                               max_batch=p.workload.batch, max_context=p.workload.context, force=True,
                               progress=progress)
+    if runtime == "llama.cpp" and llama_cpp_missing():  # not elastic's ONNX graphs in its place
+        raise MissingDependencyError(llama_cpp_missing())
     if name is not None and llama_cpp_engine(p, name):
         from .gguf import export_gguf
 
@@ -207,6 +217,8 @@ def _export_why(p: Plan, name: str, export: bool) -> str | None:
         return _directory_engine(b.runtime)
     if export and b.runtime == "edgellm":  # its own exporter, installed apart (its transformers pin)
         why = _edgellm_why(b)
+    elif export and b.runtime == "llama.cpp" and llama_cpp_missing():  # no ONNX graphs in a GGUF's place
+        why = llama_cpp_missing()
     else:
         why = export_unavailable() if export else "export not asked for"
         if why is None:

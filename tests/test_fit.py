@@ -200,6 +200,25 @@ def test_fit_my_gpu_skips_an_export_that_would_not_fit(tmp_path, monkeypatch):
     assert p["smoke"]["new_tokens"] >= 1  # the sliced model still runs (PyTorch)
 
 
+def test_fit_my_gpu_without_llama_cpp_says_so_instead_of_exporting_onnx(tmp_path, monkeypatch):
+    """The CPU host plans llama.cpp; without its tools installed, fit-my-gpu says how to install them
+    and exports nothing (elastic's ONNX graphs are not what llama.cpp runs)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "llama_cpp") else
+                        real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["fit-my-gpu", "-c", str(DEMO_CHECKPOINT), "--target", "cpu", "--out", "m", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    chosen = next(b for b in p["budgets"] if b["name"] == p["chosen"])
+    assert chosen["runtime"] == "llama.cpp"
+    assert "pip install 'elastic[gguf]'" in p["export"]["skipped"]
+    assert not any((tmp_path / "m" / d).exists() for d in ("export", "gguf"))
+    assert p["smoke"]["new_tokens"] >= 1  # the slice itself still runs (PyTorch)
+
+
 @pytest.mark.heavy
 def test_fit_my_gpu_slices_the_quantized_precision_it_planned(tmp_path, monkeypatch):
     """With Model Optimizer installed, fit-my-gpu writes what the plan chose: here int8 pinned for an
