@@ -60,7 +60,7 @@ PAD_FRACTION = 0.25
 # ResidentParent stores each Mamba out_proj column-major (the same tensor, transposed in memory), so a
 # kept input channel is one contiguous row of memory: a budget's strided channels of each head are
 # then a batched matmul over contiguous rows, about the sliced child's speed where the span pass read
-# twice the bytes (the 50% budget of bench/serve_bench.py: decode CPU time child/view 0.83 -> 0.94).
+# twice the bytes (bench/serve_bench.py's 50% budget: tokens/s over the sliced child 0.880 -> 0.971).
 # Inputs of more rows than this (a prefill) take the span pass instead, which holds no per-run partial
 # outputs (count x rows x out)
 WIDE_INPUT = 8
@@ -126,7 +126,8 @@ class RangeLinear(nn.Module):
             for i, run in enumerate(runs(rows)):
                 self._add("rows", i, _strided(weight, 0, run, cols[0]),
                           None if bias is None else _strided(bias, 0, run), 0, self.in_features)
-        elif len(rows) == 1 and length(cols) >= PAD_FRACTION * (cols[-1][1] - cols[0][0]) and not column_major(weight):
+        elif len(rows) == 1 and length(cols) >= PAD_FRACTION * (cols[-1][1] - cols[0][0]) \
+                and not column_major(weight):
             # fine column ranges (an o_proj's heads, a row-major out_proj's kept channels of each head):
             # one matmul over the span of the kept columns, the input zero where a column is dropped.
             # A row's kept pieces are short, so strided blocks read about the whole row anyway, in

@@ -500,7 +500,7 @@ def release_free_memory(mmap_threshold: int | None = None) -> None:
 
     Converting each stored tensor (bf16 -> float32, say) frees its source, and glibc keeps such
     chunks for reuse: loading a 360 MB checkpoint into float32 left 18 MiB more resident than the
-    weights (bench/plan_accuracy.py measured 17.6 MiB on its M model, 27 MiB on L) until trimmed.
+    weights until trimmed (17.6 MiB on bench/plan_accuracy.py's M model, 27 MiB on its L).
     ``mmap_threshold``: from now on, blocks of that many bytes and more are mapped and unmapped on
     their own (glibc's dynamic threshold otherwise grows to 32 MiB, and activations freed layer after
     layer stay in the heap; each such block then costs its page faults again, so only for a stage
