@@ -89,8 +89,9 @@ def export_planned(p: Plan, model_dir: str | Path, *, progress: Progress | None 
         return export_edgellm(model_dir, Path(model_dir) / "edgellm", target=p.target.profile or device,
                               max_batch=p.workload.batch, max_context=p.workload.context, force=True,
                               progress=progress)
-    if runtime == "llama.cpp" and llama_cpp_missing():  # not elastic's ONNX graphs in its place
-        raise MissingDependencyError(llama_cpp_missing())
+    missing = llama_cpp_missing() if runtime == "llama.cpp" else None
+    if missing:  # not elastic's ONNX graphs in its place
+        raise MissingDependencyError(missing)
     if name is not None and llama_cpp_engine(p, name):
         from .gguf import export_gguf
 
@@ -217,8 +218,8 @@ def _export_why(p: Plan, name: str, export: bool) -> str | None:
         return _directory_engine(b.runtime)
     if export and b.runtime == "edgellm":  # its own exporter, installed apart (its transformers pin)
         why = _edgellm_why(b)
-    elif export and b.runtime == "llama.cpp" and llama_cpp_missing():  # no ONNX graphs in a GGUF's place
-        why = llama_cpp_missing()
+    elif export and b.runtime == "llama.cpp" and (missing := llama_cpp_missing()):  # no ONNX graphs for it
+        why = missing
     else:
         why = export_unavailable() if export else "export not asked for"
         if why is None:

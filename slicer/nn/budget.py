@@ -117,11 +117,12 @@ class RangeLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: Ranges, cols: Ranges):
         super().__init__()
         self.in_features, self.out_features = length(cols), length(rows)
-        # plan: one entry per matmul; "rows": a run of output rows over one column range; "pad": one
-        # output-row range over the span of the kept columns (the "span" buffer); "cols": one
+        # plan: one entry per matmul; "rows": a run of output rows over one column range; "cols": one
         # output-row range over a run of input columns; "block" / "add": the general case, one range
-        # x one range
+        # x one range. span_above: inputs of more rows than this take one matmul over the span of the
+        # kept columns instead (the "span" buffer; None: no span)
         self.plan: list[tuple[str, str, str | None, int, int]] = []
+        self.span_above: int | None = None
         if len(cols) == 1:
             for i, run in enumerate(runs(rows)):
                 self._add("rows", i, _strided(weight, 0, run, cols[0]),
@@ -132,13 +133,12 @@ class RangeLinear(nn.Module):
             # one matmul over the span of the kept columns, the input zero where a column is dropped.
             # A row's kept pieces are short, so strided blocks read about the whole row anyway, in
             # many small passes; one pass over the span is faster than a batched matmul per run
-            self._span(weight, rows, cols)
+            self._span(weight, rows, cols, above=0)
             if bias is not None:
                 self.register_buffer("bias", bias[rows[0][0]:rows[0][1]], persistent=False)
-            self.plan.append(("pad", "span", None, 0, self.in_features))
         elif len(rows) == 1:
             if column_major(weight) and len(cols) > 1:  # a wide input (prefill) takes one pass over the span
-                self._span(weight, rows, cols)
+                self._span(weight, rows, cols, above=WIDE_INPUT)
             offset = 0
             for j, run in enumerate(runs(cols)):
                 n = run[1] * run[2]
@@ -159,9 +159,10 @@ class RangeLinear(nn.Module):
         if not hasattr(self, "bias"):
             self.bias = None
 
-    def _span(self, weight: torch.Tensor, rows: Ranges, cols: Ranges) -> None:
-        """The view of the kept rows over the whole span of the kept columns, and where the input's
-        columns go in it."""
+    def _span(self, weight: torch.Tensor, rows: Ranges, cols: Ranges, above: int) -> None:
+        """The view of the kept rows over the whole span of the kept columns, where the input's
+        columns go in it, and from how many input rows on it is used (``above``)."""
+        self.span_above = above
         lo, hi = cols[0][0], cols[-1][1]
         self.span_width = hi - lo
         self.index = torch.tensor([i - lo for i in indices(cols)], device=weight.device)  # not a buffer: an index
@@ -179,7 +180,7 @@ class RangeLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         n, buf = x.shape[0], self._buffers
-        if "span" in buf and (self.plan[0][0] == "pad" or n > WIDE_INPUT):
+        if self.span_above is not None and n > self.span_above:
             # (N, span): the input placed at its columns, zero elsewhere; one matmul
             xp = x.new_zeros(n, self.span_width).index_copy_(1, self.index, x)
             return F.linear(xp, buf["span"], self.bias).reshape(*lead, self.out_features)
