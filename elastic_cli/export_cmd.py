@@ -269,8 +269,10 @@ def _summary_lines(s: dict) -> list[str]:
     ]
     p = s["parity"]
     if p:
+        chunked = p.get("chunked_prefill_max_abs_diff")
         lines.append(f"parity    max |logit diff| prefill {p['prefill_max_abs_diff']:.1e}, decode "
-                     f"{p['decode_max_abs_diff']:.1e} (tolerance {p['tolerance']:g}); greedy tokens "
+                     f"{p['decode_max_abs_diff']:.1e}" + (f", chunked prefill {chunked:.1e}" if chunked is not None else "")
+                     + f" (tolerance {p['tolerance']:g}); greedy tokens "
                      f"{'identical' if p['greedy_tokens_equal'] else 'DIFFERENT'}")
     else:
         lines.append(f"parity    not checked ({s['parity_skipped']})")

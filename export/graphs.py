@@ -1,10 +1,13 @@
-"""The two graphs an edge runtime runs, as flat-tensor wrappers around the reference model.
+"""The graphs an edge runtime runs, as flat-tensor wrappers around the reference model.
 
 ``elastic.slicer.nn.model`` keeps decode state in a Python ``Cache``; an exported graph needs it as named
 tensors. :class:`PrefillGraph` (token ids -> logits + the state of every layer) and
 :class:`DecodeGraph` (one token per sequence + that state -> logits + the new state) build a
 ``Cache`` from their tensor inputs, call the reference model's own layers, and return the cache's
 tensors in a fixed order: the graphs compute what ``NemotronH.forward`` computes, with the same code.
+:class:`ExtendGraph` (a chunk of several tokens + that state -> the last position's logits + the new
+state) lets a runtime prefill a long prompt in chunks: its memory then grows with the chunk, not with
+the prompt.
 
 State tensors, per layer i (MLP layers keep none):
 
@@ -18,7 +21,7 @@ name                  shape                      dtype
 ====================  =========================  ============================
 
 Graph inputs carry the prefix ``past_``, outputs ``present_``; decode's ``present_key.{i}`` has
-the past length plus one.
+the past length plus one, extend's the past length plus the chunk's.
 """
 
 from __future__ import annotations
@@ -108,4 +111,20 @@ class DecodeGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = _unflatten(self.model, self.states, past)
         logits = self.model(input_ids, cache=cache)
+        return (logits, *cache_tensors(cache, self.states))
+
+
+class ExtendGraph(nn.Module):
+    """``input_ids`` (batch, seq) with seq >= 2 and the past state -> the last position's ``logits``
+    (batch, 1, vocab) and the new state: the next chunk of a chunked prefill (the Mamba layers take
+    their scan path from the past state, the attention layers see the past keys)."""
+
+    def __init__(self, model: NemotronH):
+        super().__init__()
+        self.model = model
+        self.states = state_tensors(model.arch)
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = _unflatten(self.model, self.states, past)
+        logits = self.model(input_ids, cache=cache, last_only=True)
         return (logits, *cache_tensors(cache, self.states))

@@ -3,13 +3,14 @@
 from pathlib import Path
 
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
-WEIGHTS = "weights.bin"  # external data shared by both graphs
+EXTEND = "extend.onnx"  # a prompt's next chunk after the first (ONNX Runtime's chunked prefill)
+WEIGHTS = "weights.bin"  # external data shared by the graphs
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks a copied bundle
 README, MANIFEST = "README.md", "export_manifest.json"
 ENGINE_META, SCRIPT = "engine_meta.json", "build_engines.sh"
 ENGINES = {PREFILL: "prefill.engine", DECODE: "decode.engine"}
 PAST, PRESENT = "past_", "present_"  # graph input / output prefixes of the state tensors
-DYNAMIC_DIMS = ("batch", "seq", "past")  # names of the dynamic axes in both graphs
+DYNAMIC_DIMS = ("batch", "seq", "past")  # names of the dynamic axes in the graphs
 
 # graph initializer names: the graph wrappers hold the reference model as ``.model``; a Linear weight
 # stored transposed (as the graphs' MatMuls read it) carries a suffix

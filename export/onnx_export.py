@@ -1,7 +1,8 @@
-"""ONNX graphs of a dense model: ``prefill.onnx`` and ``decode.onnx`` (see ``elastic.export.graphs``).
+"""ONNX graphs of a dense model: ``prefill.onnx``, ``decode.onnx`` and ``extend.onnx`` (a chunked
+prefill's later chunks; see ``elastic.export.graphs``).
 
 Exported with ``torch.onnx.export(dynamo=True)`` at opset 18 (why: see :data:`DEFAULT_OPSET`),
-with dynamic batch, sequence and past length, traced on a ``meta`` model: both graphs reference one
+with dynamic batch, sequence and past length, traced on a ``meta`` model: the graphs reference one
 shared ``weights.bin`` (ONNX external data), written once from the checkpoint, one tensor at a time
 (``elastic.export.weights``).
 
@@ -9,7 +10,7 @@ Example:
     >>> ckpt = Checkpoint.open("./model-50", require_weights=True)
     >>> info = write_graphs(ckpt.arch, Path("./out"), weights=checkpoint_source(ckpt))
     >>> info["files"]
-    ['prefill.onnx', 'decode.onnx']
+    ['prefill.onnx', 'decode.onnx', 'extend.onnx', 'weights.bin']
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from elastic.profiles.progress import Progress, quiet
 from elastic.slicer.errors import ElasticError, debug_enabled
 from elastic.slicer.nn.model import NemotronH
 
-from .graphs import DecodeGraph, PrefillGraph, state_tensors
-from .layout import DECODE, PAST, PARAM_PREFIX, PREFILL, PRESENT, TRANSPOSED, WEIGHTS, param_of
+from .graphs import DecodeGraph, ExtendGraph, PrefillGraph, state_tensors
+from .layout import DECODE, EXTEND, PAST, PARAM_PREFIX, PREFILL, PRESENT, TRANSPOSED, WEIGHTS, param_of
+
+GRAPHS = (PREFILL, DECODE, EXTEND)  # every graph an export writes
 
 # TensorRT 10.x's parser takes opsets 9..20 (onnx-tensorrt docs/operators.md); 18 is the opset
 # torch's dynamo exporter emits natively (no version conversion) and predates ops TensorRT 10.3
@@ -48,12 +51,14 @@ OPSET_RANGE = (18, 21)
 
 
 def graph_io(model: NemotronH) -> dict[str, dict[str, list[str]]]:
-    """Input and output names of both graphs, in order."""
+    """Input and output names of each graph, in order."""
     states = state_tensors(model.arch)
+    stateful = {"inputs": ["input_ids"] + [PAST + s.name for s in states],
+                "outputs": ["logits"] + [PRESENT + s.name for s in states]}
     return {
         "prefill": {"inputs": ["input_ids"], "outputs": ["logits"] + [PRESENT + s.name for s in states]},
-        "decode": {"inputs": ["input_ids"] + [PAST + s.name for s in states],
-                   "outputs": ["logits"] + [PRESENT + s.name for s in states]},
+        "decode": stateful,
+        "extend": stateful,
     }
 
 
@@ -147,7 +152,7 @@ def _entries(graphs, raw: set[str] = frozenset()) -> list:
 
 
 def trace(arch, dtype: torch.dtype, opset: int, which: str) -> Any:
-    """One graph (``PREFILL`` or ``DECODE``) traced on a ``meta`` model of ``arch``: onnx_ir, no weights."""
+    """One graph (``PREFILL``, ``DECODE`` or ``EXTEND``) traced on a ``meta`` model of ``arch``: onnx_ir, no weights."""
     from torch.export import Dim
 
     from elastic.slicer.nn.model import build_model
@@ -162,6 +167,9 @@ def trace(arch, dtype: torch.dtype, opset: int, which: str) -> Any:
     past_len = Dim("past")
     state_dims = tuple({0: batch, 2: past_len} if s.kind in ("key", "value") else {0: batch}
                        for s in state_tensors(arch))
+    if which == EXTEND:  # several tokens after a past: seq >= 2 (torch.export specialises 1)
+        return _export_one(ExtendGraph(meta), (ids, *past), io_names["extend"],
+                           {"input_ids": {0: batch, 1: Dim("seq")}, "past": state_dims}, opset)
     return _export_one(DecodeGraph(meta), (ids[:, :1], *past), io_names["decode"],
                        {"input_ids": {0: batch}, "past": state_dims}, opset)
 
@@ -250,14 +258,14 @@ def _drop_trace_metadata(g) -> None:
 
 
 def _cached_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path) -> dict[str, Any] | None:
-    """Both graphs from the cache (their initializers placeholders into ``out_dir``'s weights.bin), or None."""
+    """Every graph from the cache (their initializers placeholders into ``out_dir``'s weights.bin), or None."""
     import onnx_ir as ir
 
     where = _graph_cache(arch, dtype, opset)
-    if where is None or not all((where / name).is_file() for name in (PREFILL, DECODE)):
+    if where is None or not all((where / name).is_file() for name in GRAPHS):
         return None
     try:
-        graphs = {name: ir.load(where / name) for name in (PREFILL, DECODE)}
+        graphs = {name: ir.load(where / name) for name in GRAPHS}
     except Exception:  # a damaged entry (a disk filled while it was written): trace again
         return None
     for g in graphs.values():
@@ -289,22 +297,23 @@ def _cache_graphs(graphs: dict[str, Any], arch, dtype: torch.dtype, opset: int) 
 
 
 def _traced_graphs(arch, dtype: torch.dtype, opset: int, out_dir: Path, say: Progress) -> dict[str, Any]:
-    """Both graphs, unoptimised, weights as placeholders: from the cache, else traced (the decode
-    graph in another process, beside the prefill) and kept in the cache."""
+    """Every graph, unoptimised, weights as placeholders: from the cache, else traced (the decode and
+    extend graphs in other processes, beside the prefill) and kept in the cache."""
     graphs = _cached_graphs(arch, dtype, opset, out_dir)
     if graphs is not None:
-        say("trace", 0, None, message="exporting the prefill and decode graphs (traced before: from the cache)")
+        say("trace", 0, None, message="exporting the prefill, decode and extend graphs (traced before: from the cache)")
         return graphs
-    say("trace", 0, None, message="exporting the prefill and decode graphs (in two processes)")
-    child = _trace_in_child(arch, dtype, opset, DECODE, out_dir)  # the decode graph traces beside the prefill
+    say("trace", 0, None, message="exporting the prefill, decode and extend graphs (in three processes)")
+    children = {name: _trace_in_child(arch, dtype, opset, name, out_dir) for name in (DECODE, EXTEND)}
     try:
         prefill = trace(arch, dtype, opset, PREFILL)
+        graphs = {PREFILL: prefill, **{name: _child_graph(child, out_dir) for name, child in children.items()}}
     except BaseException:
-        child[0].kill()
-        child[0].wait()
-        child[1].unlink(missing_ok=True)
+        for proc, path in children.values():
+            proc.kill()
+            proc.wait()
+            path.unlink(missing_ok=True)
         raise
-    graphs = {PREFILL: prefill, DECODE: _child_graph(child, out_dir)}
     _cache_graphs(graphs, arch, dtype, opset)
     # as the next export will load them (the optimiser names nodes by a counter that a graph traced in
     # this process has advanced): the first export writes the same bytes as every later one
@@ -320,8 +329,8 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
 
     The graphs are traced on a ``meta`` model, so tracing holds no weights; ``weights.bin`` is then
     written one tensor at a time from ``weights`` (in the graph dtype; a Linear weight the graphs use
-    transposed is stored transposed), and both graphs point into it. Memory stays near one tensor
-    plus the exporter's own; disk is the weights once plus two small graphs.
+    transposed is stored transposed), and every graph points into it. Memory stays near one tensor
+    plus the exporter's own; disk is the weights once plus three small graphs.
 
     Args:
         model: the architecture (``Arch``), or a loaded reference model (its parameters are then the
@@ -363,7 +372,7 @@ def write_graphs(model, out_dir: Path, *, weights: Callable[[str], torch.Tensor]
             raw |= rewrite(g.graph, qdq)
     entries = _entries(graphs.values(), raw)
 
-    say("write weights", 0, len(entries), message="writing the weights once, shared by both graphs")
+    say("write weights", 0, len(entries), message="writing the weights once, shared by the graphs")
     placed = write_weights(out_dir / WEIGHTS, entries, weights, dtype, progress=progress, raw=quantized)
     for g in graphs.values():
         for name, value in g.graph.initializers.items():
@@ -395,7 +404,7 @@ def _checked_opset(opset: int | None, qdq, quantized, external_data: bool | None
     if qdq is not None and quantized is None:
         raise ElasticError("write_graphs with a Q/DQ plan needs quantized=elastic.export.qdq.quantized_source(...)")
     if external_data is False:
-        raise ElasticError("weights are always written once to weights.bin, shared by both graphs (the graphs "
+        raise ElasticError("weights are always written once to weights.bin, shared by the graphs (the graphs "
                            "alone stay small); external_data=False is not offered")
     return opset
 
@@ -446,7 +455,7 @@ def _version() -> str:
         return "0"
 
 
-def check_onnx(out_dir: Path, files: tuple[str, ...] = (PREFILL, DECODE)) -> None:
+def check_onnx(out_dir: Path, files: tuple[str, ...] = GRAPHS) -> None:
     """``onnx.checker`` (with shape inference) on each graph, by path so external data and > 2 GiB work.
 
     Raises:

@@ -72,7 +72,8 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
                  generator: OnnxGenerator | None = None) -> dict[str, Any]:
     """Run the same random prompt through ``model`` and the graphs in ``export_dir``.
 
-    Prefill logits and every state tensor, then ``decode_steps`` decode steps fed the reference's
+    Prefill logits and every state tensor; the same prompt prefilled in chunks (``extend.onnx``;
+    the last position's logits and the state), then ``decode_steps`` decode steps fed the reference's
     greedy tokens (so a near-tie cannot make the two diverge and hide a real difference), then
     ``elastic.slicer.nn.model.generate`` against :meth:`OnnxGenerator.generate` for ``new_tokens`` tokens.
 
@@ -81,8 +82,8 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
 
     Returns:
         ``prefill_max_abs_diff``, ``state_max_abs_diff``, ``decode_max_abs_diff`` (logits, over all
-        steps), ``greedy_tokens_equal``, ``tolerance``, ``ok`` (all diffs <= tolerance and the same
-        tokens), and the sizes used.
+        steps), ``chunked_prefill_max_abs_diff`` (None without ``extend.onnx``), ``greedy_tokens_equal``,
+        ``tolerance``, ``ok`` (all diffs <= tolerance and the same tokens), and the sizes used.
     """
     gen = generator or OnnxGenerator(export_dir)
     arch = model.arch
@@ -96,6 +97,11 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
     logits, state = gen.prefill(ids.numpy())
     prefill_diff, mean_diff = _diffs(logits, ref_logits)
     state_diff = max((_diffs(state[s.name], t)[0] for s, t in zip(states, cache_tensors(cache, states))), default=0.0)
+    chunked_diff = None
+    if gen.extend_session is not None:  # the chunked prefill: prefill.onnx, extend.onnx, then decode.onnx
+        logits, chunked = gen.prefill(ids.numpy(), chunk=arch.chunk_size + 1)  # pieces c+1, c+1, 1
+        chunked_diff = max(_diffs(logits, ref_logits[:, -1:])[0],
+                           *(_diffs(chunked[s.name], t)[0] for s, t in zip(states, cache_tensors(cache, states))))
 
     decode_diff = 0.0
     for _ in range(decode_steps):
@@ -112,6 +118,7 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
         "prefill_max_abs_diff": prefill_diff,
         "state_max_abs_diff": state_diff,
         "decode_max_abs_diff": decode_diff,
+        "chunked_prefill_max_abs_diff": chunked_diff,  # last logits and state; None: no extend.onnx
         "greedy_tokens_equal": same,
         "torch_tokens": torch_tokens.tolist(),
         "onnx_tokens": onnx_tokens.tolist(),
@@ -121,6 +128,6 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
         "batch": batch,
         "prompt_len": prompt_len,
         "decode_steps": decode_steps,
-        "ok": (max(prefill_diff, state_diff, decode_diff) <= tolerance and same
+        "ok": (max(prefill_diff, state_diff, decode_diff, chunked_diff or 0.0) <= tolerance and same
                and (mean_tolerance is None or mean_diff <= mean_tolerance)),
     }

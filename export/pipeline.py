@@ -109,7 +109,7 @@ def export_model(
         opset: ONNX opset (default 18).
         parity: compare ONNX Runtime with PyTorch (float32 only); a mismatch refuses the export.
         external_data: kept for earlier callers: the weights always go once to ``weights.bin``,
-            shared by both graphs (False is refused).
+            shared by the graphs (False is refused).
         progress: ``progress(stage, done, total, message=...)`` (``elastic.profiles.progress``):
             "open", "trace", "write weights" (tensors), "optimise", "check onnx", "check operators",
             "parity", "build engine" (engines), "checksums"; a stage without a size has total None.
@@ -262,6 +262,8 @@ def _parity(ckpt, tmp: Path, info: dict, weights, torch_dtype, q) -> dict[str, A
         raise ElasticError(
             "the ONNX graphs disagree with the PyTorch model (nothing was written): max |logit diff| "
             f"prefill {result['prefill_max_abs_diff']:.2e}, decode {result['decode_max_abs_diff']:.2e}"
+            + (f", chunked prefill {result['chunked_prefill_max_abs_diff']:.2e}"
+               if result.get("chunked_prefill_max_abs_diff") is not None else "")
             + (f", mean {result['mean_abs_diff']:.2e} (at most {result['mean_tolerance']:g})"
                if result.get("mean_tolerance") is not None else "") + ", "
             f"greedy tokens {'equal' if result['greedy_tokens_equal'] else 'different'} "

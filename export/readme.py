@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .layout import CHECKSUMS, DECODE, ENGINE_META, ENGINES, MANIFEST, PAST, PREFILL, PRESENT, SCRIPT, WEIGHTS
+from .layout import CHECKSUMS, DECODE, ENGINE_META, ENGINES, EXTEND, MANIFEST, PAST, PREFILL, PRESENT, SCRIPT, WEIGHTS
 
 OPSET_WHY = (
     "TensorRT 10.x's ONNX parser (10.3 ships with JetPack 6 on Orin) takes opsets 9 to 20 "
@@ -51,9 +51,10 @@ def _files(ext: bool, trt: dict[str, Any] | None) -> list[tuple[str, str]]:
     files = [
         (PREFILL, "prompt -> logits of every position + the state of every layer"),
         (DECODE, "one token per sequence + the state -> logits + the new state"),
+        (EXTEND, "the next chunk of a long prompt + the state -> the last position's logits + the new state"),
     ]
     if ext:
-        files.append((WEIGHTS, "the weights of both graphs (ONNX external data; keep it beside the graphs)"))
+        files.append((WEIGHTS, "the weights of every graph (ONNX external data; keep it beside the graphs)"))
     if trt:
         if trt["built"]:
             files += [(e, "TensorRT engine") for e in ENGINES.values()]
@@ -74,7 +75,10 @@ def _parity(parity: dict[str, Any] | None, q: dict[str, Any] | None) -> list[str
         "",
         (f"ONNX Runtime against the reference model: max |logit diff| prefill {parity['prefill_max_abs_diff']:.2e}, "
         f"decode ({parity['decode_steps']} steps) {parity['decode_max_abs_diff']:.2e}, state "
-        f"{parity['state_max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}"
+        f"{parity['state_max_abs_diff']:.2e}"
+        + (f", chunked prefill (last logits and state) {parity['chunked_prefill_max_abs_diff']:.2e}"
+           if parity.get("chunked_prefill_max_abs_diff") is not None else "")
+        + f" (tolerance {parity['tolerance']:g}"
         + ("; the reference dequantizes and fake-quantizes as the graphs do" if q else "") + "); greedy tokens "
         f"{'identical' if parity['greedy_tokens_equal'] else 'DIFFERENT'}."),
         "",
@@ -144,17 +148,23 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         f"as `{PAST}X` at the next step. Keys and values grow by one position per step "
         "(`present_key.i` has past + 1 positions); Mamba states keep their size."),
         "",
+        (f"**{EXTEND}**: inputs `input_ids` int64 (batch, seq), seq >= 2, and `{PAST}<state>`; outputs the "
+        f"last position's `logits` float32 (batch, 1, vocab) and `{PRESENT}<state>`: a long prompt prefills "
+        f"in chunks ({PREFILL} for the first, this graph for the next), so the activations grow with the "
+        "chunk, not the prompt."),
+        "",
         "| state | shape | dtype | what |",
         "|---|---|---|---|",
         *[f"| `{s.name}` | {_shape(s)} | {'float32' if s.float32 else dtype} | {state_name[s.kind]} |"
           for s in states],
         "",
         ("The suffix is the layer index; MLP layers keep no state. Greedy decoding: prefill the prompt, "
-        "take `argmax(logits[:, -1])`, then one decode call per token."),
+        "take `argmax(logits[:, -1])`, then one decode call per token (`OnnxGenerator` prefills prompts longer "
+        "than 512 tokens in chunks of 512)."),
         "",
         "```python",
         "from elastic.export.runtime import OnnxGenerator",
-        "gen = OnnxGenerator('.')                      # onnxruntime sessions over both graphs",
+        "gen = OnnxGenerator('.')                      # onnxruntime sessions over the graphs",
         "ids = gen.generate(prompt_ids, max_new_tokens=32)",
         "```",
         "",
@@ -170,9 +180,9 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
     if q:
         lines += _quantization(q)
     if ext:
-        lines += [(f"The weights live in `{WEIGHTS}`, written once straight from the checkpoint; both graphs point "
+        lines += [(f"The weights live in `{WEIGHTS}`, written once straight from the checkpoint; every graph points "
                   "into the same file (ONNX external data), and `elastic generate --backend onnx` maps it once for "
-                  "both sessions. Keep the three files together."), ""]
+                  "all sessions. Keep the graphs and the weights together."), ""]
     lines += _parity(summary.get("parity"), q)
     lines += _tensorrt(summary["tensorrt_check"], trt)
     return "\n".join(lines)

@@ -18,10 +18,11 @@ import numpy as np
 from elastic.slicer.errors import ElasticError
 
 from .deps import require
-from .layout import DECODE, ENGINE_META, MANIFEST, PAST, PREFILL, PRESENT
+from .layout import DECODE, ENGINE_META, EXTEND, MANIFEST, PAST, PREFILL, PRESENT
 from .weights import external_initializers, mapped_weights
 
 BACKENDS = ("torch", "onnx", "llama.cpp")
+PREFILL_CHUNK = 512  # tokens: ONNX Runtime prefills a longer prompt in chunks of this many (as llama.cpp's batch)
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -32,6 +33,12 @@ class OnnxGenerator:
     """Greedy decoding with the exported graphs: one prefill, then one decode step per token; a
     backend of ``elastic.slicer.nn.generate.greedy``.
 
+    A prompt longer than ``prefill_chunk`` tokens is prefilled in chunks: ``prefill.onnx`` runs the
+    first, ``extend.onnx`` each next one (a last chunk of one token: ``decode.onnx``). ONNX Runtime
+    then holds one chunk's activations (attention over the chunk x the tokens so far) instead of the
+    whole prompt's (attention over the prompt x the prompt, and every position's logits). An export
+    written before ``extend.onnx`` existed prefills in one pass.
+
     The state is a dict ``name -> array`` with the graph's state names without prefix
     (``conv_state.0``, ``key.3``...): prefill's ``present_*`` outputs become decode's ``past_*`` inputs.
 
@@ -41,17 +48,19 @@ class OnnxGenerator:
         threads: intra-op threads (default: ONNX Runtime's choice).
         session_config: ONNX Runtime session config entries, e.g.
             ``{"session.intra_op.allow_spinning": "0"}`` on a machine shared with other work.
-        share_weights: both sessions use one read-only memory map of ``weights.bin`` (given to ONNX
+        share_weights: every session uses one read-only memory map of ``weights.bin`` (given to ONNX
             Runtime as its initializers, with weight prepacking off so nothing is copied): the
             weights are in memory once, not once per graph. False lets each session load and
-            prepack its own copy (faster matrix products on some CPUs, twice the memory).
+            prepack its own copy (faster matrix products on some CPUs, a copy per graph).
+        memory_arena: ONNX Runtime's CPU memory arena (on: it keeps freed blocks for reuse).
+        prefill_chunk: tokens per prefill chunk (see above); None prefills in one pass.
     """
 
     name = "onnx"
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  session_config: dict[str, str] | None = None, share_weights: bool = True,
-                 memory_arena: bool = True):
+                 memory_arena: bool = True, prefill_chunk: int | None = PREFILL_CHUNK):
         require("onnxruntime")
         import onnxruntime as ort
 
@@ -59,13 +68,19 @@ class OnnxGenerator:
         if not is_export_dir(self.dir):
             raise ElasticError(f"not an ONNX export: {PREFILL} and {DECODE} are expected here "
                                "(write them with `elastic export MODEL_DIR --out DIR`)", path=str(self.dir))
-        self.weights = mapped_weights(self.dir, (PREFILL, DECODE)) if share_weights else {}
+        graphs = (PREFILL, DECODE, EXTEND) if (self.dir / EXTEND).is_file() else (PREFILL, DECODE)
+        self.weights = mapped_weights(self.dir, graphs) if share_weights else {}
         shared = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in self.weights.items()}
 
         def options(graph: str):
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             opts.enable_cpu_mem_arena = memory_arena
+            # ONNX Runtime's default order runs the nodes that only feed a graph output (each Mamba
+            # layer's conv-state Slice, its final-state einsum) after everything the logits need, so each
+            # layer's padded conv input and scan output stay alive to the end; by priority they run
+            # where they stand and the live tensors are one layer's
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
             if threads:
                 opts.intra_op_num_threads = threads
             if shared:
@@ -81,21 +96,41 @@ class OnnxGenerator:
         try:
             self.prefill_session = ort.InferenceSession(str(self.dir / PREFILL), options(PREFILL), providers=providers)
             self.decode_session = ort.InferenceSession(str(self.dir / DECODE), options(DECODE), providers=providers)
+            self.extend_session = (ort.InferenceSession(str(self.dir / EXTEND), options(EXTEND), providers=providers)
+                                   if EXTEND in graphs else None)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ElasticError(f"ONNX Runtime cannot load the graphs ({type(e).__name__}: {e})",
                                path=str(self.dir)) from None
         self.prefill_outputs = [o.name for o in self.prefill_session.get_outputs()]
         self.decode_outputs = [o.name for o in self.decode_session.get_outputs()]
+        self.extend_outputs = [o.name for o in self.extend_session.get_outputs()] if self.extend_session else []
         self.state_names = [i.name.removeprefix(PAST) for i in self.decode_session.get_inputs() if i.name != "input_ids"]
         self.vocab_size = int(self.prefill_session.get_outputs()[0].shape[-1])
+        if prefill_chunk is not None and prefill_chunk < 2:
+            raise ElasticError(f"prefill_chunk must be at least 2 tokens, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk if self.extend_session is not None else None
 
     def _state(self, names: list[str], outs: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {n.removeprefix(PRESENT): v for n, v in zip(names[1:], outs[1:])}
 
-    def prefill(self, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(logits (b, l, vocab) float32, state) for prompt ids (b, l)."""
-        outs = self.prefill_session.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64)})
-        return outs[0], self._state(self.prefill_outputs, outs)
+    def prefill(self, input_ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(logits float32, state) for prompt ids (b, l): every position's logits (b, l, vocab) when
+        the prompt is one chunk (``chunk``, default ``prefill_chunk``), else the last position's
+        (b, 1, vocab) after a chunked prefill."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        chunk = chunk or self.prefill_chunk
+        first = ids if chunk is None or self.extend_session is None else ids[:, :chunk]
+        outs = self.prefill_session.run(None, {"input_ids": first})
+        logits, state = outs[0], self._state(self.prefill_outputs, outs)
+        for start in range(first.shape[1], ids.shape[1], chunk or 1):
+            piece = ids[:, start:start + chunk]
+            if piece.shape[1] == 1:  # extend takes two tokens or more (the trace specialises one)
+                logits, state = self.step(piece, state)
+                continue
+            feed = {"input_ids": piece, **{PAST + n: state[n] for n in self.state_names}}
+            outs = self.extend_session.run(None, feed)
+            logits, state = outs[0], self._state(self.extend_outputs, outs)
+        return logits, state
 
     def step(self, next_ids: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(logits (b, 1, vocab), new state) for one token per sequence, ids (b,) or (b, 1)."""

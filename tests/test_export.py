@@ -96,10 +96,11 @@ def test_summary_parity_checker_and_operators(exported):
     _, out, summary, model = exported
     p = summary["parity"]
     assert p["ok"] and p["greedy_tokens_equal"]
-    assert max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"], p["state_max_abs_diff"]) <= TOL
+    assert max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"], p["state_max_abs_diff"],
+               p["chunked_prefill_max_abs_diff"]) <= TOL
     assert summary["opset"] == 18 and summary["external_data"] is True
     assert summary["unsupported_ops"] == []  # every node parses in TensorRT 10.x (see the check tests below)
-    for name in ("prefill.onnx", "decode.onnx"):
+    for name in ("prefill.onnx", "decode.onnx", "extend.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)
     assert sorted(summary["files"]) == sorted(p.name for p in out.iterdir())
     readme = (out / "README.md").read_text()
@@ -132,6 +133,49 @@ def test_graph_inputs_and_outputs(exported):
     keys = [s.name for s in states if s.kind == "key"]  # a budget may have dropped every attention layer
     assert all(io(dec.output)[f"present_{k}"][1][2] == "past + 1" for k in keys)
     assert keys or not any(layer.kind == "attention" for layer in model.arch.layers)
+    ext = onnx.load(str(out / "extend.onnx"), load_external_data=False).graph
+    assert [i.name for i in ext.input] == [i.name for i in dec.input]
+    assert io(ext.input)["input_ids"] == (TensorProto.INT64, ["batch", "seq"])
+    assert [o.name for o in ext.output] == [o.name for o in dec.output]
+    assert io(ext.output)["logits"] == (TensorProto.FLOAT, ["batch", 1, vocab])  # the last position's only
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("chunk", [2, 5, 16, 36])  # 37 tokens: a one-token last chunk (decode.onnx) at 2 and 36
+def test_chunked_prefill_equals_the_reference(exported, chunk):
+    """prefill.onnx for the first chunk, extend.onnx for the next ones (decode.onnx for a last single
+    token): the last position's logits and every state equal the reference model's whole-prompt prefill."""
+    _, out, _, model = exported
+    gen = OnnxGenerator(out)
+    ids = _ids(2, 37, model.arch.vocab_size, seed=3)
+    cache = model.new_cache()
+    with torch.no_grad():
+        ref = model(ids, cache=cache)
+    logits, state = gen.prefill(ids.numpy(), chunk=chunk)
+    assert logits.shape == (2, 1, model.arch.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], ref[:, -1].numpy(), rtol=0, atol=TOL)
+    for s in state_tensors(model.arch):
+        want = getattr(cache.layers[s.layer], {"conv_state": "conv", "ssm_state": "ssm", "key": "k", "value": "v"}[s.kind])
+        np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
+    got = OnnxGenerator(out, prefill_chunk=chunk).generate(ids.numpy(), max_new_tokens=6)
+    assert got.tolist() == generate(model, ids, max_new_tokens=6).tolist()
+
+
+@pytest.mark.heavy
+def test_an_export_without_extend_prefills_in_one_pass(exported, tmp_path):
+    """An export written before extend.onnx existed still runs: the whole prompt in one prefill."""
+    import shutil
+
+    _, out, _, model = exported
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "extend.onnx").unlink()
+    gen = OnnxGenerator(old, prefill_chunk=4)
+    assert gen.extend_session is None and gen.prefill_chunk is None
+    ids = _ids(1, 11, model.arch.vocab_size, seed=4)
+    logits, _ = gen.prefill(ids.numpy())
+    assert logits.shape == (1, 11, model.arch.vocab_size)
+    assert gen.generate(ids.numpy(), 4).tolist() == generate(model, ids, max_new_tokens=4).tolist()
 
 
 # ---- TensorRT operator check --------------------------------------------------------------------
@@ -376,7 +420,7 @@ def test_tensorrt_engine_build(tmp_path):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("budget", ["100%", "50%"])
-def test_both_graphs_reference_one_weights_file(tmp_path, budget):
+def test_every_graph_references_one_weights_file(tmp_path, budget):
     """At every size: the weights are stored once, in weights.bin, and both graphs point at the same
     bytes for the same initializer; nothing but small folded constants stays inside a graph."""
     from elastic.export.weights import external_initializers
@@ -387,13 +431,14 @@ def test_both_graphs_reference_one_weights_file(tmp_path, budget):
     assert s["external_data"] is True and "weights.bin" in s["files"] and s["parity"]["ok"]
     params = sum(p.numel() * 4 for p in load_model(model_dir).parameters())
     assert params <= (out / "weights.bin").stat().st_size < 1.05 * params + 64 * 1024  # once (+ alignment)
-    pre, dec = (external_initializers(out / name) for name in ("prefill.onnx", "decode.onnx"))
+    pre, dec, ext = (external_initializers(out / name) for name in ("prefill.onnx", "decode.onnx", "extend.onnx"))
     assert pre and dec and all(pre[n] == dec[n] for n in pre.keys() & dec.keys())
-    for name in ("prefill.onnx", "decode.onnx"):
+    assert ext and all(pre[n] == ext[n] for n in pre.keys() & ext.keys())
+    for name in ("prefill.onnx", "decode.onnx", "extend.onnx"):
         inits = onnx.load(str(out / name), load_external_data=False).graph.initializer
         assert {e.value for t in inits for e in t.external_data if e.key == "location"} == {"weights.bin"}
         assert all(t.data_location == TensorProto.EXTERNAL for t in inits if t.ByteSize() > 2048)
-    stored = {n: v for n, v in {**pre, **dec}.items()}
+    stored = {n: v for n, v in {**pre, **dec, **ext}.items()}
     assert sum(length for _, length, _, _ in stored.values()) >= 0.99 * params  # every weight, once
 
 

@@ -31,7 +31,7 @@ def test_second_export_loads_the_traced_graphs_and_writes_the_same_bytes(tmp_pat
     slice_checkpoint(DEMO, tmp_path / "m", budget="50%")
     first = export_model(tmp_path / "m", tmp_path / "e1", format="onnx")
     cached = list((tmp_path / "cache" / "onnx-graphs").iterdir())
-    assert len(cached) == 1 and sorted(f.name for f in cached[0].iterdir()) == ["decode.onnx", "prefill.onnx"]
+    assert len(cached) == 1 and sorted(f.name for f in cached[0].iterdir()) == ["decode.onnx", "extend.onnx", "prefill.onnx"]
     for f in cached[0].iterdir():  # graphs only: every initializer a reference into weights.bin, never its data
         g = onnx.load(f, load_external_data=False)
         assert g.graph.initializer and all(i.data_location == onnx.TensorProto.EXTERNAL and not i.raw_data
@@ -43,7 +43,7 @@ def test_second_export_loads_the_traced_graphs_and_writes_the_same_bytes(tmp_pat
     monkeypatch.setattr(ox, "trace", no_tracing)
     monkeypatch.setattr(ox, "_trace_in_child", no_tracing)
     second = export_model(tmp_path / "m", tmp_path / "e2", format="onnx")
-    assert _digests(tmp_path / "e1") == _digests(tmp_path / "e2") and len(_digests(tmp_path / "e1")) == 3
+    assert _digests(tmp_path / "e1") == _digests(tmp_path / "e2") and len(_digests(tmp_path / "e1")) == 4
     assert first.manifest["parity"]["ok"] and second.manifest["parity"]["ok"]
     # another architecture (the 75% slice) is not served from this entry: it would trace
     slice_checkpoint(DEMO, tmp_path / "m75", budget="75%")
