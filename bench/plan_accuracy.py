@@ -1,12 +1,12 @@
 """Check the plan's memory terms against the engines that run the model here.
 
     python bench/plan_accuracy.py [--sizes S,M,L] [--contexts 512,32768] [--precisions bf16,q8_0,q4_k_m]
-                                  [--work /tmp/elastic-plan-accuracy] [--no-reference]
+                                  [--work /tmp/elastic-plan-accuracy] [--no-reference] [--no-onnx]
 
 Models: the bundled demo (0.27M parameters, vocabulary 512: its compute buffer is its layers', not its
 logits) and three random Nemotron-H parents (S 47M parameters, ~95 MB in bf16; M 179M, ~360 MB; L 660M,
 ~1.3 GB; the demo's byte-level tokenizer), built once into ``--work`` and reused (about 4.7 GB with their
-GGUFs: delete it afterwards). For each:
+GGUFs and the ONNX exports: delete it afterwards). For each:
 
 - llama.cpp (the oracle is llama.cpp's own report): each GGUF precision (``export_gguf``; bf16 written
   directly, q8_0 / q4_k_m by llama.cpp's quantizer) at each context, loaded in a fresh process with
@@ -28,8 +28,16 @@ GGUFs: delete it afterwards). For each:
   whole activation is a few MiB of small chunks whose RSS glibc's heap, not the tensors, decides
   (predicted 11.2 MiB, measured 5.5 at 512 tokens).
 
+- ONNX Runtime (``--no-onnx`` skips it), which the plan has no model of: S, M and L (``--onnx-sizes``)
+  exported in float32 (``elastic export --dtype float32``), at 512 and 4096 tokens, ``OnnxGenerator``
+  as ``elastic generate --backend onnx`` runs it (a chunked prefill of 512-token chunks, then a greedy
+  decode) in a fresh process. Measured: the pages of ``weights.bin`` it maps (file-backed: the
+  weights are in memory once, as the page cache) plus its peak anonymous memory, measured as the
+  reference's. Predicted: none; the row says so, and ``worst_error`` leaves it out
+  (``not_modelled`` lists it).
+
 The table: engine x size x context x precision -> predicted, measured, error (MiB). Last line: one
-JSON object with ``worst_error`` over every row, and ``worst_error_by_engine``.
+JSON object with ``worst_error`` over every modelled row, ``worst_error_by_engine`` and ``not_modelled``.
 """
 
 from __future__ import annotations
@@ -60,11 +68,9 @@ SIZES = {  # parameters: S 47M (~95 MB bf16), M 179M (~360 MB), L 660M (~1.3 GB)
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MIB = 2**20
 
-REFERENCE_CHILD = """
+MEASURE_HEAD = """
 import json, sys, threading
 sys.path.insert(0, {root!r})
-import torch
-from elastic.slicer.nn.model import load_model
 def status():
     return {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
             if l.startswith(("RssAnon", "RssFile", "RssShmem", "VmHWM", "VmRSS"))}}
@@ -77,6 +83,10 @@ def sample():  # the anonymous peak, sampled (the bound below catches what a sam
         done.wait(0.0005)
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
+"""
+REFERENCE_RUN = """
+import torch
+from elastic.slicer.nn.model import load_model
 model = load_model({path!r}, dtype=torch.float32)
 ids = torch.randint(0, model.arch.vocab_size, (1, {prompt}), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
@@ -86,6 +96,25 @@ with torch.no_grad():
         logits = model(ids[:, s:s + {chunk}], cache=cache)  # full logits of the chunk
     for _ in range({decode}):
         logits = model(logits[:, -1:].argmax(-1), cache=cache)
+extra = {{}}
+"""
+ONNX_RUN = """
+import numpy as np
+from elastic.export.runtime import OnnxGenerator
+gen = OnnxGenerator({path!r})
+gen.generate(np.random.default_rng(0).integers(0, gen.vocab_size, (1, {prompt})), {decode})
+def mapped(name):  # the resident pages of the mappings of one file
+    total, hit = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            hit = line.rstrip().endswith("/" + name)
+        elif hit and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+extra = {{"weights_mapped": mapped("weights.bin")}}
+"""
+MEASURE_TAIL = """
 done.set()
 sampler.join()
 after = status()
@@ -97,7 +126,7 @@ after = status()
 file_added = after["RssFile"] - before["RssFile"]
 bound = after["VmHWM"] - before["VmRSS"] - file_added
 print(json.dumps({{"measured": max(peak[0] - anon(before), bound), "rss": after["VmHWM"] - before["VmRSS"],
-                  "file_pages": file_added}}))
+                  "file_pages": file_added, **extra}}))
 """
 
 
@@ -162,13 +191,35 @@ def reference_row(path: Path, context: int, chunk: int = 256, decode: int = 32) 
 
     arch = Arch.from_file(path)
     prompt = context - decode
-    m = run_child(REFERENCE_CHILD.format(root=str(ROOT), path=str(path), prompt=prompt, decode=decode, chunk=chunk))
+    m = run_child((MEASURE_HEAD + REFERENCE_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(path), prompt=prompt,
+                                                                       decode=decode, chunk=chunk))
     w = Workload(context=context, batch=1, dtype="float32", prefill_chunk=chunk, margin=0.0)
     t = footprint(arch, w, get_profile("cpu").runtime_overhead_bytes, engine="reference")
     return {"engine": "reference", "precision": "fp32", "context": context, "predicted": t["total"],
             "measured": m["measured"], "error": abs(t["total"] - m["measured"]) / m["measured"], "rss": m["rss"],
             "terms": {k: [t[k], None] for k in ("weights", "kv_cache", "ssm_state", "activations", "overhead")},
             "memory_basis": memory_basis("reference")}
+
+
+def onnx_export(work: Path, model: Path) -> Path:
+    """``work/<size>-onnx``: ``model`` exported as float32 ONNX graphs (kept)."""
+    from elastic.export.pipeline import export_model
+
+    out = work / f"{model.name}-onnx"
+    if not (out / "extend.onnx").is_file():
+        export_model(model, out, dtype="float32", parity=False, force=True)
+    return out
+
+
+def onnx_row(export: Path, context: int, decode: int = 32) -> dict:
+    """ONNX Runtime's memory as ``elastic generate --backend onnx`` runs it: weights.bin's mapped pages
+    plus the peak anonymous memory. The plan has no model of it: nothing is predicted."""
+    m = run_child((MEASURE_HEAD + ONNX_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(export),
+                                                                  prompt=context - decode, decode=decode))
+    return {"engine": "onnxruntime", "precision": "fp32", "context": context, "predicted": None,
+            "measured": m["weights_mapped"] + m["measured"], "error": None, "rss": m["rss"],
+            "terms": {"weights": [None, m["weights_mapped"]], "anonymous": [None, m["measured"]]},
+            "memory_basis": "not modelled: measured only (bench/plan_accuracy.py)"}
 
 
 def main() -> None:
@@ -180,6 +231,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/elastic-plan-accuracy"))
     ap.add_argument("--reference-sizes", default="S,M,L", help="models of the PyTorch reference runs")
     ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference runs")
+    ap.add_argument("--onnx-sizes", default="S,M,L", help="models of the ONNX Runtime runs")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime runs")
     args = ap.parse_args()
 
     from elastic.slicer.formats.arch import Arch
@@ -203,22 +256,34 @@ def main() -> None:
                 rows.append({"size": name, "parameters": Arch.from_file(path).param_counts()["total"],
                              **reference_row(path, context)})
                 print_row(rows[-1], header=False)
+    if not args.no_onnx:
+        for name in args.onnx_sizes.split(","):
+            model = build(args.work, name)
+            export = onnx_export(args.work, model)
+            for context in (int(c) for c in args.reference_contexts.split(",")):
+                rows.append({"size": name, "parameters": Arch.from_file(model).param_counts()["total"],
+                             **onnx_row(export, context)})
+                print_row(rows[-1], header=False)
     by_engine: dict[str, float] = {}
     for r in rows:
-        by_engine[r["engine"]] = max(by_engine.get(r["engine"], 0.0), r["error"])
-    print(json.dumps({"worst_error": round(max(by_engine.values()), 4),
+        if r["error"] is not None:
+            by_engine[r["engine"]] = max(by_engine.get(r["engine"], 0.0), r["error"])
+    print(json.dumps({"worst_error": round(max(by_engine.values()), 4) if by_engine else None,
                       "worst_error_by_engine": {k: round(v, 4) for k, v in by_engine.items()},
-                      "rows": [{**r, "error": round(r["error"], 4)} for r in rows]}))
+                      "not_modelled": sorted({r["engine"] for r in rows if r["error"] is None}),
+                      "rows": [{**r, "error": None if r["error"] is None else round(r["error"], 4)} for r in rows]}))
 
 
 def print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'engine':<10}{'size':<6}{'params':>12}{'context':>9}{'prec':>8}{'predicted':>11}{'measured':>11}"
+        print(f"{'engine':<12}{'size':<6}{'params':>12}{'context':>9}{'prec':>8}{'predicted':>11}{'measured':>11}"
               f"{'error':>8}{'rss':>10}   terms predicted/measured (MiB)")
-    terms = "  ".join(f"{k} {p / MIB:.1f}" + (f"/{m / MIB:.1f}" if m is not None else "")
+    terms = "  ".join(f"{k} " + ("-" if p is None else f"{p / MIB:.1f}") + (f"/{m / MIB:.1f}" if m is not None else "")
                       for k, (p, m) in r["terms"].items())
-    print(f"{r['engine']:<10}{r['size']:<6}{r['parameters']:>12,}{r['context']:>9}{r['precision']:>8}"
-          f"{r['predicted'] / MIB:>11.1f}{r['measured'] / MIB:>11.1f}{r['error']:>8.1%}{r['rss'] / MIB:>10.1f}   "
+    predicted = "-" if r["predicted"] is None else f"{r['predicted'] / MIB:.1f}"
+    error = "-" if r["error"] is None else f"{r['error']:.1%}"
+    print(f"{r['engine']:<12}{r['size']:<6}{r['parameters']:>12,}{r['context']:>9}{r['precision']:>8}"
+          f"{predicted:>11}{r['measured'] / MIB:>11.1f}{error:>8}{r['rss'] / MIB:>10.1f}   "
           f"{terms}", flush=True)
 
 

@@ -240,7 +240,7 @@ def _parity(ckpt, tmp: Path, info: dict, weights, torch_dtype, q) -> dict[str, A
 
     release_memory(trim_threshold=True)  # what PyTorch frees during the check goes back to the OS at once
     # one memory map of weights.bin for ONNX Runtime and the model; no arena kept beside PyTorch's activations
-    gen = OnnxGenerator(tmp, memory_arena=False)
+    gen = OnnxGenerator(tmp)
     floats = {n: v for n, v in gen.weights.items() if n not in info["qdq"]}  # Q/DQ bytes: parity checks them
     bad = verify_weights(floats, weights, torch_dtype)
     release_memory()
