@@ -69,8 +69,6 @@ TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
 MIB = 2**20
 
 MEASURE_HEAD = """
-import json, sys, threading
-sys.path.insert(0, {root!r})
 def status():
     return {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
             if l.startswith(("RssAnon", "RssFile", "RssShmem", "VmHWM", "VmRSS"))}}
@@ -84,9 +82,19 @@ def sample():  # the anonymous peak, sampled (the bound below catches what a sam
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 """
-REFERENCE_RUN = """
+IMPORTS = """
+import json, sys, threading
+sys.path.insert(0, {root!r})
+"""
+REFERENCE_IMPORTS = IMPORTS + """
 import torch
 from elastic.slicer.nn.model import load_model
+"""
+ONNX_IMPORTS = IMPORTS + """
+import numpy as np
+from elastic.export.runtime import OnnxGenerator
+"""
+REFERENCE_RUN = """
 model = load_model({path!r}, dtype=torch.float32)
 ids = torch.randint(0, model.arch.vocab_size, (1, {prompt}), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
@@ -99,8 +107,6 @@ with torch.no_grad():
 extra = {{}}
 """
 ONNX_RUN = """
-import numpy as np
-from elastic.export.runtime import OnnxGenerator
 gen = OnnxGenerator({path!r})
 gen.generate(np.random.default_rng(0).integers(0, gen.vocab_size, (1, {prompt})), {decode})
 def mapped(name):  # the resident pages of the mappings of one file
@@ -191,7 +197,7 @@ def reference_row(path: Path, context: int, chunk: int = 256, decode: int = 32) 
 
     arch = Arch.from_file(path)
     prompt = context - decode
-    m = run_child((MEASURE_HEAD + REFERENCE_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(path), prompt=prompt,
+    m = run_child((REFERENCE_IMPORTS + MEASURE_HEAD + REFERENCE_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(path), prompt=prompt,
                                                                        decode=decode, chunk=chunk))
     w = Workload(context=context, batch=1, dtype="float32", prefill_chunk=chunk, margin=0.0)
     t = footprint(arch, w, get_profile("cpu").runtime_overhead_bytes, engine="reference")
@@ -214,7 +220,7 @@ def onnx_export(work: Path, model: Path) -> Path:
 def onnx_row(export: Path, context: int, decode: int = 32) -> dict:
     """ONNX Runtime's memory as ``elastic generate --backend onnx`` runs it: weights.bin's mapped pages
     plus the peak anonymous memory. The plan has no model of it: nothing is predicted."""
-    m = run_child((MEASURE_HEAD + ONNX_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(export),
+    m = run_child((ONNX_IMPORTS + MEASURE_HEAD + ONNX_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(export),
                                                                   prompt=context - decode, decode=decode))
     return {"engine": "onnxruntime", "precision": "fp32", "context": context, "predicted": None,
             "measured": m["weights_mapped"] + m["measured"], "error": None, "rss": m["rss"],

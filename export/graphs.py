@@ -6,8 +6,8 @@ tensors. :class:`PrefillGraph` (token ids -> logits + the state of every layer) 
 ``Cache`` from their tensor inputs, call the reference model's own layers, and return the cache's
 tensors in a fixed order: the graphs compute what ``NemotronH.forward`` computes, with the same code.
 :class:`ExtendGraph` (a chunk of several tokens + that state -> the last position's logits + the new
-state) lets a runtime prefill a long prompt in chunks: its memory then grows with the chunk, not with
-the prompt.
+state; from an empty state: zeros, keys and values of no position) lets a runtime prefill a prompt in
+chunks: its memory then grows with the chunk, not with the prompt.
 
 State tensors, per layer i (MLP layers keep none):
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
-EXTEND = "extend.onnx"  # a prompt's next chunk after the first (ONNX Runtime's chunked prefill)
+EXTEND = "extend.onnx"  # a chunk of a prompt after a state (ONNX Runtime's chunked prefill)
 WEIGHTS = "weights.bin"  # external data shared by the graphs
 CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks a copied bundle
 README, MANIFEST = "README.md", "export_manifest.json"

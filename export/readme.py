@@ -149,9 +149,9 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
         "(`present_key.i` has past + 1 positions); Mamba states keep their size."),
         "",
         (f"**{EXTEND}**: inputs `input_ids` int64 (batch, seq), seq >= 2, and `{PAST}<state>`; outputs the "
-        f"last position's `logits` float32 (batch, 1, vocab) and `{PRESENT}<state>`: a long prompt prefills "
-        f"in chunks ({PREFILL} for the first, this graph for the next), so the activations grow with the "
-        "chunk, not the prompt."),
+        f"last position's `logits` float32 (batch, 1, vocab) and `{PRESENT}<state>`: a prompt prefills in "
+        "chunks from an empty state (zeros; keys and values of no position), so the activations grow with the "
+        "chunk, not the prompt, and no logits but the last are computed."),
         "",
         "| state | shape | dtype | what |",
         "|---|---|---|---|",
@@ -159,8 +159,8 @@ def render(summary: dict[str, Any], states: list, dtype: str) -> str:
           for s in states],
         "",
         ("The suffix is the layer index; MLP layers keep no state. Greedy decoding: prefill the prompt, "
-        "take `argmax(logits[:, -1])`, then one decode call per token (`OnnxGenerator` prefills prompts longer "
-        "than 512 tokens in chunks of 512)."),
+        "take `argmax(logits[:, -1])`, then one decode call per token (`OnnxGenerator` prefills with "
+        f"{EXTEND} instead, in chunks of 512 tokens)."),
         "",
         "```python",
         "from elastic.export.runtime import OnnxGenerator",

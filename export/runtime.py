@@ -33,11 +33,13 @@ class OnnxGenerator:
     """Greedy decoding with the exported graphs: one prefill, then one decode step per token; a
     backend of ``elastic.slicer.nn.generate.greedy``.
 
-    A prompt longer than ``prefill_chunk`` tokens is prefilled in chunks: ``prefill.onnx`` runs the
-    first, ``extend.onnx`` each next one (a last chunk of one token: ``decode.onnx``). ONNX Runtime
-    then holds one chunk's activations (attention over the chunk x the tokens so far) instead of the
-    whole prompt's (attention over the prompt x the prompt, and every position's logits). An export
-    written before ``extend.onnx`` existed prefills in one pass.
+    A prompt is prefilled by ``extend.onnx`` from an empty state, in chunks of ``prefill_chunk``
+    tokens (a last chunk of one token: ``decode.onnx``), and only the last position's logits are
+    computed. ONNX Runtime then holds one chunk's activations (attention over the chunk x the tokens so
+    far) instead of the whole prompt's (attention over the prompt x the prompt, and every position's
+    logits: 64 MiB per 512 tokens at a vocabulary of 32,768). ``prefill(ids, all_logits=True)`` runs
+    ``prefill.onnx`` over the whole prompt instead (every position's logits, as the parity check
+    compares them); an export written before ``extend.onnx`` existed always does.
 
     The state is a dict ``name -> array`` with the graph's state names without prefix
     (``conv_state.0``, ``key.3``...): prefill's ``present_*`` outputs become decode's ``past_*`` inputs.
@@ -57,7 +59,7 @@ class OnnxGenerator:
             tokens on bench/plan_accuracy.py's float32 models took a peak anonymous memory of 338 /
             732 / 1,625 MiB without it against 590 / 1,140 / 2,218 MiB with it (S / M / L), for a
             prefill 7-21% slower and a decode 4% slower to 27% faster.
-        prefill_chunk: tokens per prefill chunk (see above); None prefills in one pass.
+        prefill_chunk: tokens per prefill chunk (see above); None: the whole prompt in one chunk.
     """
 
     name = "onnx"
@@ -119,16 +121,19 @@ class OnnxGenerator:
     def _state(self, names: list[str], outs: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {n.removeprefix(PRESENT): v for n, v in zip(names[1:], outs[1:])}
 
-    def prefill(self, input_ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(logits float32, state) for prompt ids (b, l): every position's logits (b, l, vocab) when
-        the prompt is one chunk (``chunk``, default ``prefill_chunk``), else the last position's
-        (b, 1, vocab) after a chunked prefill."""
+    def prefill(self, input_ids: np.ndarray, chunk: int | None = None,
+                all_logits: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(logits float32, state) for prompt ids (b, l): the last position's logits (b, 1, vocab)
+        after a prefill in chunks of ``chunk`` tokens (default ``prefill_chunk``); with
+        ``all_logits``, a one-token prompt, or no ``extend.onnx``: every position's (b, l, vocab)
+        from ``prefill.onnx`` over the whole prompt."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        chunk = chunk or self.prefill_chunk
-        first = ids if chunk is None or self.extend_session is None else ids[:, :chunk]
-        outs = self.prefill_session.run(None, {"input_ids": first})
-        logits, state = outs[0], self._state(self.prefill_outputs, outs)
-        for start in range(first.shape[1], ids.shape[1], chunk or 1):
+        if all_logits or self.extend_session is None or ids.shape[1] < 2:
+            outs = self.prefill_session.run(None, {"input_ids": ids})
+            return outs[0], self._state(self.prefill_outputs, outs)
+        chunk = chunk or self.prefill_chunk or ids.shape[1]
+        logits, state = None, self.empty_state(ids.shape[0])
+        for start in range(0, ids.shape[1], chunk):
             piece = ids[:, start:start + chunk]
             if piece.shape[1] == 1:  # extend takes two tokens or more (the trace specialises one)
                 logits, state = self.step(piece, state)
@@ -137,6 +142,15 @@ class OnnxGenerator:
             outs = self.extend_session.run(None, feed)
             logits, state = outs[0], self._state(self.extend_outputs, outs)
         return logits, state
+
+    def empty_state(self, batch: int) -> dict[str, np.ndarray]:
+        """The state before any token: zeros, keys and values of no position (extend.onnx's input for
+        a prompt's first chunk; it computes what prefill.onnx does)."""
+        out = {}
+        for i in self.extend_session.get_inputs()[1:]:
+            dims = [batch if d == "batch" else 0 if isinstance(d, str) or d is None else d for d in i.shape]
+            out[i.name.removeprefix(PAST)] = np.zeros(dims, dtype=np.float16 if "float16" in i.type else np.float32)
+        return out
 
     def step(self, next_ids: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(logits (b, 1, vocab), new state) for one token per sequence, ids (b,) or (b, 1)."""

@@ -54,7 +54,7 @@ def test_prefill_matches_pytorch(exported, b, l):
     cache = model.new_cache()
     with torch.no_grad():
         ref = model(ids, cache=cache)
-    logits, state = gen.prefill(ids.numpy())
+    logits, state = gen.prefill(ids.numpy(), all_logits=True)
     assert logits.shape == (b, l, model.arch.vocab_size)
     np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=TOL)
     for s in state_tensors(model.arch):
@@ -141,10 +141,11 @@ def test_graph_inputs_and_outputs(exported):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("chunk", [2, 5, 16, 36])  # 37 tokens: a one-token last chunk (decode.onnx) at 2 and 36
+@pytest.mark.parametrize("chunk", [None, 2, 5, 16, 36])  # 37 tokens: a one-token last chunk (decode.onnx) at 2, 36
 def test_chunked_prefill_equals_the_reference(exported, chunk):
-    """prefill.onnx for the first chunk, extend.onnx for the next ones (decode.onnx for a last single
-    token): the last position's logits and every state equal the reference model's whole-prompt prefill."""
+    """extend.onnx from an empty state, chunk after chunk (decode.onnx for a last single token; None:
+    one chunk of 512): the last position's logits and every state equal the reference model's
+    whole-prompt prefill."""
     _, out, _, model = exported
     gen = OnnxGenerator(out)
     ids = _ids(2, 37, model.arch.vocab_size, seed=3)
