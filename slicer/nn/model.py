@@ -430,14 +430,13 @@ def build_model(arch: Arch, dtype: torch.dtype = torch.float32, device: str = "c
     """A model with random weights (``seed``), or uninitialised on ``meta`` when ``device='meta'``."""
     with torch.device(device):
         model = NemotronH(arch)
-    if device != "meta":
-        if seed is not None:
-            init_weights(model, seed)
-        model.to(dtype)
-        for name, buf in list(model.named_buffers()):
-            module_name, leaf = name.rsplit(".", 1)
-            if leaf in KEEP_FP32:
-                setattr(model.get_submodule(module_name), leaf, buf.float())
+    if device != "meta" and seed is not None:
+        init_weights(model, seed)
+    model.to(dtype)  # a meta model too: the ONNX graphs are traced on it, in the graphs' dtype
+    for name, buf in list(model.named_buffers()):
+        module_name, leaf = name.rsplit(".", 1)
+        if leaf in KEEP_FP32:
+            setattr(model.get_submodule(module_name), leaf, buf.float())
     return model
 
 
