@@ -51,7 +51,7 @@ def _files(ext: bool, trt: dict[str, Any] | None) -> list[tuple[str, str]]:
     files = [
         (PREFILL, "prompt -> logits of every position + the state of every layer"),
         (DECODE, "one token per sequence + the state -> logits + the new state"),
-        (EXTEND, "the next chunk of a long prompt + the state -> the last position's logits + the new state"),
+        (EXTEND, "a chunk of a prompt + the state (empty for the first) -> the last position's logits + the new state"),
     ]
     if ext:
         files.append((WEIGHTS, "the weights of every graph (ONNX external data; keep it beside the graphs)"))

@@ -56,9 +56,9 @@ class OnnxGenerator:
             prepack its own copy (faster matrix products on some CPUs, a copy per graph).
         memory_arena: ONNX Runtime's CPU memory arena, one per session (it keeps freed blocks for
             reuse, and three sessions keep three arenas). Off by default: a 4,064-token prompt and 32
-            tokens on bench/plan_accuracy.py's float32 models took a peak anonymous memory of 338 /
-            732 / 1,625 MiB without it against 590 / 1,140 / 2,218 MiB with it (S / M / L), for a
-            prefill 7-21% slower and a decode 4% slower to 27% faster.
+            tokens on bench/plan_accuracy.py's float32 models took a peak anonymous memory of 329 /
+            770 / 1,528 MiB without it against 397 / 866 / 1,717 MiB with it (S / M / L), the
+            prefill 0.2-2% slower, the decode 5% slower to 10% faster (one run of each here).
         prefill_chunk: tokens per prefill chunk (see above); None: the whole prompt in one chunk.
     """
 
@@ -86,8 +86,8 @@ class OnnxGenerator:
             # layer's conv-state Slice, its final-state einsum) after everything the logits need, so each
             # layer's padded conv input and scan output stay alive to the end of the graph; by priority
             # they run where they stand. A 4,064-token prompt and 8 tokens on bench/plan_accuracy.py's
-            # float32 S / M: max RSS 579 / 1,509 MB by priority, 627 / 1,527 MB in the default order
-            # (and 7-17% more time, one run of each here)
+            # float32 S / M, two runs each: max RSS 554-573 / 1,462-1,474 MB by priority, 582-601 /
+            # 1,501-1,531 MB in the default order, in the same time on S and up to 6% more on M
             opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
             if threads:
                 opts.intra_op_num_threads = threads
@@ -132,6 +132,8 @@ class OnnxGenerator:
             outs = self.prefill_session.run(None, {"input_ids": ids})
             return outs[0], self._state(self.prefill_outputs, outs)
         chunk = chunk or self.prefill_chunk or ids.shape[1]
+        if chunk < 2:
+            raise ElasticError(f"a prefill chunk must be at least 2 tokens, got {chunk}")
         logits, state = None, self.empty_state(ids.shape[0])
         for start in range(0, ids.shape[1], chunk):
             piece = ids[:, start:start + chunk]
