@@ -103,6 +103,8 @@ class PrefillGraph(nn.Module):
 class DecodeGraph(nn.Module):
     """``input_ids`` (batch, 1) int64 and the past state -> ``logits`` (batch, 1, vocab) and the new state."""
 
+    last_only = False  # logits of every input position (one, here)
+
     def __init__(self, model: NemotronH):
         super().__init__()
         self.model = model
@@ -110,21 +112,14 @@ class DecodeGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = _unflatten(self.model, self.states, past)
-        logits = self.model(input_ids, cache=cache)
+        logits = self.model(input_ids, cache=cache, last_only=self.last_only)
         return (logits, *cache_tensors(cache, self.states))
 
 
-class ExtendGraph(nn.Module):
+class ExtendGraph(DecodeGraph):
     """``input_ids`` (batch, seq) with seq >= 2 and the past state -> the last position's ``logits``
     (batch, 1, vocab) and the new state: the next chunk of a chunked prefill (the Mamba layers take
-    their scan path from the past state, the attention layers see the past keys)."""
+    their scan path from the past state, the attention layers see the past keys). The decode graph's
+    code; what differs is the traced input length and that only the last position's logits are made."""
 
-    def __init__(self, model: NemotronH):
-        super().__init__()
-        self.model = model
-        self.states = state_tensors(model.arch)
-
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = _unflatten(self.model, self.states, past)
-        logits = self.model(input_ids, cache=cache, last_only=True)
-        return (logits, *cache_tensors(cache, self.states))
+    last_only = True

@@ -95,13 +95,17 @@ def check_parity(model: NemotronH, export_dir: str | Path, *, batch: int = 2, pr
     cache = model.new_cache()
     ref_logits = model(ids, cache=cache)  # NemotronH.forward itself, not the export wrappers
     logits, state = gen.prefill(ids.numpy(), all_logits=True)  # prefill.onnx: every position
+    ref_states = cache_tensors(cache, states)
+
+    def states_diff(got: dict[str, np.ndarray]) -> float:
+        return max((_diffs(got[s.name], t)[0] for s, t in zip(states, ref_states)), default=0.0)
+
     prefill_diff, mean_diff = _diffs(logits, ref_logits)
-    state_diff = max((_diffs(state[s.name], t)[0] for s, t in zip(states, cache_tensors(cache, states))), default=0.0)
+    state_diff = states_diff(state)
     chunked_diff = None
     if gen.extend_session is not None:  # the chunked prefill: extend.onnx from an empty state, then decode.onnx
         logits, chunked = gen.prefill(ids.numpy(), chunk=arch.chunk_size + 1)  # pieces c+1, c+1, 1
-        chunked_diff = max(_diffs(logits, ref_logits[:, -1:])[0],
-                           *(_diffs(chunked[s.name], t)[0] for s, t in zip(states, cache_tensors(cache, states))))
+        chunked_diff = max(_diffs(logits, ref_logits[:, -1:])[0], states_diff(chunked))
 
     decode_diff = 0.0
     for _ in range(decode_steps):

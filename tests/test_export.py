@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from elastic.cli.main import app
 from elastic.export import trt
-from elastic.export.graphs import state_tensors
+from elastic.export.graphs import cache_tensors, state_tensors
 from elastic.export.pipeline import export_model
 from elastic.export.runtime import OnnxGenerator
 from elastic.profiles.devices import get_profile
@@ -57,8 +57,8 @@ def test_prefill_matches_pytorch(exported, b, l):
     logits, state = gen.prefill(ids.numpy(), all_logits=True)
     assert logits.shape == (b, l, model.arch.vocab_size)
     np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=TOL)
-    for s in state_tensors(model.arch):
-        want = getattr(cache.layers[s.layer], {"conv_state": "conv", "ssm_state": "ssm", "key": "k", "value": "v"}[s.kind])
+    states = state_tensors(model.arch)
+    for s, want in zip(states, cache_tensors(cache, states)):
         assert state[s.name].shape == tuple(want.shape) == s.dims(b, l)
         np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
 
@@ -155,8 +155,8 @@ def test_chunked_prefill_equals_the_reference(exported, chunk):
     logits, state = gen.prefill(ids.numpy(), chunk=chunk)
     assert logits.shape == (2, 1, model.arch.vocab_size)
     np.testing.assert_allclose(logits[:, 0], ref[:, -1].numpy(), rtol=0, atol=TOL)
-    for s in state_tensors(model.arch):
-        want = getattr(cache.layers[s.layer], {"conv_state": "conv", "ssm_state": "ssm", "key": "k", "value": "v"}[s.kind])
+    states = state_tensors(model.arch)
+    for s, want in zip(states, cache_tensors(cache, states)):
         np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
     got = OnnxGenerator(out, prefill_chunk=chunk).generate(ids.numpy(), max_new_tokens=6)
     assert got.tolist() == generate(model, ids, max_new_tokens=6).tolist()
