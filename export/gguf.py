@@ -58,6 +58,39 @@ def require_llama_cpp():
     return llama_cpp
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (``amx_int8`` in /proc/cpuinfo; False where there is none)."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def open_llama(llama_cpp, **kwargs):
+    """``llama_cpp.Llama(**kwargs)``, without llama.cpp's extra weight buffer types (AMX, repacked
+    weights) on a CPU with AMX: there llama.cpp 0c1e57098 (llama-cpp-python 0.3.36) crashes with a
+    segmentation fault in ``llama_decode`` on q4_k_m GGUFs (the bundled demo's, and bench/plan_accuracy.py's
+    S of 47M parameters; a Xeon with amx_int8), which decode with ``use_extra_bufts`` off, and on
+    CPUs without AMX with it on (CI before this machine).
+    The bindings' constructor takes no such argument: it reads ``llama_model_default_params()``,
+    which is wrapped for the call."""
+    if not cpu_has_amx():
+        return llama_cpp.Llama(**kwargs)
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        low.llama_model_default_params = default
+
+
 def gguf_name(p: Precision) -> str:
     """llama.cpp's word for a GGUF precision: f32, f16, bf16, q8_0, ..., q4_k_m."""
     return {"ALL_F32": "f32", "MOSTLY_F16": "f16", "MOSTLY_BF16": "bf16"}.get(p.gguf_ftype, p.short)

@@ -33,6 +33,8 @@ def _rss() -> int:
 def _measure_here(path: str, context: int) -> dict[str, Any]:
     import llama_cpp
 
+    from .gguf import open_llama
+
     lines: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -41,8 +43,8 @@ def _measure_here(path: str, context: int) -> dict[str, Any]:
 
     llama_cpp.llama_log_set(keep, None)
     base = _rss()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=UBATCH, n_ubatch=UBATCH, flash_attn=True,
-                          use_mmap=False, verbose=True)
+    llm = open_llama(llama_cpp, model_path=path, n_ctx=context, n_batch=UBATCH, n_ubatch=UBATCH, flash_attn=True,
+                     use_mmap=False, verbose=True)
     llm.eval(list(range(4, 4 + PROMPT_TOKENS)))
     log = "".join(lines)
 

@@ -11,7 +11,7 @@ from elastic.slicer.errors import ElasticError
 from elastic.slicer.formats.tokenizer import Tok
 from elastic.slicer.planning.memory import LLAMA_UBATCH
 
-from .gguf import require_llama_cpp, silence_llama_cpp
+from .gguf import open_llama, require_llama_cpp, silence_llama_cpp
 
 
 def find_gguf(path: str | Path) -> Path | None:
@@ -39,9 +39,9 @@ class LlamaCppModel:
         silence_llama_cpp(llama_cpp)
         self.llama_cpp, self.path = llama_cpp, Path(path)
         try:
-            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_batch=LLAMA_UBATCH,
-                                       flash_attn=True,  # what the plan's compute buffer assumes (planning/llama_graph.py)
-                                       logits_all=logits_all, verbose=False)
+            # flash attention: what the plan's compute buffer assumes (planning/llama_graph.py)
+            self.llm = open_llama(llama_cpp, model_path=str(self.path), n_ctx=n_ctx, n_threads=threads,
+                                  n_batch=LLAMA_UBATCH, flash_attn=True, logits_all=logits_all, verbose=False)
         except ValueError as e:  # llama-cpp-python's words for a file llama.cpp refused
             raise ElasticError(f"llama.cpp cannot load this GGUF ({e}); ELASTIC_DEBUG=1 shows llama.cpp's log",
                                path=str(self.path)) from None

@@ -76,3 +76,22 @@ def test_every_option_says_what_its_memory_rests_on():
             assert basis == memory_basis(engine)
             assert basis.startswith("measured model: llama.cpp" if engine == "llama.cpp" else "estimate: ")
         assert all(b["memory_basis"] for b in p["budgets"])
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_extra_buffer_types_are_off_only_on_an_amx_cpu(ggufs, monkeypatch, amx):
+    """llama.cpp's AMX / repacked weight buffers crash its decode on q4_k_m on an AMX CPU: open_llama
+    turns them off there (and only there), puts the bindings' defaults back, and the model decodes."""
+    import llama_cpp
+
+    from elastic.export import gguf
+
+    here = gguf.cpu_has_amx()
+    monkeypatch.setattr(gguf, "cpu_has_amx", lambda: amx)
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    llm = gguf.open_llama(llama_cpp, model_path=str(ggufs["q4_k_m"]), n_ctx=64, verbose=False)
+    assert llm.model_params.use_extra_bufts is (not amx)
+    assert llama_cpp.llama_cpp.llama_model_default_params is default
+    if amx or not here:  # with the extra buffers on, it decodes only where the CPU has no AMX
+        llm.eval(list(range(4, 20)))
+        assert llm.n_tokens == 16
