@@ -28,13 +28,15 @@ GGUFs and the ONNX exports: delete it afterwards). For each:
   whole activation is a few MiB of small chunks whose RSS glibc's heap, not the tensors, decides
   (predicted 11.2 MiB, measured 5.5 at 512 tokens).
 
-- ONNX Runtime (``--no-onnx`` skips it), which the plan has no model of: S, M and L (``--onnx-sizes``)
-  exported in float32 (``elastic export --dtype float32``), at 512 and 4096 tokens, ``OnnxGenerator``
-  as ``elastic generate --backend onnx`` runs it (a chunked prefill of 512-token chunks, then a greedy
-  decode) in a fresh process. Measured: the pages of ``weights.bin`` it maps (file-backed: the
-  weights are in memory once, as the page cache) plus its peak anonymous memory, measured as the
-  reference's. Predicted: none; the row says so, and ``worst_error`` leaves it out
-  (``not_modelled`` lists it).
+- ONNX Runtime (``--no-onnx`` skips it): S, M and L (``--onnx-sizes``) exported in float32 (``elastic export
+  --dtype float32``), at 512 and 4096 tokens, ``OnnxGenerator`` as ``elastic generate --backend onnx``
+  runs it (a chunked prefill of 512-token chunks, then a greedy decode) in a fresh process. Measured:
+  the pages of ``weights.bin`` it maps (file-backed: the weights are in memory once, as the page cache)
+  (after the run, every page of it read through the same mapping: the steady state, once prompts have
+  reached every embedding row; the pages the run itself mapped are printed too) plus its peak anonymous
+  memory, measured as the reference's (the onnxruntime import included).
+  Predicted: ``footprint(..., engine="onnxruntime")`` (weights.bin, the state, the arena ONNX Runtime
+  grows, its own memory).
 
 The table: engine x size x context x precision -> predicted, measured, error (MiB). Last line: one
 JSON object with ``worst_error`` over every modelled row, ``worst_error_by_engine`` and ``not_modelled``.
@@ -118,7 +120,10 @@ def mapped(name):  # the resident pages of the mappings of one file
         elif hit and line.startswith("Rss:"):
             total += int(line.split()[1]) * 1024
     return total
-extra = {{"weights_mapped": mapped("weights.bin")}}
+run_mapped = mapped("weights.bin")
+for v in gen.weights.values():  # read every page of the mapping ONNX Runtime reads (as a prompt that
+    float(np.asarray(v).ravel()[::1024].sum())  # reaches every embedding row does): the steady state
+extra = {{"weights_mapped": mapped("weights.bin"), "weights_run": run_mapped}}
 """
 MEASURE_TAIL = """
 done.set()
@@ -218,14 +223,22 @@ def onnx_export(work: Path, model: Path) -> Path:
 
 
 def onnx_row(export: Path, context: int, decode: int = 32) -> dict:
-    """ONNX Runtime's memory as ``elastic generate --backend onnx`` runs it: weights.bin's mapped pages
-    plus the peak anonymous memory. The plan has no model of it: nothing is predicted."""
+    """ONNX Runtime's memory as ``elastic generate --backend onnx`` runs it (weights.bin's mapped pages
+    plus the peak anonymous memory) against ``footprint(..., engine="onnxruntime")``."""
+    from elastic.slicer.formats.arch import Arch
+    from elastic.slicer.planning.memory import Workload, footprint, memory_basis
+
     m = run_child((ONNX_IMPORTS + MEASURE_HEAD + ONNX_RUN + MEASURE_TAIL).format(root=str(ROOT), path=str(export),
                                                                   prompt=context - decode, decode=decode))
-    return {"engine": "onnxruntime", "precision": "fp32", "context": context, "predicted": None,
-            "measured": m["weights_mapped"] + m["measured"], "error": None, "rss": m["rss"],
-            "terms": {"weights": [None, m["weights_mapped"]], "anonymous": [None, m["measured"]]},
-            "memory_basis": "not modelled: measured only (bench/plan_accuracy.py)"}
+    w = Workload(context=context, batch=1, dtype="float32", prefill_chunk=512, margin=0.0)
+    t = footprint(Arch.from_file(export), w, 0, engine="onnxruntime")
+    measured = m["weights_mapped"] + m["measured"]
+    return {"engine": "onnxruntime", "precision": "fp32", "context": context, "predicted": t["total"],
+            "measured": measured, "error": abs(t["total"] - measured) / measured, "rss": m["rss"],
+            "terms": {"weights": [t["weights"], m["weights_mapped"]],
+                      "anonymous": [t["total"] - t["weights"], m["measured"]],
+                      "weights_mapped_by_the_run": [None, m["weights_run"]]},
+            "memory_basis": memory_basis("onnxruntime")}
 
 
 def main() -> None:

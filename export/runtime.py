@@ -25,6 +25,25 @@ BACKENDS = ("torch", "onnx", "llama.cpp")
 PREFILL_CHUNK = 512  # tokens: ONNX Runtime prefills a longer prompt in chunks of this many (as llama.cpp's batch)
 
 
+_ARENA: list[bool] = []  # whether this process registered its shared arena (once)
+
+
+def shared_arena(ort: Any) -> bool:
+    """Register one CPU arena in ONNX Runtime's environment, once per process, for every session that
+    asks for the environment's allocators; True once it is there. ONNX Runtime's defaults: a BFC
+    arena of regions from 1 MiB, each new one twice the last (onnxruntime/core/framework/bfc_arena.cc,
+    kNextPowerOfTwo); what it holds stays in it for the process's life. False where this ONNX Runtime
+    cannot register one: each session then allocates from malloc."""
+    if not _ARENA:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 0}))
+            _ARENA.append(True)
+        except Exception:  # an older ONNX Runtime, or one built without the API
+            _ARENA.append(False)
+    return _ARENA[0]
+
+
 def is_export_dir(path: str | Path) -> bool:
     return (Path(path) / PREFILL).is_file() and (Path(path) / DECODE).is_file()
 
@@ -54,11 +73,17 @@ class OnnxGenerator:
             Runtime as its initializers, with weight prepacking off so nothing is copied): the
             weights are in memory once, not once per graph. False lets each session load and
             prepack its own copy (faster matrix products on some CPUs, a copy per graph).
-        memory_arena: ONNX Runtime's CPU memory arena, one per session (it keeps freed blocks for
-            reuse, and three sessions keep three arenas). Off by default: a 4,064-token prompt and 32
-            tokens on bench/plan_accuracy.py's float32 models took a peak anonymous memory of 329 /
-            770 / 1,528 MiB without it against 397 / 866 / 1,717 MiB with it (S / M / L), the
-            prefill 0.2-2% slower, the decode 5% slower to 10% faster (one run of each here).
+        memory_arena: one ONNX Runtime CPU memory arena for the whole process, shared by every
+            session (registered once in ONNX Runtime's environment, :func:`shared_arena`); False:
+            every tensor from malloc. Either way each tensor has its own buffer, freed after its last
+            use (ONNX Runtime's buffer reuse is off: it hands a freed buffer to a later tensor of the
+            same size, so buffers stay held across layers). bench/plan_accuracy.py's float32 S / M,
+            4,064-token prompt and 32 tokens, peak anonymous memory over the imports (two runs each):
+            the shared arena 264 / 493 MiB, prefill 2.7-2.9 / 13.3-13.6 s; malloc 264-276 / 580 MiB,
+            3.4 / 14.9-15.5 s; malloc with buffer reuse (this class before) 312-316 / 718-740 MiB,
+            3.5-3.7 / 15.7-15.9 s. With malloc glibc's heap holds 1.3-2.4x the live tensors and
+            varies run to run; the arena's size is what ``footprint(..., engine="onnxruntime")``
+            predicts (regions doubling from 1 MiB).
         prefill_chunk: tokens per prefill chunk (see above); None: the whole prompt in one chunk.
     """
 
@@ -66,7 +91,7 @@ class OnnxGenerator:
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  session_config: dict[str, str] | None = None, share_weights: bool = True,
-                 memory_arena: bool = False, prefill_chunk: int | None = PREFILL_CHUNK):
+                 memory_arena: bool = True, prefill_chunk: int | None = PREFILL_CHUNK):
         require("onnxruntime")
         import onnxruntime as ort
 
@@ -77,11 +102,15 @@ class OnnxGenerator:
         graphs = (PREFILL, DECODE, EXTEND) if (self.dir / EXTEND).is_file() else (PREFILL, DECODE)
         self.weights = mapped_weights(self.dir, graphs) if share_weights else {}
         shared = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in self.weights.items()}
+        arena = memory_arena and shared_arena(ort)
 
         def options(graph: str):
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            opts.enable_cpu_mem_arena = memory_arena
+            opts.enable_cpu_mem_arena = arena
+            opts.enable_mem_reuse = False  # see memory_arena above
+            if arena:
+                opts.add_session_config_entry("session.use_env_allocators", "1")
             # ONNX Runtime's default order runs the nodes that only feed a graph output (each Mamba
             # layer's conv-state Slice, its final-state einsum) after everything the logits need, so each
             # layer's padded conv input and scan output stay alive to the end of the graph; by priority

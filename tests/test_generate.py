@@ -103,6 +103,24 @@ def test_onnx_backend_equals_torch(exported, demo):
     assert gen.generate(ids.numpy(), 16)[:, 21:].tolist() == want
 
 
+@pytest.mark.heavy
+def test_onnx_sessions_share_one_arena_and_decode_as_with_malloc(exported):
+    """Every session of every generator in the process takes the one arena registered in ONNX Runtime's
+    environment; the tokens are those of sessions allocating from malloc."""
+    import onnxruntime as ort
+
+    from elastic.export import runtime
+    from elastic.export.runtime import OnnxGenerator
+
+    _, out = exported
+    ids = torch.randint(0, 512, (2, 21), generator=torch.Generator().manual_seed(7)).numpy()
+    first, second = OnnxGenerator(out), OnnxGenerator(out)
+    assert runtime._ARENA == [True] and runtime.shared_arena(ort)  # registered once, kept
+    plain = OnnxGenerator(out, memory_arena=False)
+    want = plain.generate(ids, 12).tolist()
+    assert first.generate(ids, 12).tolist() == second.generate(ids, 12).tolist() == want
+
+
 # ---- text ----------------------------------------------------------------------------------------
 
 

@@ -486,6 +486,7 @@ ENGINE_OWN = {
 }
 LLAMA_CPP_WORST = 0.002  # bench/plan_accuracy.py, llama.cpp 0c1e57098: worst |predicted - measured| / measured
 REFERENCE_WORST = 0.036  # bench/plan_accuracy.py, the PyTorch reference (S, M, L x 512, 4096 tokens)
+ORT_WORST = 0.035  # bench/plan_accuracy.py, ONNX Runtime 1.32 (S, M, L x 512, 4096 tokens, float32 graphs)
 MEMORY_BASIS = {
     "llama.cpp": f"measured model: llama.cpp's own buffers (model, KV, RS, compute + output) against these terms in "
                  f"bench/plan_accuracy.py (4 sizes x 2 contexts x bf16/q8_0/q4_k_m, worst error "
@@ -493,6 +494,9 @@ MEMORY_BASIS = {
     "reference": f"measured model: the PyTorch reference's peak anonymous memory in bench/plan_accuracy.py (3 sizes "
                  f"x 2 contexts, worst error {REFERENCE_WORST:.1%}); activations: the tensors alive at each layer's "
                  f"peak (checked by a tracer in tests/test_memory_live.py), twice over for the heap",
+    "onnxruntime": f"measured model: ONNX Runtime's weights.bin pages and peak anonymous memory in "
+                   f"bench/plan_accuracy.py (3 sizes x 2 contexts, worst error {ORT_WORST:.1%}); the arena "
+                   f"ONNX Runtime grows (regions doubling from 1 MiB) to hold its peak; its own memory measured",
 }
 
 
@@ -640,6 +644,71 @@ def stream_bytes(arch: Arch, w: Workload) -> int:
     return 2 * w.batch * t * arch.hidden_size * s + w.batch * t * arch.vocab_size * (F32 + (s if s != F32 else 0))
 
 
+# ONNX Runtime (``elastic generate --backend onnx``: ``export.runtime.OnnxGenerator``): every tensor has its
+# own buffer, freed after its last use, from one BFC arena the process shares. The arena grows by regions of
+# 1, 2, 4... MiB, each twice the last and at least the request, up to 1 GiB a region (ONNX Runtime's
+# defaults, onnxruntime/core/framework/bfc_arena.cc, kNextPowerOfTwo), and keeps them: its size is that
+# series summed until it holds the peak. Its own memory (the onnxruntime import, three sessions' graphs
+# and kernels), measured by bench/plan_accuracy.py on its S, M, L (7, 12, 16 layers: 27.5, 31.7, 35.5 MiB):
+ORT_FIXED_BYTES = 21 * MIB
+ORT_PER_LAYER_BYTES = int(0.9 * MIB)
+ORT_REGION_MAX = 1 << 30
+
+
+def _ort_attention_bytes(arch: Arch, i: int, t: int, context: int, batch: int, s: int) -> int:
+    """ONNX Runtime's peak inside attention layer i (the exported graph spells attention out): at the
+    Where that zeroes NaN rows after the softmax, the softmax output, its IsNaN mask (bool), the Where's
+    output and the two temporaries ONNX Runtime's Where makes of its inputs (onnxruntime's
+    where_op.cc), each heads x chunk x context; V repeated to every query head; q, k, v of the chunk."""
+    layer, d = arch.layers[i], arch.hidden_size
+    A, KV, hd = layer.num_attention_heads, layer.num_key_value_heads, arch.head_dim
+    bt, scores = batch * t, batch * A * t * context
+    return bt * d * (s + 2 * F32) + bt * (A + 2 * KV) * hd * s + 4 * scores * s + scores + batch * A * context * hd * s
+
+
+def _layer_state_bytes(arch: Arch, i: int, context: int, batch: int, s: int) -> int:
+    layer = arch.layers[i]
+    if layer.kind == "attention":
+        return 2 * layer.num_key_value_heads * arch.head_dim * context * batch * s
+    if layer.kind == "mamba":
+        conv_dim = layer.mamba_num_heads * layer.mamba_head_dim + 2 * arch.n_groups * arch.ssm_state_size
+        return batch * (layer.mamba_num_heads * layer.mamba_head_dim * arch.ssm_state_size * F32
+                        + (arch.conv_kernel - 1) * conv_dim * s)
+    return 0
+
+
+def ort_arena_bytes(live: int) -> int:
+    """The arena ONNX Runtime holds once ``live`` bytes were in it at once: regions of 1, 2, 4... MiB
+    (at most 1 GiB each) until their sum holds ``live``."""
+    total, region = 0, MIB
+    while total < live:
+        total += region
+        region = min(2 * region, ORT_REGION_MAX)
+    return total
+
+
+def onnxruntime_terms(arch: Arch, w: Workload) -> dict[str, int]:
+    """The plan's terms for ONNX Runtime over ``elastic export``'s graphs at ``w.dtype``: weights.bin
+    (memory-mapped; all of it once a prompt has read every embedding row), one copy of the KV cache
+    and Mamba state (the caller's), the rest of the arena at its peak as ``activations``, and ONNX
+    Runtime's own memory as ``overhead``. The peak is at the prompt's last chunk, at the layer where
+    one layer's tensors (:func:`_layer_live_bytes`; attention: :func:`_ort_attention_bytes`), the
+    residual stream, the past state and the new state of the layers so far are largest together."""
+    s, t = dtype_bytes(w.dtype), min(w.prefill_chunk, w.context)
+    states = [_layer_state_bytes(arch, i, w.context, w.batch, s) for i in range(len(arch.layers))]
+    stream = 2 * w.batch * t * arch.hidden_size * s + w.batch * arch.vocab_size * F32
+    peak = 0
+    for i, layer in enumerate(arch.layers):
+        own = (_ort_attention_bytes(arch, i, t, w.context, w.batch, s) if layer.kind == "attention"
+               else _layer_live_bytes(arch, i, t, w.batch, s))
+        peak = max(peak, own + stream + sum(states) + sum(states[:i + 1]))
+    kv = kv_cache_bytes(arch, w.context, w.batch, w.dtype)
+    ssm = sum(states) - kv
+    return {"weights": weights_bytes(arch, w.dtype), "kv_cache": kv, "ssm_state": ssm,
+            "activations": ort_arena_bytes(peak) - kv - ssm,
+            "overhead": ORT_FIXED_BYTES + ORT_PER_LAYER_BYTES * len(arch.layers)}
+
+
 def footprint(arch: Arch, w: Workload, overhead_bytes: int, engine: str | None = None) -> dict[str, int]:
     """Every term in bytes, plus ``total``. ``overhead_bytes`` comes from the device profile; ``w``
     names its precisions (resolved: no "auto"). ``engine`` "llama.cpp": that engine's own sizing
@@ -647,6 +716,8 @@ def footprint(arch: Arch, w: Workload, overhead_bytes: int, engine: str | None =
     above, which follow the reference model (:func:`memory_basis` says what each rests on)."""
     if engine == "llama.cpp":
         terms = {**llama_cpp_terms(arch, w), "overhead": overhead_bytes}
+    elif engine == "onnxruntime":
+        terms = onnxruntime_terms(arch, w)  # its own overhead, measured, in place of the profile's
     else:
         terms = {
             "weights": weights_bytes(arch, w.weights or w.dtype, w.dtype),
