@@ -658,8 +658,9 @@ ORT_REGION_MAX = 1 << 30
 def _ort_attention_bytes(arch: Arch, i: int, t: int, context: int, batch: int, s: int) -> int:
     """ONNX Runtime's peak inside attention layer i (the exported graph spells attention out): at the
     Where that zeroes NaN rows after the softmax, the softmax output, its IsNaN mask (bool), the Where's
-    output and the two temporaries ONNX Runtime's Where makes of its inputs (onnxruntime's
-    where_op.cc), each heads x chunk x context; V repeated to every query head; q, k, v of the chunk."""
+    output and the two selections ONNX Runtime's Where fills before it merges them into its output
+    (onnxruntime/core/providers/cpu/tensor/where_op.cc), each heads x chunk x context; V repeated to
+    every query head; q, k, v of the chunk."""
     layer, d = arch.layers[i], arch.hidden_size
     A, KV, hd = layer.num_attention_heads, layer.num_key_value_heads, arch.head_dim
     bt, scores = batch * t, batch * A * t * context
@@ -712,8 +713,10 @@ def onnxruntime_terms(arch: Arch, w: Workload) -> dict[str, int]:
 def footprint(arch: Arch, w: Workload, overhead_bytes: int, engine: str | None = None) -> dict[str, int]:
     """Every term in bytes, plus ``total``. ``overhead_bytes`` comes from the device profile; ``w``
     names its precisions (resolved: no "auto"). ``engine`` "llama.cpp": that engine's own sizing
-    (:func:`llama_cpp_terms`, measured by bench/plan_accuracy.py); any other (or None): the terms
-    above, which follow the reference model (:func:`memory_basis` says what each rests on)."""
+    (:func:`llama_cpp_terms`, measured by bench/plan_accuracy.py); "onnxruntime": ONNX Runtime's
+    (:func:`onnxruntime_terms`, measured there too; its own overhead replaces ``overhead_bytes``);
+    any other (or None): the terms above, which follow the reference model (:func:`memory_basis` says
+    what each rests on)."""
     if engine == "llama.cpp":
         terms = {**llama_cpp_terms(arch, w), "overhead": overhead_bytes}
     elif engine == "onnxruntime":
