@@ -485,7 +485,7 @@ ENGINE_OWN = {
     "edgellm": "TensorRT Edge-LLM's engine holds KV cache and state for the lengths it was built with",
 }
 LLAMA_CPP_WORST = 0.002  # bench/plan_accuracy.py, llama.cpp 0c1e57098: worst |predicted - measured| / measured
-REFERENCE_WORST = 0.036  # bench/plan_accuracy.py, the PyTorch reference (S, M, L x 512, 4096 tokens)
+REFERENCE_WORST = 0.061  # bench/plan_accuracy.py, the PyTorch reference (S, M, L x 512, 4096 tokens; S varies run to run)
 ORT_WORST = 0.035  # bench/plan_accuracy.py, ONNX Runtime 1.32 (S, M, L x 512, 4096 tokens, float32 graphs)
 MEMORY_BASIS = {
     "llama.cpp": f"measured model: llama.cpp's own buffers (model, KV, RS, compute + output) against these terms in "
