@@ -83,7 +83,8 @@ class OnnxGenerator:
             3.4 / 14.9-15.5 s; malloc with buffer reuse (this class before) 312-316 / 718-740 MiB,
             3.5-3.7 / 15.7-15.9 s. With malloc glibc's heap holds 1.3-2.4x the live tensors and
             varies run to run; the arena's size is what ``footprint(..., engine="onnxruntime")``
-            predicts (regions doubling from 1 MiB).
+            predicts (regions doubling from 1 MiB). bench/onnx_memory.py measures the three setups.
+        buffer_reuse: ONNX Runtime's buffer reuse (its default; off here, see above).
         prefill_chunk: tokens per prefill chunk (see above); None: the whole prompt in one chunk.
     """
 
@@ -91,7 +92,7 @@ class OnnxGenerator:
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  session_config: dict[str, str] | None = None, share_weights: bool = True,
-                 memory_arena: bool = True, prefill_chunk: int | None = PREFILL_CHUNK):
+                 memory_arena: bool = True, prefill_chunk: int | None = PREFILL_CHUNK, buffer_reuse: bool = False):
         require("onnxruntime")
         import onnxruntime as ort
 
@@ -108,7 +109,7 @@ class OnnxGenerator:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             opts.enable_cpu_mem_arena = arena
-            opts.enable_mem_reuse = False  # see memory_arena above
+            opts.enable_mem_reuse = buffer_reuse  # see memory_arena above
             if arena:
                 opts.add_session_config_entry("session.use_env_allocators", "1")
             # ONNX Runtime's default order runs the nodes that only feed a graph output (each Mamba

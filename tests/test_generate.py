@@ -106,7 +106,8 @@ def test_onnx_backend_equals_torch(exported, demo):
 @pytest.mark.heavy
 def test_onnx_sessions_share_one_arena_and_decode_as_with_malloc(exported):
     """Every session of every generator in the process takes the one arena registered in ONNX Runtime's
-    environment; the tokens are those of sessions allocating from malloc."""
+    environment; the tokens are those of sessions allocating from malloc, with or without ONNX
+    Runtime's buffer reuse."""
     import onnxruntime as ort
 
     from elastic.export import runtime
@@ -119,6 +120,7 @@ def test_onnx_sessions_share_one_arena_and_decode_as_with_malloc(exported):
     plain = OnnxGenerator(out, memory_arena=False)
     want = plain.generate(ids, 12).tolist()
     assert first.generate(ids, 12).tolist() == second.generate(ids, 12).tolist() == want
+    assert OnnxGenerator(out, memory_arena=False, buffer_reuse=True).generate(ids, 12).tolist() == want
 
 
 # ---- text ----------------------------------------------------------------------------------------
