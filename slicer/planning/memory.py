@@ -42,10 +42,12 @@ from elastic.slicer.formats.values import is_int
 from elastic.slicer.quant.layout import weight_group
 
 F32 = 4
-# The reference process holds about twice a layer's live tensors at its peak: glibc keeps freed chunks
-# for reuse, and the matmuls' packing buffers are no tensors. bench/plan_accuracy.py, peak RSS (less
-# clean file-backed pages) of a layer's forward over its live tensors: 1.9x-2.4x on its S, M and L.
-HEAP_FACTOR = 2
+# The reference process holds more than a layer's live tensors at its peak: glibc keeps freed chunks for
+# reuse, and the matmuls' packing buffers are no tensors. bench/plan_accuracy.py, its S, M and L at 512
+# tokens, peak anonymous memory less the weights, state and overhead, over the live tensors: 1.87-2.13x on
+# an earlier CI machine, 1.64-1.68x on a Xeon with AMX (PyTorch's CPU kernels differ by instruction set).
+# 1.8 lies between: against either machine's runs the total is then within 4.7% (REFERENCE_WORST).
+HEAP_FACTOR = 1.8
 # The longest context a plan takes: 16M tokens. Not the config's max_position_embeddings: Nemotron-H has
 # no position embedding (position comes from its Mamba layers), so that number is what a model was
 # trained or served at, not a limit of the architecture, and it is often absent (transformers then
@@ -485,7 +487,8 @@ ENGINE_OWN = {
     "edgellm": "TensorRT Edge-LLM's engine holds KV cache and state for the lengths it was built with",
 }
 LLAMA_CPP_WORST = 0.002  # bench/plan_accuracy.py, llama.cpp 0c1e57098: worst |predicted - measured| / measured
-REFERENCE_WORST = 0.061  # bench/plan_accuracy.py, the PyTorch reference (S, M, L x 512, 4096 tokens; S varies run to run)
+# bench/plan_accuracy.py, the PyTorch reference (S, M, L x 512, 4096 tokens), on the two machines above
+REFERENCE_WORST = 0.047
 ORT_WORST = 0.035  # bench/plan_accuracy.py, ONNX Runtime 1.32 (S, M, L x 512, 4096 tokens, float32 graphs)
 MEMORY_BASIS = {
     "llama.cpp": f"measured model: llama.cpp's own buffers (model, KV, RS, compute + output) against these terms in "
@@ -493,7 +496,7 @@ MEMORY_BASIS = {
                  f"{LLAMA_CPP_WORST:.1%}; MoE compute buffers estimated); overhead: the device profile's estimate",
     "reference": f"measured model: the PyTorch reference's peak anonymous memory in bench/plan_accuracy.py (3 sizes "
                  f"x 2 contexts, worst error {REFERENCE_WORST:.1%}); activations: the tensors alive at each layer's "
-                 f"peak (checked by a tracer in tests/test_memory_live.py), twice over for the heap",
+                 f"peak (checked by a tracer in tests/test_memory_live.py), 1.8 times over for the heap",
     "onnxruntime": f"measured model: ONNX Runtime's weights.bin pages and peak anonymous memory in "
                    f"bench/plan_accuracy.py (3 sizes x 2 contexts, worst error {ORT_WORST:.1%}); the arena "
                    f"ONNX Runtime grows (regions doubling from 1 MiB) to hold its peak; its own memory measured",
@@ -572,7 +575,7 @@ def _layer_activation_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> i
     """Peak transient bytes inside layer i's forward for a chunk of t tokens (reference model): the
     tensors alive at its peak (tests/test_memory_live.py counts them with a dispatch-mode tracer on
     the reference model itself), times :data:`HEAP_FACTOR`."""
-    return HEAP_FACTOR * _layer_live_bytes(arch, i, t, batch, s)
+    return int(HEAP_FACTOR * _layer_live_bytes(arch, i, t, batch, s))
 
 
 def _layer_live_bytes(arch: Arch, i: int, t: int, batch: int, s: int) -> int:
