@@ -77,13 +77,14 @@ class OnnxGenerator:
             session (registered once in ONNX Runtime's environment, :func:`shared_arena`); False:
             every tensor from malloc. Either way each tensor has its own buffer, freed after its last
             use (ONNX Runtime's buffer reuse is off: it hands a freed buffer to a later tensor of the
-            same size, so buffers stay held across layers). bench/plan_accuracy.py's float32 S / M,
-            4,064-token prompt and 32 tokens, peak anonymous memory over the imports (two runs each):
-            the shared arena 264 / 493 MiB, prefill 2.7-2.9 / 13.3-13.6 s; malloc 264-276 / 580 MiB,
-            3.4 / 14.9-15.5 s; malloc with buffer reuse (this class before) 312-316 / 718-740 MiB,
-            3.5-3.7 / 15.7-15.9 s. With malloc glibc's heap holds 1.3-2.4x the live tensors and
-            varies run to run; the arena's size is what ``footprint(..., engine="onnxruntime")``
-            predicts (regions doubling from 1 MiB). bench/onnx_memory.py measures the three setups.
+            same size, so buffers stay held across layers). bench/onnx_memory.py (bench/plan_accuracy.py's
+            float32 S / M, a 4,064-token prompt and 32 tokens, two runs each), peak anonymous memory:
+            the shared arena 272 / 501 MiB (the same each run), prefill 2.8-3.1 / 15.4-17.6 s; malloc
+            267-284 / 529-565 MiB, 2.8-3.0 / 16.9-18.1 s; malloc with buffer reuse (this class before)
+            308-321 / 719-751 MiB, 3.4-3.5 / 16.9-17.0 s. At 512 tokens the arena took 87 / 157 MiB
+            against 155-165 / 338-415 before. With malloc glibc's heap holds 1.3-2.4x the live tensors
+            and varies run to run; the arena's size is what ``footprint(..., engine="onnxruntime")``
+            predicts (regions doubling from 1 MiB).
         buffer_reuse: ONNX Runtime's buffer reuse (its default; off here, see above).
         prefill_chunk: tokens per prefill chunk (see above); None: the whole prompt in one chunk.
     """
