@@ -31,10 +31,10 @@ GGUFs and the ONNX exports: delete it afterwards). For each:
 - ONNX Runtime (``--no-onnx`` skips it): S, M and L (``--onnx-sizes``) exported in float32 (``elastic export
   --dtype float32``), at 512 and 4096 tokens, ``OnnxGenerator`` as ``elastic generate --backend onnx``
   runs it (a chunked prefill of 512-token chunks, then a greedy decode) in a fresh process. Measured:
-  the pages of ``weights.bin`` it maps (file-backed: the weights are in memory once, as the page cache)
-  (after the run, every page of it read through the same mapping: the steady state, once prompts have
-  reached every embedding row; the pages the run itself mapped are printed too) plus its peak anonymous
-  memory, measured as the reference's (the onnxruntime import included).
+  the pages of ``weights.bin`` it maps (file-backed: the weights are in memory once, as the page cache),
+  counted after every page has been read through the same mapping (the steady state, once prompts have
+  reached every embedding row; the pages the run itself mapped are printed too), plus its peak
+  anonymous memory, measured as the reference's (the onnxruntime import included).
   Predicted: ``footprint(..., engine="onnxruntime")`` (weights.bin, the state, the arena ONNX Runtime
   grows, its own memory).
 

@@ -68,12 +68,11 @@ def cpu_has_amx() -> bool:
 
 def open_llama(llama_cpp, **kwargs):
     """``llama_cpp.Llama(**kwargs)``, without llama.cpp's extra weight buffer types (AMX, repacked
-    weights) on a CPU with AMX: there llama.cpp 0c1e57098 (llama-cpp-python 0.3.36) crashes with a
-    segmentation fault in ``llama_decode`` on q4_k_m GGUFs (the bundled demo's, and bench/plan_accuracy.py's
-    S of 47M parameters; a Xeon with amx_int8), which decode with ``use_extra_bufts`` off, and on
-    CPUs without AMX with it on (CI before this machine).
-    The bindings' constructor takes no such argument: it reads ``llama_model_default_params()``,
-    which is wrapped for the call."""
+    weights) on a CPU with AMX. There llama.cpp 0c1e57098 (llama-cpp-python 0.3.36) crashed with a
+    segmentation fault in ``llama_decode`` on q4_k_m GGUFs (the bundled demo's, and
+    bench/plan_accuracy.py's S of 47M parameters; a Xeon with amx_int8); they decode with
+    ``use_extra_bufts`` off, and decoded with it on where the CPU had no AMX. The bindings' constructor
+    takes no such argument: it reads ``llama_model_default_params()``, which is wrapped for the call."""
     if not cpu_has_amx():
         return llama_cpp.Llama(**kwargs)
     low = llama_cpp.llama_cpp
