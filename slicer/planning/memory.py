@@ -46,7 +46,7 @@ F32 = 4
 # reuse, and the matmuls' packing buffers are no tensors. bench/plan_accuracy.py, its S, M and L at 512
 # tokens, peak anonymous memory less the weights, state and overhead, over the live tensors: 1.87-2.13x on
 # an earlier CI machine, 1.64-1.68x on a Xeon with AMX (PyTorch's CPU kernels differ by instruction set).
-# 1.8 lies between: against either machine's runs the total is then within 4.7% (REFERENCE_WORST).
+# 1.8 lies between: against either machine's runs the total is then within 4.8% (REFERENCE_WORST).
 HEAP_FACTOR = 1.8
 # The longest context a plan takes: 16M tokens. Not the config's max_position_embeddings: Nemotron-H has
 # no position embedding (position comes from its Mamba layers), so that number is what a model was
@@ -488,7 +488,7 @@ ENGINE_OWN = {
 }
 LLAMA_CPP_WORST = 0.002  # bench/plan_accuracy.py, llama.cpp 0c1e57098: worst |predicted - measured| / measured
 # bench/plan_accuracy.py, the PyTorch reference (S, M, L x 512, 4096 tokens), on the two machines above
-REFERENCE_WORST = 0.047
+REFERENCE_WORST = 0.048
 ORT_WORST = 0.035  # bench/plan_accuracy.py, ONNX Runtime 1.32 (S, M, L x 512, 4096 tokens, float32 graphs)
 MEMORY_BASIS = {
     "llama.cpp": f"measured model: llama.cpp's own buffers (model, KV, RS, compute + output) against these terms in "
