@@ -27,7 +27,7 @@ import json
 import statistics
 from pathlib import Path
 
-from plan_accuracy import IMPORTS, MEASURE_HEAD, MEASURE_TAIL, MIB, ROOT, build, onnx_export, run_child
+from plan_accuracy import MEASURE_HEAD, MEASURE_TAIL, MIB, ONNX_IMPORTS, ROOT, build, onnx_export, run_child
 
 SETUPS = {"before": "memory_arena=False, buffer_reuse=True", "malloc": "memory_arena=False", "arena": ""}
 RUN = """
@@ -42,14 +42,10 @@ for _ in range({decode}):
 t2 = time.perf_counter()
 extra = {{"prefill_s": t1 - t0, "decode_tps": {decode} / (t2 - t1)}}
 """
-IMPORTS_HERE = IMPORTS + """
-import numpy as np
-from elastic.export.runtime import OnnxGenerator
-"""
 
 
 def one(export: Path, setup: str, context: int, decode: int = 32) -> dict:
-    code = (IMPORTS_HERE + MEASURE_HEAD + RUN + MEASURE_TAIL).format(
+    code = (ONNX_IMPORTS + MEASURE_HEAD + RUN + MEASURE_TAIL).format(
         root=str(ROOT), path=str(export), setup=SETUPS[setup], prompt=context - decode, decode=decode)
     m = run_child(code)
     return {"peak_mib": m["measured"] / MIB, "prefill_s": m["prefill_s"], "decode_tps": m["decode_tps"]}

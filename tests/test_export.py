@@ -45,33 +45,43 @@ def _ids(b, l, vocab, seed):
     return torch.randint(0, vocab, (b, l), generator=torch.Generator().manual_seed(seed))
 
 
+def _reference_prefill(model, b, l, seed):
+    """(ids, the reference model's cache after them, its logits) for b x l random ids."""
+    ids = _ids(b, l, model.arch.vocab_size, seed=seed)
+    cache = model.new_cache()
+    with torch.no_grad():
+        ref = model(ids, cache=cache)
+    return ids, cache, ref
+
+
+def _assert_states_equal(state, model, cache, dims=None):
+    """Every state tensor of an ONNX run equals the reference cache's (and has shape ``dims``' if given)."""
+    states = state_tensors(model.arch)
+    for s, want in zip(states, cache_tensors(cache, states)):
+        if dims is not None:
+            assert state[s.name].shape == tuple(want.shape) == s.dims(*dims)
+        np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("b,l", [(1, 1), (2, 16), (3, 37)])  # one token; exactly one chunk; several + padding
 def test_prefill_matches_pytorch(exported, b, l):
     _, out, _, model = exported
     gen = OnnxGenerator(out)
-    ids = _ids(b, l, model.arch.vocab_size, seed=l)
-    cache = model.new_cache()
-    with torch.no_grad():
-        ref = model(ids, cache=cache)
+    ids, cache, ref = _reference_prefill(model, b, l, seed=l)
     logits, state = gen.prefill(ids.numpy(), all_logits=True)
     assert logits.shape == (b, l, model.arch.vocab_size)
     np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=TOL)
-    states = state_tensors(model.arch)
-    for s, want in zip(states, cache_tensors(cache, states)):
-        assert state[s.name].shape == tuple(want.shape) == s.dims(b, l)
-        np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
+    _assert_states_equal(state, model, cache, dims=(b, l))
 
 
 @pytest.mark.heavy
 def test_decode_matches_pytorch_over_several_steps(exported):
     _, out, _, model = exported
     gen = OnnxGenerator(out)
-    ids = _ids(2, 21, model.arch.vocab_size, seed=1)
-    cache = model.new_cache()
+    ids, cache, _ = _reference_prefill(model, 2, 21, seed=1)
+    _, state = gen.prefill(ids.numpy())
     with torch.no_grad():
-        ref = model(ids, cache=cache)
-        _, state = gen.prefill(ids.numpy())
         for step in range(6):
             nxt = _ids(2, 1, model.arch.vocab_size, seed=100 + step)[:, 0]  # not greedy: any token must work
             ref = model(nxt[:, None], cache=cache)
@@ -148,16 +158,11 @@ def test_chunked_prefill_equals_the_reference(exported, chunk):
     whole-prompt prefill."""
     _, out, _, model = exported
     gen = OnnxGenerator(out)
-    ids = _ids(2, 37, model.arch.vocab_size, seed=3)
-    cache = model.new_cache()
-    with torch.no_grad():
-        ref = model(ids, cache=cache)
+    ids, cache, ref = _reference_prefill(model, 2, 37, seed=3)
     logits, state = gen.prefill(ids.numpy(), chunk=chunk)
     assert logits.shape == (2, 1, model.arch.vocab_size)
     np.testing.assert_allclose(logits[:, 0], ref[:, -1].numpy(), rtol=0, atol=TOL)
-    states = state_tensors(model.arch)
-    for s, want in zip(states, cache_tensors(cache, states)):
-        np.testing.assert_allclose(state[s.name], want.numpy(), rtol=0, atol=TOL)
+    _assert_states_equal(state, model, cache)
     got = OnnxGenerator(out, prefill_chunk=chunk).generate(ids.numpy(), max_new_tokens=6)
     assert got.tolist() == generate(model, ids, max_new_tokens=6).tolist()
 

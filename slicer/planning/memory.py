@@ -128,22 +128,32 @@ def dtype_bytes(dtype: str) -> int:
     return int(b)
 
 
+def layer_state_bytes(arch: Arch, i: int, context: int, batch: int, s: int, st: int = F32) -> int:
+    """What layer i keeps between forwards: an attention layer's K and V for ``context`` tokens at ``s``
+    bytes per element; a Mamba layer's SSM state (H x P x N) at ``st`` and its conv window at ``s``;
+    nothing for the others."""
+    layer = arch.layers[i]
+    if layer.kind == "attention":
+        return 2 * layer.num_key_value_heads * arch.head_dim * context * batch * s
+    if layer.kind == "mamba":
+        H, P, N = layer.mamba_num_heads, layer.mamba_head_dim, arch.ssm_state_size
+        conv_dim = H * P + 2 * arch.n_groups * N
+        return batch * (H * P * N * st + (arch.conv_kernel - 1) * conv_dim * s)
+    return 0
+
+
 def kv_cache_bytes(arch: Arch, context: int, batch: int, dtype: str) -> int:
     """K and V of every attention layer at ``dtype`` (an fp8 cache's per-layer scalar scales left out)."""
-    per_token = sum(2 * layer.num_key_value_heads * arch.head_dim for layer in arch.layers if layer.kind == "attention")
-    return per_token * context * batch * dtype_bytes(dtype)
+    s = dtype_bytes(dtype)
+    return sum(layer_state_bytes(arch, i, context, batch, s) for i, layer in enumerate(arch.layers)
+               if layer.kind == "attention")
 
 
 def ssm_state_bytes(arch: Arch, batch: int, dtype: str, state: str = "float32") -> int:
     """The SSM state (H x P x N) at ``state`` plus the conv window at ``dtype``, per sequence x batch."""
     s, st = dtype_bytes(dtype), dtype_bytes(state)
-    total = 0
-    for layer in arch.layers:
-        if layer.kind == "mamba":
-            H, P, N = layer.mamba_num_heads, layer.mamba_head_dim, arch.ssm_state_size
-            conv_dim = H * P + 2 * arch.n_groups * N
-            total += H * P * N * st + (arch.conv_kernel - 1) * conv_dim * s
-    return total * batch
+    return sum(layer_state_bytes(arch, i, 0, batch, s, st) for i, layer in enumerate(arch.layers)
+               if layer.kind == "mamba")
 
 
 # ---- weights ------------------------------------------------------------------------------------
@@ -670,17 +680,6 @@ def _ort_attention_bytes(arch: Arch, i: int, t: int, context: int, batch: int, s
     return bt * d * (s + 2 * F32) + bt * (A + 2 * KV) * hd * s + 4 * scores * s + scores + batch * A * context * hd * s
 
 
-def _layer_state_bytes(arch: Arch, i: int, context: int, batch: int, s: int) -> int:
-    layer = arch.layers[i]
-    if layer.kind == "attention":
-        return 2 * layer.num_key_value_heads * arch.head_dim * context * batch * s
-    if layer.kind == "mamba":
-        conv_dim = layer.mamba_num_heads * layer.mamba_head_dim + 2 * arch.n_groups * arch.ssm_state_size
-        return batch * (layer.mamba_num_heads * layer.mamba_head_dim * arch.ssm_state_size * F32
-                        + (arch.conv_kernel - 1) * conv_dim * s)
-    return 0
-
-
 def ort_arena_bytes(live: int) -> int:
     """The arena ONNX Runtime holds once ``live`` bytes were in it at once: regions of 1, 2, 4... MiB
     (at most 1 GiB each) until their sum holds ``live``."""
@@ -699,15 +698,17 @@ def onnxruntime_terms(arch: Arch, w: Workload) -> dict[str, int]:
     one layer's tensors (:func:`_layer_live_bytes`; attention: :func:`_ort_attention_bytes`), the
     residual stream, the past state and the new state of the layers so far are largest together."""
     s, t = dtype_bytes(w.dtype), min(w.prefill_chunk, w.context)
-    states = [_layer_state_bytes(arch, i, w.context, w.batch, s) for i in range(len(arch.layers))]
+    states = [layer_state_bytes(arch, i, w.context, w.batch, s) for i in range(len(arch.layers))]
+    past = sum(states)
     stream = 2 * w.batch * t * arch.hidden_size * s + w.batch * arch.vocab_size * F32
-    peak = 0
+    peak = new = 0
     for i, layer in enumerate(arch.layers):
+        new += states[i]  # the new state of layers 0..i
         own = (_ort_attention_bytes(arch, i, t, w.context, w.batch, s) if layer.kind == "attention"
                else _layer_live_bytes(arch, i, t, w.batch, s))
-        peak = max(peak, own + stream + sum(states) + sum(states[:i + 1]))
+        peak = max(peak, own + stream + past + new)
     kv = kv_cache_bytes(arch, w.context, w.batch, w.dtype)
-    ssm = sum(states) - kv
+    ssm = past - kv
     return {"weights": weights_bytes(arch, w.dtype), "kv_cache": kv, "ssm_state": ssm,
             "activations": ort_arena_bytes(peak) - kv - ssm,
             "overhead": ORT_FIXED_BYTES + ORT_PER_LAYER_BYTES * len(arch.layers)}
